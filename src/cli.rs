@@ -1,0 +1,218 @@
+//! The `weir` command line: `run`, `check`, `upstream`, `demo`. Parsing and wiring only;
+//! everything it does is a library call.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+
+use crate::Weir;
+use crate::config::{Config, parse_duration};
+use crate::upstream::{self, UpstreamConfig};
+
+#[derive(Debug, Parser)]
+#[command(name = "weir", version, about = "Traffic-splitting reverse proxy with progressive delivery")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy.
+    Run {
+        /// Config file (TOML).
+        #[arg(long, short, default_value = "config/weir.toml")]
+        config: PathBuf,
+    },
+    /// Validate a config file: print every problem, or a one-line summary.
+    Check {
+        #[arg(long, short, default_value = "config/weir.toml")]
+        config: PathBuf,
+    },
+    /// A small fast HTTP backend for tests and demos, with fault injection.
+    Upstream {
+        #[arg(long, default_value = "127.0.0.1:9001")]
+        listen: SocketAddr,
+        /// Name reported in the `x-upstream` header and the body.
+        #[arg(long, default_value = "upstream")]
+        name: String,
+        /// Probability (0..1) of answering 500.
+        #[arg(long, default_value_t = 0.0, value_parser = parse_rate)]
+        error_rate: f64,
+        /// Delay added to every response, e.g. "100ms".
+        #[arg(long, value_parser = parse_delay)]
+        latency: Option<Duration>,
+        /// Uniform jitter around the delay, e.g. "20ms".
+        #[arg(long, value_parser = parse_delay)]
+        latency_jitter: Option<Duration>,
+    },
+    /// Start two built-in upstreams and the proxy with a 90:10 split, and show what to try.
+    Demo {
+        /// Where the demo proxy listens.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+    },
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("`{s}` is not a probability between 0 and 1")),
+    }
+}
+
+fn parse_delay(s: &str) -> Result<Duration, String> {
+    if s.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(s)
+}
+
+impl Cli {
+    /// Worker threads the runtime should have for this command (0 = one per CPU).
+    pub fn workers(&self) -> usize {
+        match &self.command {
+            Command::Run { config } => Config::load(config).map_or(0, |c| c.proxy.workers),
+            _ => 0,
+        }
+    }
+}
+
+/// Run a parsed command to completion.
+pub async fn main(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Check { config } => Ok(check(&config)),
+        Command::Run { config } => {
+            let config = Config::load(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
+            run(config).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Upstream {
+            listen,
+            name,
+            error_rate,
+            latency,
+            latency_jitter,
+        } => {
+            let cfg = UpstreamConfig {
+                name,
+                error_rate,
+                latency: latency.unwrap_or_default(),
+                latency_jitter: latency_jitter.unwrap_or_default(),
+            };
+            let handle = upstream::bind(listen, cfg)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            eprintln!("weir upstream `{}` listening on {}", handle.name(), handle.addr());
+            shutdown_signal().await;
+            handle.kill().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo { listen } => {
+            demo(listen).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(c) => {
+            println!("{}", c.summary());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            eprintln!(
+                "{}: {} problem(s)",
+                path.display(),
+                e.problems.len()
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> Result<()> {
+    let listen = config.proxy.listen;
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen} (proxy.listen)"))?;
+    let weir = Weir::new(config);
+    tracing::info!("weir {} serving on {listen}", env!("CARGO_PKG_VERSION"));
+    let grace = weir.config().proxy.shutdown_grace;
+    weir.serve(listener, shutdown_signal(), grace).await?;
+    tracing::info!("weir stopped");
+    Ok(())
+}
+
+async fn demo(listen: SocketAddr) -> Result<()> {
+    let stable = upstream::bind("127.0.0.1:0".parse()?, UpstreamConfig::new("stable")).await?;
+    let canary = upstream::bind("127.0.0.1:0".parse()?, UpstreamConfig::new("canary")).await?;
+    let toml = format!(
+        r#"
+[proxy]
+listen = "{listen}"
+
+[[service]]
+name = "demo"
+baseline = "stable"
+
+[service.pools.stable]
+endpoints = ["{}"]
+weight = 90
+
+[service.pools.canary]
+endpoints = ["{}"]
+weight = 10
+"#,
+        stable.addr(),
+        canary.addr()
+    );
+    let config = Config::parse(&toml, "demo").map_err(|e| anyhow::anyhow!("{e}"))?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}; pick another with --listen"))?;
+    println!("weir demo: proxy on http://{listen}, 90% → stable ({}), 10% → canary ({})", stable.addr(), canary.addr());
+    println!();
+    println!("  curl -si http://{listen}/ | grep x-upstream");
+    println!("  for i in $(seq 100); do curl -s http://{listen}/; done | sort | uniq -c");
+    println!("  curl -s http://{listen}/echo");
+    println!(
+        "  curl -s -X PUT -H 'content-type: application/json' -d '{{\"error_rate\":0.3}}' http://{}/__weir/fault",
+        canary.addr()
+    );
+    println!();
+    println!("Ctrl-C to stop.");
+    let weir = Weir::new(config);
+    weir.serve(listener, shutdown_signal(), Duration::from_secs(5))
+        .await?;
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

@@ -1,0 +1,803 @@
+//! Configuration: raw TOML structs (serde, `deny_unknown_fields`) validated into a `Config`.
+//!
+//! Parsing happens in two stages so that an operator sees every problem at once: serde
+//! only checks shapes and types (and stops at the first mismatch, with `file:line:col`),
+//! then `validate` walks the whole document and collects every semantic problem with its
+//! key path (`service[shop].pools.canary.weight`) and line.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use http::uri::Authority;
+use indexmap::IndexMap;
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Upper bound for one pool's weight: keeps every sum of weights far from overflow and is
+/// still fine-grained enough for 0.0001% splits.
+pub const MAX_WEIGHT: u64 = 1_000_000;
+
+/// A validated configuration. Every field is usable as is: addresses parsed, durations
+/// converted, hosts lower-cased, pools in file order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub proxy: ProxyConfig,
+    pub admin: AdminConfig,
+    pub state: StateConfig,
+    pub services: Vec<ServiceConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProxyConfig {
+    pub listen: SocketAddr,
+    /// Tokio worker threads; 0 means one per CPU.
+    pub workers: usize,
+    pub connect_timeout: Duration,
+    /// From the request being sent upstream until its response headers arrive.
+    pub request_timeout: Duration,
+    /// How long an idle upstream keep-alive connection is kept. Shorter than the 5 s that
+    /// Node.js and Apache use by default, so weir closes first and never reuses a
+    /// connection the upstream is closing.
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle_per_endpoint: usize,
+    /// On SIGTERM/SIGINT: how long open requests may take to finish.
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateConfig {
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceConfig {
+    pub name: String,
+    /// Lower-cased host names without port; empty for the default service.
+    pub hosts: Vec<String>,
+    pub baseline: String,
+    pub pools: Vec<PoolConfig>,
+}
+
+impl ServiceConfig {
+    pub fn is_default(&self) -> bool {
+        self.hosts.is_empty()
+    }
+
+    pub fn pool(&self, name: &str) -> Option<&PoolConfig> {
+        self.pools.iter().find(|p| p.name == name)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolConfig {
+    pub name: String,
+    pub endpoints: Vec<Endpoint>,
+    pub weight: u32,
+}
+
+/// An upstream address as `host:port` (an IP or a DNS name, resolved at connect time).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    pub authority: Authority,
+}
+
+impl Endpoint {
+    pub fn parse(s: &str) -> Result<Endpoint, String> {
+        let s = s.trim();
+        if s.contains("://") {
+            return Err(format!("`{s}` must be host:port without a scheme"));
+        }
+        let authority =
+            Authority::from_str(s).map_err(|_| format!("`{s}` is not a valid host:port"))?;
+        if authority.as_str().contains('@') {
+            return Err(format!("`{s}` must not contain user info"));
+        }
+        match authority.port_u16() {
+            Some(0) | None => Err(format!("`{s}` needs a port, e.g. `{s}:8080`")),
+            Some(_) if authority.host().is_empty() => Err(format!("`{s}` has no host")),
+            Some(_) => Ok(Endpoint { authority }),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        self.authority.as_str()
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One thing wrong with a config file, located as precisely as we can.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Key path such as `service[shop].pools.canary.weight`; empty for syntax errors.
+    pub key: String,
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub message: String,
+}
+
+/// Every problem found in one file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub file: String,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}", self.file)?;
+            if let Some(line) = p.line {
+                write!(f, ":{line}")?;
+                if let Some(col) = p.column {
+                    write!(f, ":{col}")?;
+                }
+            }
+            if p.key.is_empty() {
+                write!(f, ": {}", p.message)?;
+            } else {
+                write!(f, ": {}: {}", p.key, p.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Read and validate a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let src = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            problems: vec![Problem {
+                key: String::new(),
+                line: None,
+                column: None,
+                message: format!("cannot read config file: {e}"),
+            }],
+        })?;
+        Config::parse(&src, &file)
+    }
+
+    /// Parse and validate config text; `file` only names the source in errors.
+    pub fn parse(src: &str, file: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(src).map_err(|e| {
+            let (line, column) = match e.span() {
+                Some(span) => {
+                    let (l, c) = line_col(src, span.start);
+                    (Some(l), Some(c))
+                }
+                None => (None, None),
+            };
+            ConfigError {
+                file: file.to_string(),
+                problems: vec![Problem {
+                    key: String::new(),
+                    line,
+                    column,
+                    message: e.message().to_string(),
+                }],
+            }
+        })?;
+        let mut v = Validator {
+            src,
+            problems: Vec::new(),
+        };
+        let config = v.config(raw);
+        // Report in file order, whatever order the checks ran in.
+        v.problems.sort_by_key(|p| p.line);
+        if v.problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError {
+                file: file.to_string(),
+                problems: v.problems,
+            })
+        }
+    }
+
+    /// The one-line summary `weir check` prints for a valid file.
+    pub fn summary(&self) -> String {
+        let services: Vec<String> = self
+            .services
+            .iter()
+            .map(|s| {
+                let pools: Vec<String> = s
+                    .pools
+                    .iter()
+                    .map(|p| format!("{}={}", p.name, p.weight))
+                    .collect();
+                let hosts = if s.is_default() {
+                    "default".to_string()
+                } else {
+                    s.hosts.join(",")
+                };
+                format!("{} [{}] ({})", s.name, hosts, pools.join(" "))
+            })
+            .collect();
+        let pools: usize = self.services.iter().map(|s| s.pools.len()).sum();
+        format!(
+            "ok: {} service(s), {} pool(s): {}",
+            self.services.len(),
+            pools,
+            services.join("; ")
+        )
+    }
+}
+
+fn line_col(src: &str, offset: usize) -> (usize, usize) {
+    let before = &src[..offset.min(src.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rfind('\n').map_or(before.len(), |nl| before.len() - nl - 1) + 1;
+    (line, col)
+}
+
+// ---- stage one: raw shapes --------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    proxy: RawProxy,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    state: RawState,
+    #[serde(default, rename = "service")]
+    services: Vec<RawService>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProxy {
+    listen: Option<Spanned<String>>,
+    workers: Option<Spanned<i64>>,
+    connect_timeout: Option<Spanned<String>>,
+    request_timeout: Option<Spanned<String>>,
+    pool_idle_timeout: Option<Spanned<String>>,
+    pool_max_idle_per_endpoint: Option<Spanned<i64>>,
+    shutdown_grace: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawState {
+    dir: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: Spanned<String>,
+    hosts: Option<Spanned<Vec<Spanned<String>>>>,
+    baseline: Spanned<String>,
+    pools: Spanned<IndexMap<String, RawPool>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    endpoints: Spanned<Vec<Spanned<String>>>,
+    weight: Spanned<i64>,
+}
+
+// ---- stage two: meaning -----------------------------------------------------------
+
+struct Validator<'a> {
+    src: &'a str,
+    problems: Vec<Problem>,
+}
+
+impl Validator<'_> {
+    fn problem<T>(&mut self, key: impl Into<String>, at: &Spanned<T>, message: impl Into<String>) {
+        let (line, _) = line_col(self.src, at.span().start);
+        self.problems.push(Problem {
+            key: key.into(),
+            line: Some(line),
+            column: None,
+            message: message.into(),
+        });
+    }
+
+    fn config(&mut self, raw: RawConfig) -> Config {
+        let proxy = self.proxy(raw.proxy);
+        let admin = AdminConfig {
+            listen: self.addr("admin.listen", raw.admin.listen.as_ref(), "127.0.0.1:9901"),
+        };
+        let state = StateConfig {
+            dir: PathBuf::from(
+                raw.state
+                    .dir
+                    .as_ref()
+                    .map_or("var/weir", |d| d.get_ref().as_str()),
+            ),
+        };
+        if let Some(dir) = &raw.state.dir
+            && dir.get_ref().trim().is_empty()
+        {
+            self.problem("state.dir", dir, "must not be empty");
+        }
+        let services = self.services(raw.services);
+        Config {
+            proxy,
+            admin,
+            state,
+            services,
+        }
+    }
+
+    fn proxy(&mut self, raw: RawProxy) -> ProxyConfig {
+        let listen = self.addr("proxy.listen", raw.listen.as_ref(), "127.0.0.1:8080");
+        let workers = match &raw.workers {
+            Some(w) if !(0..=1024).contains(w.get_ref()) => {
+                self.problem("proxy.workers", w, "must be between 0 (one per CPU) and 1024");
+                0
+            }
+            Some(w) => *w.get_ref() as usize,
+            None => 0,
+        };
+        let pool_max_idle_per_endpoint = match &raw.pool_max_idle_per_endpoint {
+            Some(n) if !(0..=65_536).contains(n.get_ref()) => {
+                self.problem(
+                    "proxy.pool_max_idle_per_endpoint",
+                    n,
+                    "must be between 0 and 65536",
+                );
+                0
+            }
+            Some(n) => *n.get_ref() as usize,
+            None => 1024,
+        };
+        ProxyConfig {
+            listen,
+            workers,
+            connect_timeout: self.duration(
+                "proxy.connect_timeout",
+                raw.connect_timeout.as_ref(),
+                Duration::from_secs(2),
+            ),
+            request_timeout: self.duration(
+                "proxy.request_timeout",
+                raw.request_timeout.as_ref(),
+                Duration::from_secs(30),
+            ),
+            pool_idle_timeout: self.duration(
+                "proxy.pool_idle_timeout",
+                raw.pool_idle_timeout.as_ref(),
+                Duration::from_secs(4),
+            ),
+            pool_max_idle_per_endpoint,
+            shutdown_grace: self.duration(
+                "proxy.shutdown_grace",
+                raw.shutdown_grace.as_ref(),
+                Duration::from_secs(30),
+            ),
+        }
+    }
+
+    fn addr(&mut self, key: &str, raw: Option<&Spanned<String>>, default: &str) -> SocketAddr {
+        let fallback: SocketAddr = default.parse().expect("default address parses");
+        let Some(raw) = raw else { return fallback };
+        match raw.get_ref().parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => {
+                let msg = format!(
+                    "`{}` is not an IP:port address (e.g. \"{default}\")",
+                    raw.get_ref()
+                );
+                self.problem(key, raw, msg);
+                fallback
+            }
+        }
+    }
+
+    fn duration(&mut self, key: &str, raw: Option<&Spanned<String>>, default: Duration) -> Duration {
+        let Some(raw) = raw else { return default };
+        match parse_duration(raw.get_ref()) {
+            Ok(d) => d,
+            Err(msg) => {
+                self.problem(key, raw, msg);
+                default
+            }
+        }
+    }
+
+    fn services(&mut self, raw: Vec<RawService>) -> Vec<ServiceConfig> {
+        if raw.is_empty() {
+            self.problems.push(Problem {
+                key: "service".into(),
+                line: None,
+                column: None,
+                message: "no [[service]] defined; weir needs at least one".into(),
+            });
+        }
+        let mut names: HashMap<String, usize> = HashMap::new();
+        let mut hosts: HashMap<String, String> = HashMap::new();
+        let mut default: Option<String> = None;
+        let mut out = Vec::with_capacity(raw.len());
+        for (i, rs) in raw.into_iter().enumerate() {
+            let name = rs.name.get_ref().clone();
+            let key = if name.is_empty() {
+                format!("service[{i}]")
+            } else {
+                format!("service[{name}]")
+            };
+            if let Err(msg) = check_name(&name) {
+                self.problem(format!("{key}.name"), &rs.name, msg);
+            }
+            if let Some(first) = names.insert(name.clone(), i) {
+                self.problem(
+                    format!("{key}.name"),
+                    &rs.name,
+                    format!("duplicate service name `{name}` (also service #{})", first + 1),
+                );
+            }
+            let mut svc_hosts = Vec::new();
+            match &rs.hosts {
+                None => {
+                    if let Some(other) = &default {
+                        self.problem(
+                            format!("{key}.hosts"),
+                            &rs.name,
+                            format!(
+                                "more than one default service (`{other}` has no hosts either); \
+                                 give one of them `hosts = [...]`"
+                            ),
+                        );
+                    } else {
+                        default = Some(name.clone());
+                    }
+                }
+                Some(list) if list.get_ref().is_empty() => self.problem(
+                    format!("{key}.hosts"),
+                    list,
+                    "is empty; omit the key to make this the default service",
+                ),
+                Some(list) => {
+                    for h in list.get_ref() {
+                        match normalize_host(h.get_ref()) {
+                            Err(msg) => self.problem(format!("{key}.hosts"), h, msg),
+                            Ok(host) => {
+                                if let Some(owner) = hosts.get(&host) {
+                                    let msg = if *owner == name {
+                                        format!("host `{host}` is listed twice")
+                                    } else {
+                                        format!("host `{host}` is already used by service `{owner}`")
+                                    };
+                                    self.problem(format!("{key}.hosts"), h, msg);
+                                } else {
+                                    hosts.insert(host.clone(), name.clone());
+                                    svc_hosts.push(host);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            let pools = self.pools(&key, &rs.pools);
+            let baseline = rs.baseline.get_ref().clone();
+            if !rs.pools.get_ref().contains_key(&baseline) {
+                let known: Vec<&str> = rs.pools.get_ref().keys().map(String::as_str).collect();
+                self.problem(
+                    format!("{key}.baseline"),
+                    &rs.baseline,
+                    format!(
+                        "`{baseline}` is not a pool of this service (pools: {})",
+                        known.join(", ")
+                    ),
+                );
+            }
+            out.push(ServiceConfig {
+                name,
+                hosts: svc_hosts,
+                baseline,
+                pools,
+            });
+        }
+        out
+    }
+
+    fn pools(&mut self, key: &str, raw: &Spanned<IndexMap<String, RawPool>>) -> Vec<PoolConfig> {
+        if raw.get_ref().is_empty() {
+            self.problem(format!("{key}.pools"), raw, "a service needs at least one pool");
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        let mut total: u64 = 0;
+        for (pname, rp) in raw.get_ref() {
+            let pkey = format!("{key}.pools.{pname}");
+            if let Err(msg) = check_name(pname) {
+                self.problem(pkey.clone(), &rp.weight, msg);
+            }
+            let w = *rp.weight.get_ref();
+            let weight = if w < 0 {
+                self.problem(
+                    format!("{pkey}.weight"),
+                    &rp.weight,
+                    format!("{w} is negative; weights are integers >= 0"),
+                );
+                0
+            } else if w as u64 > MAX_WEIGHT {
+                self.problem(
+                    format!("{pkey}.weight"),
+                    &rp.weight,
+                    format!("{w} is above the maximum of {MAX_WEIGHT}"),
+                );
+                0
+            } else {
+                w as u32
+            };
+            total += u64::from(weight);
+            if rp.endpoints.get_ref().is_empty() {
+                self.problem(
+                    format!("{pkey}.endpoints"),
+                    &rp.endpoints,
+                    "a pool needs at least one endpoint",
+                );
+            }
+            let mut endpoints: Vec<Endpoint> = Vec::new();
+            for ep in rp.endpoints.get_ref() {
+                match Endpoint::parse(ep.get_ref()) {
+                    Ok(e) if endpoints.contains(&e) => self.problem(
+                        format!("{pkey}.endpoints"),
+                        ep,
+                        format!("endpoint `{e}` is listed twice"),
+                    ),
+                    Ok(e) => endpoints.push(e),
+                    Err(msg) => self.problem(format!("{pkey}.endpoints"), ep, msg),
+                }
+            }
+            out.push(PoolConfig {
+                name: pname.clone(),
+                endpoints,
+                weight,
+            });
+        }
+        if total == 0
+            && let Some((_, first)) = raw.get_ref().first()
+        {
+            self.problem(
+                format!("{key}.pools"),
+                &first.weight,
+                "all weights are zero; at least one pool needs a weight > 0",
+            );
+        }
+        out
+    }
+}
+
+/// Service and pool names appear in URLs, metric labels and state files.
+fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if name.len() > 64 {
+        return Err(format!("`{name}` is longer than 64 characters"));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        return Err(format!(
+            "`{name}` contains `{c}`; use letters, digits, '-', '_' or '.'"
+        ));
+    }
+    Ok(())
+}
+
+fn normalize_host(raw: &str) -> Result<String, String> {
+    let host = raw.trim().trim_end_matches('.').to_ascii_lowercase();
+    if host.is_empty() {
+        return Err("empty host name".into());
+    }
+    if host.contains(':') && !host.starts_with('[') {
+        return Err(format!(
+            "`{raw}`: hosts are matched without the port; write just the name"
+        ));
+    }
+    if let Some(c) = host
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | '[' | ']' | ':')))
+    {
+        return Err(format!("`{raw}` contains `{c}`, which a host name cannot"));
+    }
+    Ok(host)
+}
+
+/// Durations are written like "500ms", "2s", "1m" or "1h 30m".
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| format!("`{s}` is not a duration ({e}); write e.g. \"500ms\", \"2s\", \"1m\""))?;
+    if d.is_zero() {
+        return Err(format!("`{s}` must be greater than zero"));
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[proxy]
+listen = "127.0.0.1:8080"
+connect_timeout = "500ms"
+request_timeout = "1m"
+
+[[service]]
+name = "shop"
+hosts = ["Shop.Example.com"]
+baseline = "stable"
+
+[service.pools.stable]
+endpoints = ["127.0.0.1:9001", "localhost:9002"]
+weight = 90
+
+[service.pools.canary]
+endpoints = ["[::1]:9101"]
+weight = 10
+
+[[service]]
+name = "fallback"
+baseline = "only"
+[service.pools.only]
+endpoints = ["10.0.0.1:80"]
+weight = 1
+"#;
+
+    #[test]
+    fn valid_config_keeps_order_and_normalizes() {
+        let c = Config::parse(GOOD, "t.toml").unwrap();
+        assert_eq!(c.proxy.connect_timeout, Duration::from_millis(500));
+        assert_eq!(c.proxy.request_timeout, Duration::from_secs(60));
+        assert_eq!(c.services[0].hosts, vec!["shop.example.com"]);
+        let names: Vec<_> = c.services[0].pools.iter().map(|p| &p.name).collect();
+        assert_eq!(names, ["stable", "canary"]);
+        assert!(c.services[1].is_default());
+        assert_eq!(c.services[0].pools[1].endpoints[0].as_str(), "[::1]:9101");
+        assert!(c.summary().starts_with("ok: 2 service(s), 3 pool(s)"));
+    }
+
+    fn errors(src: &str) -> Vec<String> {
+        Config::parse(src, "t.toml")
+            .unwrap_err()
+            .to_string()
+            .lines()
+            .map(String::from)
+            .collect()
+    }
+
+    #[test]
+    fn syntax_error_has_line_and_column() {
+        let e = errors("[proxy]\nlisten = \n");
+        assert_eq!(e.len(), 1);
+        assert!(e[0].starts_with("t.toml:2:"), "{e:?}");
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_location() {
+        let e = errors("[proxy]\nlisen = \"x\"\n");
+        assert!(e[0].starts_with("t.toml:2:1:"), "{e:?}");
+        assert!(e[0].contains("lisen"), "{e:?}");
+    }
+
+    #[test]
+    fn every_semantic_problem_is_reported() {
+        let src = r#"
+[proxy]
+connect_timeout = "soon"
+
+[[service]]
+name = "a"
+hosts = ["x.com"]
+baseline = "nope"
+[service.pools.p1]
+endpoints = []
+weight = 0
+[service.pools.p2]
+endpoints = ["no-port", "1.2.3.4:80", "1.2.3.4:80"]
+weight = -4
+
+[[service]]
+name = "a"
+hosts = ["X.com"]
+baseline = "q"
+[service.pools.q]
+endpoints = ["1.1.1.1:1"]
+weight = 1
+
+[[service]]
+name = "d1"
+baseline = "q"
+[service.pools.q]
+endpoints = ["1.1.1.1:1"]
+weight = 1
+
+[[service]]
+name = "d2"
+baseline = "q"
+[service.pools.q]
+endpoints = ["1.1.1.1:1"]
+weight = 1
+"#;
+        let e = errors(src);
+        let want = [
+            ("t.toml:3: proxy.connect_timeout:", "soon"),
+            ("t.toml:10: service[a].pools.p1.endpoints:", "at least one endpoint"),
+            ("t.toml:13: service[a].pools.p2.endpoints:", "needs a port"),
+            ("t.toml:13: service[a].pools.p2.endpoints:", "listed twice"),
+            ("t.toml:14: service[a].pools.p2.weight:", "negative"),
+            ("t.toml:11: service[a].pools:", "all weights are zero"),
+            ("t.toml:8: service[a].baseline:", "not a pool"),
+            ("t.toml:17: service[a].name:", "duplicate service name"),
+            ("t.toml:18: service[a].hosts:", "already used by service `a`"),
+            ("t.toml:31: service[d2].hosts:", "more than one default service"),
+        ];
+        for (prefix, needle) in want {
+            assert!(
+                e.iter().any(|l| l.starts_with(prefix) && l.contains(needle)),
+                "missing {prefix} … {needle} in:\n{}",
+                e.join("\n")
+            );
+        }
+        assert_eq!(e.len(), want.len(), "{}", e.join("\n"));
+    }
+
+    #[test]
+    fn duplicate_pool_is_a_syntax_error_with_location() {
+        let src = "[[service]]\nname='a'\nbaseline='p'\n[service.pools.p]\nendpoints=['1.1.1.1:1']\nweight=1\n[service.pools.p]\nendpoints=['1.1.1.1:1']\nweight=1\n";
+        let e = errors(src);
+        assert!(e[0].starts_with("t.toml:7:"), "{e:?}");
+    }
+
+    #[test]
+    fn endpoint_parsing() {
+        assert!(Endpoint::parse("127.0.0.1:80").is_ok());
+        assert!(Endpoint::parse("backend.internal:8080").is_ok());
+        assert!(Endpoint::parse("[::1]:80").is_ok());
+        assert!(Endpoint::parse("127.0.0.1").is_err());
+        assert!(Endpoint::parse("http://a:1").is_err());
+        assert!(Endpoint::parse("a:0").is_err());
+        assert!(Endpoint::parse("a:99999").is_err());
+        assert!(Endpoint::parse("u@a:1").is_err());
+        assert!(Endpoint::parse("a b:1").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("10").is_err());
+    }
+
+    #[test]
+    fn no_service_is_an_error() {
+        let e = errors("[proxy]\nlisten = \"127.0.0.1:1\"\n");
+        assert!(e[0].contains("no [[service]]"), "{e:?}");
+    }
+}

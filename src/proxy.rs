@@ -1,0 +1,470 @@
+//! The data plane: accept connections, route each request to a pool and endpoint, forward
+//! it with streaming bodies over pooled keep-alive connections, map failures to 502/503/504
+//! and emit one `Outcome` per request.
+
+use std::convert::Infallible;
+use std::error::Error as StdError;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{PathAndQuery, Scheme, Uri};
+use http::{Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+use crate::config::ProxyConfig;
+use crate::outcome::{ErrorKind, Outcome, OutcomeSink};
+use crate::pool::{InflightGuard, Pool};
+use crate::routing::Router;
+
+/// The proxy's shared state: router, upstream client, settings and outcome sinks.
+pub struct Proxy {
+    router: Arc<Router>,
+    client: Client<HttpConnector, Incoming>,
+    request_timeout: Duration,
+    sinks: Vec<Arc<dyn OutcomeSink>>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("request_timeout", &self.request_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Proxy {
+    pub fn new(config: &ProxyConfig, router: Arc<Router>, sinks: Vec<Arc<dyn OutcomeSink>>) -> Proxy {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        connector.set_nodelay(true);
+        connector.set_keepalive(Some(Duration::from_secs(30)));
+        let client = Client::builder(TokioExecutor::new())
+            // Without a timer hyper-util never expires idle connections.
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(config.pool_idle_timeout)
+            .pool_max_idle_per_host(config.pool_max_idle_per_endpoint)
+            .build(connector);
+        Proxy {
+            router,
+            client,
+            request_timeout: config.request_timeout,
+            sinks,
+        }
+    }
+
+    /// Serve HTTP/1.1 on `listener` until `shutdown` resolves, then stop accepting and
+    /// let open requests finish for up to `grace`.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+        grace: Duration,
+    ) -> io::Result<()> {
+        let graceful = GracefulShutdown::new();
+        let mut http = hyper::server::conn::http1::Builder::new();
+        // The timer makes hyper's header read timeout (30 s by default) actually apply.
+        http.timer(TokioTimer::new()).keep_alive(true);
+        tokio::pin!(shutdown);
+        loop {
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                },
+                () = &mut shutdown => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let proxy = Arc::clone(&self);
+            let service = service_fn(move |req| {
+                let proxy = Arc::clone(&proxy);
+                async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
+            });
+            let conn = http.serve_connection(TokioIo::new(stream), service);
+            let conn = graceful.watch(conn);
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!("client connection {peer}: {e}");
+                }
+            });
+        }
+        drop(listener);
+        if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+            tracing::warn!("shutdown grace of {grace:?} elapsed with requests still open");
+        }
+        Ok(())
+    }
+
+    /// Proxy one request. Never fails: every failure becomes a response.
+    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+        let start = Instant::now();
+        let pool = {
+            let table = self.router.table();
+            let host = request_host(&req);
+            let Some(service) = table.route(host) else {
+                return local_response(StatusCode::NOT_FOUND, "no service for this host\n");
+            };
+            let snapshot = service.snapshot();
+            Arc::clone(&snapshot.pick().pool)
+        };
+        let Some(guard) = pool.pick() else {
+            return self.fail(&pool, None, ErrorKind::NoEndpoint, start);
+        };
+        let upstream_req = match upstream_request(req, &guard, peer) {
+            Ok(r) => r,
+            Err(resp) => return resp,
+        };
+        let result = tokio::time::timeout(self.request_timeout, self.client.request(upstream_req)).await;
+        match result {
+            Ok(Ok(mut resp)) => {
+                strip_hop_by_hop(resp.headers_mut());
+                self.emit(&Outcome {
+                    pool: &pool,
+                    endpoint: Some(guard.index()),
+                    status: resp.status().as_u16(),
+                    error: None,
+                    latency: start.elapsed(),
+                });
+                resp.map(|body| ProxyBody::upstream(body, guard))
+            }
+            Ok(Err(e)) => {
+                let (kind, status) = classify(&e);
+                tracing::debug!(
+                    "{} → {} failed: {e:?}",
+                    pool.name,
+                    guard.endpoint().endpoint
+                );
+                self.fail_with(&pool, Some(guard.index()), kind, status, start)
+            }
+            Err(_elapsed) => self.fail(&pool, Some(guard.index()), ErrorKind::Timeout, start),
+        }
+    }
+
+    fn fail(
+        &self,
+        pool: &Arc<Pool>,
+        endpoint: Option<usize>,
+        kind: ErrorKind,
+        start: Instant,
+    ) -> Response<ProxyBody> {
+        let status = match kind {
+            ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::NoEndpoint => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::BAD_GATEWAY,
+        };
+        self.fail_with(pool, endpoint, kind, status, start)
+    }
+
+    fn fail_with(
+        &self,
+        pool: &Arc<Pool>,
+        endpoint: Option<usize>,
+        kind: ErrorKind,
+        status: StatusCode,
+        start: Instant,
+    ) -> Response<ProxyBody> {
+        self.emit(&Outcome {
+            pool,
+            endpoint,
+            status: status.as_u16(),
+            error: Some(kind),
+            latency: start.elapsed(),
+        });
+        local_response(status, error_body(kind, status))
+    }
+
+    fn emit(&self, outcome: &Outcome<'_>) {
+        for sink in &self.sinks {
+            sink.record(outcome);
+        }
+    }
+}
+
+/// The one-line text weir answers with when it could not get a response upstream. Says
+/// what failed without naming addresses.
+fn error_body(kind: ErrorKind, status: StatusCode) -> &'static str {
+    match (kind, status) {
+        (ErrorKind::Connect, StatusCode::GATEWAY_TIMEOUT) => "upstream connect timed out\n",
+        (ErrorKind::Connect, _) => "upstream connection failed\n",
+        (ErrorKind::Timeout, _) => "upstream did not answer in time\n",
+        (ErrorKind::Reset, _) => "upstream closed the connection\n",
+        (ErrorKind::Protocol, _) => "upstream sent an invalid response\n",
+        (ErrorKind::NoEndpoint, _) => "no upstream endpoint available\n",
+    }
+}
+
+/// Turn a client error into an outcome kind and status. A connect that timed out is a
+/// 504 (as nginx does); every other failure before a response head is a 502.
+fn classify(e: &hyper_util::client::legacy::Error) -> (ErrorKind, StatusCode) {
+    let timed_out = source_chain(e).any(|s| {
+        s.downcast_ref::<io::Error>()
+            .is_some_and(|io| io.kind() == io::ErrorKind::TimedOut)
+    });
+    if e.is_connect() {
+        let status = if timed_out {
+            StatusCode::GATEWAY_TIMEOUT
+        } else {
+            StatusCode::BAD_GATEWAY
+        };
+        return (ErrorKind::Connect, status);
+    }
+    for s in source_chain(e) {
+        if let Some(h) = s.downcast_ref::<hyper::Error>() {
+            if h.is_parse() || h.is_parse_status() || h.is_parse_too_large() {
+                return (ErrorKind::Protocol, StatusCode::BAD_GATEWAY);
+            }
+            if h.is_timeout() {
+                return (ErrorKind::Timeout, StatusCode::GATEWAY_TIMEOUT);
+            }
+        }
+    }
+    (ErrorKind::Reset, StatusCode::BAD_GATEWAY)
+}
+
+fn source_chain<'a>(
+    e: &'a (dyn StdError + 'static),
+) -> impl Iterator<Item = &'a (dyn StdError + 'static)> {
+    std::iter::successors(Some(e), |e: &&'a (dyn StdError + 'static)| (*e).source())
+}
+
+/// The host a request is for: the URI authority (absolute-form, HTTP/2) or Host header.
+fn request_host<B>(req: &Request<B>) -> Option<&str> {
+    req.uri().host().or_else(|| {
+        req.headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+    })
+}
+
+/// Rewrite a client request for the chosen endpoint: absolute URI, HTTP/1.1, hop-by-hop
+/// headers removed, X-Forwarded-* set.
+#[allow(clippy::result_large_err)]
+fn upstream_request(
+    req: Request<Incoming>,
+    guard: &InflightGuard,
+    peer: SocketAddr,
+) -> Result<Request<Incoming>, Response<ProxyBody>> {
+    let (mut parts, body) = req.into_parts();
+    let original_host = request_host_parts(&parts).map(HeaderValue::from_str);
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(Scheme::HTTP);
+    uri.authority = Some(guard.endpoint().authority().clone());
+    uri.path_and_query = Some(path);
+    parts.uri = match Uri::from_parts(uri) {
+        Ok(u) => u,
+        Err(_) => return Err(local_response(StatusCode::BAD_REQUEST, "bad request target\n")),
+    };
+    parts.version = Version::HTTP_11;
+    let headers = &mut parts.headers;
+    strip_hop_by_hop(headers);
+    // Keep the client's Host; for absolute-form requests (no Host header needed) carry
+    // the authority the client asked for.
+    if !headers.contains_key(header::HOST)
+        && let Some(Ok(h)) = &original_host
+    {
+        headers.insert(header::HOST, h.clone());
+    }
+    append_forwarded_for(headers, peer);
+    headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    if let Some(Ok(h)) = original_host {
+        headers.insert(&X_FORWARDED_HOST, h);
+    }
+    Ok(Request::from_parts(parts, body))
+}
+
+fn request_host_parts(parts: &http::request::Parts) -> Option<&str> {
+    parts.uri.authority().map(|a| a.as_str()).or_else(|| {
+        parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+    })
+}
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Append the client address to X-Forwarded-For, folding repeated headers into one.
+fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
+    let ip = peer.ip().to_string();
+    let mut existing = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
+    let value = if existing.peek().is_none() {
+        ip
+    } else {
+        let mut v = String::with_capacity(64);
+        for h in existing {
+            if let Ok(s) = h.to_str() {
+                let s = s.trim();
+                if !s.is_empty() {
+                    v.push_str(s);
+                    v.push_str(", ");
+                }
+            }
+        }
+        v.push_str(&ip);
+        v
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(&X_FORWARDED_FOR, v);
+    }
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
+/// legacy ones proxies have always dropped.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+];
+
+/// Remove hop-by-hop headers, including every header the Connection header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+fn local_response(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::Local(Full::new(Bytes::from_static(
+        body.as_bytes(),
+    ))));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// A response body: streamed from the upstream (holding the endpoint's in-flight count
+/// until it ends) or generated by weir.
+#[derive(Debug)]
+pub enum ProxyBody {
+    Upstream {
+        body: Incoming,
+        _guard: InflightGuard,
+    },
+    Local(Full<Bytes>),
+}
+
+impl ProxyBody {
+    fn upstream(body: Incoming, guard: InflightGuard) -> ProxyBody {
+        ProxyBody::Upstream {
+            body,
+            _guard: guard,
+        }
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ProxyBody::Upstream { body, .. } => Pin::new(body).poll_frame(cx),
+            ProxyBody::Local(full) => match Pin::new(full).poll_frame(cx) {
+                Poll::Ready(Some(Ok(f))) => Poll::Ready(Some(Ok(f))),
+                Poll::Ready(Some(Err(never))) => match never {},
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Upstream { body, .. } => body.is_end_stream(),
+            ProxyBody::Local(full) => full.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Upstream { body, .. } => body.size_hint(),
+            ProxyBody::Local(full) => full.size_hint(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, X-Secret"));
+        h.append(header::CONNECTION, HeaderValue::from_static("x-other"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("x-other", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn forwarded_for_appends_and_folds() {
+        let peer: SocketAddr = "10.1.2.3:5555".parse().unwrap();
+        let mut h = HeaderMap::new();
+        append_forwarded_for(&mut h, peer);
+        assert_eq!(h[&X_FORWARDED_FOR], "10.1.2.3");
+        let mut h = HeaderMap::new();
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("1.1.1.1, 2.2.2.2"));
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("3.3.3.3"));
+        append_forwarded_for(&mut h, peer);
+        let all: Vec<_> = h.get_all(&X_FORWARDED_FOR).iter().collect();
+        assert_eq!(all, ["1.1.1.1, 2.2.2.2, 3.3.3.3, 10.1.2.3"]);
+    }
+}

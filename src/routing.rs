@@ -1,0 +1,391 @@
+//! Routing: Host → service, and the per-request weighted choice of pool from an
+//! immutable `ServiceSnapshot`.
+//!
+//! The request path loads the route table and then the service's snapshot, each one
+//! lock-free `ArcSwap` load; it never allocates or takes a lock here. Snapshots are only
+//! ever built whole (validated) and stored by the controller.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use rand::rngs::SmallRng;
+use rand::{RngCore, SeedableRng};
+
+use crate::pool::Pool;
+
+thread_local! {
+    static RNG: RefCell<SmallRng> = RefCell::new(SmallRng::from_rng(&mut rand::rng()));
+}
+
+/// A fast per-thread random number. Not for secrets: it drives traffic splits, where
+/// speed matters and predictability does no harm.
+pub fn fast_rand() -> u64 {
+    RNG.with(|r| r.borrow_mut().next_u64())
+}
+
+/// Who made a change; carried by snapshots and (later) events and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    Admin,
+    Guard,
+    Rollout,
+    Config,
+    Startup,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Admin => "admin",
+            Source::Guard => "guard",
+            Source::Rollout => "rollout",
+            Source::Config => "config",
+            Source::Startup => "startup",
+        }
+    }
+}
+
+/// A pool as one snapshot sees it: the shared run-time pool plus its weight here.
+#[derive(Debug, Clone)]
+pub struct PoolSlot {
+    pub pool: Arc<Pool>,
+    pub weight: u32,
+    /// Sum of the weights of this pool and all before it: the pick is a search in these.
+    cumulative: u64,
+}
+
+impl PoolSlot {
+    pub fn name(&self) -> &str {
+        &self.pool.name
+    }
+}
+
+/// Everything a request needs to choose a pool, frozen: pools in config order, their
+/// weights and the version. Replaced whole on every change, never mutated.
+#[derive(Debug)]
+pub struct ServiceSnapshot {
+    pub version: u64,
+    pub updated_at: SystemTime,
+    pub updated_by: Source,
+    slots: Box<[PoolSlot]>,
+    total: u64,
+}
+
+/// Why a set of weights cannot become a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WeightError {
+    #[error("expected {expected} weights, got {got}")]
+    Count { expected: usize, got: usize },
+    #[error("all weights are zero; at least one pool needs a weight > 0")]
+    AllZero,
+    #[error("weight {weight} of pool `{pool}` is above the maximum of {max}")]
+    TooLarge { pool: String, weight: u32, max: u64 },
+}
+
+impl ServiceSnapshot {
+    /// Build a snapshot, checking the invariants every request relies on: one weight per
+    /// pool, each within bounds, and a total above zero.
+    pub fn new(
+        pools: Vec<Arc<Pool>>,
+        weights: &[u32],
+        version: u64,
+        updated_by: Source,
+    ) -> Result<ServiceSnapshot, WeightError> {
+        if pools.len() != weights.len() {
+            return Err(WeightError::Count {
+                expected: pools.len(),
+                got: weights.len(),
+            });
+        }
+        let mut total = 0u64;
+        let mut slots = Vec::with_capacity(pools.len());
+        for (pool, &weight) in pools.into_iter().zip(weights) {
+            if u64::from(weight) > crate::config::MAX_WEIGHT {
+                return Err(WeightError::TooLarge {
+                    pool: pool.name.to_string(),
+                    weight,
+                    max: crate::config::MAX_WEIGHT,
+                });
+            }
+            total += u64::from(weight);
+            slots.push(PoolSlot {
+                pool,
+                weight,
+                cumulative: total,
+            });
+        }
+        if total == 0 {
+            return Err(WeightError::AllZero);
+        }
+        Ok(ServiceSnapshot {
+            version,
+            updated_at: SystemTime::now(),
+            updated_by,
+            slots: slots.into_boxed_slice(),
+            total,
+        })
+    }
+
+    pub fn slots(&self) -> &[PoolSlot] {
+        &self.slots
+    }
+
+    pub fn total_weight(&self) -> u64 {
+        self.total
+    }
+
+    pub fn weights(&self) -> Vec<u32> {
+        self.slots.iter().map(|s| s.weight).collect()
+    }
+
+    pub fn slot(&self, name: &str) -> Option<&PoolSlot> {
+        self.slots.iter().find(|s| s.name() == name)
+    }
+
+    /// Share of traffic of the pool at `index`, 0..=1.
+    pub fn share(&self, index: usize) -> f64 {
+        self.slots[index].weight as f64 / self.total as f64
+    }
+
+    /// Weighted draw: pool `i` is chosen with probability weight_i / total.
+    pub fn pick(&self) -> &PoolSlot {
+        self.pick_with(fast_rand())
+    }
+
+    /// The draw from a given random number (deterministic, for tests and benches).
+    /// Multiply-shift maps `r` onto 0..total without the bias or cost of a modulo.
+    pub fn pick_with(&self, r: u64) -> &PoolSlot {
+        let point = ((u128::from(r) * u128::from(self.total)) >> 64) as u64;
+        // Pools per service are few, so a linear scan beats a binary search. Zero-weight
+        // pools have the same cumulative as the one before and are never chosen.
+        self.slots
+            .iter()
+            .find(|s| point < s.cumulative)
+            .unwrap_or_else(|| &self.slots[self.slots.len() - 1])
+    }
+}
+
+/// A service at run time: its identity and the swappable snapshot.
+#[derive(Debug)]
+pub struct Service {
+    pub name: Arc<str>,
+    pub hosts: Vec<String>,
+    pub baseline: String,
+    snapshot: ArcSwap<ServiceSnapshot>,
+}
+
+impl Service {
+    pub fn new(
+        name: &str,
+        hosts: Vec<String>,
+        baseline: String,
+        snapshot: ServiceSnapshot,
+    ) -> Service {
+        Service {
+            name: name.into(),
+            hosts,
+            baseline,
+            snapshot: ArcSwap::from_pointee(snapshot),
+        }
+    }
+
+    /// The snapshot in force. Cheap; the request path calls it once per request.
+    pub fn snapshot(&self) -> arc_swap::Guard<Arc<ServiceSnapshot>> {
+        self.snapshot.load()
+    }
+
+    pub fn snapshot_full(&self) -> Arc<ServiceSnapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Replace the snapshot. Only the controller calls this, under its lock.
+    pub(crate) fn store(&self, snapshot: Arc<ServiceSnapshot>) {
+        self.snapshot.store(snapshot);
+    }
+}
+
+/// Host → service map, replaced whole when the set of services changes (reload).
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    services: Vec<Arc<Service>>,
+    by_host: HashMap<String, usize>,
+    default: Option<usize>,
+}
+
+impl RouteTable {
+    pub fn new(services: Vec<Arc<Service>>) -> RouteTable {
+        let mut by_host = HashMap::new();
+        let mut default = None;
+        for (i, s) in services.iter().enumerate() {
+            if s.hosts.is_empty() {
+                default = Some(i);
+            }
+            for h in &s.hosts {
+                by_host.insert(h.clone(), i);
+            }
+        }
+        RouteTable {
+            services,
+            by_host,
+            default,
+        }
+    }
+
+    pub fn services(&self) -> &[Arc<Service>] {
+        &self.services
+    }
+
+    pub fn service(&self, name: &str) -> Option<&Arc<Service>> {
+        self.services.iter().find(|s| &*s.name == name)
+    }
+
+    /// The service for a request's host (as received: any case, maybe with a port), or
+    /// the default service.
+    pub fn route(&self, host: Option<&str>) -> Option<&Arc<Service>> {
+        let found = host.and_then(|h| {
+            let h = strip_port(h);
+            let h = h.strip_suffix('.').unwrap_or(h);
+            if h.bytes().any(|b| b.is_ascii_uppercase()) {
+                self.by_host.get(&h.to_ascii_lowercase())
+            } else {
+                self.by_host.get(h)
+            }
+        });
+        found
+            .or(self.default.as_ref())
+            .map(|&i| &self.services[i])
+    }
+}
+
+/// `example.com:8080` → `example.com`; `[::1]:80` → `[::1]`.
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return match host.find(']') {
+            Some(end) => &host[..=end],
+            None => host,
+        };
+    }
+    match host.rfind(':') {
+        Some(i) => &host[..i],
+        None => host,
+    }
+}
+
+/// The live route table; swapped whole on reload, read by every request.
+#[derive(Debug)]
+pub struct Router {
+    table: ArcSwap<RouteTable>,
+}
+
+impl Router {
+    pub fn new(table: RouteTable) -> Router {
+        Router {
+            table: ArcSwap::from_pointee(table),
+        }
+    }
+
+    pub fn table(&self) -> arc_swap::Guard<Arc<RouteTable>> {
+        self.table.load()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Endpoint, PoolConfig};
+
+    fn pools(names: &[&str]) -> Vec<Arc<Pool>> {
+        names
+            .iter()
+            .map(|n| {
+                Arc::new(Pool::new(
+                    "svc",
+                    &PoolConfig {
+                        name: n.to_string(),
+                        endpoints: vec![Endpoint::parse("127.0.0.1:1").unwrap()],
+                        weight: 1,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    fn snap(weights: &[u32]) -> ServiceSnapshot {
+        let names: Vec<String> = (0..weights.len()).map(|i| format!("p{i}")).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        ServiceSnapshot::new(pools(&names), weights, 1, Source::Config).unwrap()
+    }
+
+    #[test]
+    fn pick_covers_the_range_exactly() {
+        let s = snap(&[90, 10]);
+        assert_eq!(s.pick_with(0).name(), "p0");
+        assert_eq!(s.pick_with(u64::MAX).name(), "p1");
+        // The boundary: r / 2^64 < 0.9 goes to p0.
+        let edge = (0.9 * u64::MAX as f64) as u64;
+        assert_eq!(s.pick_with(edge - 4096).name(), "p0");
+        assert_eq!(s.pick_with(edge + 4096).name(), "p1");
+    }
+
+    #[test]
+    fn zero_weight_is_never_picked() {
+        let s = snap(&[0, 5, 0]);
+        for _ in 0..10_000 {
+            assert_eq!(s.pick().name(), "p1");
+        }
+        assert_eq!(s.pick_with(0).name(), "p1");
+        assert_eq!(s.pick_with(u64::MAX).name(), "p1");
+    }
+
+    #[test]
+    fn split_follows_weights() {
+        let s = snap(&[999, 1]);
+        let n = 2_000_000;
+        let minority = (0..n).filter(|_| s.pick().name() == "p1").count();
+        // Expected 2000; four standard deviations is about ±180.
+        assert!((1_800..2_200).contains(&minority), "{minority}");
+    }
+
+    #[test]
+    fn invalid_weights_are_refused() {
+        let p = pools(&["a", "b"]);
+        assert_eq!(
+            ServiceSnapshot::new(p.clone(), &[0, 0], 1, Source::Admin).unwrap_err(),
+            WeightError::AllZero
+        );
+        assert!(matches!(
+            ServiceSnapshot::new(p.clone(), &[1], 1, Source::Admin),
+            Err(WeightError::Count { .. })
+        ));
+        assert!(matches!(
+            ServiceSnapshot::new(p, &[1, u32::MAX], 1, Source::Admin),
+            Err(WeightError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn host_routing_strips_port_and_case() {
+        let mk = |name: &str, hosts: &[&str]| {
+            Arc::new(Service::new(
+                name,
+                hosts.iter().map(|h| h.to_string()).collect(),
+                "p0".into(),
+                snap(&[1]),
+            ))
+        };
+        let t = RouteTable::new(vec![mk("shop", &["shop.example.com", "[::1]"]), mk("dflt", &[])]);
+        let name = |h: Option<&str>| t.route(h).map(|s| s.name.to_string());
+        assert_eq!(name(Some("shop.example.com")).as_deref(), Some("shop"));
+        assert_eq!(name(Some("SHOP.example.COM:8080")).as_deref(), Some("shop"));
+        assert_eq!(name(Some("shop.example.com.")).as_deref(), Some("shop"));
+        assert_eq!(name(Some("[::1]:8080")).as_deref(), Some("shop"));
+        assert_eq!(name(Some("other.com")).as_deref(), Some("dflt"));
+        assert_eq!(name(None).as_deref(), Some("dflt"));
+        let no_default = RouteTable::new(vec![mk("shop", &["shop.example.com"])]);
+        assert!(no_default.route(Some("other.com")).is_none());
+    }
+}

@@ -1,0 +1,282 @@
+//! Shared test harness: real upstreams and a real weir on 127.0.0.1 port 0, a keep-alive
+//! client, and waiting on conditions with a deadline instead of sleeping.
+#![allow(dead_code, unreachable_pub)]
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+use weir::Weir;
+use weir::config::Config;
+use weir::control::Controller;
+use weir::outcome::OutcomeSink;
+use weir::upstream::{self, UpstreamConfig, UpstreamHandle};
+
+pub type TestBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+/// A running weir; stopped (gracefully) when dropped.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub controller: Arc<Controller>,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+pub async fn start(toml: &str) -> Proxy {
+    start_with_sinks(toml, Vec::new()).await
+}
+
+pub async fn start_with_sinks(toml: &str, sinks: Vec<Arc<dyn OutcomeSink>>) -> Proxy {
+    let config = Config::parse(toml, "test.toml").unwrap_or_else(|e| panic!("{e}"));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let weir = Weir::with_sinks(config, sinks);
+    let controller = Arc::clone(weir.controller());
+    let (tx, rx) = oneshot::channel();
+    tokio::spawn(async move {
+        let shutdown = async {
+            let _ = rx.await;
+        };
+        weir.serve(listener, shutdown, Duration::from_secs(5))
+            .await
+            .unwrap();
+    });
+    Proxy {
+        addr,
+        controller,
+        stop: Some(tx),
+    }
+}
+
+pub async fn upstream(name: &str) -> UpstreamHandle {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    upstream::spawn(listener, UpstreamConfig::new(name)).unwrap()
+}
+
+/// Config text for one default service with the given pools: (name, endpoints, weight).
+pub fn service_toml(name: &str, hosts: Option<&[&str]>, pools: &[(&str, Vec<String>, u32)]) -> String {
+    let mut s = format!("[[service]]\nname = \"{name}\"\nbaseline = \"{}\"\n", pools[0].0);
+    if let Some(hosts) = hosts {
+        let list: Vec<String> = hosts.iter().map(|h| format!("\"{h}\"")).collect();
+        s += &format!("hosts = [{}]\n", list.join(", "));
+    }
+    for (pool, endpoints, weight) in pools {
+        let list: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+        s += &format!(
+            "[service.pools.{pool}]\nendpoints = [{}]\nweight = {weight}\n",
+            list.join(", ")
+        );
+    }
+    s
+}
+
+pub fn proxy_toml(extra: &str) -> String {
+    format!("[proxy]\nlisten = \"127.0.0.1:0\"\nconnect_timeout = \"1s\"\nrequest_timeout = \"2s\"\n{extra}\n")
+}
+
+pub fn client() -> Client<HttpConnector, TestBody> {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(256)
+        .build(connector)
+}
+
+pub fn empty() -> TestBody {
+    full(Bytes::new())
+}
+
+pub fn full(b: impl Into<Bytes>) -> TestBody {
+    Full::new(b.into()).map_err(|e| match e {}).boxed()
+}
+
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn upstream(&self) -> &str {
+        self.headers
+            .get("x-upstream")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.text()))
+    }
+}
+
+pub async fn send(client: &Client<HttpConnector, TestBody>, req: Request<TestBody>) -> Answer {
+    let resp = client.request(req).await.expect("request failed");
+    collect(resp).await
+}
+
+pub async fn collect(resp: Response<Incoming>) -> Answer {
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+pub async fn get(client: &Client<HttpConnector, TestBody>, addr: SocketAddr, host: &str, path: &str) -> Answer {
+    let req = Request::get(format!("http://{addr}{path}"))
+        .header("host", host)
+        .body(empty())
+        .unwrap();
+    send(client, req).await
+}
+
+/// Send `total` GETs over `conns` concurrent keep-alive connections; returns how many
+/// were answered by each upstream name, and how many failed.
+pub async fn split(addr: SocketAddr, total: usize, conns: usize) -> std::collections::HashMap<String, usize> {
+    let counter = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..conns {
+        let counter = Arc::clone(&counter);
+        tasks.push(tokio::spawn(async move {
+            let client = client();
+            let mut seen = std::collections::HashMap::<String, usize>::new();
+            while counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < total {
+                let req = Request::get(format!("http://{addr}/")).body(empty()).unwrap();
+                let a = send(&client, req).await;
+                let key = if a.status == StatusCode::OK {
+                    a.upstream().to_string()
+                } else {
+                    format!("status {}", a.status)
+                };
+                *seen.entry(key).or_default() += 1;
+            }
+            seen
+        }));
+    }
+    let mut all = std::collections::HashMap::new();
+    for t in tasks {
+        for (k, v) in t.await.unwrap() {
+            *all.entry(k).or_default() += v;
+        }
+    }
+    all
+}
+
+/// Poll `check` until it returns true or `limit` passes.
+pub async fn wait_until<F, Fut>(limit: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A hand-written HTTP server for tests that need exact control of what an upstream
+/// sends (hop-by-hop headers): answers every request with `respond(request)`.
+pub async fn custom_upstream<F>(respond: F) -> SocketAddr
+where
+    F: Fn(Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let respond = Arc::new(respond);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let respond = Arc::clone(&respond);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let r = respond(req);
+                    async move { Ok::<_, Infallible>(r) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A request body of `len` bytes produced lazily in 64 KiB frames, never held whole.
+pub struct Generated {
+    remaining: u64,
+    chunk: Bytes,
+    /// Report the exact length (content-length) or not (chunked).
+    exact: bool,
+}
+
+impl Generated {
+    pub fn new(len: u64, exact: bool) -> Generated {
+        Generated {
+            remaining: len,
+            chunk: Bytes::from(vec![b'y'; 64 * 1024]),
+            exact,
+        }
+    }
+}
+
+impl Body for Generated {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if self.remaining == 0 {
+            return Poll::Ready(None);
+        }
+        let n = self.remaining.min(self.chunk.len() as u64) as usize;
+        self.remaining -= n as u64;
+        Poll::Ready(Some(Ok(Frame::data(self.chunk.slice(..n)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.remaining == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.exact {
+            SizeHint::with_exact(self.remaining)
+        } else {
+            SizeHint::default()
+        }
+    }
+}
