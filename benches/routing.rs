@@ -1,1 +1,48 @@
-fn main(){}
+//! Criterion bench of the per-request routing decision: route-table and snapshot loads,
+//! the weighted pool draw and the power-of-two-choices endpoint pick (with its in-flight
+//! count taken and released), exactly as the proxy does it per request.
+
+use std::hint::black_box;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use weir::config::Config;
+use weir::control::Controller;
+
+fn config() -> Config {
+    let mut toml = String::new();
+    for (name, host) in [("shop", "shop.example.com"), ("api", "api.example.com")] {
+        toml += &format!(
+            "[[service]]\nname = \"{name}\"\nhosts = [\"{host}\"]\nbaseline = \"stable\"\n\
+             [service.pools.stable]\nendpoints = [\"10.0.0.1:80\", \"10.0.0.2:80\", \"10.0.0.3:80\", \"10.0.0.4:80\"]\nweight = 90\n\
+             [service.pools.canary]\nendpoints = [\"10.0.1.1:80\", \"10.0.1.2:80\"]\nweight = 10\n"
+        );
+    }
+    Config::parse(&toml, "bench").unwrap()
+}
+
+fn routing(c: &mut Criterion) {
+    let controller = Controller::new(&config());
+    let router = controller.router().clone();
+    c.bench_function(
+        "route: host + snapshot + weighted pool + p2c endpoint",
+        |b| {
+            b.iter(|| {
+                let table = router.table();
+                let service = table
+                    .route(Some(black_box("API.example.com:8080")))
+                    .unwrap();
+                let snapshot = service.snapshot();
+                let slot = snapshot.pick();
+                let guard = slot.pool.pick().unwrap();
+                black_box(guard.index());
+            })
+        },
+    );
+    c.bench_function("weighted pool draw only", |b| {
+        let snapshot = controller.snapshot("shop").unwrap();
+        b.iter(|| black_box(snapshot.pick().weight))
+    });
+}
+
+criterion_group!(benches, routing);
+criterion_main!(benches);

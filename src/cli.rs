@@ -15,7 +15,11 @@ use crate::config::{Config, parse_duration};
 use crate::upstream::{self, UpstreamConfig};
 
 #[derive(Debug, Parser)]
-#[command(name = "weir", version, about = "Traffic-splitting reverse proxy with progressive delivery")]
+#[command(
+    name = "weir",
+    version,
+    about = "Traffic-splitting reverse proxy with progressive delivery"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -108,7 +112,11 @@ pub async fn main(cli: Cli) -> Result<ExitCode> {
             let handle = upstream::bind(listen, cfg)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
-            eprintln!("weir upstream `{}` listening on {}", handle.name(), handle.addr());
+            eprintln!(
+                "weir upstream `{}` listening on {}",
+                handle.name(),
+                handle.addr()
+            );
             shutdown_signal().await;
             handle.kill().await;
             Ok(ExitCode::SUCCESS)
@@ -128,11 +136,7 @@ fn check(path: &std::path::Path) -> ExitCode {
         }
         Err(e) => {
             eprintln!("{e}");
-            eprintln!(
-                "{}: {} problem(s)",
-                path.display(),
-                e.problems.len()
-            );
+            eprintln!("{}: {} problem(s)", path.display(), e.problems.len());
             ExitCode::FAILURE
         }
     }
@@ -178,7 +182,11 @@ weight = 10
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}; pick another with --listen"))?;
-    println!("weir demo: proxy on http://{listen}, 90% → stable ({}), 10% → canary ({})", stable.addr(), canary.addr());
+    println!(
+        "weir demo: proxy on http://{listen}, 90% → stable ({}), 10% → canary ({})",
+        stable.addr(),
+        canary.addr()
+    );
     println!();
     println!("  curl -si http://{listen}/ | grep x-upstream");
     println!("  for i in $(seq 100); do curl -s http://{listen}/; done | sort | uniq -c");

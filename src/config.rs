@@ -244,7 +244,10 @@ impl Config {
 fn line_col(src: &str, offset: usize) -> (usize, usize) {
     let before = &src[..offset.min(src.len())];
     let line = before.matches('\n').count() + 1;
-    let col = before.rfind('\n').map_or(before.len(), |nl| before.len() - nl - 1) + 1;
+    let col = before
+        .rfind('\n')
+        .map_or(before.len(), |nl| before.len() - nl - 1)
+        + 1;
     (line, col)
 }
 
@@ -352,7 +355,11 @@ impl Validator<'_> {
         let listen = self.addr("proxy.listen", raw.listen.as_ref(), "127.0.0.1:8080");
         let workers = match &raw.workers {
             Some(w) if !(0..=1024).contains(w.get_ref()) => {
-                self.problem("proxy.workers", w, "must be between 0 (one per CPU) and 1024");
+                self.problem(
+                    "proxy.workers",
+                    w,
+                    "must be between 0 (one per CPU) and 1024",
+                );
                 0
             }
             Some(w) => *w.get_ref() as usize,
@@ -413,7 +420,12 @@ impl Validator<'_> {
         }
     }
 
-    fn duration(&mut self, key: &str, raw: Option<&Spanned<String>>, default: Duration) -> Duration {
+    fn duration(
+        &mut self,
+        key: &str,
+        raw: Option<&Spanned<String>>,
+        default: Duration,
+    ) -> Duration {
         let Some(raw) = raw else { return default };
         match parse_duration(raw.get_ref()) {
             Ok(d) => d,
@@ -451,7 +463,10 @@ impl Validator<'_> {
                 self.problem(
                     format!("{key}.name"),
                     &rs.name,
-                    format!("duplicate service name `{name}` (also service #{})", first + 1),
+                    format!(
+                        "duplicate service name `{name}` (also service #{})",
+                        first + 1
+                    ),
                 );
             }
             let mut svc_hosts = Vec::new();
@@ -484,7 +499,9 @@ impl Validator<'_> {
                                     let msg = if *owner == name {
                                         format!("host `{host}` is listed twice")
                                     } else {
-                                        format!("host `{host}` is already used by service `{owner}`")
+                                        format!(
+                                            "host `{host}` is already used by service `{owner}`"
+                                        )
                                     };
                                     self.problem(format!("{key}.hosts"), h, msg);
                                 } else {
@@ -521,7 +538,11 @@ impl Validator<'_> {
 
     fn pools(&mut self, key: &str, raw: &Spanned<IndexMap<String, RawPool>>) -> Vec<PoolConfig> {
         if raw.get_ref().is_empty() {
-            self.problem(format!("{key}.pools"), raw, "a service needs at least one pool");
+            self.problem(
+                format!("{key}.pools"),
+                raw,
+                "a service needs at least one pool",
+            );
             return Vec::new();
         }
         let mut out = Vec::new();
@@ -628,8 +649,9 @@ fn normalize_host(raw: &str) -> Result<String, String> {
 
 /// Durations are written like "500ms", "2s", "1m" or "1h 30m".
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s.trim())
-        .map_err(|e| format!("`{s}` is not a duration ({e}); write e.g. \"500ms\", \"2s\", \"1m\""))?;
+    let d = humantime::parse_duration(s.trim()).map_err(|e| {
+        format!("`{s}` is not a duration ({e}); write e.g. \"500ms\", \"2s\", \"1m\"")
+    })?;
     if d.is_zero() {
         return Err(format!("`{s}` must be greater than zero"));
     }
@@ -745,19 +767,29 @@ weight = 1
         let e = errors(src);
         let want = [
             ("t.toml:3: proxy.connect_timeout:", "soon"),
-            ("t.toml:10: service[a].pools.p1.endpoints:", "at least one endpoint"),
+            (
+                "t.toml:10: service[a].pools.p1.endpoints:",
+                "at least one endpoint",
+            ),
             ("t.toml:13: service[a].pools.p2.endpoints:", "needs a port"),
             ("t.toml:13: service[a].pools.p2.endpoints:", "listed twice"),
             ("t.toml:14: service[a].pools.p2.weight:", "negative"),
             ("t.toml:11: service[a].pools:", "all weights are zero"),
             ("t.toml:8: service[a].baseline:", "not a pool"),
             ("t.toml:17: service[a].name:", "duplicate service name"),
-            ("t.toml:18: service[a].hosts:", "already used by service `a`"),
-            ("t.toml:31: service[d2].hosts:", "more than one default service"),
+            (
+                "t.toml:18: service[a].hosts:",
+                "already used by service `a`",
+            ),
+            (
+                "t.toml:31: service[d2].hosts:",
+                "more than one default service",
+            ),
         ];
         for (prefix, needle) in want {
             assert!(
-                e.iter().any(|l| l.starts_with(prefix) && l.contains(needle)),
+                e.iter()
+                    .any(|l| l.starts_with(prefix) && l.contains(needle)),
                 "missing {prefix} … {needle} in:\n{}",
                 e.join("\n")
             );

@@ -129,7 +129,13 @@ impl Controller {
                 current
                     .slots()
                     .iter()
-                    .map(|s| if s.name() == service.baseline { total } else { 0 })
+                    .map(|s| {
+                        if s.name() == service.baseline {
+                            total
+                        } else {
+                            0
+                        }
+                    })
                     .collect()
             }
         };
@@ -244,9 +250,17 @@ weight = 10
     fn set_weights_swaps_a_new_version() {
         let c = controller();
         let before = c.snapshot("shop").unwrap();
-        let change = c.apply(set(&[("canary", 50), ("stable", 50)], Some(1))).unwrap();
-        assert_eq!(change.from, vec![("stable".into(), 90), ("canary".into(), 10)]);
-        assert_eq!(change.to, vec![("stable".into(), 50), ("canary".into(), 50)]);
+        let change = c
+            .apply(set(&[("canary", 50), ("stable", 50)], Some(1)))
+            .unwrap();
+        assert_eq!(
+            change.from,
+            vec![("stable".into(), 90), ("canary".into(), 10)]
+        );
+        assert_eq!(
+            change.to,
+            vec![("stable".into(), 50), ("canary".into(), 50)]
+        );
         let after = c.snapshot("shop").unwrap();
         assert_eq!(after.version, 2);
         assert_eq!(after.updated_by, Source::Admin);

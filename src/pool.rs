@@ -95,7 +95,9 @@ impl Pool {
     /// skipped; `None` means no endpoint is usable.
     pub fn pick(self: &Arc<Self>) -> Option<InflightGuard> {
         let index = self.pick_index(fast_rand())?;
-        self.endpoints[index].inflight.fetch_add(1, Ordering::Relaxed);
+        self.endpoints[index]
+            .inflight
+            .fetch_add(1, Ordering::Relaxed);
         Some(InflightGuard {
             pool: Arc::clone(self),
             index,
@@ -109,7 +111,7 @@ impl Pool {
             0 => None,
             1 => self.endpoints[0].is_up().then_some(0),
             _ => {
-                let a = ((r & 0xffff_ffff) * n as u64 >> 32) as usize;
+                let a = (((r & 0xffff_ffff) * n as u64) >> 32) as usize;
                 // Second index drawn from the n-1 others so the two are always distinct.
                 let mut b = (((r >> 32) * (n as u64 - 1)) >> 32) as usize;
                 if b >= a {

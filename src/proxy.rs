@@ -48,7 +48,11 @@ impl std::fmt::Debug for Proxy {
 }
 
 impl Proxy {
-    pub fn new(config: &ProxyConfig, router: Arc<Router>, sinks: Vec<Arc<dyn OutcomeSink>>) -> Proxy {
+    pub fn new(
+        config: &ProxyConfig,
+        router: Arc<Router>,
+        sinks: Vec<Arc<dyn OutcomeSink>>,
+    ) -> Proxy {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(config.connect_timeout));
         connector.set_nodelay(true);
@@ -109,7 +113,10 @@ impl Proxy {
             });
         }
         drop(listener);
-        if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        if tokio::time::timeout(grace, graceful.shutdown())
+            .await
+            .is_err()
+        {
             tracing::warn!("shutdown grace of {grace:?} elapsed with requests still open");
         }
         Ok(())
@@ -134,7 +141,8 @@ impl Proxy {
             Ok(r) => r,
             Err(resp) => return resp,
         };
-        let result = tokio::time::timeout(self.request_timeout, self.client.request(upstream_req)).await;
+        let result =
+            tokio::time::timeout(self.request_timeout, self.client.request(upstream_req)).await;
         match result {
             Ok(Ok(mut resp)) => {
                 strip_hop_by_hop(resp.headers_mut());
@@ -277,7 +285,12 @@ fn upstream_request(
     uri.path_and_query = Some(path);
     parts.uri = match Uri::from_parts(uri) {
         Ok(u) => u,
-        Err(_) => return Err(local_response(StatusCode::BAD_REQUEST, "bad request target\n")),
+        Err(_) => {
+            return Err(local_response(
+                StatusCode::BAD_REQUEST,
+                "bad request target\n",
+            ));
+        }
     };
     parts.version = Version::HTTP_11;
     let headers = &mut parts.headers;
@@ -441,7 +454,10 @@ mod tests {
     #[test]
     fn hop_by_hop_and_connection_named_headers_go() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, X-Secret"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Secret"),
+        );
         h.append(header::CONNECTION, HeaderValue::from_static("x-other"));
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("x-other", HeaderValue::from_static("1"));
@@ -461,7 +477,10 @@ mod tests {
         append_forwarded_for(&mut h, peer);
         assert_eq!(h[&X_FORWARDED_FOR], "10.1.2.3");
         let mut h = HeaderMap::new();
-        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("1.1.1.1, 2.2.2.2"));
+        h.append(
+            &X_FORWARDED_FOR,
+            HeaderValue::from_static("1.1.1.1, 2.2.2.2"),
+        );
         h.append(&X_FORWARDED_FOR, HeaderValue::from_static("3.3.3.3"));
         append_forwarded_for(&mut h, peer);
         let all: Vec<_> = h.get_all(&X_FORWARDED_FOR).iter().collect();

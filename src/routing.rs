@@ -255,9 +255,7 @@ impl RouteTable {
                 self.by_host.get(h)
             }
         });
-        found
-            .or(self.default.as_ref())
-            .map(|&i| &self.services[i])
+        found.or(self.default.as_ref()).map(|&i| &self.services[i])
     }
 }
 
@@ -377,7 +375,10 @@ mod tests {
                 snap(&[1]),
             ))
         };
-        let t = RouteTable::new(vec![mk("shop", &["shop.example.com", "[::1]"]), mk("dflt", &[])]);
+        let t = RouteTable::new(vec![
+            mk("shop", &["shop.example.com", "[::1]"]),
+            mk("dflt", &[]),
+        ]);
         let name = |h: Option<&str>| t.route(h).map(|s| s.name.to_string());
         assert_eq!(name(Some("shop.example.com")).as_deref(), Some("shop"));
         assert_eq!(name(Some("SHOP.example.COM:8080")).as_deref(), Some("shop"));

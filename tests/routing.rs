@@ -7,7 +7,14 @@ use http::StatusCode;
 use weir::control::Command;
 use weir::routing::Source;
 
-async fn two_pools(stable_w: u32, canary_w: u32) -> (Proxy, weir::upstream::UpstreamHandle, weir::upstream::UpstreamHandle) {
+async fn two_pools(
+    stable_w: u32,
+    canary_w: u32,
+) -> (
+    Proxy,
+    weir::upstream::UpstreamHandle,
+    weir::upstream::UpstreamHandle,
+) {
     let stable = upstream("stable").await;
     let canary = upstream("canary").await;
     let toml = proxy_toml("")
@@ -31,7 +38,10 @@ async fn ninety_ten_split_lands_within_one_and_a_half_points() {
     let stable = *seen.get("stable").unwrap_or(&0);
     assert_eq!(canary + stable, total, "failures: {seen:?}");
     let share = canary as f64 / total as f64 * 100.0;
-    assert!((8.5..=11.5).contains(&share), "canary got {share:.2}%: {seen:?}");
+    assert!(
+        (8.5..=11.5).contains(&share),
+        "canary got {share:.2}%: {seen:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -92,9 +102,21 @@ async fn host_routing_and_default_service() {
     let api = upstream("api").await;
     let fallback = upstream("fallback").await;
     let toml = proxy_toml("")
-        + &service_toml("shop", Some(&["shop.example.com"]), &[("v1", vec![shop.addr().to_string()], 1)])
-        + &service_toml("api", Some(&["api.example.com", "api2.example.com"]), &[("v1", vec![api.addr().to_string()], 1)])
-        + &service_toml("fallback", None, &[("v1", vec![fallback.addr().to_string()], 1)]);
+        + &service_toml(
+            "shop",
+            Some(&["shop.example.com"]),
+            &[("v1", vec![shop.addr().to_string()], 1)],
+        )
+        + &service_toml(
+            "api",
+            Some(&["api.example.com", "api2.example.com"]),
+            &[("v1", vec![api.addr().to_string()], 1)],
+        )
+        + &service_toml(
+            "fallback",
+            None,
+            &[("v1", vec![fallback.addr().to_string()], 1)],
+        );
     let proxy = start(&toml).await;
     let c = client();
     for (host, want) in [
@@ -106,7 +128,11 @@ async fn host_routing_and_default_service() {
         ("127.0.0.1", "fallback"),
     ] {
         let a = get(&c, proxy.addr, host, "/").await;
-        assert_eq!((a.status, a.upstream()), (StatusCode::OK, want), "host {host}");
+        assert_eq!(
+            (a.status, a.upstream()),
+            (StatusCode::OK, want),
+            "host {host}"
+        );
     }
 }
 
@@ -114,7 +140,11 @@ async fn host_routing_and_default_service() {
 async fn unknown_host_without_default_is_404() {
     let shop = upstream("shop").await;
     let toml = proxy_toml("")
-        + &service_toml("shop", Some(&["shop.example.com"]), &[("v1", vec![shop.addr().to_string()], 1)]);
+        + &service_toml(
+            "shop",
+            Some(&["shop.example.com"]),
+            &[("v1", vec![shop.addr().to_string()], 1)],
+        );
     let proxy = start(&toml).await;
     let a = get(&client(), proxy.addr, "elsewhere.example.com", "/").await;
     assert_eq!(a.status, StatusCode::NOT_FOUND);

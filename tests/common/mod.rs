@@ -76,8 +76,15 @@ pub async fn upstream(name: &str) -> UpstreamHandle {
 }
 
 /// Config text for one default service with the given pools: (name, endpoints, weight).
-pub fn service_toml(name: &str, hosts: Option<&[&str]>, pools: &[(&str, Vec<String>, u32)]) -> String {
-    let mut s = format!("[[service]]\nname = \"{name}\"\nbaseline = \"{}\"\n", pools[0].0);
+pub fn service_toml(
+    name: &str,
+    hosts: Option<&[&str]>,
+    pools: &[(&str, Vec<String>, u32)],
+) -> String {
+    let mut s = format!(
+        "[[service]]\nname = \"{name}\"\nbaseline = \"{}\"\n",
+        pools[0].0
+    );
     if let Some(hosts) = hosts {
         let list: Vec<String> = hosts.iter().map(|h| format!("\"{h}\"")).collect();
         s += &format!("hosts = [{}]\n", list.join(", "));
@@ -93,7 +100,9 @@ pub fn service_toml(name: &str, hosts: Option<&[&str]>, pools: &[(&str, Vec<Stri
 }
 
 pub fn proxy_toml(extra: &str) -> String {
-    format!("[proxy]\nlisten = \"127.0.0.1:0\"\nconnect_timeout = \"1s\"\nrequest_timeout = \"2s\"\n{extra}\n")
+    format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nconnect_timeout = \"1s\"\nrequest_timeout = \"2s\"\n{extra}\n"
+    )
 }
 
 pub fn client() -> Client<HttpConnector, TestBody> {
@@ -150,7 +159,12 @@ pub async fn collect(resp: Response<Incoming>) -> Answer {
     }
 }
 
-pub async fn get(client: &Client<HttpConnector, TestBody>, addr: SocketAddr, host: &str, path: &str) -> Answer {
+pub async fn get(
+    client: &Client<HttpConnector, TestBody>,
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+) -> Answer {
     let req = Request::get(format!("http://{addr}{path}"))
         .header("host", host)
         .body(empty())
@@ -160,7 +174,11 @@ pub async fn get(client: &Client<HttpConnector, TestBody>, addr: SocketAddr, hos
 
 /// Send `total` GETs over `conns` concurrent keep-alive connections; returns how many
 /// were answered by each upstream name, and how many failed.
-pub async fn split(addr: SocketAddr, total: usize, conns: usize) -> std::collections::HashMap<String, usize> {
+pub async fn split(
+    addr: SocketAddr,
+    total: usize,
+    conns: usize,
+) -> std::collections::HashMap<String, usize> {
     let counter = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for _ in 0..conns {
@@ -169,7 +187,9 @@ pub async fn split(addr: SocketAddr, total: usize, conns: usize) -> std::collect
             let client = client();
             let mut seen = std::collections::HashMap::<String, usize>::new();
             while counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < total {
-                let req = Request::get(format!("http://{addr}/")).body(empty()).unwrap();
+                let req = Request::get(format!("http://{addr}/"))
+                    .body(empty())
+                    .unwrap();
                 let a = send(&client, req).await;
                 let key = if a.status == StatusCode::OK {
                     a.upstream().to_string()
@@ -259,7 +279,10 @@ impl Body for Generated {
     type Data = Bytes;
     type Error = Box<dyn std::error::Error + Send + Sync>;
 
-    fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         if self.remaining == 0 {
             return Poll::Ready(None);
         }
