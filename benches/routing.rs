@@ -21,7 +21,7 @@ fn config() -> Config {
 }
 
 fn routing(c: &mut Criterion) {
-    let controller = Controller::new(&config());
+    let controller = Controller::in_memory(&config());
     let router = controller.router().clone();
     c.bench_function(
         "route: host + snapshot + weighted pool + p2c endpoint",

@@ -60,6 +60,9 @@ pub enum Command {
         /// Where the demo proxy listens.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
+        /// Where the demo admin API listens.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: SocketAddr,
     },
 }
 
@@ -91,9 +94,9 @@ impl Cli {
 pub async fn main(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Check { config } => Ok(check(&config)),
-        Command::Run { config } => {
-            let config = Config::load(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
-            run(config).await?;
+        Command::Run { config: path } => {
+            let config = Config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+            run(config, path).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Upstream {
@@ -121,8 +124,8 @@ pub async fn main(cli: Cli) -> Result<ExitCode> {
             handle.kill().await;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Demo { listen } => {
-            demo(listen).await?;
+        Command::Demo { listen, admin } => {
+            demo(listen, admin).await?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -142,26 +145,65 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
-async fn run(config: Config) -> Result<()> {
+async fn run(config: Config, path: PathBuf) -> Result<()> {
     let listen = config.proxy.listen;
+    let admin_listen = config.admin.listen;
+    let weir = Weir::new(config, Some(path.clone()))?;
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen} (proxy.listen)"))?;
-    let weir = Weir::new(config);
-    tracing::info!("weir {} serving on {listen}", env!("CARGO_PKG_VERSION"));
-    let grace = weir.config().proxy.shutdown_grace;
-    weir.serve(listener, shutdown_signal(), grace).await?;
+    let admin = TcpListener::bind(admin_listen)
+        .await
+        .with_context(|| format!("cannot listen on {admin_listen} (admin.listen)"))?;
+    reload_on_sighup(&weir, path);
+    tracing::info!(
+        "weir {} serving on {listen}, admin on {admin_listen}",
+        env!("CARGO_PKG_VERSION")
+    );
+    weir.serve(listener, Some(admin), shutdown_signal()).await?;
     tracing::info!("weir stopped");
     Ok(())
 }
 
-async fn demo(listen: SocketAddr) -> Result<()> {
+/// SIGHUP re-reads the config file, exactly like `POST /api/v1/reload`.
+fn reload_on_sighup(weir: &Weir, path: PathBuf) {
+    #[cfg(unix)]
+    {
+        let controller = std::sync::Arc::clone(weir.controller());
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            tracing::warn!("cannot listen for SIGHUP; reload through the admin API");
+            return;
+        };
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                let controller = std::sync::Arc::clone(&controller);
+                let path = path.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    crate::admin::reload(&controller, &path, Some("SIGHUP".into()))
+                })
+                .await;
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = (weir, path);
+}
+
+async fn demo(listen: SocketAddr, admin_listen: SocketAddr) -> Result<()> {
     let stable = upstream::bind("127.0.0.1:0".parse()?, UpstreamConfig::new("stable")).await?;
     let canary = upstream::bind("127.0.0.1:0".parse()?, UpstreamConfig::new("canary")).await?;
+    let state_dir = std::env::temp_dir().join(format!("weir-demo-{}", std::process::id()));
     let toml = format!(
         r#"
 [proxy]
 listen = "{listen}"
+
+[admin]
+listen = "{admin_listen}"
+
+[state]
+dir = "{}"
 
 [[service]]
 name = "demo"
@@ -175,6 +217,7 @@ weight = 90
 endpoints = ["{}"]
 weight = 10
 "#,
+        state_dir.display(),
         stable.addr(),
         canary.addr()
     );
@@ -182,24 +225,42 @@ weight = 10
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}; pick another with --listen"))?;
+    let admin = TcpListener::bind(admin_listen)
+        .await
+        .with_context(|| format!("cannot listen on {admin_listen}; pick another with --admin"))?;
+    let weir = Weir::new(config, None)?;
+    let ctl = if admin_listen.to_string() == "127.0.0.1:9901" {
+        "weir ctl".to_string()
+    } else {
+        format!("weir ctl --admin http://{admin_listen}")
+    };
     println!(
         "weir demo: proxy on http://{listen}, 90% → stable ({}), 10% → canary ({})",
         stable.addr(),
         canary.addr()
     );
+    println!(
+        "admin API on http://{admin_listen} (state in {})",
+        state_dir.display()
+    );
     println!();
-    println!("  curl -si http://{listen}/ | grep x-upstream");
+    println!("Send traffic:");
     println!("  for i in $(seq 100); do curl -s http://{listen}/; done | sort | uniq -c");
     println!("  curl -s http://{listen}/echo");
+    println!("Drive it (cargo run --release -- ctl ... works too):");
+    println!("  {ctl} status");
+    println!("  {ctl} set-weight demo stable=50 canary=50 --reason \"more canary\"");
+    println!("  {ctl} rollback demo");
+    println!("  {ctl} events");
+    println!("Break the canary:");
     println!(
         "  curl -s -X PUT -H 'content-type: application/json' -d '{{\"error_rate\":0.3}}' http://{}/__weir/fault",
         canary.addr()
     );
     println!();
     println!("Ctrl-C to stop.");
-    let weir = Weir::new(config);
-    weir.serve(listener, shutdown_signal(), Duration::from_secs(5))
-        .await?;
+    weir.serve(listener, Some(admin), shutdown_signal()).await?;
+    let _ = std::fs::remove_dir_all(&state_dir);
     Ok(())
 }
 

@@ -51,6 +51,8 @@ pub struct ProxyConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// File holding the bearer token for `/api/` (else `WEIR_ADMIN_TOKEN`).
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -282,6 +284,7 @@ struct RawProxy {
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
     listen: Option<Spanned<String>>,
+    token_file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -328,7 +331,21 @@ impl Validator<'_> {
         let proxy = self.proxy(raw.proxy);
         let admin = AdminConfig {
             listen: self.addr("admin.listen", raw.admin.listen.as_ref(), "127.0.0.1:9901"),
+            token_file: raw
+                .admin
+                .token_file
+                .as_ref()
+                .map(|t| PathBuf::from(t.get_ref())),
         };
+        if let Some(t) = &raw.admin.token_file
+            && t.get_ref().trim().is_empty()
+        {
+            self.problem(
+                "admin.token_file",
+                t,
+                "must not be empty; omit it to use WEIR_ADMIN_TOKEN",
+            );
+        }
         let state = StateConfig {
             dir: PathBuf::from(
                 raw.state
@@ -446,7 +463,7 @@ impl Validator<'_> {
             });
         }
         let mut names: HashMap<String, usize> = HashMap::new();
-        let mut hosts: HashMap<String, String> = HashMap::new();
+        let mut hosts: HashMap<String, (usize, String)> = HashMap::new();
         let mut default: Option<String> = None;
         let mut out = Vec::with_capacity(raw.len());
         for (i, rs) in raw.into_iter().enumerate() {
@@ -495,8 +512,8 @@ impl Validator<'_> {
                         match normalize_host(h.get_ref()) {
                             Err(msg) => self.problem(format!("{key}.hosts"), h, msg),
                             Ok(host) => {
-                                if let Some(owner) = hosts.get(&host) {
-                                    let msg = if *owner == name {
+                                if let Some((owner_index, owner)) = hosts.get(&host) {
+                                    let msg = if *owner_index == i {
                                         format!("host `{host}` is listed twice")
                                     } else {
                                         format!(
@@ -505,7 +522,7 @@ impl Validator<'_> {
                                     };
                                     self.problem(format!("{key}.hosts"), h, msg);
                                 } else {
-                                    hosts.insert(host.clone(), name.clone());
+                                    hosts.insert(host.clone(), (i, name.clone()));
                                     svc_hosts.push(host);
                                 }
                             }
@@ -782,7 +799,7 @@ weight = 1
                 "already used by service `a`",
             ),
             (
-                "t.toml:31: service[d2].hosts:",
+                "t.toml:32: service[d2].hosts:",
                 "more than one default service",
             ),
         ];

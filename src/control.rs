@@ -1,12 +1,22 @@
 //! The controller: the one writer of routing state. Every change — admin API, SLO guard,
-//! rollout, reload — arrives as a `Command`, is validated whole, becomes a new snapshot
-//! and is swapped in atomically. Nothing else stores snapshots.
+//! rollout, reload — arrives as a `Command`, is validated whole, made durable (state file
+//! and event journal, both fsynced), and only then swapped in and acknowledged. Nothing
+//! else stores snapshots.
 
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
 
 use crate::config::{Config, ServiceConfig};
 use crate::pool::Pool;
 use crate::routing::{RouteTable, Router, Service, ServiceSnapshot, Source, WeightError};
+use crate::state::{Event, Journal, ServiceState, State, StateError, StateStore, Weights};
+
+/// Journal files rotate at this size; a weight change is a few hundred bytes.
+const JOURNAL_FILE_BYTES: u64 = 8 * 1024 * 1024;
+const JOURNAL_FILES_KEPT: usize = 4;
+/// Recent events served from memory.
+const JOURNAL_MEMORY: usize = 10_000;
 
 /// A request to change routing state.
 #[derive(Debug, Clone)]
@@ -18,17 +28,19 @@ pub enum Command {
         /// Refuse if the service's version is no longer this (optimistic concurrency).
         if_version: Option<u64>,
         source: Source,
+        actor: Option<String>,
         reason: Option<String>,
     },
     /// All traffic to the baseline pool.
     Rollback {
         service: String,
         source: Source,
+        actor: Option<String>,
         reason: Option<String>,
     },
 }
 
-/// What a command changed.
+/// What a command changed, and the event that records it.
 #[derive(Debug, Clone)]
 pub struct Change {
     pub service: String,
@@ -36,6 +48,7 @@ pub struct Change {
     pub from: Vec<(String, u32)>,
     pub to: Vec<(String, u32)>,
     pub snapshot: Arc<ServiceSnapshot>,
+    pub event: Option<Event>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -56,29 +69,149 @@ pub enum ControlError {
     },
     #[error(transparent)]
     Weights(#[from] WeightError),
+    /// The change could not be made durable, so it was not applied.
+    #[error("state not saved, nothing changed: {0}")]
+    Storage(String),
 }
 
-/// The single writer. Holds its lock across validate → build → swap so that two
-/// commands can never interleave and lose an update.
-#[derive(Debug)]
+impl From<StateError> for ControlError {
+    fn from(e: StateError) -> Self {
+        ControlError::Storage(e.to_string())
+    }
+}
+
+/// What a reload did, for the API answer and the event.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ReloadReport {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// Services whose pool set changed: the config's weights replaced the runtime ones.
+    pub reset: Vec<String>,
+    /// Services whose runtime weights were kept.
+    pub kept: Vec<String>,
+    /// Settings a reload cannot change on a running process.
+    pub needs_restart: Vec<String>,
+}
+
+struct Persistence {
+    store: StateStore,
+    journal: Journal,
+}
+
+/// The single writer. Holds its lock across validate → persist → swap so that two
+/// commands never interleave and lose an update.
 pub struct Controller {
     router: Arc<Router>,
-    write: Mutex<()>,
+    write: Mutex<Option<Persistence>>,
+    /// The config in force (last loaded or reloaded).
+    config: Mutex<Config>,
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller").finish_non_exhaustive()
+    }
 }
 
 impl Controller {
-    /// Build the run-time services of a validated config, with the config's weights.
-    pub fn new(config: &Config) -> Controller {
-        let services = config.services.iter().map(build_service).collect();
+    /// Build from a config with no persistence (benches, unit tests).
+    pub fn in_memory(config: &Config) -> Controller {
+        let services = config
+            .services
+            .iter()
+            .map(|s| build_service(s, &HashMap::new()))
+            .collect();
         Controller {
             router: Arc::new(Router::new(RouteTable::new(services))),
-            write: Mutex::new(()),
+            write: Mutex::new(None),
+            config: Mutex::new(config.clone()),
         }
+    }
+
+    /// Build from a config with durable state in `[state] dir`: weights saved by an
+    /// earlier run are restored for every service whose pools still match the config.
+    pub fn open(config: &Config) -> Result<Controller, ControlError> {
+        let store = StateStore::open(&config.state.dir)?;
+        let mut journal = Journal::open(
+            &config.state.dir,
+            JOURNAL_FILE_BYTES,
+            JOURNAL_FILES_KEPT,
+            JOURNAL_MEMORY,
+        )?;
+        let saved = store.load()?.unwrap_or_default();
+        let controller = Controller::in_memory(config);
+        let mut events = Vec::new();
+        for service in controller.router.table().services() {
+            let Some(state) = saved.services.get(&*service.name) else {
+                continue;
+            };
+            let current = service.snapshot_full();
+            let names: Vec<&str> = current.slots().iter().map(|s| s.name()).collect();
+            let saved_names: Vec<&str> = state.weights.keys().map(String::as_str).collect();
+            let mut event;
+            if sorted(&names) == sorted(&saved_names) {
+                let weights: Vec<u32> = names.iter().map(|n| state.weights[*n]).collect();
+                match ServiceSnapshot::new(
+                    current.slots().iter().map(|s| s.pool.clone()).collect(),
+                    &weights,
+                    state.version,
+                    state.updated_by,
+                ) {
+                    Ok(mut snap) => {
+                        if let Ok(t) = humantime::parse_rfc3339_weak(&state.updated_at) {
+                            snap.updated_at = t;
+                        }
+                        event = Event::new(&*service.name, "state_restored", Source::Startup);
+                        event.from = Some(weights_of(&current));
+                        event.to = Some(weights_of(&snap));
+                        event.reason = Some(format!(
+                            "weights from the state file (version {}, set by {})",
+                            state.version,
+                            state.updated_by.as_str()
+                        ));
+                        service.store(Arc::new(snap));
+                    }
+                    Err(e) => {
+                        event = Event::new(&*service.name, "state_ignored", Source::Startup);
+                        event.reason =
+                            Some(format!("saved weights are invalid ({e}); using the config"));
+                    }
+                }
+            } else {
+                event = Event::new(&*service.name, "state_ignored", Source::Startup);
+                event.reason = Some(format!(
+                    "saved pools [{}] differ from the config's [{}]; using the config's weights",
+                    saved_names.join(", "),
+                    names.join(", ")
+                ));
+                tracing::warn!(
+                    "service {}: {}",
+                    service.name,
+                    event.reason.as_deref().unwrap_or("")
+                );
+            }
+            events.push(event);
+        }
+        for event in events {
+            journal.append(event)?;
+        }
+        let persistence = Persistence { store, journal };
+        persistence.store.save(&controller.state())?;
+        *controller.write.lock().unwrap_or_else(|p| p.into_inner()) = Some(persistence);
+        Ok(controller)
     }
 
     /// The router the data plane reads.
     pub fn router(&self) -> &Arc<Router> {
         &self.router
+    }
+
+    /// The config in force.
+    pub fn config(&self) -> Config {
+        self.config
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The current snapshot of a service.
@@ -89,23 +222,35 @@ impl Controller {
             .map(|s| s.snapshot_full())
     }
 
-    /// Validate and apply one command. On error nothing has changed.
+    fn lock(&self) -> MutexGuard<'_, Option<Persistence>> {
+        self.write.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Validate and apply one command. On error nothing has changed; on success the new
+    /// state and its event are on disk before the new snapshot serves traffic.
     pub fn apply(&self, command: Command) -> Result<Change, ControlError> {
-        let _write = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let mut persistence = self.lock();
         let table = self.router.table();
-        let (name, source) = match &command {
+        let (name, source, actor, reason) = match &command {
             Command::SetWeights {
-                service, source, ..
+                service,
+                source,
+                actor,
+                reason,
+                ..
             }
             | Command::Rollback {
-                service, source, ..
-            } => (service.clone(), *source),
+                service,
+                source,
+                actor,
+                reason,
+            } => (service.clone(), *source, actor.clone(), reason.clone()),
         };
         let service = table
             .service(&name)
             .ok_or_else(|| ControlError::UnknownService(name.clone()))?;
         let current = service.snapshot_full();
-        let weights = match &command {
+        let (weights, kind) = match &command {
             Command::SetWeights {
                 weights,
                 if_version,
@@ -120,13 +265,16 @@ impl Controller {
                         current: current.version,
                     });
                 }
-                ordered_weights(&name, &current, weights)?
+                (
+                    ordered_weights(&name, &current, weights)?,
+                    "weights_changed",
+                )
             }
             // The baseline takes the whole current total, so 90:10 becomes 100:0 and
             // shares stay readable.
             Command::Rollback { .. } => {
                 let total = current.total_weight().min(crate::config::MAX_WEIGHT) as u32;
-                current
+                let weights = current
                     .slots()
                     .iter()
                     .map(|s| {
@@ -136,7 +284,8 @@ impl Controller {
                             0
                         }
                     })
-                    .collect()
+                    .collect();
+                (weights, "rolled_back")
             }
         };
         let pools = current.slots().iter().map(|s| s.pool.clone()).collect();
@@ -146,6 +295,31 @@ impl Controller {
             current.version + 1,
             source,
         )?);
+        let mut event = Event::new(&name, kind, source);
+        event.actor = actor;
+        event.reason = reason;
+        event.from = Some(weights_of(&current));
+        event.to = Some(weights_of(&next));
+        let event = match persistence.as_mut() {
+            Some(p) => {
+                let mut state = self.state();
+                state.services.insert(name.clone(), service_state(&next));
+                p.store.save(&state)?;
+                match p.journal.append(event) {
+                    Ok(e) => Some(e),
+                    Err(e) => {
+                        // Keep state and journal in step: undo the state write.
+                        if let Err(undo) = p.store.save(&self.state()) {
+                            tracing::error!(
+                                "cannot restore the state file after a journal failure: {undo}"
+                            );
+                        }
+                        return Err(e.into());
+                    }
+                }
+            }
+            None => None,
+        };
         service.store(next.clone());
         Ok(Change {
             service: name,
@@ -153,15 +327,178 @@ impl Controller {
             from: named(&current),
             to: named(&next),
             snapshot: next,
+            event,
         })
+    }
+
+    /// Apply a new config: services, pools and endpoints change atomically (one route
+    /// table swap); requests in flight finish on the pools they started on. Services
+    /// whose pool names are unchanged keep their runtime weights; pools whose endpoints
+    /// are unchanged keep their run-time state.
+    pub fn reload(
+        &self,
+        config: &Config,
+        actor: Option<String>,
+    ) -> Result<(ReloadReport, Event), ControlError> {
+        let mut persistence = self.lock();
+        let old_table = self.router.table();
+        let mut report = ReloadReport::default();
+        let old_config = self.config();
+        if old_config.proxy != config.proxy {
+            report.needs_restart.push("proxy".into());
+        }
+        if old_config.admin != config.admin {
+            report.needs_restart.push("admin".into());
+        }
+        if old_config.state != config.state {
+            report.needs_restart.push("state".into());
+        }
+        let mut services = Vec::new();
+        for cfg in &config.services {
+            let old = old_table.service(&cfg.name);
+            let reuse: HashMap<String, Arc<Pool>> = old
+                .map(|s| {
+                    s.snapshot()
+                        .slots()
+                        .iter()
+                        .filter(|slot| {
+                            cfg.pool(slot.name())
+                                .is_some_and(|p| slot.pool.same_endpoints(&p.endpoints))
+                        })
+                        .map(|slot| (slot.name().to_string(), slot.pool.clone()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let fresh = build_service(cfg, &reuse);
+            match old {
+                None => report.added.push(cfg.name.clone()),
+                Some(old) => {
+                    let old_snap = old.snapshot_full();
+                    let old_names: Vec<&str> = old_snap.slots().iter().map(|s| s.name()).collect();
+                    let new_names: Vec<&str> = cfg.pools.iter().map(|p| p.name.as_str()).collect();
+                    if old_names == new_names {
+                        let pools = fresh
+                            .snapshot()
+                            .slots()
+                            .iter()
+                            .map(|s| s.pool.clone())
+                            .collect();
+                        let mut snap = ServiceSnapshot::new(
+                            pools,
+                            &old_snap.weights(),
+                            old_snap.version,
+                            old_snap.updated_by,
+                        )?;
+                        snap.updated_at = old_snap.updated_at;
+                        fresh.store(Arc::new(snap));
+                        report.kept.push(cfg.name.clone());
+                    } else {
+                        let pools = fresh
+                            .snapshot()
+                            .slots()
+                            .iter()
+                            .map(|s| s.pool.clone())
+                            .collect();
+                        let weights: Vec<u32> = cfg.pools.iter().map(|p| p.weight).collect();
+                        let snap = ServiceSnapshot::new(
+                            pools,
+                            &weights,
+                            old_snap.version + 1,
+                            Source::Config,
+                        )?;
+                        fresh.store(Arc::new(snap));
+                        report.reset.push(cfg.name.clone());
+                    }
+                }
+            }
+            services.push(fresh);
+        }
+        for old in old_table.services() {
+            if config.services.iter().all(|s| s.name != *old.name) {
+                report.removed.push(old.name.to_string());
+            }
+        }
+        let table = RouteTable::new(services);
+        let mut event = Event::new("", "config_reloaded", Source::Config);
+        event.actor = actor;
+        event.details = serde_json::to_value(&report).unwrap_or_default();
+        let event = match persistence.as_mut() {
+            Some(p) => {
+                p.store.save(&state_of(&table))?;
+                p.journal.append(event)?
+            }
+            None => event,
+        };
+        self.router.store(table);
+        *self.config.lock().unwrap_or_else(|p| p.into_inner()) = config.clone();
+        Ok((report, event))
+    }
+
+    /// Record an event that changes no routing state (e.g. a rejected reload).
+    pub fn record(&self, event: Event) -> Result<Event, ControlError> {
+        let mut persistence = self.lock();
+        match persistence.as_mut() {
+            Some(p) => Ok(p.journal.append(event)?),
+            None => Ok(event),
+        }
+    }
+
+    /// Events after `since`, oldest first.
+    pub fn events(&self, since: u64, limit: usize) -> Result<Vec<Event>, ControlError> {
+        let persistence = self.lock();
+        match persistence.as_ref() {
+            Some(p) => Ok(p.journal.since(since, limit)?),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// The persistent view of every service as it is now.
+    fn state(&self) -> State {
+        state_of(&self.router.table())
     }
 }
 
-fn build_service(cfg: &ServiceConfig) -> Arc<Service> {
+fn state_of(table: &RouteTable) -> State {
+    State {
+        services: table
+            .services()
+            .iter()
+            .map(|s| (s.name.to_string(), service_state(&s.snapshot())))
+            .collect(),
+    }
+}
+
+fn service_state(s: &ServiceSnapshot) -> ServiceState {
+    ServiceState {
+        version: s.version,
+        weights: weights_of(s),
+        updated_at: rfc3339(s.updated_at),
+        updated_by: s.updated_by,
+        extra: serde_json::Value::Null,
+    }
+}
+
+pub fn rfc3339(t: SystemTime) -> String {
+    crate::state::timestamp(t)
+}
+
+fn sorted<'a>(names: &[&'a str]) -> Vec<&'a str> {
+    let mut v = names.to_vec();
+    v.sort_unstable();
+    v
+}
+
+/// Build a service from config; pools listed in `reuse` are kept (same endpoints).
+fn build_service(cfg: &ServiceConfig, reuse: &HashMap<String, Arc<Pool>>) -> Arc<Service> {
     let pools: Vec<Arc<Pool>> = cfg
         .pools
         .iter()
-        .map(|p| Arc::new(Pool::new(&cfg.name, p)))
+        .map(|p| {
+            reuse
+                .get(&p.name)
+                .cloned()
+                .unwrap_or_else(|| Arc::new(Pool::new(&cfg.name, p)))
+        })
         .collect();
     let weights: Vec<u32> = cfg.pools.iter().map(|p| p.weight).collect();
     let snapshot = ServiceSnapshot::new(pools, &weights, 1, Source::Config)
@@ -174,11 +511,15 @@ fn build_service(cfg: &ServiceConfig) -> Arc<Service> {
     ))
 }
 
-fn named(s: &ServiceSnapshot) -> Vec<(String, u32)> {
+pub fn weights_of(s: &ServiceSnapshot) -> Weights {
     s.slots()
         .iter()
         .map(|p| (p.name().to_string(), p.weight))
         .collect()
+}
+
+fn named(s: &ServiceSnapshot) -> Vec<(String, u32)> {
+    weights_of(s).into_iter().collect()
 }
 
 /// Map named weights onto the snapshot's pool order, requiring each pool exactly once.
@@ -217,9 +558,7 @@ fn ordered_weights(
 mod tests {
     use super::*;
 
-    fn controller() -> Controller {
-        let cfg = Config::parse(
-            r#"
+    const CONFIG: &str = r#"
 [[service]]
 name = "shop"
 baseline = "stable"
@@ -229,11 +568,10 @@ weight = 90
 [service.pools.canary]
 endpoints = ["127.0.0.1:2"]
 weight = 10
-"#,
-            "t",
-        )
-        .unwrap();
-        Controller::new(&cfg)
+"#;
+
+    fn controller() -> Controller {
+        Controller::in_memory(&Config::parse(CONFIG, "t").unwrap())
     }
 
     fn set(weights: &[(&str, u32)], if_version: Option<u64>) -> Command {
@@ -242,6 +580,7 @@ weight = 10
             weights: weights.iter().map(|(p, w)| (p.to_string(), *w)).collect(),
             if_version,
             source: Source::Admin,
+            actor: None,
             reason: None,
         }
     }
@@ -284,6 +623,7 @@ weight = 10
         let unknown = Command::Rollback {
             service: "nope".into(),
             source: Source::Admin,
+            actor: None,
             reason: None,
         };
         assert_eq!(
@@ -301,10 +641,36 @@ weight = 10
             .apply(Command::Rollback {
                 service: "shop".into(),
                 source: Source::Guard,
+                actor: None,
                 reason: Some("test".into()),
             })
             .unwrap();
         assert_eq!(change.snapshot.weights(), vec![100, 0]);
         assert_eq!(change.snapshot.updated_by, Source::Guard);
+    }
+
+    #[test]
+    fn reload_keeps_runtime_weights_and_unchanged_pools() {
+        let c = controller();
+        c.apply(set(&[("stable", 70), ("canary", 30)], None))
+            .unwrap();
+        let before = c.snapshot("shop").unwrap();
+        let new = CONFIG.replace("127.0.0.1:2", "127.0.0.1:3");
+        let (report, _) = c.reload(&Config::parse(&new, "t").unwrap(), None).unwrap();
+        assert_eq!(report.kept, ["shop"]);
+        let after = c.snapshot("shop").unwrap();
+        assert_eq!(after.weights(), vec![70, 30]);
+        assert!(Arc::ptr_eq(&before.slots()[0].pool, &after.slots()[0].pool));
+        assert!(!Arc::ptr_eq(
+            &before.slots()[1].pool,
+            &after.slots()[1].pool
+        ));
+        // A changed pool set resets to the config's weights.
+        let renamed = CONFIG.replace("canary", "green");
+        let (report, _) = c
+            .reload(&Config::parse(&renamed, "t").unwrap(), None)
+            .unwrap();
+        assert_eq!(report.reset, ["shop"]);
+        assert_eq!(c.snapshot("shop").unwrap().weights(), vec![90, 10]);
     }
 }

@@ -16,9 +16,12 @@
 //! - [`proxy`]: accept, forward, header rewriting, error mapping, outcomes.
 //! - [`outcome`]: the per-request record metrics and the guard consume.
 //! - [`control`]: the controller, the only writer of routing state.
+//! - [`state`]: crash-safe state file and event journal.
+//! - [`admin`]: the admin HTTP API.
 //! - [`upstream`]: the built-in test and demo backend with fault injection.
 //! - [`cli`]: the `weir` command line.
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -26,37 +29,57 @@ pub mod outcome;
 pub mod pool;
 pub mod proxy;
 pub mod routing;
+pub mod state;
 pub mod upstream;
 
 use std::future::Future;
 use std::io;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 
+use crate::admin::Admin;
 use crate::config::Config;
-use crate::control::Controller;
+use crate::control::{ControlError, Controller};
 use crate::outcome::{LogSink, OutcomeSink};
 use crate::proxy::Proxy;
 
+/// Why weir cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("state: {0}")]
+    State(#[from] ControlError),
+    #[error(transparent)]
+    Admin(#[from] admin::AdminError),
+}
+
 /// A configured weir instance, ready to serve. Built from a validated config; tests and
-/// the binary alike bind their own listener and call [`Weir::serve`].
+/// the binary alike bind their own listeners and call [`Weir::serve`].
 #[derive(Debug)]
 pub struct Weir {
-    config: Config,
     controller: Arc<Controller>,
     proxy: Arc<Proxy>,
+    admin: Arc<Admin>,
+    grace: Duration,
 }
 
 impl Weir {
-    pub fn new(config: Config) -> Weir {
-        Weir::with_sinks(config, Vec::new())
+    /// Build with durable state in `[state] dir` (restoring saved weights). `config_path`
+    /// is the file reloads re-read.
+    pub fn new(config: Config, config_path: Option<PathBuf>) -> Result<Weir, StartError> {
+        Weir::with_sinks(config, config_path, Vec::new())
     }
 
     /// Build with extra outcome sinks (besides the debug log).
-    pub fn with_sinks(config: Config, extra: Vec<Arc<dyn OutcomeSink>>) -> Weir {
-        let controller = Arc::new(Controller::new(&config));
+    pub fn with_sinks(
+        config: Config,
+        config_path: Option<PathBuf>,
+        extra: Vec<Arc<dyn OutcomeSink>>,
+    ) -> Result<Weir, StartError> {
+        let token = admin::resolve_token(&config)?;
+        let controller = Arc::new(Controller::open(&config)?);
         let mut sinks: Vec<Arc<dyn OutcomeSink>> = vec![Arc::new(LogSink)];
         sinks.extend(extra);
         let proxy = Arc::new(Proxy::new(
@@ -64,15 +87,13 @@ impl Weir {
             Arc::clone(controller.router()),
             sinks,
         ));
-        Weir {
-            config,
+        let admin = Arc::new(Admin::new(Arc::clone(&controller), token, config_path));
+        Ok(Weir {
             controller,
             proxy,
-        }
-    }
-
-    pub fn config(&self) -> &Config {
-        &self.config
+            admin,
+            grace: config.proxy.shutdown_grace,
+        })
     }
 
     /// The controller: the one way to change weights at run time.
@@ -80,16 +101,40 @@ impl Weir {
         &self.controller
     }
 
-    /// Serve proxy traffic on `listener` until `shutdown` resolves; then stop accepting
-    /// and give open requests `grace` to finish.
+    pub fn admin(&self) -> &Arc<Admin> {
+        &self.admin
+    }
+
+    /// Serve proxy traffic (and the admin API, when given its listener) until `shutdown`
+    /// resolves; then stop accepting and give open requests `[proxy] shutdown_grace`.
     pub async fn serve(
         &self,
-        listener: TcpListener,
+        proxy: TcpListener,
+        admin: Option<TcpListener>,
         shutdown: impl Future<Output = ()>,
-        grace: Duration,
     ) -> io::Result<()> {
-        Arc::clone(&self.proxy)
-            .serve(listener, shutdown, grace)
-            .await
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let admin_task = admin.map(|listener| {
+            let mut rx = stop_rx.clone();
+            tokio::spawn(Arc::clone(&self.admin).serve(listener, async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            }))
+        });
+        self.admin.set_ready(true);
+        let result = Arc::clone(&self.proxy)
+            .serve(
+                proxy,
+                async {
+                    shutdown.await;
+                    self.admin.set_ready(false);
+                },
+                self.grace,
+            )
+            .await;
+        let _ = stop_tx.send(true);
+        if let Some(task) = admin_task {
+            let _ = task.await;
+        }
+        result
     }
 }

@@ -289,6 +289,11 @@ impl Router {
     pub fn table(&self) -> arc_swap::Guard<Arc<RouteTable>> {
         self.table.load()
     }
+
+    /// Replace the whole table. Only the controller calls this, under its lock.
+    pub(crate) fn store(&self, table: RouteTable) {
+        self.table.store(Arc::new(table));
+    }
 }
 
 #[cfg(test)]

@@ -72,18 +72,7 @@ fn check_reports_syntax_errors_with_line_and_column() {
 }
 
 fn tempdir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "weir-test-{}-{}",
-        std::process::id(),
-        rand_suffix()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn rand_suffix() -> u64 {
-    use std::hash::{BuildHasher, RandomState};
-    RandomState::new().hash_one(std::time::SystemTime::now())
+    temp_dir("binary")
 }
 
 struct Running(Child);
@@ -113,8 +102,14 @@ async fn one_gib_each_way_streams_with_flat_memory() {
     };
     let dir = tempdir();
     let path = dir.join("weir.toml");
-    let toml = format!("[proxy]\nlisten = \"127.0.0.1:{port}\"\nworkers = 2\n")
-        + &service_toml("svc", None, &[("main", vec![up.addr().to_string()], 1)]);
+    let admin_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let toml = format!(
+        "[proxy]\nlisten = \"127.0.0.1:{port}\"\nworkers = 2\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n[state]\ndir = \"{}\"\n",
+        dir.join("state").display()
+    ) + &service_toml("svc", None, &[("main", vec![up.addr().to_string()], 1)]);
     std::fs::File::create(&path)
         .unwrap()
         .write_all(toml.as_bytes())
@@ -169,4 +164,113 @@ async fn one_gib_each_way_streams_with_flat_memory() {
         after - before < 32 * 1024,
         "peak RSS grew from {before} KiB to {after} KiB"
     );
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// Start `weir run` on a config with the given state dir; returns the process and its
+/// admin address once `/readyz` answers.
+async fn run_weir(
+    dir: &Path,
+    state: &Path,
+    stable: &str,
+    canary: &str,
+) -> (Running, std::net::SocketAddr) {
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let toml = format!(
+        "[proxy]\nlisten = \"127.0.0.1:{}\"\nworkers = 1\n[admin]\nlisten = \"{admin}\"\n[state]\ndir = \"{}\"\n",
+        free_port(),
+        state.display()
+    ) + &service_toml(
+        "shop",
+        None,
+        &[
+            ("stable", vec![stable.into()], 90),
+            ("canary", vec![canary.into()], 10),
+        ],
+    );
+    let path = dir.join("weir.toml");
+    std::fs::write(&path, toml).unwrap();
+    let child = Running(
+        Command::new(WEIR)
+            .args(["run", "--config"])
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let c = client();
+    let ready = wait_until(Duration::from_secs(20), || {
+        let c = c.clone();
+        async move {
+            let req = Request::get(format!("http://{admin}/readyz"))
+                .body(empty())
+                .unwrap();
+            matches!(c.request(req).await, Ok(r) if r.status() == StatusCode::OK)
+        }
+    })
+    .await;
+    assert!(ready, "weir did not become ready");
+    (child, admin)
+}
+
+#[tokio::test]
+async fn acknowledged_weights_survive_kill_9() {
+    let dir = tempdir();
+    let state = dir.join("state");
+    let (mut child, admin) = run_weir(&dir, &state, "127.0.0.1:1", "127.0.0.1:2").await;
+    let c = client();
+    let req = Request::put(format!("http://{admin}/api/v1/services/shop/weights"))
+        .header("content-type", "application/json")
+        .body(full(
+            r#"{"weights":{"stable":25,"canary":75},"reason":"before crash"}"#,
+        ))
+        .unwrap();
+    let a = send(&c, req).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    // SIGKILL right after the 200: no chance to flush anything.
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
+
+    let (_child, admin) = run_weir(&dir, &state, "127.0.0.1:1", "127.0.0.1:2").await;
+    let s = get(&c, admin, "x", "/api/v1/services/shop").await.json();
+    assert_eq!(s["pools"][0]["weight"], 25);
+    assert_eq!(s["pools"][1]["weight"], 75);
+    assert_eq!(s["version"], 2);
+    assert_eq!(s["updated_by"], "admin");
+    let events = get(&c, admin, "x", "/api/v1/events").await.json();
+    let kinds: Vec<&str> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["weights_changed", "state_restored"]);
+    assert_eq!(events["events"][0]["reason"], "before crash");
+}
+
+#[tokio::test]
+async fn state_file_of_an_older_format_still_loads() {
+    let dir = tempdir();
+    let state = dir.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/state-v1.json"),
+        state.join("state.json"),
+    )
+    .unwrap();
+    // The fixture has shop at stable=90 canary=10, version 3; start with other weights.
+    let (_child, admin) = run_weir(&dir, &state, "127.0.0.1:1", "127.0.0.1:2").await;
+    let c = client();
+    let s = get(&c, admin, "x", "/api/v1/services/shop").await.json();
+    assert_eq!(s["version"], 3);
+    assert_eq!(s["pools"][0]["weight"], 90);
+    // And it was rewritten in the current format.
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(state.join("state.json")).unwrap()).unwrap();
+    assert_eq!(saved["format"], 2);
 }

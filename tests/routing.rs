@@ -75,6 +75,7 @@ async fn weight_change_applies_from_the_next_request() {
             weights: vec![("stable".into(), 0), ("canary".into(), 1)],
             if_version: None,
             source: Source::Admin,
+            actor: None,
             reason: None,
         })
         .unwrap();
@@ -88,6 +89,7 @@ async fn weight_change_applies_from_the_next_request() {
         .apply(Command::Rollback {
             service: "shop".into(),
             source: Source::Admin,
+            actor: None,
             reason: None,
         })
         .unwrap();

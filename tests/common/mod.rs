@@ -32,6 +32,8 @@ pub type TestBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 /// A running weir; stopped (gracefully) when dropped.
 pub struct Proxy {
     pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub state_dir: std::path::PathBuf,
     pub controller: Arc<Controller>,
     stop: Option<oneshot::Sender<()>>,
 }
@@ -49,25 +51,59 @@ pub async fn start(toml: &str) -> Proxy {
 }
 
 pub async fn start_with_sinks(toml: &str, sinks: Vec<Arc<dyn OutcomeSink>>) -> Proxy {
-    let config = Config::parse(toml, "test.toml").unwrap_or_else(|e| panic!("{e}"));
+    let mut config = Config::parse(toml, "test.toml").unwrap_or_else(|e| panic!("{e}"));
+    if !toml.contains("[state]") {
+        config.state.dir = temp_dir("state");
+    }
+    start_config(config, None, sinks).await
+}
+
+/// Start weir from a parsed config (its state dir as given), on fresh loopback ports.
+pub async fn start_config(
+    config: Config,
+    config_path: Option<std::path::PathBuf>,
+    sinks: Vec<Arc<dyn OutcomeSink>>,
+) -> Proxy {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let weir = Weir::with_sinks(config, sinks);
+    let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = admin_listener.local_addr().unwrap();
+    let state_dir = config.state.dir.clone();
+    let weir = Weir::with_sinks(config, config_path, sinks).unwrap_or_else(|e| panic!("{e}"));
     let controller = Arc::clone(weir.controller());
     let (tx, rx) = oneshot::channel();
     tokio::spawn(async move {
         let shutdown = async {
             let _ = rx.await;
         };
-        weir.serve(listener, shutdown, Duration::from_secs(5))
+        weir.serve(listener, Some(admin_listener), shutdown)
             .await
             .unwrap();
     });
     Proxy {
         addr,
+        admin,
+        state_dir,
         controller,
         stop: Some(tx),
     }
+}
+
+/// A fresh, empty directory under the system temp dir.
+pub fn temp_dir(what: &str) -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "weir-test-{what}-{}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
 
 pub async fn upstream(name: &str) -> UpstreamHandle {

@@ -1,0 +1,670 @@
+//! The admin HTTP API: JSON views of services and events, and mutations translated into
+//! controller `Command`s. Holds no routing logic of its own.
+//!
+//! Safety rules, in the order they are checked: bearer token (constant-time compare) on
+//! every `/api/` route; mutations only by PUT/POST (else 405); mutation bodies must be
+//! `application/json` (else 415), so a form on another site cannot change weights.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::{Value, json};
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+
+use crate::config::{Config, MAX_WEIGHT};
+use crate::control::{Command, ControlError, Controller, rfc3339};
+use crate::routing::{Service, Source};
+use crate::state::Event;
+
+/// Largest admin request body accepted; a weights document is a few hundred bytes.
+const MAX_BODY: usize = 64 * 1024;
+const MAX_REASON: usize = 1024;
+const DEFAULT_EVENTS: usize = 100;
+const MAX_EVENTS: usize = 1000;
+
+pub type AdminResponse = Response<Full<Bytes>>;
+
+/// Everything the admin API needs.
+pub struct Admin {
+    controller: Arc<Controller>,
+    token: Option<String>,
+    /// The file `POST /api/v1/reload` and SIGHUP re-read.
+    config_path: Option<PathBuf>,
+    ready: AtomicBool,
+}
+
+impl std::fmt::Debug for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admin")
+            .field("auth", &self.token.is_some())
+            .field("config_path", &self.config_path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why the admin API cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("admin.token_file {path}: {message}")]
+    TokenFile { path: String, message: String },
+    #[error(
+        "admin.listen {0} is not a loopback address and no admin token is set: \
+         set [admin] token_file or WEIR_ADMIN_TOKEN, or listen on 127.0.0.1"
+    )]
+    OpenAdmin(SocketAddr),
+}
+
+/// The admin token: `[admin] token_file` if configured, else `WEIR_ADMIN_TOKEN`. Refuses
+/// an admin listener off loopback without one.
+pub fn resolve_token(config: &Config) -> Result<Option<String>, AdminError> {
+    let token = match &config.admin.token_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| AdminError::TokenFile {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?;
+            let t = text.trim().to_string();
+            if t.is_empty() {
+                return Err(AdminError::TokenFile {
+                    path: path.display().to_string(),
+                    message: "the file is empty".into(),
+                });
+            }
+            Some(t)
+        }
+        None => std::env::var("WEIR_ADMIN_TOKEN")
+            .ok()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty()),
+    };
+    if token.is_none() && !config.admin.listen.ip().is_loopback() {
+        return Err(AdminError::OpenAdmin(config.admin.listen));
+    }
+    Ok(token)
+}
+
+impl Admin {
+    pub fn new(
+        controller: Arc<Controller>,
+        token: Option<String>,
+        config_path: Option<PathBuf>,
+    ) -> Admin {
+        Admin {
+            controller,
+            token,
+            config_path,
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    /// Mark the process ready (listeners bound, config loaded): `/readyz` answers 200.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Release);
+    }
+
+    /// Serve the admin API on `listener` until `shutdown` resolves.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(10));
+        tokio::pin!(shutdown);
+        loop {
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!("admin accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                },
+                () = &mut shutdown => return,
+            };
+            let admin = Arc::clone(&self);
+            let svc = service_fn(move |req| {
+                let admin = Arc::clone(&admin);
+                async move { Ok::<_, Infallible>(admin.handle(req, peer).await) }
+            });
+            let conn = http.serve_connection(TokioIo::new(stream), svc);
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!("admin connection {peer}: {e}");
+                }
+            });
+        }
+    }
+
+    /// Answer one admin request.
+    pub async fn handle(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> AdminResponse {
+        let path = req.uri().path().to_string();
+        match path.as_str() {
+            "/healthz" => return text(StatusCode::OK, "ok\n"),
+            "/readyz" => {
+                return if self.ready.load(Ordering::Acquire) {
+                    text(StatusCode::OK, "ready\n")
+                } else {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                };
+            }
+            _ => {}
+        }
+        let Some(rest) = path.strip_prefix("/api/") else {
+            return error(StatusCode::NOT_FOUND, format!("no such route: {path}"));
+        };
+        if let Some(refusal) = self.refuse_unauthorized(&req) {
+            return refusal;
+        }
+        let segments: Vec<&str> = rest.trim_end_matches('/').split('/').collect();
+        let route = match segments.as_slice() {
+            ["v1", "services"] => Route::Services,
+            ["v1", "services", name] => Route::Service(name),
+            ["v1", "services", name, "weights"] => Route::Weights(name),
+            ["v1", "services", name, "rollback"] => Route::Rollback(name),
+            ["v1", "events"] => Route::Events,
+            ["v1", "reload"] => Route::Reload,
+            _ => return error(StatusCode::NOT_FOUND, format!("no such route: {path}")),
+        };
+        let method = req.method().clone();
+        if route.mutates() {
+            if method != Method::PUT && method != Method::POST {
+                let mut r = error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    format!("{path} changes state: use {}", route.method()),
+                );
+                r.headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static(route.method()));
+                return r;
+            }
+            if method.as_str() != route.method() {
+                let mut r = error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    format!("{path} takes {}, not {method}", route.method()),
+                );
+                r.headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static(route.method()));
+                return r;
+            }
+            if !is_json(&req) {
+                return error(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "request body must be Content-Type: application/json",
+                );
+            }
+        } else if method != Method::GET && method != Method::HEAD {
+            let mut r = error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{path} is read-only: use GET"),
+            );
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            return r;
+        }
+        let actor = Some(peer.to_string());
+        match route {
+            Route::Services => {
+                let table = self.controller.router().table();
+                let services: Vec<Value> =
+                    table.services().iter().map(|s| service_json(s)).collect();
+                ok(json!({ "services": services }))
+            }
+            Route::Service(name) => match self.controller.router().table().service(name) {
+                Some(s) => {
+                    let version = s.snapshot().version;
+                    let mut r = ok(service_json(s));
+                    if let Ok(v) = HeaderValue::from_str(&format!("\"{version}\"")) {
+                        r.headers_mut().insert(header::ETAG, v);
+                    }
+                    r
+                }
+                None => error(StatusCode::NOT_FOUND, format!("unknown service `{name}`")),
+            },
+            Route::Weights(name) => {
+                let name = name.to_string();
+                let if_version = match if_match(&req) {
+                    Ok(v) => v,
+                    Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
+                };
+                let body = match read_json(req).await {
+                    Ok(b) => b,
+                    Err(resp) => return resp,
+                };
+                let (weights, reason) = match parse_weights(&body) {
+                    Ok(w) => w,
+                    Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
+                };
+                self.command(Command::SetWeights {
+                    service: name,
+                    weights,
+                    if_version,
+                    source: Source::Admin,
+                    actor,
+                    reason,
+                })
+                .await
+            }
+            Route::Rollback(name) => {
+                let name = name.to_string();
+                let body = match read_json(req).await {
+                    Ok(b) => b,
+                    Err(resp) => return resp,
+                };
+                let reason = match parse_reason(&body, &["reason"]) {
+                    Ok(r) => r,
+                    Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
+                };
+                self.command(Command::Rollback {
+                    service: name,
+                    source: Source::Admin,
+                    actor,
+                    reason,
+                })
+                .await
+            }
+            Route::Events => {
+                let (since, limit) = match events_query(req.uri().query()) {
+                    Ok(q) => q,
+                    Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
+                };
+                match self.controller.events(since, limit) {
+                    Ok(events) => ok(json!({ "events": events })),
+                    Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+                }
+            }
+            Route::Reload => {
+                // Drain the (ignored) body so the connection stays reusable.
+                if let Err(resp) = read_json(req).await {
+                    return resp;
+                }
+                self.reload(actor).await
+            }
+        }
+    }
+
+    /// The 401 to answer when a token is set and the request lacks it.
+    fn refuse_unauthorized<B>(&self, req: &Request<B>) -> Option<AdminResponse> {
+        let token = self.token.as_ref()?;
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        let good = given.is_some_and(|g| bool::from(g.as_bytes().ct_eq(token.as_bytes())));
+        if good {
+            return None;
+        }
+        let mut r = error(
+            StatusCode::UNAUTHORIZED,
+            if given.is_some() {
+                "wrong admin token"
+            } else {
+                "admin token required: send Authorization: Bearer <token>"
+            },
+        );
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"weir\""),
+        );
+        Some(r)
+    }
+
+    /// Run a command on the controller off the async threads (it fsyncs).
+    async fn command(self: &Arc<Self>, command: Command) -> AdminResponse {
+        let controller = Arc::clone(&self.controller);
+        let result = tokio::task::spawn_blocking(move || controller.apply(command)).await;
+        match result {
+            Ok(Ok(change)) => match self.controller.router().table().service(&change.service) {
+                Some(s) => ok(service_json(s)),
+                None => error(
+                    StatusCode::NOT_FOUND,
+                    format!("unknown service `{}`", change.service),
+                ),
+            },
+            Ok(Err(e)) => error(control_status(&e), e.to_string()),
+            Err(e) => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("controller task failed: {e}"),
+            ),
+        }
+    }
+
+    /// Re-read the config file and apply it, or record why not.
+    pub async fn reload(self: &Arc<Self>, actor: Option<String>) -> AdminResponse {
+        let Some(path) = self.config_path.clone() else {
+            return error(
+                StatusCode::CONFLICT,
+                "weir was started without a config file; nothing to reload",
+            );
+        };
+        let controller = Arc::clone(&self.controller);
+        let result = tokio::task::spawn_blocking(move || reload(&controller, &path, actor)).await;
+        match result {
+            Ok(Ok(event)) => ok(json!({ "reloaded": true, "event": event })),
+            Ok(Err((status, body))) => json_response(status, body),
+            Err(e) => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("reload task failed: {e}"),
+            ),
+        }
+    }
+}
+
+/// Reload from `path` through the controller; a bad file changes nothing and is recorded
+/// as `config_rejected`. Shared by the API and SIGHUP.
+pub fn reload(
+    controller: &Controller,
+    path: &std::path::Path,
+    actor: Option<String>,
+) -> Result<Event, (StatusCode, Value)> {
+    match Config::load(path) {
+        Err(e) => {
+            let problems: Vec<String> = e.to_string().lines().map(String::from).collect();
+            let mut event = Event::new("", "config_rejected", Source::Config);
+            event.actor = actor;
+            event.reason = Some(format!(
+                "{} problem(s) in {}",
+                problems.len(),
+                path.display()
+            ));
+            event.details = json!({ "problems": problems });
+            if let Err(e) = controller.record(event) {
+                tracing::error!("cannot record config_rejected: {e}");
+            }
+            tracing::warn!("reload rejected, keeping the running config:\n{e}");
+            Err((
+                StatusCode::BAD_REQUEST,
+                json!({ "error": format!("config rejected, nothing changed: {}", problems.join("; ")), "problems": problems }),
+            ))
+        }
+        Ok(config) => match controller.reload(&config, actor) {
+            Ok((report, event)) => {
+                tracing::info!("config reloaded: {report:?}");
+                Ok(event)
+            }
+            Err(e) => Err((control_status(&e), json!({ "error": e.to_string() }))),
+        },
+    }
+}
+
+enum Route<'a> {
+    Services,
+    Service(&'a str),
+    Weights(&'a str),
+    Rollback(&'a str),
+    Events,
+    Reload,
+}
+
+impl Route<'_> {
+    fn mutates(&self) -> bool {
+        matches!(self, Route::Weights(_) | Route::Rollback(_) | Route::Reload)
+    }
+
+    fn method(&self) -> &'static str {
+        match self {
+            Route::Weights(_) => "PUT",
+            Route::Rollback(_) | Route::Reload => "POST",
+            _ => "GET",
+        }
+    }
+}
+
+fn control_status(e: &ControlError) -> StatusCode {
+    match e {
+        ControlError::UnknownService(_) => StatusCode::NOT_FOUND,
+        ControlError::VersionConflict { .. } => StatusCode::CONFLICT,
+        ControlError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        ControlError::UnknownPool { .. }
+        | ControlError::DuplicatePool { .. }
+        | ControlError::MissingPools { .. }
+        | ControlError::Weights(_) => StatusCode::BAD_REQUEST,
+    }
+}
+
+fn is_json<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// `If-Match: 3` or `If-Match: "3"` (the ETag we send).
+fn if_match<B>(req: &Request<B>) -> Result<Option<u64>, String> {
+    let Some(v) = req.headers().get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let s = v.to_str().unwrap_or("").trim();
+    let s = s.strip_prefix("W/").unwrap_or(s).trim_matches('"');
+    s.parse()
+        .map(Some)
+        .map_err(|_| format!("If-Match must be a service version number, got `{s}`"))
+}
+
+/// Read a JSON body (empty = `{}`), bounded.
+async fn read_json(req: Request<Incoming>) -> Result<Value, AdminResponse> {
+    let body = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("body larger than {MAX_BODY} bytes"),
+                )
+            } else {
+                error(StatusCode::BAD_REQUEST, format!("cannot read body: {e}"))
+            }
+        })?
+        .to_bytes();
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(json!({}));
+    }
+    serde_json::from_slice(&body)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("malformed JSON: {e}")))
+}
+
+fn parse_reason(body: &Value, allowed: &[&str]) -> Result<Option<String>, String> {
+    let obj = body.as_object().ok_or("body must be a JSON object")?;
+    if let Some(k) = obj.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(format!(
+            "unknown field `{k}` (allowed: {})",
+            allowed.join(", ")
+        ));
+    }
+    match obj.get("reason") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.len() <= MAX_REASON => Ok(Some(s.clone())),
+        Some(Value::String(_)) => Err(format!("reason is longer than {MAX_REASON} bytes")),
+        Some(_) => Err("reason must be a string".into()),
+    }
+}
+
+/// `{"weights":{"stable":90,"canary":10},"reason":"..."}` → named weights. Every value
+/// must be a whole number in 0..=MAX_WEIGHT; the controller checks names and totals.
+/// Pool name → weight, in the order given, with the optional reason.
+type WeightsRequest = (Vec<(String, u32)>, Option<String>);
+
+fn parse_weights(body: &Value) -> Result<WeightsRequest, String> {
+    let reason = parse_reason(body, &["weights", "reason"])?;
+    let weights = body
+        .get("weights")
+        .ok_or("missing `weights`: send {\"weights\": {\"pool\": weight, ...}}")?
+        .as_object()
+        .ok_or("`weights` must be an object of pool name → integer weight")?;
+    let mut out = Vec::with_capacity(weights.len());
+    for (pool, w) in weights {
+        let n = match w {
+            Value::Number(n) => n,
+            other => {
+                return Err(format!(
+                    "weight of pool `{pool}` must be a number, got {other}"
+                ));
+            }
+        };
+        let w = if let Some(u) = n.as_u64() {
+            u
+        } else if n.as_i64().is_some() {
+            return Err(format!("weight of pool `{pool}` is negative: {n}"));
+        } else {
+            return Err(format!(
+                "weight of pool `{pool}` must be a whole number, got {n}"
+            ));
+        };
+        if w > MAX_WEIGHT {
+            return Err(format!(
+                "weight of pool `{pool}` is above the maximum of {MAX_WEIGHT}"
+            ));
+        }
+        out.push((pool.clone(), w as u32));
+    }
+    Ok((out, reason))
+}
+
+fn events_query(query: Option<&str>) -> Result<(u64, usize), String> {
+    let mut since = 0u64;
+    let mut limit = DEFAULT_EVENTS;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "since" => {
+                since = v
+                    .parse()
+                    .map_err(|_| format!("since must be an event id, got `{v}`"))?
+            }
+            "limit" => {
+                limit = v
+                    .parse()
+                    .ok()
+                    .filter(|l| (1..=MAX_EVENTS).contains(l))
+                    .ok_or_else(|| format!("limit must be 1..={MAX_EVENTS}, got `{v}`"))?
+            }
+            other => return Err(format!("unknown query parameter `{other}` (since, limit)")),
+        }
+    }
+    Ok((since, limit))
+}
+
+/// The service document of the API.
+pub fn service_json(s: &Service) -> Value {
+    let snap = s.snapshot();
+    let pools: Vec<Value> = snap
+        .slots()
+        .iter()
+        .enumerate()
+        .map(|(i, slot)| {
+            let endpoints: Vec<&str> = slot
+                .pool
+                .endpoints()
+                .iter()
+                .map(|e| e.endpoint.as_str())
+                .collect();
+            json!({
+                "name": slot.name(),
+                "weight": slot.weight,
+                "share": snap.share(i),
+                "endpoints": endpoints,
+            })
+        })
+        .collect();
+    json!({
+        "name": &*s.name,
+        "hosts": s.hosts,
+        "baseline": s.baseline,
+        "version": snap.version,
+        "pools": pools,
+        "updated_at": rfc3339(snap.updated_at),
+        "updated_by": snap.updated_by.as_str(),
+    })
+}
+
+fn json_response(status: StatusCode, body: Value) -> AdminResponse {
+    let mut bytes = serde_json::to_vec(&body).unwrap_or_default();
+    bytes.push(b'\n');
+    let mut r = Response::new(Full::new(Bytes::from(bytes)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+fn ok(body: Value) -> AdminResponse {
+    json_response(StatusCode::OK, body)
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> AdminResponse {
+    json_response(status, json!({ "error": message.into() }))
+}
+
+fn text(status: StatusCode, body: &'static str) -> AdminResponse {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weights_are_parsed_strictly() {
+        let ok = parse_weights(&json!({"weights": {"a": 1, "b": 0}, "reason": "r"})).unwrap();
+        assert_eq!(ok.0, vec![("a".to_string(), 1), ("b".to_string(), 0)]);
+        assert_eq!(ok.1.as_deref(), Some("r"));
+        for (body, needle) in [
+            (json!({}), "missing `weights`"),
+            (json!({"weights": [1]}), "must be an object"),
+            (json!({"weights": {"a": -1}}), "negative"),
+            (json!({"weights": {"a": 1.5}}), "whole number"),
+            (json!({"weights": {"a": "9"}}), "must be a number"),
+            (
+                json!({"weights": {"a": 1}, "extra": 1}),
+                "unknown field `extra`",
+            ),
+            (
+                json!({"weights": {"a": 1}, "reason": 5}),
+                "reason must be a string",
+            ),
+            (json!({"weights": {"a": 2_000_000}}), "maximum"),
+        ] {
+            let e = parse_weights(&body).unwrap_err();
+            assert!(e.contains(needle), "{body}: {e}");
+        }
+    }
+
+    #[test]
+    fn events_query_defaults_and_bounds() {
+        assert_eq!(events_query(None), Ok((0, DEFAULT_EVENTS)));
+        assert_eq!(events_query(Some("since=5&limit=2")), Ok((5, 2)));
+        assert!(events_query(Some("limit=0")).is_err());
+        assert!(events_query(Some("since=x")).is_err());
+        assert!(events_query(Some("foo=1")).is_err());
+    }
+}

@@ -1,0 +1,1027 @@
+//! Crash-safe persistence for the controller: the routing state file (`state.json`) and
+//! the append-only event journal (`events.jsonl`), both in the configured `[state] dir`.
+//!
+//! The controller is the only writer and calls in here under its own lock, a few times per
+//! weight change, so this is plain blocking `std::fs`: simpler to reason about for crash
+//! safety than async I/O, and never on the request path. Every write returns only once it
+//! is durable (fsynced), because an admin call may answer 200 only after that.
+//!
+//! The state file carries a `format` number; every format weir ever wrote stays loadable
+//! (a fixture test proves it), and writing always uses the current one.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::routing::Source;
+
+/// The state file format this weir writes. Bump it (and keep a loader for the old one,
+/// with a fixture) whenever the file's shape changes incompatibly.
+pub const STATE_FORMAT: u64 = 2;
+/// Name of the state file inside the state directory.
+pub const STATE_FILE: &str = "state.json";
+/// Name of the current journal file inside the state directory; rotated ones are
+/// `events.1.jsonl` (newest) to `events.<keep_files>.jsonl` (oldest).
+pub const JOURNAL_FILE: &str = "events.jsonl";
+
+const STATE_TMP: &str = "state.json.tmp";
+/// A rotation writes the first line of the next file here before any rename, so that at
+/// every crash point some file still holds the newest acknowledged id.
+const JOURNAL_NEXT: &str = "events.jsonl.next";
+
+/// Ordered pool → weight (pool order = config order); serialises as a JSON object.
+pub type Weights = indexmap::IndexMap<String, u32>;
+
+/// What is persisted about one service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceState {
+    pub version: u64,
+    pub weights: Weights,
+    /// RFC 3339 with milliseconds, see [`timestamp`].
+    pub updated_at: String,
+    pub updated_by: Source,
+    /// Free-form per-service extension data later features persist (rollout phase etc.).
+    /// Absent → Null.
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub extra: serde_json::Value,
+}
+
+/// Everything in the state file. Semantic checks (do these pools exist, is some weight
+/// above zero) are the controller's: the file may predate a config change.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct State {
+    pub services: BTreeMap<String, ServiceState>,
+}
+
+/// Why reading or writing the state directory failed. Every message names the file, so
+/// that an operator can act on it from a log line alone.
+///
+/// The underlying error is part of the message rather than `source()`: these messages are
+/// shown as-is by the admin API and in logs, and `anyhow`'s `{:#}` would print it twice.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot {action} {}: {error}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        error: io::Error,
+    },
+    #[error("state file {} is corrupt: {error}", path.display())]
+    Corrupt {
+        path: PathBuf,
+        error: serde_json::Error,
+    },
+    #[error(
+        "state file {} has format {found}, but this weir only knows formats up to {STATE_FORMAT}: \
+         it was written by a newer weir, and this weir is too old to read it; upgrade weir",
+        path.display()
+    )]
+    TooNew { path: PathBuf, found: u64 },
+    #[error("state file {} is invalid: {reason}", path.display())]
+    Invalid { path: PathBuf, reason: String },
+    #[error("cannot encode data for {}: {error}", path.display())]
+    Encode {
+        path: PathBuf,
+        error: serde_json::Error,
+    },
+}
+
+fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StateError {
+    move |error| StateError::Io {
+        action,
+        path: path.to_path_buf(),
+        error,
+    }
+}
+
+/// `t` as RFC 3339 UTC with milliseconds, the one time format of the state file and the
+/// journal. Times before 1970 (a badly set clock or file) are clamped to the epoch rather
+/// than allowed to panic in the formatter.
+pub fn timestamp(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t.max(UNIX_EPOCH)).to_string()
+}
+
+/// A rename or a newly created file is only durable once its directory entry is, which
+/// takes an fsync of the directory itself.
+fn sync_dir(dir: &Path) -> Result<(), StateError> {
+    #[cfg(unix)]
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_error("fsync directory", dir))?;
+    // Elsewhere a directory cannot be opened like this; weir's targets are unix.
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
+fn remove_if_exists(path: &Path) -> Result<(), StateError> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_error("remove", path)(e)),
+        _ => Ok(()),
+    }
+}
+
+/// Only the format number, read first to pick the loader.
+#[derive(Deserialize)]
+struct FormatProbe {
+    format: u64,
+}
+
+/// Format 2 (current) as written.
+#[derive(Serialize)]
+struct StateFileV2Out<'a> {
+    format: u64,
+    services: &'a BTreeMap<String, ServiceState>,
+}
+
+/// Format 2 (current) as read.
+#[derive(Deserialize)]
+struct StateFileV2 {
+    services: BTreeMap<String, ServiceState>,
+}
+
+/// Format 1: weights and versions only, no timestamps or sources.
+#[derive(Deserialize)]
+struct StateFileV1 {
+    weights: BTreeMap<String, Weights>,
+    versions: BTreeMap<String, u64>,
+}
+
+/// The state file in one directory.
+///
+/// Not internally locked: concurrent `save`s would share the temp file, so the controller
+/// (the single writer) serialises them under its own lock.
+#[derive(Debug)]
+pub struct StateStore {
+    dir: PathBuf,
+}
+
+impl StateStore {
+    /// Create the directory (and parents) if missing; error names the path.
+    pub fn open(dir: &Path) -> Result<StateStore, StateError> {
+        fs::create_dir_all(dir).map_err(io_error("create state directory", dir))?;
+        Ok(StateStore {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Path of the state file.
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(STATE_FILE)
+    }
+
+    /// `None` when no state file exists yet. Reads every format weir ever wrote.
+    ///
+    /// A leftover `state.json.tmp` is ignored: it is a save that never completed, so it
+    /// was never acknowledged, and the next save overwrites it.
+    pub fn load(&self) -> Result<Option<State>, StateError> {
+        let path = self.path();
+        let mut file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_error("open", &path)(e)),
+        };
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)
+            .map_err(io_error("read", &path))?;
+        let corrupt = |error| StateError::Corrupt {
+            path: path.clone(),
+            error,
+        };
+        let probe: FormatProbe = serde_json::from_slice(&bytes).map_err(corrupt)?;
+        let services = match probe.format {
+            1 => {
+                let v1: StateFileV1 = serde_json::from_slice(&bytes).map_err(corrupt)?;
+                // Format 1 did not record when or by whom; the file's own mtime is the
+                // best "when", and the change is attributed to this start-up.
+                let mtime = file
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .map_err(io_error("read modification time of", &path))?;
+                let updated_at = timestamp(mtime);
+                let mut services = BTreeMap::new();
+                for (name, weights) in v1.weights {
+                    let Some(&version) = v1.versions.get(&name) else {
+                        return Err(StateError::Invalid {
+                            path,
+                            reason: format!("service `{name}` has weights but no version"),
+                        });
+                    };
+                    let service = ServiceState {
+                        version,
+                        weights,
+                        updated_at: updated_at.clone(),
+                        updated_by: Source::Startup,
+                        extra: serde_json::Value::Null,
+                    };
+                    services.insert(name, service);
+                }
+                services
+            }
+            2 => {
+                let v2: StateFileV2 = serde_json::from_slice(&bytes).map_err(corrupt)?;
+                v2.services
+            }
+            found if found > STATE_FORMAT => return Err(StateError::TooNew { path, found }),
+            found => {
+                return Err(StateError::Invalid {
+                    path,
+                    reason: format!("unknown format {found}"),
+                });
+            }
+        };
+        Ok(Some(State { services }))
+    }
+
+    /// Durable replace: write `state.json.tmp` → fsync it → rename over `state.json` →
+    /// fsync the directory. A crash at any point leaves either the old or the new file
+    /// whole, never a mix; once this returns, the new one survives power loss.
+    pub fn save(&self, state: &State) -> Result<(), StateError> {
+        let path = self.path();
+        let tmp = self.dir.join(STATE_TMP);
+        let out = StateFileV2Out {
+            format: STATE_FORMAT,
+            services: &state.services,
+        };
+        // Pretty: operators read and diff this file when something went wrong.
+        let mut bytes = serde_json::to_vec_pretty(&out).map_err(|error| StateError::Encode {
+            path: path.clone(),
+            error,
+        })?;
+        bytes.push(b'\n');
+
+        let written = File::create(&tmp)
+            .map_err(io_error("create", &tmp))
+            .and_then(|mut f| {
+                f.write_all(&bytes).map_err(io_error("write", &tmp))?;
+                f.sync_all().map_err(io_error("fsync", &tmp))
+            })
+            .and_then(|()| fs::rename(&tmp, &path).map_err(io_error("replace", &path)));
+        if let Err(e) = written {
+            // Best effort: a stale temp file is harmless, the next save truncates it.
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        sync_dir(&self.dir)
+    }
+}
+
+/// One entry of the audit journal: every change to routing, and the notable refusals.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Assigned by [`Journal::append`]; increasing across restarts and rotations.
+    pub id: u64,
+    /// RFC 3339 with milliseconds; set by [`Journal::append`] when empty.
+    pub time: String,
+    /// `""` for global events such as a config reload.
+    pub service: String,
+    /// `weights_changed`, `rolled_back`, `config_reloaded`, `config_rejected`,
+    /// `state_restored`, ...
+    pub kind: String,
+    pub source: Source,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<Weights>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<Weights>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Structured figures (guard decisions etc.).
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub details: serde_json::Value,
+}
+
+impl Event {
+    /// An event with id 0 and no time (both filled in by [`Journal::append`]) and every
+    /// optional part empty.
+    pub fn new(service: impl Into<String>, kind: impl Into<String>, source: Source) -> Event {
+        Event {
+            id: 0,
+            time: String::new(),
+            service: service.into(),
+            kind: kind.into(),
+            source,
+            actor: None,
+            from: None,
+            to: None,
+            reason: None,
+            details: serde_json::Value::Null,
+        }
+    }
+}
+
+/// The append-only event journal: `events.jsonl`, one JSON event per line, rotated to
+/// `events.1.jsonl` … `events.<keep_files>.jsonl` by size, plus the most recent events in
+/// memory so that pollers (`since`) rarely touch the disk.
+///
+/// Ids are unique and increasing, and normally consecutive. An append that fails after
+/// it may have written still uses up its id, so that a line that did reach the disk is
+/// never followed by another with the same id; such a failure leaves a gap.
+#[derive(Debug)]
+pub struct Journal {
+    dir: PathBuf,
+    max_file_bytes: u64,
+    keep_files: usize,
+    memory: usize,
+    /// The newest `memory` events, oldest first.
+    recent: VecDeque<Event>,
+    /// `recent` starts at the oldest event the journal still has, so it can answer any
+    /// `since` even below its first id.
+    recent_is_all: bool,
+    last_id: u64,
+    /// A failed append may have left a partial line; cut it before writing after it, or
+    /// the next line would be glued to it and both lost.
+    dirty: bool,
+}
+
+impl Journal {
+    /// Open or create `events.jsonl` in `dir` and recover the last id from it and the
+    /// rotated files. A torn last line (a crash mid-append) is cut off and ignored: its
+    /// append never returned, so it was never acknowledged. Other unreadable lines are
+    /// skipped with a warning rather than failing start-up over the audit trail.
+    pub fn open(
+        dir: &Path,
+        max_file_bytes: u64,
+        keep_files: usize,
+        memory: usize,
+    ) -> Result<Journal, StateError> {
+        fs::create_dir_all(dir).map_err(io_error("create state directory", dir))?;
+        // A leftover from a rotation cut short: its one event was never acknowledged.
+        remove_if_exists(&dir.join(JOURNAL_NEXT))?;
+
+        let current = dir.join(JOURNAL_FILE);
+        // Created now so that an unwritable directory fails at start-up, not at the first
+        // weight change.
+        let existed = file_len(&current)?.is_some();
+        OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&current)
+            .map_err(io_error("create", &current))?;
+        if !existed {
+            sync_dir(dir)?;
+        }
+        let good = repair_tail(&current)?;
+
+        // Newest file first; stop once we have the last id and enough events for memory.
+        let mut chunks = vec![parse_events(&current, &good)];
+        let mut have = chunks[0].len();
+        let mut recent_is_all = true;
+        for (_, path) in rotated_files(dir)? {
+            if have > 0 && have >= memory {
+                recent_is_all = false;
+                break;
+            }
+            let events = read_events(&path)?;
+            have += events.len();
+            chunks.push(events);
+        }
+        let last_id = chunks.iter().flatten().map(|e| e.id).max().unwrap_or(0);
+        let mut journal = Journal {
+            dir: dir.to_path_buf(),
+            max_file_bytes,
+            keep_files,
+            memory,
+            recent: VecDeque::with_capacity(memory.min(have)),
+            recent_is_all,
+            last_id,
+            dirty: false,
+        };
+        for event in chunks.into_iter().rev().flatten() {
+            journal.remember(event);
+        }
+        Ok(journal)
+    }
+
+    pub fn last_id(&self) -> u64 {
+        self.last_id
+    }
+
+    /// Assign the id (last + 1) and the time (now, if empty), append one JSON line, fsync,
+    /// then return the stored event. When the line would take the file past
+    /// `max_file_bytes`, rotate first (`events.jsonl` → `events.1.jsonl`, shifting the
+    /// older ones up and dropping those beyond `keep_files`).
+    pub fn append(&mut self, mut event: Event) -> Result<Event, StateError> {
+        event.id = self.last_id + 1;
+        if event.time.is_empty() {
+            event.time = timestamp(SystemTime::now());
+        }
+        let current = self.dir.join(JOURNAL_FILE);
+        let mut line = serde_json::to_vec(&event).map_err(|error| StateError::Encode {
+            path: current.clone(),
+            error,
+        })?;
+        line.push(b'\n');
+
+        let written = self.write_line(&current, &line);
+        self.last_id = event.id;
+        if let Err(e) = written {
+            self.dirty = true;
+            return Err(e);
+        }
+        self.remember(event.clone());
+        Ok(event)
+    }
+
+    /// Events with id > `since`, oldest first, at most `limit`. Served from memory when it
+    /// covers `since`, else from the files. When rotation has dropped events after
+    /// `since`, the answer starts at the oldest event kept: a first id above `since + 1`
+    /// tells the caller it missed some.
+    pub fn since(&self, since: u64, limit: usize) -> Result<Vec<Event>, StateError> {
+        if since >= self.last_id || limit == 0 {
+            return Ok(Vec::new());
+        }
+        if let Some(first) = self.recent.front()
+            && (first.id <= since.saturating_add(1) || self.recent_is_all)
+        {
+            let start = self.recent.partition_point(|e| e.id <= since);
+            return Ok(self.recent.range(start..).take(limit).cloned().collect());
+        }
+
+        // Newest file first, until one starts at or before the first wanted id.
+        let current = self.dir.join(JOURNAL_FILE);
+        let mut chunks = vec![read_events(&current)?];
+        let covered = |chunk: &[Event]| chunk.first().is_some_and(|e| e.id <= since + 1);
+        if !covered(&chunks[0]) {
+            for (_, path) in rotated_files(&self.dir)? {
+                let events = read_events(&path)?;
+                let done = covered(&events);
+                chunks.push(events);
+                if done {
+                    break;
+                }
+            }
+        }
+        Ok(chunks
+            .into_iter()
+            .rev()
+            .flatten()
+            .filter(|e| e.id > since)
+            .take(limit)
+            .collect())
+    }
+
+    fn remember(&mut self, event: Event) {
+        if self.memory == 0 {
+            self.recent_is_all = false;
+            return;
+        }
+        if self.recent.len() == self.memory {
+            self.recent.pop_front();
+            self.recent_is_all = false;
+        }
+        self.recent.push_back(event);
+    }
+
+    fn write_line(&mut self, current: &Path, line: &[u8]) -> Result<(), StateError> {
+        if self.dirty {
+            repair_tail(current)?;
+            self.dirty = false;
+        }
+        let len = file_len(current)?;
+        match len {
+            // An oversized line still goes into an empty file rather than rotating forever.
+            Some(len) if len > 0 && len + line.len() as u64 > self.max_file_bytes => {
+                self.rotate_with(current, line)
+            }
+            _ => {
+                let mut file = OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .open(current)
+                    .map_err(io_error("open", current))?;
+                file.write_all(line).map_err(io_error("write", current))?;
+                file.sync_data().map_err(io_error("fsync", current))?;
+                if len.is_none() {
+                    sync_dir(&self.dir)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Start a new current file holding `line`. The new file is written and fsynced under
+    /// a side name before any rename, and the shift runs oldest first, so that at every
+    /// crash point the newest acknowledged event is still in `events.jsonl` or
+    /// `events.1.jsonl` — which keeps ids increasing across a restart even with
+    /// `keep_files = 0`.
+    fn rotate_with(&mut self, current: &Path, line: &[u8]) -> Result<(), StateError> {
+        let next = self.dir.join(JOURNAL_NEXT);
+        remove_if_exists(&next)?;
+        let written = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&next)
+            .map_err(io_error("create", &next))
+            .and_then(|mut f| {
+                f.write_all(line).map_err(io_error("write", &next))?;
+                f.sync_all().map_err(io_error("fsync", &next))
+            });
+        if let Err(e) = written {
+            let _ = fs::remove_file(&next);
+            return Err(e);
+        }
+
+        for (n, path) in rotated_files(&self.dir)?.into_iter().rev() {
+            // `>=` also trims files left over from a larger keep_files.
+            if n >= self.keep_files {
+                fs::remove_file(&path).map_err(io_error("remove", &path))?;
+            } else {
+                fs::rename(&path, rotated_path(&self.dir, n + 1))
+                    .map_err(io_error("rotate", &path))?;
+            }
+        }
+        if self.keep_files > 0 {
+            fs::rename(current, rotated_path(&self.dir, 1)).map_err(io_error("rotate", current))?;
+        }
+        // With keep_files = 0 this rename is what drops the old file, in one atomic step.
+        fs::rename(&next, current).map_err(io_error("replace", current))?;
+        sync_dir(&self.dir)
+    }
+}
+
+fn rotated_path(dir: &Path, n: usize) -> PathBuf {
+    dir.join(format!("events.{n}.jsonl"))
+}
+
+/// Rotated journal files present in `dir`, newest (`.1`) first. Listed rather than probed
+/// by number so that a gap left by a crash mid-rotation hides nothing.
+fn rotated_files(dir: &Path) -> Result<Vec<(usize, PathBuf)>, StateError> {
+    let mut files = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_error("list", dir))? {
+        let entry = entry.map_err(io_error("list", dir))?;
+        let name = entry.file_name();
+        let n = name
+            .to_str()
+            .and_then(|s| s.strip_prefix("events.")?.strip_suffix(".jsonl"))
+            .and_then(|n| n.parse::<usize>().ok());
+        if let Some(n) = n.filter(|&n| n > 0) {
+            files.push((n, entry.path()));
+        }
+    }
+    files.sort_unstable_by_key(|&(n, _)| n);
+    Ok(files)
+}
+
+fn file_len(path: &Path) -> Result<Option<u64>, StateError> {
+    match fs::metadata(path) {
+        Ok(m) => Ok(Some(m.len())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_error("read metadata of", path)(e)),
+    }
+}
+
+/// Cut anything after the last newline (a line whose append was interrupted) and return
+/// the complete lines. Every line is written with its newline in one `write`, so a line
+/// without one was never acknowledged.
+fn repair_tail(path: &Path) -> Result<Vec<u8>, StateError> {
+    let mut file = match OpenOptions::new().read(true).write(true).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_error("open", path)(e)),
+    };
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)
+        .map_err(io_error("read", path))?;
+    if bytes.last().is_some_and(|&b| b != b'\n') {
+        let keep = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        tracing::warn!(
+            file = %path.display(),
+            bytes = bytes.len() - keep,
+            "journal ends in a torn line (interrupted append); dropping it"
+        );
+        file.set_len(keep as u64)
+            .map_err(io_error("truncate", path))?;
+        file.sync_all().map_err(io_error("fsync", path))?;
+        bytes.truncate(keep);
+    }
+    Ok(bytes)
+}
+
+fn read_events(path: &Path) -> Result<Vec<Event>, StateError> {
+    match fs::read(path) {
+        Ok(bytes) => Ok(parse_events(path, &bytes)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(io_error("read", path)(e)),
+    }
+}
+
+fn parse_events(path: &Path, bytes: &[u8]) -> Vec<Event> {
+    let mut events = Vec::new();
+    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        if line.trim_ascii().is_empty() {
+            continue;
+        }
+        match serde_json::from_slice::<Event>(line) {
+            Ok(event) => events.push(event),
+            Err(error) => tracing::warn!(
+                file = %path.display(),
+                line = i + 1,
+                %error,
+                "skipping unreadable journal line"
+            ),
+        }
+    }
+    events
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use super::*;
+
+    /// A fresh directory under the system temp dir, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> TempDir {
+            static NEXT: AtomicU64 = AtomicU64::new(0);
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let path =
+                std::env::temp_dir().join(format!("weir-state-{name}-{}-{n}", std::process::id()));
+            let _ = fs::remove_dir_all(&path);
+            fs::create_dir_all(&path).unwrap();
+            TempDir(path)
+        }
+
+        fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn weights(pairs: &[(&str, u32)]) -> Weights {
+        pairs.iter().map(|&(p, w)| (p.to_string(), w)).collect()
+    }
+
+    fn sample_state() -> State {
+        let mut services = BTreeMap::new();
+        services.insert(
+            "shop".to_string(),
+            ServiceState {
+                version: 3,
+                // Not alphabetical, to prove config order survives the round trip.
+                weights: weights(&[("stable", 90), ("canary", 10)]),
+                updated_at: "2025-01-02T03:04:05.678Z".to_string(),
+                updated_by: Source::Admin,
+                extra: serde_json::Value::Null,
+            },
+        );
+        services.insert(
+            "api".to_string(),
+            ServiceState {
+                version: 1,
+                weights: weights(&[("blue", 0), ("green", 1)]),
+                updated_at: "2025-01-02T03:04:06.000Z".to_string(),
+                updated_by: Source::Rollout,
+                extra: serde_json::json!({"rollout": {"step": 2}}),
+            },
+        );
+        State { services }
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn load_without_file_is_none() {
+        let tmp = TempDir::new("empty");
+        let store = StateStore::open(&tmp.path().join("a/b")).unwrap();
+        assert!(store.dir().is_dir());
+        assert_eq!(store.load().unwrap(), None);
+    }
+
+    #[test]
+    fn save_load_round_trip() {
+        let tmp = TempDir::new("roundtrip");
+        let store = StateStore::open(tmp.path()).unwrap();
+        let state = sample_state();
+        store.save(&state).unwrap();
+        let loaded = store.load().unwrap().unwrap();
+        assert_eq!(loaded, state);
+        let order: Vec<&str> = loaded.services["shop"]
+            .weights
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(order, ["stable", "canary"]);
+
+        let raw: serde_json::Value =
+            serde_json::from_slice(&fs::read(store.path()).unwrap()).unwrap();
+        assert_eq!(raw["format"], 2);
+        assert_eq!(raw["services"]["shop"]["updated_by"], "admin");
+        // Null extension data is left out of the file, not written as `null`.
+        assert!(raw["services"]["shop"].get("extra").is_none());
+    }
+
+    #[test]
+    fn save_replaces_whole_file_and_leaves_no_temp() {
+        let tmp = TempDir::new("replace");
+        let store = StateStore::open(tmp.path()).unwrap();
+        store.save(&sample_state()).unwrap();
+        // A stale temp from an interrupted save must neither break nor survive a save.
+        fs::write(tmp.path().join(STATE_TMP), b"{\"format\": 2, \"serv").unwrap();
+
+        let mut next = sample_state();
+        next.services.remove("api");
+        next.services.get_mut("shop").unwrap().version = 4;
+        store.save(&next).unwrap();
+
+        assert_eq!(store.load().unwrap().unwrap(), next);
+        assert_eq!(names(tmp.path()), [STATE_FILE]);
+    }
+
+    #[test]
+    fn format_1_fixture_loads() {
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/state-v1.json");
+        let tmp = TempDir::new("v1");
+        fs::copy(&fixture, tmp.path().join(STATE_FILE)).unwrap();
+        let store = StateStore::open(tmp.path()).unwrap();
+        let mtime = fs::metadata(store.path()).unwrap().modified().unwrap();
+
+        let state = store.load().unwrap().unwrap();
+        assert_eq!(state.services.len(), 2);
+        let shop = &state.services["shop"];
+        assert_eq!(shop.version, 3);
+        assert_eq!(shop.weights, weights(&[("stable", 90), ("canary", 10)]));
+        let order: Vec<&str> = shop.weights.keys().map(String::as_str).collect();
+        assert_eq!(order, ["stable", "canary"]);
+        assert_eq!(shop.updated_by, Source::Startup);
+        assert_eq!(shop.updated_at, timestamp(mtime));
+        assert_eq!(shop.extra, serde_json::Value::Null);
+        assert_eq!(state.services["api"].version, 7);
+
+        // Writing upgrades to the current format, and that reads back the same.
+        store.save(&state).unwrap();
+        let raw: serde_json::Value =
+            serde_json::from_slice(&fs::read(store.path()).unwrap()).unwrap();
+        assert_eq!(raw["format"], STATE_FORMAT);
+        assert_eq!(store.load().unwrap().unwrap(), state);
+    }
+
+    #[test]
+    fn format_1_without_version_is_invalid() {
+        let tmp = TempDir::new("v1bad");
+        let store = StateStore::open(tmp.path()).unwrap();
+        fs::write(
+            store.path(),
+            br#"{"format":1,"weights":{"shop":{"a":1}},"versions":{}}"#,
+        )
+        .unwrap();
+        let err = store.load().unwrap_err();
+        assert!(matches!(err, StateError::Invalid { .. }), "{err}");
+        assert!(err.to_string().contains("`shop`"), "{err}");
+    }
+
+    #[test]
+    fn future_format_is_refused_by_number() {
+        let tmp = TempDir::new("future");
+        let store = StateStore::open(tmp.path()).unwrap();
+        fs::write(
+            store.path(),
+            br#"{"format": 3, "services": {}, "new": true}"#,
+        )
+        .unwrap();
+        let err = store.load().unwrap_err();
+        assert!(
+            matches!(err, StateError::TooNew { found: 3, .. }),
+            "{err:?}"
+        );
+        let msg = err.to_string();
+        assert!(msg.contains("format 3"), "{msg}");
+        assert!(msg.contains("too old"), "{msg}");
+        assert!(msg.contains(&store.path().display().to_string()), "{msg}");
+    }
+
+    #[test]
+    fn corrupt_file_error_names_it() {
+        let tmp = TempDir::new("corrupt");
+        let store = StateStore::open(tmp.path()).unwrap();
+        for bytes in [&b"{\"format\": 2, \"servi"[..], b"", b"[1, 2]"] {
+            fs::write(store.path(), bytes).unwrap();
+            let err = store.load().unwrap_err();
+            assert!(matches!(err, StateError::Corrupt { .. }), "{err:?}");
+            assert!(
+                err.to_string()
+                    .contains(&store.path().display().to_string()),
+                "{err}"
+            );
+        }
+    }
+
+    fn event(n: u64) -> Event {
+        let mut e = Event::new("shop", "weights_changed", Source::Admin);
+        e.reason = Some(format!("change {n}"));
+        e
+    }
+
+    fn ids(events: &[Event]) -> Vec<u64> {
+        events.iter().map(|e| e.id).collect()
+    }
+
+    #[test]
+    fn event_serialisation_leaves_out_empty_parts() {
+        let mut e = Event::new("", "config_reloaded", Source::Config);
+        e.id = 5;
+        e.time = "2025-01-02T03:04:05.678Z".to_string();
+        let json = serde_json::to_value(&e).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "id": 5, "time": "2025-01-02T03:04:05.678Z", "service": "",
+                "kind": "config_reloaded", "source": "config"
+            })
+        );
+        e.from = Some(weights(&[("stable", 100), ("canary", 0)]));
+        e.to = Some(weights(&[("stable", 90), ("canary", 10)]));
+        e.actor = Some("ops".to_string());
+        e.details = serde_json::json!({"value": 0.2});
+        let back: Event = serde_json::from_str(&serde_json::to_string(&e).unwrap()).unwrap();
+        assert_eq!(back, e);
+    }
+
+    #[test]
+    fn journal_ids_increase_across_reopen() {
+        let tmp = TempDir::new("reopen");
+        {
+            let mut journal = Journal::open(tmp.path(), 1 << 20, 3, 100).unwrap();
+            assert_eq!(journal.last_id(), 0);
+            for n in 1..=3 {
+                let stored = journal.append(event(n)).unwrap();
+                assert_eq!(stored.id, n);
+                assert!(
+                    humantime::parse_rfc3339(&stored.time).is_ok(),
+                    "{}",
+                    stored.time
+                );
+            }
+        }
+        let mut journal = Journal::open(tmp.path(), 1 << 20, 3, 100).unwrap();
+        assert_eq!(journal.last_id(), 3);
+        let mut given = event(4);
+        given.time = "2025-01-02T03:04:05.678Z".to_string();
+        let stored = journal.append(given).unwrap();
+        assert_eq!(stored.id, 4);
+        assert_eq!(stored.time, "2025-01-02T03:04:05.678Z");
+        let all = journal.since(0, 100).unwrap();
+        assert_eq!(ids(&all), [1, 2, 3, 4]);
+        assert_eq!(all[0].reason.as_deref(), Some("change 1"));
+    }
+
+    #[test]
+    fn torn_last_line_is_ignored_and_cut() {
+        let tmp = TempDir::new("torn");
+        {
+            let mut journal = Journal::open(tmp.path(), 1 << 20, 3, 100).unwrap();
+            journal.append(event(1)).unwrap();
+            journal.append(event(2)).unwrap();
+        }
+        let path = tmp.path().join(JOURNAL_FILE);
+        let mut file = OpenOptions::new().append(true).open(&path).unwrap();
+        file.write_all(br#"{"id":3,"time":"2025-01-0"#).unwrap();
+        drop(file);
+
+        let mut journal = Journal::open(tmp.path(), 1 << 20, 3, 100).unwrap();
+        assert_eq!(journal.last_id(), 2);
+        assert_eq!(journal.append(event(3)).unwrap().id, 3);
+        // The new line starts on a line of its own, so every line on disk parses.
+        let text = fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 3);
+        for line in text.lines() {
+            serde_json::from_str::<Event>(line).unwrap();
+        }
+        drop(journal);
+        let journal = Journal::open(tmp.path(), 1 << 20, 3, 100).unwrap();
+        assert_eq!(ids(&journal.since(0, 10).unwrap()), [1, 2, 3]);
+    }
+
+    #[test]
+    fn rotation_keeps_ids_increasing_and_since_reads_rotated_files() {
+        let tmp = TempDir::new("rotate");
+        let line_len = serde_json::to_vec(&{
+            let mut e = event(10);
+            e.id = 10;
+            e.time = timestamp(SystemTime::now());
+            e
+        })
+        .unwrap()
+        .len() as u64
+            + 1;
+        // Three lines per file; memory smaller than one file so `since` must go to disk.
+        let max = line_len * 3 + 2;
+        {
+            let mut journal = Journal::open(tmp.path(), max, 2, 2).unwrap();
+            for n in 1..=20 {
+                assert_eq!(journal.append(event(n)).unwrap().id, n);
+            }
+            assert_eq!(
+                names(tmp.path()),
+                ["events.1.jsonl", "events.2.jsonl", "events.jsonl"]
+            );
+            // Files hold 19..=20 (current), 16..=18, 13..=15.
+            let kept = journal.since(0, 100).unwrap();
+            assert_eq!(ids(&kept), (13..=20).collect::<Vec<_>>());
+            assert_eq!(ids(&journal.since(13, 4).unwrap()), [14, 15, 16, 17]);
+            assert_eq!(ids(&journal.since(18, 100).unwrap()), [19, 20]);
+        }
+        let mut journal = Journal::open(tmp.path(), max, 2, 2).unwrap();
+        assert_eq!(journal.last_id(), 20);
+        assert_eq!(ids(&journal.since(14, 3).unwrap()), [15, 16, 17]);
+        assert_eq!(journal.append(event(21)).unwrap().id, 21);
+        assert_eq!(ids(&journal.since(19, 100).unwrap()), [20, 21]);
+
+        // Shrinking keep_files trims the extra rotated files at the next rotation.
+        drop(journal);
+        let mut journal = Journal::open(tmp.path(), max, 1, 2).unwrap();
+        for n in 22..=23 {
+            assert_eq!(journal.append(event(n)).unwrap().id, n);
+        }
+        assert_eq!(names(tmp.path()), ["events.1.jsonl", "events.jsonl"]);
+        assert_eq!(ids(&journal.since(0, 100).unwrap()), [19, 20, 21, 22, 23]);
+    }
+
+    #[test]
+    fn rotation_without_kept_files_keeps_ids_across_reopen() {
+        let tmp = TempDir::new("keep0");
+        {
+            // Every line rotates: one event per file, none kept.
+            let mut journal = Journal::open(tmp.path(), 1, 0, 10).unwrap();
+            for n in 1..=3 {
+                assert_eq!(journal.append(event(n)).unwrap().id, n);
+            }
+            assert_eq!(names(tmp.path()), [JOURNAL_FILE]);
+        }
+        let mut journal = Journal::open(tmp.path(), 1, 0, 10).unwrap();
+        assert_eq!(journal.last_id(), 3);
+        assert_eq!(journal.append(event(4)).unwrap().id, 4);
+        assert_eq!(ids(&journal.since(0, 10).unwrap()), [3, 4]);
+    }
+
+    #[test]
+    fn interrupted_rotation_leftover_is_discarded() {
+        let tmp = TempDir::new("next");
+        {
+            let mut journal = Journal::open(tmp.path(), 1 << 20, 2, 10).unwrap();
+            journal.append(event(1)).unwrap();
+        }
+        let mut stray = event(2);
+        stray.id = 2;
+        let mut line = serde_json::to_vec(&stray).unwrap();
+        line.push(b'\n');
+        fs::write(tmp.path().join(JOURNAL_NEXT), line).unwrap();
+
+        let journal = Journal::open(tmp.path(), 1 << 20, 2, 10).unwrap();
+        assert_eq!(journal.last_id(), 1);
+        assert!(!tmp.path().join(JOURNAL_NEXT).exists());
+    }
+
+    #[test]
+    fn since_limits_and_orders_from_memory_and_from_files() {
+        let tmp = TempDir::new("since");
+        let mut journal = Journal::open(tmp.path(), 1 << 20, 2, 100).unwrap();
+        for n in 1..=10 {
+            journal.append(event(n)).unwrap();
+        }
+        // memory = 0 forces every read to the files; both must answer alike.
+        let from_files = Journal::open(tmp.path(), 1 << 20, 2, 0).unwrap();
+        assert_eq!(from_files.last_id(), 10);
+        for j in [&journal, &from_files] {
+            assert_eq!(ids(&j.since(2, 3).unwrap()), [3, 4, 5]);
+            assert_eq!(ids(&j.since(0, 100).unwrap()), (1..=10).collect::<Vec<_>>());
+            assert_eq!(ids(&j.since(9, 100).unwrap()), [10]);
+            assert!(j.since(10, 100).unwrap().is_empty());
+            assert!(j.since(u64::MAX, 100).unwrap().is_empty());
+            assert!(j.since(0, 0).unwrap().is_empty());
+        }
+        assert_eq!(
+            journal.since(0, 100).unwrap(),
+            from_files.since(0, 100).unwrap()
+        );
+
+        // Memory that holds only the newest events still answers older `since` from disk.
+        let small = Journal::open(tmp.path(), 1 << 20, 2, 3).unwrap();
+        assert_eq!(ids(&small.since(1, 4).unwrap()), [2, 3, 4, 5]);
+        assert_eq!(ids(&small.since(7, 100).unwrap()), [8, 9, 10]);
+    }
+}

@@ -1,0 +1,629 @@
+//! The admin API on real sockets: every route and error case, auth, durable state and
+//! events, reload, and weight changes under load.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use common::*;
+use http::{Method, Request, StatusCode};
+use serde_json::{Value, json};
+use weir::config::Config;
+
+struct Admin {
+    addr: SocketAddr,
+    token: Option<String>,
+    client: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        TestBody,
+    >,
+}
+
+impl Admin {
+    fn new(addr: SocketAddr) -> Admin {
+        Admin {
+            addr,
+            token: None,
+            client: client(),
+        }
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        extra: &[(&str, &str)],
+    ) -> Answer {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", self.addr));
+        if let Some(t) = &self.token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        if body.is_some() {
+            req = req.header("content-type", "application/json");
+        }
+        for (k, v) in extra {
+            req = req.header(*k, *v);
+        }
+        let body = body.map_or_else(empty, |b| full(serde_json::to_vec(&b).unwrap()));
+        send(&self.client, req.body(body).unwrap()).await
+    }
+
+    async fn get(&self, path: &str) -> Answer {
+        self.call(Method::GET, path, None, &[]).await
+    }
+
+    async fn put_weights(&self, service: &str, body: Value) -> Answer {
+        self.call(
+            Method::PUT,
+            &format!("/api/v1/services/{service}/weights"),
+            Some(body),
+            &[],
+        )
+        .await
+    }
+
+    async fn events(&self) -> Vec<Value> {
+        self.get("/api/v1/events?limit=1000").await.json()["events"]
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+}
+
+async fn shop() -> (
+    Proxy,
+    Admin,
+    weir::upstream::UpstreamHandle,
+    weir::upstream::UpstreamHandle,
+) {
+    let stable = upstream("stable").await;
+    let canary = upstream("canary").await;
+    let toml = proxy_toml("")
+        + &service_toml(
+            "shop",
+            Some(&["shop.example.com"]),
+            &[
+                ("stable", vec![stable.addr().to_string()], 90),
+                ("canary", vec![canary.addr().to_string()], 10),
+            ],
+        );
+    let proxy = start(&toml).await;
+    let admin = Admin::new(proxy.admin);
+    (proxy, admin, stable, canary)
+}
+
+fn weights(service: &Value) -> Vec<(String, u64)> {
+    service["pools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_string(),
+                p["weight"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn health_and_readiness() {
+    let (_p, admin, _s, _c) = shop().await;
+    let h = admin.get("/healthz").await;
+    assert_eq!((h.status, h.text().as_str()), (StatusCode::OK, "ok\n"));
+    assert_eq!(admin.get("/readyz").await.status, StatusCode::OK);
+    let missing = admin.get("/nope").await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    assert!(missing.json()["error"].is_string());
+}
+
+#[tokio::test]
+async fn services_are_listed_with_the_documented_shape() {
+    let (_p, admin, stable, _c) = shop().await;
+    let all = admin.get("/api/v1/services").await;
+    assert_eq!(all.status, StatusCode::OK);
+    assert_eq!(all.headers["content-type"], "application/json");
+    let s = &all.json()["services"][0];
+    assert_eq!(s["name"], "shop");
+    assert_eq!(s["hosts"], json!(["shop.example.com"]));
+    assert_eq!(s["baseline"], "stable");
+    assert_eq!(s["version"], 1);
+    assert_eq!(s["updated_by"], "config");
+    assert!(s["updated_at"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(s["pools"][0]["name"], "stable");
+    assert_eq!(s["pools"][0]["weight"], 90);
+    assert_eq!(s["pools"][0]["share"], 0.9);
+    assert_eq!(
+        s["pools"][0]["endpoints"],
+        json!([stable.addr().to_string()])
+    );
+    assert_eq!(s["pools"][1]["name"], "canary");
+    let one = admin.get("/api/v1/services/shop").await;
+    assert_eq!(one.json(), *s);
+    assert_eq!(one.headers["etag"], "\"1\"");
+    let unknown = admin.get("/api/v1/services/nope").await;
+    assert_eq!(unknown.status, StatusCode::NOT_FOUND);
+    assert_eq!(unknown.json()["error"], "unknown service `nope`");
+}
+
+#[tokio::test]
+async fn put_weights_changes_routing_and_records_an_event() {
+    let (proxy, admin, _s, _c) = shop().await;
+    let a = admin
+        .put_weights(
+            "shop",
+            json!({"weights": {"stable": 0, "canary": 5}, "reason": "try canary"}),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    let s = a.json();
+    assert_eq!(s["version"], 2);
+    assert_eq!(s["updated_by"], "admin");
+    assert_eq!(weights(&s), [("stable".into(), 0), ("canary".into(), 5)]);
+    assert_eq!(s["pools"][1]["share"], 1.0);
+    let c = client();
+    for _ in 0..20 {
+        assert_eq!(
+            get(&c, proxy.addr, "shop.example.com", "/")
+                .await
+                .upstream(),
+            "canary"
+        );
+    }
+    let events = admin.events().await;
+    let e = events
+        .iter()
+        .find(|e| e["kind"] == "weights_changed")
+        .expect("event");
+    assert_eq!(e["service"], "shop");
+    assert_eq!(e["source"], "admin");
+    assert_eq!(e["from"], json!({"stable": 90, "canary": 10}));
+    assert_eq!(e["to"], json!({"stable": 0, "canary": 5}));
+    assert_eq!(e["reason"], "try canary");
+    assert!(e["actor"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert!(e["id"].as_u64().unwrap() > 0);
+}
+
+#[tokio::test]
+async fn bad_weight_requests_are_400_and_change_nothing() {
+    let (_p, admin, _s, _c) = shop().await;
+    let before_events = admin.events().await.len();
+    let cases = [
+        (
+            json!({"weights": {"stable": 1}}),
+            "missing weight for pool(s) canary",
+        ),
+        (
+            json!({"weights": {"stable": 1, "canary": 1, "blue": 1}}),
+            "no pool `blue`",
+        ),
+        (json!({"weights": {"stable": -1, "canary": 1}}), "negative"),
+        (
+            json!({"weights": {"stable": 1.5, "canary": 1}}),
+            "whole number",
+        ),
+        (
+            json!({"weights": {"stable": "ten", "canary": 1}}),
+            "must be a number",
+        ),
+        (
+            json!({"weights": {"stable": 0, "canary": 0}}),
+            "all weights are zero",
+        ),
+        (
+            json!({"weight": {"stable": 1, "canary": 1}}),
+            "unknown field `weight`",
+        ),
+        (json!([1, 2]), "JSON object"),
+    ];
+    for (body, needle) in cases {
+        let a = admin.put_weights("shop", body.clone()).await;
+        assert_eq!(a.status, StatusCode::BAD_REQUEST, "{body}");
+        let msg = a.json()["error"].as_str().unwrap().to_string();
+        assert!(msg.contains(needle), "{body}: {msg}");
+    }
+    let malformed = admin
+        .call(
+            Method::PUT,
+            "/api/v1/services/shop/weights",
+            None,
+            &[("content-type", "application/json")],
+        )
+        .await;
+    // An empty body is `{}`: weights are missing.
+    assert_eq!(malformed.status, StatusCode::BAD_REQUEST);
+    let mut req = Request::put(format!(
+        "http://{}/api/v1/services/shop/weights",
+        admin.addr
+    ))
+    .header("content-type", "application/json")
+    .body(full("{\"weights\": {"))
+    .unwrap();
+    let a = send(
+        &admin.client,
+        std::mem::replace(&mut req, Request::new(empty())),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    assert!(
+        a.json()["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("malformed JSON")
+    );
+    let unknown = admin
+        .put_weights("nope", json!({"weights": {"a": 1}}))
+        .await;
+    assert_eq!(unknown.status, StatusCode::NOT_FOUND);
+    let s = admin.get("/api/v1/services/shop").await.json();
+    assert_eq!(s["version"], 1);
+    assert_eq!(weights(&s), [("stable".into(), 90), ("canary".into(), 10)]);
+    assert_eq!(
+        admin.events().await.len(),
+        before_events,
+        "an error wrote an event"
+    );
+}
+
+#[tokio::test]
+async fn if_match_detects_a_concurrent_change() {
+    let (_p, admin, _s, _c) = shop().await;
+    let body = json!({"weights": {"stable": 50, "canary": 50}});
+    let ok = admin
+        .call(
+            Method::PUT,
+            "/api/v1/services/shop/weights",
+            Some(body.clone()),
+            &[("if-match", "1")],
+        )
+        .await;
+    assert_eq!(ok.status, StatusCode::OK);
+    let stale = admin
+        .call(
+            Method::PUT,
+            "/api/v1/services/shop/weights",
+            Some(body.clone()),
+            &[("if-match", "\"1\"")],
+        )
+        .await;
+    assert_eq!(stale.status, StatusCode::CONFLICT);
+    assert!(
+        stale.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("version 2")
+    );
+    let bad = admin
+        .call(
+            Method::PUT,
+            "/api/v1/services/shop/weights",
+            Some(body),
+            &[("if-match", "abc")],
+        )
+        .await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        admin.get("/api/v1/services/shop").await.json()["version"],
+        2
+    );
+}
+
+#[tokio::test]
+async fn methods_and_content_types_are_enforced() {
+    let (_p, admin, _s, _c) = shop().await;
+    let get = admin.get("/api/v1/services/shop/weights").await;
+    assert_eq!(get.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(get.headers["allow"], "PUT");
+    let get = admin.get("/api/v1/services/shop/rollback").await;
+    assert_eq!(get.status, StatusCode::METHOD_NOT_ALLOWED);
+    let post_ro = admin
+        .call(Method::POST, "/api/v1/services", Some(json!({})), &[])
+        .await;
+    assert_eq!(post_ro.status, StatusCode::METHOD_NOT_ALLOWED);
+    let form = Request::put(format!(
+        "http://{}/api/v1/services/shop/weights",
+        admin.addr
+    ))
+    .header("content-type", "application/x-www-form-urlencoded")
+    .body(full("weights=1"))
+    .unwrap();
+    let a = send(&admin.client, form).await;
+    assert_eq!(a.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let no_type = admin
+        .call(Method::POST, "/api/v1/services/shop/rollback", None, &[])
+        .await;
+    assert_eq!(no_type.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert_eq!(
+        admin.get("/api/v1/services/shop").await.json()["version"],
+        1
+    );
+}
+
+#[tokio::test]
+async fn rollback_sends_all_traffic_to_the_baseline() {
+    let (proxy, admin, _s, _c) = shop().await;
+    let a = admin
+        .call(
+            Method::POST,
+            "/api/v1/services/shop/rollback",
+            Some(json!({"reason": "bad canary"})),
+            &[],
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    assert_eq!(
+        weights(&a.json()),
+        [("stable".into(), 100), ("canary".into(), 0)]
+    );
+    let c = client();
+    for _ in 0..50 {
+        assert_eq!(
+            get(&c, proxy.addr, "shop.example.com", "/")
+                .await
+                .upstream(),
+            "stable"
+        );
+    }
+    let e = admin.events().await.pop().unwrap();
+    assert_eq!(
+        (e["kind"].as_str(), e["reason"].as_str()),
+        (Some("rolled_back"), Some("bad canary"))
+    );
+    let unknown = admin
+        .call(
+            Method::POST,
+            "/api/v1/services/nope/rollback",
+            Some(json!({})),
+            &[],
+        )
+        .await;
+    assert_eq!(unknown.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn events_paginate_oldest_first() {
+    let (_p, admin, _s, _c) = shop().await;
+    for w in 1..=5 {
+        let a = admin
+            .put_weights("shop", json!({"weights": {"stable": w, "canary": 1}}))
+            .await;
+        assert_eq!(a.status, StatusCode::OK);
+    }
+    let all = admin.events().await;
+    assert_eq!(all.len(), 5);
+    let ids: Vec<u64> = all.iter().map(|e| e["id"].as_u64().unwrap()).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    let page = admin
+        .get(&format!("/api/v1/events?since={}&limit=2", ids[1]))
+        .await
+        .json();
+    let page_ids: Vec<u64> = page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(page_ids, ids[2..4]);
+    assert_eq!(
+        admin.get("/api/v1/events?limit=0").await.status,
+        StatusCode::BAD_REQUEST
+    );
+}
+
+#[tokio::test]
+async fn token_is_required_when_set() {
+    let up = upstream("stable").await;
+    let dir = temp_dir("token");
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    let toml = format!("[admin]\ntoken_file = \"{}\"\n", token_file.display())
+        + &service_toml("shop", None, &[("stable", vec![up.addr().to_string()], 1)]);
+    let proxy = start(&toml).await;
+    let mut admin = Admin::new(proxy.admin);
+    assert_eq!(admin.get("/healthz").await.status, StatusCode::OK);
+    let none = admin.get("/api/v1/services").await;
+    assert_eq!(none.status, StatusCode::UNAUTHORIZED);
+    assert!(
+        none.headers["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .starts_with("Bearer")
+    );
+    assert!(none.json()["error"].is_string());
+    admin.token = Some("wrong".into());
+    let wrong = admin
+        .put_weights("shop", json!({"weights": {"stable": 2}}))
+        .await;
+    assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
+    admin.token = Some("s3cret-token".into());
+    assert_eq!(admin.get("/api/v1/services").await.status, StatusCode::OK);
+    let ok = admin
+        .put_weights("shop", json!({"weights": {"stable": 2}}))
+        .await;
+    assert_eq!(ok.status, StatusCode::OK);
+    assert_eq!(ok.json()["version"], 2);
+}
+
+#[test]
+fn open_admin_without_token_refuses_to_start() {
+    let toml = "[admin]\nlisten = \"0.0.0.0:9901\"\n".to_string()
+        + &service_toml("s", None, &[("p", vec!["127.0.0.1:1".into()], 1)]);
+    let mut config = Config::parse(&toml, "t").unwrap();
+    config.state.dir = temp_dir("open-admin");
+    // Only this test in this binary touches the variable.
+    let err = weir::Weir::new(config, None).unwrap_err().to_string();
+    assert!(err.contains("not a loopback address"), "{err}");
+    assert!(err.contains("WEIR_ADMIN_TOKEN"), "{err}");
+}
+
+#[tokio::test]
+async fn reload_applies_a_valid_file_and_rejects_a_bad_one() {
+    let stable = upstream("stable").await;
+    let canary = upstream("canary").await;
+    let green = upstream("green").await;
+    let dir = temp_dir("reload");
+    let path = dir.join("weir.toml");
+    let state = format!("[state]\ndir = \"{}\"\n", dir.join("state").display());
+    let v1 = state.clone()
+        + &service_toml(
+            "shop",
+            None,
+            &[
+                ("stable", vec![stable.addr().to_string()], 100),
+                ("canary", vec![canary.addr().to_string()], 0),
+            ],
+        );
+    std::fs::write(&path, &v1).unwrap();
+    let config = Config::load(&path).unwrap();
+    let proxy = start_config(config, Some(path.clone()), Vec::new()).await;
+    let admin = Admin::new(proxy.admin);
+    // Operator moves weights at run time; a reload with the same pools keeps them.
+    admin
+        .put_weights("shop", json!({"weights": {"stable": 0, "canary": 1}}))
+        .await;
+    let v2 = v1.replace(&canary.addr().to_string(), &green.addr().to_string());
+    std::fs::write(&path, &v2).unwrap();
+    let r = admin
+        .call(Method::POST, "/api/v1/reload", Some(json!({})), &[])
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["event"]["kind"], "config_reloaded");
+    let c = client();
+    for _ in 0..20 {
+        // Runtime weights kept (all to canary), canary's endpoint replaced by green's.
+        assert_eq!(get(&c, proxy.addr, "x", "/").await.upstream(), "green");
+    }
+    // A broken file: 400 with the same messages as `weir check`, old config kept.
+    std::fs::write(&path, v2.replace("weight = 100", "weight = -3")).unwrap();
+    let r = admin
+        .call(Method::POST, "/api/v1/reload", Some(json!({})), &[])
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let body = r.json();
+    let problem = body["problems"][0].as_str().unwrap();
+    assert!(
+        problem.contains("service[shop].pools.stable.weight"),
+        "{problem}"
+    );
+    assert!(
+        problem.starts_with(&path.display().to_string()),
+        "{problem}"
+    );
+    assert_eq!(get(&c, proxy.addr, "x", "/").await.upstream(), "green");
+    let kinds: Vec<String> = admin
+        .events()
+        .await
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["weights_changed", "config_reloaded", "config_rejected"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weights_change_200_times_under_load_without_errors_or_misroutes() {
+    let (proxy, _admin, _s, _c) = shop().await;
+    const TOTAL: usize = 20_000;
+    const CHANGES: usize = 200;
+    // Phases cycle: all stable, all canary, half/half.
+    let phases = [(1u32, 0u32), (0, 1), (1, 1)];
+    let done = Arc::new(AtomicUsize::new(0));
+    let issued = Arc::new(AtomicUsize::new(0));
+    let epoch = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..32 {
+        let (done, issued) = (done.clone(), issued.clone());
+        let addr = proxy.addr;
+        workers.push(tokio::spawn(async move {
+            let c = client();
+            let mut seen = Vec::new();
+            while issued.fetch_add(1, Ordering::Relaxed) < TOTAL {
+                let sent = epoch.elapsed();
+                let a = get(&c, addr, "shop.example.com", "/").await;
+                let got = epoch.elapsed();
+                seen.push((sent, got, a.status, a.upstream().to_string()));
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            seen
+        }));
+    }
+    // (time the change was acknowledged, time the next change started, phase)
+    let mut windows = Vec::new();
+    for i in 0..CHANGES {
+        let (s, c) = phases[i % phases.len()];
+        let started = epoch.elapsed();
+        proxy
+            .controller
+            .apply(weir::control::Command::SetWeights {
+                service: "shop".into(),
+                weights: vec![("stable".into(), s), ("canary".into(), c)],
+                if_version: None,
+                source: weir::routing::Source::Admin,
+                actor: None,
+                reason: None,
+            })
+            .unwrap();
+        if let Some(last) = windows.last_mut() {
+            let (_, end, _): &mut (std::time::Duration, std::time::Duration, usize) = last;
+            *end = started;
+        }
+        windows.push((epoch.elapsed(), std::time::Duration::MAX, i % phases.len()));
+        // Let about TOTAL/CHANGES requests complete in this phase.
+        let target = (i + 1) * TOTAL / CHANGES;
+        let reached = wait_until(std::time::Duration::from_secs(30), || {
+            let done = done.clone();
+            async move { done.load(Ordering::Relaxed) >= target.min(TOTAL) }
+        })
+        .await;
+        assert!(reached, "load stalled at phase {i}");
+    }
+    let mut all = Vec::new();
+    for w in workers {
+        all.extend(w.await.unwrap());
+    }
+    assert_eq!(all.len(), TOTAL);
+    let failed: Vec<_> = all.iter().filter(|r| r.2 != StatusCode::OK).collect();
+    assert!(
+        failed.is_empty(),
+        "{} failed, e.g. {:?}",
+        failed.len(),
+        failed.first()
+    );
+    let (mut half_canary, mut half_total, mut checked) = (0usize, 0usize, 0usize);
+    for (sent, got, _, upstream) in &all {
+        // Only requests entirely inside one phase can be judged.
+        let Some((_, _, phase)) = windows
+            .iter()
+            .find(|(from, to, _)| sent >= from && got <= to)
+        else {
+            continue;
+        };
+        checked += 1;
+        match phases[*phase] {
+            (1, 0) => assert_eq!(upstream, "stable", "misrouted in an all-stable phase"),
+            (0, 1) => assert_eq!(upstream, "canary", "misrouted in an all-canary phase"),
+            _ => {
+                half_total += 1;
+                half_canary += usize::from(upstream == "canary");
+            }
+        }
+    }
+    // With 32 requests in flight and ~100 per phase, about a third straddle a change.
+    assert!(
+        checked > TOTAL / 5,
+        "only {checked} requests fell inside one phase"
+    );
+    let share = half_canary as f64 / half_total as f64;
+    assert!(
+        (0.45..=0.55).contains(&share),
+        "50:50 phases gave {share:.3} over {half_total}"
+    );
+}
