@@ -3,10 +3,12 @@
 //! count taken and released), exactly as the proxy does it per request.
 
 use std::hint::black_box;
+use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use weir::config::Config;
 use weir::control::Controller;
+use weir::metrics::{Metrics, PoolMetrics};
 
 fn config() -> Config {
     let mut toml = String::new();
@@ -21,7 +23,7 @@ fn config() -> Config {
 }
 
 fn routing(c: &mut Criterion) {
-    let controller = Controller::in_memory(&config());
+    let controller = Controller::in_memory(&config(), Metrics::new());
     let router = controller.router().clone();
     c.bench_function(
         "route: host + snapshot + weighted pool + p2c endpoint",
@@ -44,5 +46,26 @@ fn routing(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, routing);
+/// What metrics add to one request: the outcome recorded into its pool's counters and
+/// latency histogram, plus the in-flight gauge up and down. Compare with the proxy's CPU
+/// per request from `benches/load/compare.sh`.
+fn metrics_recording(c: &mut Criterion) {
+    let metrics = Metrics::new();
+    let pool = PoolMetrics::new(&metrics, &"shop".into(), &"canary".into());
+    let latency = Duration::from_micros(850);
+    c.bench_function(
+        "metrics: record one request (counter + histogram + inflight)",
+        |b| {
+            b.iter(|| {
+                pool.inflight().increment(1.0);
+                pool.record(black_box(200), None, black_box(latency));
+                pool.inflight().decrement(1.0);
+            })
+        },
+    );
+    // The exporter drains histogram samples at upkeep; keep memory bounded as it runs.
+    metrics.render();
+}
+
+criterion_group!(benches, routing, metrics_recording);
 criterion_main!(benches);

@@ -7,11 +7,16 @@ cd "$(dirname "$0")/.."
 # Debian packages the test suite uses; installed only when missing.
 need=()
 command -v curl >/dev/null 2>&1 || need+=(curl)
+# Real Prometheus for the metrics end-to-end test, and promtool to lint /metrics.
+command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${need[@]}"
+  # Debian's packages may try to start their service; there is no init here, and the
+  # tests start their own instances.
+  apt-get install -y -qq --no-install-recommends $(printf '%s\n' "${need[@]}" | sort -u)
 fi
 
 cargo fmt --all -- --check

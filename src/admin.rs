@@ -26,6 +26,7 @@ use tokio::net::TcpListener;
 
 use crate::config::{Config, MAX_WEIGHT};
 use crate::control::{Command, ControlError, Controller, rfc3339};
+use crate::metrics::Metrics;
 use crate::routing::{Service, Source};
 use crate::state::Event;
 
@@ -40,7 +41,9 @@ pub type AdminResponse = Response<Full<Bytes>>;
 /// Everything the admin API needs.
 pub struct Admin {
     controller: Arc<Controller>,
+    metrics: Arc<Metrics>,
     token: Option<String>,
+    metrics_auth: bool,
     /// The file `POST /api/v1/reload` and SIGHUP re-read.
     config_path: Option<PathBuf>,
     ready: AtomicBool,
@@ -99,12 +102,16 @@ pub fn resolve_token(config: &Config) -> Result<Option<String>, AdminError> {
 impl Admin {
     pub fn new(
         controller: Arc<Controller>,
+        metrics: Arc<Metrics>,
         token: Option<String>,
+        metrics_auth: bool,
         config_path: Option<PathBuf>,
     ) -> Admin {
         Admin {
             controller,
+            metrics,
             token,
+            metrics_auth,
             config_path,
             ready: AtomicBool::new(false),
         }
@@ -162,6 +169,25 @@ impl Admin {
                 } else {
                     text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
                 };
+            }
+            "/metrics" => {
+                if self.metrics_auth
+                    && let Some(refusal) = self.refuse_unauthorized(&req)
+                {
+                    return refusal;
+                }
+                if req.method() != Method::GET && req.method() != Method::HEAD {
+                    return error(
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        "/metrics is read-only: use GET",
+                    );
+                }
+                let mut r = Response::new(Full::new(Bytes::from(self.metrics.render())));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                return r;
             }
             _ => {}
         }
@@ -225,14 +251,7 @@ impl Admin {
                 ok(json!({ "services": services }))
             }
             Route::Service(name) => match self.controller.router().table().service(name) {
-                Some(s) => {
-                    let version = s.snapshot().version;
-                    let mut r = ok(service_json(s));
-                    if let Ok(v) = HeaderValue::from_str(&format!("\"{version}\"")) {
-                        r.headers_mut().insert(header::ETAG, v);
-                    }
-                    r
-                }
+                Some(s) => with_etag(ok(service_json(s)), s.snapshot().version),
                 None => error(StatusCode::NOT_FOUND, format!("unknown service `{name}`")),
             },
             Route::Weights(name) => {
@@ -304,7 +323,11 @@ impl Admin {
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(|v| {
+                // The scheme is case-insensitive (RFC 9110 §11.1).
+                let (scheme, token) = v.split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then_some(token)
+            })
             .map(str::trim);
         let good = given.is_some_and(|g| bool::from(g.as_bytes().ct_eq(token.as_bytes())));
         if good {
@@ -331,7 +354,7 @@ impl Admin {
         let result = tokio::task::spawn_blocking(move || controller.apply(command)).await;
         match result {
             Ok(Ok(change)) => match self.controller.router().table().service(&change.service) {
-                Some(s) => ok(service_json(s)),
+                Some(s) => with_etag(ok(service_json(s)), change.snapshot.version),
                 None => error(
                     StatusCode::NOT_FOUND,
                     format!("unknown service `{}`", change.service),
@@ -608,6 +631,14 @@ fn json_response(status: StatusCode, body: Value) -> AdminResponse {
     );
     r.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// The service version as an ETag, for `If-Match` on the next change.
+fn with_etag(mut r: AdminResponse, version: u64) -> AdminResponse {
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{version}\"")) {
+        r.headers_mut().insert(header::ETAG, v);
+    }
     r
 }
 

@@ -55,6 +55,8 @@ pub enum Command {
         #[arg(long, value_parser = parse_delay)]
         latency_jitter: Option<Duration>,
     },
+    /// Talk to a running weir through its admin API.
+    Ctl(crate::ctl::CtlArgs),
     /// Start two built-in upstreams and the proxy with a 90:10 split, and show what to try.
     Demo {
         /// Where the demo proxy listens.
@@ -124,6 +126,7 @@ pub async fn main(cli: Cli) -> Result<ExitCode> {
             handle.kill().await;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Ctl(args) => crate::ctl::run(args).await,
         Command::Demo { listen, admin } => {
             demo(listen, admin).await?;
             Ok(ExitCode::SUCCESS)

@@ -53,6 +53,8 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
     /// File holding the bearer token for `/api/` (else `WEIR_ADMIN_TOKEN`).
     pub token_file: Option<PathBuf>,
+    /// Put `/metrics` behind the admin token too.
+    pub metrics_auth: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -285,6 +287,7 @@ struct RawProxy {
 struct RawAdmin {
     listen: Option<Spanned<String>>,
     token_file: Option<Spanned<String>>,
+    metrics_auth: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -336,6 +339,7 @@ impl Validator<'_> {
                 .token_file
                 .as_ref()
                 .map(|t| PathBuf::from(t.get_ref())),
+            metrics_auth: raw.admin.metrics_auth.unwrap_or(false),
         };
         if let Some(t) = &raw.admin.token_file
             && t.get_ref().trim().is_empty()

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use crate::config::{Config, ServiceConfig};
+use crate::metrics::Metrics;
 use crate::pool::Pool;
 use crate::routing::{RouteTable, Router, Service, ServiceSnapshot, Source, WeightError};
 use crate::state::{Event, Journal, ServiceState, State, StateError, StateStore, Weights};
@@ -102,6 +103,7 @@ struct Persistence {
 /// commands never interleave and lose an update.
 pub struct Controller {
     router: Arc<Router>,
+    metrics: Arc<Metrics>,
     write: Mutex<Option<Persistence>>,
     /// The config in force (last loaded or reloaded).
     config: Mutex<Config>,
@@ -115,14 +117,15 @@ impl std::fmt::Debug for Controller {
 
 impl Controller {
     /// Build from a config with no persistence (benches, unit tests).
-    pub fn in_memory(config: &Config) -> Controller {
+    pub fn in_memory(config: &Config, metrics: Arc<Metrics>) -> Controller {
         let services = config
             .services
             .iter()
-            .map(|s| build_service(s, &HashMap::new()))
+            .map(|s| build_service(s, &HashMap::new(), &metrics))
             .collect();
         Controller {
             router: Arc::new(Router::new(RouteTable::new(services))),
+            metrics,
             write: Mutex::new(None),
             config: Mutex::new(config.clone()),
         }
@@ -130,7 +133,7 @@ impl Controller {
 
     /// Build from a config with durable state in `[state] dir`: weights saved by an
     /// earlier run are restored for every service whose pools still match the config.
-    pub fn open(config: &Config) -> Result<Controller, ControlError> {
+    pub fn open(config: &Config, metrics: Arc<Metrics>) -> Result<Controller, ControlError> {
         let store = StateStore::open(&config.state.dir)?;
         let mut journal = Journal::open(
             &config.state.dir,
@@ -139,7 +142,7 @@ impl Controller {
             JOURNAL_MEMORY,
         )?;
         let saved = store.load()?.unwrap_or_default();
-        let controller = Controller::in_memory(config);
+        let controller = Controller::in_memory(config, metrics);
         let mut events = Vec::new();
         for service in controller.router.table().services() {
             let Some(state) = saved.services.get(&*service.name) else {
@@ -321,6 +324,7 @@ impl Controller {
             None => None,
         };
         service.store(next.clone());
+        self.metrics.weight_changed(&name, source);
         Ok(Change {
             service: name,
             source,
@@ -369,7 +373,7 @@ impl Controller {
                         .collect()
                 })
                 .unwrap_or_default();
-            let fresh = build_service(cfg, &reuse);
+            let fresh = build_service(cfg, &reuse, &self.metrics);
             match old {
                 None => report.added.push(cfg.name.clone()),
                 Some(old) => {
@@ -407,6 +411,7 @@ impl Controller {
                             Source::Config,
                         )?;
                         fresh.store(Arc::new(snap));
+                        self.metrics.weight_changed(&cfg.name, Source::Config);
                         report.reset.push(cfg.name.clone());
                     }
                 }
@@ -489,7 +494,11 @@ fn sorted<'a>(names: &[&'a str]) -> Vec<&'a str> {
 }
 
 /// Build a service from config; pools listed in `reuse` are kept (same endpoints).
-fn build_service(cfg: &ServiceConfig, reuse: &HashMap<String, Arc<Pool>>) -> Arc<Service> {
+fn build_service(
+    cfg: &ServiceConfig,
+    reuse: &HashMap<String, Arc<Pool>>,
+    metrics: &Arc<Metrics>,
+) -> Arc<Service> {
     let pools: Vec<Arc<Pool>> = cfg
         .pools
         .iter()
@@ -497,9 +506,10 @@ fn build_service(cfg: &ServiceConfig, reuse: &HashMap<String, Arc<Pool>>) -> Arc
             reuse
                 .get(&p.name)
                 .cloned()
-                .unwrap_or_else(|| Arc::new(Pool::new(&cfg.name, p)))
+                .unwrap_or_else(|| Arc::new(Pool::new(&cfg.name, p, metrics)))
         })
         .collect();
+    metrics.register_service(&cfg.name);
     let weights: Vec<u32> = cfg.pools.iter().map(|p| p.weight).collect();
     let snapshot = ServiceSnapshot::new(pools, &weights, 1, Source::Config)
         .expect("validated config has valid weights");
@@ -571,7 +581,7 @@ weight = 10
 "#;
 
     fn controller() -> Controller {
-        Controller::in_memory(&Config::parse(CONFIG, "t").unwrap())
+        Controller::in_memory(&Config::parse(CONFIG, "t").unwrap(), Metrics::new())
     }
 
     fn set(weights: &[(&str, u32)], if_version: Option<u64>) -> Command {

@@ -14,17 +14,21 @@
 //! - [`routing`]: route table, immutable service snapshots, weighted pool choice.
 //! - [`pool`]: endpoints of a pool, in-flight counts, power-of-two-choices.
 //! - [`proxy`]: accept, forward, header rewriting, error mapping, outcomes.
+//! - [`metrics`]: Prometheus names, buckets and per-pool handles.
 //! - [`outcome`]: the per-request record metrics and the guard consume.
 //! - [`control`]: the controller, the only writer of routing state.
 //! - [`state`]: crash-safe state file and event journal.
 //! - [`admin`]: the admin HTTP API.
 //! - [`upstream`]: the built-in test and demo backend with fault injection.
+//! - [`ctl`]: `weir ctl`, the admin API's command-line client.
 //! - [`cli`]: the `weir` command line.
 
 pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod ctl;
+pub mod metrics;
 pub mod outcome;
 pub mod pool;
 pub mod proxy;
@@ -43,6 +47,7 @@ use tokio::net::TcpListener;
 use crate::admin::Admin;
 use crate::config::Config;
 use crate::control::{ControlError, Controller};
+use crate::metrics::{Metrics, MetricsSink};
 use crate::outcome::{LogSink, OutcomeSink};
 use crate::proxy::Proxy;
 
@@ -59,6 +64,7 @@ pub enum StartError {
 /// the binary alike bind their own listeners and call [`Weir::serve`].
 #[derive(Debug)]
 pub struct Weir {
+    metrics: Arc<Metrics>,
     controller: Arc<Controller>,
     proxy: Arc<Proxy>,
     admin: Arc<Admin>,
@@ -79,16 +85,24 @@ impl Weir {
         extra: Vec<Arc<dyn OutcomeSink>>,
     ) -> Result<Weir, StartError> {
         let token = admin::resolve_token(&config)?;
-        let controller = Arc::new(Controller::open(&config)?);
-        let mut sinks: Vec<Arc<dyn OutcomeSink>> = vec![Arc::new(LogSink)];
+        let metrics = Metrics::new();
+        let controller = Arc::new(Controller::open(&config, Arc::clone(&metrics))?);
+        let mut sinks: Vec<Arc<dyn OutcomeSink>> = vec![Arc::new(MetricsSink), Arc::new(LogSink)];
         sinks.extend(extra);
         let proxy = Arc::new(Proxy::new(
             &config.proxy,
             Arc::clone(controller.router()),
             sinks,
         ));
-        let admin = Arc::new(Admin::new(Arc::clone(&controller), token, config_path));
+        let admin = Arc::new(Admin::new(
+            Arc::clone(&controller),
+            Arc::clone(&metrics),
+            token,
+            config.admin.metrics_auth,
+            config_path,
+        ));
         Ok(Weir {
+            metrics,
             controller,
             proxy,
             admin,
@@ -113,6 +127,7 @@ impl Weir {
         admin: Option<TcpListener>,
         shutdown: impl Future<Output = ()>,
     ) -> io::Result<()> {
+        self.metrics.spawn_upkeep();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let admin_task = admin.map(|listener| {
             let mut rx = stop_rx.clone();

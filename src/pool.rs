@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use http::uri::Authority;
 
 use crate::config::{Endpoint, PoolConfig};
+use crate::metrics::{Metrics, PoolMetrics};
 use crate::routing::fast_rand;
 
 /// Run-time state of one endpoint. Padded to its own cache line so that two cores
@@ -50,13 +51,17 @@ pub struct Pool {
     pub service: Arc<str>,
     pub name: Arc<str>,
     endpoints: Box<[EndpointState]>,
+    metrics: PoolMetrics,
 }
 
 impl Pool {
-    pub fn new(service: &str, config: &PoolConfig) -> Pool {
+    pub fn new(service: &str, config: &PoolConfig, metrics: &Arc<Metrics>) -> Pool {
+        let service: Arc<str> = service.into();
+        let name: Arc<str> = config.name.as_str().into();
         Pool {
-            service: service.into(),
-            name: config.name.as_str().into(),
+            metrics: PoolMetrics::new(metrics, &service, &name),
+            service,
+            name,
             endpoints: config
                 .endpoints
                 .iter()
@@ -64,6 +69,11 @@ impl Pool {
                 .map(EndpointState::new)
                 .collect(),
         }
+    }
+
+    /// This pool's metric handles.
+    pub fn metrics(&self) -> &PoolMetrics {
+        &self.metrics
     }
 
     pub fn endpoints(&self) -> &[EndpointState] {
@@ -98,6 +108,7 @@ impl Pool {
         self.endpoints[index]
             .inflight
             .fetch_add(1, Ordering::Relaxed);
+        self.metrics.inflight().increment(1.0);
         Some(InflightGuard {
             pool: Arc::clone(self),
             index,
@@ -159,6 +170,7 @@ impl Drop for InflightGuard {
         self.pool.endpoints[self.index]
             .inflight
             .fetch_sub(1, Ordering::Relaxed);
+        self.pool.metrics.inflight().decrement(1.0);
     }
 }
 
@@ -174,7 +186,7 @@ mod tests {
                 .collect(),
             weight: 1,
         };
-        Arc::new(Pool::new("s", &cfg))
+        Arc::new(Pool::new("s", &cfg, &Metrics::new()))
     }
 
     #[test]

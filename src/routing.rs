@@ -134,6 +134,13 @@ impl ServiceSnapshot {
         &self.slots
     }
 
+    /// Publish this snapshot's weights and shares as gauges.
+    fn publish(&self) {
+        for (i, slot) in self.slots.iter().enumerate() {
+            slot.pool.metrics().set_weight(slot.weight, self.share(i));
+        }
+    }
+
     pub fn total_weight(&self) -> u64 {
         self.total
     }
@@ -185,6 +192,7 @@ impl Service {
         baseline: String,
         snapshot: ServiceSnapshot,
     ) -> Service {
+        snapshot.publish();
         Service {
             name: name.into(),
             hosts,
@@ -204,6 +212,7 @@ impl Service {
 
     /// Replace the snapshot. Only the controller calls this, under its lock.
     pub(crate) fn store(&self, snapshot: Arc<ServiceSnapshot>) {
+        snapshot.publish();
         self.snapshot.store(snapshot);
     }
 }
@@ -312,6 +321,7 @@ mod tests {
                         endpoints: vec![Endpoint::parse("127.0.0.1:1").unwrap()],
                         weight: 1,
                     },
+                    &crate::metrics::Metrics::new(),
                 ))
             })
             .collect()

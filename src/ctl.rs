@@ -1,0 +1,936 @@
+//! `weir ctl`: the command-line client of the admin API (`admin.rs`). It decides nothing
+//! itself: every answer is the server's, shown as a table or, with `--json`, as the API's
+//! own JSON, so the CLI can never disagree with what `curl` would show.
+//!
+//! Everything writes to a `&mut impl Write` and takes its stop signal as a future, so the
+//! integration tests drive the same code as the binary against a real weir on port 0.
+
+use std::fmt::Write as _;
+use std::future::Future;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use http::header::{self, HeaderValue};
+use http::{Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Map, Value};
+
+use crate::config::MAX_WEIGHT;
+
+/// Where `weir run` puts the admin API unless `[admin] listen` says otherwise.
+pub const DEFAULT_ADMIN: &str = "http://127.0.0.1:9901";
+/// A local admin API accepts in microseconds; a few seconds still covers a remote one,
+/// and a firewall that drops SYNs fails fast instead of after the kernel's ~2 minutes.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// The whole exchange. A mutation fsyncs the state file and the journal: milliseconds.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often `events --follow` asks for new events. A person is watching; nothing waits
+/// on this, so a second is both responsive and negligible load.
+const FOLLOW_INTERVAL: Duration = Duration::from_secs(1);
+/// The API's largest page (`admin::MAX_EVENTS`); following drains a backlog in as few
+/// requests as possible.
+const MAX_PAGE: u64 = 1000;
+/// Admin answers are a few KiB (1000 events: well under 1 MiB). The bound is for a wrong
+/// `--admin` pointing at something that streams.
+const MAX_ANSWER: usize = 16 * 1024 * 1024;
+
+/// Talk to a running weir through its admin API.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "weir ctl")]
+pub struct CtlArgs {
+    /// Base URL of the admin API (plain http).
+    #[arg(
+        long,
+        global = true,
+        env = "WEIR_ADMIN",
+        default_value = DEFAULT_ADMIN,
+        value_name = "URL"
+    )]
+    pub admin: String,
+    /// File holding the admin token (else the WEIR_ADMIN_TOKEN environment variable).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Print the API's JSON instead of tables (`events --follow`: one event per line).
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum CtlCommand {
+    /// Services and their pools: weights, traffic shares, versions.
+    Status {
+        /// Only this service.
+        service: Option<String>,
+    },
+    /// Set the weight of every pool of a service, as one change.
+    #[command(after_help = "Example: weir ctl set-weight shop stable=90 canary=10 \
+                            --reason 'canary looks healthy'")]
+    SetWeight {
+        /// The service, as `status` names it.
+        service: String,
+        /// One POOL=WEIGHT for every pool of the service.
+        #[arg(required = true, value_name = "POOL=WEIGHT", value_parser = parse_pool_weight)]
+        weights: Vec<PoolWeight>,
+        /// Why, for the audit journal.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Refuse if the service is no longer at this version (see `status`).
+        #[arg(long, value_name = "VERSION")]
+        if_version: Option<u64>,
+    },
+    /// Send all traffic to the service's baseline pool.
+    Rollback {
+        /// The service, as `status` names it.
+        service: String,
+        /// Why, for the audit journal.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// The audit journal, oldest first.
+    Events {
+        /// Only events after this id.
+        #[arg(long, value_name = "ID")]
+        since: Option<u64>,
+        /// At most this many (the API's default is 100).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=MAX_PAGE))]
+        limit: Option<u64>,
+        /// Then keep printing new events as they happen, until Ctrl-C.
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Make weir re-read its config file and apply it.
+    Reload,
+}
+
+/// One `POOL=WEIGHT` argument.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolWeight {
+    pub pool: String,
+    pub weight: u32,
+}
+
+/// Parse `POOL=WEIGHT` before anything is sent, so a typo never reaches the server as
+/// some other change.
+pub fn parse_pool_weight(s: &str) -> Result<PoolWeight, String> {
+    let Some((pool, weight)) = s.split_once('=') else {
+        return Err(format!(
+            "`{s}` is not POOL=WEIGHT: give a weight, e.g. {}=10",
+            s.trim()
+        ));
+    };
+    let (pool, weight) = (pool.trim(), weight.trim());
+    if pool.is_empty() {
+        return Err(format!("`{s}` has no pool name before `=`, e.g. canary=10"));
+    }
+    let weight: u64 = weight.parse().map_err(|_| {
+        format!("weight of pool `{pool}` must be a whole number 0..={MAX_WEIGHT}, got `{weight}`")
+    })?;
+    if weight > MAX_WEIGHT {
+        return Err(format!(
+            "weight of pool `{pool}` is above the maximum of {MAX_WEIGHT}"
+        ));
+    }
+    Ok(PoolWeight {
+        pool: pool.to_string(),
+        weight: weight as u32,
+    })
+}
+
+/// Why a `weir ctl` command failed. Each displays as one line.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    /// The API answered with an error status; `body` is its JSON.
+    #[error("{message} (HTTP {})", .status.as_u16())]
+    Api {
+        status: StatusCode,
+        message: String,
+        body: Value,
+    },
+    #[error("cannot reach the admin API at {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error("the admin API at {url} did not answer within {}s", REQUEST_TIMEOUT.as_secs())]
+    Timeout { url: String },
+    #[error("request to the admin API at {url} failed: {reason}")]
+    Transport { url: String, reason: String },
+    #[error("unexpected answer from {url}: {reason}; is --admin weir's admin address?")]
+    NotAdmin { url: String, reason: String },
+    /// Bad flags or arguments, found before any request.
+    #[error("{0}")]
+    Usage(String),
+    /// Writing to stdout failed.
+    #[error("cannot write output: {0}")]
+    Output(#[from] io::Error),
+}
+
+/// The admin token and where it came from, for the hint when the server refuses it.
+#[derive(Clone)]
+pub struct Token {
+    pub value: String,
+    pub from: String,
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Token")
+            .field("from", &self.from)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `--token-file` (trimmed) wins over `WEIR_ADMIN_TOKEN`: a flag is the more deliberate
+/// choice. The environment is passed in so tests need not mutate the process's.
+pub fn resolve_token(file: Option<&Path>, env: Option<String>) -> Result<Option<Token>, CtlError> {
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            CtlError::Usage(format!(
+                "cannot read --token-file {}: {}",
+                path.display(),
+                io_reason(&e)
+            ))
+        })?;
+        let value = text.trim();
+        if value.is_empty() {
+            return Err(CtlError::Usage(format!(
+                "--token-file {} is empty",
+                path.display()
+            )));
+        }
+        return Ok(Some(Token {
+            value: value.to_string(),
+            from: format!("--token-file {}", path.display()),
+        }));
+    }
+    Ok(env
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+        .map(|value| Token {
+            value,
+            from: "WEIR_ADMIN_TOKEN".into(),
+        }))
+}
+
+/// A small client for the admin API: one keep-alive connection pool, JSON in and out,
+/// every failure turned into a one-line [`CtlError`].
+#[derive(Debug, Clone)]
+pub struct AdminClient {
+    /// `http://host:port` plus any path prefix, without a trailing slash.
+    base: String,
+    /// Marked sensitive, so `Debug` shows no secret.
+    auth: Option<HeaderValue>,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl AdminClient {
+    /// `admin` is a base URL such as `http://127.0.0.1:9901` (`127.0.0.1:9901` also
+    /// works). Only plain http: the admin API has no TLS of its own.
+    pub fn new(admin: &str, token: Option<&str>) -> Result<AdminClient, CtlError> {
+        let admin = admin.trim();
+        let with_scheme = if admin.contains("://") {
+            admin.to_string()
+        } else {
+            format!("http://{admin}")
+        };
+        let bad = |why: &str| CtlError::Usage(format!("--admin `{admin}`: {why}"));
+        let uri: Uri = with_scheme
+            .parse()
+            .map_err(|_| bad("not a URL; expected e.g. http://127.0.0.1:9901"))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some("https") => {
+                return Err(bad(
+                    "weir ctl speaks plain http only (the admin API has no TLS); \
+                     use http://, e.g. through an SSH tunnel",
+                ));
+            }
+            _ => return Err(bad("only http:// URLs are supported")),
+        }
+        let Some(authority) = uri.authority() else {
+            return Err(bad("no host; expected e.g. http://127.0.0.1:9901"));
+        };
+        if uri.query().is_some() {
+            return Err(bad("a base URL takes no query string"));
+        }
+        let base = format!("http://{authority}{}", uri.path().trim_end_matches('/'));
+        let auth = token
+            .map(|t| {
+                let mut v = HeaderValue::from_str(&format!("Bearer {t}")).map_err(|_| {
+                    CtlError::Usage(
+                        "the admin token contains characters that cannot be sent in a header"
+                            .into(),
+                    )
+                })?;
+                v.set_sensitive(true);
+                Ok::<_, CtlError>(v)
+            })
+            .transpose()?;
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new()).build(connector);
+        Ok(AdminClient { base, auth, client })
+    }
+
+    /// The base URL requests go to.
+    pub fn url(&self) -> &str {
+        &self.base
+    }
+
+    /// `GET /api/v1/services`.
+    pub async fn services(&self) -> Result<Value, CtlError> {
+        self.call(Method::GET, "/api/v1/services", None, None).await
+    }
+
+    /// `GET /api/v1/services/{name}`.
+    pub async fn service(&self, name: &str) -> Result<Value, CtlError> {
+        let path = format!("/api/v1/services/{}", segment(name));
+        self.call(Method::GET, &path, None, None).await
+    }
+
+    /// `PUT /api/v1/services/{name}/weights`; answers the new service document.
+    pub async fn set_weights(
+        &self,
+        service: &str,
+        weights: &[PoolWeight],
+        reason: Option<&str>,
+        if_version: Option<u64>,
+    ) -> Result<Value, CtlError> {
+        let weights: Map<String, Value> = weights
+            .iter()
+            .map(|w| (w.pool.clone(), Value::from(w.weight)))
+            .collect();
+        let mut body = Map::new();
+        body.insert("weights".into(), Value::Object(weights));
+        if let Some(r) = reason {
+            body.insert("reason".into(), r.into());
+        }
+        let path = format!("/api/v1/services/{}/weights", segment(service));
+        self.call(Method::PUT, &path, Some(Value::Object(body)), if_version)
+            .await
+    }
+
+    /// `POST /api/v1/services/{name}/rollback`; answers the new service document.
+    pub async fn rollback(&self, service: &str, reason: Option<&str>) -> Result<Value, CtlError> {
+        let mut body = Map::new();
+        if let Some(r) = reason {
+            body.insert("reason".into(), r.into());
+        }
+        let path = format!("/api/v1/services/{}/rollback", segment(service));
+        self.call(Method::POST, &path, Some(Value::Object(body)), None)
+            .await
+    }
+
+    /// `GET /api/v1/events`: events after `since`, oldest first.
+    pub async fn events(&self, since: Option<u64>, limit: Option<u64>) -> Result<Value, CtlError> {
+        let mut query = Vec::new();
+        if let Some(s) = since {
+            query.push(format!("since={s}"));
+        }
+        if let Some(l) = limit {
+            query.push(format!("limit={l}"));
+        }
+        let mut path = "/api/v1/events".to_string();
+        if !query.is_empty() {
+            path = format!("{path}?{}", query.join("&"));
+        }
+        self.call(Method::GET, &path, None, None).await
+    }
+
+    /// `POST /api/v1/reload`.
+    pub async fn reload(&self) -> Result<Value, CtlError> {
+        self.call(
+            Method::POST,
+            "/api/v1/reload",
+            Some(Value::Object(Map::new())),
+            None,
+        )
+        .await
+    }
+
+    /// One exchange. Mutations always carry a JSON body (`{}` at least): the API refuses
+    /// any other content type, which is what keeps browser forms out.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        if_version: Option<u64>,
+    ) -> Result<Value, CtlError> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base))
+            .header(header::ACCEPT, "application/json")
+            .header(
+                header::USER_AGENT,
+                concat!("weir-ctl/", env!("CARGO_PKG_VERSION")),
+            );
+        if let Some(auth) = &self.auth {
+            req = req.header(header::AUTHORIZATION, auth.clone());
+        }
+        if let Some(v) = if_version {
+            req = req.header(header::IF_MATCH, format!("\"{v}\""));
+        }
+        let bytes = match &body {
+            Some(b) => {
+                req = req.header(header::CONTENT_TYPE, "application/json");
+                Bytes::from(b.to_string())
+            }
+            None => Bytes::new(),
+        };
+        let req = req
+            .body(Full::new(bytes))
+            .map_err(|e| CtlError::Usage(format!("cannot build the request for {path}: {e}")))?;
+        let exchange = async {
+            let resp = self.client.request(req).await.map_err(|e| {
+                let reason = error_reason(&e);
+                if e.is_connect() {
+                    CtlError::Unreachable {
+                        url: self.base.clone(),
+                        reason,
+                    }
+                } else {
+                    CtlError::Transport {
+                        url: self.base.clone(),
+                        reason,
+                    }
+                }
+            })?;
+            let status = resp.status();
+            let content_type = resp
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("no content type")
+                .to_string();
+            let body = Limited::new(resp.into_body(), MAX_ANSWER)
+                .collect()
+                .await
+                .map_err(|e| CtlError::Transport {
+                    url: self.base.clone(),
+                    reason: format!("reading the answer: {}", error_reason(&*e)),
+                })?
+                .to_bytes();
+            Ok::<_, CtlError>((status, content_type, body))
+        };
+        let (status, content_type, body) = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+            .await
+            .map_err(|_| CtlError::Timeout {
+            url: self.base.clone(),
+        })??;
+        let Ok(json) = serde_json::from_slice::<Value>(&body) else {
+            return Err(CtlError::NotAdmin {
+                url: self.base.clone(),
+                reason: format!(
+                    "HTTP {} with a non-JSON body ({content_type})",
+                    status.as_u16()
+                ),
+            });
+        };
+        if status.is_success() {
+            return Ok(json);
+        }
+        let message = match json.get("error").and_then(Value::as_str) {
+            Some(m) => m.to_string(),
+            None => json.to_string(),
+        };
+        Err(CtlError::Api {
+            status,
+            message,
+            body: json,
+        })
+    }
+}
+
+/// Percent-encode one path segment. Service names are `[A-Za-z0-9._-]` on the server, so
+/// this only matters for a mistyped name, which then reads as unknown, not as some
+/// other route.
+fn segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
+/// The most specific cause in an error chain, readable: `connection refused`, not
+/// `client error (Connect)` or a Debug dump.
+fn error_reason(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut innermost = e;
+    while let Some(next) = innermost.source() {
+        innermost = next;
+    }
+    if let Some(io) = innermost.downcast_ref::<io::Error>() {
+        return io_reason(io);
+    }
+    innermost.to_string()
+}
+
+/// `Connection refused (os error 111)` → `connection refused`.
+fn io_reason(e: &io::Error) -> String {
+    if e.kind() == io::ErrorKind::TimedOut {
+        return format!("no connection within {}s", CONNECT_TIMEOUT.as_secs());
+    }
+    let text = e.to_string();
+    let text = match text.rfind(" (os error ") {
+        Some(i) => &text[..i],
+        None => &text,
+    };
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => text.to_string(),
+    }
+}
+
+/// `weir ctl …` from the command line: real stdout and stderr, Ctrl-C ends `--follow`.
+pub async fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
+    let env_token = std::env::var("WEIR_ADMIN_TOKEN").ok();
+    // `ctrl_c` installs its handler on first poll, and only `--follow` polls it: every
+    // other command keeps the default Ctrl-C behaviour.
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    Ok(execute(
+        &args,
+        env_token,
+        &mut io::stdout(),
+        &mut io::stderr(),
+        ctrl_c,
+    )
+    .await)
+}
+
+/// Run one command: results to `out`, errors to `err` as `weir ctl: …` lines (with
+/// `--json`, an API error's JSON body also goes to `out`). `stop` ends `--follow`.
+pub async fn execute(
+    args: &CtlArgs,
+    env_token: Option<String>,
+    out: &mut impl Write,
+    err: &mut impl Write,
+    stop: impl Future<Output = ()>,
+) -> ExitCode {
+    let token = match resolve_token(args.token_file.as_deref(), env_token) {
+        Ok(t) => t,
+        Err(e) => return fail(&e, None, args.json, out, err),
+    };
+    let client = match AdminClient::new(&args.admin, token.as_ref().map(|t| t.value.as_str())) {
+        Ok(c) => c,
+        Err(e) => return fail(&e, None, args.json, out, err),
+    };
+    match dispatch(&client, args, out, stop).await {
+        Ok(()) => ExitCode::SUCCESS,
+        // `weir ctl events | head`: the reader has what it wanted.
+        Err(CtlError::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => fail(&e, token.as_ref(), args.json, out, err),
+    }
+}
+
+fn fail(
+    e: &CtlError,
+    token: Option<&Token>,
+    json: bool,
+    out: &mut impl Write,
+    err: &mut impl Write,
+) -> ExitCode {
+    // Nothing useful is left to do if stderr itself is gone.
+    let _ = report(e, token, json, out, err);
+    ExitCode::FAILURE
+}
+
+fn report(
+    e: &CtlError,
+    token: Option<&Token>,
+    json: bool,
+    out: &mut impl Write,
+    err: &mut impl Write,
+) -> io::Result<()> {
+    if let CtlError::Api {
+        status,
+        message,
+        body,
+    } = e
+    {
+        if json {
+            write_json(out, body)?;
+        }
+        // A rejected reload lists every problem; one per line reads better than the
+        // `; `-joined summary in `error`.
+        let problems: Vec<&str> = body
+            .get("problems")
+            .and_then(Value::as_array)
+            .map(|p| p.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        if !problems.is_empty() {
+            let head = message
+                .split_once(": ")
+                .map_or(message.as_str(), |(h, _)| h);
+            writeln!(err, "weir ctl: {head} (HTTP {}):", status.as_u16())?;
+            for p in problems {
+                writeln!(err, "  {p}")?;
+            }
+            return Ok(());
+        }
+        writeln!(err, "weir ctl: {e}")?;
+        if *status == StatusCode::UNAUTHORIZED {
+            match token {
+                None => writeln!(
+                    err,
+                    "weir ctl: hint: give the admin token with --token-file FILE or WEIR_ADMIN_TOKEN"
+                )?,
+                Some(t) => writeln!(
+                    err,
+                    "weir ctl: hint: the token from {} was refused; it must match the server's \
+                     [admin] token_file (or its WEIR_ADMIN_TOKEN)",
+                    t.from
+                )?,
+            }
+        }
+        return Ok(());
+    }
+    writeln!(err, "weir ctl: {e}")
+}
+
+async fn dispatch(
+    client: &AdminClient,
+    args: &CtlArgs,
+    out: &mut impl Write,
+    stop: impl Future<Output = ()>,
+) -> Result<(), CtlError> {
+    let json = args.json;
+    match &args.command {
+        CtlCommand::Status { service: None } => {
+            let body = client.services().await?;
+            if json {
+                return Ok(write_json(out, &body)?);
+            }
+            let services = body
+                .get("services")
+                .and_then(Value::as_array)
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            if services.is_empty() {
+                writeln!(out, "no services")?;
+                return Ok(());
+            }
+            Ok(write_services(out, services)?)
+        }
+        CtlCommand::Status {
+            service: Some(name),
+        } => {
+            check_service(name)?;
+            let body = client.service(name).await?;
+            Ok(show_service(out, &body, json)?)
+        }
+        CtlCommand::SetWeight {
+            service,
+            weights,
+            reason,
+            if_version,
+        } => {
+            check_service(service)?;
+            // A JSON object keeps only the last of two equal keys, so the server could
+            // not tell the user about `stable=1 stable=2`: refuse it here.
+            for (i, w) in weights.iter().enumerate() {
+                if weights[..i].iter().any(|o| o.pool == w.pool) {
+                    return Err(CtlError::Usage(format!(
+                        "pool `{}` is given more than once",
+                        w.pool
+                    )));
+                }
+            }
+            let body = client
+                .set_weights(service, weights, reason.as_deref(), *if_version)
+                .await?;
+            Ok(show_service(out, &body, json)?)
+        }
+        CtlCommand::Rollback { service, reason } => {
+            check_service(service)?;
+            let body = client.rollback(service, reason.as_deref()).await?;
+            Ok(show_service(out, &body, json)?)
+        }
+        CtlCommand::Events {
+            since,
+            limit,
+            follow: false,
+        } => {
+            let body = client.events(*since, *limit).await?;
+            if json {
+                return Ok(write_json(out, &body)?);
+            }
+            for e in events_of(&body) {
+                writeln!(out, "{}", event_line(e))?;
+            }
+            Ok(())
+        }
+        CtlCommand::Events {
+            since,
+            limit,
+            follow: true,
+        } => follow_events(client, *since, *limit, json, out, stop).await,
+        CtlCommand::Reload => {
+            let body = client.reload().await?;
+            if json {
+                return Ok(write_json(out, &body)?);
+            }
+            Ok(write_reload(out, &body)?)
+        }
+    }
+}
+
+fn check_service(name: &str) -> Result<(), CtlError> {
+    if name.trim().is_empty() {
+        return Err(CtlError::Usage("SERVICE must not be empty".into()));
+    }
+    Ok(())
+}
+
+/// Print events after `since`, then poll for new ones until `stop`. A full page means a
+/// backlog, fetched again at once; only a short page waits for the interval.
+async fn follow_events(
+    client: &AdminClient,
+    since: Option<u64>,
+    limit: Option<u64>,
+    json: bool,
+    out: &mut impl Write,
+    stop: impl Future<Output = ()>,
+) -> Result<(), CtlError> {
+    tokio::pin!(stop);
+    let page = limit.unwrap_or(MAX_PAGE);
+    let mut cursor = since.unwrap_or(0);
+    loop {
+        let body = tokio::select! {
+            body = client.events(Some(cursor), Some(page)) => body?,
+            () = &mut stop => return Ok(()),
+        };
+        let events = events_of(&body);
+        for e in events {
+            if json {
+                // One compact event per line: a stream that `jq` or `grep` can follow.
+                writeln!(out, "{e}")?;
+            } else {
+                writeln!(out, "{}", event_line(e))?;
+            }
+            if let Some(id) = e.get("id").and_then(Value::as_u64) {
+                cursor = cursor.max(id);
+            }
+        }
+        out.flush()?;
+        if events.len() as u64 >= page {
+            continue;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(FOLLOW_INTERVAL) => {}
+            () = &mut stop => return Ok(()),
+        }
+    }
+}
+
+fn events_of(body: &Value) -> &[Value] {
+    body.get("events")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+}
+
+fn write_json(out: &mut impl Write, body: &Value) -> io::Result<()> {
+    let text = serde_json::to_string_pretty(body).map_err(io::Error::other)?;
+    writeln!(out, "{text}")
+}
+
+fn show_service(out: &mut impl Write, body: &Value, json: bool) -> io::Result<()> {
+    if json {
+        write_json(out, body)
+    } else {
+        write_services(out, std::slice::from_ref(body))
+    }
+}
+
+fn text<'a>(v: &'a Value, key: &str) -> &'a str {
+    v.get(key).and_then(Value::as_str).unwrap_or("?")
+}
+
+fn number(v: &Value, key: &str) -> String {
+    v.get(key)
+        .and_then(Value::as_u64)
+        .map_or_else(|| "?".into(), |n| n.to_string())
+}
+
+/// The status table: one row per pool, the service and version repeated on every row so
+/// that `grep canary` still shows them.
+pub fn write_services(out: &mut impl Write, services: &[Value]) -> io::Result<()> {
+    let mut rows = Vec::new();
+    for s in services {
+        let pools = s
+            .get("pools")
+            .and_then(Value::as_array)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        for p in pools {
+            let share = p
+                .get("share")
+                .and_then(Value::as_f64)
+                .map_or_else(|| "?".into(), |s| format!("{:.1}", s * 100.0));
+            let endpoints = p
+                .get("endpoints")
+                .and_then(Value::as_array)
+                .map_or_else(|| "?".into(), |e| e.len().to_string());
+            rows.push(vec![
+                text(s, "name").to_string(),
+                text(p, "name").to_string(),
+                number(p, "weight"),
+                share,
+                number(s, "version"),
+                endpoints,
+            ]);
+        }
+    }
+    write_table(
+        out,
+        &[
+            ("SERVICE", Align::Left),
+            ("POOL", Align::Left),
+            ("WEIGHT", Align::Right),
+            ("SHARE %", Align::Right),
+            ("VERSION", Align::Right),
+            ("ENDPOINTS", Align::Right),
+        ],
+        &rows,
+    )
+}
+
+#[derive(Clone, Copy)]
+enum Align {
+    Left,
+    Right,
+}
+
+fn write_table(
+    out: &mut impl Write,
+    columns: &[(&str, Align)],
+    rows: &[Vec<String>],
+) -> io::Result<()> {
+    let widths: Vec<usize> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, (head, _))| {
+            rows.iter()
+                .map(|r| r[i].chars().count())
+                .chain([head.len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let heads: Vec<String> = columns.iter().map(|(h, _)| h.to_string()).collect();
+    for row in std::iter::once(&heads).chain(rows) {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i > 0 {
+                line.push_str("  ");
+            }
+            let w = widths[i];
+            let _ = match columns[i].1 {
+                Align::Left => write!(line, "{cell:<w$}"),
+                Align::Right => write!(line, "{cell:>w$}"),
+            };
+        }
+        writeln!(out, "{}", line.trim_end())?;
+    }
+    Ok(())
+}
+
+/// `#id time service kind source actor from→to "reason" details`, one line per event.
+/// Text that came from users (the reason) is quoted and escaped, so a newline or a
+/// terminal escape in it cannot forge lines or repaint the screen.
+pub fn event_line(e: &Value) -> String {
+    let or_dash = |key: &str| match e.get(key).and_then(Value::as_str) {
+        Some(s) if !s.is_empty() => s.to_string(),
+        _ => "-".to_string(),
+    };
+    let mut parts = vec![
+        format!("#{}", number(e, "id")),
+        or_dash("time"),
+        or_dash("service"),
+        or_dash("kind"),
+        or_dash("source"),
+        or_dash("actor"),
+    ];
+    match (e.get("from"), e.get("to")) {
+        (Some(from), Some(to)) if !from.is_null() || !to.is_null() => {
+            parts.push(format!("{}→{}", weights(from), weights(to)));
+        }
+        _ => {}
+    }
+    if let Some(reason) = e.get("reason").and_then(Value::as_str) {
+        parts.push(format!("{reason:?}"));
+    }
+    if let Some(details) = e.get("details").and_then(Value::as_object) {
+        for (key, value) in details {
+            let empty = match value {
+                Value::Null => true,
+                Value::Array(a) => a.is_empty(),
+                Value::Object(o) => o.is_empty(),
+                Value::String(s) => s.is_empty(),
+                _ => false,
+            };
+            if !empty {
+                // Compact JSON escapes control characters too.
+                parts.push(format!("{key}={value}"));
+            }
+        }
+    }
+    parts.join(" ")
+}
+
+/// `{"stable":90,"canary":10}` → `stable=90,canary=10`, the `set-weight` syntax.
+fn weights(v: &Value) -> String {
+    match v {
+        Value::Object(m) => m
+            .iter()
+            .map(|(pool, w)| format!("{pool}={w}"))
+            .collect::<Vec<_>>()
+            .join(","),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn write_reload(out: &mut impl Write, body: &Value) -> io::Result<()> {
+    let event = body.get("event").unwrap_or(&Value::Null);
+    writeln!(out, "config reloaded (event #{})", number(event, "id"))?;
+    let Some(details) = event.get("details").and_then(Value::as_object) else {
+        return Ok(());
+    };
+    for (key, value) in details {
+        let Some(items) = value.as_array().filter(|a| !a.is_empty()) else {
+            continue;
+        };
+        let label = match key.as_str() {
+            "added" => "services added",
+            "removed" => "services removed",
+            "reset" => "pools changed, weights reset to the config's",
+            "kept" => "run-time weights kept",
+            "needs_restart" => "changed, but applied only on restart",
+            other => other,
+        };
+        let items: Vec<String> = items
+            .iter()
+            .map(|i| i.as_str().map_or_else(|| i.to_string(), String::from))
+            .collect();
+        writeln!(out, "  {label}: {}", items.join(", "))?;
+    }
+    Ok(())
+}

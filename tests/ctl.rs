@@ -1,0 +1,739 @@
+//! `weir ctl` against a real weir (proxy, admin API, state dir) on 127.0.0.1 port 0:
+//! tables, mutations checked through the API itself, errors as operators see them, and
+//! the admin token. The CLI's output is captured through the same `execute` the binary
+//! runs.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::Parser;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+
+use weir::Weir;
+use weir::config::Config;
+use weir::ctl::{self, AdminClient, CtlArgs};
+use weir::upstream::{self, UpstreamConfig, UpstreamHandle};
+
+/// A directory removed when dropped; unique per test within and across processes.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "weir-ctl-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running weir with service `shop` (stable 90, canary 10) on two built-in upstreams.
+/// Stops when dropped.
+struct Harness {
+    admin: String,
+    upstream: SocketAddr,
+    config_path: PathBuf,
+    dir: TempDir,
+    _upstreams: Vec<UpstreamHandle>,
+    _stop: oneshot::Sender<()>,
+}
+
+const TOKEN: &str = "s3cret-token";
+
+fn config_text(
+    dir: &Path,
+    token_file: Option<&Path>,
+    stable: SocketAddr,
+    canary: SocketAddr,
+) -> String {
+    let token = token_file
+        .map(|p| format!("token_file = \"{}\"\n", p.display()))
+        .unwrap_or_default();
+    format!(
+        r#"
+[admin]
+listen = "127.0.0.1:0"
+{token}
+[state]
+dir = "{}"
+
+[[service]]
+name = "shop"
+baseline = "stable"
+
+[service.pools.stable]
+endpoints = ["{stable}"]
+weight = 90
+
+[service.pools.canary]
+endpoints = ["{canary}"]
+weight = 10
+"#,
+        dir.join("state").display()
+    )
+}
+
+async fn start(with_token: bool) -> Harness {
+    let dir = TempDir::new();
+    let token_file = with_token.then(|| {
+        let path = dir.0.join("server-token");
+        // Trailing newline on purpose: both ends trim.
+        std::fs::write(&path, format!("{TOKEN}\n")).unwrap();
+        path
+    });
+    let stable = upstream::spawn(
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        UpstreamConfig::new("stable"),
+    )
+    .unwrap();
+    let canary = upstream::spawn(
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        UpstreamConfig::new("canary"),
+    )
+    .unwrap();
+    let text = config_text(&dir.0, token_file.as_deref(), stable.addr(), canary.addr());
+    let config_path = dir.0.join("weir.toml");
+    std::fs::write(&config_path, &text).unwrap();
+    let config = Config::parse(&text, "t").unwrap_or_else(|e| panic!("{e}"));
+    let weir = Weir::new(config, Some(config_path.clone())).unwrap_or_else(|e| panic!("{e}"));
+    let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin_addr = admin.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let shutdown = async {
+            let _ = stopped.await;
+        };
+        weir.serve(proxy, Some(admin), shutdown).await
+    });
+    Harness {
+        admin: format!("http://{admin_addr}"),
+        upstream: stable.addr(),
+        config_path,
+        dir,
+        _upstreams: vec![stable, canary],
+        _stop: stop,
+    }
+}
+
+/// What one `weir ctl` invocation did.
+#[derive(Debug)]
+struct Run {
+    code: ExitCode,
+    out: String,
+    err: String,
+}
+
+impl Run {
+    fn ok(&self) -> &str {
+        assert_eq!(self.code, ExitCode::SUCCESS, "stderr: {}", self.err);
+        assert!(self.err.is_empty(), "stderr: {}", self.err);
+        &self.out
+    }
+
+    /// The failure message; asserts exit 1 and nothing on stdout.
+    fn failed(&self) -> &str {
+        assert_eq!(self.code, ExitCode::FAILURE, "stdout: {}", self.out);
+        assert!(self.out.is_empty(), "stdout: {}", self.out);
+        &self.err
+    }
+}
+
+fn parse(admin: &str, args: &[&str]) -> Result<CtlArgs, clap::Error> {
+    let mut argv = vec!["weir ctl", "--admin", admin];
+    argv.extend_from_slice(args);
+    CtlArgs::try_parse_from(argv)
+}
+
+async fn ctl_env(admin: &str, env_token: Option<&str>, args: &[&str]) -> Run {
+    let args = parse(admin, args).unwrap_or_else(|e| panic!("{e}"));
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let code = ctl::execute(
+        &args,
+        env_token.map(String::from),
+        &mut out,
+        &mut err,
+        std::future::pending(),
+    )
+    .await;
+    Run {
+        code,
+        out: String::from_utf8(out).unwrap(),
+        err: String::from_utf8(err).unwrap(),
+    }
+}
+
+async fn ctl(admin: &str, args: &[&str]) -> Run {
+    ctl_env(admin, None, args).await
+}
+
+/// `GET` straight from the API, independent of the CLI's client.
+async fn api_get(h: &Harness, path: &str, token: Option<&str>) -> (StatusCode, Value) {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let mut req = Request::get(format!("{}{path}", h.admin));
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let resp = client
+        .request(req.body(Full::default()).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&body).unwrap())
+}
+
+/// `(version, [(pool, weight)])` of `shop` as the API reports it.
+async fn shop(h: &Harness) -> (u64, Vec<(String, u64)>) {
+    let (status, s) = api_get(h, "/api/v1/services/shop", None).await;
+    assert_eq!(status, StatusCode::OK, "{s}");
+    let pools = s["pools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_string(),
+                p["weight"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    (s["version"].as_u64().unwrap(), pools)
+}
+
+fn weights(pairs: &[(&str, u64)]) -> Vec<(String, u64)> {
+    pairs.iter().map(|(p, w)| (p.to_string(), *w)).collect()
+}
+
+const STATUS_90_10: &str = "\
+SERVICE  POOL    WEIGHT  SHARE %  VERSION  ENDPOINTS
+shop     stable      90     90.0        1          1
+shop     canary      10     10.0        1          1
+";
+
+#[tokio::test]
+async fn status_prints_one_aligned_row_per_pool() {
+    let h = start(false).await;
+    assert_eq!(ctl(&h.admin, &["status"]).await.ok(), STATUS_90_10);
+    assert_eq!(ctl(&h.admin, &["status", "shop"]).await.ok(), STATUS_90_10);
+    assert_eq!(
+        ctl(&h.admin, &["status", "nope"]).await.failed(),
+        "weir ctl: unknown service `nope` (HTTP 404)\n"
+    );
+}
+
+#[tokio::test]
+async fn set_weight_changes_the_split_and_prints_the_new_state() {
+    let h = start(false).await;
+    let out = ctl(
+        &h.admin,
+        &[
+            "set-weight",
+            "shop",
+            "stable=75",
+            "canary=25",
+            "--reason",
+            "step 2",
+        ],
+    )
+    .await;
+    assert_eq!(
+        out.ok(),
+        "\
+SERVICE  POOL    WEIGHT  SHARE %  VERSION  ENDPOINTS
+shop     stable      75     75.0        2          1
+shop     canary      25     25.0        2          1
+"
+    );
+    assert_eq!(
+        shop(&h).await,
+        (2, weights(&[("stable", 75), ("canary", 25)]))
+    );
+    // Shares with a fraction, and a zero weight.
+    let out = ctl(&h.admin, &["set-weight", "shop", "canary=1", "stable=2"]).await;
+    assert!(
+        out.ok().contains("shop     stable       2     66.7"),
+        "{}",
+        out.out
+    );
+    assert!(
+        out.ok().contains("shop     canary       1     33.3"),
+        "{}",
+        out.out
+    );
+    ctl(&h.admin, &["set-weight", "shop", "canary=0", "stable=5"])
+        .await
+        .ok();
+    assert_eq!(
+        shop(&h).await,
+        (4, weights(&[("stable", 5), ("canary", 0)]))
+    );
+}
+
+#[tokio::test]
+async fn malformed_pool_weights_are_refused_before_any_request() {
+    for (arg, needle) in [
+        (
+            "canary=abc",
+            "weight of pool `canary` must be a whole number 0..=1000000, got `abc`",
+        ),
+        (
+            "canary",
+            "`canary` is not POOL=WEIGHT: give a weight, e.g. canary=10",
+        ),
+        ("=10", "`=10` has no pool name before `=`"),
+        (
+            "canary=-1",
+            "weight of pool `canary` must be a whole number",
+        ),
+        (
+            "canary=1.5",
+            "weight of pool `canary` must be a whole number",
+        ),
+        (
+            "canary=2000000",
+            "weight of pool `canary` is above the maximum of 1000000",
+        ),
+    ] {
+        let e = parse(
+            "http://127.0.0.1:1",
+            &["set-weight", "shop", "stable=1", arg],
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.kind(),
+            clap::error::ErrorKind::ValueValidation,
+            "{arg}: {e}"
+        );
+        assert!(e.to_string().contains(needle), "{arg}: {e}");
+    }
+    let e = parse("http://127.0.0.1:1", &["set-weight", "shop"]).unwrap_err();
+    assert_eq!(e.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+
+    // A pool named twice parses but is refused locally: a JSON object would silently
+    // keep only the last. A listener nobody accepts on proves nothing was sent.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let admin = format!("http://{}", listener.local_addr().unwrap());
+    let run = ctl(&admin, &["set-weight", "shop", "stable=1", "stable=2"]).await;
+    assert_eq!(
+        run.failed(),
+        "weir ctl: pool `stable` is given more than once\n"
+    );
+    let accepted = listener.accept();
+    assert!(
+        matches!(&accepted, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "a connection was made: {accepted:?}"
+    );
+}
+
+#[tokio::test]
+async fn server_side_refusals_show_the_api_message_and_exit_1() {
+    let h = start(false).await;
+    let run = ctl(&h.admin, &["set-weight", "shop", "stable=50", "blue=50"]).await;
+    assert_eq!(
+        run.failed(),
+        "weir ctl: service `shop` has no pool `blue` (HTTP 400)\n"
+    );
+    let run = ctl(&h.admin, &["set-weight", "shop", "stable=100"]).await;
+    assert_eq!(
+        run.failed(),
+        "weir ctl: missing weight for pool(s) canary: every pool must be given a weight (HTTP 400)\n"
+    );
+    let run = ctl(&h.admin, &["set-weight", "nope", "stable=100"]).await;
+    assert_eq!(
+        run.failed(),
+        "weir ctl: unknown service `nope` (HTTP 404)\n"
+    );
+    let run = ctl(&h.admin, &["set-weight", "shop", "stable=0", "canary=0"]).await;
+    assert!(run.failed().ends_with("(HTTP 400)\n"), "{}", run.err);
+    assert_eq!(run.err.lines().count(), 1, "{}", run.err);
+    assert_eq!(
+        shop(&h).await,
+        (1, weights(&[("stable", 90), ("canary", 10)]))
+    );
+}
+
+#[tokio::test]
+async fn if_version_refuses_a_stale_change() {
+    let h = start(false).await;
+    let set = |v: &'static str| {
+        [
+            "set-weight",
+            "shop",
+            "stable=80",
+            "canary=20",
+            "--if-version",
+            v,
+        ]
+    };
+    ctl(&h.admin, &set("1")).await.ok();
+    assert_eq!(
+        shop(&h).await,
+        (2, weights(&[("stable", 80), ("canary", 20)]))
+    );
+    let run = ctl(
+        &h.admin,
+        &[
+            "set-weight",
+            "shop",
+            "stable=1",
+            "canary=1",
+            "--if-version",
+            "1",
+        ],
+    )
+    .await;
+    assert_eq!(
+        run.failed(),
+        "weir ctl: service `shop` is at version 2, not 1: it changed meanwhile (HTTP 409)\n"
+    );
+    assert_eq!(
+        shop(&h).await,
+        (2, weights(&[("stable", 80), ("canary", 20)]))
+    );
+}
+
+#[tokio::test]
+async fn rollback_sends_everything_to_the_baseline() {
+    let h = start(false).await;
+    ctl(&h.admin, &["set-weight", "shop", "stable=50", "canary=50"])
+        .await
+        .ok();
+    let run = ctl(&h.admin, &["rollback", "shop", "--reason", "errors up"]).await;
+    assert_eq!(
+        run.ok(),
+        "\
+SERVICE  POOL    WEIGHT  SHARE %  VERSION  ENDPOINTS
+shop     stable     100    100.0        3          1
+shop     canary       0      0.0        3          1
+"
+    );
+    assert_eq!(
+        shop(&h).await,
+        (3, weights(&[("stable", 100), ("canary", 0)]))
+    );
+    let run = ctl(&h.admin, &["rollback", "nope"]).await;
+    assert_eq!(
+        run.failed(),
+        "weir ctl: unknown service `nope` (HTTP 404)\n"
+    );
+}
+
+#[tokio::test]
+async fn events_are_listed_one_line_each() {
+    let h = start(false).await;
+    ctl(
+        &h.admin,
+        &[
+            "set-weight",
+            "shop",
+            "stable=50",
+            "canary=50",
+            "--reason",
+            "half\nand half",
+        ],
+    )
+    .await
+    .ok();
+    ctl(&h.admin, &["rollback", "shop"]).await.ok();
+    let run = ctl(&h.admin, &["events"]).await;
+    let lines: Vec<&str> = run.ok().lines().collect();
+    assert_eq!(lines.len(), 2, "{}", run.out);
+
+    let first: Vec<&str> = lines[0].split(' ').collect();
+    let id: u64 = first[0].strip_prefix('#').unwrap().parse().unwrap();
+    assert!(
+        first[1].ends_with('Z') && first[1].contains('T'),
+        "time: {}",
+        lines[0]
+    );
+    assert_eq!(
+        &first[2..5],
+        ["shop", "weights_changed", "admin"],
+        "{}",
+        lines[0]
+    );
+    assert!(first[5].starts_with("127.0.0.1:"), "actor: {}", lines[0]);
+    // The API sends weights as a JSON object; accept either key order.
+    assert!(
+        first[6] == "canary=10,stable=90→canary=50,stable=50"
+            || first[6] == "stable=90,canary=10→stable=50,canary=50",
+        "{}",
+        lines[0]
+    );
+    // The reason is quoted and escaped: it cannot break the one-line-per-event rule.
+    assert!(lines[0].ends_with(r#" "half\nand half""#), "{}", lines[0]);
+    assert!(
+        lines[1].starts_with(&format!("#{} ", id + 1)),
+        "{}",
+        lines[1]
+    );
+    assert!(
+        lines[1].contains(" shop rolled_back admin "),
+        "{}",
+        lines[1]
+    );
+    assert!(lines[1].contains("stable=100"), "{}", lines[1]);
+
+    let since = id.to_string();
+    let run = ctl(&h.admin, &["events", "--since", &since, "--limit", "1"]).await;
+    assert_eq!(run.ok().lines().count(), 1);
+    assert!(run.out.starts_with(&format!("#{} ", id + 1)), "{}", run.out);
+    assert!(parse(&h.admin, &["events", "--limit", "0"]).is_err());
+    assert!(parse(&h.admin, &["events", "--limit", "1001"]).is_err());
+}
+
+/// A `Write` that hands every write to the test while the CLI keeps running.
+struct ChannelWriter(mpsc::UnboundedSender<Vec<u8>>);
+
+impl Write for ChannelWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = self.0.send(buf.to_vec());
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn events_follow_prints_new_events_until_stopped() {
+    let h = start(false).await;
+    ctl(&h.admin, &["set-weight", "shop", "stable=80", "canary=20"])
+        .await
+        .ok();
+    let args = parse(&h.admin, &["events", "--follow"]).unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let follower = tokio::spawn(async move {
+        let mut out = ChannelWriter(tx);
+        let mut err = Vec::new();
+        let code = ctl::execute(&args, None, &mut out, &mut err, async {
+            let _ = stopped.await;
+        })
+        .await;
+        (code, String::from_utf8(err).unwrap())
+    });
+    let mut seen = String::new();
+    let mut wait_for = async |needle: &str| {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !seen.contains(needle) {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(chunk)) => seen.push_str(&String::from_utf8(chunk).unwrap()),
+                _ => panic!("no `{needle}` from --follow; got:\n{seen}"),
+            }
+        }
+    };
+    // History first, then what happens while following.
+    wait_for("weights_changed").await;
+    ctl(&h.admin, &["rollback", "shop", "--reason", "watch this"])
+        .await
+        .ok();
+    wait_for("\"watch this\"").await;
+    assert_eq!(seen.lines().count(), 2, "{seen}");
+    stop.send(()).unwrap();
+    let (code, err) = follower.await.unwrap();
+    assert_eq!(code, ExitCode::SUCCESS, "{err}");
+}
+
+#[tokio::test]
+async fn json_prints_the_api_answer() {
+    let h = start(false).await;
+    let run = ctl(&h.admin, &["--json", "status"]).await;
+    let v: Value = serde_json::from_str(run.ok()).unwrap();
+    assert_eq!(v["services"][0]["name"], "shop");
+    assert_eq!(v["services"][0]["pools"][1]["share"], 0.1);
+    // `--json` is global: it may follow the subcommand too.
+    let run = ctl(
+        &h.admin,
+        &["set-weight", "shop", "stable=60", "canary=40", "--json"],
+    )
+    .await;
+    let v: Value = serde_json::from_str(run.ok()).unwrap();
+    assert_eq!(
+        (v["name"].as_str(), v["version"].as_u64()),
+        (Some("shop"), Some(2))
+    );
+    let run = ctl(&h.admin, &["--json", "events"]).await;
+    let v: Value = serde_json::from_str(run.ok()).unwrap();
+    assert_eq!(v["events"][0]["kind"], "weights_changed");
+    // An error: the API's body on stdout for scripts, the message on stderr for people.
+    let run = ctl(&h.admin, &["--json", "status", "nope"]).await;
+    assert_eq!(run.code, ExitCode::FAILURE);
+    let v: Value = serde_json::from_str(&run.out).unwrap();
+    assert_eq!(v["error"], "unknown service `nope`");
+    assert_eq!(run.err, "weir ctl: unknown service `nope` (HTTP 404)\n");
+}
+
+#[tokio::test]
+async fn the_admin_token_is_required_when_configured() {
+    let h = start(true).await;
+    let run = ctl(&h.admin, &["status"]).await;
+    assert_eq!(
+        run.failed(),
+        "weir ctl: admin token required: send Authorization: Bearer <token> (HTTP 401)\n\
+         weir ctl: hint: give the admin token with --token-file FILE or WEIR_ADMIN_TOKEN\n"
+    );
+
+    let good = h.dir.0.join("client-token");
+    std::fs::write(&good, format!("  {TOKEN}\n\n")).unwrap();
+    let good = good.display().to_string();
+    assert_eq!(
+        ctl(&h.admin, &["--token-file", &good, "status"]).await.ok(),
+        STATUS_90_10
+    );
+    ctl(
+        &h.admin,
+        &[
+            "--token-file",
+            &good,
+            "set-weight",
+            "shop",
+            "stable=1",
+            "canary=1",
+        ],
+    )
+    .await
+    .ok();
+    let (_, v) = api_get(&h, "/api/v1/services/shop", Some(TOKEN)).await;
+    assert_eq!(v["version"], 2);
+    // From the environment (passed in, so the test leaves the process's alone).
+    assert!(
+        ctl_env(&h.admin, Some(TOKEN), &["status"])
+            .await
+            .ok()
+            .contains("shop")
+    );
+
+    let bad = h.dir.0.join("bad-token");
+    std::fs::write(&bad, "nope").unwrap();
+    let bad = bad.display().to_string();
+    let run = ctl(&h.admin, &["--token-file", &bad, "status"]).await;
+    assert_eq!(
+        run.failed(),
+        format!(
+            "weir ctl: wrong admin token (HTTP 401)\n\
+             weir ctl: hint: the token from --token-file {bad} was refused; it must match \
+             the server's [admin] token_file (or its WEIR_ADMIN_TOKEN)\n"
+        )
+    );
+    let run = ctl_env(&h.admin, Some("nope"), &["status"]).await;
+    assert!(
+        run.failed()
+            .contains("the token from WEIR_ADMIN_TOKEN was refused"),
+        "{}",
+        run.err
+    );
+
+    let missing = h.dir.0.join("missing").display().to_string();
+    let run = ctl(&h.admin, &["--token-file", &missing, "status"]).await;
+    assert_eq!(
+        run.failed(),
+        format!("weir ctl: cannot read --token-file {missing}: no such file or directory\n")
+    );
+    let empty = h.dir.0.join("empty");
+    std::fs::write(&empty, "\n").unwrap();
+    let empty = empty.display().to_string();
+    let run = ctl(&h.admin, &["--token-file", &empty, "status"]).await;
+    assert_eq!(
+        run.failed(),
+        format!("weir ctl: --token-file {empty} is empty\n")
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_admin_api_is_one_line() {
+    // A port that was just free: nothing listens there now.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let admin = format!("http://127.0.0.1:{port}");
+    let run = ctl(&admin, &["status"]).await;
+    assert_eq!(
+        run.failed(),
+        format!("weir ctl: cannot reach the admin API at {admin}: connection refused\n")
+    );
+    // A URL without a scheme means http.
+    let run = ctl(&format!("127.0.0.1:{port}"), &["status"]).await;
+    assert_eq!(
+        run.failed(),
+        format!("weir ctl: cannot reach the admin API at {admin}: connection refused\n")
+    );
+    let run = ctl("https://127.0.0.1:9901", &["status"]).await;
+    assert!(run.failed().contains("plain http only"), "{}", run.err);
+    assert!(run.err.contains("use http://"), "{}", run.err);
+    assert_eq!(run.err.lines().count(), 1);
+    assert!(AdminClient::new("ftp://x", None).is_err());
+}
+
+#[tokio::test]
+async fn something_other_than_the_admin_api_is_named_as_such() {
+    let h = start(false).await;
+    // The built-in upstream answers, but not with the admin API's JSON.
+    let run = ctl(&format!("http://{}", h.upstream), &["status"]).await;
+    let err = run.failed();
+    assert!(
+        err.starts_with(&format!(
+            "weir ctl: unexpected answer from http://{}: HTTP ",
+            h.upstream
+        )),
+        "{err}"
+    );
+    assert!(err.ends_with("is --admin weir's admin address?\n"), "{err}");
+}
+
+#[tokio::test]
+async fn reload_reports_the_event_or_every_problem() {
+    let h = start(false).await;
+    let run = ctl(&h.admin, &["reload"]).await;
+    let out = run.ok();
+    assert!(out.starts_with("config reloaded (event #"), "{out}");
+    assert!(out.contains("\n  run-time weights kept: shop\n"), "{out}");
+
+    let good = std::fs::read_to_string(&h.config_path).unwrap();
+    let bad = good
+        .replace("weight = 10", "weight = \"ten\"")
+        .replace("baseline = \"stable\"", "baseline = \"green\"");
+    std::fs::write(&h.config_path, bad).unwrap();
+    let run = ctl(&h.admin, &["reload"]).await;
+    let err = run.failed();
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(
+        lines[0], "weir ctl: config rejected, nothing changed (HTTP 400):",
+        "{err}"
+    );
+    assert!(lines.len() >= 2, "{err}");
+    assert!(lines[1..].iter().all(|l| l.starts_with("  ")), "{err}");
+    let run = ctl(&h.admin, &["--json", "reload"]).await;
+    let v: Value = serde_json::from_str(&run.out).unwrap();
+    assert!(!v["problems"].as_array().unwrap().is_empty(), "{v}");
+    // The running config and weights are untouched.
+    assert_eq!(
+        shop(&h).await,
+        (1, weights(&[("stable", 90), ("canary", 10)]))
+    );
+}
