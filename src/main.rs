@@ -14,14 +14,18 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    runtime.enable_all();
-    match cli.workers() {
-        0 => {}
+    // One worker means one thread: the current-thread scheduler then saves the work
+    // stealing and cross-thread wake-ups of the multi-thread one.
+    let mut runtime = match cli.workers() {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        0 => tokio::runtime::Builder::new_multi_thread(),
         n => {
-            runtime.worker_threads(n);
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
         }
-    }
+    };
+    runtime.enable_all();
     let runtime = match runtime.build() {
         Ok(r) => r,
         Err(e) => {

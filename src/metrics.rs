@@ -151,7 +151,12 @@ impl Metrics {
 
     /// Create a service's change counters at 0, so the first change shows in `increase()`.
     pub fn register_service(&self, service: &str) {
-        for source in [Source::Admin, Source::Guard, Source::Rollout, Source::Config] {
+        for source in [
+            Source::Admin,
+            Source::Guard,
+            Source::Rollout,
+            Source::Config,
+        ] {
             self.counter(
                 WEIGHT_CHANGES_TOTAL,
                 vec![
