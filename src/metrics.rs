@@ -157,7 +157,8 @@ impl Metrics {
             Source::Rollout,
             Source::Config,
         ] {
-            self.counter(
+            // Registering is what creates the series; the handle itself is not needed.
+            let _ = self.counter(
                 WEIGHT_CHANGES_TOTAL,
                 vec![
                     Label::new("service", service.to_string()),
