@@ -15,6 +15,7 @@
 //! - [`pool`]: endpoints of a pool, in-flight counts, power-of-two-choices.
 //! - [`proxy`]: accept, forward, header rewriting, error mapping, outcomes.
 //! - [`metrics`]: Prometheus names, buckets and per-pool handles.
+//! - [`client`]: HTTP/1.1 to endpoints over per-endpoint keep-alive pools.
 //! - [`outcome`]: the per-request record metrics and the guard consume.
 //! - [`control`]: the controller, the only writer of routing state.
 //! - [`state`]: crash-safe state file and event journal.
@@ -25,6 +26,7 @@
 
 pub mod admin;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod control;
 pub mod ctl;

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use http::uri::Authority;
 
+use crate::client::IdleConns;
 use crate::config::{Endpoint, PoolConfig};
 use crate::metrics::{Metrics, PoolMetrics};
 use crate::routing::fast_rand;
@@ -21,6 +22,7 @@ pub struct EndpointState {
     pub endpoint: Endpoint,
     inflight: AtomicU32,
     up: AtomicBool,
+    idle: IdleConns,
 }
 
 impl EndpointState {
@@ -29,6 +31,7 @@ impl EndpointState {
             endpoint,
             inflight: AtomicU32::new(0),
             up: AtomicBool::new(true),
+            idle: IdleConns::default(),
         }
     }
 
@@ -42,6 +45,11 @@ impl EndpointState {
 
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
+    }
+
+    /// Idle keep-alive connections to this endpoint.
+    pub fn idle(&self) -> &IdleConns {
+        &self.idle
     }
 }
 

@@ -3,7 +3,6 @@
 //! and emit one `Outcome` per request.
 
 use std::convert::Infallible;
-use std::error::Error as StdError;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -14,18 +13,17 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::{PathAndQuery, Scheme, Uri};
+use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
+use crate::client::{self, PooledConn, SendError, UpstreamClient};
 use crate::config::ProxyConfig;
 use crate::outcome::{ErrorKind, Outcome, OutcomeSink};
 use crate::pool::{InflightGuard, Pool};
@@ -34,7 +32,7 @@ use crate::routing::Router;
 /// The proxy's shared state: router, upstream client, settings and outcome sinks.
 pub struct Proxy {
     router: Arc<Router>,
-    client: Client<HttpConnector, Incoming>,
+    client: UpstreamClient,
     request_timeout: Duration,
     sinks: Vec<Arc<dyn OutcomeSink>>,
 }
@@ -53,17 +51,11 @@ impl Proxy {
         router: Arc<Router>,
         sinks: Vec<Arc<dyn OutcomeSink>>,
     ) -> Proxy {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        connector.set_nodelay(true);
-        connector.set_keepalive(Some(Duration::from_secs(30)));
-        let client = Client::builder(TokioExecutor::new())
-            // Without a timer hyper-util never expires idle connections.
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(config.pool_idle_timeout)
-            .pool_max_idle_per_host(config.pool_max_idle_per_endpoint)
-            .build(connector);
+        let client = UpstreamClient::new(
+            config.connect_timeout,
+            config.pool_idle_timeout,
+            config.pool_max_idle_per_endpoint,
+        );
         Proxy {
             router,
             client,
@@ -80,6 +72,10 @@ impl Proxy {
         shutdown: impl Future<Output = ()>,
         grace: Duration,
     ) -> io::Result<()> {
+        let sweeper = tokio::spawn(sweep_idle(
+            Arc::clone(&self.router),
+            self.client.idle_timeout(),
+        ));
         let graceful = GracefulShutdown::new();
         let mut http = hyper::server::conn::http1::Builder::new();
         // The timer makes hyper's header read timeout (30 s by default) actually apply.
@@ -113,6 +109,7 @@ impl Proxy {
             });
         }
         drop(listener);
+        sweeper.abort();
         if tokio::time::timeout(grace, graceful.shutdown())
             .await
             .is_err()
@@ -141,10 +138,13 @@ impl Proxy {
             Ok(r) => r,
             Err(resp) => return resp,
         };
-        let result =
-            tokio::time::timeout(self.request_timeout, self.client.request(upstream_req)).await;
+        let result = tokio::time::timeout(
+            self.request_timeout,
+            self.client.send(guard.endpoint(), upstream_req),
+        )
+        .await;
         match result {
-            Ok(Ok(mut resp)) => {
+            Ok(Ok((mut resp, conn))) => {
                 strip_hop_by_hop(resp.headers_mut());
                 self.emit(&Outcome {
                     pool: &pool,
@@ -153,15 +153,19 @@ impl Proxy {
                     error: None,
                     latency: start.elapsed(),
                 });
-                resp.map(|body| ProxyBody::upstream(body, guard))
+                let max_idle = self.client.max_idle();
+                resp.map(|body| {
+                    ProxyBody::Upstream(UpstreamBody {
+                        body,
+                        conn: Some(conn),
+                        guard,
+                        max_idle,
+                    })
+                })
             }
             Ok(Err(e)) => {
                 let (kind, status) = classify(&e);
-                tracing::debug!(
-                    "{} → {} failed: {e:?}",
-                    pool.name,
-                    guard.endpoint().endpoint
-                );
+                tracing::debug!("{} → {} failed: {e}", pool.name, guard.endpoint().endpoint);
                 self.fail_with(&pool, Some(guard.index()), kind, status, start)
             }
             Err(_elapsed) => self.fail(&pool, Some(guard.index()), ErrorKind::Timeout, start),
@@ -208,6 +212,23 @@ impl Proxy {
     }
 }
 
+/// Close upstream connections that sat idle past the timeout, so sockets do not linger
+/// on endpoints that stopped getting traffic (checkout also skips expired ones).
+async fn sweep_idle(router: Arc<Router>, timeout: Duration) {
+    let mut tick = tokio::time::interval((timeout / 2).max(Duration::from_millis(100)));
+    loop {
+        tick.tick().await;
+        let table = router.table();
+        for service in table.services() {
+            for slot in service.snapshot().slots() {
+                for endpoint in slot.pool.endpoints() {
+                    endpoint.idle().evict(timeout);
+                }
+            }
+        }
+    }
+}
+
 /// The one-line text weir answers with when it could not get a response upstream. Says
 /// what failed without naming addresses.
 fn error_body(kind: ErrorKind, status: StatusCode) -> &'static str {
@@ -221,38 +242,18 @@ fn error_body(kind: ErrorKind, status: StatusCode) -> &'static str {
     }
 }
 
-/// Turn a client error into an outcome kind and status. A connect that timed out is a
+/// Turn a send failure into an outcome kind and status. A connect that timed out is a
 /// 504 (as nginx does); every other failure before a response head is a 502.
-fn classify(e: &hyper_util::client::legacy::Error) -> (ErrorKind, StatusCode) {
-    let timed_out = source_chain(e).any(|s| {
-        s.downcast_ref::<io::Error>()
-            .is_some_and(|io| io.kind() == io::ErrorKind::TimedOut)
-    });
-    if e.is_connect() {
-        let status = if timed_out {
-            StatusCode::GATEWAY_TIMEOUT
-        } else {
-            StatusCode::BAD_GATEWAY
-        };
-        return (ErrorKind::Connect, status);
-    }
-    for s in source_chain(e) {
-        if let Some(h) = s.downcast_ref::<hyper::Error>() {
-            if h.is_parse() || h.is_parse_status() || h.is_parse_too_large() {
-                return (ErrorKind::Protocol, StatusCode::BAD_GATEWAY);
-            }
-            if h.is_timeout() {
-                return (ErrorKind::Timeout, StatusCode::GATEWAY_TIMEOUT);
-            }
+fn classify(e: &SendError) -> (ErrorKind, StatusCode) {
+    match e {
+        SendError::ConnectTimeout => (ErrorKind::Connect, StatusCode::GATEWAY_TIMEOUT),
+        SendError::Connect(_) => (ErrorKind::Connect, StatusCode::BAD_GATEWAY),
+        SendError::Http(h) if h.is_parse() || h.is_parse_status() || h.is_parse_too_large() => {
+            (ErrorKind::Protocol, StatusCode::BAD_GATEWAY)
         }
+        SendError::Http(h) if h.is_timeout() => (ErrorKind::Timeout, StatusCode::GATEWAY_TIMEOUT),
+        SendError::Http(_) => (ErrorKind::Reset, StatusCode::BAD_GATEWAY),
     }
-    (ErrorKind::Reset, StatusCode::BAD_GATEWAY)
-}
-
-fn source_chain<'a>(
-    e: &'a (dyn StdError + 'static),
-) -> impl Iterator<Item = &'a (dyn StdError + 'static)> {
-    std::iter::successors(Some(e), |e: &&'a (dyn StdError + 'static)| (*e).source())
 }
 
 /// The host a request is for: the URI authority (absolute-form, HTTP/2) or Host header.
@@ -274,33 +275,35 @@ fn upstream_request(
 ) -> Result<Request<Incoming>, Response<ProxyBody>> {
     let (mut parts, body) = req.into_parts();
     let original_host = request_host_parts(&parts).map(HeaderValue::from_str);
-    let path = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(Scheme::HTTP);
-    uri.authority = Some(guard.endpoint().authority().clone());
-    uri.path_and_query = Some(path);
-    parts.uri = match Uri::from_parts(uri) {
-        Ok(u) => u,
-        Err(_) => {
-            return Err(local_response(
-                StatusCode::BAD_REQUEST,
-                "bad request target\n",
-            ));
-        }
-    };
+    // Upstreams get origin-form (`/path?query`), whatever form the client used.
+    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        parts.uri = Uri::from(path);
+    }
     parts.version = Version::HTTP_11;
     let headers = &mut parts.headers;
     strip_hop_by_hop(headers);
     // Keep the client's Host; for absolute-form requests (no Host header needed) carry
-    // the authority the client asked for.
-    if !headers.contains_key(header::HOST)
-        && let Some(Ok(h)) = &original_host
-    {
-        headers.insert(header::HOST, h.clone());
+    // the authority the client asked for; with neither, name the endpoint (HTTP/1.1
+    // requires a Host).
+    if !headers.contains_key(header::HOST) {
+        let host = match &original_host {
+            Some(Ok(h)) => h.clone(),
+            _ => match HeaderValue::from_str(guard.endpoint().authority().as_str()) {
+                Ok(h) => h,
+                Err(_) => {
+                    return Err(local_response(
+                        StatusCode::BAD_REQUEST,
+                        "bad request target\n",
+                    ));
+                }
+            },
+        };
+        headers.insert(header::HOST, host);
     }
     append_forwarded_for(headers, peer);
     headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
@@ -393,22 +396,38 @@ fn local_response(status: StatusCode, body: &'static str) -> Response<ProxyBody>
     resp
 }
 
-/// A response body: streamed from the upstream (holding the endpoint's in-flight count
-/// until it ends) or generated by weir.
+/// A response body: streamed from the upstream, or generated by weir.
 #[derive(Debug)]
 pub enum ProxyBody {
-    Upstream {
-        body: Incoming,
-        _guard: InflightGuard,
-    },
+    Upstream(UpstreamBody),
     Local(Full<Bytes>),
 }
 
-impl ProxyBody {
-    fn upstream(body: Incoming, guard: InflightGuard) -> ProxyBody {
-        ProxyBody::Upstream {
-            body,
-            _guard: guard,
+/// An upstream response body. It drives the upstream connection it arrives on (nothing
+/// else polls that connection), holds the endpoint's in-flight count until it ends, and
+/// returns the connection to the endpoint's idle stack once the last byte is through.
+#[derive(Debug)]
+pub struct UpstreamBody {
+    body: Incoming,
+    conn: Option<Box<PooledConn>>,
+    guard: InflightGuard,
+    max_idle: usize,
+}
+
+impl UpstreamBody {
+    fn release(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            client::release(self.guard.endpoint(), conn, self.max_idle);
+        }
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        // A body nobody read to the end (HEAD, 204, 304, or a client that left) leaves
+        // the connection reusable only if nothing is left unread on it.
+        if self.body.is_end_stream() {
+            self.release();
         }
     }
 }
@@ -422,7 +441,24 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            ProxyBody::Upstream { body, .. } => Pin::new(body).poll_frame(cx),
+            ProxyBody::Upstream(up) => {
+                if let Some(conn) = up.conn.as_mut() {
+                    client::drive(conn, cx);
+                }
+                let frame = Pin::new(&mut up.body).poll_frame(cx);
+                match &frame {
+                    Poll::Ready(None) => {
+                        // Let the connection see the end of the message, then reuse it.
+                        if let Some(conn) = up.conn.as_mut() {
+                            client::drive(conn, cx);
+                        }
+                        up.release();
+                    }
+                    Poll::Ready(Some(Err(_))) => up.conn = None,
+                    _ => {}
+                }
+                frame
+            }
             ProxyBody::Local(full) => match Pin::new(full).poll_frame(cx) {
                 Poll::Ready(Some(Ok(f))) => Poll::Ready(Some(Ok(f))),
                 Poll::Ready(Some(Err(never))) => match never {},
@@ -434,14 +470,14 @@ impl Body for ProxyBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ProxyBody::Upstream { body, .. } => body.is_end_stream(),
+            ProxyBody::Upstream(up) => up.body.is_end_stream(),
             ProxyBody::Local(full) => full.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ProxyBody::Upstream { body, .. } => body.size_hint(),
+            ProxyBody::Upstream(up) => up.body.size_hint(),
             ProxyBody::Local(full) => full.size_hint(),
         }
     }

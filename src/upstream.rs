@@ -134,6 +134,16 @@ impl UpstreamHandle {
         self.inner.requests.load(Ordering::Relaxed)
     }
 
+    /// Connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.inner.accepted.load(Ordering::Relaxed)
+    }
+
+    /// Connections open right now.
+    pub fn open_connections(&self) -> u64 {
+        self.inner.open.load(Ordering::Relaxed)
+    }
+
     /// Stop accepting AND abort every open connection at once (simulates a killed host).
     /// Idempotent. Awaits until the listener socket is closed and every connection task
     /// has been torn down, so a connect right after this returns is refused.
@@ -189,6 +199,8 @@ pub fn spawn(listener: TcpListener, cfg: UpstreamConfig) -> io::Result<UpstreamH
         header,
         faults,
         requests: AtomicU64::new(0),
+        accepted: AtomicU64::new(0),
+        open: AtomicU64::new(0),
     });
     let (kill_tx, kill_rx) = watch::channel(false);
     let (closed_tx, closed_rx) = watch::channel(false);
@@ -219,6 +231,17 @@ struct Inner {
     error_body: Bytes,
     faults: FaultCell,
     requests: AtomicU64,
+    accepted: AtomicU64,
+    open: AtomicU64,
+}
+
+/// Counts a connection as open for as long as its task lives (aborted tasks included).
+struct OpenConn(Arc<Inner>);
+
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Faults as three atomics so the request path never takes a lock.
@@ -302,7 +325,14 @@ async fn accept_loop(
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((stream, _peer)) => {
-                    conns.spawn(serve(stream, Arc::clone(&inner), http.clone()));
+                    inner.accepted.fetch_add(1, Ordering::Relaxed);
+                    inner.open.fetch_add(1, Ordering::Relaxed);
+                    let open = OpenConn(Arc::clone(&inner));
+                    let conn = serve(stream, Arc::clone(&inner), http.clone());
+                    conns.spawn(async move {
+                        conn.await;
+                        drop(open);
+                    });
                 }
                 Err(e) if is_per_connection(&e) => {
                     tracing::debug!(upstream = %inner.name, error = %e, "accept failed");

@@ -1,0 +1,279 @@
+//! HTTP/1.1 to upstream endpoints over per-endpoint keep-alive pools, driven inside the
+//! request's own task.
+//!
+//! Why not hyper-util's pooled client: per request it hashes a pool key, locks a shared
+//! pool, spawns a task to return the connection, and every request and response crosses
+//! from the request task to a separate connection task and back. Profiles of the load
+//! comparison showed that machinery as the bulk of weir's user-space time per request.
+//! Here an endpoint keeps a LIFO stack of idle connections; the request task pops one,
+//! polls the hyper connection itself while it waits for the response head, and the
+//! response body keeps polling it until the last byte, then pushes it back. No spawn, no
+//! hash, no cross-task wake-up.
+//!
+//! An idle connection is not polled while it sits in the stack, so an upstream that
+//! closed it is noticed on checkout: one poll (no syscall unless the socket is readable)
+//! tells a live connection from a closed one. A request that a closing connection refused
+//! before sending anything is retried on another connection; it never reached the
+//! upstream, so that is safe for any method.
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::pool::EndpointState;
+
+type Conn = http1::Connection<TokioIo<TcpStream>, Incoming>;
+
+/// One upstream connection: the request handle and the connection driver.
+pub struct PooledConn {
+    sender: http1::SendRequest<Incoming>,
+    conn: Conn,
+    /// Set once the driver has finished: the connection cannot be used again.
+    done: bool,
+    /// When it last went idle; `None` for a connection fresh from connect.
+    idle_since: Option<Instant>,
+}
+
+impl std::fmt::Debug for PooledConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PooledConn")
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PooledConn {
+    /// Drive the connection once; returns false once it is finished.
+    fn poll_conn(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.done
+            && let Poll::Ready(result) = Pin::new(&mut self.conn).poll(cx)
+        {
+            if let Err(e) = result {
+                tracing::trace!("upstream connection ended: {e}");
+            }
+            self.done = true;
+        }
+        !self.done
+    }
+}
+
+/// Idle connections of one endpoint, most recently used on top (warm caches, and the
+/// ones at the bottom age out first).
+#[derive(Debug, Default)]
+pub struct IdleConns {
+    // Boxed on purpose: connections move between this stack and response bodies, and a
+    // box moves as one pointer instead of several hundred bytes.
+    #[allow(clippy::vec_box)]
+    stack: Mutex<Vec<Box<PooledConn>>>,
+}
+
+impl IdleConns {
+    fn pop(&self) -> Option<Box<PooledConn>> {
+        self.stack.lock().unwrap_or_else(|p| p.into_inner()).pop()
+    }
+
+    fn push(&self, conn: Box<PooledConn>, max: usize) {
+        let mut stack = self.stack.lock().unwrap_or_else(|p| p.into_inner());
+        if stack.len() < max {
+            stack.push(conn);
+        }
+    }
+
+    /// Close connections idle for longer than `timeout`.
+    pub fn evict(&self, timeout: Duration) {
+        let now = Instant::now();
+        let mut stack = self.stack.lock().unwrap_or_else(|p| p.into_inner());
+        stack.retain(|c| {
+            c.idle_since
+                .is_some_and(|t| now.duration_since(t) < timeout)
+        });
+    }
+
+    pub fn len(&self) -> usize {
+        self.stack.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Why a request got no response head.
+#[derive(Debug)]
+pub enum SendError {
+    /// No TCP connection could be made.
+    Connect(io::Error),
+    /// The TCP connect did not finish within `connect_timeout`.
+    ConnectTimeout,
+    /// The connection failed while the request or response head was in flight.
+    Http(hyper::Error),
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::Connect(e) => write!(f, "connect: {e}"),
+            SendError::ConnectTimeout => f.write_str("connect timed out"),
+            SendError::Http(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Settings shared by every upstream connection.
+#[derive(Debug, Clone)]
+pub struct UpstreamClient {
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    max_idle: usize,
+    http: http1::Builder,
+}
+
+/// How often a request may find a pooled connection closing under it before weir
+/// stops trying pooled ones and opens a fresh connection.
+const STALE_RETRIES: usize = 4;
+
+impl UpstreamClient {
+    pub fn new(connect_timeout: Duration, idle_timeout: Duration, max_idle: usize) -> Self {
+        UpstreamClient {
+            connect_timeout,
+            idle_timeout,
+            max_idle,
+            http: http1::Builder::new(),
+        }
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        self.idle_timeout
+    }
+
+    /// Send `req` to `endpoint` and wait for the response head. The connection comes
+    /// back with the response, to be driven by the body and returned with [`release`].
+    pub async fn send(
+        &self,
+        endpoint: &EndpointState,
+        mut req: Request<Incoming>,
+    ) -> Result<(Response<Incoming>, Box<PooledConn>), SendError> {
+        let mut stale = 0;
+        loop {
+            let fresh_only = stale >= STALE_RETRIES;
+            let mut conn = match self.checkout(endpoint, fresh_only).await {
+                Some(c) => c,
+                None => self.connect(endpoint).await?,
+            };
+            let reused = conn.idle_since.is_some();
+            let mut response = std::pin::pin!(conn.sender.try_send_request(req));
+            let result = poll_fn(|cx| {
+                if let Poll::Ready(r) = response.as_mut().poll(cx) {
+                    return Poll::Ready(r);
+                }
+                conn.poll_conn(cx);
+                // Polling the driver may have completed the response.
+                response.as_mut().poll(cx)
+            })
+            .await;
+            match result {
+                Ok(resp) => return Ok((resp, conn)),
+                Err(mut e) => match e.take_message() {
+                    // Refused before a byte was written: the connection was closing.
+                    Some(back) if reused => {
+                        stale += 1;
+                        req = back;
+                    }
+                    _ => return Err(SendError::Http(e.into_error())),
+                },
+            }
+        }
+    }
+
+    /// A pooled connection that is still open and ready, if any.
+    async fn checkout(
+        &self,
+        endpoint: &EndpointState,
+        fresh_only: bool,
+    ) -> Option<Box<PooledConn>> {
+        if fresh_only {
+            return None;
+        }
+        while let Some(mut conn) = endpoint.idle().pop() {
+            if conn
+                .idle_since
+                .is_none_or(|t| t.elapsed() >= self.idle_timeout)
+            {
+                continue;
+            }
+            let ready = poll_fn(|cx| {
+                let alive = conn.poll_conn(cx);
+                Poll::Ready(alive && matches!(conn.sender.poll_ready(cx), Poll::Ready(Ok(()))))
+            })
+            .await;
+            if ready {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    async fn connect(&self, endpoint: &EndpointState) -> Result<Box<PooledConn>, SendError> {
+        let authority = endpoint.authority();
+        let port = authority.port_u16().unwrap_or(80);
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let stream = match tokio::time::timeout(
+            self.connect_timeout,
+            TcpStream::connect((host, port)),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) if e.kind() == io::ErrorKind::TimedOut => {
+                return Err(SendError::ConnectTimeout);
+            }
+            Ok(Err(e)) => return Err(SendError::Connect(e)),
+            Err(_) => return Err(SendError::ConnectTimeout),
+        };
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = self
+            .http
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(SendError::Http)?;
+        // Boxed once per connection: it moves between the idle stack and response
+        // bodies on every request, and is several hundred bytes inline.
+        Ok(Box::new(PooledConn {
+            sender,
+            conn,
+            done: false,
+            idle_since: None,
+        }))
+    }
+
+    /// Idle connections kept per endpoint.
+    pub fn max_idle(&self) -> usize {
+        self.max_idle
+    }
+}
+
+/// Return a connection whose response is complete to its endpoint's idle stack.
+pub fn release(endpoint: &EndpointState, mut conn: Box<PooledConn>, max_idle: usize) {
+    if conn.done || conn.sender.is_closed() {
+        return;
+    }
+    conn.idle_since = Some(Instant::now());
+    endpoint.idle().push(conn, max_idle);
+}
+
+/// Drives a connection while its response body streams.
+pub(crate) fn drive(conn: &mut PooledConn, cx: &mut Context<'_>) {
+    conn.poll_conn(cx);
+}
