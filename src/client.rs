@@ -147,7 +147,13 @@ impl UpstreamClient {
             connect_timeout,
             idle_timeout,
             max_idle,
-            http: http1::Builder::new(),
+            http: {
+                let mut b = http1::Builder::new();
+                // One flat buffer and one send() per message: measured cheaper in the
+                // kernel than writev with separate head and body slices.
+                b.writev(false);
+                b
+            },
         }
     }
 
