@@ -1,0 +1,630 @@
+#!/usr/bin/env bash
+# Load comparison: weir vs HAProxy vs nginx (as proxies) vs no proxy at all,
+# all doing the same job: a per-request 90/10 weighted split between two
+# upstream pools ("stable", "canary") with keep-alive on both sides.
+#
+# Run from the repository root:
+#     benches/load/compare.sh
+#
+# Environment (all optional):
+#   DURATION      wrk duration of each measured run            (default 10s)
+#   CONNS         wrk keep-alive connections                    (default 64)
+#   REPEATS       measured runs per target                      (default 3)
+#   WRK_THREADS   wrk threads; wrk shares one pinned core with
+#                 the upstream, so more threads only add
+#                 context switches                              (default 1)
+#   WARMUP        uncounted wrk warm-up per target              (default 2s)
+#   TARGETS       which targets, in order      (default "direct weir haproxy nginx")
+#   WEIR_BIN      weir binary; default: `cargo build --release` and
+#                 use target/release/weir (only if weir is in TARGETS)
+#   WEIR_LOG      RUST_LOG for weir                             (default warn)
+#   PROXY_CPU     core the proxy under test is pinned to        (default 0)
+#   LOADGEN_CPU   core wrk and the upstream nginx are pinned to (default 1)
+#   READY_TIMEOUT seconds to wait for a process to answer       (default 20)
+#   WAIT_IDLE     before each target (and before repeating a noisy run),
+#                 wait up to this many seconds for both cores to be
+#                 <=5% busy                                     (default 0)
+#   SPLIT_CHECK_N requests of the pre-run 90/10 split check     (default 1000)
+#   NOISE_PCT     a run is flagged noisy if more than this % of either
+#                 core went to processes other than ours        (default 3)
+#   NOISY_RETRIES times a noisy run is repeated before it is kept (default 2)
+#   KEEP_WORKDIR  1 = keep the temp dir (configs, logs, raw wrk output)
+#   OUT_MD        where the report is written      (default benches/load/last-run.md)
+#
+# Everything listens on 127.0.0.1 only; every process is started here with
+# its own config under a mktemp dir and killed on exit.
+set -euo pipefail
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_ROOT=$(cd "$SCRIPT_DIR/../.." && pwd)
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
+
+DURATION=${DURATION:-10s}
+CONNS=${CONNS:-64}
+REPEATS=${REPEATS:-3}
+WRK_THREADS=${WRK_THREADS:-1}
+WARMUP=${WARMUP:-2s}
+TARGETS=${TARGETS:-"direct weir haproxy nginx"}
+WEIR_BIN=${WEIR_BIN:-}
+WEIR_LOG=${WEIR_LOG:-warn}
+PROXY_CPU=${PROXY_CPU:-0}
+LOADGEN_CPU=${LOADGEN_CPU:-1}
+READY_TIMEOUT=${READY_TIMEOUT:-20}
+WAIT_IDLE=${WAIT_IDLE:-0}
+NOISE_PCT=${NOISE_PCT:-3}
+IDLE_PCT=5
+NOISY_RETRIES=${NOISY_RETRIES:-2}
+SPLIT_CHECK_N=${SPLIT_CHECK_N:-1000}
+KEEP_WORKDIR=${KEEP_WORKDIR:-0}
+OUT_MD=${OUT_MD:-$SCRIPT_DIR/last-run.md}
+
+log() { printf '[compare] %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+has_target() { [[ " $TARGETS " == *" $1 "* ]]; }
+
+for t in $TARGETS; do
+    case $t in
+        direct | weir | haproxy | nginx) ;;
+        *) die "unknown target '$t' in TARGETS (known: direct weir haproxy nginx)" ;;
+    esac
+done
+[[ $REPEATS =~ ^[1-9][0-9]*$ ]] || die "REPEATS must be a positive integer"
+[[ $CONNS =~ ^[1-9][0-9]*$ ]] || die "CONNS must be a positive integer"
+[[ $WRK_THREADS =~ ^[1-9][0-9]*$ ]] || die "WRK_THREADS must be a positive integer"
+((WRK_THREADS <= CONNS)) || die "WRK_THREADS must not exceed CONNS"
+
+# --------------------------------------------------------------------------
+# Dependencies (Debian packages), installed only if missing.
+# --------------------------------------------------------------------------
+install_pkgs() {
+    local sudo=() rc=0 made_policy=0
+    if ((EUID != 0)); then
+        command -v sudo >/dev/null || die "need root (or sudo) to install: $*"
+        sudo=(sudo)
+    fi
+    # Keep the packages' own system services from being started by the
+    # install: this benchmark starts every process itself.
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        printf '#!/bin/sh\nexit 101\n' | "${sudo[@]}" tee /usr/sbin/policy-rc.d >/dev/null
+        "${sudo[@]}" chmod 755 /usr/sbin/policy-rc.d
+        made_policy=1
+    fi
+    log "installing: $*"
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq || rc=$?
+    if ((rc == 0)); then
+        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+            apt-get install -y -qq --no-install-recommends "$@" >&2 || rc=$?
+    fi
+    if ((made_policy)); then "${sudo[@]}" rm -f /usr/sbin/policy-rc.d; fi
+    ((rc == 0)) || die "apt-get failed (rc=$rc)"
+}
+
+missing=()
+command -v nginx >/dev/null || missing+=(nginx)
+command -v wrk >/dev/null || missing+=(wrk)
+command -v curl >/dev/null || missing+=(curl)
+command -v taskset >/dev/null || missing+=(util-linux)
+if has_target haproxy; then command -v haproxy >/dev/null || missing+=(haproxy); fi
+((${#missing[@]} == 0)) || install_pkgs "${missing[@]}"
+
+NCPU=$(nproc)
+if ((NCPU < 2)); then
+    log "warning: only $NCPU CPU; proxy and load generator will share it"
+    PROXY_CPU=0
+    LOADGEN_CPU=0
+fi
+CLK_TCK=$(getconf CLK_TCK)
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+# --------------------------------------------------------------------------
+# weir binary
+# --------------------------------------------------------------------------
+if has_target weir; then
+    if [[ -z $WEIR_BIN ]]; then
+        log "building weir (cargo build --release)"
+        (cd "$REPO_ROOT" && cargo build --release >&2) || die "cargo build --release failed"
+        WEIR_BIN=${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/weir
+    fi
+    [[ -x $WEIR_BIN ]] || die "weir binary not found or not executable: $WEIR_BIN"
+    WEIR_BIN=$(cd "$(dirname "$WEIR_BIN")" && pwd)/$(basename "$WEIR_BIN")
+fi
+
+# --------------------------------------------------------------------------
+# Work dir, process bookkeeping, cleanup
+# --------------------------------------------------------------------------
+WORKDIR=$(mktemp -d "${TMPDIR:-/tmp}/weir-compare.XXXXXX")
+RESULTS=$WORKDIR/results.tsv
+: >"$RESULTS"
+PIDS=()
+
+alive() {
+    local st
+    [[ -r /proc/$1/stat ]] || return 1
+    st=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    st=${st##*) }
+    [[ ${st%% *} != Z ]]
+}
+
+stop_pid() {
+    local pid=$1 i
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < 100; i++)); do
+        alive "$pid" || break
+        sleep 0.05
+    done
+    if alive "$pid"; then kill -KILL "$pid" 2>/dev/null || true; fi
+    wait "$pid" 2>/dev/null || true
+    local keep=() p
+    for p in "${PIDS[@]}"; do [[ $p == "$pid" ]] || keep+=("$p"); done
+    PIDS=("${keep[@]}")
+}
+
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    local pid
+    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
+    if [[ $KEEP_WORKDIR == 1 ]]; then
+        log "work dir kept: $WORKDIR"
+    else
+        rm -rf "$WORKDIR"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# A port is taken if any IPv4/IPv6 TCP socket on this host uses it locally.
+port_busy() {
+    local hex
+    hex=$(printf '%04X' "$1")
+    awk -v h=":$hex" 'FNR > 1 && substr($2, length($2) - 4) == h { f = 1 } END { exit !f }' \
+        /proc/net/tcp /proc/net/tcp6 2>/dev/null
+}
+USED_PORTS=" "
+pick_port() { # VAR: store a free port in VAR (no subshell, so USED_PORTS sticks)
+    local p i
+    # 20000-31999: high, and below the usual ephemeral range (32768+), so
+    # wrk's/the proxies' outgoing connections cannot collide with it.
+    for ((i = 0; i < 500; i++)); do
+        p=$((20000 + RANDOM % 12000))
+        [[ $USED_PORTS == *" $p "* ]] && continue
+        port_busy "$p" && continue
+        USED_PORTS+="$p "
+        printf -v "$1" %s "$p"
+        return 0
+    done
+    die "no free port found"
+}
+
+pick_port UPSTREAM_STABLE_PORT
+pick_port UPSTREAM_CANARY_PORT
+USER_LINE=""
+((EUID == 0)) && USER_LINE="user root;"
+
+# render TEMPLATE OUTPUT [KEY=VALUE...]: replace @KEY@ in benches/load/TEMPLATE.in
+render() {
+    local src=$SCRIPT_DIR/$1.in dst=$WORKDIR/$2
+    shift 2
+    local args=(-e "s|@WORKDIR@|$WORKDIR|g"
+        -e "s|@USER_LINE@|$USER_LINE|g"
+        -e "s|@UPSTREAM_STABLE_PORT@|$UPSTREAM_STABLE_PORT|g"
+        -e "s|@UPSTREAM_CANARY_PORT@|$UPSTREAM_CANARY_PORT|g")
+    local kv
+    for kv in "$@"; do args+=(-e "s|@${kv%%=*}@|${kv#*=}|g"); done
+    sed "${args[@]}" "$src" >"$dst"
+    if grep -q '@[A-Z_]*@' "$dst"; then die "unfilled placeholder in $dst"; fi
+}
+
+# wait_ready URL PID NAME LOGFILE: poll until URL answers 2xx, with a deadline.
+wait_ready() {
+    local url=$1 pid=$2 name=$3 logf=$4
+    local deadline=$((SECONDS + READY_TIMEOUT))
+    until curl -fsS -o /dev/null --max-time 1 "$url" 2>/dev/null; do
+        if ! alive "$pid"; then
+            log "$name exited before answering; last log lines:"
+            tail -n 30 "$logf" >&2 || true
+            return 1
+        fi
+        if ((SECONDS >= deadline)); then
+            log "$name did not answer $url within ${READY_TIMEOUT}s; last log lines:"
+            tail -n 30 "$logf" >&2 || true
+            return 1
+        fi
+        sleep 0.05
+    done
+}
+
+# Busy ticks of one core from /proc/stat: user+nice+system+irq+softirq
+# (everything on that core, whoever it was for; excludes idle/iowait/steal).
+core_busy_ticks() {
+    awk -v c="cpu$1" '$1 == c { print $2 + $3 + $4 + $7 + $8; exit }' /proc/stat
+}
+
+# Busy % of the two pinned cores over ~1 s, as "P L" (proxy core, loadgen core).
+cores_busy_pct() {
+    local a0 a1 b0 b1 t0 t1
+    read -r a0 a1 t0 < <(awk -v p="cpu$PROXY_CPU" -v l="cpu$LOADGEN_CPU" \
+        '$1 == p { bp = $2 + $3 + $4 + $7 + $8 } $1 == l { bl = $2 + $3 + $4 + $7 + $8 } $1 == p { tp = 0; for (i = 2; i <= NF; i++) tp += $i } END { print bp, bl, tp }' /proc/stat)
+    sleep 1
+    read -r b0 b1 t1 < <(awk -v p="cpu$PROXY_CPU" -v l="cpu$LOADGEN_CPU" \
+        '$1 == p { bp = $2 + $3 + $4 + $7 + $8 } $1 == l { bl = $2 + $3 + $4 + $7 + $8 } $1 == p { tp = 0; for (i = 2; i <= NF; i++) tp += $i } END { print bp, bl, tp }' /proc/stat)
+    awk -v p=$((b0 - a0)) -v l=$((b1 - a1)) -v t=$((t1 - t0)) 'BEGIN { if (t <= 0) t = 1; printf "%.0f %.0f\n", 100 * p / t, 100 * l / t }'
+}
+
+# CPU ticks of this shell's reaped children (cutime+cstime, fields 16+17):
+# read around a foreground wrk, the difference is wrk's own CPU time.
+reaped_child_ticks() {
+    local s f
+    s=$(cat "/proc/$$/stat")
+    s=${s##*) }
+    read -ra f <<<"$s"
+    echo $((f[13] + f[14]))
+}
+
+# CPU ticks summed over PIDs, as "utime stime" (/proc/PID/stat fields 14, 15).
+proc_ticks() {
+    local ut=0 st=0 pid s f
+    for pid in "$@"; do
+        s=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
+        s=${s##*) } # drop "pid (comm) "; what is left starts at field 3
+        read -ra f <<<"$s"
+        ut=$((ut + f[11]))
+        st=$((st + f[12]))
+    done
+    echo "$ut $st"
+}
+
+children_of() {
+    local parent=$1 d s f
+    for d in /proc/[0-9]*; do
+        s=$(cat "$d/stat" 2>/dev/null) || continue
+        s=${s##*) }
+        read -ra f <<<"$s"
+        [[ ${f[1]} == "$parent" ]] && echo "${d#/proc/}"
+    done
+    return 0
+}
+
+# --------------------------------------------------------------------------
+# wrk
+# --------------------------------------------------------------------------
+run_wrk() { # URL DURATION OUTFILE
+    if ! taskset -c "$LOADGEN_CPU" wrk -t"$WRK_THREADS" -c"$CONNS" -d"$2" --latency "$1" >"$3" 2>&1; then
+        cat "$3" >&2
+        die "wrk failed against $1"
+    fi
+}
+
+# prints: req_per_s p50_us p99_us requests socket_errors non_2xx_3xx
+parse_wrk() {
+    awk '
+    function us(v,   n, u) {
+        n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
+        if (u == "us") return n
+        if (u == "ms") return n * 1000
+        if (u == "s")  return n * 1000000
+        if (u == "m")  return n * 60000000
+        if (u == "h")  return n * 3600000000
+        return n
+    }
+    /Latency Distribution/        { dist = 1; next }
+    dist && $1 == "50%"           { p50 = us($2) }
+    dist && $1 == "99%"           { p99 = us($2); dist = 0 }
+    / requests in /               { req = $1 }
+    /Socket errors:/              { for (i = 1; i <= NF; i++) if ($i ~ /^[0-9]+,?$/) sock += $i + 0 }
+    /Non-2xx or 3xx responses:/   { non2xx = $NF + 0 }
+    /^Requests\/sec:/             { rps = $2 }
+    END {
+        if (rps == "" || req == "" || p50 == "" || p99 == "") exit 1
+        printf "%s %s %s %s %d %d\n", rps, p50, p99, req, sock, non2xx
+    }' "$1"
+}
+
+# --------------------------------------------------------------------------
+# Upstream: nginx, two server blocks, pinned to LOADGEN_CPU
+# --------------------------------------------------------------------------
+mkdir -p "$WORKDIR/nginx-upstream-tmp" "$WORKDIR/nginx-proxy-tmp" "$WORKDIR/weir-state"
+render nginx-upstream.conf nginx-upstream.conf
+log "work dir: $WORKDIR"
+log "starting upstream nginx on 127.0.0.1:$UPSTREAM_STABLE_PORT (stable) and :$UPSTREAM_CANARY_PORT (canary), CPU $LOADGEN_CPU"
+taskset -c "$LOADGEN_CPU" nginx -p "$WORKDIR/" -e "$WORKDIR/nginx-upstream.error.log" \
+    -c "$WORKDIR/nginx-upstream.conf" >"$WORKDIR/nginx-upstream.out" 2>&1 &
+UPSTREAM_PID=$!
+PIDS+=("$UPSTREAM_PID")
+wait_ready "http://127.0.0.1:$UPSTREAM_STABLE_PORT/" "$UPSTREAM_PID" "upstream nginx" "$WORKDIR/nginx-upstream.error.log" ||
+    die "upstream nginx did not start"
+wait_ready "http://127.0.0.1:$UPSTREAM_CANARY_PORT/" "$UPSTREAM_PID" "upstream nginx" "$WORKDIR/nginx-upstream.error.log" ||
+    die "upstream nginx did not start"
+mapfile -t UPSTREAM_PIDS < <(echo "$UPSTREAM_PID"; children_of "$UPSTREAM_PID")
+
+# --------------------------------------------------------------------------
+# Targets
+# --------------------------------------------------------------------------
+declare -A SPLIT_NOTE=()
+
+# split_check TARGET URL: SPLIT_CHECK_N sequential requests on one connection,
+# counting which pool answered (the two upstream bodies differ).
+split_check() {
+    local target=$1 url=$2 out stable canary other total
+    out=$(curl -sS --max-time 60 "$url/split-check/[1-$SPLIT_CHECK_N]" 2>/dev/null) || true
+    stable=$(grep -c '^stable$' <<<"$out" || true)
+    canary=$(grep -c '^canary$' <<<"$out" || true)
+    total=$((stable + canary))
+    other=$((SPLIT_CHECK_N - total))
+    if ((total > 0)); then
+        SPLIT_NOTE[$target]=$(awk -v s="$stable" -v c="$canary" -v o="$other" \
+            'BEGIN { printf "stable %d, canary %d (%.1f%% canary)%s", s, c, 100 * c / (s + c), (o ? sprintf(", %d failed", o) : "") }')
+    else
+        SPLIT_NOTE[$target]="no answer from either pool"
+    fi
+    log "$target split check ($SPLIT_CHECK_N requests): ${SPLIT_NOTE[$target]}"
+    if ((total == 0 || other > 0 || canary * 100 < total * 5 || canary * 100 > total * 15)); then
+        log "warning: $target split is not ~90/10 or had failures"
+    fi
+}
+
+start_target() { # TARGET -> sets TARGET_URL, TARGET_PID, CPU_PIDS
+    local t=$1 port admin_port
+    TARGET_PID=""
+    CPU_PIDS=()
+    case $t in
+        direct)
+            TARGET_URL="http://127.0.0.1:$UPSTREAM_STABLE_PORT"
+            return 0
+            ;;
+        weir)
+            pick_port port
+            pick_port admin_port
+            render weir.toml weir.toml PROXY_PORT="$port" ADMIN_PORT="$admin_port"
+            log "starting weir on 127.0.0.1:$port, CPU $PROXY_CPU"
+            RUST_LOG=$WEIR_LOG taskset -c "$PROXY_CPU" "$WEIR_BIN" run --config "$WORKDIR/weir.toml" \
+                >"$WORKDIR/weir.log" 2>&1 &
+            TARGET_PID=$!
+            TARGET_LOG=$WORKDIR/weir.log
+            ;;
+        haproxy)
+            pick_port port
+            render haproxy.cfg haproxy.cfg PROXY_PORT="$port"
+            haproxy -c -q -f "$WORKDIR/haproxy.cfg" >&2 || die "haproxy config check failed"
+            log "starting haproxy on 127.0.0.1:$port, CPU $PROXY_CPU"
+            taskset -c "$PROXY_CPU" haproxy -db -f "$WORKDIR/haproxy.cfg" >"$WORKDIR/haproxy.log" 2>&1 &
+            TARGET_PID=$!
+            TARGET_LOG=$WORKDIR/haproxy.log
+            ;;
+        nginx)
+            pick_port port
+            render nginx-proxy.conf nginx-proxy.conf PROXY_PORT="$port"
+            log "starting nginx (proxy) on 127.0.0.1:$port, CPU $PROXY_CPU"
+            taskset -c "$PROXY_CPU" nginx -p "$WORKDIR/" -e "$WORKDIR/nginx-proxy.error.log" \
+                -c "$WORKDIR/nginx-proxy.conf" >"$WORKDIR/nginx-proxy.out" 2>&1 &
+            TARGET_PID=$!
+            TARGET_LOG=$WORKDIR/nginx-proxy.error.log
+            ;;
+    esac
+    PIDS+=("$TARGET_PID")
+    TARGET_URL="http://127.0.0.1:$port"
+    wait_ready "$TARGET_URL/" "$TARGET_PID" "$t" "$TARGET_LOG" || die "$t did not start"
+    mapfile -t CPU_PIDS < <(echo "$TARGET_PID"; children_of "$TARGET_PID")
+}
+
+declare -A BG_NOTE=()
+NOISY=0
+RETRIED=0
+
+# wait_idle: sample both cores (1 s); with WAIT_IDLE > 0, keep sampling until
+# both are <= IDLE_PCT (5) % busy or WAIT_IDLE seconds have passed. Sets BGP/BGL.
+wait_idle() {
+    local start=$SECONDS next_log=$SECONDS
+    read -r BGP BGL < <(cores_busy_pct)
+    while ((BGP > IDLE_PCT || BGL > IDLE_PCT)) && ((SECONDS - start < WAIT_IDLE)); do
+        if ((SECONDS >= next_log)); then
+            log "cores busy (proxy core ${BGP}%, load-gen core ${BGL}%); waiting for idle ($((SECONDS - start))s of ${WAIT_IDLE}s)"
+            next_log=$((SECONDS + 30))
+        fi
+        read -r BGP BGL < <(cores_busy_pct)
+    done
+}
+
+# measure_run TARGET OUTFILE: one measured wrk run; sets the per-run globals.
+measure_run() {
+    local t=$1 out=$2
+    c0=$(core_busy_ticks "$PROXY_CPU")
+    l0=$(core_busy_ticks "$LOADGEN_CPU")
+    read -r pu0 ps0 < <(proc_ticks "${CPU_PIDS[@]}")
+    read -r uu0 us0 < <(proc_ticks "${UPSTREAM_PIDS[@]}")
+    t0=$(date +%s%N)
+    w0=$(reaped_child_ticks)
+    run_wrk "$TARGET_URL/" "$DURATION" "$out"
+    w1=$(reaped_child_ticks)
+    t1=$(date +%s%N)
+    read -r pu1 ps1 < <(proc_ticks "${CPU_PIDS[@]}")
+    read -r uu1 us1 < <(proc_ticks "${UPSTREAM_PIDS[@]}")
+    c1=$(core_busy_ticks "$PROXY_CPU")
+    l1=$(core_busy_ticks "$LOADGEN_CPU")
+    # Busy time on each core that none of our processes accounts for
+    # (another build, a cron job...), as % of the run's wall time.
+    read -r fp fl < <(awk -v cp=$((c1 - c0)) -v p=$((pu1 - pu0 + ps1 - ps0)) \
+        -v cl=$((l1 - l0)) -v u=$((uu1 - uu0 + us1 - us0)) -v w=$((w1 - w0)) \
+        -v hz="$CLK_TCK" -v ns=$((t1 - t0)) \
+        'BEGIN { sec = ns / 1e9; a = (cp - p) / hz / sec * 100; b = (cl - u - w) / hz / sec * 100;
+                 printf "%.0f %.0f\n", (a < 0 ? 0 : a), (b < 0 ? 0 : b) }')
+    noisy=0
+    # With no proxy (direct) nothing of ours runs on the proxy core, so only
+    # the load-gen core counts.
+    if ((fl > NOISE_PCT)) || { [[ $t != direct ]] && ((fp > NOISE_PCT)); }; then noisy=1; fi
+    if [[ -n $TARGET_PID ]] && ! alive "$TARGET_PID"; then
+        tail -n 30 "$TARGET_LOG" >&2 || true
+        die "$t died during a measured run"
+    fi
+}
+
+for t in $TARGETS; do
+    # Anything else busy on the two cores skews every number below.
+    wait_idle
+    BG_NOTE[$t]="proxy core ${BGP}%, load-gen core ${BGL}%"
+    if ((BGP > IDLE_PCT || BGL > IDLE_PCT)); then
+        NOISY=1
+        log "warning: cores not idle before $t (${BG_NOTE[$t]} busy): other work on this machine will skew the results"
+    fi
+    start_target "$t"
+    if [[ $t != direct ]]; then split_check "$t" "$TARGET_URL"; fi
+    log "$t: warm-up ($WARMUP, not counted)"
+    run_wrk "$TARGET_URL/" "$WARMUP" "$WORKDIR/wrk-$t-warmup.txt"
+    for ((r = 1; r <= REPEATS; r++)); do
+        out=$WORKDIR/wrk-$t-$r.txt
+        for ((attempt = 0; ; attempt++)); do
+            if ((attempt > 0 && WAIT_IDLE > 0)); then wait_idle; fi
+            measure_run "$t" "$out"
+            ((noisy && attempt < NOISY_RETRIES)) || break
+            RETRIED=$((RETRIED + 1))
+            log "warning: $t run $r: ${fp}% of the proxy core and ${fl}% of the load-gen core went to other work; retrying ($((attempt + 1))/$NOISY_RETRIES)"
+        done
+        if ((noisy)); then
+            log "warning: $t run $r: ${fp}% of the proxy core and ${fl}% of the load-gen core went to other work; kept as noisy"
+        fi
+        parsed=$(parse_wrk "$out") || {
+            cat "$out" >&2
+            die "could not parse wrk output ($out)"
+        }
+        read -r rps p50 p99 req sock non2xx <<<"$parsed"
+        ((req > 0)) || die "$t run $r: wrk completed no requests"
+        if [[ $t == direct ]]; then
+            pcpu=-
+            pus=-
+            cus=-
+            psplit=-
+        else
+            cus=$(awk -v d=$((c1 - c0)) -v hz="$CLK_TCK" -v n="$req" 'BEGIN { printf "%.3f", d / hz * 1e6 / n }')
+            pcpu=$(awk -v d=$((pu1 - pu0 + ps1 - ps0)) -v hz="$CLK_TCK" 'BEGIN { printf "%.3f", d / hz }')
+            pus=$(awk -v d=$((pu1 - pu0 + ps1 - ps0)) -v hz="$CLK_TCK" -v n="$req" 'BEGIN { printf "%.3f", d / hz * 1e6 / n }')
+            psplit=$(awk -v u=$((pu1 - pu0)) -v s=$((ps1 - ps0)) -v hz="$CLK_TCK" -v n="$req" \
+                'BEGIN { printf "%.2f / %.2f", u / hz * 1e6 / n, s / hz * 1e6 / n }')
+        fi
+        uus=$(awk -v d=$((uu1 - uu0 + us1 - us0)) -v hz="$CLK_TCK" -v n="$req" 'BEGIN { printf "%.3f", d / hz * 1e6 / n }')
+        printf '%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
+            "$t" "$r" "$rps" "$p50" "$p99" "$req" "$sock" "$non2xx" "$pcpu" "$pus" "$uus" "$cus" "$psplit" \
+            "$fp% / $fl%" "$noisy" >>"$RESULTS"
+        log "$t run $r/$REPEATS: $rps req/s, p50 ${p50}us, p99 ${p99}us, proxy CPU ${pus} us/req, errors: socket $sock, non-2xx/3xx $non2xx, other load ${fp}%/${fl}%"
+    done
+    if [[ -n $TARGET_PID ]]; then stop_pid "$TARGET_PID"; fi
+done
+
+# --------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------
+col() { awk -F'\t' -v t="$1" -v c="$2" '$1 == t { print $c }' "$RESULTS"; }
+median() { sort -g | awk '{ a[NR] = $1 } END { if (NR == 0) print "nan"; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+fmt() { awk -v v="$1" -v f="$2" 'BEGIN { printf f, v }'; }
+ms() { awk -v v="$1" 'BEGIN { printf "%.3f ms", v / 1000 }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "" || b + 0 == 0) print "n/a"; else printf "%.2f×", a / b }'; }
+
+declare -A MED_RPS=() MED_CPU=()
+NOISY_RUNS=""
+REPORT=$WORKDIR/report.md
+first_line() { "$@" 2>&1 | head -n 1 || true; }
+weir_version="n/a (not in TARGETS)"
+if has_target weir; then
+    weir_version=$(timeout 5 "$WEIR_BIN" --version 2>/dev/null | head -n 1 || true)
+    [[ -n $weir_version ]] || weir_version="(no --version)"
+    weir_version+=" — $WEIR_BIN"
+fi
+git_rev=$(git -C "$REPO_ROOT" describe --always --dirty 2>/dev/null || echo "no commits")
+{
+    echo "# weir load comparison"
+    echo
+    echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+    echo "- machine: $NCPU CPUs, $(awk -F': *' '/^model name/ { print $2; exit }' /proc/cpuinfo), kernel $(uname -r)"
+    echo "- load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "- pinning: proxy on CPU $PROXY_CPU; wrk + upstream nginx on CPU $LOADGEN_CPU"
+    echo "- wrk: $WRK_THREADS thread(s), $CONNS keep-alive connections, $DURATION per run, $REPEATS run(s) per target, $WARMUP warm-up"
+    echo "- workload: GET / → 200, 7-byte body; proxies split 90/10 per request between two upstream pools"
+    echo "- versions:"
+    echo "  - $(first_line nginx -v)"
+    echo "  - $(first_line haproxy -v)"
+    echo "  - $(first_line wrk -v)"
+    echo "  - weir: $weir_version (repo HEAD at run time: $git_rev)"
+    echo
+    echo "Medians over $REPEATS run(s); req/s range is min–max. Errors are summed over all measured runs."
+    echo
+    echo "| target | req/s (min–max) | p50 | p99 | proxy CPU µs/req | errors |"
+    echo "|---|---|---|---|---|---|"
+    for t in $TARGETS; do
+        rps=$(col "$t" 3 | median)
+        rmin=$(col "$t" 3 | sort -g | head -n 1)
+        rmax=$(col "$t" 3 | sort -g | tail -n 1)
+        p50=$(col "$t" 4 | median)
+        p99=$(col "$t" 5 | median)
+        sock=$(col "$t" 7 | awk '{ s += $1 } END { print s + 0 }')
+        non2xx=$(col "$t" 8 | awk '{ s += $1 } END { print s + 0 }')
+        MED_RPS[$t]=$rps
+        if [[ $t == direct ]]; then
+            cpu_cell="— (no proxy)"
+        else
+            MED_CPU[$t]=$(col "$t" 10 | median)
+            cpu_cell=$(fmt "${MED_CPU[$t]}" "%.2f")
+        fi
+        if ((sock + non2xx == 0)); then err_cell=0; else err_cell="socket $sock, non-2xx/3xx $non2xx"; fi
+        label=$t
+        [[ $t == direct ]] && label="direct (no proxy)"
+        [[ $t == nginx ]] && label="nginx (proxy)"
+        nnoisy=$(col "$t" 15 | awk '{ s += $1 } END { print s + 0 }')
+        if ((nnoisy > 0)); then
+            label+=" ⚠"
+            NOISY_RUNS+=" $t:$nnoisy"
+        fi
+        printf '| %s | %s (%s–%s) | %s | %s | %s | %s |\n' "$label" \
+            "$(fmt "$rps" "%.0f")" "$(fmt "$rmin" "%.0f")" "$(fmt "$rmax" "%.0f")" \
+            "$(ms "$p50")" "$(ms "$p99")" "$cpu_cell" "$err_cell"
+    done
+    echo
+    if has_target weir; then
+        echo "| weir ÷ other | vs HAProxy | vs nginx |"
+        echo "|---|---|---|"
+        echo "| proxy CPU µs/req (lower is better for weir) | $(ratio "${MED_CPU[weir]:-}" "${MED_CPU[haproxy]:-}") | $(ratio "${MED_CPU[weir]:-}" "${MED_CPU[nginx]:-}") |"
+        echo "| req/s (higher is better for weir) | $(ratio "${MED_RPS[weir]:-}" "${MED_RPS[haproxy]:-}") | $(ratio "${MED_RPS[weir]:-}" "${MED_RPS[nginx]:-}") |"
+        echo
+    fi
+    echo "Cores busy in the second before each target started (should be ~0%):"
+    for t in $TARGETS; do echo "- $t: ${BG_NOTE[$t]}"; done
+    echo
+    if ((NOISY)) || [[ -n $NOISY_RUNS ]]; then
+        echo "**Warning: the machine was not idle (⚠ = target with noisy runs:${NOISY_RUNS:- none during runs});"
+        echo "other processes took CPU from the proxy or the load generator. Treat these numbers as noisy"
+        echo "and re-run on an idle machine (WAIT_IDLE=300 waits for idle cores before each target).**"
+        echo
+    fi
+    if ((${#SPLIT_NOTE[@]} > 0)); then
+        echo "Split check ($SPLIT_CHECK_N sequential requests before warm-up):"
+        for t in $TARGETS; do
+            [[ -n ${SPLIT_NOTE[$t]:-} ]] && echo "- $t: ${SPLIT_NOTE[$t]}"
+        done
+        echo
+    fi
+    echo "<details><summary>Per-run results</summary>"
+    echo
+    echo "proxy µs/req: the proxy's own processes (utime+stime), also split into user / system."
+    echo "proxy-core µs/req: everything the proxy's core was busy with (incl. softirq network work"
+    echo "and anything else scheduled there). upstream µs/req: the upstream nginx (master + worker)."
+    echo
+    echo "other load: busy time on the proxy / load-gen core not accounted to the proxy, upstream or wrk,"
+    echo "as % of the run; above ${NOISE_PCT}% the run is marked noisy. Noisy runs repeated: $RETRIED."
+    echo
+    echo "| target | run | req/s | p50 | p99 | requests | proxy CPU s | proxy µs/req | user / sys µs/req | proxy-core µs/req | upstream µs/req | socket errors | non-2xx/3xx | other load |"
+    echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    while IFS=$'\t' read -r t r rps p50 p99 req sock non2xx pcpu pus uus cus psplit other noisy; do
+        ((noisy)) && other+=" **noisy**"
+        printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' \
+            "$t" "$r" "$rps" "$(ms "$p50")" "$(ms "$p99")" "$req" "$pcpu" "$pus" "$psplit" "$cus" "$uus" "$sock" "$non2xx" "$other"
+    done <"$RESULTS"
+    echo
+    echo "</details>"
+} >"$REPORT"
+
+echo
+cat "$REPORT"
+cp "$REPORT" "$OUT_MD"
+log "report written to $OUT_MD"
