@@ -274,3 +274,42 @@ async fn state_file_of_an_older_format_still_loads() {
         serde_json::from_str(&std::fs::read_to_string(state.join("state.json")).unwrap()).unwrap();
     assert_eq!(saved["format"], 2);
 }
+
+#[tokio::test]
+async fn sighup_reloads_the_config_file() {
+    let dir = tempdir();
+    let state = dir.join("state");
+    let (child, admin) = run_weir(&dir, &state, "127.0.0.1:1", "127.0.0.1:2").await;
+    let path = dir.join("weir.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replace("service.pools.canary", "service.pools.green"),
+    )
+    .unwrap();
+    let status = Command::new("kill")
+        .args(["-HUP", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let c = client();
+    let reloaded = wait_until(Duration::from_secs(10), || {
+        let c = c.clone();
+        async move {
+            let s = get(&c, admin, "x", "/api/v1/services/shop").await.json();
+            s["pools"][1]["name"] == "green"
+        }
+    })
+    .await;
+    assert!(reloaded, "SIGHUP did not reload the config");
+    let events = get(&c, admin, "x", "/api/v1/events").await.json();
+    let e = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "config_reloaded")
+        .cloned()
+        .expect("config_reloaded event");
+    assert_eq!(e["actor"], "SIGHUP");
+    assert_eq!(e["details"]["reset"], serde_json::json!(["shop"]));
+}
