@@ -26,6 +26,7 @@ use tokio::net::TcpListener;
 
 use crate::config::{Config, MAX_WEIGHT};
 use crate::control::{Command, ControlError, Controller, rfc3339};
+use crate::guard::Guard;
 use crate::metrics::Metrics;
 use crate::routing::{Service, Source};
 use crate::state::Event;
@@ -41,6 +42,7 @@ pub type AdminResponse = Response<Full<Bytes>>;
 /// Everything the admin API needs.
 pub struct Admin {
     controller: Arc<Controller>,
+    guard: Arc<Guard>,
     metrics: Arc<Metrics>,
     token: Option<String>,
     metrics_auth: bool,
@@ -102,6 +104,7 @@ pub fn resolve_token(config: &Config) -> Result<Option<String>, AdminError> {
 impl Admin {
     pub fn new(
         controller: Arc<Controller>,
+        guard: Arc<Guard>,
         metrics: Arc<Metrics>,
         token: Option<String>,
         metrics_auth: bool,
@@ -109,6 +112,7 @@ impl Admin {
     ) -> Admin {
         Admin {
             controller,
+            guard,
             metrics,
             token,
             metrics_auth,
@@ -246,12 +250,15 @@ impl Admin {
         match route {
             Route::Services => {
                 let table = self.controller.router().table();
-                let services: Vec<Value> =
-                    table.services().iter().map(|s| service_json(s)).collect();
+                let services: Vec<Value> = table
+                    .services()
+                    .iter()
+                    .map(|s| service_json(s, &self.guard))
+                    .collect();
                 ok(json!({ "services": services }))
             }
             Route::Service(name) => match self.controller.router().table().service(name) {
-                Some(s) => with_etag(ok(service_json(s)), s.snapshot().version),
+                Some(s) => with_etag(ok(service_json(s, &self.guard)), s.snapshot().version),
                 None => error(StatusCode::NOT_FOUND, format!("unknown service `{name}`")),
             },
             Route::Weights(name) => {
@@ -293,6 +300,7 @@ impl Admin {
                     source: Source::Admin,
                     actor,
                     reason,
+                    details: None,
                 })
                 .await
             }
@@ -354,7 +362,7 @@ impl Admin {
         let result = tokio::task::spawn_blocking(move || controller.apply(command)).await;
         match result {
             Ok(Ok(change)) => match self.controller.router().table().service(&change.service) {
-                Some(s) => with_etag(ok(service_json(s)), change.snapshot.version),
+                Some(s) => with_etag(ok(service_json(s, &self.guard)), change.snapshot.version),
                 None => error(
                     StatusCode::NOT_FOUND,
                     format!("unknown service `{}`", change.service),
@@ -588,7 +596,7 @@ fn events_query(query: Option<&str>) -> Result<(u64, usize), String> {
 }
 
 /// The service document of the API.
-pub fn service_json(s: &Service) -> Value {
+pub fn service_json(s: &Service, guard: &Guard) -> Value {
     let snap = s.snapshot();
     let pools: Vec<Value> = snap
         .slots()
@@ -617,6 +625,8 @@ pub fn service_json(s: &Service) -> Value {
         "pools": pools,
         "updated_at": rfc3339(snap.updated_at),
         "updated_by": snap.updated_by.as_str(),
+        "health": if snap.degraded.is_some() { "degraded" } else { "healthy" },
+        "guard": guard.status(s),
     })
 }
 

@@ -69,6 +69,68 @@ pub struct ServiceConfig {
     pub hosts: Vec<String>,
     pub baseline: String,
     pub pools: Vec<PoolConfig>,
+    /// The SLO guard's settings; `None` means the guard only watches, never acts.
+    pub slo: Option<SloConfig>,
+}
+
+/// Whether the guard moves traffic or only says what it would do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GuardMode {
+    Enforce,
+    DryRun,
+}
+
+impl GuardMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GuardMode::Enforce => "enforce",
+            GuardMode::DryRun => "dry-run",
+        }
+    }
+}
+
+/// `[service.slo]`: what the guard judges each candidate pool against.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SloConfig {
+    /// The long window every check is evaluated over.
+    pub window: Duration,
+    /// A short recent window checked too, so a sudden breakage is seen in seconds and
+    /// not diluted by the long window's good history.
+    pub fast_window: Duration,
+    /// Evaluation period; also the length of the window's time slices.
+    pub interval: Duration,
+    /// Fewer requests than this in a window: inconclusive.
+    pub min_requests: u64,
+    pub max_error_rate: Option<f64>,
+    pub max_p99_latency: Option<Duration>,
+    /// Candidate error rate minus the baseline's.
+    pub max_error_rate_increase: Option<f64>,
+    /// Candidate p99 / baseline p99.
+    pub max_p99_ratio: Option<f64>,
+    /// Consecutive breached evaluations before acting.
+    pub breaches_to_act: u32,
+    pub mode: GuardMode,
+    /// Rollback events are POSTed here as JSON.
+    pub webhook: Option<http::Uri>,
+}
+
+impl Default for SloConfig {
+    fn default() -> Self {
+        SloConfig {
+            window: Duration::from_secs(30),
+            fast_window: Duration::from_secs(3),
+            interval: Duration::from_secs(1),
+            min_requests: 50,
+            max_error_rate: None,
+            max_p99_latency: None,
+            max_error_rate_increase: None,
+            max_p99_ratio: None,
+            breaches_to_act: 2,
+            mode: GuardMode::Enforce,
+            webhook: None,
+        }
+    }
 }
 
 impl ServiceConfig {
@@ -303,6 +365,23 @@ struct RawService {
     hosts: Option<Spanned<Vec<Spanned<String>>>>,
     baseline: Spanned<String>,
     pools: Spanned<IndexMap<String, RawPool>>,
+    slo: Option<Spanned<RawSlo>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSlo {
+    window: Option<Spanned<String>>,
+    fast_window: Option<Spanned<String>>,
+    interval: Option<Spanned<String>>,
+    min_requests: Option<Spanned<i64>>,
+    max_error_rate: Option<Spanned<f64>>,
+    max_p99_latency: Option<Spanned<String>>,
+    max_error_rate_increase: Option<Spanned<f64>>,
+    max_p99_ratio: Option<Spanned<f64>>,
+    breaches_to_act: Option<Spanned<i64>>,
+    mode: Option<GuardMode>,
+    webhook: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -547,11 +626,13 @@ impl Validator<'_> {
                     ),
                 );
             }
+            let slo = rs.slo.as_ref().map(|raw| self.slo(&key, raw));
             out.push(ServiceConfig {
                 name,
                 hosts: svc_hosts,
                 baseline,
                 pools,
+                slo,
             });
         }
         out
@@ -627,6 +708,144 @@ impl Validator<'_> {
             );
         }
         out
+    }
+}
+
+impl Validator<'_> {
+    fn slo(&mut self, service_key: &str, raw: &Spanned<RawSlo>) -> SloConfig {
+        let key = format!("{service_key}.slo");
+        let r = raw.get_ref();
+        let d = SloConfig::default();
+        let window = self.duration(&format!("{key}.window"), r.window.as_ref(), d.window);
+        let interval = self.duration(&format!("{key}.interval"), r.interval.as_ref(), d.interval);
+        let fast_window = self.duration(
+            &format!("{key}.fast_window"),
+            r.fast_window.as_ref(),
+            d.fast_window.min(window),
+        );
+        if interval < Duration::from_millis(100) || interval > Duration::from_secs(60) {
+            if let Some(i) = &r.interval {
+                self.problem(format!("{key}.interval"), i, "must be between 100ms and 1m");
+            }
+        } else if interval > window
+            && let Some(w) = r.window.as_ref().or(r.interval.as_ref())
+        {
+            self.problem(
+                format!("{key}.window"),
+                w,
+                "must be at least one interval long",
+            );
+        }
+        if fast_window > window
+            && let Some(f) = &r.fast_window
+        {
+            self.problem(
+                format!("{key}.fast_window"),
+                f,
+                "must not be longer than window",
+            );
+        }
+        if window > Duration::from_secs(3600)
+            && let Some(w) = &r.window
+        {
+            self.problem(format!("{key}.window"), w, "must be at most 1h");
+        }
+        let min_requests = match &r.min_requests {
+            Some(n) if *n.get_ref() < 1 => {
+                self.problem(format!("{key}.min_requests"), n, "must be at least 1");
+                d.min_requests
+            }
+            Some(n) => *n.get_ref() as u64,
+            None => d.min_requests,
+        };
+        let breaches_to_act = match &r.breaches_to_act {
+            Some(n) if !(1..=1000).contains(n.get_ref()) => {
+                self.problem(
+                    format!("{key}.breaches_to_act"),
+                    n,
+                    "must be between 1 and 1000",
+                );
+                d.breaches_to_act
+            }
+            Some(n) => *n.get_ref() as u32,
+            None => d.breaches_to_act,
+        };
+        let mut rate = |name: &str, v: &Option<Spanned<f64>>| -> Option<f64> {
+            let v = v.as_ref()?;
+            if !(0.0..=1.0).contains(v.get_ref()) {
+                self.problem(
+                    format!("{key}.{name}"),
+                    v,
+                    format!(
+                        "{} is not a fraction between 0 and 1 (5% is 0.05)",
+                        v.get_ref()
+                    ),
+                );
+                return None;
+            }
+            Some(*v.get_ref())
+        };
+        let max_error_rate = rate("max_error_rate", &r.max_error_rate);
+        let max_error_rate_increase = rate("max_error_rate_increase", &r.max_error_rate_increase);
+        let max_p99_ratio = match &r.max_p99_ratio {
+            Some(v) if !(*v.get_ref() >= 1.0 && v.get_ref().is_finite()) => {
+                self.problem(
+                    format!("{key}.max_p99_ratio"),
+                    v,
+                    "must be a ratio of at least 1.0 (1.5 = 50% slower than the baseline)",
+                );
+                None
+            }
+            Some(v) => Some(*v.get_ref()),
+            None => None,
+        };
+        let max_p99_latency = r
+            .max_p99_latency
+            .as_ref()
+            .map(|v| self.duration(&format!("{key}.max_p99_latency"), Some(v), Duration::ZERO));
+        if max_error_rate.is_none()
+            && max_p99_latency.is_none()
+            && max_error_rate_increase.is_none()
+            && max_p99_ratio.is_none()
+            && r.max_error_rate.is_none()
+            && r.max_p99_latency.is_none()
+            && r.max_error_rate_increase.is_none()
+            && r.max_p99_ratio.is_none()
+        {
+            self.problem(
+                key.clone(),
+                raw,
+                "no check configured: set at least one of max_error_rate, max_p99_latency, \
+                 max_error_rate_increase, max_p99_ratio",
+            );
+        }
+        let webhook = r
+            .webhook
+            .as_ref()
+            .and_then(|w| match w.get_ref().parse::<http::Uri>() {
+                Ok(u) if u.scheme_str() == Some("http") && u.authority().is_some() => Some(u),
+                Ok(_) | Err(_) => {
+                    self.problem(
+                        format!("{key}.webhook"),
+                        w,
+                        format!("`{}` is not an http:// URL", w.get_ref()),
+                    );
+                    None
+                }
+            });
+        SloConfig {
+            window,
+            fast_window,
+            interval,
+            min_requests,
+            max_error_rate,
+            max_p99_latency,
+            max_error_rate_increase,
+            max_p99_ratio,
+            breaches_to_act,
+            mode: r.mode.unwrap_or(GuardMode::Enforce),
+            webhook,
+        }
     }
 }
 

@@ -7,11 +7,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
+use crate::config::SloConfig;
 use crate::config::{Config, ServiceConfig};
 use crate::metrics::Metrics;
 use crate::pool::Pool;
 use crate::routing::{RouteTable, Router, Service, ServiceSnapshot, Source, WeightError};
 use crate::state::{Event, Journal, ServiceState, State, StateError, StateStore, Weights};
+use crate::window::Window;
 
 /// Journal files rotate at this size; a weight change is a few hundred bytes.
 const JOURNAL_FILE_BYTES: u64 = 8 * 1024 * 1024;
@@ -32,12 +34,14 @@ pub enum Command {
         actor: Option<String>,
         reason: Option<String>,
     },
-    /// All traffic to the baseline pool.
+    /// All traffic to the baseline pool. From the guard, it also marks the service
+    /// degraded; `details` (the guard's decision record) goes into the event.
     Rollback {
         service: String,
         source: Source,
         actor: Option<String>,
         reason: Option<String>,
+        details: Option<serde_json::Value>,
     },
 }
 
@@ -164,6 +168,7 @@ impl Controller {
                         if let Ok(t) = humantime::parse_rfc3339_weak(&state.updated_at) {
                             snap.updated_at = t;
                         }
+                        snap.degraded = state.extra["degraded"].as_str().map(String::from);
                         event = Event::new(&*service.name, "state_restored", Source::Startup);
                         event.from = Some(weights_of(&current));
                         event.to = Some(weights_of(&snap));
@@ -209,6 +214,17 @@ impl Controller {
         &self.router
     }
 
+    /// The SLO of a service in the config in force, if it has one.
+    pub fn slo(&self, service: &str) -> Option<SloConfig> {
+        self.config
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .services
+            .iter()
+            .find(|s| s.name == service)
+            .and_then(|s| s.slo.clone())
+    }
+
     /// The config in force.
     pub fn config(&self) -> Config {
         self.config
@@ -247,6 +263,7 @@ impl Controller {
                 source,
                 actor,
                 reason,
+                ..
             } => (service.clone(), *source, actor.clone(), reason.clone()),
         };
         let service = table
@@ -292,15 +309,26 @@ impl Controller {
             }
         };
         let pools = current.slots().iter().map(|s| s.pool.clone()).collect();
-        let next = Arc::new(ServiceSnapshot::new(
-            pools,
-            &weights,
-            current.version + 1,
-            source,
-        )?);
+        let mut next = ServiceSnapshot::new(pools, &weights, current.version + 1, source)?;
+        // Degraded: set by the guard's rollback, cleared when an operator sets weights.
+        next.degraded = match (&command, source) {
+            (Command::Rollback { .. }, Source::Guard) => {
+                Some(reason.clone().unwrap_or_else(|| "SLO breached".to_string()))
+            }
+            (Command::SetWeights { .. }, Source::Admin) => None,
+            _ => current.degraded.clone(),
+        };
+        let next = Arc::new(next);
         let mut event = Event::new(&name, kind, source);
         event.actor = actor;
         event.reason = reason;
+        if let Command::Rollback {
+            details: Some(details),
+            ..
+        } = &command
+        {
+            event.details = details.clone();
+        }
         event.from = Some(weights_of(&current));
         event.to = Some(weights_of(&next));
         let event = match persistence.as_mut() {
@@ -394,6 +422,7 @@ impl Controller {
                             old_snap.updated_by,
                         )?;
                         snap.updated_at = old_snap.updated_at;
+                        snap.degraded = old_snap.degraded.clone();
                         fresh.store(Arc::new(snap));
                         report.kept.push(cfg.name.clone());
                     } else {
@@ -479,7 +508,10 @@ fn service_state(s: &ServiceSnapshot) -> ServiceState {
         weights: weights_of(s),
         updated_at: rfc3339(s.updated_at),
         updated_by: s.updated_by,
-        extra: serde_json::Value::Null,
+        extra: match &s.degraded {
+            Some(reason) => serde_json::json!({ "degraded": reason }),
+            None => serde_json::Value::Null,
+        },
     }
 }
 
@@ -503,10 +535,11 @@ fn build_service(
         .pools
         .iter()
         .map(|p| {
-            reuse
-                .get(&p.name)
-                .cloned()
-                .unwrap_or_else(|| Arc::new(Pool::new(&cfg.name, p, metrics)))
+            reuse.get(&p.name).cloned().unwrap_or_else(|| {
+                let slo = cfg.slo.clone().unwrap_or_default();
+                let window = Window::new(slo.window, slo.interval);
+                Arc::new(Pool::new(&cfg.name, p, metrics, window))
+            })
         })
         .collect();
     metrics.register_service(&cfg.name);
@@ -635,6 +668,7 @@ weight = 10
             source: Source::Admin,
             actor: None,
             reason: None,
+            details: None,
         };
         assert_eq!(
             c.apply(unknown).unwrap_err(),
@@ -653,6 +687,7 @@ weight = 10
                 source: Source::Guard,
                 actor: None,
                 reason: Some("test".into()),
+                details: None,
             })
             .unwrap();
         assert_eq!(change.snapshot.weights(), vec![100, 0]);

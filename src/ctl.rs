@@ -773,7 +773,16 @@ fn number(v: &Value, key: &str) -> String {
 /// that `grep canary` still shows them.
 pub fn write_services(out: &mut impl Write, services: &[Value]) -> io::Result<()> {
     let mut rows = Vec::new();
+    let mut notes = Vec::new();
     for s in services {
+        // The guard's live window per pool, matched by name.
+        let live = |pool: &str| -> Option<&Value> {
+            s.pointer("/guard/pools")?
+                .as_array()?
+                .iter()
+                .find(|p| p.get("pool").and_then(Value::as_str) == Some(pool))
+        };
+        notes.extend(guard_notes(s));
         let pools = s
             .get("pools")
             .and_then(Value::as_array)
@@ -788,6 +797,14 @@ pub fn write_services(out: &mut impl Write, services: &[Value]) -> io::Result<()
                 .get("endpoints")
                 .and_then(Value::as_array)
                 .map_or_else(|| "?".into(), |e| e.len().to_string());
+            let w = live(text(p, "name"));
+            let requests = w.map_or_else(|| "-".into(), |w| number(w, "requests"));
+            let errors = w
+                .and_then(|w| w.get("error_rate")?.as_f64())
+                .map_or_else(|| "-".into(), |r| format!("{:.1}", r * 100.0));
+            let p99 = w
+                .and_then(|w| w.get("p99_ms")?.as_f64())
+                .map_or_else(|| "-".into(), |v| format!("{v:.1}"));
             rows.push(vec![
                 text(s, "name").to_string(),
                 text(p, "name").to_string(),
@@ -795,6 +812,9 @@ pub fn write_services(out: &mut impl Write, services: &[Value]) -> io::Result<()
                 share,
                 number(s, "version"),
                 endpoints,
+                requests,
+                errors,
+                p99,
             ]);
         }
     }
@@ -807,9 +827,60 @@ pub fn write_services(out: &mut impl Write, services: &[Value]) -> io::Result<()
             ("SHARE %", Align::Right),
             ("VERSION", Align::Right),
             ("ENDPOINTS", Align::Right),
+            ("REQ", Align::Right),
+            ("ERR %", Align::Right),
+            ("P99 MS", Align::Right),
         ],
         &rows,
-    )
+    )?;
+    for note in notes {
+        writeln!(out, "{note}")?;
+    }
+    Ok(())
+}
+
+/// Lines under the table about a service's guard: health, then the last decision per
+/// candidate in words. Nothing for a service without a guard that is healthy.
+fn guard_notes(s: &Value) -> Vec<String> {
+    let name = text(s, "name");
+    let Some(guard) = s.get("guard") else {
+        return Vec::new();
+    };
+    let enabled = guard.get("enabled").and_then(Value::as_bool) == Some(true);
+    let degraded = text(s, "health") == "degraded";
+    if !enabled && !degraded {
+        return Vec::new();
+    }
+    let mut lines = Vec::new();
+    let mode = guard.get("mode").and_then(Value::as_str).unwrap_or("off");
+    if degraded {
+        let why = guard
+            .get("degraded_reason")
+            .and_then(Value::as_str)
+            .unwrap_or("SLO breached");
+        lines.push(format!(
+            "{name}: DEGRADED (guard {mode}) — on the baseline since: {why}"
+        ));
+    } else {
+        lines.push(format!("{name}: healthy (guard {mode})"));
+    }
+    if guard.get("baseline_unhealthy").and_then(Value::as_bool) == Some(true) {
+        lines.push(format!("  {name}: the baseline is failing too"));
+    }
+    for d in guard
+        .get("decisions")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        lines.push(format!(
+            "  {} {}: {}",
+            text(d, "pool"),
+            text(d, "verdict"),
+            text(d, "summary")
+        ));
+    }
+    lines
 }
 
 #[derive(Clone, Copy)]

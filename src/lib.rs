@@ -20,6 +20,9 @@
 //! - [`control`]: the controller, the only writer of routing state.
 //! - [`state`]: crash-safe state file and event journal.
 //! - [`admin`]: the admin HTTP API.
+//! - [`window`]: per-pool sliding windows of live traffic (counts, latency histogram).
+//! - [`guard`]: the SLO guard: judges candidates, rolls back on a breach.
+//! - [`webhook`]: delivery of guard events to an operator's webhook.
 //! - [`upstream`]: the built-in test and demo backend with fault injection.
 //! - [`ctl`]: `weir ctl`, the admin API's command-line client.
 //! - [`cli`]: the `weir` command line.
@@ -30,6 +33,7 @@ pub mod client;
 pub mod config;
 pub mod control;
 pub mod ctl;
+pub mod guard;
 pub mod metrics;
 pub mod outcome;
 pub mod pool;
@@ -37,6 +41,8 @@ pub mod proxy;
 pub mod routing;
 pub mod state;
 pub mod upstream;
+pub mod webhook;
+pub mod window;
 
 use std::future::Future;
 use std::io;
@@ -49,6 +55,7 @@ use tokio::net::TcpListener;
 use crate::admin::Admin;
 use crate::config::Config;
 use crate::control::{ControlError, Controller};
+use crate::guard::{Guard, WindowSink};
 use crate::metrics::{Metrics, MetricsSink};
 use crate::outcome::{LogSink, OutcomeSink};
 use crate::proxy::Proxy;
@@ -66,6 +73,7 @@ pub enum StartError {
 /// the binary alike bind their own listeners and call [`Weir::serve`].
 #[derive(Debug)]
 pub struct Weir {
+    guard: Arc<Guard>,
     metrics: Arc<Metrics>,
     controller: Arc<Controller>,
     proxy: Arc<Proxy>,
@@ -89,21 +97,28 @@ impl Weir {
         let token = admin::resolve_token(&config)?;
         let metrics = Metrics::new();
         let controller = Arc::new(Controller::open(&config, Arc::clone(&metrics))?);
-        let mut sinks: Vec<Arc<dyn OutcomeSink>> = vec![Arc::new(MetricsSink), Arc::new(LogSink)];
+        let mut sinks: Vec<Arc<dyn OutcomeSink>> = vec![
+            Arc::new(WindowSink),
+            Arc::new(MetricsSink),
+            Arc::new(LogSink),
+        ];
         sinks.extend(extra);
         let proxy = Arc::new(Proxy::new(
             &config.proxy,
             Arc::clone(controller.router()),
             sinks,
         ));
+        let guard = Arc::new(Guard::new(Arc::clone(&controller), Arc::clone(&metrics)));
         let admin = Arc::new(Admin::new(
             Arc::clone(&controller),
+            Arc::clone(&guard),
             Arc::clone(&metrics),
             token,
             config.admin.metrics_auth,
             config_path,
         ));
         Ok(Weir {
+            guard,
             metrics,
             controller,
             proxy,
@@ -115,6 +130,11 @@ impl Weir {
     /// The controller: the one way to change weights at run time.
     pub fn controller(&self) -> &Arc<Controller> {
         &self.controller
+    }
+
+    /// The SLO guard.
+    pub fn guard(&self) -> &Arc<Guard> {
+        &self.guard
     }
 
     pub fn admin(&self) -> &Arc<Admin> {
@@ -130,6 +150,7 @@ impl Weir {
         shutdown: impl Future<Output = ()>,
     ) -> io::Result<()> {
         self.metrics.spawn_upkeep();
+        let guard = tokio::spawn(Arc::clone(&self.guard).run());
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let admin_task = admin.map(|listener| {
             let mut rx = stop_rx.clone();
@@ -148,6 +169,7 @@ impl Weir {
                 self.grace,
             )
             .await;
+        guard.abort();
         let _ = stop_tx.send(true);
         if let Some(task) = admin_task {
             let _ = task.await;

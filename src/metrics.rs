@@ -23,6 +23,8 @@ pub const POOL_WEIGHT: &str = "weir_pool_weight";
 pub const POOL_SHARE: &str = "weir_pool_share";
 pub const WEIGHT_CHANGES_TOTAL: &str = "weir_weight_changes_total";
 pub const BUILD_INFO: &str = "weir_build_info";
+pub const ROLLBACKS_TOTAL: &str = "weir_rollbacks_total";
+pub const WOULD_ROLL_BACK_TOTAL: &str = "weir_guard_dry_run_rollbacks_total";
 
 /// How often the exporter's upkeep drains histogram samples into buckets, so memory
 /// stays bounded however fast requests come.
@@ -112,6 +114,16 @@ impl Metrics {
             None,
             "Always 1; the version label says which weir.".into(),
         );
+        r.describe_counter(
+            ROLLBACKS_TOTAL.into(),
+            None,
+            "Rollbacks by the SLO guard, by the check that failed.".into(),
+        );
+        r.describe_counter(
+            WOULD_ROLL_BACK_TOTAL.into(),
+            None,
+            "Rollbacks the SLO guard would have made in dry-run mode, by check.".into(),
+        );
     }
 
     pub fn counter(&self, name: &'static str, labels: Vec<Label>) -> Counter {
@@ -166,6 +178,30 @@ impl Metrics {
                 ],
             );
         }
+    }
+
+    /// Count a rollback by the guard, by the check that failed.
+    pub fn rollback(&self, service: &str, reason: &'static str) {
+        self.counter(
+            ROLLBACKS_TOTAL,
+            vec![
+                Label::new("service", service.to_string()),
+                Label::new("reason", reason),
+            ],
+        )
+        .increment(1);
+    }
+
+    /// Count a rollback the guard would have made in dry-run mode.
+    pub fn would_roll_back(&self, service: &str, reason: &'static str) {
+        self.counter(
+            WOULD_ROLL_BACK_TOTAL,
+            vec![
+                Label::new("service", service.to_string()),
+                Label::new("reason", reason),
+            ],
+        )
+        .increment(1);
     }
 
     /// Count a weight change (cold path: labels built here are fine).

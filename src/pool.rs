@@ -13,6 +13,7 @@ use crate::client::IdleConns;
 use crate::config::{Endpoint, PoolConfig};
 use crate::metrics::{Metrics, PoolMetrics};
 use crate::routing::fast_rand;
+use crate::window::Window;
 
 /// Run-time state of one endpoint. Padded to its own cache line so that two cores
 /// updating neighbouring endpoints' counters do not fight over one line.
@@ -60,14 +61,16 @@ pub struct Pool {
     pub name: Arc<str>,
     endpoints: Box<[EndpointState]>,
     metrics: PoolMetrics,
+    window: Window,
 }
 
 impl Pool {
-    pub fn new(service: &str, config: &PoolConfig, metrics: &Arc<Metrics>) -> Pool {
+    pub fn new(service: &str, config: &PoolConfig, metrics: &Arc<Metrics>, window: Window) -> Pool {
         let service: Arc<str> = service.into();
         let name: Arc<str> = config.name.as_str().into();
         Pool {
             metrics: PoolMetrics::new(metrics, &service, &name),
+            window,
             service,
             name,
             endpoints: config
@@ -77,6 +80,11 @@ impl Pool {
                 .map(EndpointState::new)
                 .collect(),
         }
+    }
+
+    /// This pool's sliding window of live traffic, which the SLO guard judges.
+    pub fn window(&self) -> &Window {
+        &self.window
     }
 
     /// This pool's metric handles.
@@ -186,6 +194,9 @@ impl Drop for InflightGuard {
 mod tests {
     use super::*;
 
+    const S30: std::time::Duration = std::time::Duration::from_secs(30);
+    const S1: std::time::Duration = std::time::Duration::from_secs(1);
+
     fn pool(n: usize) -> Arc<Pool> {
         let cfg = PoolConfig {
             name: "p".into(),
@@ -194,7 +205,7 @@ mod tests {
                 .collect(),
             weight: 1,
         };
-        Arc::new(Pool::new("s", &cfg, &Metrics::new()))
+        Arc::new(Pool::new("s", &cfg, &Metrics::new(), Window::new(S30, S1)))
     }
 
     #[test]

@@ -71,6 +71,9 @@ pub struct ServiceSnapshot {
     pub version: u64,
     pub updated_at: SystemTime,
     pub updated_by: Source,
+    /// Set (with the reason) when the SLO guard moved traffic back: the service stays
+    /// on its baseline until an operator sets weights or retries.
+    pub degraded: Option<String>,
     slots: Box<[PoolSlot]>,
     total: u64,
 }
@@ -125,6 +128,7 @@ impl ServiceSnapshot {
             version,
             updated_at: SystemTime::now(),
             updated_by,
+            degraded: None,
             slots: slots.into_boxed_slice(),
             total,
         })
@@ -322,6 +326,10 @@ mod tests {
                         weight: 1,
                     },
                     &crate::metrics::Metrics::new(),
+                    crate::window::Window::new(
+                        std::time::Duration::from_secs(30),
+                        std::time::Duration::from_secs(1),
+                    ),
                 ))
             })
             .collect()

@@ -227,9 +227,9 @@ fn weights(pairs: &[(&str, u64)]) -> Vec<(String, u64)> {
 }
 
 const STATUS_90_10: &str = "\
-SERVICE  POOL    WEIGHT  SHARE %  VERSION  ENDPOINTS
-shop     stable      90     90.0        1          1
-shop     canary      10     10.0        1          1
+SERVICE  POOL    WEIGHT  SHARE %  VERSION  ENDPOINTS  REQ  ERR %  P99 MS
+shop     stable      90     90.0        1          1    0    0.0       -
+shop     canary      10     10.0        1          1    0    0.0       -
 ";
 
 #[tokio::test]
@@ -261,9 +261,9 @@ async fn set_weight_changes_the_split_and_prints_the_new_state() {
     assert_eq!(
         out.ok(),
         "\
-SERVICE  POOL    WEIGHT  SHARE %  VERSION  ENDPOINTS
-shop     stable      75     75.0        2          1
-shop     canary      25     25.0        2          1
+SERVICE  POOL    WEIGHT  SHARE %  VERSION  ENDPOINTS  REQ  ERR %  P99 MS
+shop     stable      75     75.0        2          1    0    0.0       -
+shop     canary      25     25.0        2          1    0    0.0       -
 "
     );
     assert_eq!(
@@ -425,9 +425,9 @@ async fn rollback_sends_everything_to_the_baseline() {
     assert_eq!(
         run.ok(),
         "\
-SERVICE  POOL    WEIGHT  SHARE %  VERSION  ENDPOINTS
-shop     stable     100    100.0        3          1
-shop     canary       0      0.0        3          1
+SERVICE  POOL    WEIGHT  SHARE %  VERSION  ENDPOINTS  REQ  ERR %  P99 MS
+shop     stable     100    100.0        3          1    0    0.0       -
+shop     canary       0      0.0        3          1    0    0.0       -
 "
     );
     assert_eq!(

@@ -91,6 +91,7 @@ async fn weight_change_applies_from_the_next_request() {
             source: Source::Admin,
             actor: None,
             reason: None,
+            details: None,
         })
         .unwrap();
     for _ in 0..50 {

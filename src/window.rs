@@ -1,0 +1,294 @@
+//! Per-pool sliding window of live traffic: a ring of time slices, each holding request
+//! and error counts and a latency histogram. Pure: no I/O, time is passed in.
+//!
+//! Recording is lock-free — two relaxed atomic adds and one atomic histogram bucket add
+//! into the current slice — so every request can be recorded. One writer (the guard's
+//! evaluation loop) rotates the ring: it clears the oldest slice and makes it current.
+//! A recorder that read the old index just before a rotation adds to the slice that just
+//! closed, which is where its request belongs anyway.
+//!
+//! Latency is kept by the `histogram` crate's log-linear atomic histogram in
+//! microseconds with grouping power 5: every bucket is at most 1/32 (3.1%) wide
+//! relative to its value, so p50/p99 are precise to a few percent from 1 µs to 134 s.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use histogram::{AtomicHistogram32, Histogram32};
+
+/// Relative precision of latency buckets: 2^-5.
+const GROUPING_POWER: u8 = 5;
+/// Largest latency kept, in µs: 2^27 µs ≈ 134 s; longer ones count in the top bucket.
+const MAX_VALUE_POWER: u8 = 27;
+const MAX_MICROS: u64 = (1 << MAX_VALUE_POWER) - 1;
+
+struct Slice {
+    requests: AtomicU64,
+    errors: AtomicU64,
+    latency_us: AtomicHistogram32,
+}
+
+impl Slice {
+    fn new() -> Slice {
+        Slice {
+            requests: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            latency_us: AtomicHistogram32::new(GROUPING_POWER, MAX_VALUE_POWER)
+                .expect("valid histogram parameters"),
+        }
+    }
+
+    fn clear(&self) {
+        self.requests.store(0, Ordering::Relaxed);
+        self.errors.store(0, Ordering::Relaxed);
+        let _ = self.latency_us.drain();
+    }
+}
+
+/// The sliding window of one pool.
+pub struct Window {
+    slice_len: Duration,
+    slices: Box<[Slice]>,
+    current: AtomicUsize,
+    /// Start of the current slice; only the rotating writer touches it.
+    current_start: Mutex<Option<Instant>>,
+}
+
+impl std::fmt::Debug for Window {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Window")
+            .field("slice_len", &self.slice_len)
+            .field("slices", &self.slices.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a window (or part of it) holds.
+#[derive(Debug, Clone)]
+pub struct Stats {
+    pub requests: u64,
+    pub errors: u64,
+    latency_us: Histogram32,
+    /// The span of time these figures cover.
+    pub span: Duration,
+}
+
+impl Stats {
+    pub fn error_rate(&self) -> f64 {
+        if self.requests == 0 {
+            0.0
+        } else {
+            self.errors as f64 / self.requests as f64
+        }
+    }
+
+    /// Latency quantile (0..=1), as the midpoint of its bucket; None without samples.
+    pub fn quantile(&self, q: f64) -> Option<Duration> {
+        let bucket = self.latency_us.quantile_bucket(q).ok()??;
+        let mid = bucket.start() + (bucket.end() - bucket.start()) / 2;
+        Some(Duration::from_micros(mid))
+    }
+
+    pub fn p50(&self) -> Option<Duration> {
+        self.quantile(0.5)
+    }
+
+    pub fn p99(&self) -> Option<Duration> {
+        self.quantile(0.99)
+    }
+}
+
+impl Window {
+    /// A window covering `length`, in slices of `slice_len`. One slice more than
+    /// `length` needs is kept: the current one, still filling.
+    pub fn new(length: Duration, slice_len: Duration) -> Window {
+        let slice_len = slice_len.max(Duration::from_millis(10));
+        let n = (length.as_nanos().div_ceil(slice_len.as_nanos()) as usize).max(1) + 1;
+        Window {
+            slice_len,
+            slices: (0..n).map(|_| Slice::new()).collect(),
+            current: AtomicUsize::new(0),
+            current_start: Mutex::new(None),
+        }
+    }
+
+    pub fn slice_len(&self) -> Duration {
+        self.slice_len
+    }
+
+    /// The window's full length (all slices but the current one).
+    pub fn length(&self) -> Duration {
+        self.slice_len * (self.slices.len() as u32 - 1)
+    }
+
+    /// Record one request. Lock-free; called on the request path.
+    #[inline]
+    pub fn record(&self, error: bool, latency: Duration) {
+        let slice = &self.slices[self.current.load(Ordering::Relaxed)];
+        slice.requests.fetch_add(1, Ordering::Relaxed);
+        if error {
+            slice.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        let us = (latency.as_micros() as u64).min(MAX_MICROS);
+        let _ = slice.latency_us.increment(us);
+    }
+
+    /// Advance the ring to `now`: every slice that ended is closed and the oldest is
+    /// cleared to become current. The first call only starts the clock.
+    pub fn rotate(&self, now: Instant) {
+        let mut start = self.current_start.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(mut s) = *start else {
+            *start = Some(now);
+            return;
+        };
+        let mut steps = 0;
+        while now.saturating_duration_since(s) >= self.slice_len {
+            s += self.slice_len;
+            steps += 1;
+            if steps > self.slices.len() {
+                // Idle for longer than the whole window: everything is stale.
+                for slice in self.slices.iter() {
+                    slice.clear();
+                }
+                let elapsed = now.saturating_duration_since(s);
+                let whole = (elapsed.as_nanos() / self.slice_len.as_nanos()) as u32;
+                s += self.slice_len * whole;
+                break;
+            }
+            let next = (self.current.load(Ordering::Relaxed) + 1) % self.slices.len();
+            self.slices[next].clear();
+            self.current.store(next, Ordering::Relaxed);
+        }
+        *start = Some(s);
+    }
+
+    /// Figures over at least the most recent `span`: the current slice, still filling,
+    /// plus enough closed slices to cover `span`; the whole ring when `span` is the
+    /// window's length or more.
+    pub fn stats(&self, span: Duration) -> Stats {
+        let wanted = (span.as_nanos().div_ceil(self.slice_len.as_nanos()) as usize + 1)
+            .min(self.slices.len());
+        let current = self.current.load(Ordering::Relaxed);
+        let mut stats = Stats {
+            requests: 0,
+            errors: 0,
+            latency_us: Histogram32::new(GROUPING_POWER, MAX_VALUE_POWER)
+                .expect("valid histogram parameters"),
+            span: self.slice_len * wanted as u32,
+        };
+        for k in 0..wanted {
+            let slice = &self.slices[(current + self.slices.len() - k) % self.slices.len()];
+            stats.requests += slice.requests.load(Ordering::Relaxed);
+            stats.errors += slice.errors.load(Ordering::Relaxed);
+            let h = slice.latency_us.load();
+            let _ = stats.latency_us.checked_add_assign(&h);
+        }
+        stats
+    }
+
+    /// Forget everything recorded so far (e.g. after a rollback, so the next judgement
+    /// is about the next traffic only).
+    pub fn reset(&self) {
+        for slice in self.slices.iter() {
+            slice.clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn counts_and_rates() {
+        let w = Window::new(Duration::from_secs(5), S);
+        let t0 = Instant::now();
+        w.rotate(t0);
+        for i in 0..100 {
+            w.record(i % 10 == 0, Duration::from_millis(2));
+        }
+        let s = w.stats(Duration::from_secs(5));
+        assert_eq!((s.requests, s.errors), (100, 10));
+        assert!((s.error_rate() - 0.1).abs() < 1e-9);
+    }
+
+    #[test]
+    fn old_slices_fall_out_of_the_window() {
+        let w = Window::new(Duration::from_secs(3), S);
+        let t0 = Instant::now();
+        w.rotate(t0);
+        w.record(true, Duration::from_millis(1));
+        for k in 1..=3 {
+            w.rotate(t0 + S * k);
+            w.record(false, Duration::from_millis(1));
+        }
+        // Four slices: the error one is still the oldest of 3 s + current.
+        assert_eq!(w.stats(Duration::from_secs(3)).errors, 1);
+        w.rotate(t0 + S * 4);
+        let s = w.stats(Duration::from_secs(3));
+        assert_eq!((s.requests, s.errors), (3, 0));
+        // A shorter span sees only the newest slices: the (empty) current one plus
+        // enough closed ones.
+        assert_eq!(w.stats(S).requests, 1);
+        assert_eq!(w.stats(S * 2).requests, 2);
+    }
+
+    #[test]
+    fn a_long_idle_gap_clears_everything() {
+        let w = Window::new(Duration::from_secs(3), S);
+        let t0 = Instant::now();
+        w.rotate(t0);
+        w.record(true, Duration::from_millis(1));
+        w.rotate(t0 + Duration::from_secs(3600));
+        assert_eq!(w.stats(Duration::from_secs(3)).requests, 0);
+        w.record(false, Duration::from_millis(1));
+        assert_eq!(w.stats(S).requests, 1);
+    }
+
+    #[test]
+    fn rotation_keeps_its_phase() {
+        let w = Window::new(Duration::from_secs(2), S);
+        let t0 = Instant::now();
+        w.rotate(t0);
+        w.record(false, Duration::ZERO);
+        // Not yet a full slice: nothing rotates, the request is in the current slice.
+        w.rotate(t0 + Duration::from_millis(999));
+        w.record(false, Duration::ZERO);
+        w.rotate(t0 + Duration::from_millis(1500));
+        // Rotated once at 1 s: slices [2 requests], [] (current).
+        w.record(false, Duration::ZERO);
+        // The next boundary is at 2 s, not 2.5 s: at 2 s the ring turns again and
+        // the oldest slice (2 requests) falls out of the three-slice ring.
+        w.rotate(t0 + Duration::from_millis(2000));
+        w.rotate(t0 + Duration::from_millis(2999));
+        assert_eq!(w.stats(S * 2).requests, 3);
+        w.rotate(t0 + Duration::from_millis(3000));
+        assert_eq!(w.stats(S * 2).requests, 1);
+    }
+
+    #[test]
+    fn quantiles_are_within_a_few_percent() {
+        let w = Window::new(Duration::from_secs(5), S);
+        w.rotate(Instant::now());
+        for ms in 1..=1000u64 {
+            w.record(false, Duration::from_millis(ms));
+        }
+        let s = w.stats(Duration::from_secs(5));
+        let p50 = s.p50().unwrap().as_secs_f64() * 1000.0;
+        let p99 = s.p99().unwrap().as_secs_f64() * 1000.0;
+        assert!((p50 / 500.0 - 1.0).abs() < 0.04, "p50 {p50}");
+        assert!((p99 / 990.0 - 1.0).abs() < 0.04, "p99 {p99}");
+        assert!(Window::new(S, S).stats(S).p99().is_none());
+    }
+
+    #[test]
+    fn reset_forgets() {
+        let w = Window::new(Duration::from_secs(5), S);
+        w.record(true, Duration::ZERO);
+        w.reset();
+        assert_eq!(w.stats(Duration::from_secs(5)).requests, 0);
+    }
+}
