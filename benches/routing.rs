@@ -9,6 +9,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use weir::config::Config;
 use weir::control::Controller;
 use weir::metrics::{Metrics, PoolMetrics};
+use weir::window::Window;
 
 fn config() -> Config {
     let mut toml = String::new();
@@ -67,5 +68,15 @@ fn metrics_recording(c: &mut Criterion) {
     metrics.render();
 }
 
-criterion_group!(benches, routing, metrics_recording);
+/// What the SLO guard adds to one request: one record into the pool's sliding window
+/// (two counters and a latency-histogram bucket, lock-free).
+fn window_recording(c: &mut Criterion) {
+    let window = Window::new(Duration::from_secs(30), Duration::from_secs(1));
+    let latency = Duration::from_micros(850);
+    c.bench_function("guard: record one request into the sliding window", |b| {
+        b.iter(|| window.record(black_box(false), black_box(latency)))
+    });
+}
+
+criterion_group!(benches, routing, metrics_recording, window_recording);
 criterion_main!(benches);
