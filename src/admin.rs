@@ -620,7 +620,7 @@ pub fn service_json(s: &Service, guard: &Guard) -> Value {
     json!({
         "name": &*s.name,
         "hosts": s.hosts,
-        "baseline": s.baseline,
+        "baseline": snap.baseline_name(),
         "version": snap.version,
         "pools": pools,
         "updated_at": rfc3339(snap.updated_at),

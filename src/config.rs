@@ -71,6 +71,34 @@ pub struct ServiceConfig {
     pub pools: Vec<PoolConfig>,
     /// The SLO guard's settings; `None` means the guard only watches, never acts.
     pub slo: Option<SloConfig>,
+    pub targeting: TargetingConfig,
+    pub sticky: Option<StickyConfig>,
+}
+
+/// `[service.targeting]`: requests that name a pool go to it, whatever its weight.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TargetingConfig {
+    pub header: String,
+    pub cookie: String,
+    pub override_token: Option<String>,
+}
+
+impl Default for TargetingConfig {
+    fn default() -> Self {
+        TargetingConfig {
+            header: "x-weir-pool".into(),
+            cookie: "weir-pool".into(),
+            override_token: None,
+        }
+    }
+}
+
+/// `[service.sticky]`: where a user's identity comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StickyConfig {
+    Cookie { name: String, max_age: Duration },
+    Header(String),
+    ClientIp,
 }
 
 /// Whether the guard moves traffic or only says what it would do.
@@ -366,6 +394,25 @@ struct RawService {
     baseline: Spanned<String>,
     pools: Spanned<IndexMap<String, RawPool>>,
     slo: Option<Spanned<RawSlo>>,
+    targeting: Option<Spanned<RawTargeting>>,
+    sticky: Option<Spanned<RawSticky>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTargeting {
+    header: Option<Spanned<String>>,
+    cookie: Option<Spanned<String>>,
+    override_token: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSticky {
+    cookie: Option<Spanned<String>>,
+    header: Option<Spanned<String>>,
+    client_ip: Option<Spanned<bool>>,
+    max_age: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -627,12 +674,16 @@ impl Validator<'_> {
                 );
             }
             let slo = rs.slo.as_ref().map(|raw| self.slo(&key, raw));
+            let targeting = self.targeting(&key, rs.targeting.as_ref());
+            let sticky = rs.sticky.as_ref().and_then(|raw| self.sticky(&key, raw));
             out.push(ServiceConfig {
                 name,
                 hosts: svc_hosts,
                 baseline,
                 pools,
                 slo,
+                targeting,
+                sticky,
             });
         }
         out
@@ -712,6 +763,108 @@ impl Validator<'_> {
 }
 
 impl Validator<'_> {
+    fn header_name(&mut self, key: String, raw: &Spanned<String>) -> String {
+        let name = raw.get_ref().trim().to_ascii_lowercase();
+        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            self.problem(
+                key,
+                raw,
+                format!("`{}` is not a valid header name", raw.get_ref()),
+            );
+        }
+        name
+    }
+
+    fn cookie_name(&mut self, key: String, raw: &Spanned<String>) -> String {
+        let name = raw.get_ref().trim().to_string();
+        let bad = name.is_empty()
+            || name
+                .bytes()
+                .any(|b| !(b.is_ascii_alphanumeric() || b"-_.!#$%&'*+^`|~".contains(&b)));
+        if bad {
+            self.problem(
+                key,
+                raw,
+                format!("`{}` is not a valid cookie name", raw.get_ref()),
+            );
+        }
+        name
+    }
+
+    fn targeting(
+        &mut self,
+        service_key: &str,
+        raw: Option<&Spanned<RawTargeting>>,
+    ) -> TargetingConfig {
+        let mut t = TargetingConfig::default();
+        let Some(raw) = raw else { return t };
+        let key = format!("{service_key}.targeting");
+        let r = raw.get_ref();
+        if let Some(h) = &r.header {
+            t.header = self.header_name(format!("{key}.header"), h);
+        }
+        if let Some(c) = &r.cookie {
+            t.cookie = self.cookie_name(format!("{key}.cookie"), c);
+        }
+        if let Some(tok) = &r.override_token {
+            if tok.get_ref().len() < 16 {
+                self.problem(
+                    format!("{key}.override_token"),
+                    tok,
+                    "must be at least 16 characters: it is what keeps the public off the canary",
+                );
+            }
+            t.override_token = Some(tok.get_ref().clone());
+        }
+        t
+    }
+
+    fn sticky(&mut self, service_key: &str, raw: &Spanned<RawSticky>) -> Option<StickyConfig> {
+        let key = format!("{service_key}.sticky");
+        let r = raw.get_ref();
+        let chosen = [
+            r.cookie.is_some(),
+            r.header.is_some(),
+            r.client_ip.as_ref().is_some_and(|b| *b.get_ref()),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count();
+        if chosen != 1 {
+            self.problem(
+                key.clone(),
+                raw,
+                "set exactly one of cookie = \"name\", header = \"name\" or client_ip = true",
+            );
+            return None;
+        }
+        if r.max_age.is_some()
+            && r.cookie.is_none()
+            && let Some(m) = &r.max_age
+        {
+            self.problem(
+                format!("{key}.max_age"),
+                m,
+                "only applies with cookie = \"name\"",
+            );
+        }
+        if let Some(c) = &r.cookie {
+            let name = self.cookie_name(format!("{key}.cookie"), c);
+            let max_age = self.duration(
+                &format!("{key}.max_age"),
+                r.max_age.as_ref(),
+                Duration::from_secs(30 * 24 * 3600),
+            );
+            return Some(StickyConfig::Cookie { name, max_age });
+        }
+        if let Some(h) = &r.header {
+            return Some(StickyConfig::Header(
+                self.header_name(format!("{key}.header"), h),
+            ));
+        }
+        Some(StickyConfig::ClientIp)
+    }
+
     fn slo(&mut self, service_key: &str, raw: &Spanned<RawSlo>) -> SloConfig {
         let key = format!("{service_key}.slo");
         let r = raw.get_ref();

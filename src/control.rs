@@ -7,11 +7,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
-use crate::config::SloConfig;
 use crate::config::{Config, ServiceConfig};
+use crate::config::{SloConfig, StickyConfig};
 use crate::metrics::Metrics;
 use crate::pool::Pool;
-use crate::routing::{RouteTable, Router, Service, ServiceSnapshot, Source, WeightError};
+use crate::routing::{
+    Choice, RouteTable, Router, Service, ServiceSnapshot, Source, StickyKey, WeightError,
+};
 use crate::state::{Event, Journal, ServiceState, State, StateError, StateStore, Weights};
 use crate::window::Window;
 
@@ -158,12 +160,20 @@ impl Controller {
             let mut event;
             if sorted(&names) == sorted(&saved_names) {
                 let weights: Vec<u32> = names.iter().map(|n| state.weights[*n]).collect();
+                // A promotion may have moved the baseline; else the config's.
+                let baseline = state.extra["baseline"]
+                    .as_str()
+                    .filter(|b| names.contains(b))
+                    .unwrap_or(current.baseline_name())
+                    .to_string();
                 match ServiceSnapshot::new(
                     current.slots().iter().map(|s| s.pool.clone()).collect(),
                     &weights,
                     state.version,
                     state.updated_by,
-                ) {
+                )
+                .and_then(|s| s.with_baseline(&baseline))
+                {
                     Ok(mut snap) => {
                         if let Ok(t) = humantime::parse_rfc3339_weak(&state.updated_at) {
                             snap.updated_at = t;
@@ -298,7 +308,7 @@ impl Controller {
                     .slots()
                     .iter()
                     .map(|s| {
-                        if s.name() == service.baseline {
+                        if s.name() == current.baseline_name() {
                             total
                         } else {
                             0
@@ -309,7 +319,8 @@ impl Controller {
             }
         };
         let pools = current.slots().iter().map(|s| s.pool.clone()).collect();
-        let mut next = ServiceSnapshot::new(pools, &weights, current.version + 1, source)?;
+        let mut next = ServiceSnapshot::new(pools, &weights, current.version + 1, source)?
+            .with_baseline(current.baseline_name())?;
         // Degraded: set by the guard's rollback, cleared when an operator sets weights.
         next.degraded = match (&command, source) {
             (Command::Rollback { .. }, Source::Guard) => {
@@ -420,7 +431,8 @@ impl Controller {
                             &old_snap.weights(),
                             old_snap.version,
                             old_snap.updated_by,
-                        )?;
+                        )?
+                        .with_baseline(old_snap.baseline_name())?;
                         snap.updated_at = old_snap.updated_at;
                         snap.degraded = old_snap.degraded.clone();
                         fresh.store(Arc::new(snap));
@@ -438,7 +450,8 @@ impl Controller {
                             &weights,
                             old_snap.version + 1,
                             Source::Config,
-                        )?;
+                        )?
+                        .with_baseline(&cfg.baseline)?;
                         fresh.store(Arc::new(snap));
                         self.metrics.weight_changed(&cfg.name, Source::Config);
                         report.reset.push(cfg.name.clone());
@@ -508,9 +521,12 @@ fn service_state(s: &ServiceSnapshot) -> ServiceState {
         weights: weights_of(s),
         updated_at: rfc3339(s.updated_at),
         updated_by: s.updated_by,
-        extra: match &s.degraded {
-            Some(reason) => serde_json::json!({ "degraded": reason }),
-            None => serde_json::Value::Null,
+        extra: {
+            let mut extra = serde_json::json!({ "baseline": s.baseline_name() });
+            if let Some(reason) = &s.degraded {
+                extra["degraded"] = reason.clone().into();
+            }
+            extra
         },
     }
 }
@@ -545,13 +561,33 @@ fn build_service(
     metrics.register_service(&cfg.name);
     let weights: Vec<u32> = cfg.pools.iter().map(|p| p.weight).collect();
     let snapshot = ServiceSnapshot::new(pools, &weights, 1, Source::Config)
-        .expect("validated config has valid weights");
+        .and_then(|s| s.with_baseline(&cfg.baseline))
+        .expect("validated config has valid weights and baseline");
     Arc::new(Service::new(
         &cfg.name,
         cfg.hosts.clone(),
-        cfg.baseline.clone(),
+        choice(cfg),
         snapshot,
     ))
+}
+
+/// The request-level pool choice settings of a service.
+fn choice(cfg: &ServiceConfig) -> Choice {
+    let header =
+        |name: &str| http::HeaderName::from_bytes(name.as_bytes()).expect("validated header name");
+    Choice {
+        target_header: header(&cfg.targeting.header),
+        target_cookie: cfg.targeting.cookie.clone(),
+        override_token: cfg.targeting.override_token.clone(),
+        sticky: cfg.sticky.as_ref().map(|s| match s {
+            StickyConfig::Cookie { name, max_age } => StickyKey::Cookie {
+                name: name.clone(),
+                max_age: *max_age,
+            },
+            StickyConfig::Header(h) => StickyKey::Header(header(h)),
+            StickyConfig::ClientIp => StickyKey::ClientIp,
+        }),
+    }
 }
 
 pub fn weights_of(s: &ServiceSnapshot) -> Weights {

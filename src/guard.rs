@@ -475,16 +475,15 @@ impl Guard {
         actions: &mut Vec<Action>,
     ) {
         let snapshot = service.snapshot();
-        let Some(base_slot) = snapshot.slot(&service.baseline) else {
-            return;
-        };
+        let base_slot = snapshot.baseline();
+        let baseline = base_slot.name().to_string();
         let b_full = base_slot.pool.window().stats(slo.window);
         let b_fast = base_slot.pool.window().stats(slo.fast_window);
         let mut any_unhealthy = false;
         let mut unhealthy_words = String::new();
         for slot in snapshot.slots() {
             let name = slot.name().to_string();
-            if name == service.baseline || slot.weight == 0 {
+            if name == baseline || slot.weight == 0 {
                 // Not a candidate now: forget its streak, keep its last decision.
                 if let Some(w) = watch.pools.get_mut(&name) {
                     w.streak = 0;
@@ -497,7 +496,7 @@ impl Guard {
             let judgement = judge(
                 slo,
                 (&name, &c_full, &c_fast),
-                (&service.baseline, &b_full, &b_fast),
+                (&baseline, &b_full, &b_fast),
             );
             if judgement.baseline_unhealthy {
                 any_unhealthy = true;
@@ -540,7 +539,7 @@ impl Guard {
             e.reason = Some(if any_unhealthy {
                 unhealthy_words
             } else {
-                format!("{} is no longer failing", service.baseline)
+                format!("{baseline} is no longer failing")
             });
             actions.push(Action::Record(e));
         }

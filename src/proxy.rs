@@ -124,15 +124,31 @@ impl Proxy {
     /// Proxy one request. Never fails: every failure becomes a response.
     pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
         let start = Instant::now();
-        let pool = {
+        let (pool, set_cookie) = {
             let table = self.router.table();
             let host = request_host(&req);
             let Some(service) = table.route(host) else {
                 return local_response(StatusCode::NOT_FOUND, "no service for this host\n");
             };
             let snapshot = service.snapshot();
-            Arc::clone(&snapshot.pick().pool)
+            let chosen = service.choice.choose(&snapshot, req.headers(), peer.ip());
+            (Arc::clone(&chosen.slot.pool), chosen.set_cookie)
         };
+        let mut resp = self.forward(req, pool, peer, start).await;
+        if let Some(cookie) = set_cookie {
+            resp.headers_mut().append(header::SET_COOKIE, cookie);
+        }
+        resp
+    }
+
+    /// Send a request to an endpoint of `pool`; every failure becomes a response.
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        pool: Arc<Pool>,
+        peer: SocketAddr,
+        start: Instant,
+    ) -> Response<ProxyBody> {
         let Some(guard) = pool.pick() else {
             return self.fail(&pool, None, ErrorKind::NoEndpoint, start);
         };

@@ -7,8 +7,11 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 use arc_swap::ArcSwap;
 use rand::rngs::SmallRng;
@@ -76,6 +79,12 @@ pub struct ServiceSnapshot {
     pub degraded: Option<String>,
     slots: Box<[PoolSlot]>,
     total: u64,
+    /// Index of the pool that takes all traffic on rollback. Runtime state: a promotion
+    /// makes the candidate the new baseline.
+    baseline: usize,
+    /// Sticky assignment: (first bucket past the range, slot), candidates first from
+    /// bucket 0, the baseline last. See [`ServiceSnapshot::sticky_slot`].
+    sticky: Box<[(u32, usize)]>,
 }
 
 /// Why a set of weights cannot become a snapshot.
@@ -87,7 +96,12 @@ pub enum WeightError {
     AllZero,
     #[error("weight {weight} of pool `{pool}` is above the maximum of {max}")]
     TooLarge { pool: String, weight: u32, max: u64 },
+    #[error("`{0}` is not a pool of this service")]
+    UnknownBaseline(String),
 }
+
+/// Sticky keys hash into this many buckets.
+pub const STICKY_BUCKETS: u32 = 10_000;
 
 impl ServiceSnapshot {
     /// Build a snapshot, checking the invariants every request relies on: one weight per
@@ -124,14 +138,67 @@ impl ServiceSnapshot {
         if total == 0 {
             return Err(WeightError::AllZero);
         }
-        Ok(ServiceSnapshot {
+        let mut snapshot = ServiceSnapshot {
             version,
             updated_at: SystemTime::now(),
             updated_by,
             degraded: None,
             slots: slots.into_boxed_slice(),
             total,
-        })
+            baseline: 0,
+            sticky: Box::new([]),
+        };
+        snapshot.sticky = snapshot.sticky_ranges();
+        Ok(snapshot)
+    }
+
+    /// Make `name` the baseline pool.
+    pub fn with_baseline(mut self, name: &str) -> Result<ServiceSnapshot, WeightError> {
+        self.baseline = self
+            .slots
+            .iter()
+            .position(|s| s.name() == name)
+            .ok_or_else(|| WeightError::UnknownBaseline(name.to_string()))?;
+        self.sticky = self.sticky_ranges();
+        Ok(self)
+    }
+
+    /// The pool that takes all traffic on rollback.
+    pub fn baseline(&self) -> &PoolSlot {
+        &self.slots[self.baseline]
+    }
+
+    pub fn baseline_name(&self) -> &str {
+        self.baseline().name()
+    }
+
+    /// Candidates take the lowest buckets, each in proportion to its share, in config
+    /// order; the baseline takes the rest. Raising a candidate's share only extends its
+    /// range, so its users stay on it; lowering it hands the top of its range back.
+    fn sticky_ranges(&self) -> Box<[(u32, usize)]> {
+        let mut ranges = Vec::with_capacity(self.slots.len());
+        let mut end = 0u32;
+        for (i, slot) in self.slots.iter().enumerate() {
+            if i == self.baseline {
+                continue;
+            }
+            let width =
+                (u64::from(slot.weight) * u64::from(STICKY_BUCKETS)).div_ceil(self.total.max(1));
+            end = (end + width as u32).min(STICKY_BUCKETS);
+            ranges.push((end, i));
+        }
+        ranges.push((STICKY_BUCKETS, self.baseline));
+        ranges.into_boxed_slice()
+    }
+
+    /// The pool a sticky bucket (0..STICKY_BUCKETS) belongs to.
+    pub fn sticky_slot(&self, bucket: u32) -> &PoolSlot {
+        let i = self
+            .sticky
+            .iter()
+            .find(|(end, _)| bucket < *end)
+            .map_or(self.baseline, |(_, i)| *i);
+        &self.slots[i]
     }
 
     pub fn slots(&self) -> &[PoolSlot] {
@@ -185,7 +252,8 @@ impl ServiceSnapshot {
 pub struct Service {
     pub name: Arc<str>,
     pub hosts: Vec<String>,
-    pub baseline: String,
+    /// How a request may pick its pool other than by weight.
+    pub choice: Choice,
     snapshot: ArcSwap<ServiceSnapshot>,
 }
 
@@ -193,14 +261,14 @@ impl Service {
     pub fn new(
         name: &str,
         hosts: Vec<String>,
-        baseline: String,
+        choice: Choice,
         snapshot: ServiceSnapshot,
     ) -> Service {
         snapshot.publish();
         Service {
             name: name.into(),
             hosts,
-            baseline,
+            choice,
             snapshot: ArcSwap::from_pointee(snapshot),
         }
     }
@@ -219,6 +287,138 @@ impl Service {
         snapshot.publish();
         self.snapshot.store(snapshot);
     }
+}
+
+/// How a request may choose its pool other than by weight: targeting (a header or
+/// cookie naming a pool, for testers and blue/green previews) and sticky users.
+/// Precedence: header > cookie > sticky assignment > weighted draw.
+#[derive(Debug, Clone)]
+pub struct Choice {
+    pub target_header: HeaderName,
+    pub target_cookie: String,
+    /// When set, targeting is honoured only with a matching `x-weir-override-token`.
+    pub override_token: Option<String>,
+    pub sticky: Option<StickyKey>,
+}
+
+impl Default for Choice {
+    fn default() -> Self {
+        Choice {
+            target_header: HeaderName::from_static("x-weir-pool"),
+            target_cookie: "weir-pool".into(),
+            override_token: None,
+            sticky: None,
+        }
+    }
+}
+
+/// Where a sticky user's identity comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StickyKey {
+    /// A cookie weir sets itself (HttpOnly, SameSite=Lax) when the request lacks it.
+    Cookie {
+        name: String,
+        max_age: Duration,
+    },
+    Header(HeaderName),
+    ClientIp,
+}
+
+static OVERRIDE_TOKEN: HeaderName = HeaderName::from_static("x-weir-override-token");
+
+/// The pool chosen for a request, and a cookie to set when a sticky id was assigned.
+#[derive(Debug)]
+pub struct Chosen<'a> {
+    pub slot: &'a PoolSlot,
+    pub set_cookie: Option<HeaderValue>,
+}
+
+impl Choice {
+    /// Choose the pool for a request. The common case (no targeting header or cookie,
+    /// no stickiness) costs two header lookups and the weighted draw.
+    pub fn choose<'a>(
+        &self,
+        snap: &'a ServiceSnapshot,
+        headers: &HeaderMap,
+        client: IpAddr,
+    ) -> Chosen<'a> {
+        let weighted = |slot| Chosen {
+            slot,
+            set_cookie: None,
+        };
+        if let Some(slot) = self.target(snap, headers) {
+            return weighted(slot);
+        }
+        let Some(sticky) = &self.sticky else {
+            return weighted(snap.pick());
+        };
+        let mut set_cookie = None;
+        let bucket = match sticky {
+            StickyKey::Header(name) => match headers.get(name) {
+                Some(v) => bucket_of(v.as_bytes()),
+                None => return weighted(snap.pick()),
+            },
+            StickyKey::ClientIp => match client {
+                IpAddr::V4(ip) => bucket_of(&ip.octets()),
+                IpAddr::V6(ip) => bucket_of(&ip.octets()),
+            },
+            StickyKey::Cookie { name, max_age } => match cookie(headers, name) {
+                Some(id) if !id.is_empty() => bucket_of(id.as_bytes()),
+                _ => {
+                    let id = format!("{:016x}{:016x}", fast_rand(), fast_rand());
+                    set_cookie = HeaderValue::from_str(&format!(
+                        "{name}={id}; Path=/; Max-Age={}; HttpOnly; SameSite=Lax",
+                        max_age.as_secs()
+                    ))
+                    .ok();
+                    bucket_of(id.as_bytes())
+                }
+            },
+        };
+        Chosen {
+            slot: snap.sticky_slot(bucket),
+            set_cookie,
+        }
+    }
+
+    /// The pool a request names by header or cookie, if it may.
+    fn target<'a>(&self, snap: &'a ServiceSnapshot, headers: &HeaderMap) -> Option<&'a PoolSlot> {
+        let named = headers
+            .get(&self.target_header)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|name| snap.slot(name.trim()))
+            .or_else(|| cookie(headers, &self.target_cookie).and_then(|name| snap.slot(name)))?;
+        if let Some(token) = &self.override_token {
+            let given = headers.get(&OVERRIDE_TOKEN)?.as_bytes();
+            if !bool::from(subtle::ConstantTimeEq::ct_eq(given, token.as_bytes())) {
+                return None;
+            }
+        }
+        Some(named)
+    }
+}
+
+/// A stable bucket for a sticky key: SipHash-1-3 with fixed keys, so a user lands in
+/// the same bucket across restarts and weir instances.
+pub fn bucket_of(key: &[u8]) -> u32 {
+    use std::hash::Hasher;
+    let mut h =
+        siphasher::sip::SipHasher13::new_with_keys(0x7765_6972_5f73_7469, 0x636b_795f_6275_636b);
+    h.write(key);
+    (h.finish() % u64::from(STICKY_BUCKETS)) as u32
+}
+
+/// The value of cookie `name` in the request's Cookie header(s).
+pub fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| {
+            let (k, v) = pair.trim().split_once('=')?;
+            (k.trim() == name).then(|| v.trim().trim_matches('"'))
+        })
 }
 
 /// Host → service map, replaced whole when the set of services changes (reload).
@@ -388,13 +588,85 @@ mod tests {
         ));
     }
 
+    fn two(stable: u32, canary: u32) -> ServiceSnapshot {
+        ServiceSnapshot::new(
+            pools(&["stable", "canary"]),
+            &[stable, canary],
+            1,
+            Source::Admin,
+        )
+        .unwrap()
+        .with_baseline("stable")
+        .unwrap()
+    }
+
+    /// 10,000 synthetic users through 5% → 25% → 50%, then a rollback.
+    #[test]
+    fn sticky_users_only_ever_move_towards_a_growing_canary() {
+        let users: Vec<u32> = (0..10_000)
+            .map(|i| bucket_of(format!("user-{i}").as_bytes()))
+            .collect();
+        let on_canary = |snap: &ServiceSnapshot| -> Vec<bool> {
+            users
+                .iter()
+                .map(|&b| snap.sticky_slot(b).name() == "canary")
+                .collect()
+        };
+        let mut before: Option<Vec<bool>> = None;
+        for (stable, canary) in [(95, 5), (75, 25), (50, 50)] {
+            let now = on_canary(&two(stable, canary));
+            let share = now.iter().filter(|c| **c).count() as f64 / 100.0;
+            assert!(
+                (share - f64::from(canary)).abs() <= 1.5,
+                "{canary}% → {share:.2}%"
+            );
+            if let Some(before) = &before {
+                for (i, (was, is)) in before.iter().zip(&now).enumerate() {
+                    assert!(!was || *is, "user {i} left the canary at {canary}%");
+                }
+            }
+            before = Some(now);
+        }
+        assert!(
+            on_canary(&two(100, 0)).iter().all(|c| !c),
+            "rollback left users on canary"
+        );
+    }
+
+    #[test]
+    fn sticky_ranges_follow_the_baseline_not_the_order() {
+        // Baseline listed second: the candidate still takes the lowest buckets.
+        let snap = ServiceSnapshot::new(pools(&["green", "blue"]), &[30, 70], 1, Source::Admin)
+            .unwrap()
+            .with_baseline("blue")
+            .unwrap();
+        assert_eq!(snap.sticky_slot(0).name(), "green");
+        assert_eq!(snap.sticky_slot(2_999).name(), "green");
+        assert_eq!(snap.sticky_slot(3_000).name(), "blue");
+        assert_eq!(snap.sticky_slot(9_999).name(), "blue");
+        assert_eq!(snap.baseline_name(), "blue");
+    }
+
+    #[test]
+    fn cookies_are_parsed_from_every_cookie_header() {
+        let mut h = HeaderMap::new();
+        h.append(
+            http::header::COOKIE,
+            HeaderValue::from_static("a=1; weir-pool=canary"),
+        );
+        h.append(http::header::COOKIE, HeaderValue::from_static("uid=\"x9\""));
+        assert_eq!(cookie(&h, "weir-pool"), Some("canary"));
+        assert_eq!(cookie(&h, "uid"), Some("x9"));
+        assert_eq!(cookie(&h, "nope"), None);
+    }
+
     #[test]
     fn host_routing_strips_port_and_case() {
         let mk = |name: &str, hosts: &[&str]| {
             Arc::new(Service::new(
                 name,
                 hosts.iter().map(|h| h.to_string()).collect(),
-                "p0".into(),
+                Choice::default(),
                 snap(&[1]),
             ))
         };
