@@ -73,6 +73,32 @@ pub struct ServiceConfig {
     pub slo: Option<SloConfig>,
     pub targeting: TargetingConfig,
     pub sticky: Option<StickyConfig>,
+    /// `strategy` with `[service.rollout]`: the plan a rollout follows.
+    pub rollout: Option<RolloutConfig>,
+}
+
+/// A service's rollout plan.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RolloutConfig {
+    Canary {
+        candidate: String,
+        steps: Vec<crate::rollout::Step>,
+    },
+    BlueGreen {
+        candidate: String,
+        auto_promote_after: Option<Duration>,
+        gate: Option<u64>,
+        rollback_window: Option<Duration>,
+    },
+}
+
+impl RolloutConfig {
+    pub fn candidate(&self) -> &str {
+        match self {
+            RolloutConfig::Canary { candidate, .. }
+            | RolloutConfig::BlueGreen { candidate, .. } => candidate,
+        }
+    }
 }
 
 /// `[service.targeting]`: requests that name a pool go to it, whatever its weight.
@@ -396,6 +422,32 @@ struct RawService {
     slo: Option<Spanned<RawSlo>>,
     targeting: Option<Spanned<RawTargeting>>,
     sticky: Option<Spanned<RawSticky>>,
+    strategy: Option<Spanned<String>>,
+    rollout: Option<Spanned<RawRollout>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRollout {
+    candidate: Spanned<String>,
+    steps: Option<Spanned<Vec<Spanned<RawStep>>>>,
+    auto_promote_after: Option<Spanned<String>>,
+    gate: Option<Spanned<RawGate>>,
+    rollback_window: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStep {
+    percent: Option<f64>,
+    pause: Option<String>,
+    gate: Option<RawGate>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGate {
+    min_requests: i64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -676,7 +728,9 @@ impl Validator<'_> {
             let slo = rs.slo.as_ref().map(|raw| self.slo(&key, raw));
             let targeting = self.targeting(&key, rs.targeting.as_ref());
             let sticky = rs.sticky.as_ref().and_then(|raw| self.sticky(&key, raw));
+            let rollout = self.rollout(&key, &rs, slo.is_some());
             out.push(ServiceConfig {
+                rollout,
                 name,
                 hosts: svc_hosts,
                 baseline,
@@ -763,6 +817,188 @@ impl Validator<'_> {
 }
 
 impl Validator<'_> {
+    fn rollout(&mut self, key: &str, rs: &RawService, has_slo: bool) -> Option<RolloutConfig> {
+        use crate::rollout::Step;
+        let strategy = match &rs.strategy {
+            None => "canary",
+            Some(s) if s.get_ref() == "canary" || s.get_ref() == "blue-green" => {
+                s.get_ref().as_str()
+            }
+            Some(s) => {
+                self.problem(
+                    format!("{key}.strategy"),
+                    s,
+                    format!(
+                        "`{}` is not a strategy: use \"canary\" or \"blue-green\"",
+                        s.get_ref()
+                    ),
+                );
+                return None;
+            }
+        };
+        let Some(raw) = &rs.rollout else {
+            if let Some(s) = &rs.strategy {
+                self.problem(
+                    format!("{key}.rollout"),
+                    s,
+                    "a strategy needs a [service.rollout] table",
+                );
+            }
+            return None;
+        };
+        let rkey = format!("{key}.rollout");
+        let r = raw.get_ref();
+        let candidate = r.candidate.get_ref().clone();
+        if !rs.pools.get_ref().contains_key(&candidate) {
+            self.problem(
+                format!("{rkey}.candidate"),
+                &r.candidate,
+                format!("`{candidate}` is not a pool of this service"),
+            );
+        } else if candidate == *rs.baseline.get_ref() {
+            self.problem(
+                format!("{rkey}.candidate"),
+                &r.candidate,
+                "the candidate must not be the baseline pool",
+            );
+        }
+        let gate_needs_slo = |v: &mut Self, at: &Spanned<RawGate>, name: &str| {
+            if at.get_ref().min_requests < 1 {
+                v.problem(
+                    format!("{rkey}.{name}"),
+                    at,
+                    "min_requests must be at least 1",
+                );
+            }
+            if !has_slo {
+                v.problem(
+                    format!("{rkey}.{name}"),
+                    at,
+                    "an evidence gate needs the SLO guard: add a [service.slo] table",
+                );
+            }
+        };
+        if strategy == "blue-green" {
+            if let Some(s) = &r.steps {
+                self.problem(
+                    format!("{rkey}.steps"),
+                    s,
+                    "blue-green has no steps: it previews, then switches at once",
+                );
+            }
+            if let Some(g) = &r.gate {
+                gate_needs_slo(self, g, "gate");
+            }
+            if let (Some(w), false) = (&r.rollback_window, has_slo) {
+                self.problem(
+                    format!("{rkey}.rollback_window"),
+                    w,
+                    "a rollback window needs the SLO guard: add a [service.slo] table",
+                );
+            }
+            let auto = r.auto_promote_after.as_ref().map(|d| {
+                self.duration(
+                    &format!("{rkey}.auto_promote_after"),
+                    Some(d),
+                    Duration::ZERO,
+                )
+            });
+            let window = r.rollback_window.as_ref().map(|d| {
+                self.duration(&format!("{rkey}.rollback_window"), Some(d), Duration::ZERO)
+            });
+            return Some(RolloutConfig::BlueGreen {
+                candidate,
+                auto_promote_after: auto,
+                gate: r
+                    .gate
+                    .as_ref()
+                    .map(|g| g.get_ref().min_requests.max(1) as u64),
+                rollback_window: window,
+            });
+        }
+        for (name, present) in [
+            ("auto_promote_after", r.auto_promote_after.is_some()),
+            ("gate", r.gate.is_some()),
+            ("rollback_window", r.rollback_window.is_some()),
+        ] {
+            if present {
+                self.problem(
+                    format!("{rkey}.{name}"),
+                    raw,
+                    "only for strategy = \"blue-green\"; a canary plan puts gates in its steps",
+                );
+            }
+        }
+        let Some(raw_steps) = &r.steps else {
+            self.problem(format!("{rkey}.steps"), raw, "a canary plan needs steps, e.g. [{ percent = 10 }, { pause = \"manual\" }, { percent = 100 }]");
+            return None;
+        };
+        if raw_steps.get_ref().is_empty() {
+            self.problem(
+                format!("{rkey}.steps"),
+                raw_steps,
+                "a canary plan needs at least one step",
+            );
+        }
+        let mut steps = Vec::new();
+        for (i, st) in raw_steps.get_ref().iter().enumerate() {
+            let skey = format!("{rkey}.steps[{i}]");
+            let s = st.get_ref();
+            let set = [s.percent.is_some(), s.pause.is_some(), s.gate.is_some()]
+                .iter()
+                .filter(|b| **b)
+                .count();
+            if set != 1 {
+                self.problem(skey, st, "a step is exactly one of { percent = N }, { pause = \"2m\" | \"manual\" }, { gate = { min_requests = N } }");
+                continue;
+            }
+            if let Some(p) = s.percent {
+                if !(p > 0.0 && p <= 100.0) {
+                    self.problem(
+                        format!("{skey}.percent"),
+                        st,
+                        format!("{p} must be above 0 and at most 100"),
+                    );
+                    continue;
+                }
+                steps.push(Step::Percent(p));
+            } else if let Some(pause) = &s.pause {
+                if pause.trim() == "manual" {
+                    steps.push(Step::Manual);
+                } else {
+                    match parse_duration(pause) {
+                        Ok(d) => steps.push(Step::Pause(d)),
+                        Err(msg) => self.problem(
+                            format!("{skey}.pause"),
+                            st,
+                            format!("{msg}, or \"manual\""),
+                        ),
+                    }
+                }
+            } else if let Some(g) = &s.gate {
+                if g.min_requests < 1 {
+                    self.problem(
+                        format!("{skey}.gate.min_requests"),
+                        st,
+                        "must be at least 1",
+                    );
+                    continue;
+                }
+                if !has_slo {
+                    self.problem(
+                        format!("{skey}.gate"),
+                        st,
+                        "an evidence gate needs the SLO guard: add a [service.slo] table",
+                    );
+                }
+                steps.push(Step::Gate {
+                    min_requests: g.min_requests as u64,
+                });
+            }
+        }
+        Some(RolloutConfig::Canary { candidate, steps })
+    }
+
     fn header_name(&mut self, key: String, raw: &Spanned<String>) -> String {
         let name = raw.get_ref().trim().to_ascii_lowercase();
         if http::HeaderName::from_bytes(name.as_bytes()).is_err() {

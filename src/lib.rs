@@ -38,6 +38,7 @@ pub mod metrics;
 pub mod outcome;
 pub mod pool;
 pub mod proxy;
+pub mod rollout;
 pub mod routing;
 pub mod state;
 pub mod upstream;
