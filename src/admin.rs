@@ -25,7 +25,7 @@ use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 
 use crate::config::{Config, MAX_WEIGHT};
-use crate::control::{Command, ControlError, Controller, rfc3339};
+use crate::control::{Command, ControlError, Controller, RolloutVerb, rfc3339};
 use crate::guard::Guard;
 use crate::metrics::Metrics;
 use crate::routing::{Service, Source};
@@ -207,6 +207,12 @@ impl Admin {
             ["v1", "services", name] => Route::Service(name),
             ["v1", "services", name, "weights"] => Route::Weights(name),
             ["v1", "services", name, "rollback"] => Route::Rollback(name),
+            [
+                "v1",
+                "services",
+                name,
+                verb @ ("rollout" | "promote" | "pause" | "resume" | "abort" | "retry"),
+            ] => Route::Rollout(name, verb),
             ["v1", "events"] => Route::Events,
             ["v1", "reload"] => Route::Reload,
             _ => return error(StatusCode::NOT_FOUND, format!("no such route: {path}")),
@@ -253,12 +259,19 @@ impl Admin {
                 let services: Vec<Value> = table
                     .services()
                     .iter()
-                    .map(|s| service_json(s, &self.guard))
+                    .map(|s| service_json(s, &self.guard, self.controller.plan_of(&s.name)))
                     .collect();
                 ok(json!({ "services": services }))
             }
             Route::Service(name) => match self.controller.router().table().service(name) {
-                Some(s) => with_etag(ok(service_json(s, &self.guard)), s.snapshot().version),
+                Some(s) => with_etag(
+                    ok(service_json(
+                        s,
+                        &self.guard,
+                        self.controller.plan_of(&s.name),
+                    )),
+                    s.snapshot().version,
+                ),
                 None => error(StatusCode::NOT_FOUND, format!("unknown service `{name}`")),
             },
             Route::Weights(name) => {
@@ -301,6 +314,25 @@ impl Admin {
                     actor,
                     reason,
                     details: None,
+                })
+                .await
+            }
+            Route::Rollout(name, verb) => {
+                let name = name.to_string();
+                let verb = verb.to_string();
+                let body = match read_json(req).await {
+                    Ok(b) => b,
+                    Err(resp) => return resp,
+                };
+                let verb = match rollout_verb(&verb, &body) {
+                    Ok(v) => v,
+                    Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
+                };
+                self.command(Command::Rollout {
+                    service: name,
+                    verb,
+                    source: Source::Admin,
+                    actor,
                 })
                 .await
             }
@@ -362,7 +394,14 @@ impl Admin {
         let result = tokio::task::spawn_blocking(move || controller.apply(command)).await;
         match result {
             Ok(Ok(change)) => match self.controller.router().table().service(&change.service) {
-                Some(s) => with_etag(ok(service_json(s, &self.guard)), change.snapshot.version),
+                Some(s) => with_etag(
+                    ok(service_json(
+                        s,
+                        &self.guard,
+                        self.controller.plan_of(&s.name),
+                    )),
+                    change.snapshot.version,
+                ),
                 None => error(
                     StatusCode::NOT_FOUND,
                     format!("unknown service `{}`", change.service),
@@ -439,19 +478,23 @@ enum Route<'a> {
     Service(&'a str),
     Weights(&'a str),
     Rollback(&'a str),
+    Rollout(&'a str, &'a str),
     Events,
     Reload,
 }
 
 impl Route<'_> {
     fn mutates(&self) -> bool {
-        matches!(self, Route::Weights(_) | Route::Rollback(_) | Route::Reload)
+        matches!(
+            self,
+            Route::Weights(_) | Route::Rollback(_) | Route::Rollout(..) | Route::Reload
+        )
     }
 
     fn method(&self) -> &'static str {
         match self {
             Route::Weights(_) => "PUT",
-            Route::Rollback(_) | Route::Reload => "POST",
+            Route::Rollback(_) | Route::Rollout(..) | Route::Reload => "POST",
             _ => "GET",
         }
     }
@@ -460,7 +503,8 @@ impl Route<'_> {
 fn control_status(e: &ControlError) -> StatusCode {
     match e {
         ControlError::UnknownService(_) => StatusCode::NOT_FOUND,
-        ControlError::VersionConflict { .. } => StatusCode::CONFLICT,
+        ControlError::VersionConflict { .. } | ControlError::Conflict(_) => StatusCode::CONFLICT,
+        ControlError::Unchanged => StatusCode::CONFLICT,
         ControlError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
         ControlError::UnknownPool { .. }
         | ControlError::DuplicatePool { .. }
@@ -571,6 +615,44 @@ fn parse_weights(body: &Value) -> Result<WeightsRequest, String> {
     Ok((out, reason))
 }
 
+/// A rollout verb and its body: `rollout` takes `{"candidate": "pool"}`, `promote`
+/// takes `{"full": true}`, the others nothing.
+fn rollout_verb(verb: &str, body: &Value) -> Result<RolloutVerb, String> {
+    let obj = body.as_object().ok_or("body must be a JSON object")?;
+    let allowed: &[&str] = match verb {
+        "rollout" => &["candidate"],
+        "promote" => &["full"],
+        _ => &[],
+    };
+    if let Some(k) = obj.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(if allowed.is_empty() {
+            format!("unknown field `{k}`: {verb} takes no fields")
+        } else {
+            format!("unknown field `{k}` (allowed: {})", allowed.join(", "))
+        });
+    }
+    Ok(match verb {
+        "rollout" => RolloutVerb::Start {
+            candidate: match obj.get("candidate") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(_) => return Err("candidate must be a pool name".into()),
+            },
+        },
+        "promote" => RolloutVerb::Promote {
+            full: match obj.get("full") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => return Err("full must be true or false".into()),
+            },
+        },
+        "pause" => RolloutVerb::Pause,
+        "resume" => RolloutVerb::Resume,
+        "abort" => RolloutVerb::Abort,
+        _ => RolloutVerb::Retry,
+    })
+}
+
 fn events_query(query: Option<&str>) -> Result<(u64, usize), String> {
     let mut since = 0u64;
     let mut limit = DEFAULT_EVENTS;
@@ -596,7 +678,11 @@ fn events_query(query: Option<&str>) -> Result<(u64, usize), String> {
 }
 
 /// The service document of the API.
-pub fn service_json(s: &Service, guard: &Guard) -> Value {
+pub fn service_json(
+    s: &Service,
+    guard: &Guard,
+    plan: Option<crate::config::RolloutConfig>,
+) -> Value {
     let snap = s.snapshot();
     let pools: Vec<Value> = snap
         .slots()
@@ -627,6 +713,48 @@ pub fn service_json(s: &Service, guard: &Guard) -> Value {
         "updated_by": snap.updated_by.as_str(),
         "health": if snap.degraded.is_some() { "degraded" } else { "healthy" },
         "guard": guard.status(s),
+        "rollout": rollout_json(s, &snap, guard),
+        "plan": plan.map(|p| json!({
+            "strategy": match p {
+                crate::config::RolloutConfig::Canary { .. } => "canary",
+                crate::config::RolloutConfig::BlueGreen { .. } => "blue-green",
+            },
+            "candidate": p.candidate(),
+            "steps": crate::rollout::plan_steps(&p).iter().map(|st| st.describe()).collect::<Vec<_>>(),
+        })),
+    })
+}
+
+/// A service's rollout as the API shows it: phase, step, what it waits for.
+fn rollout_json(s: &Service, snap: &crate::routing::ServiceSnapshot, guard: &Guard) -> Value {
+    let Some(r) = &snap.rollout else {
+        return json!({ "phase": "idle" });
+    };
+    let now = std::time::SystemTime::now();
+    let evidence = crate::rollout::Evidence {
+        candidate_requests: snap
+            .slot(&r.candidate)
+            .map_or(0, |p| p.pool.window().total()),
+        verdict: guard.verdict(&s.name, &r.candidate),
+    };
+    let decision = guard.decision(&s.name, &r.candidate);
+    json!({
+        "phase": r.phase,
+        "candidate": r.candidate,
+        "stable": r.stable,
+        "step_index": r.step,
+        "steps_total": r.steps.len(),
+        "step": r.current_step().map(|st| st.describe()),
+        "steps": r.steps.iter().map(|st| st.describe()).collect::<Vec<_>>(),
+        "time_in_step_secs": now.duration_since(r.step_started).unwrap_or_default().as_secs_f64(),
+        "waiting_for": r.waiting_for(now, Some(&evidence)),
+        "deadline": r.deadline.map(rfc3339),
+        "started_at": rfc3339(r.started_at),
+        "last_decision": decision.map(|d| json!({
+            "verdict": d.judgement.verdict,
+            "summary": d.judgement.summary,
+            "at": d.at,
+        })),
     })
 }
 

@@ -8,9 +8,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use crate::config::{Config, ServiceConfig};
-use crate::config::{SloConfig, StickyConfig};
+use crate::config::{RolloutConfig, SloConfig, StickyConfig};
 use crate::metrics::Metrics;
 use crate::pool::Pool;
+use crate::rollout::{Evidence, PERCENT_SCALE, Phase, Rollout, Step, Transition, plan_steps};
 use crate::routing::{
     Choice, RouteTable, Router, Service, ServiceSnapshot, Source, StickyKey, WeightError,
 };
@@ -45,6 +46,35 @@ pub enum Command {
         reason: Option<String>,
         details: Option<serde_json::Value>,
     },
+    /// Drive the service's rollout plan: an operator verb, or the driver's tick.
+    Rollout {
+        service: String,
+        verb: RolloutVerb,
+        source: Source,
+        actor: Option<String>,
+    },
+}
+
+/// What to do with a rollout.
+#[derive(Debug, Clone)]
+pub enum RolloutVerb {
+    /// Start the plan; the candidate defaults to the plan's, or to the other pool when
+    /// the plan's candidate is now the baseline (after a promotion).
+    Start {
+        candidate: Option<String>,
+    },
+    /// Pass the current pause or gate; `full` jumps to the end.
+    Promote {
+        full: bool,
+    },
+    Pause,
+    Resume,
+    /// All traffic back to the stable pool.
+    Abort,
+    /// Start again from step 0 after `aborted` or `degraded`.
+    Retry,
+    /// Advance by time and evidence (the rollout driver).
+    Tick(Evidence),
 }
 
 /// What a command changed, and the event that records it.
@@ -76,6 +106,13 @@ pub enum ControlError {
     },
     #[error(transparent)]
     Weights(#[from] WeightError),
+    /// The command does not fit the current state (e.g. a rollout verb in the wrong
+    /// phase).
+    #[error("{0}")]
+    Conflict(String),
+    /// Nothing to do (a rollout tick with nothing due).
+    #[error("nothing to do")]
+    Unchanged,
     /// The change could not be made durable, so it was not applied.
     #[error("state not saved, nothing changed: {0}")]
     Storage(String),
@@ -98,6 +135,48 @@ pub struct ReloadReport {
     pub kept: Vec<String>,
     /// Settings a reload cannot change on a running process.
     pub needs_restart: Vec<String>,
+}
+
+/// What a command will make of a service, before it is applied.
+struct Planned {
+    weights: Vec<u32>,
+    baseline: Option<String>,
+    degraded: Option<String>,
+    rollout: Option<Rollout>,
+    kind: &'static str,
+    reason: Option<String>,
+    details: Option<serde_json::Value>,
+}
+
+/// Weights with everything on `pool`: it takes the whole current total, so 90:10
+/// becomes 100:0 and shares stay readable.
+fn all_to(current: &ServiceSnapshot, pool: &str) -> Vec<u32> {
+    let total = current.total_weight().min(crate::config::MAX_WEIGHT) as u32;
+    current
+        .slots()
+        .iter()
+        .map(|s| if s.name() == pool { total } else { 0 })
+        .collect()
+}
+
+/// Weights giving the rollout's candidate `percent` and its stable pool the rest, on
+/// the scale of `PERCENT_SCALE` (0.5% is 50:9950); other pools get nothing.
+fn split(current: &ServiceSnapshot, rollout: &Rollout, percent: f64) -> Vec<u32> {
+    let full = 100 * PERCENT_SCALE;
+    let candidate = ((percent * f64::from(PERCENT_SCALE)).round() as u32).min(full);
+    current
+        .slots()
+        .iter()
+        .map(|s| {
+            if s.name() == rollout.candidate {
+                candidate
+            } else if s.name() == rollout.stable {
+                full - candidate
+            } else {
+                0
+            }
+        })
+        .collect()
 }
 
 struct Persistence {
@@ -179,6 +258,7 @@ impl Controller {
                             snap.updated_at = t;
                         }
                         snap.degraded = state.extra["degraded"].as_str().map(String::from);
+                        snap.rollout = serde_json::from_value(state.extra["rollout"].clone()).ok();
                         event = Event::new(&*service.name, "state_restored", Source::Startup);
                         event.from = Some(weights_of(&current));
                         event.to = Some(weights_of(&snap));
@@ -187,6 +267,9 @@ impl Controller {
                             state.version,
                             state.updated_by.as_str()
                         ));
+                        controller
+                            .metrics
+                            .rollout(&service.name, snap.rollout.as_ref());
                         service.store(Arc::new(snap));
                     }
                     Err(e) => {
@@ -260,86 +343,46 @@ impl Controller {
     pub fn apply(&self, command: Command) -> Result<Change, ControlError> {
         let mut persistence = self.lock();
         let table = self.router.table();
-        let (name, source, actor, reason) = match &command {
+        let (name, source, actor) = match &command {
             Command::SetWeights {
                 service,
                 source,
                 actor,
-                reason,
                 ..
             }
             | Command::Rollback {
                 service,
                 source,
                 actor,
-                reason,
                 ..
-            } => (service.clone(), *source, actor.clone(), reason.clone()),
+            }
+            | Command::Rollout {
+                service,
+                source,
+                actor,
+                ..
+            } => (service.clone(), *source, actor.clone()),
         };
         let service = table
             .service(&name)
             .ok_or_else(|| ControlError::UnknownService(name.clone()))?;
         let current = service.snapshot_full();
-        let (weights, kind) = match &command {
-            Command::SetWeights {
-                weights,
-                if_version,
-                ..
-            } => {
-                if let Some(expected) = *if_version
-                    && expected != current.version
-                {
-                    return Err(ControlError::VersionConflict {
-                        service: name,
-                        expected,
-                        current: current.version,
-                    });
-                }
-                (
-                    ordered_weights(&name, &current, weights)?,
-                    "weights_changed",
-                )
-            }
-            // The baseline takes the whole current total, so 90:10 becomes 100:0 and
-            // shares stay readable.
-            Command::Rollback { .. } => {
-                let total = current.total_weight().min(crate::config::MAX_WEIGHT) as u32;
-                let weights = current
-                    .slots()
-                    .iter()
-                    .map(|s| {
-                        if s.name() == current.baseline_name() {
-                            total
-                        } else {
-                            0
-                        }
-                    })
-                    .collect();
-                (weights, "rolled_back")
-            }
-        };
+        let change = self.plan(&name, &current, command)?;
         let pools = current.slots().iter().map(|s| s.pool.clone()).collect();
-        let mut next = ServiceSnapshot::new(pools, &weights, current.version + 1, source)?
-            .with_baseline(current.baseline_name())?;
-        // Degraded: set by the guard's rollback, cleared when an operator sets weights.
-        next.degraded = match (&command, source) {
-            (Command::Rollback { .. }, Source::Guard) => {
-                Some(reason.clone().unwrap_or_else(|| "SLO breached".to_string()))
-            }
-            (Command::SetWeights { .. }, Source::Admin) => None,
-            _ => current.degraded.clone(),
-        };
+        let mut next = ServiceSnapshot::new(pools, &change.weights, current.version + 1, source)?
+            .with_baseline(
+            change
+                .baseline
+                .as_deref()
+                .unwrap_or(current.baseline_name()),
+        )?;
+        next.degraded = change.degraded;
+        next.rollout = change.rollout;
         let next = Arc::new(next);
-        let mut event = Event::new(&name, kind, source);
+        let mut event = Event::new(&name, change.kind, source);
         event.actor = actor;
-        event.reason = reason;
-        if let Command::Rollback {
-            details: Some(details),
-            ..
-        } = &command
-        {
-            event.details = details.clone();
-        }
+        event.reason = change.reason;
+        event.details = change.details.unwrap_or(serde_json::Value::Null);
         event.from = Some(weights_of(&current));
         event.to = Some(weights_of(&next));
         let event = match persistence.as_mut() {
@@ -363,7 +406,10 @@ impl Controller {
             None => None,
         };
         service.store(next.clone());
-        self.metrics.weight_changed(&name, source);
+        if next.weights() != current.weights() {
+            self.metrics.weight_changed(&name, source);
+        }
+        self.metrics.rollout(&name, next.rollout.as_ref());
         Ok(Change {
             service: name,
             source,
@@ -372,6 +418,237 @@ impl Controller {
             snapshot: next,
             event,
         })
+    }
+
+    /// Work out what a command makes of the current snapshot, without changing it.
+    fn plan(
+        &self,
+        name: &str,
+        current: &ServiceSnapshot,
+        command: Command,
+    ) -> Result<Planned, ControlError> {
+        let mut planned = Planned {
+            weights: current.weights(),
+            baseline: None,
+            degraded: current.degraded.clone(),
+            rollout: current.rollout.clone(),
+            kind: "weights_changed",
+            reason: None,
+            details: None,
+        };
+        let now = SystemTime::now();
+        match command {
+            Command::SetWeights {
+                weights,
+                if_version,
+                source,
+                reason,
+                ..
+            } => {
+                if let Some(expected) = if_version
+                    && expected != current.version
+                {
+                    return Err(ControlError::VersionConflict {
+                        service: name.to_string(),
+                        expected,
+                        current: current.version,
+                    });
+                }
+                planned.weights = ordered_weights(name, current, &weights)?;
+                planned.reason = reason;
+                if source == Source::Admin {
+                    // An operator took over: no longer degraded, and a running rollout
+                    // pauses rather than overwrite the operator at its next step.
+                    planned.degraded = None;
+                    if let Some(r) = &mut planned.rollout
+                        && r.phase == Phase::Progressing
+                    {
+                        r.phase = Phase::Paused;
+                    }
+                }
+            }
+            Command::Rollback {
+                source,
+                reason,
+                details,
+                ..
+            } => {
+                planned.weights = all_to(current, current.baseline_name());
+                planned.kind = "rolled_back";
+                if source == Source::Guard {
+                    planned.degraded =
+                        Some(reason.clone().unwrap_or_else(|| "SLO breached".into()));
+                    if let Some(r) = &planned.rollout
+                        && r.phase.is_running()
+                    {
+                        planned.rollout = Some(r.degrade(now));
+                    }
+                }
+                planned.reason = reason;
+                planned.details = details;
+            }
+            Command::Rollout { verb, .. } => {
+                let transition = self.rollout_transition(name, current, verb, now)?;
+                if let Some(percent) = transition.percent {
+                    planned.weights = split(current, &transition.rollout, percent);
+                }
+                if transition.promote_baseline {
+                    planned.baseline = Some(transition.rollout.candidate.clone());
+                }
+                if transition.kind == "rollout_started" {
+                    planned.degraded = None;
+                }
+                planned.kind = transition.kind;
+                planned.reason = Some(transition.reason);
+                planned.details = Some(serde_json::json!({
+                    "phase": transition.rollout.phase,
+                    "step": transition.rollout.step,
+                    "candidate": transition.rollout.candidate,
+                    "stable": transition.rollout.stable,
+                }));
+                planned.rollout = Some(transition.rollout);
+            }
+        }
+        Ok(planned)
+    }
+
+    fn rollout_transition(
+        &self,
+        name: &str,
+        current: &ServiceSnapshot,
+        verb: RolloutVerb,
+        now: SystemTime,
+    ) -> Result<Transition, ControlError> {
+        let conflict = |msg: String| ControlError::Conflict(format!("service `{name}`: {msg}"));
+        let existing = current.rollout.as_ref();
+        let evidence_now = |candidate: &str| Evidence {
+            candidate_requests: current
+                .slot(candidate)
+                .map_or(0, |s| s.pool.window().total()),
+            verdict: None,
+        };
+        match verb {
+            RolloutVerb::Start { candidate } => {
+                if let Some(r) = existing
+                    && r.phase.is_running()
+                {
+                    return Err(conflict(format!(
+                        "a rollout is already {} (step {} of {})",
+                        r.phase.as_str(),
+                        r.step + 1,
+                        r.steps.len()
+                    )));
+                }
+                let plan = self
+                    .plan_of(name)
+                    .ok_or_else(|| conflict("has no rollout plan: add [service.rollout]".into()))?;
+                let stable = current.baseline_name().to_string();
+                let candidate = match candidate {
+                    Some(c) => c,
+                    None if plan.candidate() != stable => plan.candidate().to_string(),
+                    None => {
+                        let others: Vec<&str> = current
+                            .slots()
+                            .iter()
+                            .map(|s| s.name())
+                            .filter(|n| *n != stable)
+                            .collect();
+                        match others.as_slice() {
+                            [only] => only.to_string(),
+                            _ => {
+                                return Err(conflict(format!(
+                                    "the plan's candidate `{}` is now the baseline; name the pool to roll out",
+                                    plan.candidate()
+                                )));
+                            }
+                        }
+                    }
+                };
+                if current.slot(&candidate).is_none() {
+                    return Err(ControlError::UnknownPool {
+                        service: name.to_string(),
+                        pool: candidate,
+                    });
+                }
+                if candidate == stable {
+                    return Err(conflict(format!("`{candidate}` is already the baseline")));
+                }
+                let rollout = Rollout::start(
+                    &candidate,
+                    &stable,
+                    plan_steps(&plan),
+                    now,
+                    &evidence_now(&candidate),
+                );
+                let blue_green = matches!(plan, RolloutConfig::BlueGreen { .. });
+                Ok(Transition {
+                    reason: format!(
+                        "{} rollout of {candidate} started: {} step(s), first: {}",
+                        if blue_green { "blue/green" } else { "canary" },
+                        rollout.steps.len(),
+                        rollout.current_step().map_or("-".into(), |s| s.describe())
+                    ),
+                    // A blue/green preview starts with no live traffic on the candidate.
+                    percent: blue_green.then_some(0.0),
+                    rollout,
+                    promote_baseline: false,
+                    kind: "rollout_started",
+                })
+            }
+            RolloutVerb::Retry => {
+                let r = existing.ok_or_else(|| conflict("no rollout to retry".into()))?;
+                if !matches!(r.phase, Phase::Aborted | Phase::Degraded) {
+                    return Err(conflict(format!(
+                        "retry is for an aborted or degraded rollout (phase {})",
+                        r.phase.as_str()
+                    )));
+                }
+                let rollout = Rollout::start(
+                    &r.candidate,
+                    &r.stable,
+                    r.steps.clone(),
+                    now,
+                    &evidence_now(&r.candidate),
+                );
+                let preview = matches!(rollout.current_step(), Some(Step::Preview { .. }));
+                Ok(Transition {
+                    reason: format!("rollout of {} retried from step 1", r.candidate),
+                    percent: preview.then_some(0.0),
+                    rollout,
+                    promote_baseline: false,
+                    kind: "rollout_started",
+                })
+            }
+            verb => {
+                let r = existing.ok_or_else(|| conflict("no rollout has been started".into()))?;
+                let result = match verb {
+                    RolloutVerb::Promote { full } => {
+                        r.promote(full, now, &evidence_now(&r.candidate))
+                    }
+                    RolloutVerb::Pause => r.pause(now),
+                    RolloutVerb::Resume => r.resume(),
+                    RolloutVerb::Abort => r.abort(now),
+                    RolloutVerb::Tick(evidence) => {
+                        return r.tick(now, &evidence).ok_or(ControlError::Unchanged);
+                    }
+                    RolloutVerb::Start { .. } | RolloutVerb::Retry => {
+                        unreachable!("handled above")
+                    }
+                };
+                result.map_err(conflict)
+            }
+        }
+    }
+
+    /// The rollout plan of a service in the config in force.
+    pub fn plan_of(&self, service: &str) -> Option<RolloutConfig> {
+        self.config
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .services
+            .iter()
+            .find(|s| s.name == service)
+            .and_then(|s| s.rollout.clone())
     }
 
     /// Apply a new config: services, pools and endpoints change atomically (one route
@@ -435,6 +712,7 @@ impl Controller {
                         .with_baseline(old_snap.baseline_name())?;
                         snap.updated_at = old_snap.updated_at;
                         snap.degraded = old_snap.degraded.clone();
+                        snap.rollout = old_snap.rollout.clone();
                         fresh.store(Arc::new(snap));
                         report.kept.push(cfg.name.clone());
                     } else {
@@ -526,6 +804,9 @@ fn service_state(s: &ServiceSnapshot) -> ServiceState {
             if let Some(reason) = &s.degraded {
                 extra["degraded"] = reason.clone().into();
             }
+            if let Some(r) = &s.rollout {
+                extra["rollout"] = serde_json::to_value(r).unwrap_or_default();
+            }
             extra
         },
     }
@@ -559,6 +840,7 @@ fn build_service(
         })
         .collect();
     metrics.register_service(&cfg.name);
+    metrics.rollout(&cfg.name, None);
     let weights: Vec<u32> = cfg.pools.iter().map(|p| p.weight).collect();
     let snapshot = ServiceSnapshot::new(pools, &weights, 1, Source::Config)
         .and_then(|s| s.with_baseline(&cfg.baseline))

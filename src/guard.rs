@@ -374,6 +374,8 @@ struct PoolWatch {
     /// Already acted (or, in dry-run, reported) on this run of breaches.
     fired: bool,
     last: Option<Decision>,
+    /// When `last` was made, for rollout gates.
+    last_at: Option<SystemTime>,
 }
 
 #[derive(Debug, Default)]
@@ -481,9 +483,15 @@ impl Guard {
         let b_fast = base_slot.pool.window().stats(slo.fast_window);
         let mut any_unhealthy = false;
         let mut unhealthy_words = String::new();
+        // A blue/green preview is judged on its targeted traffic, weight 0 or not.
+        let preview = snapshot
+            .rollout
+            .as_ref()
+            .filter(|r| r.phase.is_running())
+            .map(|r| r.candidate.as_str());
         for slot in snapshot.slots() {
             let name = slot.name().to_string();
-            if name == baseline || slot.weight == 0 {
+            if name == baseline || (slot.weight == 0 && preview != Some(name.as_str())) {
                 // Not a candidate now: forget its streak, keep its last decision.
                 if let Some(w) = watch.pools.get_mut(&name) {
                     w.streak = 0;
@@ -519,6 +527,7 @@ impl Guard {
                 Verdict::Inconclusive => {}
             }
             w.last = Some(decision.clone());
+            w.last_at = Some(SystemTime::now());
             if w.streak >= slo.breaches_to_act && !w.fired {
                 w.fired = true;
                 let service = service.name.to_string();
@@ -602,6 +611,19 @@ impl Guard {
                 }
             }
         }
+    }
+
+    /// The latest verdict on a pool of a service, and when it was made.
+    pub fn verdict(&self, service: &str, pool: &str) -> Option<(Verdict, SystemTime)> {
+        let watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
+        let w = watches.get(service)?.pools.get(pool)?;
+        Some((w.last.as_ref()?.judgement.verdict, w.last_at?))
+    }
+
+    /// The latest decision on a pool of a service.
+    pub fn decision(&self, service: &str, pool: &str) -> Option<Decision> {
+        let watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
+        watches.get(service)?.pools.get(pool)?.last.clone()
     }
 
     /// The `guard` document of a service for the admin API: each pool's live window,

@@ -152,6 +152,10 @@ impl Weir {
     ) -> io::Result<()> {
         self.metrics.spawn_upkeep();
         let guard = tokio::spawn(Arc::clone(&self.guard).run());
+        let rollouts = tokio::spawn(rollout::drive(
+            Arc::clone(&self.controller),
+            Arc::clone(&self.guard),
+        ));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let admin_task = admin.map(|listener| {
             let mut rx = stop_rx.clone();
@@ -171,6 +175,7 @@ impl Weir {
             )
             .await;
         guard.abort();
+        rollouts.abort();
         let _ = stop_tx.send(true);
         if let Some(task) = admin_task {
             let _ = task.await;

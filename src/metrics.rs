@@ -24,6 +24,8 @@ pub const POOL_SHARE: &str = "weir_pool_share";
 pub const WEIGHT_CHANGES_TOTAL: &str = "weir_weight_changes_total";
 pub const BUILD_INFO: &str = "weir_build_info";
 pub const ROLLBACKS_TOTAL: &str = "weir_rollbacks_total";
+pub const ROLLOUT_PHASE: &str = "weir_rollout_phase";
+pub const ROLLOUT_STEP: &str = "weir_rollout_step";
 pub const WOULD_ROLL_BACK_TOTAL: &str = "weir_guard_dry_run_rollbacks_total";
 
 /// How often the exporter's upkeep drains histogram samples into buckets, so memory
@@ -114,6 +116,16 @@ impl Metrics {
             None,
             "Always 1; the version label says which weir.".into(),
         );
+        r.describe_gauge(
+            ROLLOUT_PHASE.into(),
+            None,
+            "1 for the service's current rollout phase, 0 for the others.".into(),
+        );
+        r.describe_gauge(
+            ROLLOUT_STEP.into(),
+            None,
+            "Index of the rollout step in progress (the number of steps when done).".into(),
+        );
         r.describe_counter(
             ROLLBACKS_TOTAL.into(),
             None,
@@ -178,6 +190,27 @@ impl Metrics {
                 ],
             );
         }
+    }
+
+    /// Publish a service's rollout phase (1 for the current one) and step.
+    pub fn rollout(&self, service: &str, rollout: Option<&crate::rollout::Rollout>) {
+        use crate::rollout::Phase;
+        let phase = rollout.map_or(Phase::Idle, |r| r.phase);
+        for p in Phase::ALL {
+            self.gauge(
+                ROLLOUT_PHASE,
+                vec![
+                    Label::new("service", service.to_string()),
+                    Label::new("phase", p.as_str()),
+                ],
+            )
+            .set(if p == phase { 1.0 } else { 0.0 });
+        }
+        self.gauge(
+            ROLLOUT_STEP,
+            vec![Label::new("service", service.to_string())],
+        )
+        .set(rollout.map_or(0.0, |r| r.step as f64));
     }
 
     /// Count a rollback by the guard, by the check that failed.

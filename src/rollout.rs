@@ -13,7 +13,9 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::config::RolloutConfig;
-use crate::guard::Verdict;
+use crate::control::{Command, ControlError, Controller, RolloutVerb};
+use crate::guard::{Guard, Verdict};
+use crate::routing::Source;
 
 /// Weights are set on this scale, so 0.5% is 50:9950.
 pub const PERCENT_SCALE: u32 = 100;
@@ -565,6 +567,66 @@ impl Rollout {
         next.step_started = now;
         next.deadline = None;
         next
+    }
+}
+
+/// How often the driver looks for rollouts with something due.
+const TICK: Duration = Duration::from_millis(100);
+
+/// The rollout driver: advances every progressing rollout by time and evidence, through
+/// the controller. Runs until its task is dropped.
+pub async fn drive(controller: std::sync::Arc<Controller>, guard: std::sync::Arc<Guard>) {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let due: Vec<(String, Evidence)> = {
+            let table = controller.router().table();
+            let now = SystemTime::now();
+            table
+                .services()
+                .iter()
+                .filter_map(|service| {
+                    let snapshot = service.snapshot();
+                    let rollout = snapshot.rollout.as_ref()?;
+                    let evidence = Evidence {
+                        candidate_requests: snapshot
+                            .slot(&rollout.candidate)
+                            .map_or(0, |s| s.pool.window().total()),
+                        verdict: guard.verdict(&service.name, &rollout.candidate),
+                    };
+                    // Only bother the controller (and the disk) when a step is due.
+                    rollout.tick(now, &evidence)?;
+                    Some((service.name.to_string(), evidence))
+                })
+                .collect()
+        };
+        for (service, evidence) in due {
+            let controller = std::sync::Arc::clone(&controller);
+            let applied = tokio::task::spawn_blocking(move || {
+                controller.apply(Command::Rollout {
+                    service: service.clone(),
+                    verb: RolloutVerb::Tick(evidence),
+                    source: Source::Rollout,
+                    actor: None,
+                })
+            })
+            .await;
+            match applied {
+                Ok(Ok(change)) => tracing::info!(
+                    "rollout {}: {}",
+                    change.service,
+                    change
+                        .event
+                        .as_ref()
+                        .and_then(|e| e.reason.as_deref())
+                        .unwrap_or("")
+                ),
+                Ok(Err(ControlError::Unchanged)) => {}
+                Ok(Err(e)) => tracing::warn!("rollout step failed: {e}"),
+                Err(e) => tracing::error!("rollout driver task failed: {e}"),
+            }
+        }
     }
 }
 

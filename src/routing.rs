@@ -77,6 +77,8 @@ pub struct ServiceSnapshot {
     /// Set (with the reason) when the SLO guard moved traffic back: the service stays
     /// on its baseline until an operator sets weights or retries.
     pub degraded: Option<String>,
+    /// The service's rollout, if one was ever started.
+    pub rollout: Option<crate::rollout::Rollout>,
     slots: Box<[PoolSlot]>,
     total: u64,
     /// Index of the pool that takes all traffic on rollback. Runtime state: a promotion
@@ -143,6 +145,7 @@ impl ServiceSnapshot {
             updated_at: SystemTime::now(),
             updated_by,
             degraded: None,
+            rollout: None,
             slots: slots.into_boxed_slice(),
             total,
             baseline: 0,

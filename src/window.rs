@@ -51,6 +51,8 @@ pub struct Window {
     slice_len: Duration,
     slices: Box<[Slice]>,
     current: AtomicUsize,
+    /// Every request ever recorded (rollout gates count from it).
+    total: AtomicU64,
     /// Start of the current slice; only the rotating writer touches it.
     current_start: Mutex<Option<Instant>>,
 }
@@ -109,6 +111,7 @@ impl Window {
             slice_len,
             slices: (0..n).map(|_| Slice::new()).collect(),
             current: AtomicUsize::new(0),
+            total: AtomicU64::new(0),
             current_start: Mutex::new(None),
         }
     }
@@ -126,6 +129,7 @@ impl Window {
     #[inline]
     pub fn record(&self, error: bool, latency: Duration) {
         let slice = &self.slices[self.current.load(Ordering::Relaxed)];
+        self.total.fetch_add(1, Ordering::Relaxed);
         slice.requests.fetch_add(1, Ordering::Relaxed);
         if error {
             slice.errors.fetch_add(1, Ordering::Relaxed);
@@ -185,6 +189,11 @@ impl Window {
             let _ = stats.latency_us.checked_add_assign(&h);
         }
         stats
+    }
+
+    /// Requests recorded since the pool was created; never reset.
+    pub fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
     }
 
     /// Forget everything recorded so far (e.g. after a rollback, so the next judgement
