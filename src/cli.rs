@@ -65,6 +65,18 @@ pub enum Command {
         /// Where the demo admin API listens.
         #[arg(long, default_value = "127.0.0.1:9901")]
         admin: SocketAddr,
+        /// Break the canary mid-run to watch the SLO guard move traffic back.
+        #[arg(long)]
+        fail_canary: bool,
+        /// Stop the tour after this long, e.g. "45s".
+        #[arg(long, default_value = "45s", value_parser = parse_delay)]
+        duration: Duration,
+        /// Keep serving after the tour, to poke at it with `weir ctl`.
+        #[arg(long)]
+        keep_running: bool,
+        /// Synthetic requests per second.
+        #[arg(long, default_value_t = 200)]
+        rate: u64,
     },
 }
 
@@ -127,8 +139,23 @@ pub async fn main(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Ctl(args) => crate::ctl::run(args).await,
-        Command::Demo { listen, admin } => {
-            demo(listen, admin).await?;
+        Command::Demo {
+            listen,
+            admin,
+            fail_canary,
+            duration,
+            keep_running,
+            rate,
+        } => {
+            let opts = crate::demo::DemoOptions {
+                listen,
+                admin,
+                fail_canary,
+                duration,
+                keep_running,
+                rate,
+            };
+            crate::demo::run(opts, &mut std::io::stdout()).await?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -191,80 +218,6 @@ fn reload_on_sighup(weir: &Weir, path: PathBuf) {
     }
     #[cfg(not(unix))]
     let _ = (weir, path);
-}
-
-async fn demo(listen: SocketAddr, admin_listen: SocketAddr) -> Result<()> {
-    let stable = upstream::bind("127.0.0.1:0".parse()?, UpstreamConfig::new("stable")).await?;
-    let canary = upstream::bind("127.0.0.1:0".parse()?, UpstreamConfig::new("canary")).await?;
-    let state_dir = std::env::temp_dir().join(format!("weir-demo-{}", std::process::id()));
-    let toml = format!(
-        r#"
-[proxy]
-listen = "{listen}"
-
-[admin]
-listen = "{admin_listen}"
-
-[state]
-dir = "{}"
-
-[[service]]
-name = "demo"
-baseline = "stable"
-
-[service.pools.stable]
-endpoints = ["{}"]
-weight = 90
-
-[service.pools.canary]
-endpoints = ["{}"]
-weight = 10
-"#,
-        state_dir.display(),
-        stable.addr(),
-        canary.addr()
-    );
-    let config = Config::parse(&toml, "demo").map_err(|e| anyhow::anyhow!("{e}"))?;
-    let listener = TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}; pick another with --listen"))?;
-    let admin = TcpListener::bind(admin_listen)
-        .await
-        .with_context(|| format!("cannot listen on {admin_listen}; pick another with --admin"))?;
-    let weir = Weir::new(config, None)?;
-    let ctl = if admin_listen.to_string() == "127.0.0.1:9901" {
-        "weir ctl".to_string()
-    } else {
-        format!("weir ctl --admin http://{admin_listen}")
-    };
-    println!(
-        "weir demo: proxy on http://{listen}, 90% → stable ({}), 10% → canary ({})",
-        stable.addr(),
-        canary.addr()
-    );
-    println!(
-        "admin API on http://{admin_listen} (state in {})",
-        state_dir.display()
-    );
-    println!();
-    println!("Send traffic:");
-    println!("  for i in $(seq 100); do curl -s http://{listen}/; done | sort | uniq -c");
-    println!("  curl -s http://{listen}/echo");
-    println!("Drive it (cargo run --release -- ctl ... works too):");
-    println!("  {ctl} status");
-    println!("  {ctl} set-weight demo stable=50 canary=50 --reason \"more canary\"");
-    println!("  {ctl} rollback demo");
-    println!("  {ctl} events");
-    println!("Break the canary:");
-    println!(
-        "  curl -s -X PUT -H 'content-type: application/json' -d '{{\"error_rate\":0.3}}' http://{}/__weir/fault",
-        canary.addr()
-    );
-    println!();
-    println!("Ctrl-C to stop.");
-    weir.serve(listener, Some(admin), shutdown_signal()).await?;
-    let _ = std::fs::remove_dir_all(&state_dir);
-    Ok(())
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

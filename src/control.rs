@@ -583,7 +583,7 @@ impl Controller {
                 let blue_green = matches!(plan, RolloutConfig::BlueGreen { .. });
                 Ok(Transition {
                     reason: format!(
-                        "{} rollout of {candidate} started: {} step(s), first: {}",
+                        "{} rollout started: candidate {candidate}, {} step(s), first: {}",
                         if blue_green { "blue/green" } else { "canary" },
                         rollout.steps.len(),
                         rollout.current_step().map_or("-".into(), |s| s.describe())

@@ -33,6 +33,7 @@ pub mod client;
 pub mod config;
 pub mod control;
 pub mod ctl;
+pub mod demo;
 pub mod guard;
 pub mod metrics;
 pub mod outcome;

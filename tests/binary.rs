@@ -313,3 +313,45 @@ async fn sighup_reloads_the_config_file() {
     assert_eq!(e["actor"], "SIGHUP");
     assert_eq!(e["details"]["reset"], serde_json::json!(["shop"]));
 }
+
+fn demo(extra: &[&str]) -> String {
+    let out = Command::new(WEIR)
+        .args([
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--duration",
+            "40s",
+        ])
+        .args(extra)
+        .stderr(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn demo_tour_promotes_the_canary() {
+    let out = demo(&[]);
+    assert!(out.contains("summary: canary promoted"), "{out}");
+    assert!(
+        out.contains("step 4/7 gate: 150 requests passing the SLO guard"),
+        "{out}"
+    );
+    assert!(out.contains("rollout_promoted (rollout)"), "{out}");
+}
+
+#[test]
+fn demo_with_a_failing_canary_shows_the_guard_revert() {
+    let out = demo(&["--fail-canary"]);
+    assert!(out.contains(">>> the canary starts failing"), "{out}");
+    assert!(
+        out.contains("summary: the SLO guard rolled the canary back"),
+        "{out}"
+    );
+    assert!(out.contains("guard decision: canary error rate"), "{out}");
+    assert!(out.contains("record: check error_rate"), "{out}");
+}

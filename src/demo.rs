@@ -1,0 +1,372 @@
+//! `weir demo`: the product tour. Two built-in upstreams, the proxy, the admin API,
+//! synthetic traffic and a canary plan with short steps, narrated one line a second; with
+//! `--fail-canary` the canary breaks mid-run and the guard moves traffic back.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use http::Request;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::net::TcpListener;
+
+use crate::Weir;
+use crate::config::Config;
+use crate::control::{Command, RolloutVerb};
+use crate::routing::Source;
+use crate::upstream::{self, Faults, UpstreamConfig};
+
+/// What `weir demo` was asked for.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    /// Break the canary mid-run (30% errors) to show the guard's revert.
+    pub fail_canary: bool,
+    /// Give up on the tour after this long.
+    pub duration: Duration,
+    /// After the tour, keep serving until Ctrl-C.
+    pub keep_running: bool,
+    /// Synthetic requests per second.
+    pub rate: u64,
+}
+
+/// The demo's plan: short steps so the tour takes seconds, with a timed pause, an
+/// evidence gate and the guard watching throughout.
+const PLAN: &str = r#"
+[service.rollout]
+candidate = "canary"
+steps = [
+  { percent = 10 },
+  { pause = "3s" },
+  { percent = 25 },
+  { gate = { min_requests = 150 } },
+  { percent = 50 },
+  { pause = "3s" },
+  { percent = 100 },
+]
+
+[service.slo]
+window = "10s"
+fast_window = "2s"
+interval = "500ms"
+min_requests = 30
+max_error_rate = 0.05
+max_p99_latency = "250ms"
+breaches_to_act = 2
+"#;
+
+/// Answers per pool, counted by the traffic generator.
+#[derive(Default)]
+struct Tally {
+    ok: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// Run the tour, narrating to `out`.
+pub async fn run(opts: DemoOptions, out: &mut (impl Write + Send)) -> Result<()> {
+    let stable = upstream::bind("127.0.0.1:0".parse()?, UpstreamConfig::new("stable")).await?;
+    let canary = upstream::bind("127.0.0.1:0".parse()?, UpstreamConfig::new("canary")).await?;
+    let state_dir = std::env::temp_dir().join(format!("weir-demo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state_dir);
+    let listener = TcpListener::bind(opts.listen).await.with_context(|| {
+        format!(
+            "cannot listen on {}; pick another with --listen",
+            opts.listen
+        )
+    })?;
+    let admin = TcpListener::bind(opts.admin)
+        .await
+        .with_context(|| format!("cannot listen on {}; pick another with --admin", opts.admin))?;
+    let (proxy_addr, admin_addr) = (listener.local_addr()?, admin.local_addr()?);
+    let toml = format!(
+        "[proxy]\nlisten = \"{proxy_addr}\"\n[admin]\nlisten = \"{admin_addr}\"\n[state]\ndir = \"{}\"\n\n\
+         [[service]]\nname = \"demo\"\nbaseline = \"stable\"\nstrategy = \"canary\"\n\n\
+         [service.pools.stable]\nendpoints = [\"{}\"]\nweight = 100\n\n\
+         [service.pools.canary]\nendpoints = [\"{}\"]\nweight = 0\n{PLAN}",
+        state_dir.display(),
+        stable.addr(),
+        canary.addr(),
+    );
+    let config = Config::parse(&toml, "demo").map_err(|e| anyhow::anyhow!("{e}"))?;
+    let weir = Arc::new(Weir::new(config, None)?);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = {
+        let weir = Arc::clone(&weir);
+        tokio::spawn(async move {
+            let stop = async {
+                let _ = stop_rx.await;
+            };
+            weir.serve(listener, Some(admin), stop).await
+        })
+    };
+    let ctl = if admin_addr.to_string() == "127.0.0.1:9901" {
+        "weir ctl".to_string()
+    } else {
+        format!("weir ctl --admin http://{admin_addr}")
+    };
+    writeln!(
+        out,
+        "weir demo: proxy http://{proxy_addr}, admin http://{admin_addr}\n\
+         pools: stable ({}) and canary ({}); {} req/s of synthetic traffic\n\
+         plan: 10% → pause 3s → 25% → gate 150 requests → 50% → pause 3s → 100%, \
+         guarded by: error rate ≤ 5%, p99 ≤ 250ms{}\n",
+        stable.addr(),
+        canary.addr(),
+        opts.rate,
+        if opts.fail_canary {
+            "; the canary will break mid-run"
+        } else {
+            ""
+        }
+    )?;
+
+    let tallies: Arc<HashMap<&'static str, Tally>> =
+        Arc::new([("stable", Tally::default()), ("canary", Tally::default())].into());
+    let stop_traffic = Arc::new(AtomicBool::new(false));
+    let traffic = spawn_traffic(
+        proxy_addr,
+        opts.rate,
+        Arc::clone(&tallies),
+        Arc::clone(&stop_traffic),
+    );
+
+    weir.controller()
+        .apply(Command::Rollout {
+            service: "demo".into(),
+            verb: RolloutVerb::Start { candidate: None },
+            source: Source::Admin,
+            actor: Some("demo".into()),
+        })
+        .map_err(|e| anyhow::anyhow!("cannot start the rollout: {e}"))?;
+
+    let started = Instant::now();
+    let mut broke_at = None;
+    let mut last: HashMap<&str, (u64, u64)> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    let outcome = loop {
+        tick.tick().await;
+        let snap = weir
+            .controller()
+            .snapshot("demo")
+            .context("demo service vanished")?;
+        let rollout = snap.rollout.clone();
+        let phase = rollout.as_ref().map_or("idle", |r| r.phase.as_str());
+        let step = rollout.as_ref().map_or(String::new(), |r| {
+            format!(
+                "step {}/{} {:<40}",
+                (r.step + 1).min(r.steps.len()),
+                r.steps.len(),
+                r.current_step().map_or("done".into(), |s| s.describe())
+            )
+        });
+        let total = snap.total_weight().max(1) as f64;
+        let mut line = format!("[{:>3}s] {phase:<11} {step} ", started.elapsed().as_secs());
+        for slot in snap.slots() {
+            let name = slot.name();
+            let t = &tallies[if name == "stable" { "stable" } else { "canary" }];
+            let (ok, errors) = (
+                t.ok.load(Ordering::Relaxed),
+                t.errors.load(Ordering::Relaxed),
+            );
+            let (ok0, err0) = last
+                .insert(
+                    if name == "stable" { "stable" } else { "canary" },
+                    (ok, errors),
+                )
+                .unwrap_or((0, 0));
+            let (n, e) = (ok - ok0 + errors - err0, errors - err0);
+            let p99 = slot
+                .pool
+                .window()
+                .stats(Duration::from_secs(1))
+                .p99()
+                .map_or("-".into(), |d| format!("{}ms", d.as_millis()));
+            line += &format!(
+                "| {name} {:>3.0}% {n:>4} req/s {:>5.1}% err p99 {p99:>6} ",
+                f64::from(slot.weight) * 100.0 / total,
+                if n == 0 {
+                    0.0
+                } else {
+                    e as f64 * 100.0 / n as f64
+                }
+            );
+        }
+        writeln!(out, "{}", line.trim_end())?;
+        out.flush()?;
+
+        if opts.fail_canary && broke_at.is_none() && rollout.as_ref().is_some_and(|r| r.step >= 3) {
+            canary.set_faults(Faults {
+                error_rate: 0.3,
+                ..Faults::default()
+            });
+            broke_at = Some(Instant::now());
+            writeln!(
+                out,
+                "        >>> the canary starts failing 30% of its requests"
+            )?;
+        }
+        match phase {
+            "promoted" => break Outcome::Promoted,
+            "degraded" => break Outcome::RolledBack,
+            _ => {}
+        }
+        if started.elapsed() >= opts.duration {
+            break Outcome::TimedOut;
+        }
+    };
+    stop_traffic.store(true, Ordering::Relaxed);
+    let _ = traffic.await;
+
+    writeln!(out)?;
+    summary(out, &weir, &tallies, outcome, broke_at)?;
+    if opts.keep_running {
+        writeln!(
+            out,
+            "\nstill serving (Ctrl-C to stop). Try:\n  curl -s http://{proxy_addr}/\n  {ctl} status\n  {ctl} retry demo\n  {ctl} events"
+        )?;
+        out.flush()?;
+        crate::cli::shutdown_signal().await;
+    }
+    let _ = stop_tx.send(());
+    let _ = server.await;
+    stable.kill().await;
+    canary.kill().await;
+    let _ = std::fs::remove_dir_all(&state_dir);
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Outcome {
+    Promoted,
+    RolledBack,
+    TimedOut,
+}
+
+fn summary(
+    out: &mut impl Write,
+    weir: &Weir,
+    tallies: &HashMap<&'static str, Tally>,
+    outcome: Outcome,
+    broke_at: Option<Instant>,
+) -> Result<()> {
+    match outcome {
+        Outcome::Promoted => writeln!(out, "summary: canary promoted; it is the new baseline")?,
+        Outcome::RolledBack => writeln!(out, "summary: the SLO guard rolled the canary back")?,
+        Outcome::TimedOut => writeln!(out, "summary: stopped after --duration")?,
+    }
+    for name in ["stable", "canary"] {
+        let t = &tallies[name];
+        let (ok, errors) = (
+            t.ok.load(Ordering::Relaxed),
+            t.errors.load(Ordering::Relaxed),
+        );
+        writeln!(
+            out,
+            "  {name:<7} {:>6} requests, {errors:>4} errors",
+            ok + errors
+        )?;
+    }
+    let events = weir.controller().events(0, 1000).unwrap_or_default();
+    if let Some(rb) = events.iter().find(|e| e.kind == "rolled_back") {
+        if let Some(at) = broke_at {
+            writeln!(
+                out,
+                "  reverted {:.1}s after the canary broke",
+                at.elapsed().as_secs_f64() - rb_age(rb)
+            )?;
+        }
+        writeln!(
+            out,
+            "  guard decision: {}",
+            rb.reason.as_deref().unwrap_or("-")
+        )?;
+        let d = &rb.details;
+        let num = |v: &serde_json::Value| v.as_f64().map_or("-".into(), |f| format!("{f:.3}"));
+        writeln!(
+            out,
+            "  record: check {} value {} threshold {} over {}s; candidate {} requests, baseline {} requests",
+            d["check"].as_str().unwrap_or("-"),
+            num(&d["value"]),
+            num(&d["threshold"]),
+            num(&d["window_secs"]),
+            d["candidate"]["requests"],
+            d["baseline"]["requests"]
+        )?;
+    }
+    writeln!(out, "  events:")?;
+    for e in &events {
+        writeln!(
+            out,
+            "    #{} {} {} ({}): {}",
+            e.id,
+            &e.time[11..19.min(e.time.len())],
+            e.kind,
+            e.source.as_str(),
+            e.reason.as_deref().unwrap_or("")
+        )?;
+    }
+    Ok(())
+}
+
+/// Seconds since an event's time.
+fn rb_age(e: &crate::state::Event) -> f64 {
+    humantime::parse_rfc3339_weak(&e.time)
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Paced GETs through the proxy, tallied by the answering pool.
+fn spawn_traffic(
+    addr: SocketAddr,
+    rate: u64,
+    tallies: Arc<HashMap<&'static str, Tally>>,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let clients = 8u64;
+        let period = Duration::from_micros(1_000_000 * clients / rate.max(1));
+        let mut tasks = Vec::new();
+        for _ in 0..clients {
+            let (tallies, stop) = (Arc::clone(&tallies), Arc::clone(&stop));
+            tasks.push(tokio::spawn(async move {
+                let client: Client<_, Empty<bytes::Bytes>> =
+                    Client::builder(TokioExecutor::new()).build_http();
+                let mut tick = tokio::time::interval(period);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                while !stop.load(Ordering::Relaxed) {
+                    tick.tick().await;
+                    let Ok(req) = Request::get(format!("http://{addr}/")).body(Empty::new()) else {
+                        return;
+                    };
+                    let Ok(resp) = client.request(req).await else {
+                        continue;
+                    };
+                    let pool = match resp.headers().get("x-upstream").map(|v| v.as_bytes()) {
+                        Some(b"canary") => "canary",
+                        _ => "stable",
+                    };
+                    let failed = resp.status().is_server_error();
+                    let _ = resp.into_body().collect().await;
+                    let t = &tallies[pool];
+                    if failed {
+                        t.errors.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        t.ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    })
+}
