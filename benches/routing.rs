@@ -52,7 +52,7 @@ fn routing(c: &mut Criterion) {
 /// per request from `benches/load/compare.sh`.
 fn metrics_recording(c: &mut Criterion) {
     let metrics = Metrics::new();
-    let pool = PoolMetrics::new(&metrics, &"shop".into(), &"canary".into());
+    let pool = PoolMetrics::new(&metrics, &"shop".into(), &"canary".into(), &["10.0.0.1:80"]);
     let latency = Duration::from_micros(850);
     c.bench_function(
         "metrics: record one request (counter + histogram + inflight)",

@@ -700,6 +700,7 @@ pub fn service_json(
                 "weight": slot.weight,
                 "share": snap.share(i),
                 "endpoints": endpoints,
+                "endpoint_states": slot.pool.endpoints().iter().map(|e| e.status()).collect::<Vec<_>>(),
             })
         })
         .collect();

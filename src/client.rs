@@ -23,7 +23,10 @@ use std::sync::Mutex;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::{Request, Response};
+use http_body_util::{Either, Full};
+use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -31,11 +34,15 @@ use tokio::net::TcpStream;
 
 use crate::pool::EndpointState;
 
-type Conn = http1::Connection<TokioIo<TcpStream>, Incoming>;
+/// What goes upstream: the client's body streamed through, or (for a replay) a body
+/// weir holds.
+pub type RequestBody = Either<Incoming, Full<Bytes>>;
+
+type Conn = http1::Connection<TokioIo<TcpStream>, RequestBody>;
 
 /// One upstream connection: the request handle and the connection driver.
 pub struct PooledConn {
-    sender: http1::SendRequest<Incoming>,
+    sender: http1::SendRequest<RequestBody>,
     conn: Conn,
     /// Set once the driver has finished: the connection cannot be used again.
     done: bool,
@@ -110,19 +117,30 @@ impl IdleConns {
 /// Why a request got no response head.
 #[derive(Debug)]
 pub enum SendError {
-    /// No TCP connection could be made.
-    Connect(io::Error),
-    /// The TCP connect did not finish within `connect_timeout`.
-    ConnectTimeout,
+    /// No TCP connection could be made. The request never left: it comes back, for a
+    /// retry on another endpoint.
+    Connect(io::Error, Box<Request<RequestBody>>),
+    /// The TCP connect did not finish within `connect_timeout`; the request comes back.
+    ConnectTimeout(Box<Request<RequestBody>>),
     /// The connection failed while the request or response head was in flight.
     Http(hyper::Error),
+}
+
+impl SendError {
+    /// The request, when it never reached the endpoint.
+    pub fn into_request(self) -> Option<Request<RequestBody>> {
+        match self {
+            SendError::Connect(_, req) | SendError::ConnectTimeout(req) => Some(*req),
+            SendError::Http(_) => None,
+        }
+    }
 }
 
 impl std::fmt::Display for SendError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            SendError::Connect(e) => write!(f, "connect: {e}"),
-            SendError::ConnectTimeout => f.write_str("connect timed out"),
+            SendError::Connect(e, _) => write!(f, "connect: {e}"),
+            SendError::ConnectTimeout(_) => f.write_str("connect timed out"),
             SendError::Http(e) => write!(f, "{e}"),
         }
     }
@@ -135,6 +153,43 @@ pub struct UpstreamClient {
     idle_timeout: Duration,
     max_idle: usize,
     http: http1::Builder,
+}
+
+/// Why a connect failed (the caller still holds the request).
+enum Failed {
+    Connect(io::Error),
+    Timeout,
+    Http(hyper::Error),
+}
+
+/// Connections used more recently than this are not copied for a replay: an upstream's
+/// keep-alive timer (seconds at least) cannot be closing them.
+const RACE_WINDOW: Duration = Duration::from_millis(250);
+
+/// A copy of a bodyless request's head, sendable again.
+fn head_of(req: &Request<RequestBody>) -> Request<RequestBody> {
+    let mut copy = Request::new(Either::Right(Full::new(Bytes::new())));
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    copy
+}
+
+/// The connection closed (or was reset) before any response byte.
+fn closed_unanswered(e: &hyper::Error) -> bool {
+    use std::error::Error as _;
+    e.is_incomplete_message()
+        || e.is_canceled()
+        || e.is_closed()
+        || e.source()
+            .and_then(|s| s.downcast_ref::<io::Error>())
+            .is_some_and(|io| {
+                matches!(
+                    io.kind(),
+                    io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+                )
+            })
 }
 
 /// How often a request may find a pooled connection closing under it before weir
@@ -166,16 +221,29 @@ impl UpstreamClient {
     pub async fn send(
         &self,
         endpoint: &EndpointState,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Box<PooledConn>), SendError> {
         let mut stale = 0;
         loop {
             let fresh_only = stale >= STALE_RETRIES;
             let mut conn = match self.checkout(endpoint, fresh_only).await {
                 Some(c) => c,
-                None => self.connect(endpoint).await?,
+                None => match self.connect(endpoint).await {
+                    Ok(c) => c,
+                    Err(Failed::Connect(e)) => return Err(SendError::Connect(e, Box::new(req))),
+                    Err(Failed::Timeout) => return Err(SendError::ConnectTimeout(Box::new(req))),
+                    Err(Failed::Http(e)) => return Err(SendError::Http(e)),
+                },
             };
             let reused = conn.idle_since.is_some();
+            // A connection idle for a while may be closing under us (the upstream's
+            // keep-alive timer): keep what it takes to send a bodyless request again,
+            // so that race never becomes a client-visible error. Hot connections
+            // skip the copy.
+            let replay = (reused
+                && req.body().is_end_stream()
+                && conn.idle_since.is_some_and(|t| t.elapsed() >= RACE_WINDOW))
+            .then(|| head_of(&req));
             let mut response = std::pin::pin!(conn.sender.try_send_request(req));
             let result = poll_fn(|cx| {
                 if let Poll::Ready(r) = response.as_mut().poll(cx) {
@@ -188,11 +256,17 @@ impl UpstreamClient {
             .await;
             match result {
                 Ok(resp) => return Ok((resp, conn)),
-                Err(mut e) => match e.take_message() {
+                Err(mut e) => match (e.take_message(), replay) {
                     // Refused before a byte was written: the connection was closing.
-                    Some(back) if reused => {
+                    (Some(back), _) if reused => {
                         stale += 1;
                         req = back;
+                    }
+                    // Written, then the connection closed with no answer: an idle
+                    // connection the upstream was closing. Send the copy on a new one.
+                    (None, Some(copy)) if closed_unanswered(e.error()) => {
+                        stale = STALE_RETRIES;
+                        req = copy;
                     }
                     _ => return Err(SendError::Http(e.into_error())),
                 },
@@ -228,7 +302,7 @@ impl UpstreamClient {
         None
     }
 
-    async fn connect(&self, endpoint: &EndpointState) -> Result<Box<PooledConn>, SendError> {
+    async fn connect(&self, endpoint: &EndpointState) -> Result<Box<PooledConn>, Failed> {
         let authority = endpoint.authority();
         let port = authority.port_u16().unwrap_or(80);
         let host = authority
@@ -242,18 +316,16 @@ impl UpstreamClient {
         .await
         {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) if e.kind() == io::ErrorKind::TimedOut => {
-                return Err(SendError::ConnectTimeout);
-            }
-            Ok(Err(e)) => return Err(SendError::Connect(e)),
-            Err(_) => return Err(SendError::ConnectTimeout),
+            Ok(Err(e)) if e.kind() == io::ErrorKind::TimedOut => return Err(Failed::Timeout),
+            Ok(Err(e)) => return Err(Failed::Connect(e)),
+            Err(_) => return Err(Failed::Timeout),
         };
         let _ = stream.set_nodelay(true);
         let (sender, conn) = self
             .http
             .handshake(TokioIo::new(stream))
             .await
-            .map_err(SendError::Http)?;
+            .map_err(Failed::Http)?;
         // Boxed once per connection: it moves between the idle stack and response
         // bodies on every request, and is several hundred bytes inline.
         Ok(Box::new(PooledConn {

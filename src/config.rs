@@ -202,6 +202,45 @@ pub struct PoolConfig {
     pub name: String,
     pub endpoints: Vec<Endpoint>,
     pub weight: u32,
+    /// Active health checks; `None`: endpoints are assumed healthy.
+    pub health: Option<HealthConfig>,
+    /// Passive ejection of endpoints that keep failing.
+    pub outlier: OutlierConfig,
+}
+
+/// `[service.pools.NAME.health]`: an HTTP GET per endpoint on a timer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthConfig {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
+    /// Inclusive range of statuses that count as healthy.
+    pub expect_status: (u16, u16),
+}
+
+/// `[service.pools.NAME.outlier]`: Envoy-style consecutive-failure ejection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutlierConfig {
+    pub enabled: bool,
+    /// Consecutive 5xx or connect failures from one endpoint that eject it.
+    pub consecutive_failures: u32,
+    /// First ejection lasts this long; each further one of the same endpoint doubles it.
+    pub base_ejection_time: Duration,
+    /// Never eject more than this share of a pool's endpoints.
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        OutlierConfig {
+            enabled: true,
+            consecutive_failures: 5,
+            base_ejection_time: Duration::from_secs(10),
+            max_ejection_percent: 50,
+        }
+    }
 }
 
 /// An upstream address as `host:port` (an IP or a DNS name, resolved at connect time).
@@ -488,6 +527,28 @@ struct RawSlo {
 struct RawPool {
     endpoints: Spanned<Vec<Spanned<String>>>,
     weight: Spanned<i64>,
+    health: Option<Spanned<RawHealth>>,
+    outlier: Option<Spanned<RawOutlier>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    path: Option<Spanned<String>>,
+    interval: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    healthy_threshold: Option<Spanned<i64>>,
+    unhealthy_threshold: Option<Spanned<i64>>,
+    expect_status: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutlier {
+    enabled: Option<bool>,
+    consecutive_failures: Option<Spanned<i64>>,
+    base_ejection_time: Option<Spanned<String>>,
+    max_ejection_percent: Option<Spanned<i64>>,
 }
 
 // ---- stage two: meaning -----------------------------------------------------------
@@ -797,10 +858,14 @@ impl Validator<'_> {
                     Err(msg) => self.problem(format!("{pkey}.endpoints"), ep, msg),
                 }
             }
+            let health = rp.health.as_ref().map(|h| self.health(&pkey, h));
+            let outlier = self.outlier(&pkey, rp.outlier.as_ref());
             out.push(PoolConfig {
                 name: pname.clone(),
                 endpoints,
                 weight,
+                health,
+                outlier,
             });
         }
         if total == 0
@@ -817,6 +882,94 @@ impl Validator<'_> {
 }
 
 impl Validator<'_> {
+    fn count(&mut self, key: String, raw: Option<&Spanned<i64>>, default: u32, range: (i64, i64)) -> u32 {
+        match raw {
+            Some(n) if !(range.0..=range.1).contains(n.get_ref()) => {
+                self.problem(key, n, format!("must be between {} and {}", range.0, range.1));
+                default
+            }
+            Some(n) => *n.get_ref() as u32,
+            None => default,
+        }
+    }
+
+    fn health(&mut self, pool_key: &str, raw: &Spanned<RawHealth>) -> HealthConfig {
+        let key = format!("{pool_key}.health");
+        let r = raw.get_ref();
+        let path = r.path.as_ref().map_or("/".to_string(), |p| p.get_ref().clone());
+        if let Some(p) = &r.path
+            && (!path.starts_with('/') || path.parse::<http::uri::PathAndQuery>().is_err())
+        {
+            self.problem(format!("{key}.path"), p, "must be a path starting with /, e.g. \"/healthz\"");
+        }
+        let interval = self.duration(&format!("{key}.interval"), r.interval.as_ref(), Duration::from_secs(5));
+        let timeout = self.duration(&format!("{key}.timeout"), r.timeout.as_ref(), Duration::from_secs(1));
+        if timeout > interval
+            && let Some(t) = &r.timeout
+        {
+            self.problem(format!("{key}.timeout"), t, "must not be longer than interval");
+        }
+        let healthy_threshold = self.count(format!("{key}.healthy_threshold"), r.healthy_threshold.as_ref(), 2, (1, 100));
+        let unhealthy_threshold =
+            self.count(format!("{key}.unhealthy_threshold"), r.unhealthy_threshold.as_ref(), 3, (1, 100));
+        let expect_status = match &r.expect_status {
+            None => (200, 399),
+            Some(s) => {
+                let text = s.get_ref().trim();
+                let parsed = match text.split_once('-') {
+                    Some((a, b)) => a.trim().parse::<u16>().ok().zip(b.trim().parse::<u16>().ok()),
+                    None => text.parse::<u16>().ok().map(|c| (c, c)),
+                };
+                match parsed {
+                    Some((a, b)) if (100..=599).contains(&a) && (a..=599).contains(&b) => (a, b),
+                    _ => {
+                        self.problem(
+                            format!("{key}.expect_status"),
+                            s,
+                            format!("`{text}` is not a status or range like \"200-399\""),
+                        );
+                        (200, 399)
+                    }
+                }
+            }
+        };
+        HealthConfig {
+            path,
+            interval,
+            timeout,
+            healthy_threshold,
+            unhealthy_threshold,
+            expect_status,
+        }
+    }
+
+    fn outlier(&mut self, pool_key: &str, raw: Option<&Spanned<RawOutlier>>) -> OutlierConfig {
+        let d = OutlierConfig::default();
+        let Some(raw) = raw else { return d };
+        let key = format!("{pool_key}.outlier");
+        let r = raw.get_ref();
+        OutlierConfig {
+            enabled: r.enabled.unwrap_or(true),
+            consecutive_failures: self.count(
+                format!("{key}.consecutive_failures"),
+                r.consecutive_failures.as_ref(),
+                d.consecutive_failures,
+                (1, 10_000),
+            ),
+            base_ejection_time: self.duration(
+                &format!("{key}.base_ejection_time"),
+                r.base_ejection_time.as_ref(),
+                d.base_ejection_time,
+            ),
+            max_ejection_percent: self.count(
+                format!("{key}.max_ejection_percent"),
+                r.max_ejection_percent.as_ref(),
+                d.max_ejection_percent,
+                (0, 100),
+            ),
+        }
+    }
+
     fn rollout(&mut self, key: &str, rs: &RawService, has_slo: bool) -> Option<RolloutConfig> {
         use crate::rollout::Step;
         let strategy = match &rs.strategy {

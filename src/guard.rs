@@ -354,6 +354,9 @@ pub struct WindowSink;
 
 impl OutcomeSink for WindowSink {
     fn record(&self, o: &Outcome<'_>) {
+        if o.retried.is_some() {
+            o.pool.window().record_failed_attempt();
+        }
         o.pool.window().record(o.is_error(), o.latency);
     }
 }

@@ -21,6 +21,7 @@
 //! - [`state`]: crash-safe state file and event journal.
 //! - [`admin`]: the admin HTTP API.
 //! - [`window`]: per-pool sliding windows of live traffic (counts, latency histogram).
+//! - [`health`]: active health checks, passive ejection, endpoint events.
 //! - [`guard`]: the SLO guard: judges candidates, rolls back on a breach.
 //! - [`webhook`]: delivery of guard events to an operator's webhook.
 //! - [`upstream`]: the built-in test and demo backend with fault injection.
@@ -35,6 +36,7 @@ pub mod control;
 pub mod ctl;
 pub mod demo;
 pub mod guard;
+pub mod health;
 pub mod metrics;
 pub mod outcome;
 pub mod pool;
@@ -49,7 +51,7 @@ pub mod window;
 use std::future::Future;
 use std::io;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -75,6 +77,8 @@ pub enum StartError {
 /// the binary alike bind their own listeners and call [`Weir::serve`].
 #[derive(Debug)]
 pub struct Weir {
+    /// The endpoint-health task, taken by the first `serve`.
+    monitor: Mutex<Option<health::Monitor>>,
     guard: Arc<Guard>,
     metrics: Arc<Metrics>,
     controller: Arc<Controller>,
@@ -99,8 +103,10 @@ impl Weir {
         let token = admin::resolve_token(&config)?;
         let metrics = Metrics::new();
         let controller = Arc::new(Controller::open(&config, Arc::clone(&metrics))?);
+        let (outliers, monitor) = health::start(Arc::clone(&controller));
         let mut sinks: Vec<Arc<dyn OutcomeSink>> = vec![
             Arc::new(WindowSink),
+            Arc::new(outliers),
             Arc::new(MetricsSink),
             Arc::new(LogSink),
         ];
@@ -120,6 +126,7 @@ impl Weir {
             config_path,
         ));
         Ok(Weir {
+            monitor: Mutex::new(Some(monitor)),
             guard,
             metrics,
             controller,
@@ -153,6 +160,12 @@ impl Weir {
     ) -> io::Result<()> {
         self.metrics.spawn_upkeep();
         let guard = tokio::spawn(Arc::clone(&self.guard).run());
+        let monitor = self
+            .monitor
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .map(|m| tokio::spawn(m.run()));
         let rollouts = tokio::spawn(rollout::drive(
             Arc::clone(&self.controller),
             Arc::clone(&self.guard),
@@ -176,6 +189,9 @@ impl Weir {
             )
             .await;
         guard.abort();
+        if let Some(m) = monitor {
+            m.abort();
+        }
         rollouts.abort();
         let _ = stop_tx.send(true);
         if let Some(task) = admin_task {

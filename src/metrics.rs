@@ -25,6 +25,9 @@ pub const WEIGHT_CHANGES_TOTAL: &str = "weir_weight_changes_total";
 pub const BUILD_INFO: &str = "weir_build_info";
 pub const ROLLBACKS_TOTAL: &str = "weir_rollbacks_total";
 pub const ROLLOUT_PHASE: &str = "weir_rollout_phase";
+pub const ENDPOINT_HEALTHY: &str = "weir_endpoint_healthy";
+pub const ENDPOINT_EJECTIONS_TOTAL: &str = "weir_endpoint_ejections_total";
+pub const RETRIES_TOTAL: &str = "weir_retries_total";
 pub const ROLLOUT_STEP: &str = "weir_rollout_step";
 pub const WOULD_ROLL_BACK_TOTAL: &str = "weir_guard_dry_run_rollbacks_total";
 
@@ -115,6 +118,21 @@ impl Metrics {
             BUILD_INFO.into(),
             None,
             "Always 1; the version label says which weir.".into(),
+        );
+        r.describe_gauge(
+            ENDPOINT_HEALTHY.into(),
+            None,
+            "1 when the endpoint may take traffic (passing health checks, not ejected).".into(),
+        );
+        r.describe_counter(
+            ENDPOINT_EJECTIONS_TOTAL.into(),
+            None,
+            "Times the endpoint was ejected for consecutive failures.".into(),
+        );
+        r.describe_counter(
+            RETRIES_TOTAL.into(),
+            None,
+            "Requests retried on another endpoint of the same pool, by the failure that caused it.".into(),
         );
         r.describe_gauge(
             ROLLOUT_PHASE.into(),
@@ -264,6 +282,9 @@ pub struct PoolMetrics {
     inflight: Gauge,
     weight: Gauge,
     share: Gauge,
+    endpoint_up: Box<[Gauge]>,
+    ejections: Box<[Counter]>,
+    retries: [Counter; 5],
 }
 
 impl std::fmt::Debug for PoolMetrics {
@@ -276,7 +297,40 @@ impl std::fmt::Debug for PoolMetrics {
 }
 
 impl PoolMetrics {
-    pub fn new(metrics: &Arc<Metrics>, service: &Arc<str>, pool: &Arc<str>) -> PoolMetrics {
+    pub fn new(
+        metrics: &Arc<Metrics>,
+        service: &Arc<str>,
+        pool: &Arc<str>,
+        endpoints: &[&str],
+    ) -> PoolMetrics {
+        // Endpoint labels are fine here: these are per-endpoint state, not per-request
+        // series.
+        let per_endpoint = |name: &'static str| -> Vec<Key> {
+            endpoints
+                .iter()
+                .map(|e| {
+                    Key::from_parts(
+                        name,
+                        vec![
+                            Label::new("service", service.to_string()),
+                            Label::new("pool", pool.to_string()),
+                            Label::new("endpoint", e.to_string()),
+                        ],
+                    )
+                })
+                .collect()
+        };
+        let endpoint_up: Box<[Gauge]> = per_endpoint(ENDPOINT_HEALTHY)
+            .iter()
+            .map(|k| metrics.recorder.register_gauge(k, &METADATA))
+            .collect();
+        for g in endpoint_up.iter() {
+            g.set(1.0);
+        }
+        let ejections = per_endpoint(ENDPOINT_EJECTIONS_TOTAL)
+            .iter()
+            .map(|k| metrics.recorder.register_counter(k, &METADATA))
+            .collect();
         let labels = || {
             vec![
                 Label::new("service", service.to_string()),
@@ -288,6 +342,11 @@ impl PoolMetrics {
             l.push(Label::new("kind", kind.as_str()));
             metrics.counter(UPSTREAM_ERRORS_TOTAL, l)
         };
+        let retry = |kind: ErrorKind| {
+            let mut l = labels();
+            l.push(Label::new("kind", kind.as_str()));
+            metrics.counter(RETRIES_TOTAL, l)
+        };
         PoolMetrics {
             metrics: Arc::clone(metrics),
             service: Arc::clone(service),
@@ -298,6 +357,9 @@ impl PoolMetrics {
             inflight: metrics.gauge(INFLIGHT, labels()),
             weight: metrics.gauge(POOL_WEIGHT, labels()),
             share: metrics.gauge(POOL_SHARE, labels()),
+            endpoint_up,
+            ejections,
+            retries: ErrorKind::ALL.map(retry),
         }
     }
 
@@ -329,6 +391,26 @@ impl PoolMetrics {
         }
     }
 
+    /// A failed attempt that was retried: counted as an upstream error of its kind,
+    /// and as a retry.
+    pub fn retried(&self, kind: ErrorKind) {
+        let i = ErrorKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
+        self.errors[i].increment(1);
+        self.retries[i].increment(1);
+    }
+
+    pub fn set_endpoint_up(&self, index: usize, up: bool) {
+        if let Some(g) = self.endpoint_up.get(index) {
+            g.set(if up { 1.0 } else { 0.0 });
+        }
+    }
+
+    pub fn ejected(&self, index: usize) {
+        if let Some(c) = self.ejections.get(index) {
+            c.increment(1);
+        }
+    }
+
     pub fn inflight(&self) -> &Gauge {
         &self.inflight
     }
@@ -346,6 +428,9 @@ pub struct MetricsSink;
 
 impl OutcomeSink for MetricsSink {
     fn record(&self, o: &Outcome<'_>) {
+        if let Some((_, kind)) = o.retried {
+            o.pool.metrics().retried(kind);
+        }
         o.pool.metrics().record(o.status, o.error, o.latency);
     }
 }
@@ -366,7 +451,7 @@ mod tests {
     #[test]
     fn pool_metrics_render_as_prometheus_series() {
         let m = Metrics::new();
-        let pm = PoolMetrics::new(&m, &"shop".into(), &"canary".into());
+        let pm = PoolMetrics::new(&m, &"shop".into(), &"canary".into(), &["10.0.0.1:80"]);
         pm.record(200, None, Duration::from_millis(3));
         pm.record(502, Some(ErrorKind::Connect), Duration::from_millis(1));
         pm.set_weight(10, 0.1);

@@ -63,6 +63,10 @@ pub struct Outcome<'a> {
     pub error: Option<ErrorKind>,
     /// From the request being received to the response headers being ready.
     pub latency: Duration,
+    /// When a first attempt failed and the request was retried: that attempt's
+    /// endpoint and failure. It counts as an error for the guard and metrics, so a
+    /// retry never hides a failing version.
+    pub retried: Option<(usize, ErrorKind)>,
 }
 
 impl Outcome<'_> {
@@ -98,6 +102,7 @@ impl OutcomeSink for LogSink {
             endpoint = o.endpoint.map(|i| o.pool.endpoints()[i].endpoint.as_str()),
             status = o.status,
             error = o.error.map(ErrorKind::as_str),
+            retried = o.retried.map(|(_, k)| k.as_str()),
             latency_us = o.latency.as_micros() as u64,
             "request"
         );

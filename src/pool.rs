@@ -4,13 +4,14 @@
 //! A `Pool` outlives weight changes: snapshots point at the same `Arc<Pool>` so in-flight
 //! counts (and, later, health and metrics handles) survive every swap.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use http::uri::Authority;
 
 use crate::client::IdleConns;
-use crate::config::{Endpoint, PoolConfig};
+use crate::config::{Endpoint, HealthConfig, OutlierConfig, PoolConfig};
 use crate::metrics::{Metrics, PoolMetrics};
 use crate::routing::fast_rand;
 use crate::window::Window;
@@ -22,8 +23,27 @@ use crate::window::Window;
 pub struct EndpointState {
     pub endpoint: Endpoint,
     inflight: AtomicU32,
-    up: AtomicBool,
+    /// Set by active health checks (true until checks say otherwise).
+    healthy: AtomicBool,
+    /// Set by passive outlier ejection.
+    ejected: AtomicBool,
+    /// Consecutive 5xx / connect failures seen on live traffic.
+    failures: AtomicU32,
     idle: IdleConns,
+    /// Cold state: ejection history and health-check counters.
+    cold: Mutex<EndpointCold>,
+}
+
+/// The parts only background tasks touch.
+#[derive(Debug, Default)]
+struct EndpointCold {
+    ejections: u32,
+    ejected_until: Option<Instant>,
+    checks_ok: u32,
+    checks_failed: u32,
+    next_check: Option<Instant>,
+    checking: bool,
+    last_check: Option<String>,
 }
 
 impl EndpointState {
@@ -31,9 +51,38 @@ impl EndpointState {
         EndpointState {
             endpoint,
             inflight: AtomicU32::new(0),
-            up: AtomicBool::new(true),
+            healthy: AtomicBool::new(true),
+            ejected: AtomicBool::new(false),
+            failures: AtomicU32::new(0),
             idle: IdleConns::default(),
+            cold: Mutex::new(EndpointCold::default()),
         }
+    }
+
+    fn cold(&self) -> std::sync::MutexGuard<'_, EndpointCold> {
+        self.cold.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    pub fn is_ejected(&self) -> bool {
+        self.ejected.load(Ordering::Relaxed)
+    }
+
+    /// The endpoint's state for the admin API.
+    pub fn status(&self) -> serde_json::Value {
+        let cold = self.cold();
+        serde_json::json!({
+            "address": self.endpoint.as_str(),
+            "state": if !self.is_healthy() { "down" } else if self.is_ejected() { "ejected" } else { "up" },
+            "healthy": self.is_healthy(),
+            "ejected": self.is_ejected(),
+            "ejections": cold.ejections,
+            "inflight": self.inflight(),
+            "last_check": cold.last_check,
+        })
     }
 
     pub fn authority(&self) -> &Authority {
@@ -44,8 +93,9 @@ impl EndpointState {
         self.inflight.load(Ordering::Relaxed)
     }
 
+    /// May take new requests: healthy and not ejected.
     pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::Relaxed)
+        self.healthy.load(Ordering::Relaxed) && !self.ejected.load(Ordering::Relaxed)
     }
 
     /// Idle keep-alive connections to this endpoint.
@@ -62,15 +112,109 @@ pub struct Pool {
     endpoints: Box<[EndpointState]>,
     metrics: PoolMetrics,
     window: Window,
+    pub health: Option<HealthConfig>,
+    pub outlier: OutlierConfig,
+    retry_budget: RetryBudget,
 }
+
+/// Retries allowed per pool: every request deposits 0.2 of a retry, each retry costs
+/// one, and a floor of 10 a second is refilled by the health task — so retries stay
+/// under 20% of traffic plus a small minimum, and a failing pool cannot start a retry
+/// storm.
+#[derive(Debug)]
+pub struct RetryBudget {
+    /// In thousandths of a retry.
+    milli: std::sync::atomic::AtomicU64,
+}
+
+impl RetryBudget {
+    const DEPOSIT: u64 = 200;
+    const COST: u64 = 1000;
+    /// The most retries saved up (a burst).
+    const CAP: u64 = 100 * Self::COST;
+    /// The floor refilled each tick (100 ms): 10 retries a second.
+    const FLOOR: u64 = 10 * Self::COST;
+
+    fn new() -> RetryBudget {
+        RetryBudget {
+            milli: std::sync::atomic::AtomicU64::new(Self::FLOOR),
+        }
+    }
+
+    /// One request's share.
+    #[inline]
+    pub fn deposit(&self) {
+        self.milli.fetch_add(Self::DEPOSIT, Ordering::Relaxed);
+    }
+
+    /// Take one retry, if the budget has it.
+    pub fn withdraw(&self) -> bool {
+        self.milli
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |m| m.checked_sub(Self::COST))
+            .is_ok()
+    }
+
+    /// Called every 100 ms: below the floor, add one retry (so at least 10 a second
+    /// are available however little traffic there is); above the cap, drop savings.
+    pub fn refill(&self) {
+        let _ = self
+            .milli
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |m| {
+                let m = if m < Self::FLOOR {
+                    (m + Self::COST).min(Self::FLOOR)
+                } else {
+                    m
+                };
+                Some(m.min(Self::CAP))
+            });
+    }
+}
+
+/// A change in an endpoint's standing, for events and logs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EndpointChange {
+    Ejected {
+        endpoint: usize,
+        failures: u32,
+        duration: Duration,
+    },
+    Returned {
+        endpoint: usize,
+    },
+    Down {
+        endpoint: usize,
+        why: String,
+    },
+    Up {
+        endpoint: usize,
+    },
+}
+
+impl EndpointChange {
+    pub fn endpoint(&self) -> usize {
+        match self {
+            EndpointChange::Ejected { endpoint, .. }
+            | EndpointChange::Returned { endpoint }
+            | EndpointChange::Down { endpoint, .. }
+            | EndpointChange::Up { endpoint } => *endpoint,
+        }
+    }
+}
+
+/// Longest ejection, however often an endpoint is ejected again.
+const MAX_EJECTION: Duration = Duration::from_secs(300);
 
 impl Pool {
     pub fn new(service: &str, config: &PoolConfig, metrics: &Arc<Metrics>, window: Window) -> Pool {
         let service: Arc<str> = service.into();
         let name: Arc<str> = config.name.as_str().into();
+        let addresses: Vec<&str> = config.endpoints.iter().map(|e| e.as_str()).collect();
         Pool {
-            metrics: PoolMetrics::new(metrics, &service, &name),
+            metrics: PoolMetrics::new(metrics, &service, &name, &addresses),
             window,
+            health: config.health.clone(),
+            outlier: config.outlier.clone(),
+            retry_budget: RetryBudget::new(),
             service,
             name,
             endpoints: config
@@ -106,12 +250,147 @@ impl Pool {
                 .all(|(s, e)| s.endpoint == *e)
     }
 
-    /// Mark an endpoint usable or not. Health checking drives this; an endpoint that is
-    /// down gets no new requests.
+    /// Mark an endpoint healthy or not (what active health checks decide); a down
+    /// endpoint gets no new requests.
     pub fn set_endpoint_up(&self, index: usize, up: bool) {
         if let Some(e) = self.endpoints.get(index) {
-            e.up.store(up, Ordering::Relaxed);
+            e.healthy.store(up, Ordering::Relaxed);
+            self.publish_endpoint(index);
         }
+    }
+
+    fn publish_endpoint(&self, index: usize) {
+        self.metrics
+            .set_endpoint_up(index, self.endpoints[index].is_up());
+    }
+
+    /// Live traffic on an endpoint: a 5xx or connect failure (`failed`) or a good
+    /// answer. Consecutive failures eject it (Envoy's consecutive-5xx), unless that
+    /// would eject more than `max_ejection_percent` of the pool.
+    pub fn observe(&self, index: usize, failed: bool, now: Instant) -> Option<EndpointChange> {
+        let e = self.endpoints.get(index)?;
+        if !failed {
+            if e.failures.load(Ordering::Relaxed) != 0 {
+                e.failures.store(0, Ordering::Relaxed);
+            }
+            return None;
+        }
+        let failures = e.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if !self.outlier.enabled || failures < self.outlier.consecutive_failures || e.is_ejected() {
+            return None;
+        }
+        let allowed = self.endpoints.len() * self.outlier.max_ejection_percent as usize / 100;
+        let ejected = self.endpoints.iter().filter(|x| x.is_ejected()).count();
+        if ejected >= allowed {
+            return None;
+        }
+        let mut cold = e.cold();
+        if e.ejected.swap(true, Ordering::Relaxed) {
+            return None;
+        }
+        cold.ejections += 1;
+        let factor = 1u32 << (cold.ejections - 1).min(16);
+        let duration = self.outlier.base_ejection_time.saturating_mul(factor).min(MAX_EJECTION);
+        cold.ejected_until = Some(now + duration);
+        e.failures.store(0, Ordering::Relaxed);
+        drop(cold);
+        self.metrics.ejected(index);
+        self.publish_endpoint(index);
+        Some(EndpointChange::Ejected {
+            endpoint: index,
+            failures,
+            duration,
+        })
+    }
+
+    pub fn retry_budget(&self) -> &RetryBudget {
+        &self.retry_budget
+    }
+
+    /// An endpoint other than `exclude` that may take a request (for a retry).
+    pub fn pick_except(self: &Arc<Self>, exclude: usize) -> Option<InflightGuard> {
+        let n = self.endpoints.len();
+        let start = (fast_rand() % n.max(1) as u64) as usize;
+        let index = (0..n)
+            .map(|k| (start + k) % n)
+            .filter(|&i| i != exclude && self.endpoints[i].is_up())
+            .min_by_key(|&i| self.endpoints[i].inflight())?;
+        self.endpoints[index].inflight.fetch_add(1, Ordering::Relaxed);
+        self.metrics.inflight().increment(1.0);
+        Some(InflightGuard {
+            pool: Arc::clone(self),
+            index,
+        })
+    }
+
+    /// Return ejected endpoints whose time is up.
+    pub fn sweep(&self, now: Instant) -> Vec<EndpointChange> {
+        let mut back = Vec::new();
+        for (i, e) in self.endpoints.iter().enumerate() {
+            if !e.is_ejected() {
+                continue;
+            }
+            let mut cold = e.cold();
+            if cold.ejected_until.is_some_and(|t| now >= t) {
+                cold.ejected_until = None;
+                e.ejected.store(false, Ordering::Relaxed);
+                e.failures.store(0, Ordering::Relaxed);
+                drop(cold);
+                self.publish_endpoint(i);
+                back.push(EndpointChange::Returned { endpoint: i });
+            }
+        }
+        back
+    }
+
+    /// Endpoints whose health check is due at `now` (and marks them as being checked).
+    pub fn due_checks(&self, now: Instant) -> Vec<usize> {
+        let Some(health) = &self.health else {
+            return Vec::new();
+        };
+        let mut due = Vec::new();
+        for (i, e) in self.endpoints.iter().enumerate() {
+            let mut cold = e.cold();
+            if cold.checking || cold.next_check.is_some_and(|t| now < t) {
+                continue;
+            }
+            cold.checking = true;
+            cold.next_check = Some(now + health.interval);
+            due.push(i);
+        }
+        due
+    }
+
+    /// The result of one health check; a change once a threshold is crossed.
+    pub fn check_result(&self, index: usize, ok: bool, what: String) -> Option<EndpointChange> {
+        let health = self.health.as_ref()?;
+        let e = self.endpoints.get(index)?;
+        let mut cold = e.cold();
+        cold.checking = false;
+        cold.last_check = Some(what.clone());
+        if ok {
+            cold.checks_ok += 1;
+            cold.checks_failed = 0;
+            if !e.is_healthy() && cold.checks_ok >= health.healthy_threshold {
+                e.healthy.store(true, Ordering::Relaxed);
+                drop(cold);
+                self.publish_endpoint(index);
+                return Some(EndpointChange::Up { endpoint: index });
+            }
+        } else {
+            cold.checks_failed += 1;
+            cold.checks_ok = 0;
+            if e.is_healthy() && cold.checks_failed >= health.unhealthy_threshold {
+                e.healthy.store(false, Ordering::Relaxed);
+                drop(cold);
+                self.publish_endpoint(index);
+                return Some(EndpointChange::Down {
+                    endpoint: index,
+                    why: what,
+                });
+            }
+        }
+        None
     }
 
     /// Choose an endpoint by power of two choices on in-flight requests: two distinct
@@ -204,6 +483,8 @@ mod tests {
                 .map(|i| Endpoint::parse(&format!("127.0.0.1:{}", 1000 + i)).unwrap())
                 .collect(),
             weight: 1,
+            health: None,
+            outlier: OutlierConfig::default(),
         };
         Arc::new(Pool::new("s", &cfg, &Metrics::new(), Window::new(S30, S1)))
     }

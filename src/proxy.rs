@@ -16,7 +16,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::Full;
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -149,44 +149,67 @@ impl Proxy {
         peer: SocketAddr,
         start: Instant,
     ) -> Response<ProxyBody> {
-        let Some(guard) = pool.pick() else {
-            return self.fail(&pool, None, ErrorKind::NoEndpoint, start);
+        let Some(mut guard) = pool.pick() else {
+            return self.fail(&pool, None, ErrorKind::NoEndpoint, start, None);
         };
-        let upstream_req = match upstream_request(req, &guard, peer) {
-            Ok(r) => r,
+        pool.retry_budget().deposit();
+        let mut upstream_req = match upstream_request(req, &guard, peer) {
+            Ok(r) => r.map(Either::Left),
             Err(resp) => return resp,
         };
-        let result = tokio::time::timeout(
-            self.request_timeout,
-            self.client.send(guard.endpoint(), upstream_req),
-        )
-        .await;
-        match result {
-            Ok(Ok((mut resp, conn))) => {
-                strip_hop_by_hop(resp.headers_mut());
-                self.emit(&Outcome {
-                    pool: &pool,
-                    endpoint: Some(guard.index()),
-                    status: resp.status().as_u16(),
-                    error: None,
-                    latency: start.elapsed(),
-                });
-                let max_idle = self.client.max_idle();
-                resp.map(|body| {
-                    ProxyBody::Upstream(UpstreamBody {
-                        body,
-                        conn: Some(conn),
-                        guard,
-                        max_idle,
-                    })
-                })
+        let deadline = tokio::time::Instant::from_std(start) + self.request_timeout;
+        // The first attempt's failure, when it was retried.
+        let mut retried = None;
+        loop {
+            let sent = tokio::time::timeout_at(
+                deadline,
+                self.client.send(guard.endpoint(), upstream_req),
+            )
+            .await;
+            match sent {
+                Ok(Ok((mut resp, conn))) => {
+                    strip_hop_by_hop(resp.headers_mut());
+                    self.emit(&Outcome {
+                        pool: &pool,
+                        endpoint: Some(guard.index()),
+                        status: resp.status().as_u16(),
+                        error: None,
+                        latency: start.elapsed(),
+                        retried,
+                    });
+                    let max_idle = self.client.max_idle();
+                    return resp.map(|body| {
+                        ProxyBody::Upstream(UpstreamBody {
+                            body,
+                            conn: Some(conn),
+                            guard,
+                            max_idle,
+                        })
+                    });
+                }
+                Ok(Err(e)) => {
+                    let (kind, status) = classify(&e);
+                    tracing::debug!("{} → {} failed: {e}", pool.name, guard.endpoint().endpoint);
+                    // A connect failure never sent anything: one retry on another
+                    // endpoint of the same pool (never another pool: the split stays
+                    // honest), within the pool's retry budget.
+                    if retried.is_none()
+                        && matches!(e, SendError::Connect(..) | SendError::ConnectTimeout(_))
+                        && let Some(next) = pool.pick_except(guard.index())
+                        && pool.retry_budget().withdraw()
+                        && let Some(req) = e.into_request()
+                    {
+                        retried = Some((guard.index(), kind));
+                        guard = next;
+                        upstream_req = req;
+                        continue;
+                    }
+                    return self.fail_with(&pool, Some(guard.index()), kind, status, start, retried);
+                }
+                Err(_elapsed) => {
+                    return self.fail(&pool, Some(guard.index()), ErrorKind::Timeout, start, retried);
+                }
             }
-            Ok(Err(e)) => {
-                let (kind, status) = classify(&e);
-                tracing::debug!("{} → {} failed: {e}", pool.name, guard.endpoint().endpoint);
-                self.fail_with(&pool, Some(guard.index()), kind, status, start)
-            }
-            Err(_elapsed) => self.fail(&pool, Some(guard.index()), ErrorKind::Timeout, start),
         }
     }
 
@@ -196,13 +219,14 @@ impl Proxy {
         endpoint: Option<usize>,
         kind: ErrorKind,
         start: Instant,
+        retried: Option<(usize, ErrorKind)>,
     ) -> Response<ProxyBody> {
         let status = match kind {
             ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::NoEndpoint => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::BAD_GATEWAY,
         };
-        self.fail_with(pool, endpoint, kind, status, start)
+        self.fail_with(pool, endpoint, kind, status, start, retried)
     }
 
     fn fail_with(
@@ -212,6 +236,7 @@ impl Proxy {
         kind: ErrorKind,
         status: StatusCode,
         start: Instant,
+        retried: Option<(usize, ErrorKind)>,
     ) -> Response<ProxyBody> {
         self.emit(&Outcome {
             pool,
@@ -219,6 +244,7 @@ impl Proxy {
             status: status.as_u16(),
             error: Some(kind),
             latency: start.elapsed(),
+            retried,
         });
         local_response(status, error_body(kind, status))
     }
@@ -264,8 +290,8 @@ fn error_body(kind: ErrorKind, status: StatusCode) -> &'static str {
 /// 504 (as nginx does); every other failure before a response head is a 502.
 fn classify(e: &SendError) -> (ErrorKind, StatusCode) {
     match e {
-        SendError::ConnectTimeout => (ErrorKind::Connect, StatusCode::GATEWAY_TIMEOUT),
-        SendError::Connect(_) => (ErrorKind::Connect, StatusCode::BAD_GATEWAY),
+        SendError::ConnectTimeout(_) => (ErrorKind::Connect, StatusCode::GATEWAY_TIMEOUT),
+        SendError::Connect(..) => (ErrorKind::Connect, StatusCode::BAD_GATEWAY),
         SendError::Http(h) if h.is_parse() || h.is_parse_status() || h.is_parse_too_large() => {
             (ErrorKind::Protocol, StatusCode::BAD_GATEWAY)
         }

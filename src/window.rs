@@ -138,6 +138,15 @@ impl Window {
         let _ = slice.latency_us.increment(us);
     }
 
+    /// Count a failed attempt that was retried: a request and an error, with no latency
+    /// sample (the attempt's answer never reached the client).
+    pub fn record_failed_attempt(&self) {
+        let slice = &self.slices[self.current.load(Ordering::Relaxed)];
+        self.total.fetch_add(1, Ordering::Relaxed);
+        slice.requests.fetch_add(1, Ordering::Relaxed);
+        slice.errors.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Advance the ring to `now`: every slice that ended is closed and the oldest is
     /// cleared to become current. The first call only starts the clock.
     pub fn rotate(&self, now: Instant) {

@@ -1,0 +1,197 @@
+//! Endpoint health: active HTTP checks on a timer, passive ejection from live traffic,
+//! and the events both produce.
+//!
+//! Passive observations come from the request path through `OutlierSink` (atomics only;
+//! an ejection is rare and hands its event to a channel). One background task runs the
+//! checks, returns ejected endpoints when their time is up, and records every change as
+//! an event, so nothing on the request path ever waits for the disk.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, header};
+use http_body_util::Empty;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use crate::control::Controller;
+use crate::outcome::{ErrorKind, Outcome, OutcomeSink};
+use crate::pool::{EndpointChange, Pool};
+use crate::routing::Source;
+use crate::state::Event;
+
+/// How often the health task looks for due checks and expired ejections.
+const TICK: Duration = Duration::from_millis(100);
+
+type Changes = mpsc::UnboundedSender<(Arc<Pool>, EndpointChange)>;
+
+/// Feeds live traffic into passive ejection.
+#[derive(Debug, Clone)]
+pub struct OutlierSink {
+    changes: Changes,
+}
+
+/// Whether an attempt counts against its endpoint: a 5xx it answered, or a failure to
+/// reach it. `no_endpoint` is not any endpoint's fault.
+fn failed(status: u16, error: Option<ErrorKind>) -> bool {
+    match error {
+        Some(ErrorKind::NoEndpoint) => false,
+        Some(_) => true,
+        None => status >= 500,
+    }
+}
+
+impl OutcomeSink for OutlierSink {
+    fn record(&self, o: &Outcome<'_>) {
+        let now = Instant::now();
+        if let Some((endpoint, kind)) = o.retried
+            && let Some(change) = o.pool.observe(endpoint, failed(502, Some(kind)), now)
+        {
+            let _ = self.changes.send((Arc::clone(o.pool), change));
+        }
+        if let Some(endpoint) = o.endpoint
+            && let Some(change) = o.pool.observe(endpoint, failed(o.status, o.error), now)
+        {
+            let _ = self.changes.send((Arc::clone(o.pool), change));
+        }
+    }
+}
+
+/// The health task and the sink that feeds it.
+pub fn start(controller: Arc<Controller>) -> (OutlierSink, Monitor) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (
+        OutlierSink {
+            changes: tx.clone(),
+        },
+        Monitor {
+            controller,
+            changes: tx,
+            rx: Some(rx),
+        },
+    )
+}
+
+/// Runs the checks and records endpoint changes.
+#[derive(Debug)]
+pub struct Monitor {
+    controller: Arc<Controller>,
+    changes: Changes,
+    rx: Option<mpsc::UnboundedReceiver<(Arc<Pool>, EndpointChange)>>,
+}
+
+impl Monitor {
+    /// Run until the task is dropped. Only the first call does anything.
+    pub async fn run(mut self) {
+        let Some(mut rx) = self.rx.take() else { return };
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.round(Instant::now()),
+                Some((pool, change)) = rx.recv() => self.record(&pool, &change).await,
+            }
+        }
+    }
+
+    fn round(&self, now: Instant) {
+        let table = self.controller.router().table();
+        for service in table.services() {
+            for slot in service.snapshot().slots() {
+                let pool = &slot.pool;
+                pool.retry_budget().refill();
+                for change in pool.sweep(now) {
+                    let _ = self.changes.send((Arc::clone(pool), change));
+                }
+                for index in pool.due_checks(now) {
+                    let (pool, changes) = (Arc::clone(pool), self.changes.clone());
+                    tokio::spawn(async move {
+                        let (ok, what) = check(&pool, index).await;
+                        if let Some(change) = pool.check_result(index, ok, what) {
+                            let _ = changes.send((pool, change));
+                        }
+                    });
+                }
+            }
+        }
+    }
+
+    async fn record(&self, pool: &Pool, change: &EndpointChange) {
+        let address = pool.endpoints()[change.endpoint()].endpoint.to_string();
+        let (kind, reason) = match change {
+            EndpointChange::Ejected {
+                failures, duration, ..
+            } => (
+                "endpoint_ejected",
+                format!(
+                    "{address} ejected from {} for {} after {failures} consecutive failures",
+                    pool.name,
+                    humantime::format_duration(*duration)
+                ),
+            ),
+            EndpointChange::Returned { .. } => (
+                "endpoint_returned",
+                format!("{address} back in {} after its ejection", pool.name),
+            ),
+            EndpointChange::Down { why, .. } => (
+                "endpoint_down",
+                format!("{address} in {} failed its health checks: {why}", pool.name),
+            ),
+            EndpointChange::Up { .. } => (
+                "endpoint_up",
+                format!("{address} in {} passes its health checks again", pool.name),
+            ),
+        };
+        tracing::warn!("{reason}");
+        let mut event = Event::new(&*pool.service, kind, Source::Guard);
+        event.reason = Some(reason);
+        event.details = serde_json::json!({ "pool": &*pool.name, "endpoint": address });
+        let controller = Arc::clone(&self.controller);
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Err(e) = controller.record(event) {
+                tracing::error!("cannot record an endpoint event: {e}");
+            }
+        })
+        .await;
+    }
+}
+
+/// One health check: a GET of the configured path on a fresh connection, within the
+/// timeout. Returns whether it passed and what happened, in words.
+async fn check(pool: &Pool, index: usize) -> (bool, String) {
+    let Some(health) = &pool.health else {
+        return (true, "no checks".into());
+    };
+    let endpoint = &pool.endpoints()[index];
+    let authority = endpoint.authority().clone();
+    let attempt = async {
+        let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+        let stream = TcpStream::connect((host, authority.port_u16().unwrap_or(80)))
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let _ = stream.set_nodelay(true);
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        let driver = tokio::spawn(conn);
+        let req = Request::get(health.path.as_str())
+            .header(header::HOST, authority.as_str())
+            .header(header::USER_AGENT, concat!("weir-health/", env!("CARGO_PKG_VERSION")))
+            .header(header::CONNECTION, "close")
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| format!("request: {e}"))?;
+        let resp = sender.send_request(req).await.map_err(|e| format!("{e}"));
+        driver.abort();
+        resp.map(|r| r.status().as_u16())
+    };
+    match tokio::time::timeout(health.timeout, attempt).await {
+        Err(_) => (false, format!("no answer within {:?}", health.timeout)),
+        Ok(Err(e)) => (false, e),
+        Ok(Ok(status)) => {
+            let (lo, hi) = health.expect_status;
+            ((lo..=hi).contains(&status), format!("status {status}"))
+        }
+    }
+}
