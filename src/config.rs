@@ -882,10 +882,20 @@ impl Validator<'_> {
 }
 
 impl Validator<'_> {
-    fn count(&mut self, key: String, raw: Option<&Spanned<i64>>, default: u32, range: (i64, i64)) -> u32 {
+    fn count(
+        &mut self,
+        key: String,
+        raw: Option<&Spanned<i64>>,
+        default: u32,
+        range: (i64, i64),
+    ) -> u32 {
         match raw {
             Some(n) if !(range.0..=range.1).contains(n.get_ref()) => {
-                self.problem(key, n, format!("must be between {} and {}", range.0, range.1));
+                self.problem(
+                    key,
+                    n,
+                    format!("must be between {} and {}", range.0, range.1),
+                );
                 default
             }
             Some(n) => *n.get_ref() as u32,
@@ -896,28 +906,60 @@ impl Validator<'_> {
     fn health(&mut self, pool_key: &str, raw: &Spanned<RawHealth>) -> HealthConfig {
         let key = format!("{pool_key}.health");
         let r = raw.get_ref();
-        let path = r.path.as_ref().map_or("/".to_string(), |p| p.get_ref().clone());
+        let path = r
+            .path
+            .as_ref()
+            .map_or("/".to_string(), |p| p.get_ref().clone());
         if let Some(p) = &r.path
             && (!path.starts_with('/') || path.parse::<http::uri::PathAndQuery>().is_err())
         {
-            self.problem(format!("{key}.path"), p, "must be a path starting with /, e.g. \"/healthz\"");
+            self.problem(
+                format!("{key}.path"),
+                p,
+                "must be a path starting with /, e.g. \"/healthz\"",
+            );
         }
-        let interval = self.duration(&format!("{key}.interval"), r.interval.as_ref(), Duration::from_secs(5));
-        let timeout = self.duration(&format!("{key}.timeout"), r.timeout.as_ref(), Duration::from_secs(1));
+        let interval = self.duration(
+            &format!("{key}.interval"),
+            r.interval.as_ref(),
+            Duration::from_secs(5),
+        );
+        let timeout = self.duration(
+            &format!("{key}.timeout"),
+            r.timeout.as_ref(),
+            Duration::from_secs(1),
+        );
         if timeout > interval
             && let Some(t) = &r.timeout
         {
-            self.problem(format!("{key}.timeout"), t, "must not be longer than interval");
+            self.problem(
+                format!("{key}.timeout"),
+                t,
+                "must not be longer than interval",
+            );
         }
-        let healthy_threshold = self.count(format!("{key}.healthy_threshold"), r.healthy_threshold.as_ref(), 2, (1, 100));
-        let unhealthy_threshold =
-            self.count(format!("{key}.unhealthy_threshold"), r.unhealthy_threshold.as_ref(), 3, (1, 100));
+        let healthy_threshold = self.count(
+            format!("{key}.healthy_threshold"),
+            r.healthy_threshold.as_ref(),
+            2,
+            (1, 100),
+        );
+        let unhealthy_threshold = self.count(
+            format!("{key}.unhealthy_threshold"),
+            r.unhealthy_threshold.as_ref(),
+            3,
+            (1, 100),
+        );
         let expect_status = match &r.expect_status {
             None => (200, 399),
             Some(s) => {
                 let text = s.get_ref().trim();
                 let parsed = match text.split_once('-') {
-                    Some((a, b)) => a.trim().parse::<u16>().ok().zip(b.trim().parse::<u16>().ok()),
+                    Some((a, b)) => a
+                        .trim()
+                        .parse::<u16>()
+                        .ok()
+                        .zip(b.trim().parse::<u16>().ok()),
                     None => text.parse::<u16>().ok().map(|c| (c, c)),
                 };
                 match parsed {

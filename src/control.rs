@@ -519,6 +519,28 @@ impl Controller {
         verb: RolloutVerb,
         now: SystemTime,
     ) -> Result<Transition, ControlError> {
+        let settle = !matches!(verb, RolloutVerb::Tick(_));
+        let t = self.rollout_verb(name, current, verb, now)?;
+        Ok(if settle {
+            let evidence = Evidence {
+                candidate_requests: current
+                    .slot(&t.rollout.candidate)
+                    .map_or(0, |s| s.pool.window().total()),
+                verdict: None,
+            };
+            Rollout::settle(t, now, &evidence)
+        } else {
+            t
+        })
+    }
+
+    fn rollout_verb(
+        &self,
+        name: &str,
+        current: &ServiceSnapshot,
+        verb: RolloutVerb,
+        now: SystemTime,
+    ) -> Result<Transition, ControlError> {
         let conflict = |msg: String| ControlError::Conflict(format!("service `{name}`: {msg}"));
         let existing = current.rollout.as_ref();
         let evidence_now = |candidate: &str| Evidence {

@@ -4,13 +4,25 @@
 //!
 //! Everything writes to a `&mut impl Write` and takes its stop signal as a future, so the
 //! integration tests drive the same code as the binary against a real weir on port 0.
+//!
+//! The rollout verbs (`rollout`, `promote`, `pause`, `resume`, `abort`, `retry`) are thin
+//! on purpose: the plan, its phases and what a step waits for live in the server, which
+//! refuses a verb in the wrong phase (409); the CLI only words the answer.
+//!
+//! `status --watch` polls instead of streaming because the API has no stream, and a
+//! once-a-second GET is negligible load. It clears the screen only on a terminal; into a
+//! pipe or file it separates frames with a line, so the output stays readable and
+//! testable. Its REQ/S column is the guard window's request count divided by the
+//! window's length: those counts are totals over a sliding window, not monotonic
+//! counters, so differencing two frames would be wrong, and the window average is what
+//! the guard judges anyway.
 
 use std::fmt::Write as _;
 use std::future::Future;
-use std::io::{self, Write};
+use std::io::{self, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
@@ -20,7 +32,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use serde_json::{Map, Value};
+use serde_json::{Map, Value, json};
 
 use crate::config::MAX_WEIGHT;
 
@@ -34,6 +46,13 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often `events --follow` asks for new events. A person is watching; nothing waits
 /// on this, so a second is both responsive and negligible load.
 const FOLLOW_INTERVAL: Duration = Duration::from_secs(1);
+/// How often `status --watch` redraws: the rollout driver and the guard act on the
+/// scale of seconds, so a faster redraw would show nothing new.
+const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+/// Between two `--watch` frames when stdout is not a terminal.
+const FRAME_SEPARATOR: &str = "---";
+/// Clear the screen and home the cursor: one redraw per frame on a terminal.
+const CLEAR_SCREEN: &str = "\x1b[H\x1b[2J";
 /// The API's largest page (`admin::MAX_EVENTS`); following drains a backlog in as few
 /// requests as possible.
 const MAX_PAGE: u64 = 1000;
@@ -66,10 +85,21 @@ pub struct CtlArgs {
 
 #[derive(Debug, Clone, Subcommand)]
 pub enum CtlCommand {
-    /// Services and their pools: weights, traffic shares, versions.
+    /// Services and their pools: weights, traffic shares, versions, rollouts.
     Status {
         /// Only this service.
         service: Option<String>,
+        /// Redraw once a second until Ctrl-C (REQ/S becomes the guard window's average).
+        #[arg(long, short)]
+        watch: bool,
+        /// With --watch: stop after this many frames.
+        #[arg(
+            long,
+            value_name = "N",
+            requires = "watch",
+            value_parser = clap::value_parser!(u64).range(1..)
+        )]
+        count: Option<u64>,
     },
     /// Set the weight of every pool of a service, as one change.
     #[command(after_help = "Example: weir ctl set-weight shop stable=90 canary=10 \
@@ -109,6 +139,78 @@ pub enum CtlCommand {
     },
     /// Make weir re-read its config file and apply it.
     Reload,
+    /// Start the service's rollout plan (`[service.rollout]` in the config).
+    #[command(after_help = "Example: weir ctl rollout shop --candidate canary")]
+    Rollout {
+        /// The service, as `status` names it.
+        service: String,
+        /// Roll out this pool instead of the plan's candidate.
+        #[arg(long, value_name = "POOL")]
+        candidate: Option<String>,
+    },
+    /// Pass the rollout's current pause or gate, or with --full finish it at once.
+    Promote {
+        /// The service, as `status` names it.
+        service: String,
+        /// Skip every remaining step: the candidate takes all traffic and becomes the
+        /// baseline.
+        #[arg(long)]
+        full: bool,
+    },
+    /// Hold a progressing rollout at its current step.
+    Pause {
+        /// The service, as `status` names it.
+        service: String,
+    },
+    /// Let a paused rollout go on.
+    Resume {
+        /// The service, as `status` names it.
+        service: String,
+    },
+    /// Stop the rollout and send all traffic back to the stable pool.
+    Abort {
+        /// The service, as `status` names it.
+        service: String,
+    },
+    /// Start an aborted or degraded rollout again from its first step.
+    Retry {
+        /// The service, as `status` names it.
+        service: String,
+    },
+}
+
+/// A rollout verb of the admin API, with its body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RolloutAction {
+    Start { candidate: Option<String> },
+    Promote { full: bool },
+    Pause,
+    Resume,
+    Abort,
+    Retry,
+}
+
+impl RolloutAction {
+    /// The last path segment: `POST /api/v1/services/{name}/{verb}`.
+    pub fn verb(&self) -> &'static str {
+        match self {
+            RolloutAction::Start { .. } => "rollout",
+            RolloutAction::Promote { .. } => "promote",
+            RolloutAction::Pause => "pause",
+            RolloutAction::Resume => "resume",
+            RolloutAction::Abort => "abort",
+            RolloutAction::Retry => "retry",
+        }
+    }
+
+    /// Only the fields that differ from the API's defaults, so `{}` means the plain verb.
+    fn body(&self) -> Value {
+        match self {
+            RolloutAction::Start { candidate: Some(c) } => json!({ "candidate": c }),
+            RolloutAction::Promote { full: true } => json!({ "full": true }),
+            _ => json!({}),
+        }
+    }
 }
 
 /// One `POOL=WEIGHT` argument.
@@ -328,6 +430,14 @@ impl AdminClient {
             .await
     }
 
+    /// `POST /api/v1/services/{name}/{verb}` for a rollout verb; answers the new service
+    /// document.
+    pub async fn rollout(&self, service: &str, action: &RolloutAction) -> Result<Value, CtlError> {
+        let path = format!("/api/v1/services/{}/{}", segment(service), action.verb());
+        self.call(Method::POST, &path, Some(action.body()), None)
+            .await
+    }
+
     /// `GET /api/v1/events`: events after `since`, oldest first.
     pub async fn events(&self, since: Option<u64>, limit: Option<u64>) -> Result<Value, CtlError> {
         let mut query = Vec::new();
@@ -494,19 +604,26 @@ fn io_reason(e: &io::Error) -> String {
     }
 }
 
-/// `weir ctl …` from the command line: real stdout and stderr, Ctrl-C ends `--follow`.
+/// `weir ctl …` from the command line: real stdout and stderr, Ctrl-C ends `--follow`
+/// and `--watch`.
 pub async fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
     let env_token = std::env::var("WEIR_ADMIN_TOKEN").ok();
-    // `ctrl_c` installs its handler on first poll, and only `--follow` polls it: every
-    // other command keeps the default Ctrl-C behaviour.
+    // `ctrl_c` installs its handler on first poll, and only `--follow` and `--watch` poll
+    // it: every other command keeps the default Ctrl-C behaviour.
     let ctrl_c = async {
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;
         }
     };
-    Ok(execute(
+    let screen = if io::stdout().is_terminal() {
+        Screen::Terminal
+    } else {
+        Screen::Plain
+    };
+    Ok(execute_on(
         &args,
         env_token,
+        screen,
         &mut io::stdout(),
         &mut io::stderr(),
         ctrl_c,
@@ -515,10 +632,34 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Run one command: results to `out`, errors to `err` as `weir ctl: …` lines (with
-/// `--json`, an API error's JSON body also goes to `out`). `stop` ends `--follow`.
+/// `--json`, an API error's JSON body also goes to `out`). `stop` ends `--follow` and
+/// `--watch`. `out` is taken for a pipe, not a terminal: `--watch` separates its frames
+/// with a line instead of clearing the screen.
 pub async fn execute(
     args: &CtlArgs,
     env_token: Option<String>,
+    out: &mut impl Write,
+    err: &mut impl Write,
+    stop: impl Future<Output = ()>,
+) -> ExitCode {
+    execute_on(args, env_token, Screen::Plain, out, err, stop).await
+}
+
+/// What `out` is, as far as `--watch` cares. The writer is generic, so only the caller
+/// that owns the real stdout can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Screen {
+    /// Redraw in place with ANSI clear-screen.
+    Terminal,
+    /// Append frames, separated by a `---` line.
+    Plain,
+}
+
+/// [`execute`] onto a known kind of output.
+pub async fn execute_on(
+    args: &CtlArgs,
+    env_token: Option<String>,
+    screen: Screen,
     out: &mut impl Write,
     err: &mut impl Write,
     stop: impl Future<Output = ()>,
@@ -531,7 +672,7 @@ pub async fn execute(
         Ok(c) => c,
         Err(e) => return fail(&e, None, args.json, out, err),
     };
-    match dispatch(&client, args, out, stop).await {
+    match dispatch(&client, args, screen, out, stop).await {
         Ok(()) => ExitCode::SUCCESS,
         // `weir ctl events | head`: the reader has what it wanted.
         Err(CtlError::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
@@ -607,12 +748,33 @@ fn report(
 async fn dispatch(
     client: &AdminClient,
     args: &CtlArgs,
+    screen: Screen,
     out: &mut impl Write,
     stop: impl Future<Output = ()>,
 ) -> Result<(), CtlError> {
     let json = args.json;
     match &args.command {
-        CtlCommand::Status { service: None } => {
+        CtlCommand::Status {
+            service,
+            watch: true,
+            count,
+        } => {
+            if let Some(name) = service {
+                check_service(name)?;
+            }
+            let view = Watch {
+                service: service.as_deref(),
+                count: *count,
+                json,
+                screen,
+            };
+            view.run(client, out, stop).await
+        }
+        CtlCommand::Status {
+            service: None,
+            watch: false,
+            ..
+        } => {
             let body = client.services().await?;
             if json {
                 return Ok(write_json(out, &body)?);
@@ -630,6 +792,8 @@ async fn dispatch(
         }
         CtlCommand::Status {
             service: Some(name),
+            watch: false,
+            ..
         } => {
             check_service(name)?;
             let body = client.service(name).await?;
@@ -688,7 +852,41 @@ async fn dispatch(
             }
             Ok(write_reload(out, &body)?)
         }
+        CtlCommand::Rollout { service, candidate } => {
+            let action = RolloutAction::Start {
+                candidate: candidate.clone(),
+            };
+            rollout(client, service, &action, json, out).await
+        }
+        CtlCommand::Promote { service, full } => {
+            let action = RolloutAction::Promote { full: *full };
+            rollout(client, service, &action, json, out).await
+        }
+        CtlCommand::Pause { service } => {
+            rollout(client, service, &RolloutAction::Pause, json, out).await
+        }
+        CtlCommand::Resume { service } => {
+            rollout(client, service, &RolloutAction::Resume, json, out).await
+        }
+        CtlCommand::Abort { service } => {
+            rollout(client, service, &RolloutAction::Abort, json, out).await
+        }
+        CtlCommand::Retry { service } => {
+            rollout(client, service, &RolloutAction::Retry, json, out).await
+        }
     }
+}
+
+async fn rollout(
+    client: &AdminClient,
+    service: &str,
+    action: &RolloutAction,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<(), CtlError> {
+    check_service(service)?;
+    let body = client.rollout(service, action).await?;
+    Ok(show_service(out, &body, json)?)
 }
 
 fn check_service(name: &str) -> Result<(), CtlError> {
@@ -739,6 +937,117 @@ async fn follow_events(
     }
 }
 
+/// `status --watch`: one frame per [`WATCH_INTERVAL`] until `stop` or `count` frames.
+struct Watch<'a> {
+    service: Option<&'a str>,
+    count: Option<u64>,
+    json: bool,
+    screen: Screen,
+}
+
+impl Watch<'_> {
+    /// A failure on the first frame ends the watch like any other command (a wrong
+    /// service or token will not fix itself). Later failures are shown in the frame
+    /// and retried, so a weir restart mid-rollout does not end the view; with
+    /// `--count`, a failed last frame still exits 1.
+    async fn run(
+        &self,
+        client: &AdminClient,
+        out: &mut impl Write,
+        stop: impl Future<Output = ()>,
+    ) -> Result<(), CtlError> {
+        tokio::pin!(stop);
+        let mut tick = tokio::time::interval(WATCH_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut frame = 0u64;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = &mut stop => return Ok(()),
+            }
+            let fetched = tokio::select! {
+                body = self.fetch(client) => body,
+                () = &mut stop => return Ok(()),
+            };
+            frame += 1;
+            let last = self.count.is_some_and(|n| frame >= n);
+            match fetched {
+                Err(e) if frame == 1 || last => return Err(e),
+                fetched => {
+                    let frame = Frame {
+                        number: frame,
+                        at: SystemTime::now(),
+                        admin: client.url(),
+                        body: fetched,
+                    };
+                    self.write(out, &frame)?;
+                    out.flush()?;
+                }
+            }
+            if last {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn fetch(&self, client: &AdminClient) -> Result<Value, CtlError> {
+        match self.service {
+            Some(name) => client.service(name).await,
+            None => client.services().await,
+        }
+    }
+
+    /// One frame. With `--json`, one compact document per line (as `events --follow`
+    /// does): neither separators nor escapes, so `jq` can read the stream.
+    fn write(&self, out: &mut impl Write, frame: &Frame<'_>) -> io::Result<()> {
+        if self.json {
+            let line = match &frame.body {
+                Ok(body) => body.clone(),
+                Err(e) => json!({ "error": e.to_string() }),
+            };
+            return writeln!(out, "{line}");
+        }
+        match self.screen {
+            Screen::Terminal => write!(out, "{CLEAR_SCREEN}")?,
+            Screen::Plain if frame.number > 1 => writeln!(out, "{FRAME_SEPARATOR}")?,
+            Screen::Plain => {}
+        }
+        writeln!(
+            out,
+            "{}  {}  every {}s; REQ/S is the average over the guard window",
+            humantime::format_rfc3339_seconds(frame.at),
+            frame.admin,
+            WATCH_INTERVAL.as_secs()
+        )?;
+        let body = match &frame.body {
+            Ok(body) => body,
+            Err(e) => {
+                return writeln!(
+                    out,
+                    "weir ctl: {e}; retrying every {}s",
+                    WATCH_INTERVAL.as_secs()
+                );
+            }
+        };
+        let services = match body.get("services").and_then(Value::as_array) {
+            Some(list) => list.as_slice(),
+            None => std::slice::from_ref(body),
+        };
+        if services.is_empty() {
+            return writeln!(out, "no services");
+        }
+        write_view(out, services, Traffic::Rates)
+    }
+}
+
+/// What one `--watch` poll got.
+struct Frame<'a> {
+    number: u64,
+    at: SystemTime,
+    admin: &'a str,
+    body: Result<Value, CtlError>,
+}
+
 fn events_of(body: &Value) -> &[Value] {
     body.get("events")
         .and_then(Value::as_array)
@@ -770,8 +1079,22 @@ fn number(v: &Value, key: &str) -> String {
 }
 
 /// The status table: one row per pool, the service and version repeated on every row so
-/// that `grep canary` still shows them.
+/// that `grep canary` still shows them. Under it, per service, its rollout in one line
+/// and its guard's health and last decisions.
 pub fn write_services(out: &mut impl Write, services: &[Value]) -> io::Result<()> {
+    write_view(out, services, Traffic::Totals)
+}
+
+/// How the table shows each pool's guard window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Traffic {
+    /// REQ: requests in the window, as the guard counts them.
+    Totals,
+    /// REQ/S: those requests over the window's length (`--watch`).
+    Rates,
+}
+
+fn write_view(out: &mut impl Write, services: &[Value], traffic: Traffic) -> io::Result<()> {
     let mut rows = Vec::new();
     let mut notes = Vec::new();
     for s in services {
@@ -782,7 +1105,12 @@ pub fn write_services(out: &mut impl Write, services: &[Value]) -> io::Result<()
                 .iter()
                 .find(|p| p.get("pool").and_then(Value::as_str) == Some(pool))
         };
+        notes.extend(rollout_line(s));
         notes.extend(guard_notes(s));
+        let window_secs = s
+            .pointer("/guard/window_secs")
+            .and_then(Value::as_f64)
+            .filter(|w| *w > 0.0);
         let pools = s
             .get("pools")
             .and_then(Value::as_array)
@@ -798,7 +1126,13 @@ pub fn write_services(out: &mut impl Write, services: &[Value]) -> io::Result<()
                 .and_then(Value::as_array)
                 .map_or_else(|| "?".into(), |e| e.len().to_string());
             let w = live(text(p, "name"));
-            let requests = w.map_or_else(|| "-".into(), |w| number(w, "requests"));
+            let requests = match traffic {
+                Traffic::Totals => w.map_or_else(|| "-".into(), |w| number(w, "requests")),
+                Traffic::Rates => w
+                    .and_then(|w| w.get("requests")?.as_u64())
+                    .zip(window_secs)
+                    .map_or_else(|| "-".into(), |(n, secs)| format!("{:.1}", n as f64 / secs)),
+            };
             let errors = w
                 .and_then(|w| w.get("error_rate")?.as_f64())
                 .map_or_else(|| "-".into(), |r| format!("{:.1}", r * 100.0));
@@ -827,7 +1161,13 @@ pub fn write_services(out: &mut impl Write, services: &[Value]) -> io::Result<()
             ("SHARE %", Align::Right),
             ("VERSION", Align::Right),
             ("ENDPOINTS", Align::Right),
-            ("REQ", Align::Right),
+            (
+                match traffic {
+                    Traffic::Totals => "REQ",
+                    Traffic::Rates => "REQ/S",
+                },
+                Align::Right,
+            ),
             ("ERR %", Align::Right),
             ("P99 MS", Align::Right),
         ],
@@ -837,6 +1177,69 @@ pub fn write_services(out: &mut impl Write, services: &[Value]) -> io::Result<()
         writeln!(out, "{note}")?;
     }
     Ok(())
+}
+
+/// A service's rollout in one line: phase, step, time in the step and what it waits for;
+/// for an idle service, its plan if it has one. `None`: idle without a plan (or a server
+/// too old to report rollouts).
+pub fn rollout_line(s: &Value) -> Option<String> {
+    let name = text(s, "name");
+    let r = s.get("rollout")?;
+    let phase = r.get("phase").and_then(Value::as_str).unwrap_or("idle");
+    if phase == "idle" {
+        let plan = s.get("plan").filter(|p| !p.is_null())?;
+        let steps = plan
+            .get("steps")
+            .and_then(Value::as_array)
+            .map_or(0, Vec::len);
+        return Some(format!(
+            "{name}: no rollout (plan: {}, {steps} step{})",
+            text(plan, "strategy"),
+            if steps == 1 { "" } else { "s" }
+        ));
+    }
+    // `step_index` counts from 0; people count steps from 1.
+    let mut step = format!(
+        "step {}/{}",
+        r.get("step_index")
+            .and_then(Value::as_u64)
+            .map_or_else(|| "?".into(), |i| (i + 1).to_string()),
+        number(r, "steps_total")
+    );
+    if let Some(what) = r.get("step").and_then(Value::as_str) {
+        let _ = write!(step, " ({what})");
+    }
+    let stable = text(r, "stable");
+    Some(match phase {
+        "progressing" | "paused" => {
+            let in_step = r
+                .get("time_in_step_secs")
+                .and_then(Value::as_f64)
+                .map_or_else(|| "?".into(), whole_seconds);
+            format!(
+                "{name}: rollout {phase}, {step}, {in_step} in step; waiting for: {}",
+                text(r, "waiting_for")
+            )
+        }
+        "promoted" => format!(
+            "{name}: rollout promoted: {} is the new baseline, replacing {stable}",
+            text(r, "candidate")
+        ),
+        "aborted" => format!(
+            "{name}: rollout aborted at {step}: all traffic back to {stable}; retry starts it again"
+        ),
+        "degraded" => format!(
+            "{name}: rollout degraded at {step}: the guard sent all traffic back to {stable}; \
+             retry starts it again"
+        ),
+        other => format!("{name}: rollout {other}, {step}"),
+    })
+}
+
+/// `72.4` → `1m 12s`: a person reads a step's age, nobody needs the fraction.
+fn whole_seconds(secs: f64) -> String {
+    let secs = if secs.is_finite() { secs.max(0.0) } else { 0.0 };
+    humantime::format_duration(Duration::from_secs(secs as u64)).to_string()
 }
 
 /// Lines under the table about a service's guard: health, then the last decision per
@@ -1004,4 +1407,206 @@ fn write_reload(out: &mut impl Write, body: &Value) -> io::Result<()> {
         writeln!(out, "  {label}: {}", items.join(", "))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(rollout: Value, plan: Value) -> Value {
+        json!({
+            "name": "shop",
+            "version": 4,
+            "pools": [
+                {"name": "stable", "weight": 75, "share": 0.75, "endpoints": ["a"]},
+                {"name": "canary", "weight": 25, "share": 0.25, "endpoints": ["b"]},
+            ],
+            "guard": {
+                "enabled": false,
+                "window_secs": 30.0,
+                "pools": [
+                    {"pool": "stable", "requests": 90, "errors": 0, "error_rate": 0.0, "p99_ms": 2.0},
+                    {"pool": "canary", "requests": 30, "errors": 3, "error_rate": 0.1, "p99_ms": 4.5},
+                ],
+                "decisions": [],
+            },
+            "rollout": rollout,
+            "plan": plan,
+        })
+    }
+
+    fn running(phase: &str, waiting_for: &str) -> Value {
+        json!({
+            "phase": phase,
+            "candidate": "canary",
+            "stable": "stable",
+            "step_index": 2,
+            "steps_total": 7,
+            "step": "25% to the candidate",
+            "time_in_step_secs": 72.4,
+            "waiting_for": waiting_for,
+        })
+    }
+
+    #[test]
+    fn rollout_line_words_every_phase() {
+        let plan = json!({"strategy": "canary", "candidate": "canary", "steps": ["a", "b"]});
+        let line = |rollout: Value| rollout_line(&service(rollout, plan.clone()));
+        assert_eq!(
+            line(running(
+                "progressing",
+                "evidence: 312/500 requests, guard verdict pass"
+            ))
+            .as_deref(),
+            Some(
+                "shop: rollout progressing, step 3/7 (25% to the candidate), 1m 12s in step; \
+                 waiting for: evidence: 312/500 requests, guard verdict pass"
+            )
+        );
+        assert_eq!(
+            line(running("paused", "resume (paused by an operator)")).as_deref(),
+            Some(
+                "shop: rollout paused, step 3/7 (25% to the candidate), 1m 12s in step; \
+                 waiting for: resume (paused by an operator)"
+            )
+        );
+        assert_eq!(
+            line(running("aborted", "nothing (aborted)")).as_deref(),
+            Some(
+                "shop: rollout aborted at step 3/7 (25% to the candidate): all traffic back \
+                 to stable; retry starts it again"
+            )
+        );
+        assert_eq!(
+            line(running("degraded", "nothing (degraded)")).as_deref(),
+            Some(
+                "shop: rollout degraded at step 3/7 (25% to the candidate): the guard sent all \
+                 traffic back to stable; retry starts it again"
+            )
+        );
+        let mut done = running("promoted", "nothing (promoted)");
+        done["step_index"] = json!(7);
+        done["step"] = Value::Null;
+        assert_eq!(
+            line(done).as_deref(),
+            Some("shop: rollout promoted: canary is the new baseline, replacing stable")
+        );
+        assert_eq!(
+            line(json!({"phase": "idle"})).as_deref(),
+            Some("shop: no rollout (plan: canary, 2 steps)")
+        );
+        let one = json!({"strategy": "blue-green", "steps": ["preview"]});
+        assert_eq!(
+            rollout_line(&service(json!({"phase": "idle"}), one)).as_deref(),
+            Some("shop: no rollout (plan: blue-green, 1 step)")
+        );
+        // Idle without a plan, or a server that predates rollouts: nothing to say.
+        assert_eq!(
+            rollout_line(&service(json!({"phase": "idle"}), Value::Null)),
+            None
+        );
+        assert_eq!(rollout_line(&json!({"name": "shop"})), None);
+    }
+
+    #[test]
+    fn seconds_are_whole_and_never_negative() {
+        assert_eq!(whole_seconds(0.4), "0s");
+        assert_eq!(whole_seconds(72.9), "1m 12s");
+        assert_eq!(whole_seconds(-3.0), "0s");
+        assert_eq!(whole_seconds(f64::NAN), "0s");
+    }
+
+    #[test]
+    fn rollout_actions_send_only_what_differs_from_the_default() {
+        let start = RolloutAction::Start { candidate: None };
+        assert_eq!((start.verb(), start.body()), ("rollout", json!({})));
+        let named = RolloutAction::Start {
+            candidate: Some("green".into()),
+        };
+        assert_eq!(named.body(), json!({"candidate": "green"}));
+        assert_eq!(RolloutAction::Promote { full: false }.body(), json!({}));
+        assert_eq!(
+            RolloutAction::Promote { full: true }.body(),
+            json!({"full": true})
+        );
+        for (action, verb) in [
+            (RolloutAction::Pause, "pause"),
+            (RolloutAction::Resume, "resume"),
+            (RolloutAction::Abort, "abort"),
+            (RolloutAction::Retry, "retry"),
+        ] {
+            assert_eq!((action.verb(), action.body()), (verb, json!({})));
+        }
+    }
+
+    fn frame(number: u64, body: Result<Value, CtlError>) -> Frame<'static> {
+        Frame {
+            number,
+            at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+            admin: "http://127.0.0.1:9901",
+            body,
+        }
+    }
+
+    fn render(screen: Screen, json: bool, frame: &Frame<'_>) -> String {
+        let watch = Watch {
+            service: None,
+            count: None,
+            json,
+            screen,
+        };
+        let mut out = Vec::new();
+        watch.write(&mut out, frame).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn watch_frames_redraw_a_terminal_and_separate_in_a_pipe() {
+        let body = json!({"services": [service(
+            running("progressing", "promote (manual pause)"),
+            Value::Null
+        )]});
+        let expected = "\
+2023-11-14T22:13:20Z  http://127.0.0.1:9901  every 1s; REQ/S is the average over the guard window
+SERVICE  POOL    WEIGHT  SHARE %  VERSION  ENDPOINTS  REQ/S  ERR %  P99 MS
+shop     stable      75     75.0        4          1    3.0    0.0     2.0
+shop     canary      25     25.0        4          1    1.0   10.0     4.5
+shop: rollout progressing, step 3/7 (25% to the candidate), 1m 12s in step; waiting for: promote (manual pause)
+";
+        let first = render(Screen::Plain, false, &frame(1, Ok(body.clone())));
+        assert_eq!(first, expected);
+        let second = render(Screen::Plain, false, &frame(2, Ok(body.clone())));
+        assert_eq!(second, format!("{FRAME_SEPARATOR}\n{expected}"));
+        for number in [1, 2] {
+            let tty = render(Screen::Terminal, false, &frame(number, Ok(body.clone())));
+            assert_eq!(tty, format!("\x1b[H\x1b[2J{expected}"));
+        }
+        // `--json`: the API's document, compact, one per line, never an escape.
+        let json = render(Screen::Terminal, true, &frame(2, Ok(body.clone())));
+        assert_eq!(json, format!("{body}\n"));
+    }
+
+    #[test]
+    fn a_failed_poll_is_shown_in_its_frame() {
+        let gone = || {
+            Err(CtlError::Unreachable {
+                url: "http://127.0.0.1:9901".into(),
+                reason: "connection refused".into(),
+            })
+        };
+        let text = render(Screen::Plain, false, &frame(3, gone()));
+        assert_eq!(
+            text.lines().collect::<Vec<_>>()[2],
+            "weir ctl: cannot reach the admin API at http://127.0.0.1:9901: connection refused; \
+             retrying every 1s"
+        );
+        let json: Value =
+            serde_json::from_str(&render(Screen::Plain, true, &frame(3, gone()))).unwrap();
+        assert_eq!(
+            json["error"],
+            "cannot reach the admin API at http://127.0.0.1:9901: connection refused"
+        );
+        let none = render(Screen::Plain, false, &frame(1, Ok(json!({"services": []}))));
+        assert!(none.ends_with("\nno services\n"), "{none}");
+    }
 }

@@ -494,7 +494,13 @@ impl Guard {
             .map(|r| r.candidate.as_str());
         for slot in snapshot.slots() {
             let name = slot.name().to_string();
-            if name == baseline || (slot.weight == 0 && preview != Some(name.as_str())) {
+            if name == baseline {
+                // The baseline is judged against, not judged: a decision from when it
+                // was a candidate no longer applies.
+                watch.pools.remove(&name);
+                continue;
+            }
+            if slot.weight == 0 && preview != Some(name.as_str()) {
                 // Not a candidate now: forget its streak, keep its last decision.
                 if let Some(w) = watch.pools.get_mut(&name) {
                     w.streak = 0;

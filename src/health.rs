@@ -167,7 +167,10 @@ async fn check(pool: &Pool, index: usize) -> (bool, String) {
     let endpoint = &pool.endpoints()[index];
     let authority = endpoint.authority().clone();
     let attempt = async {
-        let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
         let stream = TcpStream::connect((host, authority.port_u16().unwrap_or(80)))
             .await
             .map_err(|e| format!("connect: {e}"))?;
@@ -178,7 +181,10 @@ async fn check(pool: &Pool, index: usize) -> (bool, String) {
         let driver = tokio::spawn(conn);
         let req = Request::get(health.path.as_str())
             .header(header::HOST, authority.as_str())
-            .header(header::USER_AGENT, concat!("weir-health/", env!("CARGO_PKG_VERSION")))
+            .header(
+                header::USER_AGENT,
+                concat!("weir-health/", env!("CARGO_PKG_VERSION")),
+            )
             .header(header::CONNECTION, "close")
             .body(Empty::<Bytes>::new())
             .map_err(|e| format!("request: {e}"))?;

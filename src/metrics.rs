@@ -132,7 +132,8 @@ impl Metrics {
         r.describe_counter(
             RETRIES_TOTAL.into(),
             None,
-            "Requests retried on another endpoint of the same pool, by the failure that caused it.".into(),
+            "Requests retried on another endpoint of the same pool, by the failure that caused it."
+                .into(),
         );
         r.describe_gauge(
             ROLLOUT_PHASE.into(),

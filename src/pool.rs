@@ -150,7 +150,9 @@ impl RetryBudget {
     /// Take one retry, if the budget has it.
     pub fn withdraw(&self) -> bool {
         self.milli
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |m| m.checked_sub(Self::COST))
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |m| {
+                m.checked_sub(Self::COST)
+            })
             .is_ok()
     }
 
@@ -290,7 +292,11 @@ impl Pool {
         }
         cold.ejections += 1;
         let factor = 1u32 << (cold.ejections - 1).min(16);
-        let duration = self.outlier.base_ejection_time.saturating_mul(factor).min(MAX_EJECTION);
+        let duration = self
+            .outlier
+            .base_ejection_time
+            .saturating_mul(factor)
+            .min(MAX_EJECTION);
         cold.ejected_until = Some(now + duration);
         e.failures.store(0, Ordering::Relaxed);
         drop(cold);
@@ -315,7 +321,9 @@ impl Pool {
             .map(|k| (start + k) % n)
             .filter(|&i| i != exclude && self.endpoints[i].is_up())
             .min_by_key(|&i| self.endpoints[i].inflight())?;
-        self.endpoints[index].inflight.fetch_add(1, Ordering::Relaxed);
+        self.endpoints[index]
+            .inflight
+            .fetch_add(1, Ordering::Relaxed);
         self.metrics.inflight().increment(1.0);
         Some(InflightGuard {
             pool: Arc::clone(self),

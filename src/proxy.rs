@@ -161,11 +161,9 @@ impl Proxy {
         // The first attempt's failure, when it was retried.
         let mut retried = None;
         loop {
-            let sent = tokio::time::timeout_at(
-                deadline,
-                self.client.send(guard.endpoint(), upstream_req),
-            )
-            .await;
+            let sent =
+                tokio::time::timeout_at(deadline, self.client.send(guard.endpoint(), upstream_req))
+                    .await;
             match sent {
                 Ok(Ok((mut resp, conn))) => {
                     strip_hop_by_hop(resp.headers_mut());
@@ -204,10 +202,23 @@ impl Proxy {
                         upstream_req = req;
                         continue;
                     }
-                    return self.fail_with(&pool, Some(guard.index()), kind, status, start, retried);
+                    return self.fail_with(
+                        &pool,
+                        Some(guard.index()),
+                        kind,
+                        status,
+                        start,
+                        retried,
+                    );
                 }
                 Err(_elapsed) => {
-                    return self.fail(&pool, Some(guard.index()), ErrorKind::Timeout, start, retried);
+                    return self.fail(
+                        &pool,
+                        Some(guard.index()),
+                        ErrorKind::Timeout,
+                        start,
+                        retried,
+                    );
                 }
             }
         }

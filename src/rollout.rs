@@ -395,6 +395,26 @@ impl Rollout {
         }
     }
 
+    /// Apply the percent steps an operator's verb lands on at once, so the answer
+    /// already shows the new weights (the driver would otherwise do it a tick later).
+    pub fn settle(mut t: Transition, now: SystemTime, evidence: &Evidence) -> Transition {
+        while t.rollout.phase == Phase::Progressing
+            && matches!(t.rollout.current_step(), Some(Step::Percent(_)))
+        {
+            let Some(next) = t.rollout.tick(now, evidence) else {
+                break;
+            };
+            t.rollout = next.rollout;
+            t.percent = next.percent.or(t.percent);
+            t.promote_baseline |= next.promote_baseline;
+            if next.kind == "rollout_promoted" {
+                t.kind = next.kind;
+            }
+            t.reason = format!("{}; {}", t.reason, next.reason);
+        }
+        t
+    }
+
     fn gate_passed(&self, min_requests: u64, evidence: &Evidence) -> bool {
         let base = self.gate_base.unwrap_or(0);
         // A restart resets the counter: count again from zero.

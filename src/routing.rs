@@ -527,6 +527,8 @@ mod tests {
                         name: n.to_string(),
                         endpoints: vec![Endpoint::parse("127.0.0.1:1").unwrap()],
                         weight: 1,
+                        health: None,
+                        outlier: crate::config::OutlierConfig::default(),
                     },
                     &crate::metrics::Metrics::new(),
                     crate::window::Window::new(

@@ -1,7 +1,7 @@
 //! `weir ctl` against a real weir (proxy, admin API, state dir) on 127.0.0.1 port 0:
 //! tables, mutations checked through the API itself, errors as operators see them, and
-//! the admin token. The CLI's output is captured through the same `execute` the binary
-//! runs.
+//! the admin token, the rollout verbs against a canary plan, and `status --watch`. The
+//! CLI's output is captured through the same `execute` the binary runs.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -48,10 +48,11 @@ impl Drop for TempDir {
     }
 }
 
-/// A running weir with service `shop` (stable 90, canary 10) on two built-in upstreams.
-/// Stops when dropped.
+/// A running weir with service `shop` (stable 90, canary 10, or with [`PLAN`]: stable
+/// 100, canary 0) on two built-in upstreams. Stops when dropped.
 struct Harness {
     admin: String,
+    proxy: SocketAddr,
     upstream: SocketAddr,
     config_path: PathBuf,
     dir: TempDir,
@@ -61,16 +62,31 @@ struct Harness {
 
 const TOKEN: &str = "s3cret-token";
 
+/// A canary plan whose two manual pauses let a test act between steps without racing
+/// the rollout driver: 10%, wait, 50%, wait, 100%.
+const PLAN: &str = r#"
+[service.rollout]
+candidate = "canary"
+steps = [
+  { percent = 10 },
+  { pause = "manual" },
+  { percent = 50 },
+  { pause = "manual" },
+  { percent = 100 },
+]
+"#;
+
 fn config_text(
     dir: &Path,
     token_file: Option<&Path>,
     stable: SocketAddr,
     canary: SocketAddr,
+    plan: bool,
 ) -> String {
     let token = token_file
         .map(|p| format!("token_file = \"{}\"\n", p.display()))
         .unwrap_or_default();
-    format!(
+    let text = format!(
         r#"
 [admin]
 listen = "127.0.0.1:0"
@@ -91,10 +107,31 @@ endpoints = ["{canary}"]
 weight = 10
 "#,
         dir.join("state").display()
+    );
+    if !plan {
+        return text;
+    }
+    // `strategy` is a key of the `[[service]]` table, so it must come before the first
+    // `[service.pools.*]` header; the plan's own table goes last.
+    text.replacen(
+        "baseline = \"stable\"\n",
+        "baseline = \"stable\"\nstrategy = \"canary\"\n",
+        1,
     )
+    .replacen("weight = 90\n", "weight = 100\n", 1)
+    .replacen("weight = 10\n", "weight = 0\n", 1)
+        + PLAN
 }
 
 async fn start(with_token: bool) -> Harness {
+    launch(with_token, false).await
+}
+
+async fn start_with_plan() -> Harness {
+    launch(false, true).await
+}
+
+async fn launch(with_token: bool, plan: bool) -> Harness {
     let dir = TempDir::new();
     let token_file = with_token.then(|| {
         let path = dir.0.join("server-token");
@@ -112,12 +149,19 @@ async fn start(with_token: bool) -> Harness {
         UpstreamConfig::new("canary"),
     )
     .unwrap();
-    let text = config_text(&dir.0, token_file.as_deref(), stable.addr(), canary.addr());
+    let text = config_text(
+        &dir.0,
+        token_file.as_deref(),
+        stable.addr(),
+        canary.addr(),
+        plan,
+    );
     let config_path = dir.0.join("weir.toml");
     std::fs::write(&config_path, &text).unwrap();
     let config = Config::parse(&text, "t").unwrap_or_else(|e| panic!("{e}"));
     let weir = Weir::new(config, Some(config_path.clone())).unwrap_or_else(|e| panic!("{e}"));
     let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_addr = proxy.local_addr().unwrap();
     let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin_addr = admin.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
@@ -129,6 +173,7 @@ async fn start(with_token: bool) -> Harness {
     });
     Harness {
         admin: format!("http://{admin_addr}"),
+        proxy: proxy_addr,
         upstream: stable.addr(),
         config_path,
         dir,
@@ -736,4 +781,337 @@ async fn reload_reports_the_event_or_every_problem() {
         shop(&h).await,
         (1, weights(&[("stable", 90), ("canary", 10)]))
     );
+}
+
+/// `shop` from the API once `ok` holds for it. Polls (the rollout driver acts on its own
+/// tick) and fails after a deadline, naming what never happened.
+async fn wait_shop(h: &Harness, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, s) = api_get(h, "/api/v1/services/shop", None).await;
+        assert_eq!(status, StatusCode::OK, "{s}");
+        if ok(&s) {
+            return s;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never {what}: {}",
+            s["rollout"]
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until `shop`'s rollout is in `phase` at `step_index` (0-based).
+async fn wait_step(h: &Harness, phase: &str, index: u64) -> Value {
+    wait_shop(h, &format!("{phase} at step index {index}"), |s| {
+        s["rollout"]["phase"] == phase && s["rollout"]["step_index"] == index
+    })
+    .await
+}
+
+/// The rollout line of `shop` in a table's output.
+fn rollout_line(out: &str) -> &str {
+    out.lines()
+        .find(|l| l.starts_with("shop: "))
+        .unwrap_or_else(|| panic!("no rollout line in:\n{out}"))
+}
+
+/// A running rollout's line, whose time in step depends on the machine's speed.
+fn assert_running_line(line: &str, head: &str, waiting_for: &str) {
+    assert!(
+        line.starts_with(head),
+        "{line}\nexpected it to start: {head}"
+    );
+    assert!(
+        line.ends_with(&format!(" in step; waiting for: {waiting_for}")),
+        "{line}\nexpected it to wait for: {waiting_for}"
+    );
+}
+
+/// Scaled weights as the rollout sets them (percent × 100).
+fn split(stable: u64, canary: u64) -> Vec<(String, u64)> {
+    weights(&[("stable", stable), ("canary", canary)])
+}
+
+#[tokio::test]
+async fn rollout_verbs_drive_the_plan_and_show_where_it_stands() {
+    let h = start_with_plan().await;
+    assert_eq!(
+        ctl(&h.admin, &["status"]).await.ok(),
+        "\
+SERVICE  POOL    WEIGHT  SHARE %  VERSION  ENDPOINTS  REQ  ERR %  P99 MS
+shop     stable     100    100.0        1          1    0    0.0       -
+shop     canary       0      0.0        1          1    0    0.0       -
+shop: no rollout (plan: canary, 5 steps)
+"
+    );
+
+    // Start. The driver applies the 10% step on its own tick, so the answer may already
+    // be past step 1; the API says when it waits at the manual pause.
+    let run = ctl(&h.admin, &["rollout", "shop"]).await;
+    assert!(run.ok().starts_with("SERVICE  POOL"), "{}", run.out);
+    assert!(
+        rollout_line(&run.out).starts_with("shop: rollout progressing, step "),
+        "{}",
+        run.out
+    );
+    wait_step(&h, "progressing", 1).await;
+    assert_eq!(shop(&h).await.1, split(9000, 1000));
+    assert_eq!(
+        ctl(&h.admin, &["rollout", "shop"]).await.failed(),
+        "weir ctl: service `shop`: a rollout is already progressing (step 2 of 5) (HTTP 409)\n"
+    );
+    let run = ctl(&h.admin, &["status", "shop"]).await;
+    assert_running_line(
+        rollout_line(run.ok()),
+        "shop: rollout progressing, step 2/5 (pause until promoted), ",
+        "promote (manual pause)",
+    );
+
+    // Pause and resume, each refused in the other's phase.
+    let run = ctl(&h.admin, &["pause", "shop"]).await;
+    assert_running_line(
+        rollout_line(run.ok()),
+        "shop: rollout paused, step 2/5 (pause until promoted), ",
+        "resume (paused by an operator)",
+    );
+    wait_step(&h, "paused", 1).await;
+    assert_eq!(
+        ctl(&h.admin, &["pause", "shop"]).await.failed(),
+        "weir ctl: service `shop`: only a progressing rollout can pause (phase paused) (HTTP 409)\n"
+    );
+    let run = ctl(&h.admin, &["resume", "shop"]).await;
+    assert_running_line(
+        rollout_line(run.ok()),
+        "shop: rollout progressing, step 2/5 (pause until promoted), ",
+        "promote (manual pause)",
+    );
+    assert_eq!(
+        ctl(&h.admin, &["resume", "shop"]).await.failed(),
+        "weir ctl: service `shop`: only a paused rollout can resume (phase progressing) (HTTP 409)\n"
+    );
+
+    // Promote past the first manual pause: the driver sets 50% and stops at the second.
+    let run = ctl(&h.admin, &["promote", "shop"]).await;
+    assert!(
+        rollout_line(run.ok()).starts_with("shop: rollout progressing, step "),
+        "{}",
+        run.out
+    );
+    wait_step(&h, "progressing", 3).await;
+    assert_eq!(shop(&h).await.1, split(5000, 5000));
+
+    // Then all the way: the candidate takes everything and becomes the baseline.
+    let run = ctl(&h.admin, &["promote", "shop", "--full"]).await;
+    assert_eq!(
+        rollout_line(run.ok()),
+        "shop: rollout promoted: canary is the new baseline, replacing stable"
+    );
+    assert!(
+        run.out.contains("\nshop     canary   10000    100.0"),
+        "{}",
+        run.out
+    );
+    let s = wait_step(&h, "promoted", 5).await;
+    assert_eq!(s["baseline"], "canary");
+    assert_eq!(shop(&h).await.1, split(0, 10000));
+    assert_eq!(
+        ctl(&h.admin, &["promote", "shop", "--full"]).await.failed(),
+        "weir ctl: service `shop`: no rollout is running (phase promoted) (HTTP 409)\n"
+    );
+}
+
+#[tokio::test]
+async fn abort_sends_traffic_back_and_retry_starts_again() {
+    let h = start_with_plan().await;
+    assert_eq!(
+        ctl(&h.admin, &["abort", "shop"]).await.failed(),
+        "weir ctl: service `shop`: no rollout has been started (HTTP 409)\n"
+    );
+    assert_eq!(
+        ctl(&h.admin, &["rollout", "shop", "--candidate", "blue"])
+            .await
+            .failed(),
+        "weir ctl: service `shop` has no pool `blue` (HTTP 400)\n"
+    );
+    // `--json`: the API's service document, candidate as asked.
+    let run = ctl(
+        &h.admin,
+        &["--json", "rollout", "shop", "--candidate", "canary"],
+    )
+    .await;
+    let v: Value = serde_json::from_str(run.ok()).unwrap();
+    assert_eq!(v["rollout"]["phase"], "progressing", "{v}");
+    assert_eq!(v["rollout"]["candidate"], "canary", "{v}");
+    assert_eq!(v["rollout"]["steps_total"], 5, "{v}");
+    wait_step(&h, "progressing", 1).await;
+    assert_eq!(
+        ctl(&h.admin, &["retry", "shop"]).await.failed(),
+        "weir ctl: service `shop`: retry is for an aborted or degraded rollout \
+         (phase progressing) (HTTP 409)\n"
+    );
+
+    let run = ctl(&h.admin, &["abort", "shop"]).await;
+    assert_eq!(
+        rollout_line(run.ok()),
+        "shop: rollout aborted at step 2/5 (pause until promoted): all traffic back to stable; \
+         retry starts it again"
+    );
+    wait_step(&h, "aborted", 1).await;
+    assert_eq!(shop(&h).await.1, split(10000, 0));
+    assert_eq!(
+        ctl(&h.admin, &["abort", "shop"]).await.failed(),
+        "weir ctl: service `shop`: no rollout is running (phase aborted) (HTTP 409)\n"
+    );
+
+    let run = ctl(&h.admin, &["retry", "shop"]).await;
+    assert!(
+        rollout_line(run.ok()).starts_with("shop: rollout progressing, step "),
+        "{}",
+        run.out
+    );
+    wait_step(&h, "progressing", 1).await;
+    assert_eq!(shop(&h).await.1, split(9000, 1000));
+}
+
+#[tokio::test]
+async fn rollout_verbs_name_an_unknown_service_or_a_missing_plan() {
+    let h = start_with_plan().await;
+    for verb in [
+        &["rollout", "nope"][..],
+        &["rollout", "nope", "--candidate", "canary"],
+        &["promote", "nope"],
+        &["promote", "nope", "--full"],
+        &["pause", "nope"],
+        &["resume", "nope"],
+        &["abort", "nope"],
+        &["retry", "nope"],
+    ] {
+        assert_eq!(
+            ctl(&h.admin, verb).await.failed(),
+            "weir ctl: unknown service `nope` (HTTP 404)\n",
+            "{verb:?}"
+        );
+    }
+    assert_eq!(
+        ctl(&h.admin, &["pause", " "]).await.failed(),
+        "weir ctl: SERVICE must not be empty\n"
+    );
+    // Nothing was started by any of that.
+    assert_eq!(
+        wait_shop(&h, "idle", |s| s["rollout"]["phase"] == "idle").await["version"],
+        1
+    );
+
+    let h = start(false).await;
+    assert_eq!(
+        ctl(&h.admin, &["rollout", "shop"]).await.failed(),
+        "weir ctl: service `shop`: has no rollout plan: add [service.rollout] (HTTP 409)\n"
+    );
+    let run = ctl(&h.admin, &["--json", "pause", "shop"]).await;
+    assert_eq!(run.code, ExitCode::FAILURE);
+    let v: Value = serde_json::from_str(&run.out).unwrap();
+    assert_eq!(v["error"], "service `shop`: no rollout has been started");
+}
+
+/// `n` GETs through the proxy, each answered 200.
+async fn send_traffic(h: &Harness, n: usize) {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    for _ in 0..n {
+        let req = Request::get(format!("http://{}/", h.proxy))
+            .body(Full::default())
+            .unwrap();
+        let resp = client.request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        resp.into_body().collect().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn status_watch_redraws_the_rollout_until_stopped_or_counted() {
+    let h = start_with_plan().await;
+    // Traffic while every request goes to stable, counted by the guard window.
+    send_traffic(&h, 30).await;
+    let s = wait_shop(&h, "counted 30 requests", |s| {
+        s["guard"]["pools"][0]["requests"] == 30
+    })
+    .await;
+    let per_second = format!("{:.1}", 30.0 / s["guard"]["window_secs"].as_f64().unwrap());
+    ctl(&h.admin, &["rollout", "shop"]).await.ok();
+    wait_step(&h, "progressing", 1).await;
+
+    // Not a terminal: frames separated by a line, no escapes.
+    let run = ctl(&h.admin, &["status", "--watch", "--count", "2"]).await;
+    let out = run.ok();
+    assert!(!out.contains('\x1b'), "{out}");
+    let frames: Vec<&str> = out.split("\n---\n").collect();
+    assert_eq!(frames.len(), 2, "{out}");
+    for frame in frames {
+        let lines: Vec<&str> = frame.lines().collect();
+        let time = lines[0].split(' ').next().unwrap();
+        assert!(time.contains('T') && time.ends_with('Z'), "{frame}");
+        assert!(lines[0].contains(&h.admin), "{frame}");
+        assert_eq!(
+            lines[1],
+            "SERVICE  POOL    WEIGHT  SHARE %  VERSION  ENDPOINTS  REQ/S  ERR %  P99 MS"
+        );
+        let stable: Vec<&str> = lines[2].split_whitespace().collect();
+        assert_eq!(&stable[..3], ["shop", "stable", "9000"], "{frame}");
+        assert_eq!(stable[6], per_second, "{frame}");
+        assert_running_line(
+            rollout_line(frame),
+            "shop: rollout progressing, step 2/5 (pause until promoted), ",
+            "promote (manual pause)",
+        );
+    }
+
+    // `--json`: one compact document per frame and line.
+    let run = ctl(
+        &h.admin,
+        &["--json", "status", "shop", "--watch", "--count", "1"],
+    )
+    .await;
+    assert_eq!(run.ok().lines().count(), 1, "{}", run.out);
+    let v: Value = serde_json::from_str(&run.out).unwrap();
+    assert_eq!(v["rollout"]["step_index"], 1, "{v}");
+
+    // A first frame that fails is an error like any other command's.
+    assert_eq!(
+        ctl(&h.admin, &["status", "nope", "--watch"]).await.failed(),
+        "weir ctl: unknown service `nope` (HTTP 404)\n"
+    );
+    assert!(parse(&h.admin, &["status", "--count", "2"]).is_err());
+    assert!(parse(&h.admin, &["status", "--watch", "--count", "0"]).is_err());
+
+    // Without --count it follows changes until stopped.
+    let args = parse(&h.admin, &["status", "shop", "-w"]).unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let watcher = tokio::spawn(async move {
+        let mut out = ChannelWriter(tx);
+        let mut err = Vec::new();
+        let code = ctl::execute(&args, None, &mut out, &mut err, async {
+            let _ = stopped.await;
+        })
+        .await;
+        (code, String::from_utf8(err).unwrap())
+    });
+    let mut seen = String::new();
+    let mut wait_for = async |needle: &str| {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !seen.contains(needle) {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(chunk)) => seen.push_str(&String::from_utf8(chunk).unwrap()),
+                _ => panic!("no `{needle}` from --watch; got:\n{seen}"),
+            }
+        }
+    };
+    wait_for("shop: rollout progressing, step 2/5").await;
+    ctl(&h.admin, &["pause", "shop"]).await.ok();
+    wait_for("shop: rollout paused, step 2/5").await;
+    stop.send(()).unwrap();
+    let (code, err) = watcher.await.unwrap();
+    assert_eq!(code, ExitCode::SUCCESS, "{err}");
+    assert!(seen.contains("\n---\n"), "{seen}");
 }

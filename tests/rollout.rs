@@ -137,6 +137,11 @@ async fn canary_plan_runs_its_steps_and_promotes() {
     let a = admin.post("shop/rollout", json!({})).await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.text());
     assert_eq!(a.json()["rollout"]["phase"], "progressing");
+    assert_eq!(
+        weights(&a.json()),
+        [9000, 1000],
+        "the first step applies at once"
+    );
     // A second start is refused while the first runs.
     let again = admin.post("shop/rollout", json!({})).await;
     assert_eq!(again.status, StatusCode::CONFLICT);
@@ -158,15 +163,8 @@ async fn canary_plan_runs_its_steps_and_promotes() {
         .iter()
         .map(|e| e["kind"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(
-        kinds,
-        [
-            "rollout_started",
-            "rollout_step",
-            "rollout_step",
-            "rollout_step"
-        ]
-    );
+    // The start applied the first percent step at once; the rest came from the driver.
+    assert_eq!(kinds, ["rollout_started", "rollout_step", "rollout_step"]);
     let c = client();
     let canary_hits = {
         let mut n = 0;
@@ -190,7 +188,8 @@ async fn canary_plan_runs_its_steps_and_promotes() {
         .iter()
         .find(|e| e["kind"] == "rollout_promoted")
         .unwrap();
-    assert_eq!(promoted["source"], "rollout");
+    // The operator's promote passed the manual pause and the last step applied at once.
+    assert_eq!(promoted["source"], "admin");
     let operator = events.iter().filter(|e| e["source"] == "admin").count();
     assert_eq!(operator, 2, "start and promote are the operator's");
     // Metrics say so too.
@@ -291,8 +290,9 @@ async fn verbs_refuse_the_wrong_phase_and_unknown_services() {
     // Retry starts again from step 1.
     let retried = admin.post("shop/retry", json!({})).await;
     assert_eq!(retried.status, StatusCode::OK);
-    assert_eq!(retried.json()["rollout"]["step_index"], 0);
-    wait_step(&admin, 1).await;
+    // Back at step 1, whose 10% is applied in the same answer.
+    assert_eq!(retried.json()["rollout"]["step_index"], 1);
+    assert_eq!(weights(&retried.json()), [9000, 1000]);
     // Full promote jumps to the end.
     let full = admin.post("shop/promote", json!({"full": true})).await;
     assert_eq!(full.json()["rollout"]["phase"], "promoted");
