@@ -1125,6 +1125,28 @@ fn write_view(out: &mut impl Write, services: &[Value], traffic: Traffic) -> io:
                 .get("endpoints")
                 .and_then(Value::as_array)
                 .map_or_else(|| "?".into(), |e| e.len().to_string());
+            // Endpoints not taking traffic are named under the table.
+            let states = p
+                .get("endpoint_states")
+                .and_then(Value::as_array)
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            let down: Vec<String> = states
+                .iter()
+                .filter(|e| text(e, "state") != "up")
+                .map(|e| format!("{} ({})", text(e, "address"), text(e, "state")))
+                .collect();
+            let endpoints = if down.is_empty() {
+                endpoints
+            } else {
+                notes.push(format!(
+                    "{}/{}: not taking traffic: {}",
+                    text(s, "name"),
+                    text(p, "name"),
+                    down.join(", ")
+                ));
+                format!("{}/{endpoints} up", states.len() - down.len())
+            };
             let w = live(text(p, "name"));
             let requests = match traffic {
                 Traffic::Totals => w.map_or_else(|| "-".into(), |w| number(w, "requests")),

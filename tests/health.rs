@@ -140,6 +140,14 @@ async fn a_dead_host_is_routed_around_and_comes_back_without_a_rollback() {
     })
     .await;
     assert!(marked, "killed endpoint never marked down");
+    let mut table = Vec::new();
+    weir::ctl::write_services(&mut table, &[service(&proxy).await]).unwrap();
+    let table = String::from_utf8(table).unwrap();
+    assert!(
+        table.contains(&format!("shop/stable: not taking traffic: {dead} (down)")),
+        "{table}"
+    );
+    assert!(table.contains("2/3 up"), "{table}");
     // Keep serving a while: no rollback, errors only around the kill.
     let more = stable[0].requests() + 300;
     assert!(
