@@ -30,13 +30,84 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
+use std::future::Future as _;
 use tokio::net::TcpStream;
 
 use crate::pool::EndpointState;
 
-/// What goes upstream: the client's body streamed through, or (for a replay) a body
-/// weir holds.
-pub type RequestBody = Either<Incoming, Full<Bytes>>;
+/// What goes upstream: the client's body streamed through (with a stall timeout), or
+/// (for a replay) a body weir holds.
+pub type RequestBody = Either<TimedBody, Full<Bytes>>;
+
+/// A client's request body that fails when the client stops sending: hyper has no body
+/// read timeout of its own, and a stalled upload would otherwise hold an upstream
+/// connection for ever. The timer is only armed while waiting, and never for a request
+/// without a body.
+#[derive(Debug)]
+pub struct TimedBody {
+    inner: Incoming,
+    timeout: Duration,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    armed: bool,
+}
+
+/// The error a stalled request body ends with (answered 408).
+#[derive(Debug, thiserror::Error)]
+#[error("the request body stalled for longer than {0:?}")]
+pub struct BodyTimeout(pub Duration);
+
+impl TimedBody {
+    pub fn new(inner: Incoming, timeout: Duration) -> TimedBody {
+        TimedBody {
+            inner,
+            timeout,
+            sleep: None,
+            armed: false,
+        }
+    }
+}
+
+impl http_body::Body for TimedBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                this.armed = false;
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                let deadline = tokio::time::Instant::now() + this.timeout;
+                if !this.armed {
+                    match &mut this.sleep {
+                        Some(s) => s.as_mut().reset(deadline),
+                        None => this.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                    }
+                    this.armed = true;
+                }
+                match this.sleep.as_mut().map(|s| s.as_mut().poll(cx)) {
+                    Some(Poll::Ready(())) => {
+                        Poll::Ready(Some(Err(Box::new(BodyTimeout(this.timeout)))))
+                    }
+                    _ => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 type Conn = http1::Connection<TokioIo<TcpStream>, RequestBody>;
 

@@ -46,6 +46,16 @@ pub struct ProxyConfig {
     pub pool_max_idle_per_endpoint: usize,
     /// On SIGTERM/SIGINT: how long open requests may take to finish.
     pub shutdown_grace: Duration,
+    /// A client must send a whole request head within this long. hyper starts the same
+    /// timer when a keep-alive connection waits for its next request, so it is also
+    /// the client idle timeout.
+    pub header_read_timeout: Duration,
+    /// Longest wait for the next piece of a request body; then 408.
+    pub body_read_timeout: Duration,
+    /// Largest request head accepted; bigger gets 431.
+    pub max_header_bytes: usize,
+    /// Client connections open at once; more wait in the listen backlog.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -435,6 +445,10 @@ struct RawProxy {
     pool_idle_timeout: Option<Spanned<String>>,
     pool_max_idle_per_endpoint: Option<Spanned<i64>>,
     shutdown_grace: Option<Spanned<String>>,
+    header_read_timeout: Option<Spanned<String>>,
+    body_read_timeout: Option<Spanned<String>>,
+    max_header_bytes: Option<Spanned<i64>>,
+    max_connections: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -656,6 +670,28 @@ impl Validator<'_> {
                 Duration::from_secs(4),
             ),
             pool_max_idle_per_endpoint,
+            header_read_timeout: self.duration(
+                "proxy.header_read_timeout",
+                raw.header_read_timeout.as_ref(),
+                Duration::from_secs(10),
+            ),
+            body_read_timeout: self.duration(
+                "proxy.body_read_timeout",
+                raw.body_read_timeout.as_ref(),
+                Duration::from_secs(30),
+            ),
+            max_header_bytes: self.count(
+                "proxy.max_header_bytes".into(),
+                raw.max_header_bytes.as_ref(),
+                64 * 1024,
+                (8192, 1 << 24),
+            ) as usize,
+            max_connections: self.count(
+                "proxy.max_connections".into(),
+                raw.max_connections.as_ref(),
+                10_000,
+                (1, 1_000_000),
+            ) as usize,
             shutdown_grace: self.duration(
                 "proxy.shutdown_grace",
                 raw.shutdown_grace.as_ref(),

@@ -23,7 +23,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
-use crate::client::{self, PooledConn, SendError, UpstreamClient};
+use crate::client::{self, PooledConn, SendError, TimedBody, UpstreamClient};
 use crate::config::ProxyConfig;
 use crate::outcome::{ErrorKind, Outcome, OutcomeSink};
 use crate::pool::{InflightGuard, Pool};
@@ -35,6 +35,16 @@ pub struct Proxy {
     client: UpstreamClient,
     request_timeout: Duration,
     sinks: Vec<Arc<dyn OutcomeSink>>,
+    limits: Limits,
+}
+
+/// Protections against slow and abusive clients.
+#[derive(Debug, Clone)]
+struct Limits {
+    header_read_timeout: Duration,
+    body_read_timeout: Duration,
+    max_header_bytes: usize,
+    max_connections: usize,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -61,6 +71,12 @@ impl Proxy {
             client,
             request_timeout: config.request_timeout,
             sinks,
+            limits: Limits {
+                header_read_timeout: config.header_read_timeout,
+                body_read_timeout: config.body_read_timeout,
+                max_header_bytes: config.max_header_bytes,
+                max_connections: config.max_connections,
+            },
         }
     }
 
@@ -78,12 +94,27 @@ impl Proxy {
         ));
         let graceful = GracefulShutdown::new();
         let mut http = hyper::server::conn::http1::Builder::new();
-        // The timer makes hyper's header read timeout (30 s by default) actually apply.
+        // Without the timer hyper silently ignores the header read timeout.
         // Flat writes: head and small bodies go out in one send(), which the load
         // comparison measured ~6% cheaper per request than writev of two slices.
-        http.timer(TokioTimer::new()).keep_alive(true).writev(false);
+        // A head larger than the buffer is answered 431 by hyper.
+        http.timer(TokioTimer::new())
+            .keep_alive(true)
+            .writev(false)
+            .header_read_timeout(self.limits.header_read_timeout)
+            .max_buf_size(self.limits.max_header_bytes.max(8192));
+        let slots = Arc::new(tokio::sync::Semaphore::new(self.limits.max_connections));
         tokio::pin!(shutdown);
         loop {
+            // At the connection limit, stop accepting: new clients wait in the listen
+            // backlog instead of exhausting file descriptors.
+            let permit = tokio::select! {
+                permit = Arc::clone(&slots).acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+                () = &mut shutdown => break,
+            };
             let (stream, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(conn) => conn,
@@ -108,6 +139,7 @@ impl Proxy {
                 if let Err(e) = conn.await {
                     tracing::debug!("client connection {peer}: {e}");
                 }
+                drop(permit);
             });
         }
         drop(listener);
@@ -153,8 +185,9 @@ impl Proxy {
             return self.fail(&pool, None, ErrorKind::NoEndpoint, start, None);
         };
         pool.retry_budget().deposit();
+        let body_timeout = self.limits.body_read_timeout;
         let mut upstream_req = match upstream_request(req, &guard, peer) {
-            Ok(r) => r.map(Either::Left),
+            Ok(r) => r.map(|b| Either::Left(TimedBody::new(b, body_timeout))),
             Err(resp) => return resp,
         };
         let deadline = tokio::time::Instant::from_std(start) + self.request_timeout;
@@ -184,6 +217,19 @@ impl Proxy {
                             max_idle,
                         })
                     });
+                }
+                Ok(Err(e)) if stalled_body(&e) => {
+                    // The client stopped sending its body: its fault, not the pool's.
+                    // The upstream request was aborted with it.
+                    self.emit(&Outcome {
+                        pool: &pool,
+                        endpoint: Some(guard.index()),
+                        status: 408,
+                        error: None,
+                        latency: start.elapsed(),
+                        retried,
+                    });
+                    return local_response(StatusCode::REQUEST_TIMEOUT, "request body timed out\n");
                 }
                 Ok(Err(e)) => {
                     let (kind, status) = classify(&e);
@@ -295,6 +341,19 @@ fn error_body(kind: ErrorKind, status: StatusCode) -> &'static str {
         (ErrorKind::Protocol, _) => "upstream sent an invalid response\n",
         (ErrorKind::NoEndpoint, _) => "no upstream endpoint available\n",
     }
+}
+
+/// Whether a send failed because the client's body stalled.
+fn stalled_body(e: &SendError) -> bool {
+    let SendError::Http(h) = e else { return false };
+    let mut source = std::error::Error::source(h);
+    while let Some(s) = source {
+        if s.downcast_ref::<client::BodyTimeout>().is_some() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// Turn a send failure into an outcome kind and status. A connect that timed out is a

@@ -355,3 +355,60 @@ fn demo_with_a_failing_canary_shows_the_guard_revert() {
     assert!(out.contains("guard decision: canary error rate"), "{out}");
     assert!(out.contains("record: check error_rate"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_in_flight_requests_then_exits_0() {
+    let up = upstream("slow").await;
+    up.set_faults(weir::upstream::Faults {
+        latency: Duration::from_millis(800),
+        ..Default::default()
+    });
+    let dir = tempdir();
+    let (port, admin) = (free_port(), free_port());
+    let toml = format!(
+        "[proxy]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = \"20s\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n[state]\ndir = \"{}\"\n",
+        dir.join("state").display()
+    ) + &service_toml("svc", None, &[("p", vec![up.addr().to_string()], 1)]);
+    let path = dir.join("weir.toml");
+    std::fs::write(&path, toml).unwrap();
+    let mut child = Command::new(WEIR)
+        .args(["run", "--config"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let c = client();
+    let ready = wait_until(Duration::from_secs(20), || {
+        let c = c.clone();
+        async move {
+            let req = Request::get(format!("http://127.0.0.1:{admin}/readyz"))
+                .body(empty())
+                .unwrap();
+            matches!(c.request(req).await, Ok(r) if r.status() == StatusCode::OK)
+        }
+    })
+    .await;
+    assert!(ready);
+    let inflight: Vec<_> = (0..10)
+        .map(|_| tokio::spawn(async move { get(&client(), addr, "x", "/").await.status }))
+        .collect();
+    assert!(wait_until(Duration::from_secs(10), || async { up.requests() >= 10 }).await);
+    let stopping = std::time::Instant::now();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    for r in inflight {
+        assert_eq!(r.await.unwrap(), StatusCode::OK);
+    }
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(stopping.elapsed() < Duration::from_secs(10));
+}
