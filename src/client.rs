@@ -373,7 +373,7 @@ impl UpstreamClient {
         None
     }
 
-    async fn connect(&self, endpoint: &EndpointState) -> Result<Box<PooledConn>, Failed> {
+    async fn connect_stream(&self, endpoint: &EndpointState) -> Result<TcpStream, Failed> {
         let authority = endpoint.authority();
         let port = authority.port_u16().unwrap_or(80);
         let host = authority
@@ -392,6 +392,11 @@ impl UpstreamClient {
             Err(_) => return Err(Failed::Timeout),
         };
         let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    async fn connect(&self, endpoint: &EndpointState) -> Result<Box<PooledConn>, Failed> {
+        let stream = self.connect_stream(endpoint).await?;
         let (sender, conn) = self
             .http
             .handshake(TokioIo::new(stream))
@@ -405,6 +410,32 @@ impl UpstreamClient {
             done: false,
             idle_since: None,
         }))
+    }
+
+    /// Send an upgrade request (WebSocket) on a dedicated connection: never pooled,
+    /// driven by its own task so the upgraded stream outlives the request.
+    pub async fn send_upgrade(
+        &self,
+        endpoint: &EndpointState,
+        req: Request<RequestBody>,
+    ) -> Result<Response<Incoming>, SendError> {
+        let stream = match self.connect_stream(endpoint).await {
+            Ok(s) => s,
+            Err(Failed::Connect(e)) => return Err(SendError::Connect(e, Box::new(req))),
+            Err(Failed::Timeout) => return Err(SendError::ConnectTimeout(Box::new(req))),
+            Err(Failed::Http(e)) => return Err(SendError::Http(e)),
+        };
+        let (mut sender, conn) = self
+            .http
+            .handshake::<_, RequestBody>(TokioIo::new(stream))
+            .await
+            .map_err(SendError::Http)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!("upgrade connection ended: {e}");
+            }
+        });
+        sender.send_request(req).await.map_err(SendError::Http)
     }
 
     /// Idle connections kept per endpoint.
