@@ -178,6 +178,7 @@ fn check(path: &std::path::Path) -> ExitCode {
 async fn run(config: Config, path: PathBuf) -> Result<()> {
     let listen = config.proxy.listen;
     let admin_listen = config.admin.listen;
+    let weir_tls_listen = config.proxy.tls.as_ref().map(|t| t.listen);
     let weir = Weir::new(config, Some(path.clone()))?;
     let listener = TcpListener::bind(listen)
         .await
@@ -185,12 +186,21 @@ async fn run(config: Config, path: PathBuf) -> Result<()> {
     let admin = TcpListener::bind(admin_listen)
         .await
         .with_context(|| format!("cannot listen on {admin_listen} (admin.listen)"))?;
+    let tls = match &weir_tls_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (proxy.tls_listen)"))?,
+        ),
+        None => None,
+    };
     reload_on_sighup(&weir, path);
     tracing::info!(
         "weir {} serving on {listen}, admin on {admin_listen}",
         env!("CARGO_PKG_VERSION")
     );
-    weir.serve(listener, Some(admin), shutdown_signal()).await?;
+    weir.serve_all(listener, tls, Some(admin), shutdown_signal())
+        .await?;
     tracing::info!("weir stopped");
     Ok(())
 }

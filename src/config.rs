@@ -56,6 +56,26 @@ pub struct ProxyConfig {
     pub max_header_bytes: usize,
     /// Client connections open at once; more wait in the listen backlog.
     pub max_connections: usize,
+    /// The HTTPS listener, when configured.
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[proxy] tls_listen` with `tls_cert`/`tls_key` and `[[proxy.certs]]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsConfig {
+    pub listen: SocketAddr,
+    /// For clients without SNI or with a name no other certificate covers.
+    pub default: Option<CertConfig>,
+    /// Chosen by SNI.
+    pub certs: Vec<CertConfig>,
+}
+
+/// A PEM certificate chain and its key; `hosts` for SNI (empty for the default).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CertConfig {
+    pub hosts: Vec<String>,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -449,6 +469,19 @@ struct RawProxy {
     body_read_timeout: Option<Spanned<String>>,
     max_header_bytes: Option<Spanned<i64>>,
     max_connections: Option<Spanned<i64>>,
+    tls_listen: Option<Spanned<String>>,
+    tls_cert: Option<Spanned<String>>,
+    tls_key: Option<Spanned<String>>,
+    #[serde(default)]
+    certs: Vec<Spanned<RawCert>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCert {
+    hosts: Vec<String>,
+    cert: String,
+    key: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -692,6 +725,7 @@ impl Validator<'_> {
                 10_000,
                 (1, 1_000_000),
             ) as usize,
+            tls: self.tls(&raw),
             shutdown_grace: self.duration(
                 "proxy.shutdown_grace",
                 raw.shutdown_grace.as_ref(),
@@ -918,6 +952,75 @@ impl Validator<'_> {
 }
 
 impl Validator<'_> {
+    fn tls(&mut self, raw: &RawProxy) -> Option<TlsConfig> {
+        let Some(listen) = &raw.tls_listen else {
+            for (key, v) in [
+                ("proxy.tls_cert", &raw.tls_cert),
+                ("proxy.tls_key", &raw.tls_key),
+            ] {
+                if let Some(v) = v {
+                    self.problem(key, v, "needs proxy.tls_listen");
+                }
+            }
+            if let Some(c) = raw.certs.first() {
+                self.problem("proxy.certs", c, "needs proxy.tls_listen");
+            }
+            return None;
+        };
+        let addr = self.addr("proxy.tls_listen", Some(listen), "127.0.0.1:8443");
+        let default = match (&raw.tls_cert, &raw.tls_key) {
+            (Some(c), Some(k)) => Some(CertConfig {
+                hosts: Vec::new(),
+                cert: PathBuf::from(c.get_ref()),
+                key: PathBuf::from(k.get_ref()),
+            }),
+            (Some(c), None) => {
+                self.problem("proxy.tls_key", c, "tls_cert needs its tls_key");
+                None
+            }
+            (None, Some(k)) => {
+                self.problem("proxy.tls_cert", k, "tls_key needs its tls_cert");
+                None
+            }
+            (None, None) => None,
+        };
+        let mut certs = Vec::new();
+        for (i, c) in raw.certs.iter().enumerate() {
+            let r = c.get_ref();
+            if r.hosts.is_empty() {
+                self.problem(
+                    format!("proxy.certs[{i}].hosts"),
+                    c,
+                    "name the SNI hosts this certificate serves",
+                );
+            }
+            let mut hosts = Vec::new();
+            for h in &r.hosts {
+                match normalize_host(h) {
+                    Ok(h) => hosts.push(h),
+                    Err(msg) => self.problem(format!("proxy.certs[{i}].hosts"), c, msg),
+                }
+            }
+            certs.push(CertConfig {
+                hosts,
+                cert: PathBuf::from(&r.cert),
+                key: PathBuf::from(&r.key),
+            });
+        }
+        if default.is_none() && certs.is_empty() {
+            self.problem(
+                "proxy.tls_listen",
+                listen,
+                "needs a certificate: set tls_cert and tls_key, or add [[proxy.certs]]",
+            );
+        }
+        Some(TlsConfig {
+            listen: addr,
+            default,
+            certs,
+        })
+    }
+
     fn count(
         &mut self,
         key: String,

@@ -44,6 +44,7 @@ pub mod proxy;
 pub mod rollout;
 pub mod routing;
 pub mod state;
+pub mod tls;
 pub mod upstream;
 pub mod webhook;
 pub mod window;
@@ -71,12 +72,16 @@ pub enum StartError {
     State(#[from] ControlError),
     #[error(transparent)]
     Admin(#[from] admin::AdminError),
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
 }
 
 /// A configured weir instance, ready to serve. Built from a validated config; tests and
 /// the binary alike bind their own listeners and call [`Weir::serve`].
 #[derive(Debug)]
 pub struct Weir {
+    /// The HTTPS listener's rustls configuration.
+    tls: Option<Arc<rustls::ServerConfig>>,
     /// The endpoint-health task, taken by the first `serve`.
     monitor: Mutex<Option<health::Monitor>>,
     guard: Arc<Guard>,
@@ -101,6 +106,13 @@ impl Weir {
         extra: Vec<Arc<dyn OutcomeSink>>,
     ) -> Result<Weir, StartError> {
         let token = admin::resolve_token(&config)?;
+        // Bad certificates and keys are startup errors naming the file.
+        let tls = config
+            .proxy
+            .tls
+            .as_ref()
+            .map(tls::server_config)
+            .transpose()?;
         let metrics = Metrics::new();
         let controller = Arc::new(Controller::open(&config, Arc::clone(&metrics))?);
         let (outliers, monitor) = health::start(Arc::clone(&controller));
@@ -126,6 +138,7 @@ impl Weir {
             config_path,
         ));
         Ok(Weir {
+            tls,
             monitor: Mutex::new(Some(monitor)),
             guard,
             metrics,
@@ -158,6 +171,27 @@ impl Weir {
         admin: Option<TcpListener>,
         shutdown: impl Future<Output = ()>,
     ) -> io::Result<()> {
+        self.serve_all(proxy, None, admin, shutdown).await
+    }
+
+    /// [`Weir::serve`] with the HTTPS listener too (`[proxy] tls_listen`).
+    pub async fn serve_all(
+        &self,
+        proxy: TcpListener,
+        tls: Option<TcpListener>,
+        admin: Option<TcpListener>,
+        shutdown: impl Future<Output = ()>,
+    ) -> io::Result<()> {
+        let tls = match (tls, &self.tls) {
+            (Some(l), Some(config)) => Some((l, Arc::clone(config))),
+            (Some(_), None) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "a TLS listener was given but [proxy] tls_listen is not configured",
+                ));
+            }
+            (None, _) => None,
+        };
         self.metrics.spawn_upkeep();
         let guard = tokio::spawn(Arc::clone(&self.guard).run());
         let monitor = self
@@ -181,6 +215,7 @@ impl Weir {
         let result = Arc::clone(&self.proxy)
             .serve(
                 proxy,
+                tls,
                 async {
                     shutdown.await;
                     self.admin.set_ready(false);

@@ -29,6 +29,13 @@ use crate::outcome::{ErrorKind, Outcome, OutcomeSink};
 use crate::pool::{InflightGuard, Pool};
 use crate::routing::Router;
 
+/// Who a request came from, and whether over TLS.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub secure: bool,
+}
+
 /// The proxy's shared state: router, upstream client, settings and outcome sinks.
 pub struct Proxy {
     router: Arc<Router>,
@@ -85,6 +92,7 @@ impl Proxy {
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
+        tls: Option<(TcpListener, Arc<rustls::ServerConfig>)>,
         shutdown: impl Future<Output = ()>,
         grace: Duration,
     ) -> io::Result<()> {
@@ -93,7 +101,8 @@ impl Proxy {
             self.client.idle_timeout(),
         ));
         let graceful = GracefulShutdown::new();
-        // HTTP/1.1, and HTTP/2 with prior knowledge (h2c), on the same listener.
+        // HTTP/1.1, and HTTP/2 (h2c with prior knowledge, or h2 by ALPN over TLS), on
+        // the same listeners.
         let mut http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         // Without the timer hyper silently ignores the header read timeout.
         // Flat writes: head and small bodies go out in one send(), which the load
@@ -115,6 +124,11 @@ impl Proxy {
             .max_local_error_reset_streams(256)
             .keep_alive_interval(Some(Duration::from_secs(30)))
             .keep_alive_timeout(Duration::from_secs(10));
+        let http = Arc::new(http);
+        let (tls_listener, acceptor) = match tls {
+            Some((l, config)) => (Some(l), Some(tokio_rustls::TlsAcceptor::from(config))),
+            None => (None, None),
+        };
         let slots = Arc::new(tokio::sync::Semaphore::new(self.limits.max_connections));
         tokio::pin!(shutdown);
         loop {
@@ -127,35 +141,66 @@ impl Proxy {
                 },
                 () = &mut shutdown => break,
             };
-            let (stream, peer) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(conn) => conn,
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        tracing::warn!("accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        continue;
-                    }
-                },
+            let tls_accept = async {
+                match &tls_listener {
+                    Some(l) => l.accept().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let (accepted, secure) = tokio::select! {
+                a = listener.accept() => (a, false),
+                a = tls_accept => (a, true),
                 () = &mut shutdown => break,
             };
+            let (stream, addr) = match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            };
             let _ = stream.set_nodelay(true);
+            let peer = Peer { addr, secure };
             let proxy = Arc::clone(&self);
             let service = service_fn(move |req| {
                 let proxy = Arc::clone(&proxy);
                 async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
             });
-            // Upgrades (WebSocket) are proxied: the connection must let them through.
-            let conn = http.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            let conn = graceful.watch(conn.into_owned());
+            let watcher = graceful.watcher();
+            let http = Arc::clone(&http);
+            let acceptor = if secure { acceptor.clone() } else { None };
+            let handshake_timeout = self.limits.header_read_timeout;
             tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!("client connection {peer}: {e}");
+                // Upgrades (WebSocket) are proxied: connections must let them through.
+                let result = match acceptor {
+                    None => {
+                        let conn =
+                            http.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                        watcher.watch(conn.into_owned()).await
+                    }
+                    Some(acceptor) => {
+                        match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
+                        {
+                            Ok(Ok(tls)) => {
+                                let conn =
+                                    http.serve_connection_with_upgrades(TokioIo::new(tls), service);
+                                watcher.watch(conn.into_owned()).await
+                            }
+                            Ok(Err(e)) => Err(format!("TLS handshake: {e}").into()),
+                            Err(_) => Err("TLS handshake timed out".into()),
+                        }
+                    }
+                };
+                if let Err(e) = result {
+                    tracing::debug!("client connection {addr}: {e}");
                 }
                 drop(permit);
             });
         }
         drop(listener);
+        drop(tls_listener);
         sweeper.abort();
         if tokio::time::timeout(grace, graceful.shutdown())
             .await
@@ -167,7 +212,7 @@ impl Proxy {
     }
 
     /// Proxy one request. Never fails: every failure becomes a response.
-    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+    pub async fn handle(&self, req: Request<Incoming>, peer: Peer) -> Response<ProxyBody> {
         let start = Instant::now();
         let (pool, set_cookie) = {
             let table = self.router.table();
@@ -176,7 +221,9 @@ impl Proxy {
                 return local_response(StatusCode::NOT_FOUND, "no service for this host\n");
             };
             let snapshot = service.snapshot();
-            let chosen = service.choice.choose(&snapshot, req.headers(), peer.ip());
+            let chosen = service
+                .choice
+                .choose(&snapshot, req.headers(), peer.addr.ip());
             (Arc::clone(&chosen.slot.pool), chosen.set_cookie)
         };
         let mut resp = if is_upgrade(&req) {
@@ -195,7 +242,7 @@ impl Proxy {
         &self,
         req: Request<Incoming>,
         pool: Arc<Pool>,
-        peer: SocketAddr,
+        peer: Peer,
         start: Instant,
     ) -> Response<ProxyBody> {
         let Some(mut guard) = pool.pick() else {
@@ -295,7 +342,7 @@ impl Proxy {
         &self,
         mut req: Request<Incoming>,
         pool: Arc<Pool>,
-        peer: SocketAddr,
+        peer: Peer,
         start: Instant,
     ) -> Response<ProxyBody> {
         let Some(guard) = pool.pick() else {
@@ -498,7 +545,7 @@ fn request_host<B>(req: &Request<B>) -> Option<&str> {
 fn upstream_request(
     req: Request<Incoming>,
     guard: &InflightGuard,
-    peer: SocketAddr,
+    peer: Peer,
 ) -> Result<Request<Incoming>, Response<ProxyBody>> {
     let (mut parts, body) = req.into_parts();
     let original_host = request_host_parts(&parts).map(HeaderValue::from_str);
@@ -532,8 +579,11 @@ fn upstream_request(
         };
         headers.insert(header::HOST, host);
     }
-    append_forwarded_for(headers, peer);
-    headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    append_forwarded_for(headers, peer.addr);
+    headers.insert(
+        &X_FORWARDED_PROTO,
+        HeaderValue::from_static(if peer.secure { "https" } else { "http" }),
+    );
     if let Some(Ok(h)) = original_host {
         headers.insert(&X_FORWARDED_HOST, h);
     }
