@@ -28,7 +28,7 @@ use http::{Request, Response};
 use http_body::Body as _;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper::client::conn::http1;
+use hyper::client::conn::{http1, http2};
 use hyper_util::rt::TokioIo;
 use std::future::Future as _;
 use tokio::net::TcpStream;
@@ -435,6 +435,42 @@ impl UpstreamClient {
                 tracing::debug!("upgrade connection ended: {e}");
             }
         });
+        sender.send_request(req).await.map_err(SendError::Http)
+    }
+
+    /// Send over the endpoint's multiplexed HTTP/2 connection (h2c), opening it when
+    /// there is none or it closed. The request needs an absolute URI: its authority
+    /// becomes `:authority`.
+    pub async fn send_h2(
+        &self,
+        endpoint: &EndpointState,
+        req: Request<RequestBody>,
+    ) -> Result<Response<Incoming>, SendError> {
+        let existing = endpoint.h2().as_ref().filter(|s| !s.is_closed()).cloned();
+        let mut sender = match existing {
+            Some(s) => s,
+            None => {
+                let stream = match self.connect_stream(endpoint).await {
+                    Ok(s) => s,
+                    Err(Failed::Connect(e)) => return Err(SendError::Connect(e, Box::new(req))),
+                    Err(Failed::Timeout) => return Err(SendError::ConnectTimeout(Box::new(req))),
+                    Err(Failed::Http(e)) => return Err(SendError::Http(e)),
+                };
+                let (sender, conn) = http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .handshake::<_, RequestBody>(TokioIo::new(stream))
+                    .await
+                    .map_err(SendError::Http)?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!("h2 upstream connection ended: {e}");
+                    }
+                });
+                *endpoint.h2() = Some(sender.clone());
+                sender
+            }
+        };
+        sender.ready().await.map_err(SendError::Http)?;
         sender.send_request(req).await.map_err(SendError::Http)
     }
 

@@ -236,6 +236,19 @@ pub struct PoolConfig {
     pub health: Option<HealthConfig>,
     /// Passive ejection of endpoints that keep failing.
     pub outlier: OutlierConfig,
+    /// How weir talks to this pool's endpoints.
+    pub protocol: UpstreamProtocol,
+}
+
+/// `protocol` of a pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 over pooled keep-alive connections.
+    #[default]
+    Http1,
+    /// HTTP/2 with prior knowledge over plain TCP (gRPC backends): one multiplexed
+    /// connection per endpoint.
+    H2c,
 }
 
 /// `[service.pools.NAME.health]`: an HTTP GET per endpoint on a timer.
@@ -576,6 +589,7 @@ struct RawPool {
     weight: Spanned<i64>,
     health: Option<Spanned<RawHealth>>,
     outlier: Option<Spanned<RawOutlier>>,
+    protocol: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -930,12 +944,36 @@ impl Validator<'_> {
             }
             let health = rp.health.as_ref().map(|h| self.health(&pkey, h));
             let outlier = self.outlier(&pkey, rp.outlier.as_ref());
+            let protocol = match &rp.protocol {
+                None => UpstreamProtocol::Http1,
+                Some(p) => match p.get_ref().as_str() {
+                    "http1" => UpstreamProtocol::Http1,
+                    "h2c" => UpstreamProtocol::H2c,
+                    "h2" => {
+                        self.problem(
+                            format!("{pkey}.protocol"),
+                            p,
+                            "\"h2\" (HTTP/2 over TLS to upstreams) is not supported yet; use \"h2c\" or \"http1\"",
+                        );
+                        UpstreamProtocol::Http1
+                    }
+                    other => {
+                        self.problem(
+                            format!("{pkey}.protocol"),
+                            p,
+                            format!("`{other}` is not a protocol: use \"http1\" or \"h2c\""),
+                        );
+                        UpstreamProtocol::Http1
+                    }
+                },
+            };
             out.push(PoolConfig {
                 name: pname.clone(),
                 endpoints,
                 weight,
                 health,
                 outlier,
+                protocol,
             });
         }
         if total == 0

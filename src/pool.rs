@@ -30,6 +30,8 @@ pub struct EndpointState {
     /// Consecutive 5xx / connect failures seen on live traffic.
     failures: AtomicU32,
     idle: IdleConns,
+    /// The multiplexed HTTP/2 connection, for h2c pools.
+    h2: Mutex<Option<hyper::client::conn::http2::SendRequest<crate::client::RequestBody>>>,
     /// Cold state: ejection history and health-check counters.
     cold: Mutex<EndpointCold>,
 }
@@ -55,6 +57,7 @@ impl EndpointState {
             ejected: AtomicBool::new(false),
             failures: AtomicU32::new(0),
             idle: IdleConns::default(),
+            h2: Mutex::new(None),
             cold: Mutex::new(EndpointCold::default()),
         }
     }
@@ -102,6 +105,16 @@ impl EndpointState {
     pub fn idle(&self) -> &IdleConns {
         &self.idle
     }
+
+    /// The endpoint's HTTP/2 connection slot (h2c pools).
+    pub fn h2(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        Option<hyper::client::conn::http2::SendRequest<crate::client::RequestBody>>,
+    > {
+        self.h2.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// A pool of interchangeable endpoints serving one version of a service.
@@ -114,6 +127,7 @@ pub struct Pool {
     window: Window,
     pub health: Option<HealthConfig>,
     pub outlier: OutlierConfig,
+    pub protocol: crate::config::UpstreamProtocol,
     retry_budget: RetryBudget,
 }
 
@@ -216,6 +230,7 @@ impl Pool {
             window,
             health: config.health.clone(),
             outlier: config.outlier.clone(),
+            protocol: config.protocol,
             retry_budget: RetryBudget::new(),
             service,
             name,
@@ -493,6 +508,7 @@ mod tests {
             weight: 1,
             health: None,
             outlier: OutlierConfig::default(),
+            protocol: Default::default(),
         };
         Arc::new(Pool::new("s", &cfg, &Metrics::new(), Window::new(S30, S1)))
     }

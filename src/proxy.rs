@@ -24,7 +24,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use crate::client::{self, PooledConn, SendError, TimedBody, UpstreamClient};
-use crate::config::ProxyConfig;
+use crate::config::{ProxyConfig, UpstreamProtocol};
 use crate::outcome::{ErrorKind, Outcome, OutcomeSink};
 use crate::pool::{InflightGuard, Pool};
 use crate::routing::Router;
@@ -250,17 +250,34 @@ impl Proxy {
         };
         pool.retry_budget().deposit();
         let body_timeout = self.limits.body_read_timeout;
+        let h2 = pool.protocol == UpstreamProtocol::H2c;
+        // gRPC needs `te: trailers` end to end; on HTTP/1.1 it is hop-by-hop.
+        let wants_trailers = h2 && te_trailers(req.headers());
         let mut upstream_req = match upstream_request(req, &guard, peer) {
             Ok(r) => r.map(|b| Either::Left(TimedBody::new(b, body_timeout))),
             Err(resp) => return resp,
         };
+        if h2 {
+            upstream_req = for_h2(upstream_req, wants_trailers);
+        }
         let deadline = tokio::time::Instant::from_std(start) + self.request_timeout;
         // The first attempt's failure, when it was retried.
         let mut retried = None;
         loop {
-            let sent =
-                tokio::time::timeout_at(deadline, self.client.send(guard.endpoint(), upstream_req))
-                    .await;
+            let send = async {
+                if h2 {
+                    self.client
+                        .send_h2(guard.endpoint(), upstream_req)
+                        .await
+                        .map(|r| (r, None))
+                } else {
+                    self.client
+                        .send(guard.endpoint(), upstream_req)
+                        .await
+                        .map(|(r, c)| (r, Some(c)))
+                }
+            };
+            let sent = tokio::time::timeout_at(deadline, send).await;
             match sent {
                 Ok(Ok((mut resp, conn))) => {
                     strip_hop_by_hop(resp.headers_mut());
@@ -276,7 +293,7 @@ impl Proxy {
                     return resp.map(|body| {
                         ProxyBody::Upstream(UpstreamBody {
                             body,
-                            conn: Some(conn),
+                            conn,
                             guard,
                             max_idle,
                         })
@@ -487,6 +504,44 @@ fn error_body(kind: ErrorKind, status: StatusCode) -> &'static str {
         (ErrorKind::Protocol, _) => "upstream sent an invalid response\n",
         (ErrorKind::NoEndpoint, _) => "no upstream endpoint available\n",
     }
+}
+
+/// The client asked for trailers (`te: trailers`, as gRPC does).
+fn te_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+}
+
+/// Shape a request for an HTTP/2 upstream: the authority moves from Host into the URI
+/// (hyper sends it as `:authority`) so the two never both go upstream, and
+/// `te: trailers` is kept when the client asked for it.
+fn for_h2(
+    mut req: Request<client::RequestBody>,
+    te_trailers: bool,
+) -> Request<client::RequestBody> {
+    *req.version_mut() = Version::HTTP_2;
+    if let Some(host) = req.headers_mut().remove(header::HOST)
+        && let Ok(authority) = http::uri::Authority::try_from(host.as_bytes())
+    {
+        let mut parts = req.uri().clone().into_parts();
+        parts.scheme = Some(http::uri::Scheme::HTTP);
+        parts.authority = Some(authority);
+        if parts.path_and_query.is_none() {
+            parts.path_and_query = Some(PathAndQuery::from_static("/"));
+        }
+        if let Ok(uri) = Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
+        }
+    }
+    if te_trailers {
+        req.headers_mut()
+            .insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    req
 }
 
 /// A request asking to switch protocols (WebSocket): `Connection: upgrade` and an

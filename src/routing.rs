@@ -529,6 +529,7 @@ mod tests {
                         weight: 1,
                         health: None,
                         outlier: crate::config::OutlierConfig::default(),
+                        protocol: Default::default(),
                     },
                     &crate::metrics::Metrics::new(),
                     crate::window::Window::new(

@@ -166,3 +166,94 @@ async fn http2_prior_knowledge_clients_are_proxied() {
         assert_eq!(host, ["shop.example.com"]);
     }
 }
+
+/// An HTTP/2 (h2c) gRPC-shaped upstream: echoes the length-prefixed message and ends
+/// with `grpc-status` trailers; reports what it saw of `te`, Host and `:authority`.
+async fn grpc_upstream() -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<(String, bool, String)>,
+) {
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let tx = tx.clone();
+                    async move {
+                        let te = req
+                            .headers()
+                            .get("te")
+                            .map(|v| v.to_str().unwrap().to_string())
+                            .unwrap_or_default();
+                        let has_host = req.headers().contains_key("host");
+                        let authority = req
+                            .uri()
+                            .authority()
+                            .map(|a| a.to_string())
+                            .unwrap_or_default();
+                        let _ = tx.send((te, has_host, authority));
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        let mut trailers = http::HeaderMap::new();
+                        trailers.insert("grpc-status", "0".parse().unwrap());
+                        trailers.insert("grpc-message", "ok".parse().unwrap());
+                        let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> =
+                            vec![Ok(Frame::data(body)), Ok(Frame::trailers(trailers))];
+                        let resp = http::Response::builder()
+                            .header("content-type", "application/grpc")
+                            .body(StreamBody::new(futures_util::stream::iter(frames)))
+                            .unwrap();
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, rx)
+}
+
+#[tokio::test]
+async fn grpc_over_h2c_keeps_trailers_both_ways() {
+    let (upstream_addr, mut seen) = grpc_upstream().await;
+    let toml = proxy_toml("")
+        + &service_toml("grpc", None, &[("v1", vec![upstream_addr.to_string()], 1)])
+        + "protocol = \"h2c\"\n";
+    let proxy = start(&toml).await;
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    for i in 0..5u8 {
+        // A gRPC message: compressed flag, big-endian length, payload.
+        let payload = vec![i; 10];
+        let mut msg = vec![0u8];
+        msg.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        msg.extend_from_slice(&payload);
+        let req = Request::post("http://grpc.example.com/pkg.Echo/Say")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(http_body_util::Full::new(Bytes::from(msg.clone())))
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["content-type"], "application/grpc");
+        let collected = resp.into_body().collect().await.unwrap();
+        let trailers = collected.trailers().cloned().expect("trailers arrive");
+        assert_eq!(trailers["grpc-status"], "0");
+        assert_eq!(trailers["grpc-message"], "ok");
+        assert_eq!(collected.to_bytes(), Bytes::from(msg));
+        let (te, has_host, authority) = seen.recv().await.unwrap();
+        assert_eq!(te, "trailers");
+        assert!(!has_host, "Host and :authority must not both go upstream");
+        assert_eq!(authority, "grpc.example.com");
+    }
+}
