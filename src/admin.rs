@@ -463,6 +463,20 @@ pub fn reload(
                 json!({ "error": format!("config rejected, nothing changed: {}", problems.join("; ")), "problems": problems }),
             ))
         }
+        Ok(config) if let Err(e) = crate::tls::check_upstreams(&config) => {
+            let problems = vec![e.to_string()];
+            let mut event = Event::new("", "config_rejected", Source::Config);
+            event.actor = actor;
+            event.reason = Some(format!("TLS material unusable in {}", path.display()));
+            event.details = json!({ "problems": problems });
+            if let Err(e) = controller.record(event) {
+                tracing::error!("cannot record config_rejected: {e}");
+            }
+            Err((
+                StatusCode::BAD_REQUEST,
+                json!({ "error": format!("config rejected, nothing changed: {e}"), "problems": problems }),
+            ))
+        }
         Ok(config) => match controller.reload(&config, actor) {
             Ok((report, event)) => {
                 tracing::info!("config reloaded: {report:?}");

@@ -109,7 +109,71 @@ impl http_body::Body for TimedBody {
     }
 }
 
-type Conn = http1::Connection<TokioIo<TcpStream>, RequestBody>;
+type Conn = http1::Connection<TokioIo<Stream>, RequestBody>;
+
+/// A connection to an endpoint: plain TCP or TLS over it.
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl tokio::io::AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
 
 /// One upstream connection: the request handle and the connection driver.
 pub struct PooledConn {
@@ -373,26 +437,35 @@ impl UpstreamClient {
         None
     }
 
-    async fn connect_stream(&self, endpoint: &EndpointState) -> Result<TcpStream, Failed> {
+    /// TCP (and, for TLS pools, the TLS handshake) within `connect_timeout`.
+    async fn connect_stream(&self, endpoint: &EndpointState) -> Result<Stream, Failed> {
         let authority = endpoint.authority();
         let port = authority.port_u16().unwrap_or(80);
         let host = authority
             .host()
             .trim_start_matches('[')
             .trim_end_matches(']');
-        let stream = match tokio::time::timeout(
-            self.connect_timeout,
-            TcpStream::connect((host, port)),
-        )
-        .await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) if e.kind() == io::ErrorKind::TimedOut => return Err(Failed::Timeout),
-            Ok(Err(e)) => return Err(Failed::Connect(e)),
-            Err(_) => return Err(Failed::Timeout),
+        let attempt = async {
+            let tcp = TcpStream::connect((host, port)).await?;
+            let _ = tcp.set_nodelay(true);
+            let Some(tls) = endpoint.tls() else {
+                return Ok(Stream::Plain(tcp));
+            };
+            let tls = tls.map_err(io::Error::other)?;
+            let name = match &tls.server_name {
+                Some(n) => n.clone(),
+                None => rustls::pki_types::ServerName::try_from(host.to_string())
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
+            };
+            let stream = tls.connector.connect(name, tcp).await?;
+            Ok::<_, io::Error>(Stream::Tls(Box::new(stream)))
         };
-        let _ = stream.set_nodelay(true);
-        Ok(stream)
+        match tokio::time::timeout(self.connect_timeout, attempt).await {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(e)) if e.kind() == io::ErrorKind::TimedOut => Err(Failed::Timeout),
+            Ok(Err(e)) => Err(Failed::Connect(e)),
+            Err(_) => Err(Failed::Timeout),
+        }
     }
 
     async fn connect(&self, endpoint: &EndpointState) -> Result<Box<PooledConn>, Failed> {

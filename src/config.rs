@@ -238,6 +238,18 @@ pub struct PoolConfig {
     pub outlier: OutlierConfig,
     /// How weir talks to this pool's endpoints.
     pub protocol: UpstreamProtocol,
+    /// TLS to the endpoints (`tls = true`).
+    pub tls: Option<UpstreamTlsConfig>,
+}
+
+/// TLS to a pool's endpoints.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UpstreamTlsConfig {
+    /// PEM CA certificates to trust; the system roots when absent.
+    pub ca_file: Option<PathBuf>,
+    /// Name to verify the endpoints' certificates against (and send as SNI); the
+    /// endpoint's host when absent.
+    pub server_name: Option<String>,
 }
 
 /// `protocol` of a pool.
@@ -249,6 +261,8 @@ pub enum UpstreamProtocol {
     /// HTTP/2 with prior knowledge over plain TCP (gRPC backends): one multiplexed
     /// connection per endpoint.
     H2c,
+    /// HTTP/2 over TLS (ALPN h2), multiplexed like h2c.
+    H2,
 }
 
 /// `[service.pools.NAME.health]`: an HTTP GET per endpoint on a timer.
@@ -590,6 +604,9 @@ struct RawPool {
     health: Option<Spanned<RawHealth>>,
     outlier: Option<Spanned<RawOutlier>>,
     protocol: Option<Spanned<String>>,
+    tls: Option<Spanned<bool>>,
+    ca_file: Option<Spanned<String>>,
+    server_name: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -949,24 +966,55 @@ impl Validator<'_> {
                 Some(p) => match p.get_ref().as_str() {
                     "http1" => UpstreamProtocol::Http1,
                     "h2c" => UpstreamProtocol::H2c,
-                    "h2" => {
-                        self.problem(
-                            format!("{pkey}.protocol"),
-                            p,
-                            "\"h2\" (HTTP/2 over TLS to upstreams) is not supported yet; use \"h2c\" or \"http1\"",
-                        );
-                        UpstreamProtocol::Http1
-                    }
+                    "h2" => UpstreamProtocol::H2,
                     other => {
                         self.problem(
                             format!("{pkey}.protocol"),
                             p,
-                            format!("`{other}` is not a protocol: use \"http1\" or \"h2c\""),
+                            format!(
+                                "`{other}` is not a protocol: use \"http1\", \"h2c\" or \"h2\""
+                            ),
                         );
                         UpstreamProtocol::Http1
                     }
                 },
             };
+            let tls_on = rp.tls.as_ref().is_some_and(|t| *t.get_ref());
+            if let Some(p) = &rp.protocol {
+                match (protocol, tls_on) {
+                    (UpstreamProtocol::H2, false) => self.problem(
+                        format!("{pkey}.protocol"),
+                        p,
+                        "\"h2\" needs tls = true (or use \"h2c\")",
+                    ),
+                    (UpstreamProtocol::H2c, true) => self.problem(
+                        format!("{pkey}.protocol"),
+                        p,
+                        "\"h2c\" is cleartext: with tls = true use \"h2\"",
+                    ),
+                    _ => {}
+                }
+            }
+            if !tls_on {
+                for (name, v) in [("ca_file", &rp.ca_file), ("server_name", &rp.server_name)] {
+                    if let Some(v) = v {
+                        self.problem(format!("{pkey}.{name}"), v, "only applies with tls = true");
+                    }
+                }
+            }
+            if let Some(sn) = &rp.server_name
+                && rustls::pki_types::ServerName::try_from(sn.get_ref().as_str()).is_err()
+            {
+                self.problem(
+                    format!("{pkey}.server_name"),
+                    sn,
+                    format!("`{}` is not a DNS name or IP", sn.get_ref()),
+                );
+            }
+            let tls = tls_on.then(|| UpstreamTlsConfig {
+                ca_file: rp.ca_file.as_ref().map(|c| PathBuf::from(c.get_ref())),
+                server_name: rp.server_name.as_ref().map(|s| s.get_ref().clone()),
+            });
             out.push(PoolConfig {
                 name: pname.clone(),
                 endpoints,
@@ -974,6 +1022,7 @@ impl Validator<'_> {
                 health,
                 outlier,
                 protocol,
+                tls,
             });
         }
         if total == 0

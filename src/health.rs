@@ -16,6 +16,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
+use crate::client::Stream;
+use crate::config::UpstreamProtocol;
 use crate::control::Controller;
 use crate::outcome::{ErrorKind, Outcome, OutcomeSink};
 use crate::pool::{EndpointChange, Pool};
@@ -166,31 +168,78 @@ async fn check(pool: &Pool, index: usize) -> (bool, String) {
     };
     let endpoint = &pool.endpoints()[index];
     let authority = endpoint.authority().clone();
+    let h2 = matches!(pool.protocol, UpstreamProtocol::H2 | UpstreamProtocol::H2c);
     let attempt = async {
         let host = authority
             .host()
             .trim_start_matches('[')
             .trim_end_matches(']');
-        let stream = TcpStream::connect((host, authority.port_u16().unwrap_or(80)))
+        let tcp = TcpStream::connect((host, authority.port_u16().unwrap_or(80)))
             .await
             .map_err(|e| format!("connect: {e}"))?;
-        let _ = stream.set_nodelay(true);
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        let _ = tcp.set_nodelay(true);
+        // Checks speak the pool's protocol, over TLS when the pool uses it.
+        let stream = match endpoint.tls() {
+            None => Stream::Plain(tcp),
+            Some(Err(e)) => return Err(e),
+            Some(Ok(tls)) => {
+                let name = match &tls.server_name {
+                    Some(n) => n.clone(),
+                    None => rustls::pki_types::ServerName::try_from(host.to_string())
+                        .map_err(|e| format!("server name: {e}"))?,
+                };
+                let s = tls
+                    .connector
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| format!("TLS: {e}"))?;
+                Stream::Tls(Box::new(s))
+            }
+        };
+        let scheme = if endpoint.tls().is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let builder = Request::get(if h2 {
+            format!("{scheme}://{authority}{}", health.path)
+        } else {
+            health.path.clone()
+        })
+        .header(
+            header::USER_AGENT,
+            concat!("weir-health/", env!("CARGO_PKG_VERSION")),
+        );
+        let req = if h2 {
+            builder.body(Empty::<Bytes>::new())
+        } else {
+            builder
+                .header(header::HOST, authority.as_str())
+                .header(header::CONNECTION, "close")
+                .body(Empty::<Bytes>::new())
+        }
+        .map_err(|e| format!("request: {e}"))?;
+        let status = if h2 {
+            let (mut sender, conn) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                TokioIo::new(stream),
+            )
             .await
             .map_err(|e| format!("handshake: {e}"))?;
-        let driver = tokio::spawn(conn);
-        let req = Request::get(health.path.as_str())
-            .header(header::HOST, authority.as_str())
-            .header(
-                header::USER_AGENT,
-                concat!("weir-health/", env!("CARGO_PKG_VERSION")),
-            )
-            .header(header::CONNECTION, "close")
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| format!("request: {e}"))?;
-        let resp = sender.send_request(req).await.map_err(|e| format!("{e}"));
-        driver.abort();
-        resp.map(|r| r.status().as_u16())
+            let driver = tokio::spawn(conn);
+            let resp = sender.send_request(req).await.map_err(|e| format!("{e}"));
+            driver.abort();
+            resp?.status().as_u16()
+        } else {
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| format!("handshake: {e}"))?;
+            let driver = tokio::spawn(conn);
+            let resp = sender.send_request(req).await.map_err(|e| format!("{e}"));
+            driver.abort();
+            resp?.status().as_u16()
+        };
+        Ok::<u16, String>(status)
     };
     match tokio::time::timeout(health.timeout, attempt).await {
         Err(_) => (false, format!("no answer within {:?}", health.timeout)),

@@ -113,6 +113,7 @@ impl Weir {
             .as_ref()
             .map(tls::server_config)
             .transpose()?;
+        tls::check_upstreams(&config)?;
         let metrics = Metrics::new();
         let controller = Arc::new(Controller::open(&config, Arc::clone(&metrics))?);
         let (outliers, monitor) = health::start(Arc::clone(&controller));

@@ -30,6 +30,10 @@ pub struct EndpointState {
     /// Consecutive 5xx / connect failures seen on live traffic.
     failures: AtomicU32,
     idle: IdleConns,
+    /// TLS to this endpoint: `None` for plain TCP; an error when the pool's TLS
+    /// settings could not be loaded (connections then fail rather than fall back to
+    /// plain text).
+    tls: Option<Result<Arc<crate::tls::UpstreamTls>, String>>,
     /// The multiplexed HTTP/2 connection, for h2c pools.
     h2: Mutex<Option<hyper::client::conn::http2::SendRequest<crate::client::RequestBody>>>,
     /// Cold state: ejection history and health-check counters.
@@ -49,9 +53,10 @@ struct EndpointCold {
 }
 
 impl EndpointState {
-    fn new(endpoint: Endpoint) -> Self {
+    fn new(endpoint: Endpoint, tls: Option<Result<Arc<crate::tls::UpstreamTls>, String>>) -> Self {
         EndpointState {
             endpoint,
+            tls,
             inflight: AtomicU32::new(0),
             healthy: AtomicBool::new(true),
             ejected: AtomicBool::new(false),
@@ -104,6 +109,13 @@ impl EndpointState {
     /// Idle keep-alive connections to this endpoint.
     pub fn idle(&self) -> &IdleConns {
         &self.idle
+    }
+
+    /// TLS settings for connections to this endpoint, if it is reached over TLS.
+    pub fn tls(&self) -> Option<Result<&crate::tls::UpstreamTls, String>> {
+        self.tls
+            .as_ref()
+            .map(|t| t.as_deref().map_err(Clone::clone))
     }
 
     /// The endpoint's HTTP/2 connection slot (h2c pools).
@@ -234,12 +246,21 @@ impl Pool {
             retry_budget: RetryBudget::new(),
             service,
             name,
-            endpoints: config
-                .endpoints
-                .iter()
-                .cloned()
-                .map(EndpointState::new)
-                .collect(),
+            endpoints: {
+                // Checked at startup and reload; kept as an error (never plain text)
+                // should it fail here anyway.
+                let tls = config.tls.as_ref().map(|t| {
+                    crate::tls::upstream(t, config.protocol)
+                        .map(Arc::new)
+                        .map_err(|e| e.to_string())
+                });
+                config
+                    .endpoints
+                    .iter()
+                    .cloned()
+                    .map(|e| EndpointState::new(e, tls.clone()))
+                    .collect()
+            },
         }
     }
 
@@ -509,6 +530,7 @@ mod tests {
             health: None,
             outlier: OutlierConfig::default(),
             protocol: Default::default(),
+            tls: None,
         };
         Arc::new(Pool::new("s", &cfg, &Metrics::new(), Window::new(S30, S1)))
     }

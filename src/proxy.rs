@@ -250,7 +250,7 @@ impl Proxy {
         };
         pool.retry_budget().deposit();
         let body_timeout = self.limits.body_read_timeout;
-        let h2 = pool.protocol == UpstreamProtocol::H2c;
+        let h2 = matches!(pool.protocol, UpstreamProtocol::H2c | UpstreamProtocol::H2);
         // gRPC needs `te: trailers` end to end; on HTTP/1.1 it is hop-by-hop.
         let wants_trailers = h2 && te_trailers(req.headers());
         let mut upstream_req = match upstream_request(req, &guard, peer) {
@@ -258,7 +258,12 @@ impl Proxy {
             Err(resp) => return resp,
         };
         if h2 {
-            upstream_req = for_h2(upstream_req, wants_trailers);
+            let scheme = if pool.protocol == UpstreamProtocol::H2 {
+                http::uri::Scheme::HTTPS
+            } else {
+                http::uri::Scheme::HTTP
+            };
+            upstream_req = for_h2(upstream_req, scheme, wants_trailers);
         }
         let deadline = tokio::time::Instant::from_std(start) + self.request_timeout;
         // The first attempt's failure, when it was retried.
@@ -521,6 +526,7 @@ fn te_trailers(headers: &HeaderMap) -> bool {
 /// `te: trailers` is kept when the client asked for it.
 fn for_h2(
     mut req: Request<client::RequestBody>,
+    scheme: http::uri::Scheme,
     te_trailers: bool,
 ) -> Request<client::RequestBody> {
     *req.version_mut() = Version::HTTP_2;
@@ -528,7 +534,7 @@ fn for_h2(
         && let Ok(authority) = http::uri::Authority::try_from(host.as_bytes())
     {
         let mut parts = req.uri().clone().into_parts();
-        parts.scheme = Some(http::uri::Scheme::HTTP);
+        parts.scheme = Some(scheme);
         parts.authority = Some(authority);
         if parts.path_and_query.is_none() {
             parts.path_and_query = Some(PathAndQuery::from_static("/"));

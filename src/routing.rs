@@ -530,6 +530,7 @@ mod tests {
                         health: None,
                         outlier: crate::config::OutlierConfig::default(),
                         protocol: Default::default(),
+                        tls: None,
                     },
                     &crate::metrics::Metrics::new(),
                     crate::window::Window::new(

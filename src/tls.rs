@@ -15,7 +15,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
-use crate::config::{CertConfig, TlsConfig};
+use crate::config::{CertConfig, TlsConfig, UpstreamProtocol, UpstreamTlsConfig};
 
 /// A certificate or key that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -115,4 +115,92 @@ pub fn server_config(cfg: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, TlsEr
         .with_cert_resolver(Arc::new(SniResolver { by_name, default }));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// TLS to one pool's endpoints: a connector with its roots and ALPN, and the name to
+/// verify (the endpoint's host when none is configured).
+pub struct UpstreamTls {
+    pub connector: tokio_rustls::TlsConnector,
+    pub server_name: Option<rustls::pki_types::ServerName<'static>>,
+}
+
+impl fmt::Debug for UpstreamTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamTls")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Build the TLS client side of a pool: trusted roots from `ca_file` (or the system's),
+/// ALPN `h2` for HTTP/2 pools and `http/1.1` otherwise.
+pub fn upstream(
+    cfg: &UpstreamTlsConfig,
+    protocol: UpstreamProtocol,
+) -> Result<UpstreamTls, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    match &cfg.ca_file {
+        Some(path) => {
+            let pem =
+                std::fs::read(path).map_err(|e| err(path, format!("cannot read CA file: {e}")))?;
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<_, _>>()
+                .map_err(|e| err(path, format!("not PEM CA certificates: {e}")))?;
+            if certs.is_empty() {
+                return Err(err(
+                    path,
+                    "no CA certificate found (expected PEM \"BEGIN CERTIFICATE\" blocks)",
+                ));
+            }
+            for c in certs {
+                roots
+                    .add(c)
+                    .map_err(|e| err(path, format!("unusable CA certificate: {e}")))?;
+            }
+        }
+        None => {
+            let native = rustls_native_certs::load_native_certs();
+            let (added, _) = roots.add_parsable_certificates(native.certs);
+            if added == 0 {
+                return Err(err(
+                    Path::new("(system roots)"),
+                    "no system CA certificates found; set ca_file for this pool",
+                ));
+            }
+        }
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| err(Path::new("(tls)"), e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = match protocol {
+        UpstreamProtocol::H2 | UpstreamProtocol::H2c => vec![b"h2".to_vec()],
+        UpstreamProtocol::Http1 => vec![b"http/1.1".to_vec()],
+    };
+    let server_name = cfg
+        .server_name
+        .as_ref()
+        .map(|s| {
+            rustls::pki_types::ServerName::try_from(s.clone())
+                .map_err(|e| err(Path::new("server_name"), format!("`{s}`: {e}")))
+        })
+        .transpose()?;
+    Ok(UpstreamTls {
+        connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+        server_name,
+    })
+}
+
+/// Check every pool's upstream TLS settings (CA files readable and valid), so a bad
+/// file is a startup (or reload) error, not a run-time surprise.
+pub fn check_upstreams(config: &crate::config::Config) -> Result<(), TlsError> {
+    for service in &config.services {
+        for pool in &service.pools {
+            if let Some(t) = &pool.tls {
+                upstream(t, pool.protocol)?;
+            }
+        }
+    }
+    Ok(())
 }

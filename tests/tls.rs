@@ -207,3 +207,110 @@ fn unusable_certificates_are_startup_errors_naming_the_file() {
         );
     }
 }
+
+/// An HTTPS upstream (ALPN h2 and http/1.1) answering with the HTTP version it saw.
+async fn https_upstream(dir: &Path) -> (std::net::SocketAddr, Cert) {
+    let cert = make_cert(dir, "upstream.internal");
+    let key_pem = std::fs::read(&cert.key).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(&key_pem).unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![cert.der.clone()], key)
+    .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc =
+                    hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                        let body = format!("{:?}", req.version());
+                        Ok::<_, std::convert::Infallible>(
+                            http::Response::builder()
+                                .header("x-upstream", "tls-upstream")
+                                .body(http_body_util::Full::new(Bytes::from(body)))
+                                .unwrap(),
+                        )
+                    });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, cert)
+}
+
+use rustls::pki_types::pem::PemObject;
+
+#[tokio::test]
+async fn pools_reach_tls_upstreams_over_http1_and_h2() {
+    let dir = temp_dir("tls-upstream");
+    let (addr, cert) = https_upstream(&dir).await;
+    let wrong = make_cert(&dir, "someone-else.internal");
+    let pool = |name: &str, protocol: &str, ca: &Path| {
+        format!(
+            "[service.pools.{name}]\nendpoints = [\"{addr}\"]\nweight = 1\ntls = true\nca_file = \"{}\"\nserver_name = \"upstream.internal\"\nprotocol = \"{protocol}\"\n",
+            ca.display()
+        )
+    };
+    for (protocol, ca, want) in [
+        ("http1", &cert.cert, Some("HTTP/1.1")),
+        ("h2", &cert.cert, Some("HTTP/2.0")),
+        ("http1", &wrong.cert, None),
+    ] {
+        let toml = proxy_toml("")
+            + "[[service]]\nname = \"shop\"\nbaseline = \"p\"\n"
+            + &pool("p", protocol, ca);
+        let proxy = start(&toml).await;
+        let c = client();
+        for _ in 0..3 {
+            let a = get(&c, proxy.addr, "shop.example.com", "/").await;
+            match want {
+                Some(version) => {
+                    assert_eq!(a.status, StatusCode::OK, "{protocol}: {}", a.text());
+                    assert_eq!(a.text(), version);
+                    assert_eq!(a.upstream(), "tls-upstream");
+                }
+                // A certificate the pool does not trust: no connection, 502.
+                None => assert_eq!(a.status, StatusCode::BAD_GATEWAY),
+            }
+        }
+    }
+}
+
+#[test]
+fn a_bad_upstream_ca_file_is_a_startup_error() {
+    let dir = temp_dir("tls-ca");
+    let garbage = dir.join("ca.pem");
+    std::fs::write(&garbage, "nope").unwrap();
+    let toml = format!(
+        "[[service]]\nname = \"s\"\nbaseline = \"p\"\n[service.pools.p]\nendpoints = [\"127.0.0.1:1\"]\nweight = 1\ntls = true\nca_file = \"{}\"\n",
+        garbage.display()
+    );
+    let mut config = Config::parse(&toml, "t").unwrap();
+    config.state.dir = dir.join("state");
+    let e = Weir::new(config, None).unwrap_err().to_string();
+    assert!(
+        e.contains("ca.pem") && e.contains("no CA certificate"),
+        "{e}"
+    );
+    // And the config checks: h2 needs TLS, h2c refuses it, CA needs TLS.
+    let bad = "[[service]]\nname = \"s\"\nbaseline = \"p\"\n[service.pools.p]\nendpoints = [\"127.0.0.1:1\"]\nweight = 1\nprotocol = \"h2\"\nca_file = \"x\"\n";
+    let e = Config::parse(bad, "t").unwrap_err().to_string();
+    assert!(e.contains("\"h2\" needs tls = true"), "{e}");
+    assert!(
+        e.contains("service[s].pools.p.ca_file: only applies with tls = true"),
+        "{e}"
+    );
+}
