@@ -307,15 +307,24 @@ impl Controller {
         &self.router
     }
 
-    /// The SLO of a service in the config in force, if it has one.
-    pub fn slo(&self, service: &str) -> Option<SloConfig> {
+    /// Something from a service's entry in the config in force.
+    fn service_config<T>(
+        &self,
+        service: &str,
+        get: impl FnOnce(&ServiceConfig) -> Option<T>,
+    ) -> Option<T> {
         self.config
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .services
             .iter()
             .find(|s| s.name == service)
-            .and_then(|s| s.slo.clone())
+            .and_then(get)
+    }
+
+    /// The SLO of a service in the config in force, if it has one.
+    pub fn slo(&self, service: &str) -> Option<SloConfig> {
+        self.service_config(service, |s| s.slo.clone())
     }
 
     /// The config in force.
@@ -664,13 +673,7 @@ impl Controller {
 
     /// The rollout plan of a service in the config in force.
     pub fn plan_of(&self, service: &str) -> Option<RolloutConfig> {
-        self.config
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .services
-            .iter()
-            .find(|s| s.name == service)
-            .and_then(|s| s.rollout.clone())
+        self.service_config(service, |s| s.rollout.clone())
     }
 
     /// Apply a new config: services, pools and endpoints change atomically (one route

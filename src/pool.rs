@@ -357,14 +357,7 @@ impl Pool {
             .map(|k| (start + k) % n)
             .filter(|&i| i != exclude && self.endpoints[i].is_up())
             .min_by_key(|&i| self.endpoints[i].inflight())?;
-        self.endpoints[index]
-            .inflight
-            .fetch_add(1, Ordering::Relaxed);
-        self.metrics.inflight().increment(1.0);
-        Some(InflightGuard {
-            pool: Arc::clone(self),
-            index,
-        })
+        Some(self.claim(index))
     }
 
     /// Return ejected endpoints whose time is up.
@@ -444,14 +437,19 @@ impl Pool {
     /// skipped; `None` means no endpoint is usable.
     pub fn pick(self: &Arc<Self>) -> Option<InflightGuard> {
         let index = self.pick_index(fast_rand())?;
+        Some(self.claim(index))
+    }
+
+    /// Count a request as in flight on endpoint `index`, until the guard drops.
+    fn claim(self: &Arc<Self>, index: usize) -> InflightGuard {
         self.endpoints[index]
             .inflight
             .fetch_add(1, Ordering::Relaxed);
         self.metrics.inflight().increment(1.0);
-        Some(InflightGuard {
+        InflightGuard {
             pool: Arc::clone(self),
             index,
-        })
+        }
     }
 
     /// The choice itself, from one random draw (split into two indices).

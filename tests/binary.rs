@@ -126,16 +126,7 @@ async fn one_gib_each_way_streams_with_flat_memory() {
     let pid = child.0.id();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let c = client();
-    let ready = wait_until(Duration::from_secs(20), || {
-        let c = c.clone();
-        async move {
-            let req = Request::get(format!("http://{addr}/"))
-                .body(empty())
-                .unwrap();
-            matches!(c.request(req).await, Ok(r) if r.status() == StatusCode::OK)
-        }
-    })
-    .await;
+    let ready = answers_ok(&c, format!("http://{addr}/")).await;
     assert!(ready, "weir did not start");
     let before = peak_rss_kib(pid);
 
@@ -164,6 +155,24 @@ async fn one_gib_each_way_streams_with_flat_memory() {
         after - before < 32 * 1024,
         "peak RSS grew from {before} KiB to {after} KiB"
     );
+}
+
+/// Poll `url` until it answers 200, for up to 20 s (a process starting up).
+async fn answers_ok(
+    c: &hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        TestBody,
+    >,
+    url: String,
+) -> bool {
+    wait_until(Duration::from_secs(20), || {
+        let (c, url) = (c.clone(), url.clone());
+        async move {
+            let req = Request::get(url).body(empty()).unwrap();
+            matches!(c.request(req).await, Ok(r) if r.status() == StatusCode::OK)
+        }
+    })
+    .await
 }
 
 fn free_port() -> u16 {
@@ -204,16 +213,7 @@ async fn run_weir(
             .unwrap(),
     );
     let c = client();
-    let ready = wait_until(Duration::from_secs(20), || {
-        let c = c.clone();
-        async move {
-            let req = Request::get(format!("http://{admin}/readyz"))
-                .body(empty())
-                .unwrap();
-            matches!(c.request(req).await, Ok(r) if r.status() == StatusCode::OK)
-        }
-    })
-    .await;
+    let ready = answers_ok(&c, format!("http://{admin}/readyz")).await;
     assert!(ready, "weir did not become ready");
     (child, admin)
 }
@@ -380,16 +380,7 @@ async fn sigterm_finishes_in_flight_requests_then_exits_0() {
         .unwrap();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let c = client();
-    let ready = wait_until(Duration::from_secs(20), || {
-        let c = c.clone();
-        async move {
-            let req = Request::get(format!("http://127.0.0.1:{admin}/readyz"))
-                .body(empty())
-                .unwrap();
-            matches!(c.request(req).await, Ok(r) if r.status() == StatusCode::OK)
-        }
-    })
-    .await;
+    let ready = answers_ok(&c, format!("http://127.0.0.1:{admin}/readyz")).await;
     assert!(ready);
     let inflight: Vec<_> = (0..10)
         .map(|_| tokio::spawn(async move { get(&client(), addr, "x", "/").await.status }))
