@@ -676,7 +676,11 @@ weir_version="n/a (not in TARGETS)"
 if has_target weir; then
     weir_version=$(timeout 5 "$WEIR_BIN" --version 2>/dev/null | head -n 1 || true)
     [[ -n $weir_version ]] || weir_version="(no --version)"
-    weir_version+=" — $WEIR_BIN"
+    weir_version+=" — $WEIR_BIN, built $(date -u -r "$WEIR_BIN" '+%Y-%m-%d %H:%M:%S UTC')"
+    # Someone may be editing the sources while this runs: say so if the binary
+    # measured is older than them (then it is not exactly the HEAD shown).
+    newer=$(cd "$REPO_ROOT" && find src Cargo.toml Cargo.lock -newer "$WEIR_BIN" -type f 2>/dev/null | wc -l)
+    ((newer == 0)) || weir_version+=" (**$newer source file(s) newer than this binary**)"
 fi
 git_rev=$(git -C "$REPO_ROOT" describe --always --dirty 2>/dev/null || echo "no commits")
 H1_TITLE="HTTP/1.1 (wrk, $CONNS connections)"
