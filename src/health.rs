@@ -47,14 +47,13 @@ fn failed(status: u16, error: Option<ErrorKind>) -> bool {
 
 impl OutcomeSink for OutlierSink {
     fn record(&self, o: &Outcome<'_>) {
-        let now = Instant::now();
         if let Some((endpoint, kind)) = o.retried
-            && let Some(change) = o.pool.observe(endpoint, failed(502, Some(kind)), now)
+            && let Some(change) = o.pool.observe(endpoint, failed(502, Some(kind)))
         {
             let _ = self.changes.send((Arc::clone(o.pool), change));
         }
         if let Some(endpoint) = o.endpoint
-            && let Some(change) = o.pool.observe(endpoint, failed(o.status, o.error), now)
+            && let Some(change) = o.pool.observe(endpoint, failed(o.status, o.error))
         {
             let _ = self.changes.send((Arc::clone(o.pool), change));
         }

@@ -305,7 +305,7 @@ impl Pool {
     /// Live traffic on an endpoint: a 5xx or connect failure (`failed`) or a good
     /// answer. Consecutive failures eject it (Envoy's consecutive-5xx), unless that
     /// would eject more than `max_ejection_percent` of the pool.
-    pub fn observe(&self, index: usize, failed: bool, now: Instant) -> Option<EndpointChange> {
+    pub fn observe(&self, index: usize, failed: bool) -> Option<EndpointChange> {
         let e = self.endpoints.get(index)?;
         if !failed {
             if e.failures.load(Ordering::Relaxed) != 0 {
@@ -326,6 +326,8 @@ impl Pool {
         if e.ejected.swap(true, Ordering::Relaxed) {
             return None;
         }
+        // The clock is read only here, on an ejection, never per request.
+        let now = Instant::now();
         cold.ejections += 1;
         let factor = 1u32 << (cold.ejections - 1).min(16);
         let duration = self
