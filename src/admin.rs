@@ -746,12 +746,8 @@ fn rollout_json(s: &Service, snap: &crate::routing::ServiceSnapshot, guard: &Gua
         return json!({ "phase": "idle" });
     };
     let now = std::time::SystemTime::now();
-    let evidence = crate::rollout::Evidence {
-        candidate_requests: snap
-            .slot(&r.candidate)
-            .map_or(0, |p| p.pool.window().total()),
-        verdict: guard.verdict(&s.name, &r.candidate),
-    };
+    let evidence =
+        crate::rollout::Evidence::of(snap, &r.candidate, guard.verdict(&s.name, &r.candidate));
     let decision = guard.decision(&s.name, &r.candidate);
     json!({
         "phase": r.phase,

@@ -290,6 +290,31 @@ pub struct UpstreamClient {
     http: http1::Builder,
 }
 
+/// Open a connection to an endpoint: TCP, then the TLS handshake when its pool uses TLS
+/// (verifying the configured server name, or the endpoint's host). Shared by requests
+/// and health checks.
+pub async fn open(endpoint: &EndpointState) -> io::Result<Stream> {
+    let authority = endpoint.authority();
+    let port = authority.port_u16().unwrap_or(80);
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let tcp = TcpStream::connect((host, port)).await?;
+    let _ = tcp.set_nodelay(true);
+    let Some(tls) = endpoint.tls() else {
+        return Ok(Stream::Plain(tcp));
+    };
+    let tls = tls.map_err(io::Error::other)?;
+    let name = match &tls.server_name {
+        Some(n) => n.clone(),
+        None => rustls::pki_types::ServerName::try_from(host.to_string())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
+    };
+    let stream = tls.connector.connect(name, tcp).await?;
+    Ok(Stream::Tls(Box::new(stream)))
+}
+
 /// Why a connect failed (the caller still holds the request).
 enum Failed {
     Connect(io::Error),
@@ -439,28 +464,7 @@ impl UpstreamClient {
 
     /// TCP (and, for TLS pools, the TLS handshake) within `connect_timeout`.
     async fn connect_stream(&self, endpoint: &EndpointState) -> Result<Stream, Failed> {
-        let authority = endpoint.authority();
-        let port = authority.port_u16().unwrap_or(80);
-        let host = authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']');
-        let attempt = async {
-            let tcp = TcpStream::connect((host, port)).await?;
-            let _ = tcp.set_nodelay(true);
-            let Some(tls) = endpoint.tls() else {
-                return Ok(Stream::Plain(tcp));
-            };
-            let tls = tls.map_err(io::Error::other)?;
-            let name = match &tls.server_name {
-                Some(n) => n.clone(),
-                None => rustls::pki_types::ServerName::try_from(host.to_string())
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
-            };
-            let stream = tls.connector.connect(name, tcp).await?;
-            Ok::<_, io::Error>(Stream::Tls(Box::new(stream)))
-        };
-        match tokio::time::timeout(self.connect_timeout, attempt).await {
+        match tokio::time::timeout(self.connect_timeout, open(endpoint)).await {
             Ok(Ok(s)) => Ok(s),
             Ok(Err(e)) if e.kind() == io::ErrorKind::TimedOut => Err(Failed::Timeout),
             Ok(Err(e)) => Err(Failed::Connect(e)),

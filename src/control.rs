@@ -531,12 +531,7 @@ impl Controller {
         let settle = !matches!(verb, RolloutVerb::Tick(_));
         let t = self.rollout_verb(name, current, verb, now)?;
         Ok(if settle {
-            let evidence = Evidence {
-                candidate_requests: current
-                    .slot(&t.rollout.candidate)
-                    .map_or(0, |s| s.pool.window().total()),
-                verdict: None,
-            };
+            let evidence = Evidence::of(current, &t.rollout.candidate, None);
             Rollout::settle(t, now, &evidence)
         } else {
             t
@@ -552,12 +547,7 @@ impl Controller {
     ) -> Result<Transition, ControlError> {
         let conflict = |msg: String| ControlError::Conflict(format!("service `{name}`: {msg}"));
         let existing = current.rollout.as_ref();
-        let evidence_now = |candidate: &str| Evidence {
-            candidate_requests: current
-                .slot(candidate)
-                .map_or(0, |s| s.pool.window().total()),
-            verdict: None,
-        };
+        let evidence_now = |candidate: &str| Evidence::of(current, candidate, None);
         match verb {
             RolloutVerb::Start { candidate } => {
                 if let Some(r) = existing

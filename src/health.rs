@@ -13,10 +13,8 @@ use bytes::Bytes;
 use http::{Request, header};
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use crate::client::Stream;
 use crate::config::UpstreamProtocol;
 use crate::control::Controller;
 use crate::outcome::{ErrorKind, Outcome, OutcomeSink};
@@ -169,32 +167,10 @@ async fn check(pool: &Pool, index: usize) -> (bool, String) {
     let authority = endpoint.authority().clone();
     let h2 = matches!(pool.protocol, UpstreamProtocol::H2 | UpstreamProtocol::H2c);
     let attempt = async {
-        let host = authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']');
-        let tcp = TcpStream::connect((host, authority.port_u16().unwrap_or(80)))
+        // Checks speak the pool's protocol, over TLS when the pool uses it.
+        let stream = crate::client::open(endpoint)
             .await
             .map_err(|e| format!("connect: {e}"))?;
-        let _ = tcp.set_nodelay(true);
-        // Checks speak the pool's protocol, over TLS when the pool uses it.
-        let stream = match endpoint.tls() {
-            None => Stream::Plain(tcp),
-            Some(Err(e)) => return Err(e),
-            Some(Ok(tls)) => {
-                let name = match &tls.server_name {
-                    Some(n) => n.clone(),
-                    None => rustls::pki_types::ServerName::try_from(host.to_string())
-                        .map_err(|e| format!("server name: {e}"))?,
-                };
-                let s = tls
-                    .connector
-                    .connect(name, tcp)
-                    .await
-                    .map_err(|e| format!("TLS: {e}"))?;
-                Stream::Tls(Box::new(s))
-            }
-        };
         let scheme = if endpoint.tls().is_some() {
             "https"
         } else {

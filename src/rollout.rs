@@ -266,6 +266,22 @@ pub struct Transition {
     pub reason: String,
 }
 
+impl Evidence {
+    /// What a snapshot and the guard say about `candidate` now.
+    pub fn of(
+        snapshot: &crate::routing::ServiceSnapshot,
+        candidate: &str,
+        verdict: Option<(Verdict, SystemTime)>,
+    ) -> Evidence {
+        Evidence {
+            candidate_requests: snapshot
+                .slot(candidate)
+                .map_or(0, |s| s.pool.window().total()),
+            verdict,
+        }
+    }
+}
+
 impl Rollout {
     /// A rollout at its first step.
     pub fn start(
@@ -609,12 +625,11 @@ pub async fn drive(controller: std::sync::Arc<Controller>, guard: std::sync::Arc
                 .filter_map(|service| {
                     let snapshot = service.snapshot();
                     let rollout = snapshot.rollout.as_ref()?;
-                    let evidence = Evidence {
-                        candidate_requests: snapshot
-                            .slot(&rollout.candidate)
-                            .map_or(0, |s| s.pool.window().total()),
-                        verdict: guard.verdict(&service.name, &rollout.candidate),
-                    };
+                    let evidence = Evidence::of(
+                        &snapshot,
+                        &rollout.candidate,
+                        guard.verdict(&service.name, &rollout.candidate),
+                    );
                     // Only bother the controller (and the disk) when a step is due.
                     rollout.tick(now, &evidence)?;
                     Some((service.name.to_string(), evidence))
