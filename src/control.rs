@@ -646,7 +646,7 @@ impl Controller {
                     RolloutVerb::Promote { full } => {
                         r.promote(full, now, &evidence_now(&r.candidate))
                     }
-                    RolloutVerb::Pause => r.pause(now),
+                    RolloutVerb::Pause => r.pause(),
                     RolloutVerb::Resume => r.resume(),
                     RolloutVerb::Abort => r.abort(now),
                     RolloutVerb::Tick(evidence) => {

@@ -534,14 +534,15 @@ impl Rollout {
         Ok(t)
     }
 
-    pub fn pause(&self, now: SystemTime) -> Result<Transition, String> {
+    /// Hold the plan where it is. A timed pause keeps its deadline: if it passes while
+    /// paused, the step advances right after the resume.
+    pub fn pause(&self) -> Result<Transition, String> {
         if self.phase != Phase::Progressing {
             return Err(format!(
                 "only a progressing rollout can pause (phase {})",
                 self.phase.as_str()
             ));
         }
-        let _ = now;
         let mut next = self.clone();
         next.phase = Phase::Paused;
         Ok(Transition {
@@ -765,10 +766,10 @@ mod tests {
         ]);
         let r = r.tick(at(0), &no_evidence()).unwrap().rollout;
         assert!(r.resume().is_err());
-        let paused = r.pause(at(1)).unwrap().rollout;
+        let paused = r.pause().unwrap().rollout;
         assert_eq!(paused.phase, Phase::Paused);
         assert!(paused.tick(at(2), &no_evidence()).is_none());
-        assert!(paused.pause(at(2)).is_err());
+        assert!(paused.pause().is_err());
         let r = paused.resume().unwrap().rollout;
         let t = r.promote(false, at(3), &no_evidence()).unwrap();
         assert_eq!(t.rollout.step, 2);
