@@ -99,18 +99,11 @@ fn weights(proxy: &Proxy) -> Vec<u32> {
 }
 
 async fn service(proxy: &Proxy) -> Value {
-    get(&client(), proxy.admin, "x", "/api/v1/services/shop")
-        .await
-        .json()
+    proxy.service("shop").await
 }
 
 async fn events(proxy: &Proxy) -> Vec<Value> {
-    get(&client(), proxy.admin, "x", "/api/v1/events?limit=1000")
-        .await
-        .json()["events"]
-        .as_array()
-        .unwrap()
-        .clone()
+    proxy.events().await
 }
 
 /// Wait until `n` canary requests have been judged, so the switch happens mid-run.

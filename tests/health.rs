@@ -17,18 +17,11 @@ use tokio::net::TcpListener;
 use weir::upstream::{Faults, UpstreamConfig, UpstreamHandle};
 
 async fn service(proxy: &Proxy) -> Value {
-    get(&client(), proxy.admin, "x", "/api/v1/services/shop")
-        .await
-        .json()
+    proxy.service("shop").await
 }
 
 async fn events(proxy: &Proxy) -> Vec<Value> {
-    get(&client(), proxy.admin, "x", "/api/v1/events?limit=1000")
-        .await
-        .json()["events"]
-        .as_array()
-        .unwrap()
-        .clone()
+    proxy.events().await
 }
 
 fn endpoint_state(s: &Value, pool: usize, endpoint: usize) -> String {
@@ -158,7 +151,8 @@ async fn a_dead_host_is_routed_around_and_comes_back_without_a_rollback() {
     );
     let (sent, failed) = load.stop().await;
     println!("killed 1 of 3 stable endpoints: {failed} of {sent} client requests failed");
-    assert!(failed <= 5, "{failed} of {sent} failed");
+    // Only requests in flight on the host when it died can fail ("a handful").
+    assert!(failed <= 10, "{failed} of {sent} failed");
     let s = service(&proxy).await;
     assert_eq!(
         s["pools"][0]["weight"], 90,
@@ -331,8 +325,9 @@ async fn a_refused_connection_is_retried_on_another_endpoint_and_still_counted()
         );
     let proxy = start(&toml).await;
     let c = client();
-    // Within the retry budget's floor (10 a second): every request succeeds.
-    for _ in 0..16 {
+    // Within the retry budget (a floor of 10 plus 0.2 per request): every request
+    // succeeds, even if every one of them first drew the dead endpoint.
+    for _ in 0..12 {
         let a = get(&c, proxy.addr, "x", "/").await;
         assert_eq!((a.status, a.upstream()), (StatusCode::OK, "good"));
     }

@@ -38,6 +38,30 @@ pub struct Proxy {
     stop: Option<oneshot::Sender<()>>,
 }
 
+impl Proxy {
+    /// A service's document from the admin API.
+    pub async fn service(&self, name: &str) -> serde_json::Value {
+        get(
+            &client(),
+            self.admin,
+            "x",
+            &format!("/api/v1/services/{name}"),
+        )
+        .await
+        .json()
+    }
+
+    /// Every event so far (up to 1000), oldest first.
+    pub async fn events(&self) -> Vec<serde_json::Value> {
+        get(&client(), self.admin, "x", "/api/v1/events?limit=1000")
+            .await
+            .json()["events"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
 impl Drop for Proxy {
     fn drop(&mut self) {
         if let Some(stop) = self.stop.take() {
