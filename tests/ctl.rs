@@ -564,43 +564,70 @@ impl Write for ChannelWriter {
     }
 }
 
+/// A `weir ctl` command that keeps printing (`--follow`, `--watch`), run until
+/// stopped, with its output collected as it comes.
+struct Streaming {
+    rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    seen: String,
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<(ExitCode, String)>,
+}
+
+impl Streaming {
+    fn start(args: ctl::CtlArgs) -> Streaming {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let mut out = ChannelWriter(tx);
+            let mut err = Vec::new();
+            let code = ctl::execute(&args, None, &mut out, &mut err, async {
+                let _ = stopped.await;
+            })
+            .await;
+            (code, String::from_utf8(err).unwrap())
+        });
+        Streaming {
+            rx,
+            seen: String::new(),
+            stop,
+            task,
+        }
+    }
+
+    /// Wait (up to 10 s) until the output so far contains `needle`.
+    async fn wait_for(&mut self, needle: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !self.seen.contains(needle) {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(chunk)) => self.seen.push_str(&String::from_utf8(chunk).unwrap()),
+                _ => panic!("no `{needle}` in the output; got:\n{}", self.seen),
+            }
+        }
+    }
+
+    /// Stop it (as Ctrl-C would) and return its exit code, stderr and output.
+    async fn stop(self) -> (ExitCode, String, String) {
+        self.stop.send(()).unwrap();
+        let (code, err) = self.task.await.unwrap();
+        (code, err, self.seen)
+    }
+}
+
 #[tokio::test]
 async fn events_follow_prints_new_events_until_stopped() {
     let h = start(false).await;
     ctl(&h.admin, &["set-weight", "shop", "stable=80", "canary=20"])
         .await
         .ok();
-    let args = parse(&h.admin, &["events", "--follow"]).unwrap();
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let follower = tokio::spawn(async move {
-        let mut out = ChannelWriter(tx);
-        let mut err = Vec::new();
-        let code = ctl::execute(&args, None, &mut out, &mut err, async {
-            let _ = stopped.await;
-        })
-        .await;
-        (code, String::from_utf8(err).unwrap())
-    });
-    let mut seen = String::new();
-    let mut wait_for = async |needle: &str| {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while !seen.contains(needle) {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(chunk)) => seen.push_str(&String::from_utf8(chunk).unwrap()),
-                _ => panic!("no `{needle}` from --follow; got:\n{seen}"),
-            }
-        }
-    };
+    let mut follow = Streaming::start(parse(&h.admin, &["events", "--follow"]).unwrap());
     // History first, then what happens while following.
-    wait_for("weights_changed").await;
+    follow.wait_for("weights_changed").await;
     ctl(&h.admin, &["rollback", "shop", "--reason", "watch this"])
         .await
         .ok();
-    wait_for("\"watch this\"").await;
+    follow.wait_for("\"watch this\"").await;
+    let (code, err, seen) = follow.stop().await;
     assert_eq!(seen.lines().count(), 2, "{seen}");
-    stop.send(()).unwrap();
-    let (code, err) = follower.await.unwrap();
     assert_eq!(code, ExitCode::SUCCESS, "{err}");
 }
 
@@ -1085,33 +1112,11 @@ async fn status_watch_redraws_the_rollout_until_stopped_or_counted() {
     assert!(parse(&h.admin, &["status", "--watch", "--count", "0"]).is_err());
 
     // Without --count it follows changes until stopped.
-    let args = parse(&h.admin, &["status", "shop", "-w"]).unwrap();
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let watcher = tokio::spawn(async move {
-        let mut out = ChannelWriter(tx);
-        let mut err = Vec::new();
-        let code = ctl::execute(&args, None, &mut out, &mut err, async {
-            let _ = stopped.await;
-        })
-        .await;
-        (code, String::from_utf8(err).unwrap())
-    });
-    let mut seen = String::new();
-    let mut wait_for = async |needle: &str| {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while !seen.contains(needle) {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(chunk)) => seen.push_str(&String::from_utf8(chunk).unwrap()),
-                _ => panic!("no `{needle}` from --watch; got:\n{seen}"),
-            }
-        }
-    };
-    wait_for("shop: rollout progressing, step 2/5").await;
+    let mut watch = Streaming::start(parse(&h.admin, &["status", "shop", "-w"]).unwrap());
+    watch.wait_for("shop: rollout progressing, step 2/5").await;
     ctl(&h.admin, &["pause", "shop"]).await.ok();
-    wait_for("shop: rollout paused, step 2/5").await;
-    stop.send(()).unwrap();
-    let (code, err) = watcher.await.unwrap();
+    watch.wait_for("shop: rollout paused, step 2/5").await;
+    let (code, err, seen) = watch.stop().await;
     assert_eq!(code, ExitCode::SUCCESS, "{err}");
     assert!(seen.contains("\n---\n"), "{seen}");
 }
