@@ -203,10 +203,7 @@ pub async fn run(opts: DemoOptions, out: &mut (impl Write + Send)) -> Result<()>
         out.flush()?;
 
         if opts.fail_canary && broke_at.is_none() && rollout.as_ref().is_some_and(|r| r.step >= 3) {
-            canary.set_faults(Faults {
-                error_rate: 0.3,
-                ..Faults::default()
-            });
+            canary.set_faults(Faults::errors(0.3));
             broke_at = Some(Instant::now());
             writeln!(
                 out,

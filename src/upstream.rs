@@ -99,6 +99,24 @@ pub struct Faults {
     pub latency_jitter: Duration,
 }
 
+impl Faults {
+    /// Answer 500 with this probability, nothing else.
+    pub fn errors(rate: f64) -> Faults {
+        Faults {
+            error_rate: rate,
+            ..Faults::default()
+        }
+    }
+
+    /// Delay every answer by this much, nothing else.
+    pub fn delay(latency: Duration) -> Faults {
+        Faults {
+            latency,
+            ..Faults::default()
+        }
+    }
+}
+
 fn ser_humantime<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(&humantime::format_duration(*d))
 }

@@ -359,10 +359,7 @@ fn demo_with_a_failing_canary_shows_the_guard_revert() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_in_flight_requests_then_exits_0() {
     let up = upstream("slow").await;
-    up.set_faults(weir::upstream::Faults {
-        latency: Duration::from_millis(800),
-        ..Default::default()
-    });
+    up.set_faults(weir::upstream::Faults::delay(Duration::from_millis(800)));
     let dir = tempdir();
     let (port, admin) = (free_port(), free_port());
     let toml = format!(

@@ -149,10 +149,7 @@ async fn broken_canary_is_rolled_back_within_three_seconds() {
     let load = Load::start(s.proxy.addr, 500, 16);
     warm_up(&s.proxy, &s.canary, 100).await;
     let failures_before = load.canary_failures.load(Ordering::Relaxed);
-    s.canary.set_faults(Faults {
-        error_rate: 0.3,
-        ..Faults::default()
-    });
+    s.canary.set_faults(Faults::errors(0.3));
     let switched = Instant::now();
     let reverted = wait_until(Duration::from_secs(10), || async {
         weights(&s.proxy) == [100, 0]
@@ -247,10 +244,8 @@ async fn slow_canary_is_rolled_back_within_three_seconds() {
     .await;
     let load = Load::start(s.proxy.addr, 500, 32);
     warm_up(&s.proxy, &s.canary, 100).await;
-    s.canary.set_faults(Faults {
-        latency: Duration::from_millis(300),
-        ..Faults::default()
-    });
+    s.canary
+        .set_faults(Faults::delay(Duration::from_millis(300)));
     let switched = Instant::now();
     let reverted = wait_until(Duration::from_secs(10), || async {
         weights(&s.proxy) == [100, 0]
@@ -276,10 +271,7 @@ async fn equal_low_error_rates_are_never_rolled_back() {
         "interval = \"200ms\"\nwindow = \"5s\"\nfast_window = \"1s\"\nmin_requests = 20\nmax_error_rate = 0.05\nmax_error_rate_increase = 0.02\n",
     )
     .await;
-    let one_percent = Faults {
-        error_rate: 0.01,
-        ..Faults::default()
-    };
+    let one_percent = Faults::errors(0.01);
     s.stable.set_faults(one_percent);
     s.canary.set_faults(one_percent);
     let load = Load::start(s.proxy.addr, 600, 16);
@@ -308,10 +300,7 @@ async fn everything_failing_is_not_the_canarys_fault() {
         "interval = \"200ms\"\nwindow = \"5s\"\nmin_requests = 20\nmax_error_rate_increase = 0.02\nmax_p99_ratio = 1.5\n",
     )
     .await;
-    let broken = Faults {
-        error_rate: 0.5,
-        ..Faults::default()
-    };
+    let broken = Faults::errors(0.5);
     s.stable.set_faults(broken);
     s.canary.set_faults(broken);
     let load = Load::start(s.proxy.addr, 400, 16);
@@ -359,10 +348,7 @@ async fn thin_traffic_is_inconclusive() {
         "window = \"5s\"\nfast_window = \"2s\"\nmin_requests = 50\nmax_error_rate = 0.05\n",
     )
     .await;
-    s.canary.set_faults(Faults {
-        error_rate: 1.0,
-        ..Faults::default()
-    });
+    s.canary.set_faults(Faults::errors(1.0));
     // 10 req/s in all: about 5 on the canary.
     let load = Load::start(s.proxy.addr, 10, 2);
     let judged = wait_until(Duration::from_secs(20), || async {
@@ -390,10 +376,7 @@ async fn dry_run_reports_and_keeps_weights() {
         "mode = \"dry-run\"\ninterval = \"200ms\"\nmin_requests = 20\nmax_error_rate = 0.05\n",
     )
     .await;
-    s.canary.set_faults(Faults {
-        error_rate: 0.5,
-        ..Faults::default()
-    });
+    s.canary.set_faults(Faults::errors(0.5));
     let load = Load::start(s.proxy.addr, 500, 16);
     let reported = wait_until(Duration::from_secs(20), || async {
         events(&s.proxy)

@@ -210,10 +210,7 @@ async fn consecutive_failures_eject_but_never_more_than_half_the_pool() {
         upstream("c").await,
         upstream("d").await,
     ];
-    let broken = Faults {
-        error_rate: 1.0,
-        ..Faults::default()
-    };
+    let broken = Faults::errors(1.0);
     // Three of four endpoints answer 500: only two may be ejected (50%).
     for e in &eps[..3] {
         e.set_faults(broken);
@@ -280,10 +277,7 @@ async fn a_bad_version_is_rolled_back_even_when_ejection_could_hide_it() {
     let stable = [upstream("s1").await, upstream("s2").await];
     let canary = [upstream("c1").await, upstream("c2").await];
     for c in &canary {
-        c.set_faults(Faults {
-            error_rate: 1.0,
-            ..Faults::default()
-        });
+        c.set_faults(Faults::errors(1.0));
     }
     let toml = proxy_toml("")
         + "[[service]]\nname = \"shop\"\nbaseline = \"stable\"\n"

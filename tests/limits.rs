@@ -18,10 +18,7 @@ use weir::upstream::Faults;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_drains_in_flight_requests_and_refuses_new_ones() {
     let up = upstream("slow").await;
-    up.set_faults(Faults {
-        latency: Duration::from_secs(1),
-        ..Faults::default()
-    });
+    up.set_faults(Faults::delay(Duration::from_secs(1)));
     let toml = "[proxy]\nshutdown_grace = \"30s\"\nrequest_timeout = \"10s\"\n".to_string()
         + &service_toml("shop", None, &[("p", vec![up.addr().to_string()], 1)]);
     let mut config = Config::parse(&toml, "t").unwrap();

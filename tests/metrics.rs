@@ -61,11 +61,7 @@ async fn shop(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exposition_passes_promtool() {
-    let (proxy, _s, _c) = shop(Faults {
-        error_rate: 0.3,
-        ..Faults::default()
-    })
-    .await;
+    let (proxy, _s, _c) = shop(Faults::errors(0.3)).await;
     let c = client();
     for i in 0..200 {
         // Varied paths must not become labels.

@@ -379,10 +379,7 @@ async fn blue_green_previews_switches_and_switches_back_on_a_breach() {
             .starts_with("rollback window")
     );
     // The new active pool breaks inside the window: the guard switches back.
-    canary.set_faults(Faults {
-        error_rate: 0.5,
-        ..Faults::default()
-    });
+    canary.set_faults(Faults::errors(0.5));
     let stop = Arc::new(AtomicBool::new(false));
     let load = {
         let stop = stop.clone();
@@ -459,10 +456,7 @@ max_error_rate = 0.05
     // Next release (stable is now the candidate), broken: the guard ends the plan.
     let again = admin.post("shop/rollout", json!({})).await;
     assert_eq!(again.json()["rollout"]["candidate"], "stable");
-    stable.set_faults(Faults {
-        error_rate: 0.6,
-        ..Faults::default()
-    });
+    stable.set_faults(Faults::errors(0.6));
     let degraded = wait_until(Duration::from_secs(30), || {
         let c = c.clone();
         let admin = &admin;
