@@ -225,7 +225,7 @@ async fn bad_weight_requests_are_400_and_change_nothing() {
     for (body, needle) in cases {
         let a = admin.put_weights("shop", body.clone()).await;
         assert_eq!(a.status, StatusCode::BAD_REQUEST, "{body}");
-        let msg = a.json()["error"].as_str().unwrap().to_string();
+        let msg = a.error();
         assert!(msg.contains(needle), "{body}: {msg}");
     }
     let malformed = admin
@@ -251,12 +251,7 @@ async fn bad_weight_requests_are_400_and_change_nothing() {
     )
     .await;
     assert_eq!(a.status, StatusCode::BAD_REQUEST);
-    assert!(
-        a.json()["error"]
-            .as_str()
-            .unwrap()
-            .starts_with("malformed JSON")
-    );
+    assert!(a.error().starts_with("malformed JSON"), "{}", a.error());
     let unknown = admin
         .put_weights("nope", json!({"weights": {"a": 1}}))
         .await;
@@ -293,12 +288,7 @@ async fn if_match_detects_a_concurrent_change() {
         )
         .await;
     assert_eq!(stale.status, StatusCode::CONFLICT);
-    assert!(
-        stale.json()["error"]
-            .as_str()
-            .unwrap()
-            .contains("version 2")
-    );
+    assert!(stale.error().contains("version 2"), "{}", stale.error());
     let bad = admin
         .call(
             Method::PUT,

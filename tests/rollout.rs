@@ -146,10 +146,9 @@ async fn canary_plan_runs_its_steps_and_promotes() {
     let again = admin.post("shop/rollout", json!({})).await;
     assert_eq!(again.status, StatusCode::CONFLICT);
     assert!(
-        again.json()["error"]
-            .as_str()
-            .unwrap()
-            .contains("already progressing")
+        again.error().contains("already progressing"),
+        "{}",
+        again.error()
     );
 
     // 10%, then the timed pause, then 0.5%, then the manual pause holds.
@@ -236,10 +235,9 @@ async fn verbs_refuse_the_wrong_phase_and_unknown_services() {
     let no_plan = admin.post("plain/rollout", json!({})).await;
     assert_eq!(no_plan.status, StatusCode::CONFLICT);
     assert!(
-        no_plan.json()["error"]
-            .as_str()
-            .unwrap()
-            .contains("no rollout plan")
+        no_plan.error().contains("no rollout plan"),
+        "{}",
+        no_plan.error()
     );
     let bad = admin
         .post("shop/rollout", json!({"candidate": "nope"}))
