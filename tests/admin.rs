@@ -76,26 +76,15 @@ impl Admin {
     }
 }
 
-async fn shop() -> (
+async fn shop_admin() -> (
     Proxy,
     Admin,
     weir::upstream::UpstreamHandle,
     weir::upstream::UpstreamHandle,
 ) {
-    let stable = upstream("stable").await;
-    let canary = upstream("canary").await;
-    let toml = proxy_toml("")
-        + &service_toml(
-            "shop",
-            Some(&["shop.example.com"]),
-            &[
-                ("stable", vec![stable.addr().to_string()], 90),
-                ("canary", vec![canary.addr().to_string()], 10),
-            ],
-        );
-    let proxy = start(&toml).await;
-    let admin = Admin::new(proxy.admin);
-    (proxy, admin, stable, canary)
+    let s = shop(Some(&["shop.example.com"]), (90, 10), "").await;
+    let admin = Admin::new(s.proxy.admin);
+    (s.proxy, admin, s.stable, s.canary)
 }
 
 fn weights(service: &Value) -> Vec<(String, u64)> {
@@ -114,7 +103,7 @@ fn weights(service: &Value) -> Vec<(String, u64)> {
 
 #[tokio::test]
 async fn health_and_readiness() {
-    let (_p, admin, _s, _c) = shop().await;
+    let (_p, admin, _s, _c) = shop_admin().await;
     let h = admin.get("/healthz").await;
     assert_eq!((h.status, h.text().as_str()), (StatusCode::OK, "ok\n"));
     assert_eq!(admin.get("/readyz").await.status, StatusCode::OK);
@@ -125,7 +114,7 @@ async fn health_and_readiness() {
 
 #[tokio::test]
 async fn services_are_listed_with_the_documented_shape() {
-    let (_p, admin, stable, _c) = shop().await;
+    let (_p, admin, stable, _c) = shop_admin().await;
     let all = admin.get("/api/v1/services").await;
     assert_eq!(all.status, StatusCode::OK);
     assert_eq!(all.headers["content-type"], "application/json");
@@ -154,7 +143,7 @@ async fn services_are_listed_with_the_documented_shape() {
 
 #[tokio::test]
 async fn put_weights_changes_routing_and_records_an_event() {
-    let (proxy, admin, _s, _c) = shop().await;
+    let (proxy, admin, _s, _c) = shop_admin().await;
     let a = admin
         .put_weights(
             "shop",
@@ -192,7 +181,7 @@ async fn put_weights_changes_routing_and_records_an_event() {
 
 #[tokio::test]
 async fn bad_weight_requests_are_400_and_change_nothing() {
-    let (_p, admin, _s, _c) = shop().await;
+    let (_p, admin, _s, _c) = shop_admin().await;
     let before_events = admin.events().await.len();
     let cases = [
         (
@@ -268,7 +257,7 @@ async fn bad_weight_requests_are_400_and_change_nothing() {
 
 #[tokio::test]
 async fn if_match_detects_a_concurrent_change() {
-    let (_p, admin, _s, _c) = shop().await;
+    let (_p, admin, _s, _c) = shop_admin().await;
     let body = json!({"weights": {"stable": 50, "canary": 50}});
     let ok = admin
         .call(
@@ -306,7 +295,7 @@ async fn if_match_detects_a_concurrent_change() {
 
 #[tokio::test]
 async fn methods_and_content_types_are_enforced() {
-    let (_p, admin, _s, _c) = shop().await;
+    let (_p, admin, _s, _c) = shop_admin().await;
     let get = admin.get("/api/v1/services/shop/weights").await;
     assert_eq!(get.status, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(get.headers["allow"], "PUT");
@@ -337,7 +326,7 @@ async fn methods_and_content_types_are_enforced() {
 
 #[tokio::test]
 async fn rollback_sends_all_traffic_to_the_baseline() {
-    let (proxy, admin, _s, _c) = shop().await;
+    let (proxy, admin, _s, _c) = shop_admin().await;
     let a = admin
         .call(
             Method::POST,
@@ -378,7 +367,7 @@ async fn rollback_sends_all_traffic_to_the_baseline() {
 
 #[tokio::test]
 async fn events_paginate_oldest_first() {
-    let (_p, admin, _s, _c) = shop().await;
+    let (_p, admin, _s, _c) = shop_admin().await;
     for w in 1..=5 {
         let a = admin
             .put_weights("shop", json!({"weights": {"stable": w, "canary": 1}}))
@@ -520,7 +509,7 @@ async fn reload_applies_a_valid_file_and_rejects_a_bad_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weights_change_200_times_under_load_without_errors_or_misroutes() {
-    let (proxy, _admin, _s, _c) = shop().await;
+    let (proxy, _admin, _s, _c) = shop_admin().await;
     const TOTAL: usize = 20_000;
     const CHANGES: usize = 200;
     // Phases cycle: all stable, all canary, half/half.
@@ -550,17 +539,7 @@ async fn weights_change_200_times_under_load_without_errors_or_misroutes() {
     for i in 0..CHANGES {
         let (s, c) = phases[i % phases.len()];
         let started = epoch.elapsed();
-        proxy
-            .controller
-            .apply(weir::control::Command::SetWeights {
-                service: "shop".into(),
-                weights: vec![("stable".into(), s), ("canary".into(), c)],
-                if_version: None,
-                source: weir::routing::Source::Admin,
-                actor: None,
-                reason: None,
-            })
-            .unwrap();
+        proxy.set_weights("shop", &[("stable", s), ("canary", c)]);
         if let Some(last) = windows.last_mut() {
             let (_, end, _): &mut (std::time::Duration, std::time::Duration, usize) = last;
             *end = started;

@@ -15,31 +15,16 @@ use http_body_util::Full;
 use serde_json::Value;
 use weir::upstream::{Faults, UpstreamHandle};
 
-struct Setup {
-    proxy: Proxy,
-    stable: UpstreamHandle,
-    canary: UpstreamHandle,
-}
-
-async fn setup(weights: (u32, u32), slo: &str) -> Setup {
-    let stable = upstream("stable").await;
-    let canary = upstream("canary").await;
-    let toml = proxy_toml("")
-        + &service_toml(
-            "shop",
-            None,
-            &[
-                ("stable", vec![stable.addr().to_string()], weights.0),
-                ("canary", vec![canary.addr().to_string()], weights.1),
-            ],
-        )
-        + "[service.slo]\n"
-        + slo;
-    Setup {
-        proxy: start(&toml).await,
-        stable,
-        canary,
-    }
+async fn setup(weights: (u32, u32), slo: &str) -> Shop {
+    shop(
+        None,
+        weights,
+        &format!(
+            "[service.slo]
+{slo}"
+        ),
+    )
+    .await
 }
 
 /// Paced load: `rate` requests/s spread over `clients`, until stopped. Counts 5xx

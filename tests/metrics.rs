@@ -37,31 +37,21 @@ async fn scrape(admin: std::net::SocketAddr) -> String {
     a.text()
 }
 
-async fn shop(
+async fn shop_with(
     canary_faults: Faults,
 ) -> (
     Proxy,
     weir::upstream::UpstreamHandle,
     weir::upstream::UpstreamHandle,
 ) {
-    let stable = upstream("stable").await;
-    let canary = upstream("canary").await;
-    canary.set_faults(canary_faults);
-    let toml = proxy_toml("")
-        + &service_toml(
-            "shop",
-            None,
-            &[
-                ("stable", vec![stable.addr().to_string()], 50),
-                ("canary", vec![canary.addr().to_string()], 50),
-            ],
-        );
-    (start(&toml).await, stable, canary)
+    let s = shop(None, (50, 50), "").await;
+    s.canary.set_faults(canary_faults);
+    (s.proxy, s.stable, s.canary)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exposition_passes_promtool() {
-    let (proxy, _s, _c) = shop(Faults::errors(0.3)).await;
+    let (proxy, _s, _c) = shop_with(Faults::errors(0.3)).await;
     let c = client();
     for i in 0..200 {
         // Varied paths must not become labels.
@@ -123,17 +113,7 @@ async fn error_kinds_and_weight_changes_are_counted() {
             ],
         );
     let proxy = start(&toml).await;
-    proxy
-        .controller
-        .apply(weir::control::Command::SetWeights {
-            service: "errs".into(),
-            weights: vec![("good".into(), 0), ("dead".into(), 1)],
-            if_version: None,
-            source: weir::routing::Source::Admin,
-            actor: None,
-            reason: None,
-        })
-        .unwrap();
+    proxy.set_weights("errs", &[("good", 0), ("dead", 1)]);
     let c = client();
     for _ in 0..3 {
         assert_eq!(
@@ -264,7 +244,7 @@ async fn query(p: &Prometheus, promql: &str) -> std::collections::HashMap<String
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_prometheus_sees_the_canary_errors_and_latency() {
-    let (proxy, _s, _c) = shop(Faults {
+    let (proxy, _s, _c) = shop_with(Faults {
         error_rate: 0.2,
         latency: Duration::from_millis(100),
         latency_jitter: Duration::ZERO,

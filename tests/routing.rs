@@ -4,8 +4,6 @@ mod common;
 
 use common::*;
 use http::StatusCode;
-use weir::control::Command;
-use weir::routing::Source;
 
 async fn two_pools(
     stable_w: u32,
@@ -15,18 +13,8 @@ async fn two_pools(
     weir::upstream::UpstreamHandle,
     weir::upstream::UpstreamHandle,
 ) {
-    let stable = upstream("stable").await;
-    let canary = upstream("canary").await;
-    let toml = proxy_toml("")
-        + &service_toml(
-            "shop",
-            None,
-            &[
-                ("stable", vec![stable.addr().to_string()], stable_w),
-                ("canary", vec![canary.addr().to_string()], canary_w),
-            ],
-        );
-    (start(&toml).await, stable, canary)
+    let s = shop(None, (stable_w, canary_w), "").await;
+    (s.proxy, s.stable, s.canary)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -68,32 +56,13 @@ async fn weight_change_applies_from_the_next_request() {
     let (proxy, _s, _c) = two_pools(100, 0).await;
     let c = client();
     assert_eq!(get(&c, proxy.addr, "x", "/").await.upstream(), "stable");
-    let change = proxy
-        .controller
-        .apply(Command::SetWeights {
-            service: "shop".into(),
-            weights: vec![("stable".into(), 0), ("canary".into(), 1)],
-            if_version: None,
-            source: Source::Admin,
-            actor: None,
-            reason: None,
-        })
-        .unwrap();
+    let change = proxy.set_weights("shop", &[("stable", 0), ("canary", 1)]);
     assert_eq!(change.snapshot.version, 2);
     // Same keep-alive connection, next request: already the new weights.
     for _ in 0..50 {
         assert_eq!(get(&c, proxy.addr, "x", "/").await.upstream(), "canary");
     }
-    proxy
-        .controller
-        .apply(Command::Rollback {
-            service: "shop".into(),
-            source: Source::Admin,
-            actor: None,
-            reason: None,
-            details: None,
-        })
-        .unwrap();
+    proxy.rollback("shop");
     for _ in 0..50 {
         assert_eq!(get(&c, proxy.addr, "x", "/").await.upstream(), "stable");
     }

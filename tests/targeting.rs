@@ -4,8 +4,6 @@ mod common;
 
 use common::*;
 use http::Request;
-use weir::control::Command;
-use weir::routing::Source;
 use weir::upstream::UpstreamHandle;
 
 async fn three(extra: &str) -> (Proxy, Vec<UpstreamHandle>) {
@@ -112,21 +110,10 @@ async fn override_token_keeps_the_public_off_the_canary() {
 }
 
 fn set(proxy: &Proxy, stable: u32, canary: u32) {
-    proxy
-        .controller
-        .apply(Command::SetWeights {
-            service: "shop".into(),
-            weights: vec![
-                ("stable".into(), stable),
-                ("canary".into(), canary),
-                ("preview".into(), 0),
-            ],
-            if_version: None,
-            source: Source::Admin,
-            actor: None,
-            reason: None,
-        })
-        .unwrap();
+    proxy.set_weights(
+        "shop",
+        &[("stable", stable), ("canary", canary), ("preview", 0)],
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,16 +147,7 @@ async fn sticky_header_users_stay_put_and_only_move_towards_the_canary() {
         );
         previous = Some(now);
     }
-    proxy
-        .controller
-        .apply(Command::Rollback {
-            service: "shop".into(),
-            source: Source::Admin,
-            actor: None,
-            reason: None,
-            details: None,
-        })
-        .unwrap();
+    proxy.rollback("shop");
     for u in &users {
         assert_eq!(pool_for(&proxy, &[("x-user-id", u)]).await, "stable");
     }

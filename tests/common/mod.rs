@@ -39,6 +39,33 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// Set a service's weights through the controller, as an operator would.
+    pub fn set_weights(&self, service: &str, weights: &[(&str, u32)]) -> weir::control::Change {
+        self.controller
+            .apply(weir::control::Command::SetWeights {
+                service: service.into(),
+                weights: weights.iter().map(|(p, w)| (p.to_string(), *w)).collect(),
+                if_version: None,
+                source: weir::routing::Source::Admin,
+                actor: None,
+                reason: None,
+            })
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// All of a service's traffic to its baseline, as an operator would.
+    pub fn rollback(&self, service: &str) -> weir::control::Change {
+        self.controller
+            .apply(weir::control::Command::Rollback {
+                service: service.into(),
+                source: weir::routing::Source::Admin,
+                actor: None,
+                reason: None,
+                details: None,
+            })
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
     /// A service's document from the admin API.
     pub async fn service(&self, name: &str) -> serde_json::Value {
         get(
@@ -128,6 +155,36 @@ pub fn temp_dir(what: &str) -> std::path::PathBuf {
     ));
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// The usual test service: `shop` with a `stable` and a `canary` pool, each on its
+/// own built-in upstream.
+pub struct Shop {
+    pub proxy: Proxy,
+    pub stable: UpstreamHandle,
+    pub canary: UpstreamHandle,
+}
+
+/// Start `shop` with these hosts (`None`: the default service) and weights; `extra` is
+/// appended to the config (e.g. a `[service.slo]` table).
+pub async fn shop(hosts: Option<&[&str]>, weights: (u32, u32), extra: &str) -> Shop {
+    let stable = upstream("stable").await;
+    let canary = upstream("canary").await;
+    let toml = proxy_toml("")
+        + &service_toml(
+            "shop",
+            hosts,
+            &[
+                ("stable", vec![stable.addr().to_string()], weights.0),
+                ("canary", vec![canary.addr().to_string()], weights.1),
+            ],
+        )
+        + extra;
+    Shop {
+        proxy: start(&toml).await,
+        stable,
+        canary,
+    }
 }
 
 pub async fn upstream(name: &str) -> UpstreamHandle {
