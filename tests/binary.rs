@@ -77,6 +77,19 @@ fn tempdir() -> std::path::PathBuf {
 
 struct Running(Child);
 
+/// `weir run --config PATH` in the background, killed when dropped.
+fn run_config(path: &Path) -> Running {
+    Running(
+        Command::new(WEIR)
+            .args(["run", "--config"])
+            .arg(path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
 impl Drop for Running {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -114,15 +127,7 @@ async fn one_gib_each_way_streams_with_flat_memory() {
         .unwrap()
         .write_all(toml.as_bytes())
         .unwrap();
-    let child = Running(
-        Command::new(WEIR)
-            .args(["run", "--config"])
-            .arg(&path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let child = run_config(&path);
     let pid = child.0.id();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let c = client();
@@ -203,15 +208,7 @@ async fn run_weir(
     );
     let path = dir.join("weir.toml");
     std::fs::write(&path, toml).unwrap();
-    let child = Running(
-        Command::new(WEIR)
-            .args(["run", "--config"])
-            .arg(&path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let child = run_config(&path);
     let c = client();
     let ready = answers_ok(&c, format!("http://{admin}/readyz")).await;
     assert!(ready, "weir did not become ready");
@@ -368,13 +365,7 @@ async fn sigterm_finishes_in_flight_requests_then_exits_0() {
     ) + &service_toml("svc", None, &[("p", vec![up.addr().to_string()], 1)]);
     let path = dir.join("weir.toml");
     std::fs::write(&path, toml).unwrap();
-    let mut child = Command::new(WEIR)
-        .args(["run", "--config"])
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = run_config(&path);
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let c = client();
     let ready = answers_ok(&c, format!("http://127.0.0.1:{admin}/readyz")).await;
@@ -386,7 +377,7 @@ async fn sigterm_finishes_in_flight_requests_then_exits_0() {
     let stopping = std::time::Instant::now();
     assert!(
         Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
+            .args(["-TERM", &child.0.id().to_string()])
             .status()
             .unwrap()
             .success()
@@ -394,7 +385,7 @@ async fn sigterm_finishes_in_flight_requests_then_exits_0() {
     for r in inflight {
         assert_eq!(r.await.unwrap(), StatusCode::OK);
     }
-    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+    let status = tokio::task::spawn_blocking(move || child.0.wait().unwrap())
         .await
         .unwrap();
     assert_eq!(status.code(), Some(0));
