@@ -57,27 +57,8 @@ pub enum Command {
     },
     /// Talk to a running weir through its admin API.
     Ctl(crate::ctl::CtlArgs),
-    /// Start two built-in upstreams and the proxy with a 90:10 split, and show what to try.
-    Demo {
-        /// Where the demo proxy listens.
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        listen: SocketAddr,
-        /// Where the demo admin API listens.
-        #[arg(long, default_value = "127.0.0.1:9901")]
-        admin: SocketAddr,
-        /// Break the canary mid-run to watch the SLO guard move traffic back.
-        #[arg(long)]
-        fail_canary: bool,
-        /// Stop the tour after this long, e.g. "45s".
-        #[arg(long, default_value = "45s", value_parser = parse_delay)]
-        duration: Duration,
-        /// Keep serving after the tour, to poke at it with `weir ctl`.
-        #[arg(long)]
-        keep_running: bool,
-        /// Synthetic requests per second.
-        #[arg(long, default_value_t = 200)]
-        rate: u64,
-    },
+    /// The product tour: a narrated canary rollout over synthetic traffic.
+    Demo(crate::demo::DemoOptions),
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -139,22 +120,7 @@ pub async fn main(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Ctl(args) => crate::ctl::run(args).await,
-        Command::Demo {
-            listen,
-            admin,
-            fail_canary,
-            duration,
-            keep_running,
-            rate,
-        } => {
-            let opts = crate::demo::DemoOptions {
-                listen,
-                admin,
-                fail_canary,
-                duration,
-                keep_running,
-                rate,
-            };
+        Command::Demo(opts) => {
             crate::demo::run(opts, &mut std::io::stdout()).await?;
             Ok(ExitCode::SUCCESS)
         }

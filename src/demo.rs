@@ -22,18 +22,26 @@ use crate::control::{Command, RolloutVerb};
 use crate::routing::Source;
 use crate::upstream::{self, Faults, UpstreamConfig};
 
-/// What `weir demo` was asked for.
-#[derive(Debug, Clone)]
+/// What `weir demo` was asked for (its command-line options).
+#[derive(Debug, Clone, clap::Args)]
 pub struct DemoOptions {
+    /// Where the demo proxy listens.
+    #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// Where the demo admin API listens.
+    #[arg(long, default_value = "127.0.0.1:9901")]
     pub admin: SocketAddr,
-    /// Break the canary mid-run (30% errors) to show the guard's revert.
+    /// Break the canary mid-run (30% errors) to watch the SLO guard move traffic back.
+    #[arg(long)]
     pub fail_canary: bool,
-    /// Give up on the tour after this long.
+    /// Stop the tour after this long, e.g. "45s".
+    #[arg(long, default_value = "45s", value_parser = crate::config::parse_duration)]
     pub duration: Duration,
-    /// After the tour, keep serving until Ctrl-C.
+    /// After the tour, keep serving until Ctrl-C, to poke at it with `weir ctl`.
+    #[arg(long)]
     pub keep_running: bool,
     /// Synthetic requests per second.
+    #[arg(long, default_value_t = 200)]
     pub rate: u64,
 }
 

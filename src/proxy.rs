@@ -284,37 +284,13 @@ impl Proxy {
             };
             let sent = tokio::time::timeout_at(deadline, send).await;
             match sent {
-                Ok(Ok((mut resp, conn))) => {
-                    strip_hop_by_hop(resp.headers_mut());
-                    self.emit(&Outcome {
-                        pool: &pool,
-                        endpoint: Some(guard.index()),
-                        status: resp.status().as_u16(),
-                        error: None,
-                        latency: start.elapsed(),
-                        retried,
-                    });
-                    let max_idle = self.client.max_idle();
-                    return resp.map(|body| {
-                        ProxyBody::Upstream(UpstreamBody {
-                            body,
-                            conn,
-                            guard,
-                            max_idle,
-                        })
-                    });
+                Ok(Ok((resp, conn))) => {
+                    return self.relay(resp, conn, guard, start, retried);
                 }
                 Ok(Err(e)) if stalled_body(&e) => {
                     // The client stopped sending its body: its fault, not the pool's.
                     // The upstream request was aborted with it.
-                    self.emit(&Outcome {
-                        pool: &pool,
-                        endpoint: Some(guard.index()),
-                        status: 408,
-                        error: None,
-                        latency: start.elapsed(),
-                        retried,
-                    });
+                    self.answered(&pool, guard.index(), 408, start, retried);
                     return local_response(StatusCode::REQUEST_TIMEOUT, "request body timed out\n");
                 }
                 Ok(Err(e)) => {
@@ -397,27 +373,11 @@ impl Proxy {
                 return self.fail(&pool, Some(guard.index()), ErrorKind::Timeout, start, None);
             }
         };
-        self.emit(&Outcome {
-            pool: &pool,
-            endpoint: Some(guard.index()),
-            status: resp.status().as_u16(),
-            error: None,
-            latency: start.elapsed(),
-            retried: None,
-        });
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             // The upstream declined: an ordinary response.
-            strip_hop_by_hop(resp.headers_mut());
-            let max_idle = self.client.max_idle();
-            return resp.map(|body| {
-                ProxyBody::Upstream(UpstreamBody {
-                    body,
-                    conn: None,
-                    guard,
-                    max_idle,
-                })
-            });
+            return self.relay(resp, None, guard, start, None);
         }
+        self.answered(&pool, guard.index(), 101, start, None);
         let upstream_side = hyper::upgrade::on(&mut resp);
         tokio::spawn(async move {
             match (client_side.await, upstream_side.await) {
@@ -436,6 +396,54 @@ impl Proxy {
         // what the switch means).
         let (parts, _) = resp.into_parts();
         Response::from_parts(parts, ProxyBody::Local(Full::new(Bytes::new())))
+    }
+
+    /// Record an answer the pool gave (no failure on weir's side).
+    fn answered(
+        &self,
+        pool: &Arc<Pool>,
+        endpoint: usize,
+        status: u16,
+        start: Instant,
+        retried: Option<(usize, ErrorKind)>,
+    ) {
+        self.emit(&Outcome {
+            pool,
+            endpoint: Some(endpoint),
+            status,
+            error: None,
+            latency: start.elapsed(),
+            retried,
+        });
+    }
+
+    /// Pass an upstream response on: hop-by-hop headers out, the outcome recorded, the
+    /// body streamed (driving its pooled connection, if any, to the end).
+    fn relay(
+        &self,
+        mut resp: Response<Incoming>,
+        conn: Option<Box<PooledConn>>,
+        guard: InflightGuard,
+        start: Instant,
+        retried: Option<(usize, ErrorKind)>,
+    ) -> Response<ProxyBody> {
+        strip_hop_by_hop(resp.headers_mut());
+        self.answered(
+            guard.pool(),
+            guard.index(),
+            resp.status().as_u16(),
+            start,
+            retried,
+        );
+        let max_idle = self.client.max_idle();
+        resp.map(|body| {
+            ProxyBody::Upstream(UpstreamBody {
+                body,
+                conn,
+                guard,
+                max_idle,
+            })
+        })
     }
 
     fn fail(
