@@ -510,21 +510,22 @@ async fn reload_applies_a_valid_file_and_rejects_a_bad_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weights_change_200_times_under_load_without_errors_or_misroutes() {
     let (proxy, _admin, _s, _c) = shop_admin().await;
-    const TOTAL: usize = 20_000;
+    // Requests to complete inside each phase after its change was acknowledged.
+    const PER_PHASE: usize = 100;
     const CHANGES: usize = 200;
     // Phases cycle: all stable, all canary, half/half.
     let phases = [(1u32, 0u32), (0, 1), (1, 1)];
     let done = Arc::new(AtomicUsize::new(0));
-    let issued = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let epoch = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..32 {
-        let (done, issued) = (done.clone(), issued.clone());
+        let (done, stop) = (done.clone(), stop.clone());
         let addr = proxy.addr;
         workers.push(tokio::spawn(async move {
             let c = client();
             let mut seen = Vec::new();
-            while issued.fetch_add(1, Ordering::Relaxed) < TOTAL {
+            while !stop.load(Ordering::Relaxed) {
                 let sent = epoch.elapsed();
                 let a = get(&c, addr, "shop.example.com", "/").await;
                 let got = epoch.elapsed();
@@ -545,20 +546,23 @@ async fn weights_change_200_times_under_load_without_errors_or_misroutes() {
             *end = started;
         }
         windows.push((epoch.elapsed(), std::time::Duration::MAX, i % phases.len()));
-        // Let about TOTAL/CHANGES requests complete in this phase.
-        let target = (i + 1) * TOTAL / CHANGES;
+        // Counted from the acknowledgement: a slow (fsynced) change must not
+        // eat the phase, or every request in it would straddle a change.
+        let target = done.load(Ordering::Relaxed) + PER_PHASE;
         let reached = wait_until(std::time::Duration::from_secs(30), || {
             let done = done.clone();
-            async move { done.load(Ordering::Relaxed) >= target.min(TOTAL) }
+            async move { done.load(Ordering::Relaxed) >= target }
         })
         .await;
         assert!(reached, "load stalled at phase {i}");
     }
+    stop.store(true, Ordering::Relaxed);
     let mut all = Vec::new();
     for w in workers {
         all.extend(w.await.unwrap());
     }
-    assert_eq!(all.len(), TOTAL);
+    let total = all.len();
+    assert!(total >= PER_PHASE * CHANGES);
     let failed: Vec<_> = all.iter().filter(|r| r.2 != StatusCode::OK).collect();
     assert!(
         failed.is_empty(),
@@ -585,10 +589,11 @@ async fn weights_change_200_times_under_load_without_errors_or_misroutes() {
             }
         }
     }
-    // With 32 requests in flight and ~100 per phase, about a third straddle a change.
+    // With 32 requests in flight and 100 completed after each acknowledgement,
+    // about a third straddle a change; the rest must be enough to judge.
     assert!(
-        checked > TOTAL / 5,
-        "only {checked} requests fell inside one phase"
+        checked > total / 4,
+        "only {checked} of {total} requests fell inside one phase"
     );
     let share = half_canary as f64 / half_total as f64;
     assert!(
