@@ -177,6 +177,13 @@ pub enum CtlCommand {
         /// The service, as `status` names it.
         service: String,
     },
+    /// Whether weir is alive (`/healthz`, or `/readyz` with --ready): exit 0 if so.
+    /// Needs no token, so container health checks can use it.
+    Health {
+        /// Ask whether weir is ready (listeners bound, config loaded) instead.
+        #[arg(long)]
+        ready: bool,
+    },
 }
 
 /// A rollout verb of the admin API, with its body.
@@ -465,8 +472,24 @@ impl AdminClient {
         .await
     }
 
-    /// One exchange. Mutations always carry a JSON body (`{}` at least): the API refuses
-    /// any other content type, which is what keeps browser forms out.
+    /// `GET /healthz` (or `/readyz`): the plain-text probe answer, an error unless 200.
+    pub async fn health(&self, ready: bool) -> Result<String, CtlError> {
+        let path = if ready { "/readyz" } else { "/healthz" };
+        let (status, _, body) = self.exchange(Method::GET, path, None, None).await?;
+        let text = String::from_utf8_lossy(&body).trim().to_string();
+        if status == StatusCode::OK {
+            return Ok(text);
+        }
+        Err(CtlError::Api {
+            status,
+            message: format!("{path} answered `{text}`"),
+            body: Value::Null,
+        })
+    }
+
+    /// One exchange with a JSON answer. Mutations always carry a JSON body (`{}` at
+    /// least): the API refuses any other content type, which is what keeps browser forms
+    /// out.
     async fn call(
         &self,
         method: Method,
@@ -474,6 +497,38 @@ impl AdminClient {
         body: Option<Value>,
         if_version: Option<u64>,
     ) -> Result<Value, CtlError> {
+        let (status, content_type, body) = self.exchange(method, path, body, if_version).await?;
+        let Ok(json) = serde_json::from_slice::<Value>(&body) else {
+            return Err(CtlError::NotAdmin {
+                url: self.base.clone(),
+                reason: format!(
+                    "HTTP {} with a non-JSON body ({content_type})",
+                    status.as_u16()
+                ),
+            });
+        };
+        if status.is_success() {
+            return Ok(json);
+        }
+        let message = match json.get("error").and_then(Value::as_str) {
+            Some(m) => m.to_string(),
+            None => json.to_string(),
+        };
+        Err(CtlError::Api {
+            status,
+            message,
+            body: json,
+        })
+    }
+
+    /// One request and its whole answer: status, content type, body.
+    async fn exchange(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        if_version: Option<u64>,
+    ) -> Result<(StatusCode, String, Bytes), CtlError> {
         let mut req = Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.base))
@@ -530,32 +585,11 @@ impl AdminClient {
                 .to_bytes();
             Ok::<_, CtlError>((status, content_type, body))
         };
-        let (status, content_type, body) = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+        tokio::time::timeout(REQUEST_TIMEOUT, exchange)
             .await
             .map_err(|_| CtlError::Timeout {
-            url: self.base.clone(),
-        })??;
-        let Ok(json) = serde_json::from_slice::<Value>(&body) else {
-            return Err(CtlError::NotAdmin {
                 url: self.base.clone(),
-                reason: format!(
-                    "HTTP {} with a non-JSON body ({content_type})",
-                    status.as_u16()
-                ),
-            });
-        };
-        if status.is_success() {
-            return Ok(json);
-        }
-        let message = match json.get("error").and_then(Value::as_str) {
-            Some(m) => m.to_string(),
-            None => json.to_string(),
-        };
-        Err(CtlError::Api {
-            status,
-            message,
-            body: json,
-        })
+            })?
     }
 }
 
@@ -705,7 +739,7 @@ fn report(
         body,
     } = e
     {
-        if json {
+        if json && !body.is_null() {
             write_json(out, body)?;
         }
         // A rejected reload lists every problem; one per line reads better than the
@@ -845,6 +879,10 @@ async fn dispatch(
             limit,
             follow: true,
         } => follow_events(client, *since, *limit, json, out, stop).await,
+        CtlCommand::Health { ready } => {
+            let text = client.health(*ready).await?;
+            Ok(writeln!(out, "{text}")?)
+        }
         CtlCommand::Reload => {
             let body = client.reload().await?;
             if json {

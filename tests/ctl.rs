@@ -763,6 +763,20 @@ async fn an_unreachable_admin_api_is_one_line() {
 }
 
 #[tokio::test]
+async fn health_needs_no_token_and_fails_when_weir_is_down() {
+    let h = start(true).await;
+    assert_eq!(ctl(&h.admin, &["health"]).await.ok(), "ok\n");
+    assert_eq!(ctl(&h.admin, &["health", "--ready"]).await.ok(), "ready\n");
+    drop(h);
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let run = ctl(&format!("127.0.0.1:{port}"), &["health"]).await;
+    assert!(run.failed().contains("cannot reach"), "{}", run.err);
+}
+
+#[tokio::test]
 async fn something_other_than_the_admin_api_is_named_as_such() {
     let h = start(false).await;
     // The built-in upstream answers, but not with the admin API's JSON.
