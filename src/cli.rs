@@ -59,6 +59,8 @@ pub enum Command {
     Ctl(crate::ctl::CtlArgs),
     /// The product tour: a narrated canary rollout over synthetic traffic.
     Demo(crate::demo::DemoOptions),
+    /// Steady synthetic load through a proxy, counted by answering pool each second.
+    Traffic(crate::traffic::TrafficOptions),
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -122,6 +124,10 @@ pub async fn main(cli: Cli) -> Result<ExitCode> {
         Command::Ctl(args) => crate::ctl::run(args).await,
         Command::Demo(opts) => {
             crate::demo::run(opts, &mut std::io::stdout()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Traffic(opts) => {
+            crate::traffic::run(opts, &mut std::io::stdout()).await?;
             Ok(ExitCode::SUCCESS)
         }
     }

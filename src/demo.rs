@@ -6,20 +6,17 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use http::Request;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpListener;
 
 use crate::Weir;
 use crate::config::Config;
 use crate::control::{Command, RolloutVerb};
 use crate::routing::Source;
+use crate::traffic::{Counts, Tallies};
 use crate::upstream::{self, Faults, UpstreamConfig};
 
 /// What `weir demo` was asked for (its command-line options).
@@ -69,13 +66,6 @@ max_error_rate = 0.05
 max_p99_latency = "250ms"
 breaches_to_act = 2
 "#;
-
-/// Answers per pool, counted by the traffic generator.
-#[derive(Default)]
-struct Tally {
-    ok: AtomicU64,
-    errors: AtomicU64,
-}
 
 /// Run the tour, narrating to `out`.
 pub async fn run(opts: DemoOptions, out: &mut (impl Write + Send)) -> Result<()> {
@@ -135,12 +125,14 @@ pub async fn run(opts: DemoOptions, out: &mut (impl Write + Send)) -> Result<()>
         }
     )?;
 
-    let tallies: Arc<HashMap<&'static str, Tally>> =
-        Arc::new([("stable", Tally::default()), ("canary", Tally::default())].into());
+    let tallies = Arc::new(Tallies::default());
     let stop_traffic = Arc::new(AtomicBool::new(false));
-    let traffic = spawn_traffic(
-        proxy_addr,
+    let traffic = crate::traffic::spawn(
+        proxy_addr.to_string().parse()?,
+        None,
+        "/".into(),
         opts.rate,
+        8,
         Arc::clone(&tallies),
         Arc::clone(&stop_traffic),
     );
@@ -156,7 +148,7 @@ pub async fn run(opts: DemoOptions, out: &mut (impl Write + Send)) -> Result<()>
 
     let started = Instant::now();
     let mut broke_at = None;
-    let mut last: HashMap<&str, (u64, u64)> = HashMap::new();
+    let mut last: HashMap<String, (u64, u64)> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
     let outcome = loop {
@@ -179,16 +171,9 @@ pub async fn run(opts: DemoOptions, out: &mut (impl Write + Send)) -> Result<()>
         let mut line = format!("[{:>3}s] {phase:<11} {step} ", started.elapsed().as_secs());
         for slot in snap.slots() {
             let name = slot.name();
-            let t = &tallies[if name == "stable" { "stable" } else { "canary" }];
-            let (ok, errors) = (
-                t.ok.load(Ordering::Relaxed),
-                t.errors.load(Ordering::Relaxed),
-            );
+            let Counts { ok, errors } = tallies.counts(name);
             let (ok0, err0) = last
-                .insert(
-                    if name == "stable" { "stable" } else { "canary" },
-                    (ok, errors),
-                )
+                .insert(name.to_string(), (ok, errors))
                 .unwrap_or((0, 0));
             let (n, e) = (ok - ok0 + errors - err0, errors - err0);
             let p99 = slot
@@ -258,7 +243,7 @@ enum Outcome {
 fn summary(
     out: &mut impl Write,
     weir: &Weir,
-    tallies: &HashMap<&'static str, Tally>,
+    tallies: &Tallies,
     outcome: Outcome,
     broke_at: Option<Instant>,
 ) -> Result<()> {
@@ -268,11 +253,7 @@ fn summary(
         Outcome::TimedOut => writeln!(out, "summary: stopped after --duration")?,
     }
     for name in ["stable", "canary"] {
-        let t = &tallies[name];
-        let (ok, errors) = (
-            t.ok.load(Ordering::Relaxed),
-            t.errors.load(Ordering::Relaxed),
-        );
+        let Counts { ok, errors } = tallies.counts(name);
         writeln!(
             out,
             "  {name:<7} {:>6} requests, {errors:>4} errors",
@@ -327,51 +308,4 @@ fn rb_age(e: &crate::state::Event) -> f64 {
         .ok()
         .and_then(|t| t.elapsed().ok())
         .map_or(0.0, |d| d.as_secs_f64())
-}
-
-/// Paced GETs through the proxy, tallied by the answering pool.
-fn spawn_traffic(
-    addr: SocketAddr,
-    rate: u64,
-    tallies: Arc<HashMap<&'static str, Tally>>,
-    stop: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let clients = 8u64;
-        let period = Duration::from_micros(1_000_000 * clients / rate.max(1));
-        let mut tasks = Vec::new();
-        for _ in 0..clients {
-            let (tallies, stop) = (Arc::clone(&tallies), Arc::clone(&stop));
-            tasks.push(tokio::spawn(async move {
-                let client: Client<_, Empty<bytes::Bytes>> =
-                    Client::builder(TokioExecutor::new()).build_http();
-                let mut tick = tokio::time::interval(period);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-                while !stop.load(Ordering::Relaxed) {
-                    tick.tick().await;
-                    let Ok(req) = Request::get(format!("http://{addr}/")).body(Empty::new()) else {
-                        return;
-                    };
-                    let Ok(resp) = client.request(req).await else {
-                        continue;
-                    };
-                    let pool = match resp.headers().get("x-upstream").map(|v| v.as_bytes()) {
-                        Some(b"canary") => "canary",
-                        _ => "stable",
-                    };
-                    let failed = resp.status().is_server_error();
-                    let _ = resp.into_body().collect().await;
-                    let t = &tallies[pool];
-                    if failed {
-                        t.errors.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        t.ok.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }));
-        }
-        for t in tasks {
-            let _ = t.await;
-        }
-    })
 }

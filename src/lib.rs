@@ -45,6 +45,7 @@ pub mod rollout;
 pub mod routing;
 pub mod state;
 pub mod tls;
+pub mod traffic;
 pub mod upstream;
 pub mod webhook;
 pub mod window;

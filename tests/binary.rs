@@ -391,3 +391,41 @@ async fn sigterm_finishes_in_flight_requests_then_exits_0() {
     assert_eq!(status.code(), Some(0));
     assert!(stopping.elapsed() < Duration::from_secs(10));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_sends_paced_load_counted_by_pool() {
+    let shop = shop(Some(&["shop.example.com"]), (1, 1), "").await;
+    let target = shop.proxy.addr.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(WEIR)
+            .args(["traffic", "--target", &target, "--host", "shop.example.com"])
+            .args(["--rate", "200", "--duration", "2s"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text.lines().last().unwrap_or_default();
+    // Both pools of a 1:1 split answer within a second's worth of 200 requests.
+    assert!(last.starts_with("[   2s]"), "{text}");
+    assert!(
+        last.contains("stable ") && last.contains("canary "),
+        "{text}"
+    );
+    assert!(!text.contains("no answer"), "{text}");
+    // A wrong Host gets weir's 404, counted under no pool name.
+    let target = shop.proxy.addr.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(WEIR)
+            .args(["traffic", "--target", &target, "--host", "nope.example.com"])
+            .args(["--rate", "50", "--duration", "1s"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("  - "), "{text}");
+}
