@@ -36,6 +36,12 @@ const MAX_BODY: usize = 64 * 1024;
 const MAX_REASON: usize = 1024;
 const DEFAULT_EVENTS: usize = 100;
 const MAX_EVENTS: usize = 1000;
+/// What `/series` returns unless asked otherwise: five minutes, the dashboard's charts.
+const DEFAULT_SERIES: Duration = Duration::from_secs(300);
+
+/// The dashboard: one self-contained page (inline CSS and script, no external fetch),
+/// so it works air-gapped. It reads and changes state only through the API below.
+const DASHBOARD: &str = include_str!("dashboard.html");
 
 pub type AdminResponse = Response<Full<Bytes>>;
 
@@ -166,6 +172,7 @@ impl Admin {
     ) -> AdminResponse {
         let path = req.uri().path().to_string();
         match path.as_str() {
+            "/" | "/index.html" => return dashboard(&req),
             "/healthz" => return text(StatusCode::OK, "ok\n"),
             "/readyz" => {
                 return if self.ready.load(Ordering::Acquire) {
@@ -206,6 +213,7 @@ impl Admin {
             ["v1", "services"] => Route::Services,
             ["v1", "services", name] => Route::Service(name),
             ["v1", "services", name, "weights"] => Route::Weights(name),
+            ["v1", "services", name, "series"] => Route::Series(name),
             ["v1", "services", name, "rollback"] => Route::Rollback(name),
             [
                 "v1",
@@ -336,12 +344,26 @@ impl Admin {
                 })
                 .await
             }
+            Route::Series(name) => {
+                let span = match series_query(req.uri().query()) {
+                    Ok(s) => s,
+                    Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
+                };
+                match self.controller.router().table().service(name) {
+                    Some(s) => ok(series_json(s, span)),
+                    None => error(StatusCode::NOT_FOUND, format!("unknown service `{name}`")),
+                }
+            }
             Route::Events => {
-                let (since, limit) = match events_query(req.uri().query()) {
+                let query = match events_query(req.uri().query()) {
                     Ok(q) => q,
                     Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
                 };
-                match self.controller.events(since, limit) {
+                let events = match query {
+                    EventsQuery::Since { since, limit } => self.controller.events(since, limit),
+                    EventsQuery::Tail(n) => self.controller.recent_events(n),
+                };
+                match events {
                     Ok(events) => ok(json!({ "events": events })),
                     Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
                 }
@@ -491,6 +513,7 @@ enum Route<'a> {
     Services,
     Service(&'a str),
     Weights(&'a str),
+    Series(&'a str),
     Rollback(&'a str),
     Rollout(&'a str, &'a str),
     Events,
@@ -667,28 +690,155 @@ fn rollout_verb(verb: &str, body: &Value) -> Result<RolloutVerb, String> {
     })
 }
 
-fn events_query(query: Option<&str>) -> Result<(u64, usize), String> {
-    let mut since = 0u64;
-    let mut limit = DEFAULT_EVENTS;
+/// Which events a `GET /api/v1/events` asks for.
+#[derive(Debug, PartialEq, Eq)]
+enum EventsQuery {
+    /// `since=ID&limit=N`: the oldest `limit` events after `since`.
+    Since { since: u64, limit: usize },
+    /// `tail=N`: the newest `N` events.
+    Tail(usize),
+}
+
+fn events_query(query: Option<&str>) -> Result<EventsQuery, String> {
+    let mut since = None;
+    let mut limit = None;
+    let mut tail = None;
+    let count = |name: &str, v: &str| {
+        v.parse()
+            .ok()
+            .filter(|l| (1..=MAX_EVENTS).contains(l))
+            .ok_or_else(|| format!("{name} must be 1..={MAX_EVENTS}, got `{v}`"))
+    };
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         match k {
             "since" => {
-                since = v
-                    .parse()
-                    .map_err(|_| format!("since must be an event id, got `{v}`"))?
+                since = Some(
+                    v.parse()
+                        .map_err(|_| format!("since must be an event id, got `{v}`"))?,
+                )
             }
-            "limit" => {
-                limit = v
-                    .parse()
-                    .ok()
-                    .filter(|l| (1..=MAX_EVENTS).contains(l))
-                    .ok_or_else(|| format!("limit must be 1..={MAX_EVENTS}, got `{v}`"))?
+            "limit" => limit = Some(count("limit", v)?),
+            "tail" => tail = Some(count("tail", v)?),
+            other => {
+                return Err(format!(
+                    "unknown query parameter `{other}` (since, limit, tail)"
+                ));
             }
-            other => return Err(format!("unknown query parameter `{other}` (since, limit)")),
         }
     }
-    Ok((since, limit))
+    match tail {
+        Some(_) if since.is_some() || limit.is_some() => {
+            Err("tail cannot be combined with since or limit".into())
+        }
+        Some(n) => Ok(EventsQuery::Tail(n)),
+        None => Ok(EventsQuery::Since {
+            since: since.unwrap_or(0),
+            limit: limit.unwrap_or(DEFAULT_EVENTS),
+        }),
+    }
+}
+
+/// `seconds=N` (1..=600): how far back `/series` reaches.
+fn series_query(query: Option<&str>) -> Result<Duration, String> {
+    let mut span = DEFAULT_SERIES;
+    let most = crate::window::HISTORY.as_secs();
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "seconds" => {
+                span = v
+                    .parse()
+                    .ok()
+                    .filter(|s| (1..=most).contains(s))
+                    .map(Duration::from_secs)
+                    .ok_or_else(|| format!("seconds must be 1..={most}, got `{v}`"))?
+            }
+            other => return Err(format!("unknown query parameter `{other}` (seconds)")),
+        }
+    }
+    Ok(span)
+}
+
+/// Per-pool time series for charts, compact: parallel arrays of per-step request and
+/// error counts and p99 (ms, null without samples), oldest first, ending at `end_ms`
+/// (Unix ms). Rates are counts / `step_secs`.
+fn series_json(s: &Service, span: Duration) -> Value {
+    let snap = s.snapshot();
+    // One clock reading pair turns the windows' Instants into wall-clock times.
+    let (now, wall) = (std::time::Instant::now(), std::time::SystemTime::now());
+    let unix_ms = |at: Option<std::time::Instant>| {
+        at.map(|at| {
+            let t = wall - now.saturating_duration_since(at);
+            t.duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis() as u64
+        })
+    };
+    let mut step = Duration::from_secs(1);
+    let pools: Vec<Value> = snap
+        .slots()
+        .iter()
+        .map(|slot| {
+            let series = slot.pool.window().series(span);
+            step = series.step;
+            json!({
+                "name": slot.name(),
+                "end_ms": unix_ms(series.end),
+                "requests": series.points.iter().map(|p| p.requests).collect::<Vec<_>>(),
+                "errors": series.points.iter().map(|p| p.errors).collect::<Vec<_>>(),
+                "p99_ms": series.points.iter()
+                    .map(|p| p.p99_us.map(|us| (us as f64 / 100.0).round() / 10.0))
+                    .collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json!({
+        "service": &*s.name,
+        "step_secs": step.as_secs_f64(),
+        "pools": pools,
+    })
+}
+
+/// `GET /`: the dashboard page. It holds no data or secret of its own, so it is served
+/// without the token; every API call it makes carries the token the user enters.
+fn dashboard<B>(req: &Request<B>) -> AdminResponse {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut r = error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "the dashboard is read-only: use GET",
+        );
+        r.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    let mut r = Response::new(Full::new(Bytes::from_static(DASHBOARD.as_bytes())));
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    // Nothing but this page's own inline code and same-origin API calls, and no framing
+    // (clickjacking the controls).
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+             connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'; \
+             base-uri 'none'; form-action 'none'",
+        ),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r
 }
 
 /// The service document of the API.
@@ -841,10 +991,27 @@ mod tests {
 
     #[test]
     fn events_query_defaults_and_bounds() {
-        assert_eq!(events_query(None), Ok((0, DEFAULT_EVENTS)));
-        assert_eq!(events_query(Some("since=5&limit=2")), Ok((5, 2)));
+        let since = |since, limit| Ok(EventsQuery::Since { since, limit });
+        assert_eq!(events_query(None), since(0, DEFAULT_EVENTS));
+        assert_eq!(events_query(Some("since=5&limit=2")), since(5, 2));
+        assert_eq!(events_query(Some("tail=20")), Ok(EventsQuery::Tail(20)));
         assert!(events_query(Some("limit=0")).is_err());
+        assert!(events_query(Some("tail=0")).is_err());
+        assert!(events_query(Some("tail=2000")).is_err());
+        assert!(events_query(Some("tail=5&since=1")).is_err());
         assert!(events_query(Some("since=x")).is_err());
         assert!(events_query(Some("foo=1")).is_err());
+    }
+
+    #[test]
+    fn series_query_bounds() {
+        assert_eq!(series_query(None), Ok(DEFAULT_SERIES));
+        assert_eq!(
+            series_query(Some("seconds=60")),
+            Ok(Duration::from_secs(60))
+        );
+        assert!(series_query(Some("seconds=0")).is_err());
+        assert!(series_query(Some("seconds=601")).is_err());
+        assert!(series_query(Some("span=5")).is_err());
     }
 }

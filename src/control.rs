@@ -792,6 +792,18 @@ impl Controller {
         }
     }
 
+    /// The newest `n` events, oldest first.
+    pub fn recent_events(&self, n: usize) -> Result<Vec<Event>, ControlError> {
+        let persistence = self.lock();
+        match persistence.as_ref() {
+            Some(p) => {
+                let since = p.journal.last_id().saturating_sub(n as u64);
+                Ok(p.journal.since(since, n)?)
+            }
+            None => Ok(Vec::new()),
+        }
+    }
+
     /// The persistent view of every service as it is now.
     fn state(&self) -> State {
         state_of(&self.router.table())

@@ -10,7 +10,14 @@
 //! Latency is kept by the `histogram` crate's log-linear atomic histogram in
 //! microseconds with grouping power 5: every bucket is at most 1/32 (3.1%) wide
 //! relative to its value, so p50/p99 are precise to a few percent from 1 µs to 134 s.
+//!
+//! Each slice, as it closes, is also summed up into a [`Point`] (requests, errors, p99)
+//! kept for the last [`HISTORY`]: the dashboard's charts. That costs the request path
+//! nothing; the rotating writer does it once per slice. A reset (after a rollback, so
+//! the guard judges fresh traffic) hides older slices from [`Window::stats`] but leaves
+//! the history whole: what happened stays on the chart.
 
+use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -23,10 +30,17 @@ const GROUPING_POWER: u8 = 5;
 const MAX_VALUE_POWER: u8 = 27;
 const MAX_MICROS: u64 = (1 << MAX_VALUE_POWER) - 1;
 
+/// How far back the per-slice history reaches.
+pub const HISTORY: Duration = Duration::from_secs(600);
+/// At most this many history points, whatever the slice length (10 minutes of 100 ms).
+const MAX_POINTS: usize = 6000;
+
 struct Slice {
     requests: AtomicU64,
     errors: AtomicU64,
     latency_us: AtomicHistogram32,
+    /// The rotation number at which this slice became current.
+    opened: AtomicU64,
 }
 
 impl Slice {
@@ -36,6 +50,7 @@ impl Slice {
             errors: AtomicU64::new(0),
             latency_us: AtomicHistogram32::new(GROUPING_POWER, MAX_VALUE_POWER)
                 .expect("valid histogram parameters"),
+            opened: AtomicU64::new(0),
         }
     }
 
@@ -43,6 +58,61 @@ impl Slice {
         self.requests.store(0, Ordering::Relaxed);
         self.errors.store(0, Ordering::Relaxed);
         let _ = self.latency_us.drain();
+    }
+
+    /// The slice summed up, as the history keeps it.
+    fn point(&self) -> Point {
+        let requests = self.requests.load(Ordering::Relaxed);
+        let p99_us = if requests == 0 {
+            None
+        } else {
+            quantile_us(&self.latency_us.load(), 0.99)
+        };
+        Point {
+            requests,
+            errors: self.errors.load(Ordering::Relaxed),
+            p99_us,
+        }
+    }
+}
+
+/// Latency quantile (0..=1) in µs, as the midpoint of its bucket; None without samples.
+fn quantile_us(h: &Histogram32, q: f64) -> Option<u64> {
+    let bucket = h.quantile_bucket(q).ok()??;
+    Some(bucket.start() + (bucket.end() - bucket.start()) / 2)
+}
+
+/// One closed slice of a pool's traffic: what the dashboard charts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Point {
+    pub requests: u64,
+    pub errors: u64,
+    /// p99 latency in µs; None when the slice saw no request with a latency.
+    pub p99_us: Option<u64>,
+}
+
+/// The newest history points, oldest first, and when the newest one ended.
+#[derive(Debug, Clone)]
+pub struct Series {
+    pub points: Vec<Point>,
+    /// The end of the newest point; None before the first slice has closed.
+    pub end: Option<Instant>,
+    /// The length of each point.
+    pub step: Duration,
+}
+
+struct History {
+    points: VecDeque<Point>,
+    capacity: usize,
+    end: Option<Instant>,
+}
+
+impl History {
+    fn push(&mut self, p: Point) {
+        if self.points.len() == self.capacity {
+            self.points.pop_front();
+        }
+        self.points.push_back(p);
     }
 }
 
@@ -55,6 +125,11 @@ pub struct Window {
     total: AtomicU64,
     /// Start of the current slice; only the rotating writer touches it.
     current_start: Mutex<Option<Instant>>,
+    /// Rotations so far: the number of the current slice.
+    rotations: AtomicU64,
+    /// Slices opened before this rotation number are hidden from `stats` (a reset).
+    visible_from: AtomicU64,
+    history: Mutex<History>,
 }
 
 impl std::fmt::Debug for Window {
@@ -87,9 +162,7 @@ impl Stats {
 
     /// Latency quantile (0..=1), as the midpoint of its bucket; None without samples.
     pub fn quantile(&self, q: f64) -> Option<Duration> {
-        let bucket = self.latency_us.quantile_bucket(q).ok()??;
-        let mid = bucket.start() + (bucket.end() - bucket.start()) / 2;
-        Some(Duration::from_micros(mid))
+        quantile_us(&self.latency_us, q).map(Duration::from_micros)
     }
 
     pub fn p50(&self) -> Option<Duration> {
@@ -107,12 +180,21 @@ impl Window {
     pub fn new(length: Duration, slice_len: Duration) -> Window {
         let slice_len = slice_len.max(Duration::from_millis(10));
         let n = (length.as_nanos().div_ceil(slice_len.as_nanos()) as usize).max(1) + 1;
+        let capacity =
+            (HISTORY.as_nanos().div_ceil(slice_len.as_nanos()) as usize).clamp(1, MAX_POINTS);
         Window {
             slice_len,
             slices: (0..n).map(|_| Slice::new()).collect(),
             current: AtomicUsize::new(0),
             total: AtomicU64::new(0),
             current_start: Mutex::new(None),
+            rotations: AtomicU64::new(0),
+            visible_from: AtomicU64::new(0),
+            history: Mutex::new(History {
+                points: VecDeque::with_capacity(capacity),
+                capacity,
+                end: None,
+            }),
         }
     }
 
@@ -147,33 +229,70 @@ impl Window {
         slice.errors.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Advance the ring to `now`: every slice that ended is closed and the oldest is
-    /// cleared to become current. The first call only starts the clock.
+    /// Advance the ring to `now`: every slice that ended is closed (and kept in the
+    /// history) and the oldest is cleared to become current. The first call only starts
+    /// the clock.
     pub fn rotate(&self, now: Instant) {
         let mut start = self.current_start.lock().unwrap_or_else(|p| p.into_inner());
         let Some(mut s) = *start else {
             *start = Some(now);
             return;
         };
+        if now.saturating_duration_since(s) < self.slice_len {
+            return;
+        }
+        let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
         let mut steps = 0;
         while now.saturating_duration_since(s) >= self.slice_len {
             s += self.slice_len;
             steps += 1;
             if steps > self.slices.len() {
-                // Idle for longer than the whole window: everything is stale.
+                // Idle for longer than the whole window: everything is stale, and every
+                // slice since (this one included) was empty.
                 for slice in self.slices.iter() {
                     slice.clear();
                 }
                 let elapsed = now.saturating_duration_since(s);
                 let whole = (elapsed.as_nanos() / self.slice_len.as_nanos()) as u32;
                 s += self.slice_len * whole;
+                for _ in 0..(whole as usize + 1).min(history.capacity) {
+                    history.push(Point::default());
+                }
+                let number = self
+                    .rotations
+                    .fetch_add(u64::from(whole) + 1, Ordering::Relaxed)
+                    + u64::from(whole)
+                    + 1;
+                let current = self.current.load(Ordering::Relaxed);
+                self.slices[current].opened.store(number, Ordering::Relaxed);
                 break;
             }
-            let next = (self.current.load(Ordering::Relaxed) + 1) % self.slices.len();
+            let current = self.current.load(Ordering::Relaxed);
+            history.push(self.slices[current].point());
+            let next = (current + 1) % self.slices.len();
             self.slices[next].clear();
+            let number = self.rotations.fetch_add(1, Ordering::Relaxed) + 1;
+            self.slices[next].opened.store(number, Ordering::Relaxed);
             self.current.store(next, Ordering::Relaxed);
         }
+        history.end = Some(s);
         *start = Some(s);
+    }
+
+    /// The newest history points covering at most `span`, oldest first.
+    pub fn series(&self, span: Duration) -> Series {
+        let history = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        let n = (span.as_nanos().div_ceil(self.slice_len.as_nanos()) as usize)
+            .min(history.points.len());
+        Series {
+            points: history
+                .points
+                .range(history.points.len() - n..)
+                .copied()
+                .collect(),
+            end: history.end,
+            step: self.slice_len,
+        }
     }
 
     /// Figures over at least the most recent `span`: the current slice, still filling,
@@ -183,6 +302,7 @@ impl Window {
         let wanted = (span.as_nanos().div_ceil(self.slice_len.as_nanos()) as usize + 1)
             .min(self.slices.len());
         let current = self.current.load(Ordering::Relaxed);
+        let visible_from = self.visible_from.load(Ordering::Relaxed);
         let mut stats = Stats {
             requests: 0,
             errors: 0,
@@ -192,6 +312,10 @@ impl Window {
         };
         for k in 0..wanted {
             let slice = &self.slices[(current + self.slices.len() - k) % self.slices.len()];
+            if slice.opened.load(Ordering::Relaxed) < visible_from {
+                // Older slices are older still: nothing further back is visible.
+                break;
+            }
             stats.requests += slice.requests.load(Ordering::Relaxed);
             stats.errors += slice.errors.load(Ordering::Relaxed);
             let h = slice.latency_us.load();
@@ -206,11 +330,15 @@ impl Window {
     }
 
     /// Forget everything recorded so far (e.g. after a rollback, so the next judgement
-    /// is about the next traffic only).
+    /// is about the next traffic only): `stats` sees only slices opened from the next
+    /// rotation on. Requests landing in the current slice are left out of judgements
+    /// too — at most one slice of them — because the slice cannot be split; the history
+    /// keeps them.
     pub fn reset(&self) {
-        for slice in self.slices.iter() {
-            slice.clear();
-        }
+        self.visible_from.store(
+            self.rotations.load(Ordering::Relaxed) + 1,
+            Ordering::Relaxed,
+        );
     }
 }
 
@@ -303,10 +431,66 @@ mod tests {
     }
 
     #[test]
-    fn reset_forgets() {
+    fn reset_forgets_for_judgements_but_not_for_the_history() {
         let w = Window::new(Duration::from_secs(5), S);
+        let t0 = Instant::now();
+        w.rotate(t0);
+        w.record(true, Duration::ZERO);
+        w.rotate(t0 + S);
         w.record(true, Duration::ZERO);
         w.reset();
         assert_eq!(w.stats(Duration::from_secs(5)).requests, 0);
+        // The slice current at the reset stays hidden; the next ones count.
+        w.record(false, Duration::ZERO);
+        w.rotate(t0 + S * 2);
+        assert_eq!(w.stats(Duration::from_secs(5)).requests, 0);
+        w.record(false, Duration::ZERO);
+        assert_eq!(w.stats(Duration::from_secs(5)).requests, 1);
+        let points = w.series(Duration::from_secs(60)).points;
+        assert_eq!(
+            points
+                .iter()
+                .map(|p| (p.requests, p.errors))
+                .collect::<Vec<_>>(),
+            [(1, 1), (2, 1)]
+        );
+        // Seen through a whole ring turn later, nothing old comes back.
+        w.rotate(t0 + S * 3);
+        assert_eq!(w.stats(Duration::from_secs(5)).requests, 1);
+    }
+
+    #[test]
+    fn history_keeps_one_point_per_closed_slice() {
+        let w = Window::new(Duration::from_secs(3), S);
+        let t0 = Instant::now();
+        assert!(w.series(HISTORY).end.is_none());
+        w.rotate(t0);
+        for ms in 1..=100u64 {
+            w.record(ms > 90, Duration::from_millis(ms));
+        }
+        w.rotate(t0 + S);
+        let s = w.series(HISTORY);
+        assert_eq!(s.end, Some(t0 + S));
+        assert_eq!(s.step, S);
+        assert_eq!(s.points.len(), 1);
+        let p = s.points[0];
+        assert_eq!((p.requests, p.errors), (100, 10));
+        let p99 = p.p99_us.unwrap() as f64 / 1000.0;
+        assert!((p99 / 99.0 - 1.0).abs() < 0.04, "p99 {p99}");
+        // Idle slices are points too (zero requests, no latency), and the history
+        // outlives the ring.
+        w.rotate(t0 + S * 10);
+        let s = w.series(HISTORY);
+        assert_eq!(s.points.len(), 10);
+        assert_eq!(s.end, Some(t0 + S * 10));
+        assert!(s.points[1..].iter().all(|p| *p == Point::default()));
+        // A span asks for the newest points only.
+        assert_eq!(w.series(S * 2).points.len(), 2);
+        // An hour idle: the history holds HISTORY's worth of empty points, no more.
+        w.rotate(t0 + Duration::from_secs(3600));
+        let s = w.series(Duration::from_secs(3600));
+        assert_eq!(s.points.len(), HISTORY.as_secs() as usize);
+        assert!(s.points.iter().all(|p| p.requests == 0));
+        assert_eq!(s.end, Some(t0 + Duration::from_secs(3600)));
     }
 }
