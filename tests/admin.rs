@@ -601,3 +601,136 @@ async fn weights_change_200_times_under_load_without_errors_or_misroutes() {
         "50:50 phases gave {share:.3} over {half_total}"
     );
 }
+
+#[tokio::test]
+async fn series_counts_each_pools_requests_errors_and_p99_per_step() {
+    let s = shop(Some(&["shop.example.com"]), (1, 1), "").await;
+    let admin = Admin::new(s.proxy.admin);
+    s.canary.set_faults(weir::upstream::Faults::errors(1.0));
+    let c = client();
+    for _ in 0..40 {
+        get(&c, s.proxy.addr, "shop.example.com", "/").await;
+    }
+    let split = s.proxy.service("shop").await;
+    assert_eq!(split["version"], 1);
+    // Points appear as the guard closes each (1 s) slice.
+    let total = |p: &Value, key: &str| -> u64 {
+        p[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_u64().unwrap())
+            .sum()
+    };
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    let last = loop {
+        let v = admin
+            .get("/api/v1/services/shop/series?seconds=60")
+            .await
+            .json();
+        let counted = total(&v["pools"][0], "requests") + total(&v["pools"][1], "requests");
+        if counted == 40 {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "{v}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(last["service"], "shop");
+    assert_eq!(last["step_secs"], 1.0);
+    let pools = last["pools"].as_array().unwrap();
+    assert_eq!(pools[0]["name"], "stable");
+    assert_eq!(pools[1]["name"], "canary");
+    // Every canary answer was a 500; no stable answer was.
+    assert_eq!(total(&pools[1], "errors"), total(&pools[1], "requests"));
+    assert_eq!(total(&pools[0], "errors"), 0);
+    assert!(total(&pools[0], "requests") > 0 && total(&pools[1], "requests") > 0);
+    for p in pools {
+        let n = p["requests"].as_array().unwrap().len();
+        assert_eq!(p["errors"].as_array().unwrap().len(), n);
+        assert_eq!(p["p99_ms"].as_array().unwrap().len(), n);
+        assert!(n <= 60, "{p}");
+        // A step with requests has a latency; an empty one has none.
+        for (r, l) in p["requests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(p["p99_ms"].as_array().unwrap())
+        {
+            assert_eq!(r.as_u64().unwrap() > 0, l.is_number(), "{p}");
+        }
+        let end = p["end_ms"].as_u64().unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        assert!(end <= now && now - end < 10_000, "end {end}, now {now}");
+    }
+    // Bad queries and unknown services are refused.
+    let bad = admin.get("/api/v1/services/shop/series?seconds=0").await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    assert!(
+        bad.error().contains("seconds must be 1..=600"),
+        "{}",
+        bad.text()
+    );
+    let bad = admin.get("/api/v1/services/nope/series").await;
+    assert_eq!(bad.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn events_tail_gives_the_newest() {
+    let (proxy, admin, _s, _c) = shop_admin().await;
+    for w in 1..=5 {
+        proxy.set_weights("shop", &[("stable", w), ("canary", 1)]);
+    }
+    let events = admin.get("/api/v1/events?tail=2").await.json();
+    let ids: Vec<u64> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_u64().unwrap())
+        .collect();
+    let all = admin.events().await;
+    let last = all.last().unwrap()["id"].as_u64().unwrap();
+    assert_eq!(ids, [last - 1, last]);
+    let bad = admin.get("/api/v1/events?tail=2&since=1").await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    assert!(
+        bad.error().contains("tail cannot be combined"),
+        "{}",
+        bad.text()
+    );
+}
+
+#[tokio::test]
+async fn dashboard_page_is_self_contained_and_served_without_the_token() {
+    let up = upstream("stable").await;
+    let dir = temp_dir("dash-token");
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    let toml = format!("[admin]\ntoken_file = \"{}\"\n", token_file.display())
+        + &service_toml("shop", None, &[("stable", vec![up.addr().to_string()], 1)]);
+    let proxy = start(&toml).await;
+    let admin = Admin::new(proxy.admin);
+    let page = admin.get("/").await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert_eq!(page.headers["content-type"], "text/html; charset=utf-8");
+    let csp = page.headers["content-security-policy"].to_str().unwrap();
+    assert!(csp.contains("default-src 'none'"), "{csp}");
+    assert!(csp.contains("connect-src 'self'"), "{csp}");
+    assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+    // The SVG namespace is a name, not a fetch.
+    let html = page.text().replace("\"http://www.w3.org/2000/svg\"", "SVG_NS");
+    assert!(html.contains("<title>weir</title>"));
+    // Air-gapped: nothing is loaded from anywhere else.
+    for needle in ["http://", "https://", "src=\"//", "@import", "url("] {
+        assert!(!html.contains(needle), "the page refers to `{needle}`");
+    }
+    // The data behind it still needs the token.
+    assert_eq!(
+        admin.get("/api/v1/services").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    let post = admin.call(Method::POST, "/", None, &[]).await;
+    assert_eq!(post.status, StatusCode::METHOD_NOT_ALLOWED);
+}
