@@ -305,6 +305,13 @@ async fn dashboard_shows_live_numbers_and_abort_sends_traffic_to_the_baseline() 
         )
         .await;
         screenshot(&b, &shots, "dashboard-aborted.png").await;
+        // The token was asked for once: a reload of the tab keeps it (sessionStorage).
+        b.refresh().await.unwrap();
+        page_until(&b, "the service after a reload", &format!("return !!{card}")).await;
+        assert_eq!(
+            eval(&b, "return document.querySelector('#auth').hidden").await,
+            true
+        );
         Ok::<(), String>(())
     }
     .await;
