@@ -720,7 +720,9 @@ async fn dashboard_page_is_self_contained_and_served_without_the_token() {
     assert!(csp.contains("connect-src 'self'"), "{csp}");
     assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
     // The SVG namespace is a name, not a fetch.
-    let html = page.text().replace("\"http://www.w3.org/2000/svg\"", "SVG_NS");
+    let html = page
+        .text()
+        .replace("\"http://www.w3.org/2000/svg\"", "SVG_NS");
     assert!(html.contains("<title>weir</title>"));
     // Air-gapped: nothing is loaded from anywhere else.
     for needle in ["http://", "https://", "src=\"//", "@import", "url("] {
