@@ -10,6 +10,11 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 # Real Prometheus for the metrics end-to-end test, and promtool to lint /metrics.
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+# Headless Chromium and its WebDriver for the dashboard's browser test.
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
+# docker-compose (v1, Python) validates docker-compose.yml without a Docker engine.
+command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -25,3 +30,5 @@ cargo clippy --all-targets -- -D warnings
 # runs each bench once in test mode, so they never rot); doc tests separately.
 cargo test --all-targets
 cargo test --doc
+# The docker-compose stack: validated, not started (no Docker engine on CI machines).
+scripts/check-compose.sh target/debug/weir
