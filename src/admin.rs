@@ -762,7 +762,8 @@ fn series_query(query: Option<&str>) -> Result<Duration, String> {
 
 /// Per-pool time series for charts, compact: parallel arrays of per-step request and
 /// error counts and p99 (ms, null without samples), oldest first, ending at `end_ms`
-/// (Unix ms). Rates are counts / `step_secs`.
+/// (Unix ms). Rates are counts / `step_secs`. Each pool carries its own step: a pool
+/// kept across a reload keeps the window (and slice length) it was built with.
 fn series_json(s: &Service, span: Duration) -> Value {
     let snap = s.snapshot();
     // One clock reading pair turns the windows' Instants into wall-clock times.
@@ -775,15 +776,14 @@ fn series_json(s: &Service, span: Duration) -> Value {
                 .as_millis() as u64
         })
     };
-    let mut step = Duration::from_secs(1);
     let pools: Vec<Value> = snap
         .slots()
         .iter()
         .map(|slot| {
             let series = slot.pool.window().series(span);
-            step = series.step;
             json!({
                 "name": slot.name(),
+                "step_secs": series.step.as_secs_f64(),
                 "end_ms": unix_ms(series.end),
                 "requests": series.points.iter().map(|p| p.requests).collect::<Vec<_>>(),
                 "errors": series.points.iter().map(|p| p.errors).collect::<Vec<_>>(),
@@ -793,11 +793,7 @@ fn series_json(s: &Service, span: Duration) -> Value {
             })
         })
         .collect();
-    json!({
-        "service": &*s.name,
-        "step_secs": step.as_secs_f64(),
-        "pools": pools,
-    })
+    json!({ "service": &*s.name, "pools": pools })
 }
 
 /// Nothing but the page's own script and style (by hash: an injected `<script>` or
