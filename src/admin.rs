@@ -815,7 +815,10 @@ fn inline_hash(page: &str, tag: &str) -> Option<String> {
     let open = format!("<{tag}>");
     let start = page.find(&open)? + open.len();
     let end = start + page[start..].find(&format!("</{tag}>"))?;
-    let digest = ring::digest::digest(&ring::digest::SHA256, &page.as_bytes()[start..end]);
+    // Browsers hash the element's text after the HTML parser turned CRLF into LF; a
+    // checkout with CRLF line ends must still match.
+    let text = page[start..end].replace("\r\n", "\n");
+    let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
     Some(format!(
         "'sha256-{}'",
         base64::engine::general_purpose::STANDARD.encode(digest)
@@ -1038,6 +1041,10 @@ mod tests {
             "'sha256-ungWv48Bz+pBQUDeXa4iI7ADYaOWF3qctBD/YfIAFa0='"
         );
         assert!(inline_hash("<x>abc", "x").is_none());
+        assert_eq!(
+            inline_hash("<x>a\r\nb</x>", "x"),
+            inline_hash("<x>a\nb</x>", "x")
+        );
     }
 
     #[test]

@@ -130,7 +130,7 @@ pub async fn run(opts: DemoOptions, out: &mut (impl Write + Send)) -> Result<()>
     let traffic = crate::traffic::spawn(
         proxy_addr.to_string().parse()?,
         None,
-        "/".into(),
+        http::uri::PathAndQuery::from_static("/"),
         opts.rate,
         8,
         Arc::clone(&tallies),

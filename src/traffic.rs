@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use http::Request;
-use http::uri::Authority;
+use http::Uri;
+use http::uri::{Authority, PathAndQuery};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -28,9 +29,9 @@ pub struct TrafficOptions {
     /// Host header to send (which service weir routes to); default: the target.
     #[arg(long)]
     pub host: Option<String>,
-    /// Path to request.
-    #[arg(long, default_value = "/")]
-    pub path: String,
+    /// Path (and query) to request, e.g. "/" or "/api/items?page=2".
+    #[arg(long, default_value = "/", value_parser = parse_path)]
+    pub path: PathAndQuery,
     /// Requests per second.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub rate: u64,
@@ -40,6 +41,14 @@ pub struct TrafficOptions {
     /// Stop after this long, e.g. "5m" (default: until Ctrl-C).
     #[arg(long, value_parser = crate::config::parse_duration)]
     pub duration: Option<Duration>,
+}
+
+fn parse_path(s: &str) -> Result<PathAndQuery, String> {
+    if !s.starts_with('/') {
+        return Err(format!("`{s}` must start with /, e.g. /{s}"));
+    }
+    s.parse()
+        .map_err(|_| format!("`{s}` is not a valid path (encode spaces as %20)"))
 }
 
 fn parse_target(s: &str) -> Result<Authority, String> {
@@ -107,7 +116,7 @@ impl Tallies {
 pub fn spawn(
     target: Authority,
     host: Option<String>,
-    path: String,
+    path: PathAndQuery,
     rate: u64,
     clients: u64,
     tallies: Arc<Tallies>,
@@ -116,7 +125,12 @@ pub fn spawn(
     tokio::spawn(async move {
         let clients = clients.clamp(1, rate.max(1));
         let period = Duration::from_nanos(1_000_000_000 * clients / rate.max(1));
-        let url = format!("http://{target}{path}");
+        let url = Uri::builder()
+            .scheme("http")
+            .authority(target)
+            .path_and_query(path)
+            .build()
+            .expect("an authority and a path make a URI");
         let mut tasks = Vec::new();
         for _ in 0..clients {
             let (tallies, stop, url, host) = (
@@ -132,7 +146,7 @@ pub fn spawn(
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
                 while !stop.load(Ordering::Relaxed) {
                     tick.tick().await;
-                    let mut req = Request::get(&url);
+                    let mut req = Request::get(url.clone());
                     if let Some(h) = &host {
                         req = req.header(http::header::HOST, h);
                     }
@@ -170,6 +184,10 @@ pub fn spawn(
 /// Run `weir traffic`, printing one line a second until `duration` or Ctrl-C.
 pub async fn run(opts: TrafficOptions, out: &mut (impl Write + Send)) -> Result<()> {
     let host = opts.host.clone();
+    if let Some(h) = &host {
+        http::HeaderValue::from_str(h)
+            .map_err(|_| anyhow::anyhow!("--host `{h}` cannot be sent as a Host header"))?;
+    }
     writeln!(
         out,
         "sending {} req/s to http://{}{} (Host: {}) from {} clients; Ctrl-C stops",
@@ -260,6 +278,13 @@ mod tests {
             line(Duration::from_secs(3), &before, &now, 2),
             "[   3s]  canary 4 req (0.0% 5xx)  stable 50 req (10.0% 5xx)  no answer: 2"
         );
+    }
+
+    #[test]
+    fn paths_start_with_a_slash_and_are_valid() {
+        assert_eq!(parse_path("/a?b=1").unwrap().as_str(), "/a?b=1");
+        assert!(parse_path("foo").unwrap_err().contains("must start with /"));
+        assert!(parse_path("/a b").unwrap_err().contains("not a valid path"));
     }
 
     #[test]

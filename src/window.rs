@@ -210,7 +210,7 @@ impl Window {
     /// Record one request. Lock-free; called on the request path.
     #[inline]
     pub fn record(&self, error: bool, latency: Duration) {
-        let slice = &self.slices[self.current.load(Ordering::Relaxed)];
+        let slice = &self.slices[self.current.load(Ordering::Acquire)];
         self.total.fetch_add(1, Ordering::Relaxed);
         slice.requests.fetch_add(1, Ordering::Relaxed);
         if error {
@@ -223,7 +223,7 @@ impl Window {
     /// Count a failed attempt that was retried: a request and an error, with no latency
     /// sample (the attempt's answer never reached the client).
     pub fn record_failed_attempt(&self) {
-        let slice = &self.slices[self.current.load(Ordering::Relaxed)];
+        let slice = &self.slices[self.current.load(Ordering::Acquire)];
         self.total.fetch_add(1, Ordering::Relaxed);
         slice.requests.fetch_add(1, Ordering::Relaxed);
         slice.errors.fetch_add(1, Ordering::Relaxed);
@@ -268,12 +268,16 @@ impl Window {
                 break;
             }
             let current = self.current.load(Ordering::Relaxed);
-            history.push(self.slices[current].point());
             let next = (current + 1) % self.slices.len();
             self.slices[next].clear();
             let number = self.rotations.fetch_add(1, Ordering::Relaxed) + 1;
             self.slices[next].opened.store(number, Ordering::Relaxed);
-            self.current.store(next, Ordering::Relaxed);
+            // Release: whoever sees the new index (Acquire) sees the slice cleared, so
+            // no increment lands before the clear and is lost.
+            self.current.store(next, Ordering::Release);
+            // Summed up after the switch: recorders have moved on, so the point holds
+            // (nearly) everything the slice will ever get.
+            history.push(self.slices[current].point());
         }
         history.end = Some(s);
         *start = Some(s);
@@ -301,7 +305,7 @@ impl Window {
     pub fn stats(&self, span: Duration) -> Stats {
         let wanted = (span.as_nanos().div_ceil(self.slice_len.as_nanos()) as usize + 1)
             .min(self.slices.len());
-        let current = self.current.load(Ordering::Relaxed);
+        let current = self.current.load(Ordering::Acquire);
         let visible_from = self.visible_from.load(Ordering::Relaxed);
         let mut stats = Stats {
             requests: 0,

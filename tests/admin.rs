@@ -590,9 +590,11 @@ async fn weights_change_200_times_under_load_without_errors_or_misroutes() {
         }
     }
     // With 32 requests in flight and 100 completed after each acknowledgement,
-    // about a third straddle a change; the rest must be enough to judge.
+    // about a third of those straddle a change; the rest must be enough to judge.
+    // (Requests completing while a change is being fsynced straddle it too, and their
+    // number depends on the disk: they are not counted against the threshold.)
     assert!(
-        checked > total / 4,
+        checked > CHANGES * PER_PHASE / 3,
         "only {checked} of {total} requests fell inside one phase"
     );
     let share = half_canary as f64 / half_total as f64;
