@@ -87,20 +87,6 @@ async fn shop_admin() -> (
     (s.proxy, admin, s.stable, s.canary)
 }
 
-fn weights(service: &Value) -> Vec<(String, u64)> {
-    service["pools"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| {
-            (
-                p["name"].as_str().unwrap().to_string(),
-                p["weight"].as_u64().unwrap(),
-            )
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn health_and_readiness() {
     let (_p, admin, _s, _c) = shop_admin().await;
@@ -154,7 +140,10 @@ async fn put_weights_changes_routing_and_records_an_event() {
     let s = a.json();
     assert_eq!(s["version"], 2);
     assert_eq!(s["updated_by"], "admin");
-    assert_eq!(weights(&s), [("stable".into(), 0), ("canary".into(), 5)]);
+    assert_eq!(
+        pool_weights(&s),
+        [("stable".into(), 0), ("canary".into(), 5)]
+    );
     assert_eq!(s["pools"][1]["share"], 1.0);
     let c = client();
     for _ in 0..20 {
@@ -247,7 +236,10 @@ async fn bad_weight_requests_are_400_and_change_nothing() {
     assert_eq!(unknown.status, StatusCode::NOT_FOUND);
     let s = admin.get("/api/v1/services/shop").await.json();
     assert_eq!(s["version"], 1);
-    assert_eq!(weights(&s), [("stable".into(), 90), ("canary".into(), 10)]);
+    assert_eq!(
+        pool_weights(&s),
+        [("stable".into(), 90), ("canary".into(), 10)]
+    );
     assert_eq!(
         admin.events().await.len(),
         before_events,
@@ -337,7 +329,7 @@ async fn rollback_sends_all_traffic_to_the_baseline() {
         .await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.text());
     assert_eq!(
-        weights(&a.json()),
+        pool_weights(&a.json()),
         [("stable".into(), 100), ("canary".into(), 0)]
     );
     let c = client();

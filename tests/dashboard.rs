@@ -324,17 +324,7 @@ async fn dashboard_shows_live_numbers_and_abort_sends_traffic_to_the_baseline() 
     // connection), and every pool but the baseline has weight 0.
     let svc = api(admin, "/api/v1/services/shop").await.json();
     assert_eq!(svc["rollout"]["phase"], "aborted", "{svc}");
-    let weights: Vec<(String, u64)> = svc["pools"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| {
-            (
-                p["name"].as_str().unwrap().to_string(),
-                p["weight"].as_u64().unwrap(),
-            )
-        })
-        .collect();
+    let weights = pool_weights(&svc);
     assert_eq!(weights[1], ("canary".to_string(), 0), "{svc}");
     assert!(weights[0].1 > 0, "{svc}");
     let events = api(admin, "/api/v1/events?tail=5").await.json();

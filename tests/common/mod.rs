@@ -353,6 +353,21 @@ where
     }
 }
 
+/// `[(pool, weight)]` of a service document from the admin API, in config order.
+pub fn pool_weights(service: &serde_json::Value) -> Vec<(String, u64)> {
+    service["pools"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no pools in {service}"))
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_string(),
+                p["weight"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
 /// A hand-written HTTP server for tests that need exact control of what an upstream
 /// sends (hop-by-hop headers): answers every request with `respond(request)`.
 pub async fn custom_upstream<F>(respond: F) -> SocketAddr
