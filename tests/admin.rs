@@ -487,12 +487,7 @@ async fn reload_applies_a_valid_file_and_rejects_a_bad_one() {
         "{problem}"
     );
     assert_eq!(get(&c, proxy.addr, "x", "/").await.upstream(), "green");
-    let kinds: Vec<String> = admin
-        .events()
-        .await
-        .iter()
-        .map(|e| e["kind"].as_str().unwrap().to_string())
-        .collect();
+    let kinds: Vec<String> = event_kinds(&admin.events().await);
     assert_eq!(
         kinds,
         ["weights_changed", "config_reloaded", "config_rejected"]

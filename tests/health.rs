@@ -414,14 +414,9 @@ async fn closes_idle_connections(idle: Duration) -> SocketAddr {
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let mut buf = vec![0u8; 8192];
                 loop {
-                    let mut seen = Vec::new();
-                    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match tokio::time::timeout(idle, s.read(&mut buf)).await {
-                            Ok(Ok(n)) if n > 0 => seen.extend_from_slice(&buf[..n]),
-                            _ => return,
-                        }
+                    if !read_head(&mut s, Some(idle)).await {
+                        return;
                     }
                     if s.write_all(
                         b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nx-upstream: racy\r\n\r\nok\n",

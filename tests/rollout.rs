@@ -156,12 +156,7 @@ async fn canary_plan_runs_its_steps_and_promotes() {
     assert_eq!(weights(&s), [9950, 50]);
     assert_eq!(s["rollout"]["step"], "pause until promoted");
     assert_eq!(s["rollout"]["waiting_for"], "promote (manual pause)");
-    let kinds: Vec<String> = admin
-        .events()
-        .await
-        .iter()
-        .map(|e| e["kind"].as_str().unwrap().to_string())
-        .collect();
+    let kinds: Vec<String> = event_kinds(&admin.events().await);
     // The start applied the first percent step at once; the rest came from the driver.
     assert_eq!(kinds, ["rollout_started", "rollout_step", "rollout_step"]);
     let c = client();

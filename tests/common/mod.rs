@@ -368,6 +368,34 @@ pub fn pool_weights(service: &serde_json::Value) -> Vec<(String, u64)> {
         .collect()
 }
 
+/// Read one request head from a raw upstream connection (through its blank line).
+/// False when the peer closed, failed, or (with `idle`) sent nothing for that long.
+pub async fn read_head(s: &mut tokio::net::TcpStream, idle: Option<Duration>) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 8192];
+    let mut seen = Vec::new();
+    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+        let read = s.read(&mut buf);
+        let n = match idle {
+            Some(d) => tokio::time::timeout(d, read).await.unwrap_or(Ok(0)),
+            None => read.await,
+        };
+        match n {
+            Ok(n) if n > 0 => seen.extend_from_slice(&buf[..n]),
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// `kind` of each event, in order.
+pub fn event_kinds(events: &[serde_json::Value]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap().to_string())
+        .collect()
+}
+
 /// A hand-written HTTP server for tests that need exact control of what an upstream
 /// sends (hop-by-hop headers): answers every request with `respond(request)`.
 pub async fn custom_upstream<F>(respond: F) -> SocketAddr
