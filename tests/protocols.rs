@@ -139,11 +139,7 @@ async fn http2_prior_knowledge_clients_are_proxied() {
     )
     .await;
     let stream = TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2_handshake(stream).await;
     for i in 0..20 {
         let req = Request::get(format!("http://shop.example.com/echo?i={i}"))
             .body(Empty::<Bytes>::new())
@@ -227,11 +223,7 @@ async fn grpc_over_h2c_keeps_trailers_both_ways() {
         + "protocol = \"h2c\"\n";
     let proxy = start(&toml).await;
     let stream = TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2_handshake(stream).await;
     for i in 0..5u8 {
         // A gRPC message: compressed flag, big-endian length, payload.
         let payload = vec![i; 10];

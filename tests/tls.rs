@@ -155,11 +155,7 @@ async fn alpn_h2_serves_http2_over_tls() {
     let h = https(&up.addr().to_string()).await;
     let tls = connect(&h, "b.example.com", &[b"h2", b"http/1.1"]).await;
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2_handshake(tls).await;
     let req = Request::get("https://b.example.com/")
         .body(Empty::<Bytes>::new())
         .unwrap();

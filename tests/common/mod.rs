@@ -388,6 +388,23 @@ pub async fn read_head(s: &mut tokio::net::TcpStream, idle: Option<Duration>) ->
     true
 }
 
+/// An HTTP/2 client connection over `io` (prior knowledge, or TLS after ALPN chose h2),
+/// driven in the background.
+pub async fn h2_handshake<T, B>(io: T) -> hyper::client::conn::http2::SendRequest<B>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+            .await
+            .expect("HTTP/2 handshake");
+    tokio::spawn(conn);
+    sender
+}
+
 /// `kind` of each event, in order.
 pub fn event_kinds(events: &[serde_json::Value]) -> Vec<String> {
     events
