@@ -714,6 +714,23 @@ ratio_table() { # PROTO
     echo
 }
 
+# The cells every protocol's table shares, for target $2 of protocol $1 in results file
+# $3 (req/s in column 3, CPU µs/request in column $4): sets the caller's rps, rmin, rmax
+# and cpu_cell, and records the medians for the ratio table.
+shared_cells() {
+    local proto=$1 t=$2 file=$3 cpu_col=$4
+    rps=$(col "$file" "$t" 3 | median)
+    rmin=$(col "$file" "$t" 3 | sort -g | head -n 1)
+    rmax=$(col "$file" "$t" 3 | sort -g | tail -n 1)
+    MED_RPS[$proto $t]=$rps
+    if [[ $t == direct ]]; then
+        cpu_cell="— (no proxy)"
+    else
+        MED_CPU[$proto $t]=$(col "$file" "$t" "$cpu_col" | median)
+        cpu_cell=$(fmt "${MED_CPU[$proto $t]}" "%.2f")
+    fi
+}
+
 report_h1() {
     local t rps rmin rmax p50 p99 sock non2xx cpu_cell err_cell
     echo "## $H1_TITLE"
@@ -721,20 +738,11 @@ report_h1() {
     echo "| target | req/s (min–max) | p50 | p99 | proxy CPU µs/req | errors |"
     echo "|---|---|---|---|---|---|"
     for t in $TARGETS; do
-        rps=$(col "$RESULTS_H1" "$t" 3 | median)
-        rmin=$(col "$RESULTS_H1" "$t" 3 | sort -g | head -n 1)
-        rmax=$(col "$RESULTS_H1" "$t" 3 | sort -g | tail -n 1)
+        shared_cells h1 "$t" "$RESULTS_H1" 10
         p50=$(col "$RESULTS_H1" "$t" 4 | median)
         p99=$(col "$RESULTS_H1" "$t" 5 | median)
         sock=$(col "$RESULTS_H1" "$t" 7 | sum)
         non2xx=$(col "$RESULTS_H1" "$t" 8 | sum)
-        MED_RPS[h1 $t]=$rps
-        if [[ $t == direct ]]; then
-            cpu_cell="— (no proxy)"
-        else
-            MED_CPU[h1 $t]=$(col "$RESULTS_H1" "$t" 10 | median)
-            cpu_cell=$(fmt "${MED_CPU[h1 $t]}" "%.2f")
-        fi
         if ((sock + non2xx == 0)); then err_cell=0; else err_cell="socket $sock, non-2xx/3xx $non2xx"; fi
         target_label h1 "$t" "$RESULTS_H1" 15
         printf '| %s | %s (%s–%s) | %s | %s | %s | %s |\n' "$LABEL" \
@@ -756,22 +764,13 @@ report_h2() {
     echo "| target | req/s (min–max) | mean latency | max latency | proxy CPU µs/req | errors |"
     echo "|---|---|---|---|---|---|"
     for t in $TARGETS; do
-        rps=$(col "$RESULTS_H2" "$t" 3 | median)
-        rmin=$(col "$RESULTS_H2" "$t" 3 | sort -g | head -n 1)
-        rmax=$(col "$RESULTS_H2" "$t" 3 | sort -g | tail -n 1)
+        shared_cells h2 "$t" "$RESULTS_H2" 12
         lmean=$(col "$RESULTS_H2" "$t" 4 | median)
         lmax=$(col "$RESULTS_H2" "$t" 5 | sort -g | tail -n 1)
         failed=$(col "$RESULTS_H2" "$t" 7 | sum)
         errored=$(col "$RESULTS_H2" "$t" 8 | sum)
         timedout=$(col "$RESULTS_H2" "$t" 9 | sum)
         non2xx=$(col "$RESULTS_H2" "$t" 10 | sum)
-        MED_RPS[h2 $t]=$rps
-        if [[ $t == direct ]]; then
-            cpu_cell="— (no proxy)"
-        else
-            MED_CPU[h2 $t]=$(col "$RESULTS_H2" "$t" 12 | median)
-            cpu_cell=$(fmt "${MED_CPU[h2 $t]}" "%.2f")
-        fi
         if ((failed == 0)); then err_cell=0; else err_cell="failed $failed (errored $errored, timeout $timedout, 4xx/5xx $non2xx)"; fi
         target_label h2 "$t" "$RESULTS_H2" 17
         printf '| %s | %s (%s–%s) | %s | %s | %s | %s |\n' "$LABEL" \
