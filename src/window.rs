@@ -104,7 +104,6 @@ pub struct Series {
 struct History {
     points: VecDeque<Point>,
     capacity: usize,
-    end: Option<Instant>,
 }
 
 impl History {
@@ -193,7 +192,6 @@ impl Window {
             history: Mutex::new(History {
                 points: VecDeque::with_capacity(capacity),
                 capacity,
-                end: None,
             }),
         }
     }
@@ -279,12 +277,14 @@ impl Window {
             // (nearly) everything the slice will ever get.
             history.push(self.slices[current].point());
         }
-        history.end = Some(s);
         *start = Some(s);
     }
 
     /// The newest history points covering at most `span`, oldest first.
     pub fn series(&self, span: Duration) -> Series {
+        // The newest point ends where the current slice starts. Locked in `rotate`'s
+        // order: start, then history.
+        let start = self.current_start.lock().unwrap_or_else(|p| p.into_inner());
         let history = self.history.lock().unwrap_or_else(|p| p.into_inner());
         let n = (span.as_nanos().div_ceil(self.slice_len.as_nanos()) as usize)
             .min(history.points.len());
@@ -294,7 +294,11 @@ impl Window {
                 .range(history.points.len() - n..)
                 .copied()
                 .collect(),
-            end: history.end,
+            end: if history.points.is_empty() {
+                None
+            } else {
+                *start
+            },
             step: self.slice_len,
         }
     }
