@@ -187,11 +187,8 @@ impl Admin {
                 {
                     return refusal;
                 }
-                if req.method() != Method::GET && req.method() != Method::HEAD {
-                    return error(
-                        StatusCode::METHOD_NOT_ALLOWED,
-                        "/metrics is read-only: use GET",
-                    );
+                if let Some(refusal) = refuse_unless_read(&req, "/metrics") {
+                    return refusal;
                 }
                 let mut r = Response::new(Full::new(Bytes::from(self.metrics.render())));
                 r.headers_mut().insert(
@@ -228,22 +225,16 @@ impl Admin {
         let method = req.method().clone();
         if route.mutates() {
             if method != Method::PUT && method != Method::POST {
-                let mut r = error(
-                    StatusCode::METHOD_NOT_ALLOWED,
+                return not_allowed(
                     format!("{path} changes state: use {}", route.method()),
+                    route.method(),
                 );
-                r.headers_mut()
-                    .insert(header::ALLOW, HeaderValue::from_static(route.method()));
-                return r;
             }
             if method.as_str() != route.method() {
-                let mut r = error(
-                    StatusCode::METHOD_NOT_ALLOWED,
+                return not_allowed(
                     format!("{path} takes {}, not {method}", route.method()),
+                    route.method(),
                 );
-                r.headers_mut()
-                    .insert(header::ALLOW, HeaderValue::from_static(route.method()));
-                return r;
             }
             if !is_json(&req) {
                 return error(
@@ -251,14 +242,8 @@ impl Admin {
                     "request body must be Content-Type: application/json",
                 );
             }
-        } else if method != Method::GET && method != Method::HEAD {
-            let mut r = error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                format!("{path} is read-only: use GET"),
-            );
-            r.headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
-            return r;
+        } else if let Some(refusal) = refuse_unless_read(&req, &path) {
+            return refusal;
         }
         let actor = Some(peer.to_string());
         match route {
@@ -550,6 +535,30 @@ fn control_status(e: &ControlError) -> StatusCode {
     }
 }
 
+/// 405 with the methods that are allowed.
+fn not_allowed(message: String, allow: &'static str) -> AdminResponse {
+    let mut r = error(StatusCode::METHOD_NOT_ALLOWED, message);
+    r.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    r
+}
+
+/// The 405 for anything but GET/HEAD on a read-only resource (`what` names it).
+fn refuse_unless_read<B>(req: &Request<B>, what: &str) -> Option<AdminResponse> {
+    let m = req.method();
+    (m != Method::GET && m != Method::HEAD)
+        .then(|| not_allowed(format!("{what} is read-only: use GET"), "GET, HEAD"))
+}
+
+/// `k=v` pairs of a query string (`k` alone gives an empty value).
+fn query_pairs(query: Option<&str>) -> impl Iterator<Item = (&str, &str)> {
+    query
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
+}
+
 fn is_json<B>(req: &Request<B>) -> bool {
     req.headers()
         .get(header::CONTENT_TYPE)
@@ -709,8 +718,7 @@ fn events_query(query: Option<&str>) -> Result<EventsQuery, String> {
             .filter(|l| (1..=MAX_EVENTS).contains(l))
             .ok_or_else(|| format!("{name} must be 1..={MAX_EVENTS}, got `{v}`"))
     };
-    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+    for (k, v) in query_pairs(query) {
         match k {
             "since" => {
                 since = Some(
@@ -743,8 +751,7 @@ fn events_query(query: Option<&str>) -> Result<EventsQuery, String> {
 fn series_query(query: Option<&str>) -> Result<Duration, String> {
     let mut span = DEFAULT_SERIES;
     let most = crate::window::HISTORY.as_secs();
-    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+    for (k, v) in query_pairs(query) {
         match k {
             "seconds" => {
                 span = v
@@ -828,14 +835,8 @@ fn inline_hash(page: &str, tag: &str) -> Option<String> {
 /// `GET /`: the dashboard page. It holds no data or secret of its own, so it is served
 /// without the token; every API call it makes carries the token the user enters.
 fn dashboard<B>(req: &Request<B>) -> AdminResponse {
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        let mut r = error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "the dashboard is read-only: use GET",
-        );
-        r.headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
-        return r;
+    if let Some(refusal) = refuse_unless_read(req, "the dashboard") {
+        return refusal;
     }
     let mut r = Response::new(Full::new(Bytes::from_static(DASHBOARD.as_bytes())));
     let h = r.headers_mut();
