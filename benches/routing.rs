@@ -3,12 +3,14 @@
 //! count taken and released), exactly as the proxy does it per request.
 
 use std::hint::black_box;
+use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use weir::config::Config;
 use weir::control::Controller;
-use weir::metrics::{Metrics, PoolMetrics};
+use weir::metrics::{Metrics, MetricsSink};
+use weir::outcome::{Outcome, OutcomeSink};
 use weir::window::Window;
 
 fn config() -> Config {
@@ -48,19 +50,30 @@ fn routing(c: &mut Criterion) {
 }
 
 /// What metrics add to one request: the outcome recorded into its pool's counters and
-/// latency histogram, plus the in-flight gauge up and down. Compare with the proxy's CPU
-/// per request from `benches/load/compare.sh`.
+/// both latency histograms (to headers, to last byte), plus the in-flight gauge up and
+/// down. Compare with the proxy's CPU per request from `benches/load/compare.sh`.
 fn metrics_recording(c: &mut Criterion) {
     let metrics = Metrics::new();
-    let pool = PoolMetrics::new(&metrics, &"shop".into(), &"canary".into(), &["10.0.0.1:80"]);
-    let latency = Duration::from_micros(850);
+    let controller = Controller::in_memory(&config(), Arc::clone(&metrics));
+    let pool = Arc::clone(&controller.snapshot("shop").unwrap().slots()[1].pool);
+    let sink = MetricsSink(Arc::clone(&metrics));
+    let outcome = Outcome {
+        pool: &pool,
+        endpoint: Some(0),
+        status: 200,
+        grpc: None,
+        error: None,
+        latency: Duration::from_micros(850),
+        duration: Duration::from_micros(900),
+        retried: None,
+    };
     c.bench_function(
-        "metrics: record one request (counter + histogram + inflight)",
+        "metrics: record one request (counters + 2 histograms + inflight)",
         |b| {
             b.iter(|| {
-                pool.inflight().increment(1.0);
-                pool.record(black_box(200), None, black_box(latency));
-                pool.inflight().decrement(1.0);
+                pool.metrics().inflight().increment(1.0);
+                sink.record(black_box(&outcome));
+                pool.metrics().inflight().decrement(1.0);
             })
         },
     );

@@ -15,6 +15,9 @@ command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 # docker-compose (v1, Python) validates docker-compose.yml without a Docker engine.
 command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
+# grpcio for the gRPC end-to-end test's real client and server (tests/grpc/). Debian's
+# interpreter by path: a `python3` first on PATH (pyenv) cannot see Debian's packages.
+/usr/bin/python3 -c 'import grpc' >/dev/null 2>&1 || need+=(python3-grpcio)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive

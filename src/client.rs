@@ -14,7 +14,10 @@
 //! closed it is noticed on checkout: one poll (no syscall unless the socket is readable)
 //! tells a live connection from a closed one. A request that a closing connection refused
 //! before sending anything is retried on another connection; it never reached the
-//! upstream, so that is safe for any method.
+//! upstream, so that is safe for any method. A request written into a reused connection
+//! that then closed with no answer (the upstream's keep-alive timer fired as the request
+//! was on its way) is sent again on a fresh connection only when that is safe: an
+//! idempotent method and no body — like HAProxy's `retry-on conn-failure empty-response`.
 
 use std::future::poll_fn;
 use std::io;
@@ -33,28 +36,84 @@ use hyper_util::rt::TokioIo;
 use std::future::Future as _;
 use tokio::net::TcpStream;
 
-use crate::pool::EndpointState;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use crate::outcome::ErrorKind;
+use crate::pool::{EndpointState, RetryBudget};
 
 /// What goes upstream: the client's body streamed through (with a stall timeout), or
 /// (for a replay) a body weir holds.
 pub type RequestBody = Either<TimedBody, Full<Bytes>>;
 
-/// A client's request body that fails when the client stops sending: hyper has no body
-/// read timeout of its own, and a stalled upload would otherwise hold an upstream
-/// connection for ever. The timer is only armed while waiting, and never for a request
-/// without a body.
+/// A body (the client's request body, or an upstream's response body) that fails when
+/// its sender stops sending: hyper has no body read timeout of its own, and a stalled
+/// body would otherwise hold connections for ever. The timer is only armed while
+/// waiting, and never for a message without a body.
 #[derive(Debug)]
 pub struct TimedBody {
     inner: Incoming,
     timeout: Duration,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
     armed: bool,
+    /// For a client's request body: where its failure is written down, so the proxy can
+    /// tell a client's fault from the upstream's whatever error the upstream leg reports.
+    watch: Option<BodyWatch>,
 }
 
-/// The error a stalled request body ends with (answered 408).
+/// The error a stalled body ends with (a request body: 408; a response body: the
+/// pool's `timeout`).
 #[derive(Debug, thiserror::Error)]
-#[error("the request body stalled for longer than {0:?}")]
+#[error("the body stalled for longer than {0:?}")]
 pub struct BodyTimeout(pub Duration);
+
+/// How a client's request body failed, if it did: shared between the body (which sees
+/// the failure) and the proxy (which must answer and blame correctly). Only requests
+/// with a body get one.
+#[derive(Debug, Clone, Default)]
+pub struct BodyWatch(Arc<AtomicU8>);
+
+impl BodyWatch {
+    const ABORTED: u8 = 1;
+    const INVALID: u8 = 2;
+    const STALLED: u8 = 3;
+
+    fn set(&self, fault: u8) {
+        let _ = self
+            .0
+            .compare_exchange(0, fault, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// The client's fault, when its body failed.
+    pub fn fault(&self) -> Option<ErrorKind> {
+        match self.0.load(Ordering::Relaxed) {
+            Self::ABORTED => Some(ErrorKind::ClientAbort),
+            Self::INVALID => Some(ErrorKind::BadRequestBody),
+            Self::STALLED => Some(ErrorKind::ClientTimeout),
+            _ => None,
+        }
+    }
+
+    /// Sort a client body's error: invalid framing (a bad chunk; hyper reports it as
+    /// InvalidInput/InvalidData) or the client going away (EOF mid-body, a reset
+    /// connection or HTTP/2 stream).
+    fn failed(&self, e: &hyper::Error) {
+        use std::error::Error as _;
+        let mut source = e.source();
+        while let Some(s) = source {
+            if let Some(io) = s.downcast_ref::<io::Error>()
+                && matches!(
+                    io.kind(),
+                    io::ErrorKind::InvalidInput | io::ErrorKind::InvalidData
+                )
+            {
+                return self.set(Self::INVALID);
+            }
+            source = s.source();
+        }
+        self.set(Self::ABORTED);
+    }
+}
 
 impl TimedBody {
     pub fn new(inner: Incoming, timeout: Duration) -> TimedBody {
@@ -63,7 +122,14 @@ impl TimedBody {
             timeout,
             sleep: None,
             armed: false,
+            watch: None,
         }
+    }
+
+    /// Record this (client request) body's failure in `watch`.
+    pub fn watched(mut self, watch: Option<BodyWatch>) -> TimedBody {
+        self.watch = watch;
+        self
     }
 }
 
@@ -79,6 +145,9 @@ impl http_body::Body for TimedBody {
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
                 this.armed = false;
+                if let (Some(Err(e)), Some(watch)) = (&frame, &this.watch) {
+                    watch.failed(e);
+                }
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
             Poll::Pending => {
@@ -92,6 +161,9 @@ impl http_body::Body for TimedBody {
                 }
                 match this.sleep.as_mut().map(|s| s.as_mut().poll(cx)) {
                     Some(Poll::Ready(())) => {
+                        if let Some(watch) = &this.watch {
+                            watch.set(BodyWatch::STALLED);
+                        }
                         Poll::Ready(Some(Err(Box::new(BodyTimeout(this.timeout)))))
                     }
                     _ => Poll::Pending,
@@ -322,10 +394,6 @@ enum Failed {
     Http(hyper::Error),
 }
 
-/// Connections used more recently than this are not copied for a replay: an upstream's
-/// keep-alive timer (seconds at least) cannot be closing them.
-const RACE_WINDOW: Duration = Duration::from_millis(250);
-
 /// A copy of a bodyless request's head, sendable again.
 fn head_of(req: &Request<RequestBody>) -> Request<RequestBody> {
     let mut copy = Request::new(Either::Right(Full::new(Bytes::new())));
@@ -356,6 +424,24 @@ fn closed_unanswered(e: &hyper::Error) -> bool {
 /// stops trying pooled ones and opens a fresh connection.
 const STALE_RETRIES: usize = 4;
 
+/// Methods whose request can be sent twice with the effect of once (RFC 9110 §9.2.2).
+fn idempotent(method: &http::Method) -> bool {
+    use http::Method;
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// A response head and the connection its body arrives on.
+#[derive(Debug)]
+pub struct Sent {
+    pub response: Response<Incoming>,
+    pub conn: Box<PooledConn>,
+    /// The request was sent again on a fresh connection after a keep-alive race.
+    pub replayed: bool,
+}
+
 impl UpstreamClient {
     pub fn new(connect_timeout: Duration, idle_timeout: Duration, max_idle: usize) -> Self {
         UpstreamClient {
@@ -378,12 +464,15 @@ impl UpstreamClient {
 
     /// Send `req` to `endpoint` and wait for the response head. The connection comes
     /// back with the response, to be driven by the body and returned with [`release`].
+    /// A replay after a keep-alive race is paid for from `budget`.
     pub async fn send(
         &self,
         endpoint: &EndpointState,
         mut req: Request<RequestBody>,
-    ) -> Result<(Response<Incoming>, Box<PooledConn>), SendError> {
+        budget: &RetryBudget,
+    ) -> Result<Sent, SendError> {
         let mut stale = 0;
+        let mut replayed = false;
         loop {
             let fresh_only = stale >= STALE_RETRIES;
             let mut conn = match self.checkout(endpoint, fresh_only).await {
@@ -396,14 +485,13 @@ impl UpstreamClient {
                 },
             };
             let reused = conn.idle_since.is_some();
-            // A connection idle for a while may be closing under us (the upstream's
-            // keep-alive timer): keep what it takes to send a bodyless request again,
-            // so that race never becomes a client-visible error. Hot connections
-            // skip the copy.
-            let replay = (reused
-                && req.body().is_end_stream()
-                && conn.idle_since.is_some_and(|t| t.elapsed() >= RACE_WINDOW))
-            .then(|| head_of(&req));
+            // Any reused connection may be closing under us (an upstream's keep-alive
+            // timer, `Connection: close` under load — at any age, so no age threshold):
+            // keep what it takes to send an idempotent bodyless request again, so that
+            // race never becomes a client-visible error. One replay per request.
+            let replay =
+                (reused && !replayed && req.body().is_end_stream() && idempotent(req.method()))
+                    .then(|| head_of(&req));
             let mut response = std::pin::pin!(conn.sender.try_send_request(req));
             let result = poll_fn(|cx| {
                 if let Poll::Ready(r) = response.as_mut().poll(cx) {
@@ -415,17 +503,25 @@ impl UpstreamClient {
             })
             .await;
             match result {
-                Ok(resp) => return Ok((resp, conn)),
+                Ok(response) => {
+                    return Ok(Sent {
+                        response,
+                        conn,
+                        replayed,
+                    });
+                }
                 Err(mut e) => match (e.take_message(), replay) {
                     // Refused before a byte was written: the connection was closing.
                     (Some(back), _) if reused => {
                         stale += 1;
                         req = back;
                     }
-                    // Written, then the connection closed with no answer: an idle
-                    // connection the upstream was closing. Send the copy on a new one.
-                    (None, Some(copy)) if closed_unanswered(e.error()) => {
+                    // Written, then the connection closed with no answer: a reused
+                    // connection the upstream was closing. Send the copy on a new one,
+                    // if the pool's retry budget allows.
+                    (None, Some(copy)) if closed_unanswered(e.error()) && budget.withdraw() => {
                         stale = STALE_RETRIES;
+                        replayed = true;
                         req = copy;
                     }
                     _ => return Err(SendError::Http(e.into_error())),

@@ -52,6 +52,9 @@ pub struct ProxyConfig {
     pub header_read_timeout: Duration,
     /// Longest wait for the next piece of a request body; then 408.
     pub body_read_timeout: Duration,
+    /// An upstream response body that sends nothing for this long is cut and counted as
+    /// the pool's `timeout`.
+    pub upstream_body_timeout: Duration,
     /// Largest request head accepted; bigger gets 431.
     pub max_header_bytes: usize,
     /// Client connections open at once; more wait in the listen backlog.
@@ -105,6 +108,9 @@ pub struct ServiceConfig {
     pub sticky: Option<StickyConfig>,
     /// `strategy` with `[service.rollout]`: the plan a rollout follows.
     pub rollout: Option<RolloutConfig>,
+    /// gRPC status codes that count as a failure of the pool, one bit per code
+    /// (`grpc_failure_codes`; default [`crate::outcome::GRPC_DEFAULT_FAILURES`]).
+    pub grpc_failure_codes: u32,
 }
 
 /// A service's rollout plan.
@@ -197,6 +203,19 @@ pub struct SloConfig {
     pub mode: GuardMode,
     /// Rollback events are POSTed here as JSON.
     pub webhook: Option<http::Uri>,
+    /// Which latency the p99 checks judge.
+    pub latency: LatencyMeasure,
+}
+
+/// `[service.slo] latency`: time to response headers (default; what users wait for
+/// before anything happens, and unaffected by long downloads and streams) or time to
+/// the response's last byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LatencyMeasure {
+    #[default]
+    Headers,
+    LastByte,
 }
 
 impl Default for SloConfig {
@@ -213,6 +232,7 @@ impl Default for SloConfig {
             breaches_to_act: 2,
             mode: GuardMode::Enforce,
             webhook: None,
+            latency: LatencyMeasure::Headers,
         }
     }
 }
@@ -494,6 +514,7 @@ struct RawProxy {
     shutdown_grace: Option<Spanned<String>>,
     header_read_timeout: Option<Spanned<String>>,
     body_read_timeout: Option<Spanned<String>>,
+    upstream_body_timeout: Option<Spanned<String>>,
     max_header_bytes: Option<Spanned<i64>>,
     max_connections: Option<Spanned<i64>>,
     tls_listen: Option<Spanned<String>>,
@@ -537,6 +558,15 @@ struct RawService {
     sticky: Option<Spanned<RawSticky>>,
     strategy: Option<Spanned<String>>,
     rollout: Option<Spanned<RawRollout>>,
+    grpc_failure_codes: Option<Spanned<Vec<Spanned<RawGrpcCode>>>>,
+}
+
+/// A gRPC status code in config: its name (`"UNAVAILABLE"`, any case) or number.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawGrpcCode {
+    Number(i64),
+    Name(String),
 }
 
 #[derive(Debug, Deserialize)]
@@ -594,6 +624,7 @@ struct RawSlo {
     breaches_to_act: Option<Spanned<i64>>,
     mode: Option<GuardMode>,
     webhook: Option<Spanned<String>>,
+    latency: Option<LatencyMeasure>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -744,6 +775,11 @@ impl Validator<'_> {
                 raw.body_read_timeout.as_ref(),
                 Duration::from_secs(30),
             ),
+            upstream_body_timeout: self.duration(
+                "proxy.upstream_body_timeout",
+                raw.upstream_body_timeout.as_ref(),
+                Duration::from_secs(60),
+            ),
             max_header_bytes: self.count(
                 "proxy.max_header_bytes".into(),
                 raw.max_header_bytes.as_ref(),
@@ -891,8 +927,10 @@ impl Validator<'_> {
             let targeting = self.targeting(&key, rs.targeting.as_ref());
             let sticky = rs.sticky.as_ref().and_then(|raw| self.sticky(&key, raw));
             let rollout = self.rollout(&key, &rs, slo.is_some());
+            let grpc_failure_codes = self.grpc_codes(&key, rs.grpc_failure_codes.as_ref());
             out.push(ServiceConfig {
                 rollout,
+                grpc_failure_codes,
                 name,
                 hosts: svc_hosts,
                 baseline,
@@ -1655,7 +1693,51 @@ impl Validator<'_> {
             breaches_to_act,
             mode: r.mode.unwrap_or(GuardMode::Enforce),
             webhook,
+            latency: r.latency.unwrap_or_default(),
         }
+    }
+
+    /// `grpc_failure_codes`: names or numbers of gRPC status codes, as a bit set.
+    fn grpc_codes(
+        &mut self,
+        service_key: &str,
+        raw: Option<&Spanned<Vec<Spanned<RawGrpcCode>>>>,
+    ) -> u32 {
+        use crate::outcome::{GRPC_CODES, GRPC_DEFAULT_FAILURES};
+        let Some(raw) = raw else {
+            return GRPC_DEFAULT_FAILURES;
+        };
+        let key = format!("{service_key}.grpc_failure_codes");
+        let mut mask = 0u32;
+        for code in raw.get_ref() {
+            let found = match code.get_ref() {
+                RawGrpcCode::Number(n) => {
+                    usize::try_from(*n).ok().filter(|&n| n < GRPC_CODES.len())
+                }
+                RawGrpcCode::Name(name) => GRPC_CODES
+                    .iter()
+                    .position(|c| c.eq_ignore_ascii_case(name.trim())),
+            };
+            match found {
+                Some(0) => self.problem(key.clone(), code, "OK (0) cannot be a failure code"),
+                Some(i) => mask |= 1 << i,
+                None => {
+                    let what = match code.get_ref() {
+                        RawGrpcCode::Number(n) => n.to_string(),
+                        RawGrpcCode::Name(s) => format!("`{s}`"),
+                    };
+                    self.problem(
+                        key.clone(),
+                        code,
+                        format!(
+                            "{what} is not a gRPC status code (0–16 or a name such as \
+                             UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED)"
+                        ),
+                    );
+                }
+            }
+        }
+        mask
     }
 }
 
@@ -1759,6 +1841,30 @@ weight = 1
             .lines()
             .map(String::from)
             .collect()
+    }
+
+    #[test]
+    fn grpc_failure_codes_by_name_or_number() {
+        use crate::outcome::GRPC_DEFAULT_FAILURES;
+        let c = Config::parse(GOOD, "t.toml").unwrap();
+        assert_eq!(c.services[0].grpc_failure_codes, GRPC_DEFAULT_FAILURES);
+        assert_eq!(c.proxy.upstream_body_timeout, Duration::from_secs(60));
+        let with = |codes: &str| {
+            GOOD.replacen(
+                "baseline = \"stable\"",
+                &format!("baseline = \"stable\"\ngrpc_failure_codes = {codes}"),
+                1,
+            )
+        };
+        let c = Config::parse(&with(r#"["unavailable", 13]"#), "t.toml").unwrap();
+        assert_eq!(c.services[0].grpc_failure_codes, (1 << 14) | (1 << 13));
+        let e = errors(&with(r#"["OK", "NOPE", 17]"#));
+        assert_eq!(e.len(), 3, "{e:?}");
+        assert!(e[0].contains("service[shop].grpc_failure_codes"), "{e:?}");
+        assert!(e[0].contains("OK (0) cannot be a failure code"), "{e:?}");
+        assert!(e[1].contains("`NOPE` is not a gRPC status code"), "{e:?}");
+        assert!(e[2].contains("17 is not a gRPC status code"), "{e:?}");
+        assert!(e[0].starts_with("t.toml:"), "{e:?}");
     }
 
     #[test]

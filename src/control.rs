@@ -866,6 +866,13 @@ fn build_service(
             })
         })
         .collect();
+    let last_byte = cfg
+        .slo
+        .as_ref()
+        .is_some_and(|s| s.latency == crate::config::LatencyMeasure::LastByte);
+    for pool in &pools {
+        pool.set_judging(cfg.grpc_failure_codes, last_byte);
+    }
     metrics.register_service(&cfg.name);
     metrics.rollout(&cfg.name, None);
     let weights: Vec<u32> = cfg.pools.iter().map(|p| p.weight).collect();

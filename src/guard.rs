@@ -54,6 +54,13 @@ pub enum Check {
 }
 
 impl Check {
+    pub const ALL: [Check; 4] = [
+        Check::ErrorRate,
+        Check::P99Latency,
+        Check::ErrorRateIncrease,
+        Check::P99Ratio,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Check::ErrorRate => "error_rate",
@@ -348,7 +355,9 @@ fn check_span(slo: &SloConfig, c: &Stats, b: &Stats) -> SpanResult {
     SpanResult::Pass
 }
 
-/// Feeds every outcome into its pool's window.
+/// Feeds every outcome the pool answers for into its window. Client faults stay out
+/// entirely: neither an error nor a request, so broken requests from outside can
+/// neither fail a version nor dilute its error rate.
 #[derive(Debug, Default)]
 pub struct WindowSink;
 
@@ -357,7 +366,15 @@ impl OutcomeSink for WindowSink {
         if o.retried.is_some() {
             o.pool.window().record_failed_attempt();
         }
-        o.pool.window().record(o.is_error(), o.latency);
+        if o.is_client_fault() {
+            return;
+        }
+        let latency = if o.pool.judges_last_byte() {
+            o.duration
+        } else {
+            o.latency
+        };
+        o.pool.window().record(o.is_error(), latency);
     }
 }
 

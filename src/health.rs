@@ -33,25 +33,23 @@ pub struct OutlierSink {
     changes: Changes,
 }
 
-/// Whether an attempt counts against its endpoint: a 5xx it answered, or a failure to
-/// reach it. `no_endpoint` is not any endpoint's fault.
-fn failed(status: u16, error: Option<ErrorKind>) -> bool {
-    match error {
-        Some(ErrorKind::NoEndpoint) => false,
-        Some(_) => true,
-        None => status >= 500,
-    }
-}
-
 impl OutcomeSink for OutlierSink {
     fn record(&self, o: &Outcome<'_>) {
         if let Some((endpoint, kind)) = o.retried
-            && let Some(change) = o.pool.observe(endpoint, failed(502, Some(kind)))
+            && let Some(change) = o.pool.observe(endpoint, kind != ErrorKind::NoEndpoint)
         {
             let _ = self.changes.send((Arc::clone(o.pool), change));
         }
+        // A client fault says nothing about the endpoint either way: it neither counts
+        // as a failure nor breaks a run of failures. `no_endpoint` is no endpoint's fault.
+        if o.is_client_fault() {
+            return;
+        }
         if let Some(endpoint) = o.endpoint
-            && let Some(change) = o.pool.observe(endpoint, failed(o.status, o.error))
+            && let Some(change) = o.pool.observe(
+                endpoint,
+                o.is_error() && o.error != Some(ErrorKind::NoEndpoint),
+            )
         {
             let _ = self.changes.send((Arc::clone(o.pool), change));
         }

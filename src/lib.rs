@@ -121,7 +121,7 @@ impl Weir {
         let mut sinks: Vec<Arc<dyn OutcomeSink>> = vec![
             Arc::new(WindowSink),
             Arc::new(outliers),
-            Arc::new(MetricsSink),
+            Arc::new(MetricsSink(Arc::clone(&metrics))),
             Arc::new(LogSink),
         ];
         sinks.extend(extra);

@@ -12,7 +12,7 @@ use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
 
-use crate::outcome::{ErrorKind, Outcome, OutcomeSink};
+use crate::outcome::{Blame, ErrorKind, GRPC_CODES, Outcome, OutcomeSink};
 use crate::routing::Source;
 
 pub const REQUESTS_TOTAL: &str = "weir_requests_total";
@@ -30,6 +30,12 @@ pub const ENDPOINT_EJECTIONS_TOTAL: &str = "weir_endpoint_ejections_total";
 pub const RETRIES_TOTAL: &str = "weir_retries_total";
 pub const ROLLOUT_STEP: &str = "weir_rollout_step";
 pub const WOULD_ROLL_BACK_TOTAL: &str = "weir_guard_dry_run_rollbacks_total";
+pub const REQUEST_FAILURES_TOTAL: &str = "weir_request_failures_total";
+pub const CLIENT_ERRORS_TOTAL: &str = "weir_client_errors_total";
+pub const GRPC_RESPONSES_TOTAL: &str = "weir_grpc_responses_total";
+pub const RESPONSE_DURATION: &str = "weir_response_duration_seconds";
+pub const UNROUTED_TOTAL: &str = "weir_unrouted_requests_total";
+pub const KEEPALIVE_REPLAYS_TOTAL: &str = "weir_keepalive_replays_total";
 
 /// How often the exporter's upkeep drains histogram samples into buckets, so memory
 /// stays bounded however fast requests come.
@@ -54,6 +60,7 @@ pub fn duration_buckets() -> Vec<f64> {
 pub struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
+    unrouted: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -68,10 +75,21 @@ impl Metrics {
     pub fn new() -> Arc<Metrics> {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Full(REQUEST_DURATION.into()), &duration_buckets())
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full(RESPONSE_DURATION.into()),
+                    &duration_buckets(),
+                )
+            })
             .expect("bucket list is not empty")
             .build_recorder();
         let handle = recorder.handle();
-        let m = Metrics { recorder, handle };
+        let unrouted = recorder.register_counter(&Key::from_name(UNROUTED_TOTAL), &METADATA);
+        let m = Metrics {
+            recorder,
+            handle,
+            unrouted,
+        };
         m.describe();
         m.gauge(
             BUILD_INFO,
@@ -86,17 +104,48 @@ impl Metrics {
         r.describe_counter(
             REQUESTS_TOTAL.into(),
             None,
-            "Requests answered, by pool and HTTP status (weir's own 502/503/504 included).".into(),
+            "Requests answered, by pool and HTTP status (weir's own 502/503/504 included; 499: the client went away), counted when the exchange ends.".into(),
         );
         r.describe_histogram(
             REQUEST_DURATION.into(),
             Some(Unit::Seconds),
             "Time from request received to response headers sent.".into(),
         );
+        r.describe_histogram(
+            RESPONSE_DURATION.into(),
+            Some(Unit::Seconds),
+            "Time from request received to the response's last byte (streams: their whole life)."
+                .into(),
+        );
         r.describe_counter(
             UPSTREAM_ERRORS_TOTAL.into(),
             None,
-            "Failures on weir's side of a request, by kind: connect, timeout, reset, protocol, no_endpoint.".into(),
+            "Failures on the upstream's side of a request, by kind: connect, timeout, reset, protocol, no_endpoint.".into(),
+        );
+        r.describe_counter(
+            REQUEST_FAILURES_TOTAL.into(),
+            None,
+            "Requests that count as a failure of the pool (what the SLO guard judges): upstream 5xx, upstream errors, broken bodies, gRPC failure codes. Never client faults.".into(),
+        );
+        r.describe_counter(
+            CLIENT_ERRORS_TOTAL.into(),
+            None,
+            "Exchanges the client broke, never charged to the pool, by kind: client_abort, bad_request_body, client_timeout.".into(),
+        );
+        r.describe_counter(
+            GRPC_RESPONSES_TOTAL.into(),
+            None,
+            "gRPC calls by the status they ended with (trailers, trailers-only, or derived from HTTP).".into(),
+        );
+        r.describe_counter(
+            UNROUTED_TOTAL.into(),
+            None,
+            "Requests for a host no service is configured for (answered 404).".into(),
+        );
+        r.describe_counter(
+            KEEPALIVE_REPLAYS_TOTAL.into(),
+            None,
+            "Idempotent requests sent again on a fresh connection after a reused keep-alive connection closed under them with no answer.".into(),
         );
         r.describe_gauge(INFLIGHT.into(), None, "Requests in flight per pool.".into());
         r.describe_gauge(
@@ -192,8 +241,25 @@ impl Metrics {
         });
     }
 
-    /// Create a service's change counters at 0, so the first change shows in `increase()`.
+    /// A request no service matched.
+    pub fn unrouted(&self) {
+        self.unrouted.increment(1);
+    }
+
+    /// Create a service's change and rollback counters at 0, so the first change or
+    /// rollback shows in `increase()`.
     pub fn register_service(&self, service: &str) {
+        for check in crate::guard::Check::ALL {
+            for name in [ROLLBACKS_TOTAL, WOULD_ROLL_BACK_TOTAL] {
+                let _ = self.counter(
+                    name,
+                    vec![
+                        Label::new("service", service.to_string()),
+                        Label::new("reason", check.as_str()),
+                    ],
+                );
+            }
+        }
         for source in [
             Source::Admin,
             Source::Guard,
@@ -278,8 +344,13 @@ pub struct PoolMetrics {
     service: Arc<str>,
     pool: Arc<str>,
     requests: Box<[OnceLock<Counter>]>,
+    grpc: Box<[OnceLock<Counter>]>,
     duration: Histogram,
+    response_duration: Histogram,
     errors: [Counter; 5],
+    client_errors: [Counter; 3],
+    failures: Counter,
+    replays: Counter,
     inflight: Gauge,
     weight: Gauge,
     share: Gauge,
@@ -348,19 +419,29 @@ impl PoolMetrics {
             l.push(Label::new("kind", kind.as_str()));
             metrics.counter(RETRIES_TOTAL, l)
         };
+        let client_error = |kind: ErrorKind| {
+            let mut l = labels();
+            l.push(Label::new("kind", kind.as_str()));
+            metrics.counter(CLIENT_ERRORS_TOTAL, l)
+        };
         PoolMetrics {
             metrics: Arc::clone(metrics),
             service: Arc::clone(service),
             pool: Arc::clone(pool),
             requests: (0..CODES).map(|_| OnceLock::new()).collect(),
+            grpc: (0..GRPC_CODES.len()).map(|_| OnceLock::new()).collect(),
             duration: metrics.histogram(REQUEST_DURATION, labels()),
-            errors: ErrorKind::ALL.map(error),
+            response_duration: metrics.histogram(RESPONSE_DURATION, labels()),
+            errors: ErrorKind::UPSTREAM.map(error),
+            client_errors: ErrorKind::CLIENT.map(client_error),
+            failures: metrics.counter(REQUEST_FAILURES_TOTAL, labels()),
+            replays: metrics.counter(KEEPALIVE_REPLAYS_TOTAL, labels()),
             inflight: metrics.gauge(INFLIGHT, labels()),
             weight: metrics.gauge(POOL_WEIGHT, labels()),
             share: metrics.gauge(POOL_SHARE, labels()),
             endpoint_up,
             ejections,
-            retries: ErrorKind::ALL.map(retry),
+            retries: ErrorKind::UPSTREAM.map(retry),
         }
     }
 
@@ -380,24 +461,54 @@ impl PoolMetrics {
         }))
     }
 
-    /// Record one finished request.
-    pub fn record(&self, status: u16, error: Option<ErrorKind>, latency: Duration) {
-        if let Some(c) = self.requests(status) {
+    fn grpc(&self, code: u8) -> &Counter {
+        let code = usize::from(code).min(GRPC_CODES.len() - 1);
+        self.grpc[code].get_or_init(|| {
+            self.metrics.counter(
+                GRPC_RESPONSES_TOTAL,
+                vec![
+                    Label::new("service", self.service.to_string()),
+                    Label::new("pool", self.pool.to_string()),
+                    Label::new("code", crate::outcome::grpc_code_name(code as u8)),
+                ],
+            )
+        })
+    }
+
+    /// Record one finished exchange.
+    pub fn record(&self, o: &Outcome<'_>) {
+        if let Some(c) = self.requests(o.status) {
             c.increment(1);
         }
-        self.duration.record(latency.as_secs_f64());
-        if let Some(kind) = error {
-            let i = ErrorKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
-            self.errors[i].increment(1);
+        if let Some(code) = o.grpc {
+            self.grpc(code).increment(1);
+        }
+        self.duration.record(o.latency.as_secs_f64());
+        self.response_duration.record(o.duration.as_secs_f64());
+        match o.error {
+            Some(kind) if kind.blame() == Blame::Client => {
+                self.client_errors[kind.index()].increment(1);
+            }
+            Some(kind) => self.errors[kind.index()].increment(1),
+            None => {}
+        }
+        if o.is_error() {
+            self.failures.increment(1);
         }
     }
 
     /// A failed attempt that was retried: counted as an upstream error of its kind,
-    /// and as a retry.
+    /// a failure of the pool, and a retry.
     pub fn retried(&self, kind: ErrorKind) {
-        let i = ErrorKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
+        let i = kind.index();
         self.errors[i].increment(1);
         self.retries[i].increment(1);
+        self.failures.increment(1);
+    }
+
+    /// A request replayed after a keep-alive race.
+    pub fn replayed(&self) {
+        self.replays.increment(1);
     }
 
     pub fn set_endpoint_up(&self, index: usize, up: bool) {
@@ -423,16 +534,20 @@ impl PoolMetrics {
     }
 }
 
-/// Feeds every outcome into its pool's metrics.
-#[derive(Debug, Default)]
-pub struct MetricsSink;
+/// Feeds outcomes into the pools' metrics, and counts unrouted requests.
+#[derive(Debug)]
+pub struct MetricsSink(pub Arc<Metrics>);
 
 impl OutcomeSink for MetricsSink {
     fn record(&self, o: &Outcome<'_>) {
         if let Some((_, kind)) = o.retried {
             o.pool.metrics().retried(kind);
         }
-        o.pool.metrics().record(o.status, o.error, o.latency);
+        o.pool.metrics().record(o);
+    }
+
+    fn unrouted(&self) {
+        self.0.unrouted();
     }
 }
 
@@ -449,20 +564,72 @@ mod tests {
         assert!(b.windows(2).all(|w| w[1] > w[0] * 1.6));
     }
 
+    fn outcome<'a>(
+        pool: &'a Arc<crate::pool::Pool>,
+        status: u16,
+        grpc: Option<u8>,
+        error: Option<ErrorKind>,
+    ) -> Outcome<'a> {
+        Outcome {
+            pool,
+            endpoint: Some(0),
+            status,
+            grpc,
+            error,
+            latency: Duration::from_millis(3),
+            duration: Duration::from_millis(5),
+            retried: None,
+        }
+    }
+
     #[test]
     fn pool_metrics_render_as_prometheus_series() {
         let m = Metrics::new();
-        let pm = PoolMetrics::new(&m, &"shop".into(), &"canary".into(), &["10.0.0.1:80"]);
-        pm.record(200, None, Duration::from_millis(3));
-        pm.record(502, Some(ErrorKind::Connect), Duration::from_millis(1));
-        pm.set_weight(10, 0.1);
+        m.register_service("shop");
+        let cfg = crate::config::PoolConfig {
+            name: "canary".into(),
+            endpoints: vec![crate::config::Endpoint::parse("10.0.0.1:80").unwrap()],
+            weight: 1,
+            health: None,
+            outlier: Default::default(),
+            protocol: Default::default(),
+            tls: None,
+        };
+        let window = crate::window::Window::new(Duration::from_secs(30), Duration::from_secs(1));
+        let pool = Arc::new(crate::pool::Pool::new("shop", &cfg, &m, window));
+        let before = m.render();
+        for needle in [
+            "weir_request_failures_total{service=\"shop\",pool=\"canary\"} 0",
+            "weir_client_errors_total{service=\"shop\",pool=\"canary\",kind=\"client_abort\"} 0",
+            "weir_rollbacks_total{service=\"shop\",reason=\"error_rate\"} 0",
+            "weir_guard_dry_run_rollbacks_total{service=\"shop\",reason=\"p99_ratio\"} 0",
+            "weir_unrouted_requests_total 0",
+            "weir_keepalive_replays_total{service=\"shop\",pool=\"canary\"} 0",
+        ] {
+            assert!(before.contains(needle), "missing {needle} in\n{before}");
+        }
+        let sink = MetricsSink(Arc::clone(&m));
+        sink.record(&outcome(&pool, 200, None, None));
+        sink.record(&outcome(&pool, 502, None, Some(ErrorKind::Connect)));
+        sink.record(&outcome(&pool, 499, None, Some(ErrorKind::ClientAbort)));
+        sink.record(&outcome(&pool, 200, Some(14), None));
+        sink.record(&outcome(&pool, 200, Some(5), None));
+        sink.unrouted();
+        pool.metrics().set_weight(10, 0.1);
         let text = m.render();
         for needle in [
-            "weir_requests_total{service=\"shop\",pool=\"canary\",code=\"200\"} 1",
+            "weir_requests_total{service=\"shop\",pool=\"canary\",code=\"200\"} 3",
             "weir_requests_total{service=\"shop\",pool=\"canary\",code=\"502\"} 1",
+            "weir_requests_total{service=\"shop\",pool=\"canary\",code=\"499\"} 1",
             "weir_upstream_errors_total{service=\"shop\",pool=\"canary\",kind=\"connect\"} 1",
-            "weir_request_duration_seconds_bucket{service=\"shop\",pool=\"canary\",le=\"+Inf\"} 2",
-            "weir_request_duration_seconds_count{service=\"shop\",pool=\"canary\"} 2",
+            "weir_client_errors_total{service=\"shop\",pool=\"canary\",kind=\"client_abort\"} 1",
+            // connect + UNAVAILABLE; neither the client abort nor NOT_FOUND.
+            "weir_request_failures_total{service=\"shop\",pool=\"canary\"} 2",
+            "weir_grpc_responses_total{service=\"shop\",pool=\"canary\",code=\"UNAVAILABLE\"} 1",
+            "weir_grpc_responses_total{service=\"shop\",pool=\"canary\",code=\"NOT_FOUND\"} 1",
+            "weir_request_duration_seconds_bucket{service=\"shop\",pool=\"canary\",le=\"+Inf\"} 5",
+            "weir_response_duration_seconds_count{service=\"shop\",pool=\"canary\"} 5",
+            "weir_unrouted_requests_total 1",
             "weir_pool_share{service=\"shop\",pool=\"canary\"} 0.1",
             "weir_build_info{version=",
         ] {

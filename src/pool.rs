@@ -141,6 +141,12 @@ pub struct Pool {
     pub outlier: OutlierConfig,
     pub protocol: crate::config::UpstreamProtocol,
     retry_budget: RetryBudget,
+    /// gRPC status codes that count as this pool's failure, one bit per code (the
+    /// service's `grpc_failure_codes`; a reload may change it on a kept pool).
+    grpc_failures: AtomicU32,
+    /// The guard judges time to last byte instead of time to headers
+    /// (`[service.slo] latency = "last_byte"`).
+    last_byte: AtomicBool,
 }
 
 /// Retries allowed per pool: every request deposits 0.2 of a retry, each retry costs
@@ -244,6 +250,8 @@ impl Pool {
             outlier: config.outlier.clone(),
             protocol: config.protocol,
             retry_budget: RetryBudget::new(),
+            grpc_failures: AtomicU32::new(crate::outcome::GRPC_DEFAULT_FAILURES),
+            last_byte: AtomicBool::new(false),
             service,
             name,
             endpoints: {
@@ -262,6 +270,25 @@ impl Pool {
                     .collect()
             },
         }
+    }
+
+    /// Whether a call ending with this gRPC status is a failure of the pool.
+    #[inline]
+    pub fn grpc_failure(&self, code: u8) -> bool {
+        code < 32 && self.grpc_failures.load(Ordering::Relaxed) & (1 << code) != 0
+    }
+
+    /// Set the gRPC codes that count as failures (one bit per code) and which latency
+    /// the guard's window records: the service's settings, applied to new and kept pools.
+    pub fn set_judging(&self, grpc_failures: u32, last_byte: bool) {
+        self.grpc_failures.store(grpc_failures, Ordering::Relaxed);
+        self.last_byte.store(last_byte, Ordering::Relaxed);
+    }
+
+    /// Whether the guard's window records time to last byte.
+    #[inline]
+    pub fn judges_last_byte(&self) -> bool {
+        self.last_byte.load(Ordering::Relaxed)
     }
 
     /// This pool's sliding window of live traffic, which the SLO guard judges.

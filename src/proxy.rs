@@ -23,9 +23,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
-use crate::client::{self, PooledConn, SendError, TimedBody, UpstreamClient};
+use crate::client::{self, BodyWatch, PooledConn, SendError, TimedBody, UpstreamClient};
 use crate::config::{ProxyConfig, UpstreamProtocol};
-use crate::outcome::{ErrorKind, Outcome, OutcomeSink};
+use crate::outcome::{
+    Blame, ErrorKind, GRPC_DEADLINE_EXCEEDED, GRPC_UNAVAILABLE, GRPC_UNKNOWN, Outcome, OutcomeSink,
+    grpc_from_http, parse_grpc_status,
+};
 use crate::pool::{InflightGuard, Pool};
 use crate::routing::Router;
 
@@ -41,7 +44,9 @@ pub struct Proxy {
     router: Arc<Router>,
     client: UpstreamClient,
     request_timeout: Duration,
-    sinks: Vec<Arc<dyn OutcomeSink>>,
+    upstream_body_timeout: Duration,
+    // Shared with every response body in flight: outcomes are recorded when bodies end.
+    sinks: Arc<[Arc<dyn OutcomeSink>]>,
     limits: Limits,
 }
 
@@ -77,7 +82,8 @@ impl Proxy {
             router,
             client,
             request_timeout: config.request_timeout,
-            sinks,
+            upstream_body_timeout: config.upstream_body_timeout,
+            sinks: sinks.into(),
             limits: Limits {
                 header_read_timeout: config.header_read_timeout,
                 body_read_timeout: config.body_read_timeout,
@@ -218,6 +224,9 @@ impl Proxy {
             let table = self.router.table();
             let host = request_host(&req);
             let Some(service) = table.route(host) else {
+                for sink in self.sinks.iter() {
+                    sink.unrouted();
+                }
                 return local_response(StatusCode::NOT_FOUND, "no service for this host\n");
             };
             let snapshot = service.snapshot();
@@ -226,10 +235,14 @@ impl Proxy {
                 .choose(&snapshot, req.headers(), peer.addr.ip());
             (Arc::clone(&chosen.slot.pool), chosen.set_cookie)
         };
+        let call = Call {
+            start,
+            grpc: is_grpc(req.headers()),
+        };
         let mut resp = if is_upgrade(&req) {
-            self.upgrade(req, pool, peer, start).await
+            self.upgrade(req, pool, peer, call).await
         } else {
-            self.forward(req, pool, peer, start).await
+            self.forward(req, pool, peer, call).await
         };
         if let Some(cookie) = set_cookie {
             resp.headers_mut().append(header::SET_COOKIE, cookie);
@@ -243,18 +256,22 @@ impl Proxy {
         req: Request<Incoming>,
         pool: Arc<Pool>,
         peer: Peer,
-        start: Instant,
+        call: Call,
     ) -> Response<ProxyBody> {
         let Some(mut guard) = pool.pick() else {
-            return self.fail(&pool, None, ErrorKind::NoEndpoint, start, None);
+            return self.fail(&pool, None, ErrorKind::NoEndpoint, call, None);
         };
         pool.retry_budget().deposit();
         let body_timeout = self.limits.body_read_timeout;
         let h2 = matches!(pool.protocol, UpstreamProtocol::H2c | UpstreamProtocol::H2);
         // gRPC needs `te: trailers` end to end; on HTTP/1.1 it is hop-by-hop.
         let wants_trailers = h2 && te_trailers(req.headers());
+        // Only a request with a body can fail on the client's side.
+        let watch = (!req.body().is_end_stream()).then(BodyWatch::default);
         let mut upstream_req = match upstream_request(req, &guard, peer) {
-            Ok(r) => r.map(|b| Either::Left(TimedBody::new(b, body_timeout))),
+            Ok(r) => {
+                r.map(|b| Either::Left(TimedBody::new(b, body_timeout).watched(watch.clone())))
+            }
             Err(resp) => return resp,
         };
         if h2 {
@@ -265,7 +282,7 @@ impl Proxy {
             };
             upstream_req = for_h2(upstream_req, scheme, wants_trailers);
         }
-        let deadline = tokio::time::Instant::from_std(start) + self.request_timeout;
+        let deadline = tokio::time::Instant::from_std(call.start) + self.request_timeout;
         // The first attempt's failure, when it was retried.
         let mut retried = None;
         loop {
@@ -274,24 +291,28 @@ impl Proxy {
                     self.client
                         .send_h2(guard.endpoint(), upstream_req)
                         .await
-                        .map(|r| (r, None))
+                        .map(|r| (r, None, false))
                 } else {
                     self.client
-                        .send(guard.endpoint(), upstream_req)
+                        .send(guard.endpoint(), upstream_req, pool.retry_budget())
                         .await
-                        .map(|(r, c)| (r, Some(c)))
+                        .map(|s| (s.response, Some(s.conn), s.replayed))
                 }
             };
             let sent = tokio::time::timeout_at(deadline, send).await;
+            // Whatever the upstream leg reports, a request whose body the client broke
+            // (aborted, malformed, stalled) is the client's fault, not the pool's.
+            let client_fault = || watch.as_ref().and_then(BodyWatch::fault);
             match sent {
-                Ok(Ok((resp, conn))) => {
-                    return self.relay(resp, conn, guard, start, retried);
+                Ok(Ok((resp, conn, replayed))) => {
+                    if replayed {
+                        pool.metrics().replayed();
+                    }
+                    return self.relay(resp, conn, guard, call, retried, watch);
                 }
-                Ok(Err(e)) if stalled_body(&e) => {
-                    // The client stopped sending its body: its fault, not the pool's.
-                    // The upstream request was aborted with it.
-                    self.answered(&pool, guard.index(), 408, start, retried);
-                    return local_response(StatusCode::REQUEST_TIMEOUT, "request body timed out\n");
+                Ok(Err(_)) | Err(_) if client_fault().is_some() => {
+                    let kind = client_fault().unwrap_or(ErrorKind::ClientAbort);
+                    return self.fail(&pool, Some(guard.index()), kind, call, retried);
                 }
                 Ok(Err(e)) => {
                     let (kind, status) = classify(&e);
@@ -310,21 +331,14 @@ impl Proxy {
                         upstream_req = req;
                         continue;
                     }
-                    return self.fail_with(
-                        &pool,
-                        Some(guard.index()),
-                        kind,
-                        status,
-                        start,
-                        retried,
-                    );
+                    return self.fail_with(&pool, Some(guard.index()), kind, status, call, retried);
                 }
                 Err(_elapsed) => {
                     return self.fail(
                         &pool,
                         Some(guard.index()),
                         ErrorKind::Timeout,
-                        start,
+                        call,
                         retried,
                     );
                 }
@@ -335,16 +349,17 @@ impl Proxy {
     /// Proxy an upgrade (WebSocket and the like): the pool is the usual split's, the
     /// upstream gets HTTP/1.1 with Connection/Upgrade kept for this request only, and
     /// nothing flows until the upstream's 101; then bytes are copied both ways until
-    /// either side closes.
+    /// either side closes. The outcome is the 101 (or the refusal): a tunnel's life is
+    /// not a latency, and its end is not an answer to anything.
     async fn upgrade(
         &self,
         mut req: Request<Incoming>,
         pool: Arc<Pool>,
         peer: Peer,
-        start: Instant,
+        call: Call,
     ) -> Response<ProxyBody> {
         let Some(guard) = pool.pick() else {
-            return self.fail(&pool, None, ErrorKind::NoEndpoint, start, None);
+            return self.fail(&pool, None, ErrorKind::NoEndpoint, call, None);
         };
         let protocol = req.headers().get(header::UPGRADE).cloned();
         let client_side = hyper::upgrade::on(&mut req);
@@ -367,17 +382,27 @@ impl Proxy {
             Ok(Ok(resp)) => resp,
             Ok(Err(e)) => {
                 let (kind, status) = classify(&e);
-                return self.fail_with(&pool, Some(guard.index()), kind, status, start, None);
+                return self.fail_with(&pool, Some(guard.index()), kind, status, call, None);
             }
             Err(_) => {
-                return self.fail(&pool, Some(guard.index()), ErrorKind::Timeout, start, None);
+                return self.fail(&pool, Some(guard.index()), ErrorKind::Timeout, call, None);
             }
         };
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             // The upstream declined: an ordinary response.
-            return self.relay(resp, None, guard, start, None);
+            return self.relay(resp, None, guard, call, None, None);
         }
-        self.answered(&pool, guard.index(), 101, start, None);
+        let latency = call.start.elapsed();
+        self.emit(&Outcome {
+            pool: &pool,
+            endpoint: Some(guard.index()),
+            status: 101,
+            grpc: None,
+            error: None,
+            latency,
+            duration: latency,
+            retried: None,
+        });
         let upstream_side = hyper::upgrade::on(&mut resp);
         tokio::spawn(async move {
             match (client_side.await, upstream_side.await) {
@@ -398,95 +423,165 @@ impl Proxy {
         Response::from_parts(parts, ProxyBody::Local(Full::new(Bytes::new())))
     }
 
-    /// Record an answer the pool gave (no failure on weir's side).
-    fn answered(
-        &self,
-        pool: &Arc<Pool>,
-        endpoint: usize,
-        status: u16,
-        start: Instant,
-        retried: Option<(usize, ErrorKind)>,
-    ) {
-        self.emit(&Outcome {
-            pool,
-            endpoint: Some(endpoint),
-            status,
-            error: None,
-            latency: start.elapsed(),
-            retried,
-        });
-    }
-
-    /// Pass an upstream response on: hop-by-hop headers out, the outcome recorded, the
-    /// body streamed (driving its pooled connection, if any, to the end).
+    /// Pass an upstream response on: hop-by-hop headers out, the body streamed (driving
+    /// its pooled connection, if any, to the end). The outcome is recorded when the body
+    /// ends, breaks or is abandoned.
     fn relay(
         &self,
         mut resp: Response<Incoming>,
         conn: Option<Box<PooledConn>>,
         guard: InflightGuard,
-        start: Instant,
+        call: Call,
         retried: Option<(usize, ErrorKind)>,
+        client_body: Option<BodyWatch>,
     ) -> Response<ProxyBody> {
         strip_hop_by_hop(resp.headers_mut());
-        self.answered(
-            guard.pool(),
-            guard.index(),
-            resp.status().as_u16(),
-            start,
+        let status = resp.status().as_u16();
+        let grpc = call.grpc.then(|| {
+            // A trailers-only answer carries its status in the head.
+            resp.headers()
+                .get(&GRPC_STATUS)
+                .map_or(GrpcState::Pending, |v| {
+                    GrpcState::Done(parse_grpc_status(v.as_bytes()))
+                })
+        });
+        let exchange = Exchange {
+            sinks: Arc::clone(&self.sinks),
+            start: call.start,
+            latency: call.start.elapsed(),
+            status,
+            grpc,
             retried,
-        );
+            client_body,
+            done: false,
+        };
         let max_idle = self.client.max_idle();
+        let body_timeout = self.upstream_body_timeout;
         resp.map(|body| {
-            ProxyBody::Upstream(UpstreamBody {
-                body,
+            ProxyBody::Upstream(Box::new(UpstreamBody {
+                body: TimedBody::new(body, body_timeout),
                 conn,
                 guard,
                 max_idle,
-            })
+                exchange,
+            }))
         })
     }
 
+    /// weir answers a failure itself: the status its kind calls for.
     fn fail(
         &self,
         pool: &Arc<Pool>,
         endpoint: Option<usize>,
         kind: ErrorKind,
-        start: Instant,
+        call: Call,
         retried: Option<(usize, ErrorKind)>,
     ) -> Response<ProxyBody> {
         let status = match kind {
             ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::NoEndpoint => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::BadRequestBody | ErrorKind::ClientAbort => StatusCode::BAD_REQUEST,
+            ErrorKind::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
             _ => StatusCode::BAD_GATEWAY,
         };
-        self.fail_with(pool, endpoint, kind, status, start, retried)
+        self.fail_with(pool, endpoint, kind, status, call, retried)
     }
 
+    /// weir answers a failure itself with `status` — or, to a gRPC call, with the gRPC
+    /// status a client library expects (trailers-only, HTTP 200).
     fn fail_with(
         &self,
         pool: &Arc<Pool>,
         endpoint: Option<usize>,
         kind: ErrorKind,
         status: StatusCode,
-        start: Instant,
+        call: Call,
         retried: Option<(usize, ErrorKind)>,
     ) -> Response<ProxyBody> {
+        let latency = call.start.elapsed();
+        let grpc = call.grpc.then(|| grpc_failure_code(kind));
         self.emit(&Outcome {
             pool,
             endpoint,
-            status: status.as_u16(),
+            status: match (kind.client_status(), grpc) {
+                (Some(s), _) => s,
+                (None, Some(_)) => 200,
+                (None, None) => status.as_u16(),
+            },
+            grpc,
             error: Some(kind),
-            latency: start.elapsed(),
+            latency,
+            duration: latency,
             retried,
         });
-        local_response(status, error_body(kind, status))
+        match grpc {
+            Some(code) => grpc_response(code, error_body(kind, status)),
+            None => local_response(status, error_body(kind, status)),
+        }
     }
 
     fn emit(&self, outcome: &Outcome<'_>) {
-        for sink in &self.sinks {
-            sink.record(outcome);
-        }
+        emit(&self.sinks, outcome);
     }
+}
+
+fn emit(sinks: &[Arc<dyn OutcomeSink>], outcome: &Outcome<'_>) {
+    for sink in sinks {
+        sink.record(outcome);
+    }
+}
+
+/// What the handler knows about a request from its head.
+#[derive(Debug, Clone, Copy)]
+struct Call {
+    start: Instant,
+    /// A gRPC call (`content-type: application/grpc…`): its outcome is its gRPC status.
+    grpc: bool,
+}
+
+static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+static GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+
+/// `application/grpc`, `application/grpc+proto`, `application/grpc;…` — not grpc-web,
+/// whose status travels in the body.
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .map(|v| v.as_bytes())
+        .and_then(|v| v.get(..16).map(|head| (head, &v[16..])))
+        .is_some_and(|(head, rest)| {
+            head.eq_ignore_ascii_case(b"application/grpc")
+                && matches!(rest.first(), None | Some(b'+' | b';'))
+        })
+}
+
+/// The gRPC status for a failure weir answers itself: its own deadline is
+/// DEADLINE_EXCEEDED; a client fault is CANCELLED (the call is over on the client's
+/// side) or INTERNAL (a malformed body); everything else means "try again": UNAVAILABLE.
+fn grpc_failure_code(kind: ErrorKind) -> u8 {
+    match kind {
+        ErrorKind::Timeout => GRPC_DEADLINE_EXCEEDED,
+        ErrorKind::ClientAbort | ErrorKind::ClientTimeout => 1,
+        ErrorKind::BadRequestBody => 13,
+        _ => GRPC_UNAVAILABLE,
+    }
+}
+
+/// A trailers-only gRPC answer: HTTP 200, the status and message in the head, no body.
+fn grpc_response(code: u8, message: &'static str) -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::Local(Full::new(Bytes::new())));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    h.insert(&GRPC_STATUS, HeaderValue::from(u16::from(code)));
+    // grpc-message is percent-encoded; these fixed texts need only the newline dropped.
+    h.insert(
+        &GRPC_MESSAGE,
+        HeaderValue::from_static(message.trim_end_matches('\n')),
+    );
+    resp
 }
 
 /// Close upstream connections that sat idle past the timeout, so sockets do not linger
@@ -516,6 +611,9 @@ fn error_body(kind: ErrorKind, status: StatusCode) -> &'static str {
         (ErrorKind::Reset, _) => "upstream closed the connection\n",
         (ErrorKind::Protocol, _) => "upstream sent an invalid response\n",
         (ErrorKind::NoEndpoint, _) => "no upstream endpoint available\n",
+        (ErrorKind::BadRequestBody, _) => "invalid request body\n",
+        (ErrorKind::ClientAbort, _) => "request body incomplete\n",
+        (ErrorKind::ClientTimeout, _) => "request body timed out\n",
     }
 }
 
@@ -570,19 +668,6 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-}
-
-/// Whether a send failed because the client's body stalled.
-fn stalled_body(e: &SendError) -> bool {
-    let SendError::Http(h) = e else { return false };
-    let mut source = std::error::Error::source(h);
-    while let Some(s) = source {
-        if s.downcast_ref::<client::BodyTimeout>().is_some() {
-            return true;
-        }
-        source = s.source();
-    }
-    false
 }
 
 /// Turn a send failure into an outcome kind and status. A connect that timed out is a
@@ -750,19 +835,105 @@ fn local_response(status: StatusCode, body: &'static str) -> Response<ProxyBody>
 /// A response body: streamed from the upstream, or generated by weir.
 #[derive(Debug)]
 pub enum ProxyBody {
-    Upstream(UpstreamBody),
+    // Boxed: it is several times the size of a local body, and moves with the response.
+    Upstream(Box<UpstreamBody>),
     Local(Full<Bytes>),
 }
 
+/// Where a gRPC call's status is known from.
+#[derive(Debug, Clone, Copy)]
+enum GrpcState {
+    /// Not yet: it comes in the trailers.
+    Pending,
+    /// From a trailers-only head, or the trailers.
+    Done(u8),
+}
+
+/// A relayed exchange whose outcome is not recorded yet: it is, exactly once, when the
+/// body ends, breaks or is dropped.
+struct Exchange {
+    sinks: Arc<[Arc<dyn OutcomeSink>]>,
+    start: Instant,
+    /// Time to response headers.
+    latency: Duration,
+    status: u16,
+    /// `Some` for gRPC calls.
+    grpc: Option<GrpcState>,
+    retried: Option<(usize, ErrorKind)>,
+    client_body: Option<BodyWatch>,
+    done: bool,
+}
+
+impl std::fmt::Debug for Exchange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exchange")
+            .field("status", &self.status)
+            .field("grpc", &self.grpc)
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Exchange {
+    /// Record the outcome: `error` is how the exchange broke, `None` when it completed.
+    fn finish(&mut self, guard: &InflightGuard, error: Option<ErrorKind>) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        let grpc = self.grpc.map(|g| match (g, error) {
+            (_, Some(kind)) if kind.blame() == Blame::Client => 1, // CANCELLED
+            (_, Some(_)) => GRPC_UNAVAILABLE,
+            (GrpcState::Done(code), None) => code,
+            // No status at the end of the call: clients report UNKNOWN (or derive one
+            // from a non-200 HTTP status).
+            (GrpcState::Pending, None) if self.status != 200 => grpc_from_http(self.status),
+            (GrpcState::Pending, None) => GRPC_UNKNOWN,
+        });
+        emit(
+            &self.sinks,
+            &Outcome {
+                pool: guard.pool(),
+                endpoint: Some(guard.index()),
+                status: error
+                    .and_then(ErrorKind::client_status)
+                    .unwrap_or(self.status),
+                grpc,
+                error,
+                latency: self.latency,
+                duration: self.start.elapsed(),
+                retried: self.retried,
+            },
+        );
+    }
+
+    /// Sort a response body's failure: the client's doing when its own request body
+    /// broke (the upstream leg fails with it), a stall, invalid framing, or the
+    /// upstream breaking the connection.
+    fn body_error(&self, e: &(dyn std::error::Error + 'static)) -> ErrorKind {
+        if let Some(kind) = self.client_body.as_ref().and_then(BodyWatch::fault) {
+            return kind;
+        }
+        if e.downcast_ref::<client::BodyTimeout>().is_some() {
+            return ErrorKind::Timeout;
+        }
+        match e.downcast_ref::<hyper::Error>() {
+            Some(h) if h.is_parse() => ErrorKind::Protocol,
+            _ => ErrorKind::Reset,
+        }
+    }
+}
+
 /// An upstream response body. It drives the upstream connection it arrives on (nothing
-/// else polls that connection), holds the endpoint's in-flight count until it ends, and
-/// returns the connection to the endpoint's idle stack once the last byte is through.
+/// else polls that connection), holds the endpoint's in-flight count until it ends,
+/// returns the connection to the endpoint's idle stack once the last byte is through,
+/// and records the exchange's outcome.
 #[derive(Debug)]
 pub struct UpstreamBody {
-    body: Incoming,
+    body: TimedBody,
     conn: Option<Box<PooledConn>>,
     guard: InflightGuard,
     max_idle: usize,
+    exchange: Exchange,
 }
 
 impl UpstreamBody {
@@ -776,21 +947,28 @@ impl UpstreamBody {
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
         // A body nobody read to the end (HEAD, 204, 304, or a client that left) leaves
-        // the connection reusable only if nothing is left unread on it.
+        // the connection reusable only if nothing is left unread on it. Dropped before
+        // its end, the exchange was cut short by the client (or by hyper, for it).
         if self.body.is_end_stream() {
             self.release();
+            self.exchange.finish(&self.guard, None);
+        } else {
+            self.exchange
+                .finish(&self.guard, Some(ErrorKind::ClientAbort));
         }
     }
 }
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ProxyBody::Upstream(up) => {
                 if let Some(conn) = up.conn.as_mut() {
@@ -804,9 +982,26 @@ impl Body for ProxyBody {
                             client::drive(conn, cx);
                         }
                         up.release();
+                        up.exchange.finish(&up.guard, None);
                     }
-                    Poll::Ready(Some(Err(_))) => up.conn = None,
-                    _ => {}
+                    Poll::Ready(Some(Ok(f))) => {
+                        if let (Some(trailers), Some(g)) = (f.trailers_ref(), &mut up.exchange.grpc)
+                            && let Some(v) = trailers.get(&GRPC_STATUS)
+                        {
+                            *g = GrpcState::Done(parse_grpc_status(v.as_bytes()));
+                        }
+                    }
+                    Poll::Ready(Some(Err(e))) => {
+                        up.conn = None;
+                        let kind = up.exchange.body_error(e.as_ref());
+                        tracing::debug!(
+                            "{} → {}: response body failed ({kind}): {e}",
+                            up.guard.pool().name,
+                            up.guard.endpoint().endpoint
+                        );
+                        up.exchange.finish(&up.guard, Some(kind));
+                    }
+                    Poll::Pending => {}
                 }
                 frame
             }

@@ -247,7 +247,7 @@ async fn real_prometheus_sees_the_canary_errors_and_latency() {
     let (proxy, _s, _c) = shop_with(Faults {
         error_rate: 0.2,
         latency: Duration::from_millis(100),
-        latency_jitter: Duration::ZERO,
+        ..Faults::default()
     })
     .await;
     let prom = start_prometheus(proxy.admin).await;
