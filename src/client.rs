@@ -250,7 +250,10 @@ impl tokio::io::AsyncWrite for Stream {
 /// One upstream connection: the request handle and the connection driver.
 pub struct PooledConn {
     sender: http1::SendRequest<RequestBody>,
-    conn: Conn,
+    /// The connection driver; dropped as soon as it finishes, which cancels a request
+    /// still queued on it (hyper hands it back unsent, and it goes on another
+    /// connection) instead of leaving it waiting for `request_timeout`.
+    conn: Option<Conn>,
     /// Set once the driver has finished: the connection cannot be used again.
     done: bool,
     /// When it last went idle; `None` for a connection fresh from connect.
@@ -268,12 +271,16 @@ impl std::fmt::Debug for PooledConn {
 impl PooledConn {
     /// Drive the connection once; returns false once it is finished.
     fn poll_conn(&mut self, cx: &mut Context<'_>) -> bool {
-        if !self.done
-            && let Poll::Ready(result) = Pin::new(&mut self.conn).poll(cx)
+        if let Some(conn) = self.conn.as_mut()
+            && let Poll::Ready(result) = Pin::new(conn).poll(cx)
         {
             if let Err(e) = result {
                 tracing::trace!("upstream connection ended: {e}");
             }
+            // An upstream close seen between checkout and the first poll: hyper stops
+            // reading and will never write the queued request. Dropping the driver
+            // cancels it, so the request comes back unsent.
+            self.conn = None;
             self.done = true;
         }
         !self.done
@@ -579,7 +586,7 @@ impl UpstreamClient {
         // bodies on every request, and is several hundred bytes inline.
         Ok(Box::new(PooledConn {
             sender,
-            conn,
+            conn: Some(conn),
             done: false,
             idle_since: None,
         }))

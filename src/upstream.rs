@@ -18,8 +18,23 @@
 //! | `/status/CODE` | that status (`200..=999`), body `NAME: CODE\n` |
 //! | `/__weir/fault` | `GET` current faults, `PUT` a JSON patch of them; exempt from faults |
 //!
-//! Faults (every path except `/__weir/fault`): first a delay of `latency ± jitter`, then
-//! with probability `error_rate` a `500` with body `NAME: injected error\n`.
+//! Faults (every path except `/__weir/fault`; JSON field names, also [`Faults`]):
+//!
+//! | field | effect |
+//! |---|---|
+//! | `latency`, `latency_jitter` | first, a delay of `latency ± jitter` (`"200ms"`) |
+//! | `error_rate` | then, with this probability, `500` with body `NAME: injected error\n` |
+//! | `truncate_rate` | else, with this probability, `200` with `content-length: 65536`, the first 16 KiB of it, then a TCP reset (`SO_LINGER` 0): a response cut off mid-body. A HEAD answer has no body to cut and goes out whole |
+//! | `close_idle_after` | `"MIN..MAX"` (e.g. `"0ms..50ms"`), `"D"` or `"off"`: after each response, once nothing is in flight, the connection is closed after a delay drawn uniformly from the range unless a new request started on it meanwhile |
+//!
+//! `close_idle_after` is an upstream with a short keep-alive timeout: the close is a plain
+//! `close()` with no `Connection: close` warning, so a request a client writes just then
+//! meets a FIN (EOF, no answer) or, when its bytes already arrived, a reset. Nothing is
+//! refused deterministically; it is the race real pools meet.
+//!
+//! Every request is counted, in total and by method ([`UpstreamHandle::requests`],
+//! [`UpstreamHandle::requests_by_method`]), when hyper hands it over: a test can prove that
+//! a proxy never sent a POST twice by comparing POSTs received with POSTs sent.
 
 use std::borrow::Cow;
 use std::convert::Infallible;
@@ -27,7 +42,7 @@ use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -44,7 +59,7 @@ use hyper_util::rt::TokioIo;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 
 /// Control endpoint; the only path faults never apply to, so a broken upstream can be healed.
@@ -56,8 +71,13 @@ const JSON: &str = "application/json";
 const DEFAULT_CHUNK: usize = 64 * 1024;
 /// Larger `chunk=` values need their own buffer; cap it so a query cannot ask for gigabytes.
 const MAX_CHUNK: usize = 16 * 1024 * 1024;
-/// A fault patch is three small fields; anything bigger is a mistake, not a patch.
+/// A fault patch is a handful of small fields; anything bigger is a mistake, not a patch.
 const MAX_FAULT_BODY: usize = 64 * 1024;
+/// What a truncated answer declares in `content-length`.
+const TRUNCATE_DECLARED: u64 = 64 * 1024;
+/// What a truncated answer sends of it before the reset: enough that the client has
+/// surely started on the body, small enough to sit in any socket buffer at once.
+const TRUNCATE_SENT: usize = 16 * 1024;
 /// Pause after an accept error that is not about one connection (EMFILE and friends),
 /// so a full fd table does not turn the accept loop into a busy spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
@@ -88,15 +108,76 @@ impl UpstreamConfig {
     }
 }
 
-/// Injected faults. Serialises with humantime durations (`"200ms"`), the same shape
-/// `GET /__weir/fault` answers with.
+/// Injected faults (see the module docs for what each does). Serialises with humantime
+/// durations (`"200ms"`), the same shape `GET /__weir/fault` answers with.
 #[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize)]
 pub struct Faults {
+    /// Probability in `0..=1` of answering `500`.
     pub error_rate: f64,
     #[serde(serialize_with = "ser_humantime")]
     pub latency: Duration,
     #[serde(serialize_with = "ser_humantime")]
     pub latency_jitter: Duration,
+    /// Probability in `0..=1` of a `200` whose body is cut off by a reset.
+    pub truncate_rate: f64,
+    /// Close a keep-alive connection this long after it went idle; `None`: never.
+    #[serde(serialize_with = "ser_idle_close")]
+    pub close_idle_after: Option<DurationRange>,
+}
+
+/// A range of durations to draw from uniformly, `min..=max`; written `"0ms..50ms"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DurationRange {
+    pub min: Duration,
+    pub max: Duration,
+}
+
+impl DurationRange {
+    /// The range between `a` and `b`, whichever is smaller first.
+    pub fn new(a: Duration, b: Duration) -> DurationRange {
+        DurationRange {
+            min: a.min(b),
+            max: a.max(b),
+        }
+    }
+}
+
+impl fmt::Display for DurationRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}..{}",
+            humantime::format_duration(self.min),
+            humantime::format_duration(self.max)
+        )
+    }
+}
+
+impl std::str::FromStr for DurationRange {
+    type Err = String;
+
+    /// `"MIN..MAX"` or a single duration (a range of one); `MIN` may not exceed `MAX`.
+    fn from_str(s: &str) -> Result<DurationRange, String> {
+        let parse = |d: &str| {
+            let d = d.trim();
+            if d == "0" {
+                return Ok(Duration::ZERO);
+            }
+            humantime::parse_duration(d)
+                .map_err(|e| format!("{e} in {d:?} (use e.g. \"0ms..50ms\" or \"20ms\")"))
+        };
+        let (min, max) = match s.split_once("..") {
+            Some((lo, hi)) => (parse(lo)?, parse(hi)?),
+            None => {
+                let d = parse(s)?;
+                (d, d)
+            }
+        };
+        if min > max {
+            return Err(format!("{s:?}: the minimum is above the maximum"));
+        }
+        Ok(DurationRange { min, max })
+    }
 }
 
 impl Faults {
@@ -115,10 +196,81 @@ impl Faults {
             ..Faults::default()
         }
     }
+
+    /// Cut this share of the answers off mid-body, nothing else.
+    pub fn truncate(rate: f64) -> Faults {
+        Faults {
+            truncate_rate: rate,
+            ..Faults::default()
+        }
+    }
+
+    /// Close idle keep-alive connections after a delay between `min` and `max`, nothing else.
+    pub fn close_idle(min: Duration, max: Duration) -> Faults {
+        Faults {
+            close_idle_after: Some(DurationRange::new(min, max)),
+            ..Faults::default()
+        }
+    }
 }
 
 fn ser_humantime<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(&humantime::format_duration(*d))
+}
+
+/// `"off"` rather than `null`, so a `GET` answer PUT back as a patch changes nothing
+/// (a `null` in a patch means "keep").
+fn ser_idle_close<S: serde::Serializer>(
+    r: &Option<DurationRange>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match r {
+        Some(r) => s.collect_str(r),
+        None => s.serialize_str("off"),
+    }
+}
+
+/// Requests received, by method. `other` is every method not named here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct MethodCounts {
+    pub get: u64,
+    pub head: u64,
+    pub post: u64,
+    pub put: u64,
+    pub other: u64,
+}
+
+/// [`MethodCounts`] as atomics, bumped once per request.
+#[derive(Default)]
+struct MethodCounters {
+    get: AtomicU64,
+    head: AtomicU64,
+    post: AtomicU64,
+    put: AtomicU64,
+    other: AtomicU64,
+}
+
+impl MethodCounters {
+    fn count(&self, method: &Method) {
+        let counter = match *method {
+            Method::GET => &self.get,
+            Method::HEAD => &self.head,
+            Method::POST => &self.post,
+            Method::PUT => &self.put,
+            _ => &self.other,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn load(&self) -> MethodCounts {
+        MethodCounts {
+            get: self.get.load(Ordering::Relaxed),
+            head: self.head.load(Ordering::Relaxed),
+            post: self.post.load(Ordering::Relaxed),
+            put: self.put.load(Ordering::Relaxed),
+            other: self.other.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// A running upstream. Dropping it kills it, so a test cannot leak a server task.
@@ -138,7 +290,8 @@ impl UpstreamHandle {
         &self.inner.name
     }
 
-    /// Replaces all faults. `error_rate` is clamped into `0..=1` (NaN counts as 0).
+    /// Replaces all faults. `error_rate` and `truncate_rate` are clamped into `0..=1`
+    /// (NaN counts as 0).
     pub fn set_faults(&self, f: Faults) {
         self.inner.faults.update(|_| f);
     }
@@ -150,6 +303,12 @@ impl UpstreamHandle {
     /// Requests received so far, on every path including `/__weir/fault`.
     pub fn requests(&self) -> u64 {
         self.inner.requests.load(Ordering::Relaxed)
+    }
+
+    /// [`requests`](Self::requests) by method. A request counts once its head is parsed,
+    /// whatever becomes of it (a fault, a body that never arrives).
+    pub fn requests_by_method(&self) -> MethodCounts {
+        self.inner.by_method.load()
     }
 
     /// Connections accepted so far.
@@ -209,6 +368,7 @@ pub fn spawn(listener: TcpListener, cfg: UpstreamConfig) -> io::Result<UpstreamH
         error_rate: cfg.error_rate,
         latency: cfg.latency,
         latency_jitter: cfg.latency_jitter,
+        ..Faults::default()
     });
     let inner = Arc::new(Inner {
         root_body: Bytes::from(format!("{}\n", cfg.name)),
@@ -217,6 +377,7 @@ pub fn spawn(listener: TcpListener, cfg: UpstreamConfig) -> io::Result<UpstreamH
         header,
         faults,
         requests: AtomicU64::new(0),
+        by_method: MethodCounters::default(),
         accepted: AtomicU64::new(0),
         open: AtomicU64::new(0),
     });
@@ -249,6 +410,7 @@ struct Inner {
     error_body: Bytes,
     faults: FaultCell,
     requests: AtomicU64,
+    by_method: MethodCounters,
     accepted: AtomicU64,
     open: AtomicU64,
 }
@@ -262,7 +424,7 @@ impl Drop for OpenConn {
     }
 }
 
-/// Faults as three atomics so the request path never takes a lock.
+/// Faults as atomics so the request path never takes a lock.
 ///
 /// A reader may see a mix of an old and a new field while a write is in progress; for
 /// fault injection that is harmless. Writers do read-modify-write (a PUT patches only
@@ -272,6 +434,12 @@ struct FaultCell {
     error_rate_bits: AtomicU64,
     latency_ns: AtomicU64,
     jitter_ns: AtomicU64,
+    truncate_rate_bits: AtomicU64,
+    /// Read on every response (is anyone waiting for the connection to go idle?), so
+    /// the common case of "off" is one load.
+    close_idle_on: AtomicBool,
+    close_idle_min_ns: AtomicU64,
+    close_idle_max_ns: AtomicU64,
     write: Mutex<()>,
 }
 
@@ -281,7 +449,18 @@ impl FaultCell {
             error_rate: f64::from_bits(self.error_rate_bits.load(Ordering::Relaxed)),
             latency: Duration::from_nanos(self.latency_ns.load(Ordering::Relaxed)),
             latency_jitter: Duration::from_nanos(self.jitter_ns.load(Ordering::Relaxed)),
+            truncate_rate: f64::from_bits(self.truncate_rate_bits.load(Ordering::Relaxed)),
+            close_idle_after: self.close_idle(),
         }
+    }
+
+    fn close_idle(&self) -> Option<DurationRange> {
+        self.close_idle_on
+            .load(Ordering::Relaxed)
+            .then(|| DurationRange {
+                min: Duration::from_nanos(self.close_idle_min_ns.load(Ordering::Relaxed)),
+                max: Duration::from_nanos(self.close_idle_max_ns.load(Ordering::Relaxed)),
+            })
     }
 
     /// Applies `f` to the current faults under the writer lock and stores the result.
@@ -290,12 +469,25 @@ impl FaultCell {
         let _guard = self.write.lock().unwrap_or_else(PoisonError::into_inner);
         let mut next = f(self.load());
         next.error_rate = clamp_rate(next.error_rate);
+        next.truncate_rate = clamp_rate(next.truncate_rate);
         self.error_rate_bits
             .store(next.error_rate.to_bits(), Ordering::Relaxed);
         self.latency_ns
             .store(saturating_nanos(next.latency), Ordering::Relaxed);
         self.jitter_ns
             .store(saturating_nanos(next.latency_jitter), Ordering::Relaxed);
+        self.truncate_rate_bits
+            .store(next.truncate_rate.to_bits(), Ordering::Relaxed);
+        // Public fields may hold min > max; the range is the one between them.
+        let idle = next
+            .close_idle_after
+            .map(|r| DurationRange::new(r.min, r.max));
+        let (min, max) = idle.map_or((0, 0), |r| {
+            (saturating_nanos(r.min), saturating_nanos(r.max))
+        });
+        self.close_idle_min_ns.store(min, Ordering::Relaxed);
+        self.close_idle_max_ns.store(max, Ordering::Relaxed);
+        self.close_idle_on.store(idle.is_some(), Ordering::Relaxed);
         // Report what readers will see (nanosecond-saturated), not what was asked for.
         self.load()
     }
@@ -387,37 +579,284 @@ fn is_per_connection(e: &io::Error) -> bool {
     )
 }
 
+/// What one connection's dispatch, response bodies and socket share. Everything here is
+/// touched from the connection's own task only; atomics just make it `Sync`.
+struct ConnShared {
+    inner: Arc<Inner>,
+    /// Requests hyper handed to the service (bumped at dispatch, before the handler runs).
+    started: AtomicU64,
+    /// Responses hyper is done with: the body ended (it is in hyper's write buffer) or
+    /// was never going to be sent.
+    finished: AtomicU64,
+    /// A response finished since the last flush: the next flush of the socket means its
+    /// last byte is on the wire and the connection is idle.
+    flush_pending: AtomicBool,
+    /// Wakes the connection task to arm the `close_idle_after` timer.
+    idle: Notify,
+    /// Close with a reset instead of a FIN (a truncated answer).
+    reset: AtomicBool,
+}
+
+impl ConnShared {
+    fn in_flight(&self) -> bool {
+        self.started.load(Ordering::Relaxed) != self.finished.load(Ordering::Relaxed)
+    }
+}
+
 async fn serve(stream: TcpStream, inner: Arc<Inner>, http: http1::Builder) {
     // Small responses must not wait on Nagle; latency figures in tests would be noise.
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(error = %e, "set_nodelay failed");
     }
-    let svc = service_fn(move |req| handle(Arc::clone(&inner), req));
-    if let Err(e) = http.serve_connection(TokioIo::new(stream), svc).await {
-        tracing::debug!(error = %e, "upstream connection ended with an error");
+    let shared = Arc::new(ConnShared {
+        inner,
+        started: AtomicU64::new(0),
+        finished: AtomicU64::new(0),
+        flush_pending: AtomicBool::new(false),
+        idle: Notify::new(),
+        reset: AtomicBool::new(false),
+    });
+    let io = ConnIo {
+        stream,
+        shared: Arc::clone(&shared),
+    };
+    let svc = {
+        let shared = Arc::clone(&shared);
+        service_fn(move |req| {
+            // Counted here, synchronously at dispatch, so an idle close that fires before
+            // the handler's first poll still sees the request as started.
+            shared.started.fetch_add(1, Ordering::Relaxed);
+            handle(Arc::clone(&shared), req)
+        })
+    };
+    let mut conn = std::pin::pin!(http.serve_connection(TokioIo::new(io), svc));
+    // Armed when the connection went idle with `close_idle_after` on: close at this
+    // instant unless a request started after `started` was this value.
+    let mut close_at: Option<(tokio::time::Instant, u64)> = None;
+    loop {
+        let deadline = close_at.map_or_else(tokio::time::Instant::now, |(at, _)| at);
+        tokio::select! {
+            biased;
+            ended = conn.as_mut() => {
+                if let Err(e) = ended {
+                    tracing::debug!(error = %e, "upstream connection ended with an error");
+                }
+                return;
+            }
+            () = shared.idle.notified() => {
+                close_at = shared.inner.faults.close_idle().map(|range| {
+                    (
+                        tokio::time::Instant::now() + draw(range),
+                        shared.started.load(Ordering::Relaxed),
+                    )
+                });
+            }
+            () = tokio::time::sleep_until(deadline), if close_at.is_some() => {
+                let mark = close_at.take().map(|(_, mark)| mark);
+                // Turning the fault off disarms a timer already running.
+                if mark == Some(shared.started.load(Ordering::Relaxed))
+                    && shared.inner.faults.close_idle_on.load(Ordering::Relaxed)
+                {
+                    // Dropping the connection closes the socket: a FIN, or a reset if
+                    // a request's bytes are already waiting unread. No `Connection:
+                    // close` went out first, as with any keep-alive timeout.
+                    tracing::trace!(upstream = %shared.inner.name, "closing an idle connection");
+                    return;
+                }
+            }
+        }
     }
 }
 
-async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+/// A uniform draw from `range`.
+fn draw(range: DurationRange) -> Duration {
+    let (min, max) = (saturating_nanos(range.min), saturating_nanos(range.max));
+    if min >= max {
+        return range.min;
+    }
+    Duration::from_nanos(rand::rng().random_range(min..=max))
+}
+
+/// The connection's socket, watched: a flush after a finished response marks the
+/// connection idle, and a truncated answer turns the close into a reset.
+struct ConnIo {
+    stream: TcpStream,
+    shared: Arc<ConnShared>,
+}
+
+impl tokio::io::AsyncRead for ConnIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for ConnIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    /// hyper flushes the socket once its own buffer is empty, so after a response
+    /// finished this is the moment its last byte left.
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let flushed = Pin::new(&mut this.stream).poll_flush(cx);
+        let shared = &this.shared;
+        if flushed.is_ready()
+            && shared.flush_pending.swap(false, Ordering::Relaxed)
+            && shared.inner.faults.close_idle_on.load(Ordering::Relaxed)
+            && !shared.in_flight()
+        {
+            shared.idle.notify_one();
+        }
+        flushed
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.shared.reset.load(Ordering::Relaxed) {
+            // A FIN first would let the peer read a clean end of stream before the reset.
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.stream).poll_shutdown(cx)
+    }
+}
+
+impl Drop for ConnIo {
+    fn drop(&mut self) {
+        if self.shared.reset.load(Ordering::Relaxed)
+            && let Err(e) = self.stream.set_zero_linger()
+        {
+            tracing::debug!(error = %e, "SO_LINGER 0 failed; the close will be a FIN");
+        }
+    }
+}
+
+/// A response body tied to its connection: its end is the response's end (for the
+/// idle close), and a truncation error turns the connection's close into a reset.
+struct Tracked {
+    body: Body,
+    conn: Arc<ConnShared>,
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        // hyper drops the body once the last frame is in its write buffer (at once for
+        // HEAD, 204 and other empty bodies), or when the connection is torn down.
+        self.conn.finished.fetch_add(1, Ordering::Relaxed);
+        self.conn.flush_pending.store(true, Ordering::Relaxed);
+    }
+}
+
+impl http_body::Body for Tracked {
+    type Data = Bytes;
+    type Error = Truncated;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Truncated>>> {
+        let this = self.get_mut();
+        let frame = Pin::new(&mut this.body).poll_frame(cx);
+        if let Poll::Ready(Some(Err(_))) = frame {
+            // hyper answers a body error by dropping the connection without a shutdown;
+            // with this set, that drop is a reset.
+            this.conn.reset.store(true, Ordering::Relaxed);
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The error a truncated answer's body ends with; hyper then drops the connection.
+#[derive(Debug, thiserror::Error)]
+#[error("response truncated on purpose (truncate_rate)")]
+struct Truncated;
+
+async fn handle(
+    conn: Arc<ConnShared>,
+    req: Request<Incoming>,
+) -> Result<Response<Tracked>, Infallible> {
+    let inner = &conn.inner;
     inner.requests.fetch_add(1, Ordering::Relaxed);
+    inner.by_method.count(req.method());
     let mut resp = if req.uri().path() == FAULT_PATH {
-        fault_endpoint(&inner, req).await
-    } else if inject_faults(&inner).await {
-        drain(req.into_body()).await;
-        respond(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            TEXT,
-            Body::full(inner.error_body.clone()),
-        )
+        fault_endpoint(inner, req).await
     } else {
-        route(&inner, req).await
+        match inject_faults(inner).await {
+            Injected::Error => {
+                drain(req.into_body()).await;
+                respond(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    TEXT,
+                    Body::full(inner.error_body.clone()),
+                )
+            }
+            Injected::Truncate => {
+                drain(req.into_body()).await;
+                truncated()
+            }
+            Injected::None => route(inner, req).await,
+        }
     };
     resp.headers_mut().insert(X_UPSTREAM, inner.header.clone());
-    Ok(resp)
+    Ok(resp.map(|body| Tracked {
+        body,
+        conn: Arc::clone(&conn),
+    }))
+}
+
+/// `200` declaring [`TRUNCATE_DECLARED`] bytes, of which [`TRUNCATE_SENT`] come.
+fn truncated() -> Response<Body> {
+    let mut resp = respond(
+        StatusCode::OK,
+        TEXT,
+        Body::Truncated {
+            sent: Some(Bytes::from_static(&XS[..TRUNCATE_SENT])),
+            remaining: TRUNCATE_DECLARED,
+            flushed: false,
+        },
+    );
+    resp.headers_mut()
+        .insert(CONTENT_LENGTH, HeaderValue::from(TRUNCATE_DECLARED));
+    resp
+}
+
+/// Which fault, if any, a request gets.
+enum Injected {
+    None,
+    Error,
+    Truncate,
 }
 
 /// Sleeps for the configured latency, then decides whether to fail the request.
-async fn inject_faults(inner: &Inner) -> bool {
+async fn inject_faults(inner: &Inner) -> Injected {
     let f = inner.faults.load();
     let latency = saturating_nanos(f.latency);
     let jitter = saturating_nanos(f.latency_jitter);
@@ -437,7 +876,14 @@ async fn inject_faults(inner: &Inner) -> bool {
             tokio::time::sleep(Duration::from_nanos(delay)).await;
         }
     }
-    f.error_rate >= 1.0 || (f.error_rate > 0.0 && rand::rng().random::<f64>() < f.error_rate)
+    let hit = |rate: f64| rate >= 1.0 || (rate > 0.0 && rand::rng().random::<f64>() < rate);
+    if hit(f.error_rate) {
+        Injected::Error
+    } else if hit(f.truncate_rate) {
+        Injected::Truncate
+    } else {
+        Injected::None
+    }
 }
 
 async fn route(inner: &Inner, req: Request<Incoming>) -> Response<Body> {
@@ -593,6 +1039,9 @@ struct FaultPatch {
     error_rate: Option<f64>,
     latency: Option<String>,
     latency_jitter: Option<String>,
+    truncate_rate: Option<f64>,
+    /// `"MIN..MAX"`, `"D"`, or `"off"`.
+    close_idle_after: Option<String>,
 }
 
 async fn fault_endpoint(inner: &Inner, req: Request<Incoming>) -> Response<Body> {
@@ -637,10 +1086,15 @@ async fn fault_endpoint(inner: &Inner, req: Request<Incoming>) -> Response<Body>
 /// Validates a whole patch before anything is applied, so a bad field changes nothing.
 fn parse_patch(body: &[u8]) -> Result<impl FnOnce(Faults) -> Faults + use<>, String> {
     let patch: FaultPatch = serde_json::from_slice(body).map_err(|e| format!("bad JSON: {e}"))?;
-    if let Some(rate) = patch.error_rate
-        && !(0.0..=1.0).contains(&rate)
-    {
-        return Err(format!("error_rate must be in 0..=1, got {rate}"));
+    for (field, rate) in [
+        ("error_rate", patch.error_rate),
+        ("truncate_rate", patch.truncate_rate),
+    ] {
+        if let Some(rate) = rate
+            && !(0.0..=1.0).contains(&rate)
+        {
+            return Err(format!("{field} must be in 0..=1, got {rate}"));
+        }
     }
     let duration = |field: &str, value: Option<String>| {
         value
@@ -652,11 +1106,24 @@ fn parse_patch(body: &[u8]) -> Result<impl FnOnce(Faults) -> Faults + use<>, Str
     };
     let latency = duration("latency", patch.latency)?;
     let latency_jitter = duration("latency_jitter", patch.latency_jitter)?;
-    let error_rate = patch.error_rate;
+    // Outer `None`: keep; `Some(None)`: off.
+    let close_idle_after = patch
+        .close_idle_after
+        .map(|s| match s.trim() {
+            "off" => Ok(None),
+            range => range
+                .parse::<DurationRange>()
+                .map(Some)
+                .map_err(|e| format!("close_idle_after: {e}, or \"off\"")),
+        })
+        .transpose()?;
+    let (error_rate, truncate_rate) = (patch.error_rate, patch.truncate_rate);
     Ok(move |current: Faults| Faults {
         error_rate: error_rate.unwrap_or(current.error_rate),
         latency: latency.unwrap_or(current.latency),
         latency_jitter: latency_jitter.unwrap_or(current.latency_jitter),
+        truncate_rate: truncate_rate.unwrap_or(current.truncate_rate),
+        close_idle_after: close_idle_after.unwrap_or(current.close_idle_after),
     })
 }
 
@@ -706,7 +1173,7 @@ fn json_error(status: StatusCode, msg: &str) -> Response<Body> {
     json(status, &serde_json::json!({ "error": msg }))
 }
 
-/// Response body: one buffer, or a lazily produced run of `x`.
+/// Response body: one buffer, a lazily produced run of `x`, or a truncated answer.
 ///
 /// An enum rather than a boxed body: no allocation per response, and the size hint is
 /// ours to choose. hyper sends `content-length` for an exact hint and chunked encoding
@@ -719,6 +1186,14 @@ enum Body {
         chunk: Bytes,
         exact: bool,
     },
+    /// `sent`, then one `Pending` (hyper flushes what it buffered when a body is not
+    /// ready; an error right after the data would be raised before the data went out),
+    /// then [`Truncated`] with `remaining` bytes still declared.
+    Truncated {
+        sent: Option<Bytes>,
+        remaining: u64,
+        flushed: bool,
+    },
 }
 
 impl Body {
@@ -729,12 +1204,12 @@ impl Body {
 
 impl http_body::Body for Body {
     type Data = Bytes;
-    type Error = Infallible;
+    type Error = Truncated;
 
     fn poll_frame(
         self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Truncated>>> {
         match self.get_mut() {
             Self::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Self::Xs {
@@ -747,6 +1222,22 @@ impl http_body::Body for Body {
                 *remaining -= n as u64;
                 Poll::Ready(Some(Ok(Frame::data(chunk.slice(..n)))))
             }
+            Self::Truncated {
+                sent,
+                remaining,
+                flushed,
+            } => {
+                if let Some(data) = sent.take() {
+                    *remaining = remaining.saturating_sub(data.len() as u64);
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                if !*flushed {
+                    *flushed = true;
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                Poll::Ready(Some(Err(Truncated)))
+            }
         }
     }
 
@@ -754,6 +1245,8 @@ impl http_body::Body for Body {
         match self {
             Self::Full(b) => b.as_ref().is_none_or(Bytes::is_empty),
             Self::Xs { remaining, .. } => *remaining == 0,
+            // Never ends: it fails.
+            Self::Truncated { .. } => false,
         }
     }
 
@@ -764,6 +1257,7 @@ impl http_body::Body for Body {
                 remaining, exact, ..
             } if *exact => SizeHint::with_exact(*remaining),
             Self::Xs { .. } => SizeHint::default(),
+            Self::Truncated { remaining, .. } => SizeHint::with_exact(*remaining),
         }
     }
 }
@@ -972,12 +1466,42 @@ mod tests {
             put(r#"{"error_rate":0.25,"latency":"5ms","latency_jitter":"1ms"}"#).await;
         assert_eq!(parts.status, StatusCode::OK);
         assert_eq!(parts.headers["x-upstream"], "f");
-        let expected = json!({ "error_rate": 0.25, "latency": "5ms", "latency_jitter": "1ms" });
+        let expected = json!({
+            "error_rate": 0.25, "latency": "5ms", "latency_jitter": "1ms",
+            "truncate_rate": 0.0, "close_idle_after": "off",
+        });
         assert_eq!(as_json(&body), expected);
 
         // A partial patch keeps the other fields.
         let (_, body) = put(r#"{"latency":"2s"}"#).await;
-        let expected = json!({ "error_rate": 0.25, "latency": "2s", "latency_jitter": "1ms" });
+        let expected = json!({
+            "error_rate": 0.25, "latency": "2s", "latency_jitter": "1ms",
+            "truncate_rate": 0.0, "close_idle_after": "off",
+        });
+        assert_eq!(as_json(&body), expected);
+
+        // Long enough that the client's pooled connection is not closed under this test.
+        let (_, body) = put(r#"{"truncate_rate":0.5,"close_idle_after":"30s..1m"}"#).await;
+        let expected = json!({
+            "error_rate": 0.25, "latency": "2s", "latency_jitter": "1ms",
+            "truncate_rate": 0.5, "close_idle_after": "30s..1m",
+        });
+        assert_eq!(as_json(&body), expected);
+        assert_eq!(
+            up.faults().close_idle_after,
+            Some(DurationRange::new(
+                Duration::from_secs(30),
+                Duration::from_secs(60)
+            ))
+        );
+        // What GET answers, PUT back, changes nothing; a null keeps the value.
+        let (_, again) = put(r#"{"close_idle_after":"30s..1m","truncate_rate":null}"#).await;
+        assert_eq!(as_json(&again), expected);
+        let (_, body) = put(r#"{"close_idle_after":"off","truncate_rate":0}"#).await;
+        let expected = json!({
+            "error_rate": 0.25, "latency": "2s", "latency_jitter": "1ms",
+            "truncate_rate": 0.0, "close_idle_after": "off",
+        });
         assert_eq!(as_json(&body), expected);
         let before = up.faults();
 
@@ -988,6 +1512,11 @@ mod tests {
             r#"{"latency":"soon"}"#,
             r#"{"error_rate":0.5,"latency_jitter":"1 parsec"}"#,
             r#"{"unknown":1}"#,
+            r#"{"truncate_rate":1.01}"#,
+            r#"{"close_idle_after":"50ms..10ms"}"#,
+            r#"{"close_idle_after":"soon"}"#,
+            r#"{"close_idle_after":"1ms..later"}"#,
+            r#"{"close_idle_after":5}"#,
         ] {
             let (parts, body) = put(bad).await;
             assert_eq!(parts.status, StatusCode::BAD_REQUEST, "{bad}");
@@ -1050,6 +1579,240 @@ mod tests {
         assert_eq!(jittered(100, 20, 40), 120);
         assert_eq!(jittered(10, 20, 0), 0);
         assert_eq!(jittered(u64::MAX, 5, 10), u64::MAX - 5);
+    }
+
+    #[test]
+    fn duration_ranges_parse_and_print() {
+        let ms = Duration::from_millis;
+        let r = |s: &str| s.parse::<DurationRange>();
+        assert_eq!(r("0ms..50ms"), Ok(DurationRange::new(ms(0), ms(50))));
+        assert_eq!(r("0..1s"), Ok(DurationRange::new(ms(0), ms(1000))));
+        assert_eq!(r(" 20ms "), Ok(DurationRange::new(ms(20), ms(20))));
+        assert!(r("50ms..10ms").is_err());
+        assert!(r("..").is_err());
+        assert_eq!(DurationRange::new(ms(50), ms(1)).to_string(), "1ms..50ms");
+        for _ in 0..100 {
+            let d = draw(DurationRange::new(ms(3), ms(7)));
+            assert!((ms(3)..=ms(7)).contains(&d), "{d:?}");
+        }
+        assert_eq!(draw(DurationRange::new(ms(5), ms(5))), ms(5));
+    }
+
+    #[test]
+    fn set_faults_clamps_rates_and_orders_ranges() {
+        let cell = FaultCell::default();
+        let stored = cell.update(|f| Faults {
+            truncate_rate: -3.0,
+            close_idle_after: Some(DurationRange {
+                min: Duration::from_millis(9),
+                max: Duration::from_millis(2),
+            }),
+            ..f
+        });
+        assert_eq!(stored.truncate_rate, 0.0);
+        assert_eq!(
+            stored.close_idle_after,
+            Some(DurationRange::new(
+                Duration::from_millis(2),
+                Duration::from_millis(9)
+            ))
+        );
+        let stored = cell.update(|f| Faults {
+            close_idle_after: None,
+            ..f
+        });
+        assert_eq!(stored.close_idle_after, None);
+    }
+
+    /// Reads one response from a raw connection: head and `content-length` body. `None`
+    /// when the connection ends first (EOF or error), with what arrived.
+    async fn read_response(s: &mut TcpStream) -> Result<(String, Vec<u8>), Vec<u8>> {
+        use tokio::io::AsyncReadExt;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 8192];
+        loop {
+            if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&got[..end]).to_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                if got.len() >= end + 4 + len {
+                    return Ok((head, got[end + 4..end + 4 + len].to_vec()));
+                }
+            }
+            match s.read(&mut buf).await {
+                Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
+                _ => return Err(got),
+            }
+        }
+    }
+
+    /// How a raw connection ends once the peer is done: `Ok(())` for a FIN, else the
+    /// error kind. Bounded, so a connection left open fails the test.
+    async fn connection_end(s: &mut TcpStream) -> Result<(), io::ErrorKind> {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 1024];
+        tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) => return Ok(()),
+                    Ok(_) => {}
+                    Err(e) => return Err(e.kind()),
+                }
+            }
+        })
+        .await
+        .expect("the connection stayed open")
+    }
+
+    #[tokio::test]
+    async fn truncate_sends_part_of_the_body_then_resets() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (up, client) = start("cut").await;
+        up.set_faults(Faults::truncate(1.0));
+        let mut s = TcpStream::connect(up.addr()).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let end = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) => return None,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(e) => return Some(e.kind()),
+                }
+            }
+        })
+        .await
+        .expect("a truncated answer must end the connection");
+        assert_eq!(
+            end,
+            Some(io::ErrorKind::ConnectionReset),
+            "a reset, not a FIN"
+        );
+        let head_end = got
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("the head arrives whole");
+        let head = String::from_utf8_lossy(&got[..head_end]).to_lowercase();
+        assert!(head.starts_with("http/1.1 200 ok"), "{head}");
+        assert!(head.contains("content-length: 65536"), "{head}");
+        assert!(head.contains("x-upstream: cut"), "{head}");
+        let body = got.len() - head_end - 4;
+        assert!(
+            body > 0 && (body as u64) < TRUNCATE_DECLARED,
+            "{body} body bytes"
+        );
+
+        // A client reading the body gets an error, not a short success.
+        let req = Request::get(format!("http://{}/", up.addr()))
+            .body(Body::Full(None))
+            .unwrap();
+        let resp = client.request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(resp.into_body().collect().await.is_err());
+
+        // A HEAD answer has no body to cut: it goes out whole, the connection lives.
+        let mut s = TcpStream::connect(up.addr()).await.unwrap();
+        for _ in 0..2 {
+            s.write_all(b"HEAD / HTTP/1.1\r\nhost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let mut head = Vec::new();
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut buf).await.unwrap();
+                assert!(n > 0, "closed after a HEAD");
+                head.extend_from_slice(&buf[..n]);
+            }
+            let head = String::from_utf8_lossy(&head).to_lowercase();
+            assert!(head.contains("content-length: 65536"), "{head}");
+        }
+        // The fault endpoint is exempt.
+        let (parts, _) = get(&client, &up, FAULT_PATH).await;
+        assert_eq!(parts.status, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn close_idle_after_closes_quiet_connections_only() {
+        use tokio::io::AsyncWriteExt;
+        const GET: &[u8] = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n";
+        let (up, _client) = start("idle").await;
+
+        // At once: the answer arrives whole, with no warning, then a plain close (FIN).
+        up.set_faults(Faults::close_idle(Duration::ZERO, Duration::ZERO));
+        let mut s = TcpStream::connect(up.addr()).await.unwrap();
+        s.write_all(GET).await.unwrap();
+        let (head, body) = read_response(&mut s).await.expect("a whole answer");
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(!head.contains("connection: close"), "{head}");
+        assert_eq!(body, b"idle\n");
+        assert_eq!(connection_end(&mut s).await, Ok(()));
+        wait_until(async || up.open_connections() == 0).await;
+
+        // A request that starts within the delay keeps the connection; once it is quiet
+        // again, the delay starts over and the connection closes.
+        up.set_faults(Faults::close_idle(
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+        ));
+        let before = up.connections();
+        let mut s = TcpStream::connect(up.addr()).await.unwrap();
+        for _ in 0..3 {
+            s.write_all(GET).await.unwrap();
+            read_response(&mut s).await.expect("a whole answer");
+        }
+        let quiet = Instant::now();
+        assert_eq!(connection_end(&mut s).await, Ok(()));
+        assert!(
+            quiet.elapsed() >= Duration::from_millis(900),
+            "{:?}",
+            quiet.elapsed()
+        );
+        assert_eq!(up.connections(), before + 1);
+
+        // Off: an idle connection stays open (a request after a pause still works).
+        up.set_faults(Faults::default());
+        let mut s = TcpStream::connect(up.addr()).await.unwrap();
+        s.write_all(GET).await.unwrap();
+        read_response(&mut s).await.expect("a whole answer");
+        tokio::task::yield_now().await;
+        s.write_all(GET).await.unwrap();
+        read_response(&mut s).await.expect("still open");
+    }
+
+    #[tokio::test]
+    async fn counts_requests_by_method() {
+        let (up, client) = start("m").await;
+        for (method, path) in [
+            (Method::GET, "/"),
+            (Method::GET, "/echo"),
+            (Method::HEAD, "/"),
+            (Method::POST, "/sink"),
+            (Method::PUT, "/sink"),
+            (Method::DELETE, "/"),
+            (Method::OPTIONS, "/"),
+            (Method::GET, FAULT_PATH),
+        ] {
+            call(&client, &up, method, path, Body::full("x")).await;
+        }
+        // Faulted requests count too: they were received.
+        up.set_faults(Faults::errors(1.0));
+        call(&client, &up, Method::POST, "/", Body::full("x")).await;
+        assert_eq!(
+            up.requests_by_method(),
+            MethodCounts {
+                get: 3,
+                head: 1,
+                post: 2,
+                put: 1,
+                other: 2,
+            }
+        );
+        assert_eq!(up.requests(), 9);
     }
 
     #[test]
