@@ -401,12 +401,17 @@ impl Admin {
         let result = tokio::task::spawn_blocking(move || controller.apply(command)).await;
         match result {
             Ok(Ok(change)) => match self.controller.router().table().service(&change.service) {
+                // A rollback the disk refused is applied anyway: 202, the document says
+                // `not_durable` until the write succeeds.
                 Some(s) => with_etag(
-                    ok(service_json(
-                        s,
-                        &self.guard,
-                        self.controller.plan_of(&s.name),
-                    )),
+                    json_response(
+                        if change.durable {
+                            StatusCode::OK
+                        } else {
+                            StatusCode::ACCEPTED
+                        },
+                        service_json(s, &self.guard, self.controller.plan_of(&s.name)),
+                    ),
                     change.snapshot.version,
                 ),
                 None => error(
@@ -894,6 +899,7 @@ pub fn service_json(
         "updated_at": rfc3339(snap.updated_at),
         "updated_by": snap.updated_by.as_str(),
         "health": if snap.degraded.is_some() { "degraded" } else { "healthy" },
+        "not_durable": guard.not_durable(&s.name),
         "guard": guard.status(s),
         "rollout": rollout_json(s, &snap, guard),
         "plan": plan.map(|p| json!({

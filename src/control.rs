@@ -86,6 +86,9 @@ pub struct Change {
     pub to: Vec<(String, u32)>,
     pub snapshot: Arc<ServiceSnapshot>,
     pub event: Option<Event>,
+    /// False for a rollback applied to live traffic although its state could not be
+    /// saved (it is retried until it is).
+    pub durable: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -182,6 +185,35 @@ fn split(current: &ServiceSnapshot, rollout: &Rollout, percent: f64) -> Vec<u32>
 struct Persistence {
     store: StateStore,
     journal: Journal,
+    /// Rollbacks applied to live routing while the disk refused them (safety before
+    /// durability, for a revert only): the state file lags routing and these events wait
+    /// for the journal. Every later write, and `flush_pending`, tries again first.
+    pending: Vec<Event>,
+}
+
+impl Persistence {
+    /// Save `state` and journal `event`, keeping the two in step.
+    fn write(&mut self, state: &State, event: Event) -> Result<Event, ControlError> {
+        self.store.save(state)?;
+        match self.journal.append(event) {
+            Ok(e) => Ok(e),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Write what a refused rollback left unsaved: the whole current state, then its
+    /// events in order.
+    fn flush(&mut self, state: &State) -> Result<(), ControlError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        self.store.save(state)?;
+        while let Some(event) = self.pending.first().cloned() {
+            self.journal.append(event)?;
+            self.pending.remove(0);
+        }
+        Ok(())
+    }
 }
 
 /// The single writer. Holds its lock across validate → persist → swap so that two
@@ -296,7 +328,11 @@ impl Controller {
         for event in events {
             journal.append(event)?;
         }
-        let persistence = Persistence { store, journal };
+        let persistence = Persistence {
+            store,
+            journal,
+            pending: Vec::new(),
+        };
         persistence.store.save(&controller.state())?;
         *controller.write.lock().unwrap_or_else(|p| p.into_inner()) = Some(persistence);
         Ok(controller)
@@ -376,6 +412,7 @@ impl Controller {
             .service(&name)
             .ok_or_else(|| ControlError::UnknownService(name.clone()))?;
         let current = service.snapshot_full();
+        let is_rollback = matches!(command, Command::Rollback { .. });
         let change = self.plan(&name, &current, command)?;
         let pools = current.slots().iter().map(|s| s.pool.clone()).collect();
         let mut next = ServiceSnapshot::new(pools, &change.weights, current.version + 1, source)?
@@ -394,26 +431,49 @@ impl Controller {
         event.details = change.details.unwrap_or(serde_json::Value::Null);
         event.from = Some(weights_of(&current));
         event.to = Some(weights_of(&next));
+        let mut durable = true;
         let event = match persistence.as_mut() {
             Some(p) => {
                 let mut state = self.state();
                 state.services.insert(name.clone(), service_state(&next));
-                p.store.save(&state)?;
-                match p.journal.append(event) {
+                // Earlier unsaved rollbacks go first; the new state file covers them.
+                let written = if p.pending.is_empty() {
+                    p.write(&state, event.clone())
+                } else {
+                    p.store
+                        .save(&state)
+                        .map_err(ControlError::from)
+                        .and_then(|()| p.flush(&state))
+                        .and_then(|()| p.journal.append(event.clone()).map_err(Into::into))
+                };
+                match written {
                     Ok(e) => Some(e),
+                    Err(e) if is_rollback => {
+                        // A revert is applied whatever the disk says: traffic leaves the
+                        // bad version now, and the write is retried until it succeeds.
+                        tracing::error!("rollback of {name} applied but not saved (retrying): {e}");
+                        let mut unsaved = event;
+                        unsaved.details = with_not_durable(unsaved.details, &e);
+                        p.pending.push(unsaved.clone());
+                        durable = false;
+                        // Not journaled yet (id 0): the webhook still hears of it now.
+                        Some(unsaved)
+                    }
                     Err(e) => {
                         // Keep state and journal in step: undo the state write.
                         if let Err(undo) = p.store.save(&self.state()) {
                             tracing::error!(
-                                "cannot restore the state file after a journal failure: {undo}"
+                                "cannot restore the state file after a failed write: {undo}"
                             );
                         }
-                        return Err(e.into());
+                        return Err(e);
                     }
                 }
             }
             None => None,
         };
+        self.metrics
+            .set_pending_writes(persistence.as_ref().map_or(0, |p| p.pending.len()));
         service.store(next.clone());
         if next.weights() != current.weights() {
             self.metrics.weight_changed(&name, source);
@@ -426,6 +486,7 @@ impl Controller {
             to: named(&next),
             snapshot: next,
             event,
+            durable,
         })
     }
 
@@ -783,6 +844,40 @@ impl Controller {
         }
     }
 
+    /// Try again to save rollbacks that were applied while the disk refused them
+    /// (called by the guard's loop, off the async workers). True when nothing is left
+    /// unsaved.
+    pub fn flush_pending(&self) -> bool {
+        let mut persistence = self.lock();
+        let Some(p) = persistence.as_mut() else {
+            return true;
+        };
+        if p.pending.is_empty() {
+            return true;
+        }
+        let state = self.state();
+        let done = match p.flush(&state) {
+            Ok(()) => {
+                tracing::warn!("unsaved rollback state written to disk");
+                true
+            }
+            Err(e) => {
+                tracing::debug!("unsaved rollback state still not written: {e}");
+                false
+            }
+        };
+        self.metrics.set_pending_writes(p.pending.len());
+        done
+    }
+
+    /// Services whose live routing is ahead of the state file (a rollback not saved
+    /// yet).
+    pub fn not_durable(&self, service: &str) -> bool {
+        self.lock()
+            .as_ref()
+            .is_some_and(|p| p.pending.iter().any(|e| e.service == service))
+    }
+
     /// Events after `since`, oldest first.
     pub fn events(&self, since: u64, limit: usize) -> Result<Vec<Event>, ControlError> {
         let persistence = self.lock();
@@ -947,6 +1042,18 @@ fn ordered_weights(
         return Err(ControlError::MissingPools { pools: missing });
     }
     Ok(out.into_iter().map(|w| w.unwrap_or(0)).collect())
+}
+
+/// Mark an event's details: the change it records was applied before it was saved.
+fn with_not_durable(details: serde_json::Value, error: &ControlError) -> serde_json::Value {
+    let mut details = match details {
+        serde_json::Value::Object(m) => serde_json::Value::Object(m),
+        serde_json::Value::Null => serde_json::json!({}),
+        other => serde_json::json!({ "details": other }),
+    };
+    details["not_durable"] = serde_json::json!(true);
+    details["save_error"] = serde_json::json!(error.to_string());
+    details
 }
 
 #[cfg(test)]

@@ -391,8 +391,9 @@ pub struct Decision {
 #[derive(Debug, Default)]
 struct PoolWatch {
     streak: u32,
-    /// Already acted (or, in dry-run, reported) on this run of breaches.
-    fired: bool,
+    /// The mode this run of breaches was already acted on in (dry-run: reported). A
+    /// switch to enforce by reload acts on a breach that dry-run only reported.
+    fired: Option<GuardMode>,
     last: Option<Decision>,
     /// When `last` was made, for rollout gates.
     last_at: Option<SystemTime>,
@@ -455,8 +456,10 @@ impl Guard {
         }
     }
 
-    /// One round at `now`: rotate every window, judge the services that are due, act.
+    /// One round at `now`: save any rollback the disk refused before, rotate every
+    /// window, judge the services that are due, act.
     pub fn tick(&self, now: Instant) {
+        self.controller.flush_pending();
         let actions = self.evaluate(now);
         for action in actions {
             self.act(action);
@@ -521,7 +524,7 @@ impl Guard {
                 // Not a candidate now: forget its streak, keep its last decision.
                 if let Some(w) = watch.pools.get_mut(&name) {
                     w.streak = 0;
-                    w.fired = false;
+                    w.fired = None;
                 }
                 continue;
             }
@@ -547,15 +550,15 @@ impl Guard {
                 Verdict::Breach => w.streak += 1,
                 Verdict::Pass => {
                     w.streak = 0;
-                    w.fired = false;
+                    w.fired = None;
                 }
                 // Inconclusive neither passes nor fails: the streak waits.
                 Verdict::Inconclusive => {}
             }
             w.last = Some(decision.clone());
             w.last_at = Some(SystemTime::now());
-            if w.streak >= slo.breaches_to_act && !w.fired {
-                w.fired = true;
+            if w.streak >= slo.breaches_to_act && w.fired != Some(slo.mode) {
+                w.fired = Some(slo.mode);
                 let service = service.name.to_string();
                 actions.push(match slo.mode {
                     GuardMode::Enforce => Action::Rollback { service, decision },
@@ -637,6 +640,12 @@ impl Guard {
                 }
             }
         }
+    }
+
+    /// Whether the service's live routing is ahead of its saved state (a rollback the
+    /// disk refused, being retried).
+    pub fn not_durable(&self, service: &str) -> bool {
+        self.controller.not_durable(service)
     }
 
     /// The latest verdict on a pool of a service, and when it was made.

@@ -36,6 +36,7 @@ pub const GRPC_RESPONSES_TOTAL: &str = "weir_grpc_responses_total";
 pub const RESPONSE_DURATION: &str = "weir_response_duration_seconds";
 pub const UNROUTED_TOTAL: &str = "weir_unrouted_requests_total";
 pub const KEEPALIVE_REPLAYS_TOTAL: &str = "weir_keepalive_replays_total";
+pub const STATE_UNSAVED: &str = "weir_state_unsaved_changes";
 
 /// How often the exporter's upkeep drains histogram samples into buckets, so memory
 /// stays bounded however fast requests come.
@@ -61,6 +62,7 @@ pub struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
     unrouted: Counter,
+    unsaved: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -85,10 +87,13 @@ impl Metrics {
             .build_recorder();
         let handle = recorder.handle();
         let unrouted = recorder.register_counter(&Key::from_name(UNROUTED_TOTAL), &METADATA);
+        let unsaved = recorder.register_gauge(&Key::from_name(STATE_UNSAVED), &METADATA);
+        unsaved.set(0.0);
         let m = Metrics {
             recorder,
             handle,
             unrouted,
+            unsaved,
         };
         m.describe();
         m.gauge(
@@ -141,6 +146,11 @@ impl Metrics {
             UNROUTED_TOTAL.into(),
             None,
             "Requests for a host no service is configured for (answered 404).".into(),
+        );
+        r.describe_gauge(
+            STATE_UNSAVED.into(),
+            None,
+            "Changes applied to live routing but not yet saved to the state dir (a rollback is applied even when the disk refuses it, and retried). Alert when above 0.".into(),
         );
         r.describe_counter(
             KEEPALIVE_REPLAYS_TOTAL.into(),
@@ -239,6 +249,11 @@ impl Metrics {
                 }
             }
         });
+    }
+
+    /// How many applied changes wait to be saved.
+    pub fn set_pending_writes(&self, n: usize) {
+        self.unsaved.set(n as f64);
     }
 
     /// A request no service matched.

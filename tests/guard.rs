@@ -390,3 +390,113 @@ async fn dry_run_reports_and_keeps_weights() {
     assert!(rollbacks.iter().all(|l| l.ends_with(" 0")), "{metrics}");
     assert_eq!(service(&s.proxy).await["health"], "healthy");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_the_disk_refuses_still_moves_traffic_and_is_saved_later() {
+    let s = setup(
+        (90, 10),
+        "interval = \"200ms\"\nmin_requests = 20\nmax_error_rate = 0.05\n",
+    )
+    .await;
+    let load = Load::start(s.proxy.addr, 300, 8);
+    warm_up(&s.proxy, &s.canary, 30).await;
+    // The state file's temp path becomes a non-empty directory: every save fails (as
+    // on a full or broken disk), while the saved state stays readable.
+    let blocker = s.proxy.state_dir.join("state.json.tmp");
+    std::fs::create_dir_all(blocker.join("x")).unwrap();
+    let saved = std::fs::read_to_string(s.proxy.state_dir.join("state.json")).unwrap();
+    s.canary.set_faults(Faults::errors(1.0));
+    let reverted = wait_until(Duration::from_secs(10), || async {
+        weights(&s.proxy) == [100, 0]
+    })
+    .await;
+    load.stop().await;
+    assert!(
+        reverted,
+        "a rollback that cannot be saved must still move traffic"
+    );
+    let doc = service(&s.proxy).await;
+    assert_eq!(doc["not_durable"], true, "{doc}");
+    assert_eq!(doc["health"], "degraded");
+    let metrics = get(&client(), s.proxy.admin, "x", "/metrics").await.text();
+    assert!(
+        metrics.contains("weir_state_unsaved_changes 1"),
+        "{metrics}"
+    );
+    // Nothing was written: the file on disk still has the old weights.
+    assert_eq!(
+        std::fs::read_to_string(s.proxy.state_dir.join("state.json")).unwrap(),
+        saved
+    );
+    // The disk recovers: the guard's loop saves the rollback and journals its event.
+    std::fs::remove_dir_all(&blocker).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            service(&s.proxy).await["not_durable"] == false
+        })
+        .await
+    );
+    let on_disk: Value = serde_json::from_str(
+        &std::fs::read_to_string(s.proxy.state_dir.join("state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        on_disk["services"]["shop"]["weights"]["canary"], 0,
+        "{on_disk}"
+    );
+    let rolled = events(&s.proxy)
+        .await
+        .into_iter()
+        .find(|e| e["kind"] == "rolled_back")
+        .expect("the rollback is journaled once the disk allows");
+    assert_eq!(rolled["details"]["not_durable"], true, "{rolled}");
+    let metrics = get(&client(), s.proxy.admin, "x", "/metrics").await.text();
+    assert!(
+        metrics.contains("weir_state_unsaved_changes 0"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switching_dry_run_to_enforce_by_reload_acts_on_a_breach_already_reported() {
+    let slo = |mode: &str| {
+        format!(
+            "[service.slo]\nmode = \"{mode}\"\ninterval = \"200ms\"\nmin_requests = 20\nmax_error_rate = 0.05\n"
+        )
+    };
+    let s = shop(None, (90, 10), &slo("dry-run")).await;
+    s.canary.set_faults(Faults::errors(0.5));
+    let load = Load::start(s.proxy.addr, 300, 8);
+    let reported = wait_until(Duration::from_secs(20), || async {
+        events(&s.proxy)
+            .await
+            .iter()
+            .any(|e| e["kind"] == "rollback_dry_run")
+    })
+    .await;
+    assert!(reported);
+    assert_eq!(weights(&s.proxy), [90, 10]);
+    // Same config, now enforcing: the breach that is still going on is acted on.
+    let toml = proxy_toml("")
+        + &service_toml(
+            "shop",
+            None,
+            &[
+                ("stable", vec![s.stable.addr().to_string()], 90),
+                ("canary", vec![s.canary.addr().to_string()], 10),
+            ],
+        )
+        + &slo("enforce");
+    let mut config = weir::config::Config::parse(&toml, "reload.toml").unwrap();
+    config.state.dir = s.proxy.state_dir.clone();
+    s.proxy.controller.reload(&config, None).unwrap();
+    let reverted = wait_until(Duration::from_secs(10), || async {
+        weights(&s.proxy) == [100, 0]
+    })
+    .await;
+    load.stop().await;
+    assert!(
+        reverted,
+        "enforce mode after a reload must act on the breach"
+    );
+}
