@@ -44,6 +44,7 @@ pub mod proxy;
 pub mod rollout;
 pub mod routing;
 pub mod state;
+pub mod stats;
 pub mod tls;
 pub mod traffic;
 pub mod upstream;

@@ -16,6 +16,12 @@
 //! nothing; the rotating writer does it once per slice. A reset (after a rollback, so
 //! the guard judges fresh traffic) hides older slices from [`Window::stats`] but leaves
 //! the history whole: what happened stays on the chart.
+//!
+//! Each closed slice is also added to the pool's **exposure**: everything since the
+//! guard last restarted it (when the service's weights changed, a rollout step began, or
+//! after a rollback). The guard's sequential tests judge the exposure — evidence that
+//! keeps accumulating for as long as the candidate serves unchanged — while the sliding
+//! window keeps loud failures fast.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -60,19 +66,21 @@ impl Slice {
         let _ = self.latency_us.drain();
     }
 
-    /// The slice summed up, as the history keeps it.
-    fn point(&self) -> Point {
+    /// The slice summed up, as the history keeps it, and its latency histogram.
+    fn point(&self) -> (Point, Histogram32) {
         let requests = self.requests.load(Ordering::Relaxed);
+        let latency = self.latency_us.load();
         let p99_us = if requests == 0 {
             None
         } else {
-            quantile_us(&self.latency_us.load(), 0.99)
+            quantile_us(&latency, 0.99)
         };
-        Point {
+        let point = Point {
             requests,
             errors: self.errors.load(Ordering::Relaxed),
             p99_us,
-        }
+        };
+        (point, latency)
     }
 }
 
@@ -129,6 +137,34 @@ pub struct Window {
     /// Slices opened before this rotation number are hidden from `stats` (a reset).
     visible_from: AtomicU64,
     history: Mutex<History>,
+    exposure: Mutex<Exposure>,
+}
+
+/// Everything since the exposure was last restarted, in closed slices.
+struct Exposure {
+    requests: u64,
+    errors: u64,
+    latency_us: Histogram32,
+    slices: u32,
+    /// Slices opened before this rotation number are not part of it: the slice open at
+    /// a restart holds traffic from before and after, and stays out.
+    from: u64,
+}
+
+impl Exposure {
+    fn new(from: u64) -> Exposure {
+        Exposure {
+            requests: 0,
+            errors: 0,
+            latency_us: empty_histogram(),
+            slices: 0,
+            from,
+        }
+    }
+}
+
+fn empty_histogram() -> Histogram32 {
+    Histogram32::new(GROUPING_POWER, MAX_VALUE_POWER).expect("valid histogram parameters")
 }
 
 impl std::fmt::Debug for Window {
@@ -171,6 +207,11 @@ impl Stats {
     pub fn p99(&self) -> Option<Duration> {
         self.quantile(0.99)
     }
+
+    /// The latency histogram, in microseconds.
+    pub fn latency(&self) -> &Histogram32 {
+        &self.latency_us
+    }
 }
 
 impl Window {
@@ -193,6 +234,7 @@ impl Window {
                 points: VecDeque::with_capacity(capacity),
                 capacity,
             }),
+            exposure: Mutex::new(Exposure::new(0)),
         }
     }
 
@@ -275,7 +317,21 @@ impl Window {
             self.current.store(next, Ordering::Release);
             // Summed up after the switch: recorders have moved on, so the point holds
             // (nearly) everything the slice will ever get.
-            history.push(self.slices[current].point());
+            let closed = &self.slices[current];
+            let (point, latency) = closed.point();
+            history.push(point);
+            let mut exposure = self.exposure.lock().unwrap_or_else(|p| p.into_inner());
+            if closed.opened.load(Ordering::Relaxed) >= exposure.from
+                && closed.opened.load(Ordering::Relaxed)
+                    >= self.visible_from.load(Ordering::Relaxed)
+            {
+                exposure.requests += point.requests;
+                exposure.errors += point.errors;
+                exposure.slices += 1;
+                // Past ~4 billion samples in one bucket the latency evidence stops
+                // growing (the counts above keep going); a restart clears it.
+                let _ = exposure.latency_us.checked_add_assign(&latency);
+            }
         }
         *start = Some(s);
     }
@@ -314,8 +370,7 @@ impl Window {
         let mut stats = Stats {
             requests: 0,
             errors: 0,
-            latency_us: Histogram32::new(GROUPING_POWER, MAX_VALUE_POWER)
-                .expect("valid histogram parameters"),
+            latency_us: empty_histogram(),
             span: self.slice_len * wanted as u32,
         };
         for k in 0..wanted {
@@ -330,6 +385,26 @@ impl Window {
             let _ = stats.latency_us.checked_add_assign(&h);
         }
         stats
+    }
+
+    /// Figures over the exposure: every closed slice since [`Window::restart_exposure`]
+    /// (or a reset). `span` is the time they cover.
+    pub fn exposure(&self) -> Stats {
+        let e = self.exposure.lock().unwrap_or_else(|p| p.into_inner());
+        Stats {
+            requests: e.requests,
+            errors: e.errors,
+            latency_us: e.latency_us.clone(),
+            span: self.slice_len * e.slices,
+        }
+    }
+
+    /// Start a new exposure from the next slice on: what the candidate serves from now
+    /// is judged on its own (the slice open now mixes before and after, so it is left
+    /// out).
+    pub fn restart_exposure(&self) {
+        let from = self.rotations.load(Ordering::Relaxed) + 1;
+        *self.exposure.lock().unwrap_or_else(|p| p.into_inner()) = Exposure::new(from);
     }
 
     /// Requests recorded since the pool was created; never reset.
@@ -347,6 +422,7 @@ impl Window {
             self.rotations.load(Ordering::Relaxed) + 1,
             Ordering::Relaxed,
         );
+        self.restart_exposure();
     }
 }
 
@@ -367,6 +443,37 @@ mod tests {
         let s = w.stats(Duration::from_secs(5));
         assert_eq!((s.requests, s.errors), (100, 10));
         assert!((s.error_rate() - 0.1).abs() < 1e-9);
+    }
+
+    #[test]
+    fn exposure_accumulates_closed_slices_until_restarted() {
+        let w = Window::new(Duration::from_secs(3), S);
+        let t0 = Instant::now();
+        w.rotate(t0);
+        for k in 1..=10u32 {
+            w.record(k % 2 == 0, Duration::from_millis(u64::from(k)));
+            w.rotate(t0 + S * k);
+        }
+        // Ten closed slices, far more than the 3 s window holds.
+        let e = w.exposure();
+        assert_eq!((e.requests, e.errors), (10, 5));
+        assert_eq!(e.span, S * 10);
+        assert_eq!(w.stats(Duration::from_secs(3)).requests, 3);
+        // A restart leaves out the slice open at the time (it mixes before and after).
+        w.record(true, Duration::from_millis(1));
+        w.restart_exposure();
+        w.record(true, Duration::from_millis(1));
+        w.rotate(t0 + S * 11);
+        assert_eq!(w.exposure().requests, 0);
+        w.record(false, Duration::from_millis(1));
+        w.rotate(t0 + S * 12);
+        let e = w.exposure();
+        assert_eq!((e.requests, e.errors), (1, 0));
+        assert!(e.p99().is_some());
+        // A reset (after a rollback) restarts it too.
+        w.reset();
+        w.rotate(t0 + S * 13);
+        assert_eq!(w.exposure().requests, 0);
     }
 
     #[test]
