@@ -205,6 +205,9 @@ pub struct SloConfig {
     pub webhook: Option<http::Uri>,
     /// Which latency the p99 checks judge.
     pub latency: LatencyMeasure,
+    /// The probability that the sequential tests ever blame a candidate that is not
+    /// worse, over a whole exposure (one rollout step, or one weight setting).
+    pub alpha: f64,
 }
 
 /// `[service.slo] latency`: time to response headers (default; what users wait for
@@ -233,6 +236,7 @@ impl Default for SloConfig {
             mode: GuardMode::Enforce,
             webhook: None,
             latency: LatencyMeasure::Headers,
+            alpha: 0.01,
         }
     }
 }
@@ -625,6 +629,7 @@ struct RawSlo {
     mode: Option<GuardMode>,
     webhook: Option<Spanned<String>>,
     latency: Option<LatencyMeasure>,
+    alpha: Option<Spanned<f64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1694,6 +1699,21 @@ impl Validator<'_> {
             mode: r.mode.unwrap_or(GuardMode::Enforce),
             webhook,
             latency: r.latency.unwrap_or_default(),
+            alpha: match &r.alpha {
+                None => d.alpha,
+                Some(a) if *a.get_ref() > 0.0 && *a.get_ref() <= 0.2 => *a.get_ref(),
+                Some(a) => {
+                    self.problem(
+                        format!("{key}.alpha"),
+                        a,
+                        format!(
+                            "{} is not a probability between 0 (excluded) and 0.2; e.g. 0.01",
+                            a.get_ref()
+                        ),
+                    );
+                    d.alpha
+                }
+            },
         }
     }
 

@@ -22,7 +22,10 @@
 //! - [`admin`]: the admin HTTP API.
 //! - [`window`]: per-pool sliding windows of live traffic (counts, latency histogram).
 //! - [`health`]: active health checks, passive ejection, endpoint events.
-//! - [`guard`]: the SLO guard: judges candidates, rolls back on a breach.
+//! - [`guard`]: the SLO guard: judges candidates on a timer, rolls back on a breach.
+//! - [`judge`]: the pure judgement: sequential tests over the exposure, loud failures
+//!   over the fast window, blame.
+//! - [`stats`]: anytime-valid confidence sequences and one-look bounds.
 //! - [`webhook`]: delivery of guard events to an operator's webhook.
 //! - [`upstream`]: the built-in test and demo backend with fault injection.
 //! - [`ctl`]: `weir ctl`, the admin API's command-line client.
@@ -37,6 +40,7 @@ pub mod ctl;
 pub mod demo;
 pub mod guard;
 pub mod health;
+pub mod judge;
 pub mod metrics;
 pub mod outcome;
 pub mod pool;
