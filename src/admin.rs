@@ -919,8 +919,14 @@ fn rollout_json(s: &Service, snap: &crate::routing::ServiceSnapshot, guard: &Gua
         return json!({ "phase": "idle" });
     };
     let now = std::time::SystemTime::now();
-    let evidence =
-        crate::rollout::Evidence::of(snap, &r.candidate, guard.verdict(&s.name, &r.candidate));
+    let evidence = crate::rollout::Evidence::of(
+        snap,
+        &r.candidate,
+        guard.verdict(&s.name, &r.candidate),
+        guard
+            .decision(&s.name, &r.candidate)
+            .and_then(|d| d.judgement.needs),
+    );
     let decision = guard.decision(&s.name, &r.candidate);
     json!({
         "phase": r.phase,

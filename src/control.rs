@@ -592,7 +592,7 @@ impl Controller {
         let settle = !matches!(verb, RolloutVerb::Tick(_));
         let t = self.rollout_verb(name, current, verb, now)?;
         Ok(if settle {
-            let evidence = Evidence::of(current, &t.rollout.candidate, None);
+            let evidence = Evidence::of(current, &t.rollout.candidate, None, None);
             Rollout::settle(t, now, &evidence)
         } else {
             t
@@ -608,7 +608,7 @@ impl Controller {
     ) -> Result<Transition, ControlError> {
         let conflict = |msg: String| ControlError::Conflict(format!("service `{name}`: {msg}"));
         let existing = current.rollout.as_ref();
-        let evidence_now = |candidate: &str| Evidence::of(current, candidate, None);
+        let evidence_now = |candidate: &str| Evidence::of(current, candidate, None, None);
         match verb {
             RolloutVerb::Start { candidate } => {
                 if let Some(r) = existing

@@ -245,13 +245,15 @@ pub fn plan_steps(cfg: &RolloutConfig) -> Vec<Step> {
 }
 
 /// What the engine sees of the world at a tick.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Evidence {
     /// Requests the candidate pool has served (a counter that only grows while the
     /// process lives).
     pub candidate_requests: u64,
     /// The guard's latest verdict on the candidate, and when it was made.
     pub verdict: Option<(Verdict, SystemTime)>,
+    /// What evidence the guard still misses to conclude, in words.
+    pub needs: Option<String>,
 }
 
 /// A change the engine wants applied.
@@ -272,12 +274,14 @@ impl Evidence {
         snapshot: &crate::routing::ServiceSnapshot,
         candidate: &str,
         verdict: Option<(Verdict, SystemTime)>,
+        needs: Option<String>,
     ) -> Evidence {
         Evidence {
             candidate_requests: snapshot
                 .slot(candidate)
                 .map_or(0, |s| s.pool.window().total()),
             verdict,
+            needs,
         }
     }
 }
@@ -338,8 +342,12 @@ impl Rollout {
                             Verdict::Breach => "breach",
                             Verdict::Inconclusive => "inconclusive",
                         });
+                let needs = evidence
+                    .and_then(|e| e.needs.as_deref())
+                    .map(|n| format!("; the guard needs: {n}"))
+                    .unwrap_or_default();
                 format!(
-                    "evidence: {}/{min_requests} requests, guard verdict {verdict}",
+                    "evidence: {}/{min_requests} requests, guard verdict {verdict}{needs}",
                     seen.min(*min_requests)
                 )
             }
@@ -630,6 +638,7 @@ pub async fn drive(controller: std::sync::Arc<Controller>, guard: std::sync::Arc
                         &snapshot,
                         &rollout.candidate,
                         guard.verdict(&service.name, &rollout.candidate),
+                        None,
                     );
                     // Only bother the controller (and the disk) when a step is due.
                     rollout.tick(now, &evidence)?;
@@ -680,6 +689,7 @@ mod tests {
         Evidence {
             candidate_requests: 0,
             verdict: None,
+            needs: None,
         }
     }
 
@@ -728,6 +738,7 @@ mod tests {
         let start = Evidence {
             candidate_requests: 1000,
             verdict: Some((Verdict::Pass, at(0))),
+            needs: None,
         };
         let r = r.tick(at(5), &start).unwrap().rollout;
         assert_eq!(r.gate_base, Some(1000));
@@ -736,6 +747,7 @@ mod tests {
         let enough = |verdict, when| Evidence {
             candidate_requests: 1500,
             verdict: Some((verdict, at(when))),
+            needs: None,
         };
         // Enough requests, but the pass predates the gate.
         assert!(r.tick(at(60), &enough(Verdict::Pass, 1)).is_none());
@@ -807,6 +819,7 @@ mod tests {
         let ev = Evidence {
             candidate_requests: 150,
             verdict: Some((Verdict::Pass, at(500))),
+            needs: None,
         };
         assert!(r.tick(at(500), &ev).is_none(), "before auto_promote_after");
         let t = r.tick(at(601), &ev).unwrap();
