@@ -654,3 +654,57 @@ async fn weirs_own_failure_is_a_grpc_unavailable() {
         grpc_lines(&metrics)
     );
 }
+
+/// An upstream slower than `request_timeout`: the gRPC client gets DEADLINE_EXCEEDED
+/// from weir (trailers-only, grpc-status 4), not an HTTP 504.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weirs_own_timeout_is_a_grpc_deadline_exceeded() {
+    if !grpc_available() {
+        return;
+    }
+    let stable = grpc_server("stable").await;
+    let toml = echo_toml(
+        &stable.addr.to_string(),
+        &stable.addr.to_string(),
+        (100, 0),
+        "",
+    )
+    .replacen("request_timeout = \"2s\"", "request_timeout = \"300ms\"", 1);
+    let proxy = start(&toml).await;
+    let doc = serde_json::json!({ "fail_rate": 0.0, "code": "UNAVAILABLE", "delay_ms": 1500 });
+    let set = grpc_unary(
+        stable.addr,
+        "127.0.0.1",
+        "/weir.test.Control/Set",
+        &[],
+        doc.to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(
+        set.status.as_deref(),
+        Some("0"),
+        "Control/Set: {}",
+        set.message
+    );
+    let slow = call_once(proxy.addr, &["--data", "slow"]).await;
+    assert_eq!(slow["code"], "DEADLINE_EXCEEDED", "{slow}");
+    let a = grpc_unary(proxy.addr, AUTHORITY, "/weir.test.Echo/Call", &[], b"x").await;
+    assert_eq!(a.http, StatusCode::OK);
+    assert!(a.trailers_only, "grpc-status not in the headers");
+    assert_eq!(a.status.as_deref(), Some("4"), "{}", a.message);
+    let metrics = scrape(&proxy).await;
+    assert!(
+        metric(
+            &metrics,
+            "weir_grpc_responses_total",
+            &[
+                ("service", SERVICE),
+                ("pool", "stable"),
+                ("code", "DEADLINE_EXCEEDED")
+            ],
+        )
+        .is_some_and(|n| n >= 2.0),
+        "{}",
+        grpc_lines(&metrics)
+    );
+}

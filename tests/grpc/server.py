@@ -5,8 +5,9 @@ No protobuf codegen: generic handlers with raw bytes (no (de)serializers), so th
 dependency is Debian's python3-grpcio.
 
     /weir.test.Echo/Call      unary; echoes the request bytes, or fails by the faults
-    /weir.test.Control/Set    unary; request JSON {"fail_rate": 0.3, "code": "UNAVAILABLE"}
-                              (code: a grpc.StatusCode name, fail_rate 0..1); answers Stats
+    /weir.test.Control/Set    unary; request JSON {"fail_rate": 0.3, "code": "UNAVAILABLE",
+                              "delay_ms": 0} (code: a grpc.StatusCode name, fail_rate 0..1,
+                              delay_ms: how long every Echo call waits first); answers Stats
     /weir.test.Control/Stats  unary; JSON {"calls": n, "codes": {"OK": n, ...}, faults}
 
 Binds 127.0.0.1:0 (or --port) and prints "PORT <n>" as its first stdout line, so a test
@@ -23,6 +24,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -37,9 +39,13 @@ class Faults:
         self.calls = 0
         self.codes = {}
         self.budget = 0.0
+        self.delay = 0.0
         self.set(fail_rate, code)
 
-    def set(self, fail_rate, code):
+    def set(self, fail_rate, code, delay_ms=0):
+        delay = float(delay_ms) / 1000.0
+        if not 0.0 <= delay <= 60.0:
+            raise ValueError(f"delay_ms {delay_ms} is not in 0..60000")
         rate = float(fail_rate)
         if not 0.0 <= rate <= 1.0:
             raise ValueError(f"fail_rate {rate} is not in 0..1")
@@ -49,6 +55,7 @@ class Faults:
         with self.lock:
             self.fail_rate = rate
             self.code = status
+            self.delay = delay
             # A fresh budget: the new rate applies from the next call on.
             self.budget = 0.0
 
@@ -93,6 +100,8 @@ def main():
     faults = Faults(args.name, args.fail_rate, args.code)
 
     def echo(request, context):
+        if faults.delay > 0:
+            time.sleep(faults.delay)
         status = faults.next_outcome()
         if status != grpc.StatusCode.OK:
             # abort raises: the call ends with this status and message in trailers.
@@ -102,7 +111,11 @@ def main():
     def control_set(request, context):
         try:
             doc = json.loads(request.decode("utf-8"))
-            faults.set(doc.get("fail_rate", 0.0), doc.get("code", "UNAVAILABLE"))
+            faults.set(
+                doc.get("fail_rate", 0.0),
+                doc.get("code", "UNAVAILABLE"),
+                doc.get("delay_ms", 0),
+            )
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad fault settings: {e!r}")
         return json.dumps(faults.stats()).encode()
