@@ -15,7 +15,7 @@
 //! - **The fast window** — the last few seconds, judged over each span from the last
 //!   interval up to `fast_window`. A version that breaks loudly in the middle of a long,
 //!   healthy exposure is caught there in seconds: an absolute limit (error rate, p99)
-//!   broken with 99.9% one-look confidence. It is not anytime-valid, so it holds itself
+//!   broken with 99.99% one-look confidence. It is not anytime-valid, so it holds itself
 //!   back where noise could fool it: never when the baseline is as bad right now, nor
 //!   when the candidate's failing slices are a run that the baseline's own rate of
 //!   failing slices makes likely (GC pauses and flapping dependencies hit both
@@ -51,10 +51,10 @@ const UNHEALTHY_ERROR_RATE: f64 = 0.05;
 const MIN_P99_DIFFERENCE: Duration = Duration::from_millis(5);
 /// One-look level of the fast window's loud-failure checks: strict, because they look
 /// at several spans every interval for as long as the candidate runs.
-const FAST_ALPHA: f64 = 0.005;
+const FAST_ALPHA: f64 = 1e-4;
 /// A run of failing slices on the candidate at least this likely under the baseline's
 /// own rate of failing slices is a burst both versions live with, not a failure.
-const BURST_LIKELIHOOD: f64 = 1e-4;
+const BURST_LIKELIHOOD: f64 = 1e-5;
 /// The quantile the latency checks judge.
 const P99: f64 = 0.99;
 
