@@ -48,6 +48,10 @@ compose_file=docker-compose.yml
 weir_config=config/compose/weir.toml
 prom_config=config/compose/prometheus.yml
 [ -f "$compose_file" ] || fail "$compose_file not found in $root"
+# `weir check` runs every check `weir run` does, the admin token included: give it the
+# environment the container gets from its env_file (weir.env, made from the example).
+WEIR_ADMIN_TOKEN=$(sed -n 's/^WEIR_ADMIN_TOKEN=//p' weir.env.example)
+export WEIR_ADMIN_TOKEN
 
 tmp=$(mktemp -d)
 # Env files this script created for `docker-compose config`; removed on any exit.

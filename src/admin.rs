@@ -1,9 +1,18 @@
 //! The admin HTTP API: JSON views of services and events, and mutations translated into
 //! controller `Command`s. Holds no routing logic of its own.
 //!
-//! Safety rules, in the order they are checked: bearer token (constant-time compare) on
-//! every `/api/` route; mutations only by PUT/POST (else 405); mutation bodies must be
-//! `application/json` (else 415), so a form on another site cannot change weights.
+//! Safety rules, in the order they are checked:
+//! - the `Host` must be an IP literal, `localhost` or an allowed name (else 421), so a
+//!   page whose DNS name is rebound to this address cannot talk to it (`/healthz` and
+//!   `/readyz` are exempt: probes may name the host in ways we cannot predict, and they
+//!   reveal nothing);
+//! - a state-changing method from a browser must come from this listener's own origin
+//!   (`Origin`, `Sec-Fetch-Site`; else 403);
+//! - bearer token (constant-time compare) on every `/api/` route;
+//! - mutations only by PUT/POST (else 405); a mutation body must be `application/json`
+//!   (else 415), so a form on another site cannot change weights; routes whose body is
+//!   optional also take no body and no `Content-Type`;
+//! - bodies are bounded in size and in time (408), and a JSON object may not repeat a key.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -33,6 +42,9 @@ use crate::state::Event;
 
 /// Largest admin request body accepted; a weights document is a few hundred bytes.
 const MAX_BODY: usize = 64 * 1024;
+/// How long a request body may take to arrive, all of it: a client that stalls mid-body
+/// would otherwise hold a connection (and a task) forever. 64 KiB in 10 s is 6.5 KB/s.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_REASON: usize = 1024;
 const DEFAULT_EVENTS: usize = 100;
 const MAX_EVENTS: usize = 1000;
@@ -55,6 +67,10 @@ pub struct Admin {
     /// The file `POST /api/v1/reload` and SIGHUP re-read.
     config_path: Option<PathBuf>,
     ready: AtomicBool,
+    /// Host names (lowercase, no trailing dot) besides IP literals and `localhost` that
+    /// the API answers to.
+    allowed_hosts: Vec<String>,
+    body_timeout: Duration,
 }
 
 impl std::fmt::Debug for Admin {
@@ -62,6 +78,8 @@ impl std::fmt::Debug for Admin {
         f.debug_struct("Admin")
             .field("auth", &self.token.is_some())
             .field("config_path", &self.config_path)
+            .field("allowed_hosts", &self.allowed_hosts)
+            .field("body_timeout", &self.body_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -124,7 +142,30 @@ impl Admin {
             metrics_auth,
             config_path,
             ready: AtomicBool::new(false),
+            allowed_hosts: Vec::new(),
+            body_timeout: BODY_READ_TIMEOUT,
         }
+    }
+
+    /// Host names (without port) the API answers to besides IP literals and `localhost`,
+    /// e.g. the name Prometheus or `weir ctl` uses from another container. Compared
+    /// case-insensitively, a trailing dot ignored; any port.
+    pub fn with_allowed_hosts<S: AsRef<str>>(
+        mut self,
+        hosts: impl IntoIterator<Item = S>,
+    ) -> Admin {
+        self.allowed_hosts = hosts
+            .into_iter()
+            .map(|h| normal_name(h.as_ref()))
+            .filter(|h| !h.is_empty())
+            .collect();
+        self
+    }
+
+    /// How long a request body may take to arrive ([`BODY_READ_TIMEOUT`] by default).
+    pub fn with_body_read_timeout(mut self, timeout: Duration) -> Admin {
+        self.body_timeout = timeout;
+        self
     }
 
     /// Mark the process ready (listeners bound, config loaded): `/readyz` answers 200.
@@ -171,16 +212,40 @@ impl Admin {
         peer: SocketAddr,
     ) -> AdminResponse {
         let path = req.uri().path().to_string();
+        // Probes answer whatever the Host: an orchestrator may address us by a service
+        // name we cannot know, a refused probe restarts a healthy process, and one bit of
+        // "up" is nothing a rebound page could use.
         match path.as_str() {
-            "/" | "/index.html" => return dashboard(&req),
             "/healthz" => return text(StatusCode::OK, "ok\n"),
             "/readyz" => {
+                // An unwritable state dir does not make weir unready: it serves the
+                // saved routing, and taking it out of rotation would turn a disk
+                // problem into an outage. It says so (and `weir_state_writable`).
                 return if self.ready.load(Ordering::Acquire) {
-                    text(StatusCode::OK, "ready\n")
+                    if self.controller.writable() {
+                        text(StatusCode::OK, "ready\n")
+                    } else {
+                        text(
+                            StatusCode::OK,
+                            "ready; the state dir refuses writes: changes are refused (503) until it takes them\n",
+                        )
+                    }
                 } else {
                     text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
                 };
             }
+            _ => {}
+        }
+        // Before the token: a rebound page must learn nothing, not even whether a token
+        // is needed, and a valid token does not make a foreign Host ours.
+        if let Some(refusal) = self.refuse_foreign_host(&req) {
+            return refusal;
+        }
+        if let Some(refusal) = refuse_cross_origin(&req) {
+            return refusal;
+        }
+        match path.as_str() {
+            "/" | "/index.html" => return dashboard(&req),
             "/metrics" => {
                 if self.metrics_auth
                     && let Some(refusal) = self.refuse_unauthorized(&req)
@@ -190,6 +255,7 @@ impl Admin {
                 if let Some(refusal) = refuse_unless_read(&req, "/metrics") {
                     return refusal;
                 }
+                self.metrics.set_state_writable(self.controller.writable());
                 let mut r = Response::new(Full::new(Bytes::from(self.metrics.render())));
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,
@@ -236,7 +302,12 @@ impl Admin {
                     route.method(),
                 );
             }
-            if !is_json(&req) {
+            // A route whose body is optional may also come without one and without a
+            // Content-Type (`curl -X POST …/rollback`); any Content-Type but JSON is still
+            // refused, and so, once read, is a body without one (`read_json`).
+            let bodyless_ok =
+                route.body_optional() && !req.headers().contains_key(header::CONTENT_TYPE);
+            if !bodyless_ok && !is_json(&req) {
                 return error(
                     StatusCode::UNSUPPORTED_MEDIA_TYPE,
                     "request body must be Content-Type: application/json",
@@ -273,7 +344,7 @@ impl Admin {
                     Ok(v) => v,
                     Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
                 };
-                let body = match read_json(req).await {
+                let body = match self.read_json(req).await {
                     Ok(b) => b,
                     Err(resp) => return resp,
                 };
@@ -293,7 +364,7 @@ impl Admin {
             }
             Route::Rollback(name) => {
                 let name = name.to_string();
-                let body = match read_json(req).await {
+                let body = match self.read_json(req).await {
                     Ok(b) => b,
                     Err(resp) => return resp,
                 };
@@ -313,7 +384,7 @@ impl Admin {
             Route::Rollout(name, verb) => {
                 let name = name.to_string();
                 let verb = verb.to_string();
-                let body = match read_json(req).await {
+                let body = match self.read_json(req).await {
                     Ok(b) => b,
                     Err(resp) => return resp,
                 };
@@ -355,11 +426,61 @@ impl Admin {
             }
             Route::Reload => {
                 // Drain the (ignored) body so the connection stays reusable.
-                if let Err(resp) = read_json(req).await {
+                if let Err(resp) = self.read_json(req).await {
                     return resp;
                 }
                 self.reload(actor).await
             }
+        }
+    }
+
+    /// The 421 for a request whose `Host` (or absolute-form target) is not one of ours.
+    ///
+    /// DNS rebinding: a page on `evil.example` re-points its name at this address, and
+    /// the browser, seeing one origin, lets the page call us and read the answers. Its
+    /// requests still say `Host: evil.example`, so only names we know are accepted. IP
+    /// literals need no list: a browser that asks an IP literal resolved nothing, so the
+    /// page it serves came from that very address and port. Any IP (not only the
+    /// listener's own) and any port, because NAT and port mapping (`docker run -p
+    /// 127.0.0.1:19901:9901`, `kubectl port-forward`) change what the client sees.
+    /// `localhost` is always loopback in browsers, so it cannot be rebound either.
+    fn refuse_foreign_host<B>(&self, req: &Request<B>) -> Option<AdminResponse> {
+        let mut hosts = req.headers().get_all(header::HOST).iter();
+        let (Some(host), None) = (hosts.next(), hosts.next()) else {
+            return Some(error(
+                StatusCode::MISDIRECTED_REQUEST,
+                "exactly one Host header is required",
+            ));
+        };
+        let host = host.to_str().unwrap_or("");
+        if !self.is_our_host(host) {
+            return Some(error(
+                StatusCode::MISDIRECTED_REQUEST,
+                format!(
+                    "Host `{}` is not this admin API: use its IP address or localhost, \
+                     or add the name to the admin allow-list",
+                    host.escape_debug()
+                ),
+            ));
+        }
+        // `GET http://other/… HTTP/1.1` names its host in the target, which wins over
+        // the header (RFC 9112 §3.2.2): it must be ours too.
+        match req.uri().authority() {
+            Some(a) if !self.is_our_host(a.as_str()) => Some(error(
+                StatusCode::MISDIRECTED_REQUEST,
+                format!("request target host `{a}` is not this admin API"),
+            )),
+            _ => None,
+        }
+    }
+
+    fn is_our_host(&self, host: &str) -> bool {
+        let Some((name, _port)) = split_host(host) else {
+            return false;
+        };
+        is_ip_literal(name) || {
+            let name = normal_name(name);
+            name == "localhost" || self.allowed_hosts.contains(&name)
         }
     }
 
@@ -518,6 +639,15 @@ impl Route<'_> {
         )
     }
 
+    /// Whether the README calls this route's body optional (so it may be absent, with
+    /// no `Content-Type`).
+    fn body_optional(&self) -> bool {
+        matches!(
+            self,
+            Route::Rollback(_) | Route::Rollout(..) | Route::Reload
+        )
+    }
+
     fn method(&self) -> &'static str {
         match self {
             Route::Weights(_) => "PUT",
@@ -532,7 +662,8 @@ fn control_status(e: &ControlError) -> StatusCode {
         ControlError::UnknownService(_) => StatusCode::NOT_FOUND,
         ControlError::VersionConflict { .. } | ControlError::Conflict(_) => StatusCode::CONFLICT,
         ControlError::Unchanged => StatusCode::CONFLICT,
-        ControlError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        // The disk refuses writes: weir still serves; try again once it takes them.
+        ControlError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
         ControlError::UnknownPool { .. }
         | ControlError::DuplicatePool { .. }
         | ControlError::MissingPools { .. }
@@ -584,29 +715,235 @@ fn if_match<B>(req: &Request<B>) -> Result<Option<u64>, String> {
         .map_err(|_| format!("If-Match must be a service version number, got `{s}`"))
 }
 
-/// Read a JSON body (empty = `{}`), bounded.
-async fn read_json(req: Request<Incoming>) -> Result<Value, AdminResponse> {
-    let body = Limited::new(req.into_body(), MAX_BODY)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("body larger than {MAX_BODY} bytes"),
-                )
-            } else {
-                error(StatusCode::BAD_REQUEST, format!("cannot read body: {e}"))
-            }
-        })?
-        .to_bytes();
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(json!({}));
+impl Admin {
+    /// Read a JSON body (empty = `{}`), bounded in size and time. Only an empty body may
+    /// come without `Content-Type: application/json` (the routes that allow that were
+    /// checked before); objects may not repeat a key.
+    async fn read_json(&self, req: Request<Incoming>) -> Result<Value, AdminResponse> {
+        let declared = is_json(&req);
+        let collect = Limited::new(req.into_body(), MAX_BODY).collect();
+        let Ok(collected) = tokio::time::timeout(self.body_timeout, collect).await else {
+            // The rest of the body may still come; the connection cannot be reused.
+            let mut r = error(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("request body not received within {:?}", self.body_timeout),
+            );
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return Err(r);
+        };
+        let body = collected
+            .map_err(|e| {
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some()
+                {
+                    error(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!("body larger than {MAX_BODY} bytes"),
+                    )
+                } else {
+                    error(StatusCode::BAD_REQUEST, format!("cannot read body: {e}"))
+                }
+            })?
+            .to_bytes();
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(json!({}));
+        }
+        if !declared {
+            return Err(error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "request body must be Content-Type: application/json",
+            ));
+        }
+        parse_json(&body)
+            .map_err(|e| error(StatusCode::BAD_REQUEST, format!("malformed JSON: {e}")))
     }
-    serde_json::from_slice(&body)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("malformed JSON: {e}")))
+}
+
+/// Parse JSON, refusing an object that repeats a key at any depth. serde_json keeps the
+/// last of duplicates, so `{"weights":{"canary":0,"canary":100}}` would mean something a
+/// reader of the first line does not expect, and a proxy or logger in between may read
+/// the first.
+fn parse_json(bytes: &[u8]) -> Result<Value, serde_json::Error> {
+    serde_json::from_slice::<Unique>(bytes).map(|u| u.0)
+}
+
+/// A JSON value deserialized without duplicate object keys.
+struct Unique(Value);
+
+impl<'de> serde::Deserialize<'de> for Unique {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Unique, D::Error> {
+        d.deserialize_any(UniqueVisitor).map(Unique)
+    }
+}
+
+struct UniqueVisitor;
+
+impl<'de> serde::de::Visitor<'de> for UniqueVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_bool<E>(self, b: bool) -> Result<Value, E> {
+        Ok(Value::Bool(b))
+    }
+
+    fn visit_i64<E>(self, n: i64) -> Result<Value, E> {
+        Ok(Value::from(n))
+    }
+
+    fn visit_u64<E>(self, n: u64) -> Result<Value, E> {
+        Ok(Value::from(n))
+    }
+
+    fn visit_f64<E>(self, n: f64) -> Result<Value, E> {
+        // JSON text cannot spell NaN or infinity; null is unreachable.
+        Ok(serde_json::Number::from_f64(n).map_or(Value::Null, Value::Number))
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<Value, E> {
+        Ok(Value::String(s.to_owned()))
+    }
+
+    fn visit_string<E>(self, s: String) -> Result<Value, E> {
+        Ok(Value::String(s))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(Unique(v)) = seq.next_element()? {
+            items.push(v);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut obj = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if obj.contains_key(&key) {
+                return Err(serde::de::Error::custom(format_args!(
+                    "duplicate key `{}`",
+                    key.escape_debug()
+                )));
+            }
+            let Unique(v) = map.next_value()?;
+            obj.insert(key, v);
+        }
+        Ok(Value::Object(obj))
+    }
+}
+
+/// The 403 for a state-changing request a browser sent on behalf of another origin.
+///
+/// Browsers send `Origin` with every POST/PUT/DELETE/PATCH (`null` from sandboxes and
+/// `file:`), and `Sec-Fetch-Site` with every request; neither can be forged by a page.
+/// Same origin means the origin's host and port are the `Host` the browser sent us
+/// (already checked to be ours), so this holds behind NAT too. `https` is admitted for a
+/// TLS-terminating proxy in front of the listener: only it could serve a page on that
+/// host and port. Clients that are not browsers send neither header and pass; they still
+/// need the token.
+fn refuse_cross_origin<B>(req: &Request<B>) -> Option<AdminResponse> {
+    let m = req.method();
+    if m == Method::GET || m == Method::HEAD || m == Method::OPTIONS || m == Method::TRACE {
+        return None;
+    }
+    let h = req.headers();
+    let site = h
+        .get("sec-fetch-site")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    // `same-site` is another port or subdomain: another origin all the same.
+    if site.eq_ignore_ascii_case("cross-site") || site.eq_ignore_ascii_case("same-site") {
+        return Some(error(
+            StatusCode::FORBIDDEN,
+            format!("{site} request refused: the admin API changes state only for its own pages"),
+        ));
+    }
+    let origin = h.get(header::ORIGIN)?;
+    let host = h.get(header::HOST).and_then(|v| v.to_str().ok());
+    let same = origin
+        .to_str()
+        .ok()
+        .zip(host)
+        .is_some_and(|(origin, host)| same_origin(origin, host));
+    (!same).then(|| {
+        error(
+            StatusCode::FORBIDDEN,
+            format!(
+                "Origin `{}` is not this admin API: it changes state only for its own pages",
+                String::from_utf8_lossy(origin.as_bytes()).escape_debug()
+            ),
+        )
+    })
+}
+
+/// Whether `origin` (`scheme://host[:port]`) is the origin of a request to `host`.
+fn same_origin(origin: &str, host: &str) -> bool {
+    let Some((scheme, rest)) = origin.split_once("://") else {
+        return false; // `null`, or garbage
+    };
+    let default = if scheme.eq_ignore_ascii_case("http") {
+        80
+    } else if scheme.eq_ignore_ascii_case("https") {
+        443
+    } else {
+        return false;
+    };
+    match (split_host(rest), split_host(host)) {
+        (Some((a, ap)), Some((b, bp))) => {
+            normal_name(a) == normal_name(b) && ap.unwrap_or(default) == bp.unwrap_or(default)
+        }
+        _ => false,
+    }
+}
+
+/// `host[:port]` → (host, port), IPv6 in brackets; `None` if it is not an authority
+/// without user info.
+fn split_host(s: &str) -> Option<(&str, Option<u16>)> {
+    if s.is_empty() || s.contains(['@', '/', '?', '#', ' ']) {
+        return None;
+    }
+    let (name, port) = if let Some(v6) = s.strip_prefix('[') {
+        let end = v6.find(']')? + 2;
+        let port = match &s[end..] {
+            "" => None,
+            rest => Some(rest.strip_prefix(':')?),
+        };
+        (&s[..end], port)
+    } else {
+        match s.rsplit_once(':') {
+            Some((name, port)) => (name, Some(port)),
+            None => (s, None),
+        }
+    };
+    if name.is_empty() || name.contains(':') && !name.starts_with('[') {
+        return None;
+    }
+    let port = match port {
+        None => None,
+        Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => Some(p.parse().ok()?),
+        Some(_) => return None,
+    };
+    Some((name, port))
+}
+
+/// `1.2.3.4` or `[::1]` (not a name that looks like one: `1.2.3.4.nip.io` is a name).
+fn is_ip_literal(name: &str) -> bool {
+    match name.strip_prefix('[').and_then(|n| n.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => name.parse::<std::net::Ipv4Addr>().is_ok(),
+    }
+}
+
+/// A host name as compared: lowercase, without the root's trailing dot.
+fn normal_name(name: &str) -> String {
+    name.trim().trim_end_matches('.').to_ascii_lowercase()
 }
 
 fn parse_reason(body: &Value, allowed: &[&str]) -> Result<Option<String>, String> {
@@ -1058,6 +1395,75 @@ mod tests {
             inline_hash("<x>a\r\nb</x>", "x"),
             inline_hash("<x>a\nb</x>", "x")
         );
+    }
+
+    #[test]
+    fn hosts_split_into_name_and_port() {
+        assert_eq!(split_host("a.b:80"), Some(("a.b", Some(80))));
+        assert_eq!(split_host("a.b"), Some(("a.b", None)));
+        assert_eq!(split_host("[::1]:9901"), Some(("[::1]", Some(9901))));
+        assert_eq!(split_host("[::1]"), Some(("[::1]", None)));
+        for bad in [
+            "", "a:", ":80", "a:x", "a:99999", "::1", "[::1]x", "[::1", "u@a", "a/b", "a b",
+        ] {
+            assert_eq!(split_host(bad), None, "{bad}");
+        }
+        assert!(is_ip_literal("127.0.0.1") && is_ip_literal("[::1]") && is_ip_literal("[FE80::1]"));
+        for name in [
+            "::1",
+            "[127.0.0.1]",
+            "127.0.0.1.nip.io",
+            "2130706433",
+            "localhost",
+        ] {
+            assert!(!is_ip_literal(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn origins_match_the_host_with_default_ports() {
+        assert!(same_origin("http://127.0.0.1:9901", "127.0.0.1:9901"));
+        assert!(same_origin("http://LocalHost:9901", "localhost:9901"));
+        assert!(same_origin("http://admin", "admin:80"));
+        assert!(same_origin("https://admin", "admin:443"));
+        assert!(same_origin("https://admin:443", "admin"));
+        assert!(same_origin("http://[::1]:1", "[::1]:1"));
+        for (origin, host) in [
+            ("http://127.0.0.1:9902", "127.0.0.1:9901"),
+            ("http://127.0.0.1", "127.0.0.1:9901"),
+            ("http://localhost:9901", "127.0.0.1:9901"),
+            ("https://admin", "admin:80"),
+            ("ftp://admin", "admin"),
+            ("null", "admin"),
+            ("admin", "admin"),
+            ("http://u@admin", "admin"),
+        ] {
+            assert!(!same_origin(origin, host), "{origin} vs {host}");
+        }
+    }
+
+    #[test]
+    fn json_with_a_repeated_key_is_refused_at_any_depth() {
+        let v = parse_json(br#"{"a":[1,-2,2.5,"s",null,true,{"b":{}}],"c":{"a":1}}"#).unwrap();
+        assert_eq!(
+            v,
+            json!({"a": [1, -2, 2.5, "s", null, true, {"b": {}}], "c": {"a": 1}})
+        );
+        // Order is kept: weights are applied in the order given.
+        let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
+        assert_eq!(keys, ["a", "c"]);
+        for (text, key) in [
+            (r#"{"a":1,"a":1}"#, "a"),
+            (r#"{"w":{"x":1,"y":2,"x":3}}"#, "x"),
+            (r#"[{"k":1},{"k":1,"k":2}]"#, "k"),
+            (r#"{"\u0061":1,"a":2}"#, "a"),
+            (r#"{"q\"":1,"q\"":2}"#, "q\\\""),
+        ] {
+            let e = parse_json(text.as_bytes()).unwrap_err().to_string();
+            assert!(e.contains(&format!("duplicate key `{key}`")), "{text}: {e}");
+        }
+        assert!(parse_json(b"{\"a\":1").is_err());
+        assert!(parse_json(b"{} x").is_err());
     }
 
     #[test]

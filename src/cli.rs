@@ -1,4 +1,4 @@
-//! The `weir` command line: `run`, `check`, `upstream`, `demo`. Parsing and wiring only;
+//! The `weir` command line: `run`, `check`, `state`, `upstream`, `demo`, ... Parsing and wiring only;
 //! everything it does is a library call.
 
 use std::net::SocketAddr;
@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 
 use crate::Weir;
 use crate::config::{Config, parse_duration};
+use crate::state::{self, StateLock};
 use crate::upstream::{self, UpstreamConfig};
 
 #[derive(Debug, Parser)]
@@ -33,11 +34,16 @@ pub enum Command {
         #[arg(long, short, default_value = "config/weir.toml")]
         config: PathBuf,
     },
-    /// Validate a config file: print every problem, or a one-line summary.
+    /// Validate a config file and everything `weir run` would refuse to start on
+    /// (certificate, key and CA files, the admin token, the saved state): print every
+    /// problem, or a one-line summary.
     Check {
         #[arg(long, short, default_value = "config/weir.toml")]
         config: PathBuf,
     },
+    /// The state directory (`[state] dir`) of a weir that is not running.
+    #[command(subcommand)]
+    State(StateCommand),
     /// A small fast HTTP backend for tests and demos, with fault injection.
     Upstream {
         #[arg(long, default_value = "127.0.0.1:9001")]
@@ -61,6 +67,17 @@ pub enum Command {
     Demo(crate::demo::DemoOptions),
     /// Steady synthetic load through a proxy, counted by answering pool each second.
     Traffic(crate::traffic::TrafficOptions),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StateCommand {
+    /// Move an unusable state file aside so that weir starts from the config's
+    /// weights. The file is renamed to `state.json.discarded-<UTC time>` in the same
+    /// directory, never deleted. Refused while a weir runs on the directory.
+    Discard {
+        #[arg(long, short, default_value = "config/weir.toml")]
+        config: PathBuf,
+    },
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -91,6 +108,22 @@ impl Cli {
 pub async fn main(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Check { config } => Ok(check(&config)),
+        Command::State(StateCommand::Discard { config }) => {
+            let config = Config::load(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let lock = StateLock::acquire(&config.state.dir)?;
+            match state::discard(&lock)? {
+                Some(aside) => println!(
+                    "moved {} aside to {}; the next start uses the config's weights",
+                    config.state.dir.join(state::STATE_FILE).display(),
+                    aside.display()
+                ),
+                None => println!(
+                    "no state file in {}; nothing to discard",
+                    config.state.dir.display()
+                ),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Run { config: path } => {
             let config = Config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
             run(config, path).await?;
@@ -134,24 +167,38 @@ pub async fn main(cli: Cli) -> Result<ExitCode> {
 }
 
 fn check(path: &std::path::Path) -> ExitCode {
-    match Config::load(path) {
-        Ok(c) => {
-            println!("{}", c.summary());
-            ExitCode::SUCCESS
-        }
+    let (config, mut problems) = match Config::load(path) {
+        Ok(c) => (c, Vec::new()),
         Err(e) => {
+            // Without a valid config, the files it names cannot be trusted to be the
+            // right ones: report the config's own problems only.
             eprintln!("{e}");
             eprintln!("{}: {} problem(s)", path.display(), e.problems.len());
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
         }
+    };
+    problems.extend(crate::preflight(&config));
+    problems.extend(crate::control::check_state(&config));
+    if problems.is_empty() {
+        println!("{}", config.summary());
+        return ExitCode::SUCCESS;
     }
+    for p in &problems {
+        eprintln!("{}: {p}", path.display());
+    }
+    eprintln!("{}: {} problem(s)", path.display(), problems.len());
+    ExitCode::FAILURE
 }
 
 async fn run(config: Config, path: PathBuf) -> Result<()> {
     let listen = config.proxy.listen;
     let admin_listen = config.admin.listen;
     let weir_tls_listen = config.proxy.tls.as_ref().map(|t| t.listen);
-    let weir = Weir::new(config, Some(path.clone()))?;
+    // Order matters. The state directory's lock comes first, so that a second weir on
+    // the same directory is refused by the first one's pid rather than by a port
+    // clash; the listeners next, so that a start that cannot bind has written nothing;
+    // only then are the state read and start-up records written.
+    let lock = StateLock::acquire(&config.state.dir)?;
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen} (proxy.listen)"))?;
@@ -166,6 +213,7 @@ async fn run(config: Config, path: PathBuf) -> Result<()> {
         ),
         None => None,
     };
+    let weir = Weir::with_lock(config, Some(path.clone()), lock)?;
     reload_on_sighup(&weir, path);
     tracing::info!(
         "weir {} serving on {listen}, admin on {admin_listen}",

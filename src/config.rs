@@ -88,6 +88,9 @@ pub struct AdminConfig {
     pub token_file: Option<PathBuf>,
     /// Put `/metrics` behind the admin token too.
     pub metrics_auth: bool,
+    /// Host names (no port) the admin API answers to besides IP literals and
+    /// `localhost` (DNS-rebinding defence), e.g. `weir` for Prometheus in a container.
+    pub allowed_hosts: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -336,6 +339,9 @@ impl Endpoint {
         if s.contains("://") {
             return Err(format!("`{s}` must be host:port without a scheme"));
         }
+        if let Some(port) = bad_port(s) {
+            return Err(format!("`{s}`: {port}"));
+        }
         let authority =
             Authority::from_str(s).map_err(|_| format!("`{s}` is not a valid host:port"))?;
         if authority.as_str().contains('@') {
@@ -418,20 +424,20 @@ impl Config {
     /// Parse and validate config text; `file` only names the source in errors.
     pub fn parse(src: &str, file: &str) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(src).map_err(|e| {
-            let (line, column) = match e.span() {
+            let (line, column, key) = match e.span() {
                 Some(span) => {
                     let (l, c) = line_col(src, span.start);
-                    (Some(l), Some(c))
+                    (Some(l), Some(c), key_path_at(src, span.start))
                 }
-                None => (None, None),
+                None => (None, None, String::new()),
             };
             ConfigError {
                 file: file.to_string(),
                 problems: vec![Problem {
-                    key: String::new(),
+                    key,
                     line,
                     column,
-                    message: e.message().to_string(),
+                    message: plain_serde_message(e.message()),
                 }],
             }
         })?;
@@ -478,6 +484,118 @@ impl Config {
             pools,
             services.join("; ")
         )
+    }
+}
+
+/// The key path of whatever sits at byte `pos` of `src`, in the validator's notation
+/// (`service[shop].pools.canary.weight`), for the errors serde reports with a span only
+/// (type mismatches, unknown keys, integers out of range). Empty when the text does not
+/// even parse as TOML (a syntax error has no key to name).
+fn key_path_at(src: &str, pos: usize) -> String {
+    use toml::de::{DeTable, DeValue};
+
+    /// One key anywhere in the document: its path, spans, and whether its table was
+    /// opened by a `[header]` (whose span covers only the header, not the keys below it).
+    struct Entry {
+        path: String,
+        key: std::ops::Range<usize>,
+        value: std::ops::Range<usize>,
+        header: bool,
+    }
+
+    fn walk(src: &str, prefix: &str, value: &Spanned<DeValue<'_>>, out: &mut Vec<Entry>) {
+        match value.get_ref() {
+            DeValue::Table(table) => {
+                for (k, v) in table.iter() {
+                    let path = if prefix.is_empty() {
+                        k.get_ref().to_string()
+                    } else {
+                        format!("{prefix}.{}", k.get_ref())
+                    };
+                    out.push(Entry {
+                        path: path.clone(),
+                        key: k.span(),
+                        value: v.span(),
+                        header: v.get_ref().is_table()
+                            && src.as_bytes().get(v.span().start) == Some(&b'['),
+                    });
+                    walk(src, &path, v, out);
+                }
+            }
+            DeValue::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    // Elements with a name are named as the validator names them.
+                    let label = match item.get_ref().get("name").map(|n| n.get_ref()) {
+                        Some(DeValue::String(name)) => name.to_string(),
+                        _ => i.to_string(),
+                    };
+                    let path = format!("{prefix}[{label}]");
+                    out.push(Entry {
+                        path: path.clone(),
+                        key: item.span(),
+                        value: item.span(),
+                        header: item.get_ref().is_table()
+                            && src.as_bytes().get(item.span().start) == Some(&b'['),
+                    });
+                    walk(src, &path, item, out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    let Ok(doc) = DeTable::parse(src) else {
+        return String::new();
+    };
+    let mut entries = Vec::new();
+    let root = Spanned::new(doc.span(), DeValue::Table(doc.into_inner()));
+    walk(src, "", &root, &mut entries);
+    // The innermost key or value that holds `pos`…
+    let exact = entries
+        .iter()
+        .filter(|e| e.key.contains(&pos) || e.value.contains(&pos))
+        .max_by_key(|e| e.path.len());
+    if let Some(e) = exact {
+        return e.path.clone();
+    }
+    // …else the `[table]` or `[[array]]` whose header comes last before it (an error
+    // about the table as a whole, such as a missing key).
+    entries
+        .iter()
+        .filter(|e| e.header && e.value.start <= pos)
+        .max_by_key(|e| e.value.start)
+        .map(|e| e.path.clone())
+        .unwrap_or_default()
+}
+
+/// serde's wording in an operator's terms: Rust type names mean nothing in a config file.
+fn plain_serde_message(message: &str) -> String {
+    if let Some(rest) = message.strip_prefix("invalid type: integer `")
+        && let Some((n, tail)) = rest.split_once('`')
+        && tail.contains("expected i64")
+    {
+        return format!(
+            "integer {n} is out of range (from {} to {})",
+            i64::MIN,
+            i64::MAX
+        );
+    }
+    message
+        .replace("expected i64", "expected an integer")
+        .replace("expected f64", "expected a number")
+        .replace("expected a boolean", "expected true or false")
+}
+
+/// `host:port` text whose port is digits but not a usable port, said plainly: the address
+/// parsers only report "invalid", which sends an operator looking at the host.
+fn bad_port(s: &str) -> Option<String> {
+    let (_, port) = s.trim().rsplit_once(':')?;
+    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    match port.parse::<u64>() {
+        Ok(p) if (1..=65535).contains(&p) => None,
+        _ => Some(format!("port {port} is out of range (1–65535)")),
     }
 }
 
@@ -542,6 +660,7 @@ struct RawAdmin {
     listen: Option<Spanned<String>>,
     token_file: Option<Spanned<String>>,
     metrics_auth: Option<bool>,
+    allowed_hosts: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -693,6 +812,34 @@ impl Validator<'_> {
                 .as_ref()
                 .map(|t| PathBuf::from(t.get_ref())),
             metrics_auth: raw.admin.metrics_auth.unwrap_or(false),
+            allowed_hosts: raw
+                .admin
+                .allowed_hosts
+                .as_ref()
+                .map(|list| {
+                    list.get_ref()
+                        .iter()
+                        .filter_map(|h| match normalize_host(h.get_ref()) {
+                            Ok(name) if name != "*" && !name.starts_with('[') => Some(name),
+                            Ok(_) => {
+                                self.problem(
+                                    "admin.allowed_hosts",
+                                    h,
+                                    format!(
+                                        "`{}`: list host names; IP literals are always allowed and wildcards never",
+                                        h.get_ref()
+                                    ),
+                                );
+                                None
+                            }
+                            Err(msg) => {
+                                self.problem("admin.allowed_hosts", h, msg);
+                                None
+                            }
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
         };
         if let Some(t) = &raw.admin.token_file
             && t.get_ref().trim().is_empty()
@@ -812,10 +959,13 @@ impl Validator<'_> {
         match raw.get_ref().parse::<SocketAddr>() {
             Ok(a) => a,
             Err(_) => {
-                let msg = format!(
-                    "`{}` is not an IP:port address (e.g. \"{default}\")",
-                    raw.get_ref()
-                );
+                let msg = match bad_port(raw.get_ref()) {
+                    Some(port) => format!("`{}`: {port}", raw.get_ref()),
+                    None => format!(
+                        "`{}` is not an IP:port address (e.g. \"{default}\")",
+                        raw.get_ref()
+                    ),
+                };
                 self.problem(key, raw, msg);
                 fallback
             }
@@ -1971,6 +2121,61 @@ weight = 1
             );
         }
         assert_eq!(e.len(), want.len(), "{}", e.join("\n"));
+    }
+
+    #[test]
+    fn serde_errors_name_the_key_path() {
+        // An unknown key, a wrong type and an integer out of range, each in a different
+        // kind of table: a header, an array-of-tables element (named), an inline table.
+        let e = errors("[proxy]\nlisen = \"x\"\n");
+        assert!(
+            e[0].starts_with("t.toml:2:1: proxy.lisen: unknown field"),
+            "{e:?}"
+        );
+        let e = errors("[proxy]\nworkers = \"many\"\n");
+        assert!(e[0].starts_with("t.toml:2:11: proxy.workers: "), "{e:?}");
+        assert!(e[0].contains("expected an integer"), "{e:?}");
+        let src = "[[service]]\nname = \"a\"\nbaseline = \"p\"\n\
+                   pools.p = { endpoints = [\"1.1.1.1:1\"], weight = 1 }\n\
+                   [[service]]\nname = \"shop\"\nbaseline = \"p\"\n\
+                   pools.p = { endpoints = [\"1.1.1.1:1\"], weight = 99999999999999999999 }\n";
+        let e = errors(src);
+        assert!(
+            e[0].starts_with("t.toml:8:") && e[0].contains(" service[shop].pools.p.weight: "),
+            "{e:?}"
+        );
+        assert!(e[0].contains("out of range"), "{e:?}");
+        let src = "[[service]]\nname = \"shop\"\nbaseline = \"p\"\n\
+                   [service.pools.p]\nendpoints = [\"1.1.1.1:1\"]\nweight = 1\nwieght = 2\n";
+        let e = errors(src);
+        assert!(
+            e[0].starts_with("t.toml:7:1: service[shop].pools.p.wieght: "),
+            "{e:?}"
+        );
+        // A missing key is reported on the table that lacks it.
+        let e = errors("[[service]]\nname = \"shop\"\n");
+        assert!(
+            e[0].contains("service[shop]: missing field `baseline`"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn out_of_range_ports_say_so() {
+        let with = |listen: &str| GOOD.replacen("127.0.0.1:8080", listen, 1);
+        let e = errors(&with("127.0.0.1:99999"));
+        assert!(
+            e[0].contains("proxy.listen: `127.0.0.1:99999`: port 99999 is out of range (1–65535)"),
+            "{e:?}"
+        );
+        assert_eq!(
+            Endpoint::parse("10.0.0.1:99999").unwrap_err(),
+            "`10.0.0.1:99999`: port 99999 is out of range (1–65535)"
+        );
+        assert!(Endpoint::parse("a:0").unwrap_err().contains("out of range"));
+        // Not a port problem: still the general message.
+        let e = errors(&with("localhost"));
+        assert!(e[0].contains("is not an IP:port address"), "{e:?}");
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //! else stores snapshots.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
@@ -15,7 +17,9 @@ use crate::rollout::{Evidence, PERCENT_SCALE, Phase, Rollout, Step, Transition, 
 use crate::routing::{
     Choice, RouteTable, Router, Service, ServiceSnapshot, Source, StickyKey, WeightError,
 };
-use crate::state::{Event, Journal, ServiceState, State, StateError, StateStore, Weights};
+use crate::state::{
+    Event, Journal, ServiceState, State, StateError, StateLock, StateStore, Weights,
+};
 use crate::window::Window;
 
 /// Journal files rotate at this size; a weight change is a few hundred bytes.
@@ -117,8 +121,33 @@ pub enum ControlError {
     #[error("nothing to do")]
     Unchanged,
     /// The change could not be made durable, so it was not applied.
-    #[error("state not saved, nothing changed: {0}")]
+    #[error(
+        "state not saved, nothing changed: the state directory does not take writes \
+         (weir keeps serving the current weights and refuses changes until it does): {0}"
+    )]
     Storage(String),
+}
+
+/// Why the controller cannot start on its state directory. Nothing in the directory has
+/// been written when this is returned.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The directory cannot be taken or read: another weir holds it, an I/O error, a
+    /// state file from a newer weir.
+    #[error(transparent)]
+    Storage(#[from] StateError),
+    /// The state file is there but weir cannot use it as it is. Guessing (falling back to
+    /// the config's weights) could send traffic where an operator had turned it away, so
+    /// this stops the start; the operator fixes the file or discards it explicitly.
+    #[error(
+        "state file {} cannot be used:{}",
+        path.display(),
+        problems.iter().map(|p| format!("\n  - {p}")).collect::<String>()
+    )]
+    Unusable {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
 }
 
 impl From<StateError> for ControlError {
@@ -183,8 +212,13 @@ fn split(current: &ServiceSnapshot, rollout: &Rollout, percent: f64) -> Vec<u32>
 }
 
 struct Persistence {
+    /// Held for as long as this controller may write (see [`StateLock`]).
+    _lock: StateLock,
     store: StateStore,
     journal: Journal,
+    /// Whether the last write to the state directory worked; shared with the controller
+    /// so that readiness can be read without waiting for a write in progress.
+    writable: Arc<AtomicBool>,
     /// Rollbacks applied to live routing while the disk refused them (safety before
     /// durability, for a revert only): the state file lags routing and these events wait
     /// for the journal. Every later write, and `flush_pending`, tries again first.
@@ -192,6 +226,29 @@ struct Persistence {
 }
 
 impl Persistence {
+    /// Remember whether a write attempt worked, for [`Controller::writable`].
+    fn note<T, E: std::fmt::Display>(&self, result: &Result<T, E>) {
+        let ok = result.is_ok();
+        if self.writable.swap(ok, Ordering::Relaxed) != ok {
+            match result {
+                Ok(_) => tracing::warn!("the state directory takes writes again"),
+                Err(e) => tracing::error!(
+                    "the state directory refuses writes; weights stay as they are and \
+                     changes are refused until it takes writes again: {e}"
+                ),
+            }
+        }
+    }
+
+    /// Changes applied but not yet written, for `weir_state_unsaved_changes`. Start-up
+    /// records waiting for the journal are not changes: routing matches the state file.
+    fn unsaved(&self) -> usize {
+        self.pending
+            .iter()
+            .filter(|e| e.source != Source::Startup)
+            .count()
+    }
+
     /// Save `state` and journal `event`, keeping the two in step.
     fn write(&mut self, state: &State, event: Event) -> Result<Event, ControlError> {
         self.store.save(state)?;
@@ -224,6 +281,8 @@ pub struct Controller {
     write: Mutex<Option<Persistence>>,
     /// The config in force (last loaded or reloaded).
     config: Mutex<Config>,
+    /// See [`Controller::writable`].
+    writable: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -245,97 +304,113 @@ impl Controller {
             metrics,
             write: Mutex::new(None),
             config: Mutex::new(config.clone()),
+            writable: Arc::new(AtomicBool::new(true)),
         }
     }
 
     /// Build from a config with durable state in `[state] dir`: weights saved by an
     /// earlier run are restored for every service whose pools still match the config.
-    pub fn open(config: &Config, metrics: Arc<Metrics>) -> Result<Controller, ControlError> {
+    /// Takes the directory's lock first (see [`StateLock`]).
+    pub fn open(config: &Config, metrics: Arc<Metrics>) -> Result<Controller, OpenError> {
+        let lock = StateLock::acquire(&config.state.dir)?;
+        Controller::open_locked(config, metrics, lock)
+    }
+
+    /// [`Controller::open`] with the directory's lock already held (the binary takes it
+    /// before binding its listeners, so that a second weir is refused by name first).
+    ///
+    /// Reads and checks everything before writing anything: a start that fails leaves
+    /// the directory as it was. What the state file holds for a service is restored when
+    /// its pools still match the config; a service whose pools changed gets the config's
+    /// weights (`state_ignored`), and one no longer in the config is dropped. Anything
+    /// else wrong with the saved state (all weights zero, a baseline or rollout naming no
+    /// pool, a rollout that no longer reads) is an error naming the service: the operator
+    /// decides, with `weir state discard`, rather than weir guessing.
+    ///
+    /// A directory that can be read but not written (a full or read-only disk) still
+    /// starts: the saved state serves, start-up records wait for the disk, and every
+    /// change is refused until it takes writes again ([`Controller::writable`]).
+    pub fn open_locked(
+        config: &Config,
+        metrics: Arc<Metrics>,
+        lock: StateLock,
+    ) -> Result<Controller, OpenError> {
         let store = StateStore::open(&config.state.dir)?;
-        let mut journal = Journal::open(
+        let saved = match store.load() {
+            Ok(saved) => saved.unwrap_or_default(),
+            Err(StateError::Corrupt { path, error }) => {
+                return Err(OpenError::Unusable {
+                    path,
+                    problems: vec![format!("it is not a readable state file: {error}")],
+                });
+            }
+            Err(StateError::Invalid { path, reason }) => {
+                return Err(OpenError::Unusable {
+                    path,
+                    problems: vec![reason],
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let controller = Controller::in_memory(config, metrics);
+        let (events, restored, problems) = restore_all(&controller, &saved);
+        if !problems.is_empty() {
+            return Err(OpenError::Unusable {
+                path: store.path(),
+                problems,
+            });
+        }
+        let journal = Journal::open(
             &config.state.dir,
             JOURNAL_FILE_BYTES,
             JOURNAL_FILES_KEPT,
             JOURNAL_MEMORY,
         )?;
-        let saved = store.load()?.unwrap_or_default();
-        let controller = Controller::in_memory(config, metrics);
-        let mut events = Vec::new();
-        for service in controller.router.table().services() {
-            let Some(state) = saved.services.get(&*service.name) else {
-                continue;
-            };
-            let current = service.snapshot_full();
-            let names: Vec<&str> = current.slots().iter().map(|s| s.name()).collect();
-            let saved_names: Vec<&str> = state.weights.keys().map(String::as_str).collect();
-            let mut event;
-            if sorted(&names) == sorted(&saved_names) {
-                let weights: Vec<u32> = names.iter().map(|n| state.weights[*n]).collect();
-                // A promotion may have moved the baseline; else the config's.
-                let baseline = state.extra["baseline"]
-                    .as_str()
-                    .filter(|b| names.contains(b))
-                    .unwrap_or(current.baseline_name())
-                    .to_string();
-                match ServiceSnapshot::new(
-                    current.slots().iter().map(|s| s.pool.clone()).collect(),
-                    &weights,
-                    state.version,
-                    state.updated_by,
-                )
-                .and_then(|s| s.with_baseline(&baseline))
-                {
-                    Ok(mut snap) => {
-                        if let Ok(t) = humantime::parse_rfc3339_weak(&state.updated_at) {
-                            snap.updated_at = t;
-                        }
-                        snap.degraded = state.extra["degraded"].as_str().map(String::from);
-                        snap.rollout = serde_json::from_value(state.extra["rollout"].clone()).ok();
-                        event = Event::new(&*service.name, "state_restored", Source::Startup);
-                        event.from = Some(weights_of(&current));
-                        event.to = Some(weights_of(&snap));
-                        event.reason = Some(format!(
-                            "weights from the state file (version {}, set by {})",
-                            state.version,
-                            state.updated_by.as_str()
-                        ));
-                        controller
-                            .metrics
-                            .rollout(&service.name, snap.rollout.as_ref());
-                        service.store(Arc::new(snap));
-                    }
-                    Err(e) => {
-                        event = Event::new(&*service.name, "state_ignored", Source::Startup);
-                        event.reason =
-                            Some(format!("saved weights are invalid ({e}); using the config"));
-                    }
-                }
-            } else {
-                event = Event::new(&*service.name, "state_ignored", Source::Startup);
-                event.reason = Some(format!(
-                    "saved pools [{}] differ from the config's [{}]; using the config's weights",
-                    saved_names.join(", "),
-                    names.join(", ")
-                ));
-                tracing::warn!(
-                    "service {}: {}",
-                    service.name,
-                    event.reason.as_deref().unwrap_or("")
-                );
-            }
-            events.push(event);
+        for (service, snap) in restored {
+            controller
+                .metrics
+                .rollout(&service.name, snap.rollout.as_ref());
+            service.store(Arc::new(snap));
         }
-        for event in events {
-            journal.append(event)?;
+
+        // Every check passed: from here on, writes. None of them may stop the start.
+        if let Err(e) = lock.record_pid() {
+            tracing::warn!("{e}");
         }
-        let persistence = Persistence {
+        store.remove_stale_temps();
+        let mut persistence = Persistence {
+            _lock: lock,
             store,
             journal,
+            writable: Arc::clone(&controller.writable),
             pending: Vec::new(),
         };
-        persistence.store.save(&controller.state())?;
+        // The file is rewritten at once: in the current format, and without services the
+        // config no longer has. The start-up records follow it into the journal; if the
+        // disk refuses either, they wait like a refused rollback's and go out with the
+        // first write that works.
+        let saved = persistence.store.save(&controller.state());
+        persistence.note(&saved);
+        let mut events = events.into_iter();
+        if saved.is_ok() {
+            for event in events.by_ref() {
+                if let Err(e) = persistence.journal.append(event.clone()) {
+                    persistence.note(&Err::<(), _>(e));
+                    persistence.pending.push(event);
+                    break;
+                }
+            }
+        }
+        persistence.pending.extend(events);
         *controller.write.lock().unwrap_or_else(|p| p.into_inner()) = Some(persistence);
         Ok(controller)
+    }
+
+    /// Whether the state directory took the last write (at start-up, a change, or the
+    /// retry of unsaved records). While false, weir serves the weights it has and refuses
+    /// changes (`ControlError::Storage`); a rollback still moves traffic.
+    pub fn writable(&self) -> bool {
+        self.writable.load(Ordering::Relaxed)
     }
 
     /// The router the data plane reads.
@@ -446,6 +521,7 @@ impl Controller {
                         .and_then(|()| p.flush(&state))
                         .and_then(|()| p.journal.append(event.clone()).map_err(Into::into))
                 };
+                p.note(&written);
                 match written {
                     Ok(e) => Some(e),
                     Err(e) if is_rollback => {
@@ -473,7 +549,7 @@ impl Controller {
             None => None,
         };
         self.metrics
-            .set_pending_writes(persistence.as_ref().map_or(0, |p| p.pending.len()));
+            .set_pending_writes(persistence.as_ref().map_or(0, Persistence::unsaved));
         service.store(next.clone());
         if next.weights() != current.weights() {
             self.metrics.weight_changed(&name, source);
@@ -825,8 +901,12 @@ impl Controller {
         event.details = serde_json::to_value(&report).unwrap_or_default();
         let event = match persistence.as_mut() {
             Some(p) => {
-                p.store.save(&state_of(&table))?;
-                p.journal.append(event)?
+                let written = p
+                    .store
+                    .save(&state_of(&table))
+                    .and_then(|()| p.journal.append(event));
+                p.note(&written);
+                written?
             }
             None => event,
         };
@@ -839,7 +919,11 @@ impl Controller {
     pub fn record(&self, event: Event) -> Result<Event, ControlError> {
         let mut persistence = self.lock();
         match persistence.as_mut() {
-            Some(p) => Ok(p.journal.append(event)?),
+            Some(p) => {
+                let written = p.journal.append(event);
+                p.note(&written);
+                Ok(written?)
+            }
             None => Ok(event),
         }
     }
@@ -856,7 +940,9 @@ impl Controller {
             return true;
         }
         let state = self.state();
-        let done = match p.flush(&state) {
+        let flushed = p.flush(&state);
+        p.note(&flushed);
+        let done = match flushed {
             Ok(()) => {
                 tracing::warn!("unsaved rollback state written to disk");
                 true
@@ -866,16 +952,18 @@ impl Controller {
                 false
             }
         };
-        self.metrics.set_pending_writes(p.pending.len());
+        self.metrics.set_pending_writes(p.unsaved());
         done
     }
 
     /// Services whose live routing is ahead of the state file (a rollback not saved
     /// yet).
     pub fn not_durable(&self, service: &str) -> bool {
-        self.lock()
-            .as_ref()
-            .is_some_and(|p| p.pending.iter().any(|e| e.service == service))
+        self.lock().as_ref().is_some_and(|p| {
+            p.pending
+                .iter()
+                .any(|e| e.service == service && e.source != Source::Startup)
+        })
     }
 
     /// Events after `since`, oldest first.
@@ -903,6 +991,156 @@ impl Controller {
     fn state(&self) -> State {
         state_of(&self.router.table())
     }
+}
+
+/// A restored snapshot for a service.
+type Restored = (Arc<Service>, ServiceSnapshot);
+
+/// What the saved state makes of each service of `controller` (built from the config):
+/// start-up events, snapshots to restore, and problems naming the service. Reads only.
+fn restore_all(controller: &Controller, saved: &State) -> (Vec<Event>, Vec<Restored>, Vec<String>) {
+    let mut events = Vec::new();
+    let mut restored = Vec::new();
+    let mut problems = Vec::new();
+    for service in controller.router.table().services() {
+        let Some(state) = saved.services.get(&*service.name) else {
+            continue;
+        };
+        let current = service.snapshot_full();
+        let names: Vec<&str> = current.slots().iter().map(|s| s.name()).collect();
+        let saved_names: Vec<&str> = state.weights.keys().map(String::as_str).collect();
+        if sorted(&names) != sorted(&saved_names) {
+            // Documented: a pool set changed in the config wins over the saved one.
+            let mut event = Event::new(&*service.name, "state_ignored", Source::Startup);
+            event.reason = Some(format!(
+                "saved pools [{}] differ from the config's [{}]; using the config's weights",
+                saved_names.join(", "),
+                names.join(", ")
+            ));
+            tracing::warn!(
+                "service {}: {}",
+                service.name,
+                event.reason.as_deref().unwrap_or("")
+            );
+            events.push(event);
+            continue;
+        }
+        match restore(&current, state, &names) {
+            Ok(snap) => {
+                let mut event = Event::new(&*service.name, "state_restored", Source::Startup);
+                event.from = Some(weights_of(&current));
+                event.to = Some(weights_of(&snap));
+                event.reason = Some(format!(
+                    "weights from the state file (version {}, set by {})",
+                    state.version,
+                    state.updated_by.as_str()
+                ));
+                events.push(event);
+                restored.push((Arc::clone(service), snap));
+            }
+            Err(problem) => problems.push(format!("service `{}`: {problem}", service.name)),
+        }
+    }
+    (events, restored, problems)
+}
+
+/// The state checks of [`Controller::open`] for `weir check`: reading only, without the
+/// lock (a running weir holds it, and its saves replace the file atomically).
+pub fn check_state(config: &Config) -> Vec<String> {
+    let store = StateStore::at(&config.state.dir);
+    let saved = match store.load() {
+        Ok(saved) => saved.unwrap_or_default(),
+        Err(e) => return vec![format!("state: {e}")],
+    };
+    let controller = Controller::in_memory(config, Metrics::new());
+    let (_, _, problems) = restore_all(&controller, &saved);
+    if problems.is_empty() {
+        return Vec::new();
+    }
+    vec![format!(
+        "state: {}",
+        OpenError::Unusable {
+            path: store.path(),
+            problems,
+        }
+    )]
+}
+
+/// The snapshot a service's saved state describes, whose pools are the config's (same
+/// set, checked by the caller), or what is wrong with it.
+fn restore(
+    current: &ServiceSnapshot,
+    state: &ServiceState,
+    names: &[&str],
+) -> Result<ServiceSnapshot, String> {
+    let weights: Vec<u32> = names.iter().map(|n| state.weights[*n]).collect();
+    let extra = &state.extra;
+    // A promotion may have moved the baseline; else the config's.
+    let baseline = match &extra["baseline"] {
+        serde_json::Value::Null => current.baseline_name().to_string(),
+        serde_json::Value::String(b) if names.contains(&b.as_str()) => b.clone(),
+        serde_json::Value::String(b) => {
+            return Err(format!(
+                "saved baseline `{b}` is not one of its pools [{}]",
+                names.join(", ")
+            ));
+        }
+        other => return Err(format!("saved baseline {other} is not a pool name")),
+    };
+    let degraded = match &extra["degraded"] {
+        serde_json::Value::Null => None,
+        serde_json::Value::String(d) => Some(d.clone()),
+        other => return Err(format!("saved `degraded` {other} is not a text")),
+    };
+    let rollout: Option<Rollout> = match &extra["rollout"] {
+        serde_json::Value::Null => None,
+        saved => Some(
+            serde_json::from_value(saved.clone())
+                .map_err(|e| format!("saved rollout cannot be read by this weir ({e})"))?,
+        ),
+    };
+    if let Some(r) = &rollout {
+        for (role, pool) in [("candidate", &r.candidate), ("stable", &r.stable)] {
+            if !names.contains(&pool.as_str()) {
+                return Err(format!(
+                    "saved rollout's {role} `{pool}` is not one of its pools [{}]",
+                    names.join(", ")
+                ));
+            }
+        }
+    }
+    let updated_at = humantime::parse_rfc3339_weak(&state.updated_at).map_err(|e| {
+        format!(
+            "saved `updated_at` `{}` is not a time ({e})",
+            state.updated_at
+        )
+    })?;
+    let mut snap = ServiceSnapshot::new(
+        current.slots().iter().map(|s| s.pool.clone()).collect(),
+        &weights,
+        state.version,
+        state.updated_by,
+    )
+    .and_then(|s| s.with_baseline(&baseline))
+    .map_err(|e| {
+        format!(
+            "saved weights {} are invalid: {e}",
+            weights_text(&state.weights)
+        )
+    })?;
+    snap.updated_at = updated_at;
+    snap.degraded = degraded;
+    snap.rollout = rollout;
+    Ok(snap)
+}
+
+/// `stable=90 canary=10`, for messages.
+fn weights_text(weights: &Weights) -> String {
+    weights
+        .iter()
+        .map(|(p, w)| format!("{p}={w}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn state_of(table: &RouteTable) -> State {

@@ -65,21 +65,88 @@ use tokio::net::TcpListener;
 
 use crate::admin::Admin;
 use crate::config::Config;
-use crate::control::{ControlError, Controller};
+use crate::control::{Controller, OpenError};
 use crate::guard::{Guard, WindowSink};
 use crate::metrics::{Metrics, MetricsSink};
 use crate::outcome::{LogSink, OutcomeSink};
 use crate::proxy::Proxy;
+use crate::state::StateLock;
 
 /// Why weir cannot start.
+///
+/// The wrapped errors are part of the message, not `source()`: the binary prints the
+/// whole chain (`{:#}`), which would otherwise show each of them twice.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("state: {0}")]
-    State(#[from] ControlError),
+    State(OpenError),
+    /// The state file is unusable; the message says how to move it aside.
+    #[error(
+        "{error}\nweir does not guess: fix the file, or move it aside (it is renamed, not \
+         deleted) and start from the config's weights with: weir state discard --config {}",
+        config.as_ref().map_or("<config file>".into(), |p| p.display().to_string())
+    )]
+    UnusableState {
+        error: OpenError,
+        config: Option<PathBuf>,
+    },
     #[error(transparent)]
     Admin(#[from] admin::AdminError),
     #[error("TLS: {0}")]
-    Tls(#[from] tls::TlsError),
+    Tls(tls::TlsError),
+}
+
+impl From<tls::TlsError> for StartError {
+    fn from(e: tls::TlsError) -> Self {
+        StartError::Tls(e)
+    }
+}
+
+impl StartError {
+    fn state(error: OpenError, config: Option<PathBuf>) -> StartError {
+        match error {
+            OpenError::Unusable { .. } => StartError::UnusableState { error, config },
+            error => StartError::State(error),
+        }
+    }
+}
+
+/// Every problem `weir run` would stop at before serving, besides the config file's own
+/// (already validated into `config`): the admin token, certificates and keys, CA files.
+/// For `weir check`; each problem once.
+pub fn preflight(config: &Config) -> Vec<String> {
+    let mut problems = Vec::new();
+    if let Err(e) = admin::resolve_token(config) {
+        problems.push(e.to_string());
+    }
+    // Pair by pair and pool by pool, rather than the one-error-and-stop of the start-up
+    // path, so that one run of `weir check` shows every bad file.
+    if let Some(t) = &config.proxy.tls {
+        let before = problems.len();
+        let provider = rustls::crypto::ring::default_provider();
+        for c in t.default.iter().chain(&t.certs) {
+            if let Err(e) = tls::load_pair(&c.cert, &c.key, &provider) {
+                problems.push(format!("TLS: {e}"));
+            }
+        }
+        if problems.len() == before
+            && let Err(e) = tls::server_config(t)
+        {
+            problems.push(format!("TLS: {e}"));
+        }
+    }
+    for service in &config.services {
+        for pool in &service.pools {
+            if let Some(t) = &pool.tls
+                && let Err(e) = tls::upstream(t, pool.protocol)
+            {
+                problems.push(format!("TLS: {e}"));
+            }
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    problems.retain(|p| seen.insert(p.clone()));
+    problems
 }
 
 /// A configured weir instance, ready to serve. Built from a validated config; tests and
@@ -111,6 +178,25 @@ impl Weir {
         config_path: Option<PathBuf>,
         extra: Vec<Arc<dyn OutcomeSink>>,
     ) -> Result<Weir, StartError> {
+        Weir::build(config, config_path, extra, None)
+    }
+
+    /// [`Weir::new`] with the state directory's lock already taken (by the binary,
+    /// before it binds its listeners).
+    pub fn with_lock(
+        config: Config,
+        config_path: Option<PathBuf>,
+        lock: StateLock,
+    ) -> Result<Weir, StartError> {
+        Weir::build(config, config_path, Vec::new(), Some(lock))
+    }
+
+    fn build(
+        config: Config,
+        config_path: Option<PathBuf>,
+        extra: Vec<Arc<dyn OutcomeSink>>,
+        lock: Option<StateLock>,
+    ) -> Result<Weir, StartError> {
         let token = admin::resolve_token(&config)?;
         // Bad certificates and keys are startup errors naming the file.
         let tls = config
@@ -121,7 +207,11 @@ impl Weir {
             .transpose()?;
         tls::check_upstreams(&config)?;
         let metrics = Metrics::new();
-        let controller = Arc::new(Controller::open(&config, Arc::clone(&metrics))?);
+        let opened = match lock {
+            Some(lock) => Controller::open_locked(&config, Arc::clone(&metrics), lock),
+            None => Controller::open(&config, Arc::clone(&metrics)),
+        };
+        let controller = Arc::new(opened.map_err(|e| StartError::state(e, config_path.clone()))?);
         let (outliers, monitor) = health::start(Arc::clone(&controller));
         let mut sinks: Vec<Arc<dyn OutcomeSink>> = vec![
             Arc::new(WindowSink),
@@ -136,14 +226,17 @@ impl Weir {
             sinks,
         ));
         let guard = Arc::new(Guard::new(Arc::clone(&controller), Arc::clone(&metrics)));
-        let admin = Arc::new(Admin::new(
-            Arc::clone(&controller),
-            Arc::clone(&guard),
-            Arc::clone(&metrics),
-            token,
-            config.admin.metrics_auth,
-            config_path,
-        ));
+        let admin = Arc::new(
+            Admin::new(
+                Arc::clone(&controller),
+                Arc::clone(&guard),
+                Arc::clone(&metrics),
+                token,
+                config.admin.metrics_auth,
+                config_path,
+            )
+            .with_allowed_hosts(&config.admin.allowed_hosts),
+        );
         Ok(Weir {
             tls,
             monitor: Mutex::new(Some(monitor)),

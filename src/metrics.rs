@@ -19,6 +19,8 @@ pub const REQUESTS_TOTAL: &str = "weir_requests_total";
 pub const REQUEST_DURATION: &str = "weir_request_duration_seconds";
 pub const UPSTREAM_ERRORS_TOTAL: &str = "weir_upstream_errors_total";
 pub const INFLIGHT: &str = "weir_inflight_requests";
+/// Upgraded connections (WebSocket tunnels) open through a pool.
+pub const TUNNELS_OPEN: &str = "weir_tunnels_open";
 pub const POOL_WEIGHT: &str = "weir_pool_weight";
 pub const POOL_SHARE: &str = "weir_pool_share";
 pub const WEIGHT_CHANGES_TOTAL: &str = "weir_weight_changes_total";
@@ -37,6 +39,7 @@ pub const RESPONSE_DURATION: &str = "weir_response_duration_seconds";
 pub const UNROUTED_TOTAL: &str = "weir_unrouted_requests_total";
 pub const KEEPALIVE_REPLAYS_TOTAL: &str = "weir_keepalive_replays_total";
 pub const STATE_UNSAVED: &str = "weir_state_unsaved_changes";
+pub const STATE_WRITABLE: &str = "weir_state_writable";
 
 /// How often the exporter's upkeep drains histogram samples into buckets, so memory
 /// stays bounded however fast requests come.
@@ -148,6 +151,11 @@ impl Metrics {
             "Requests for a host no service is configured for (answered 404).".into(),
         );
         r.describe_gauge(
+            STATE_WRITABLE.into(),
+            None,
+            "1 while the state dir takes writes; 0 while it refuses them (weir serves the saved routing and refuses changes with 503).".into(),
+        );
+        r.describe_gauge(
             STATE_UNSAVED.into(),
             None,
             "Changes applied to live routing but not yet saved to the state dir (a rollback is applied even when the disk refuses it, and retried). Alert when above 0.".into(),
@@ -158,6 +166,11 @@ impl Metrics {
             "Idempotent requests sent again on a fresh connection after a reused keep-alive connection closed under them with no answer.".into(),
         );
         r.describe_gauge(INFLIGHT.into(), None, "Requests in flight per pool.".into());
+        r.describe_gauge(
+            TUNNELS_OPEN.into(),
+            None,
+            "Upgraded connections (WebSocket) open per pool.".into(),
+        );
         r.describe_gauge(
             POOL_WEIGHT.into(),
             None,
@@ -249,6 +262,12 @@ impl Metrics {
                 }
             }
         });
+    }
+
+    /// Publish whether the state dir takes writes (read when `/metrics` is rendered).
+    pub fn set_state_writable(&self, writable: bool) {
+        self.gauge(STATE_WRITABLE, Vec::new())
+            .set(if writable { 1.0 } else { 0.0 });
     }
 
     /// How many applied changes wait to be saved.
@@ -367,6 +386,7 @@ pub struct PoolMetrics {
     failures: Counter,
     replays: Counter,
     inflight: Gauge,
+    tunnels: Gauge,
     weight: Gauge,
     share: Gauge,
     endpoint_up: Box<[Gauge]>,
@@ -452,6 +472,7 @@ impl PoolMetrics {
             failures: metrics.counter(REQUEST_FAILURES_TOTAL, labels()),
             replays: metrics.counter(KEEPALIVE_REPLAYS_TOTAL, labels()),
             inflight: metrics.gauge(INFLIGHT, labels()),
+            tunnels: metrics.gauge(TUNNELS_OPEN, labels()),
             weight: metrics.gauge(POOL_WEIGHT, labels()),
             share: metrics.gauge(POOL_SHARE, labels()),
             endpoint_up,
@@ -540,6 +561,11 @@ impl PoolMetrics {
 
     pub fn inflight(&self) -> &Gauge {
         &self.inflight
+    }
+
+    /// Open upgraded connections (tunnels) through this pool.
+    pub fn tunnels(&self) -> &Gauge {
+        &self.tunnels
     }
 
     /// Publish the weight and share in force.

@@ -48,7 +48,15 @@ pub struct Proxy {
     // Shared with every response body in flight: outcomes are recorded when bodies end.
     sinks: Arc<[Arc<dyn OutcomeSink>]>,
     limits: Limits,
+    /// Set to `true` at the end of the shutdown grace: every open tunnel closes. Each
+    /// tunnel holds a receiver, so the sender also tells when none is left.
+    close_tunnels: tokio::sync::watch::Sender<bool>,
 }
+
+/// What a request's client connection lends to a tunnel opened from it: the
+/// connection-limit permit, so an upgraded connection keeps counting against
+/// `max_connections` after hyper has handed its socket over.
+type ConnSlot = Arc<tokio::sync::OwnedSemaphorePermit>;
 
 /// Protections against slow and abusive clients.
 #[derive(Debug, Clone)]
@@ -84,6 +92,7 @@ impl Proxy {
             request_timeout: config.request_timeout,
             upstream_body_timeout: config.upstream_body_timeout,
             sinks: sinks.into(),
+            close_tunnels: tokio::sync::watch::channel(false).0,
             limits: Limits {
                 header_read_timeout: config.header_read_timeout,
                 body_read_timeout: config.body_read_timeout,
@@ -136,6 +145,7 @@ impl Proxy {
             None => (None, None),
         };
         let slots = Arc::new(tokio::sync::Semaphore::new(self.limits.max_connections));
+        let mut accept_warn = RateLimitedWarn::default();
         tokio::pin!(shutdown);
         loop {
             // At the connection limit, stop accepting: new clients wait in the listen
@@ -161,8 +171,10 @@ impl Proxy {
             let (stream, addr) = match accepted {
                 Ok(conn) => conn,
                 Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!("accept failed: {e}");
+                    // Out of file descriptors and the like: back off instead of spinning,
+                    // and say so at most once a second (a full fd table fails every
+                    // accept, and a log line per failure would flood the disk).
+                    accept_warn.warn(&e);
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 }
@@ -170,9 +182,14 @@ impl Proxy {
             let _ = stream.set_nodelay(true);
             let peer = Peer { addr, secure };
             let proxy = Arc::clone(&self);
+            // Shared with any tunnel the connection upgrades to: the slot is free only
+            // when the connection and its tunnel are both gone.
+            let permit: ConnSlot = Arc::new(permit);
+            let slot = Arc::clone(&permit);
             let service = service_fn(move |req| {
                 let proxy = Arc::clone(&proxy);
-                async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
+                let slot = Arc::clone(&slot);
+                async move { Ok::<_, Infallible>(proxy.handle_in(req, peer, Some(slot)).await) }
             });
             let watcher = graceful.watcher();
             let http = Arc::clone(&http);
@@ -208,22 +225,58 @@ impl Proxy {
         drop(listener);
         drop(tls_listener);
         sweeper.abort();
-        if tokio::time::timeout(grace, graceful.shutdown())
+        let deadline = tokio::time::Instant::now() + grace;
+        if tokio::time::timeout_at(deadline, graceful.shutdown())
             .await
             .is_err()
         {
             tracing::warn!("shutdown grace of {grace:?} elapsed with requests still open");
         }
+        // hyper no longer tracks an upgraded connection: tunnels get what is left of the
+        // grace to end on their own, then are closed.
+        if tokio::time::timeout_at(deadline, self.close_tunnels.closed())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "shutdown grace of {grace:?} elapsed: closing {} open tunnels",
+                self.close_tunnels.receiver_count()
+            );
+        }
+        self.close_tunnels.send_replace(true);
         Ok(())
     }
 
     /// Proxy one request. Never fails: every failure becomes a response.
     pub async fn handle(&self, req: Request<Incoming>, peer: Peer) -> Response<ProxyBody> {
+        self.handle_in(req, peer, None).await
+    }
+
+    /// Proxy one request arriving on a client connection holding `slot` (lent to a
+    /// tunnel, if the request opens one).
+    async fn handle_in(
+        &self,
+        mut req: Request<Incoming>,
+        peer: Peer,
+        slot: Option<ConnSlot>,
+    ) -> Response<ProxyBody> {
         let start = Instant::now();
+        // Refused before any pool is chosen: a malformed request is nobody's upstream
+        // failure. Counted with the unrouted requests.
+        let host = match check_request(&mut req) {
+            Ok(host) => host,
+            Err(resp) => {
+                for sink in self.sinks.iter() {
+                    sink.unrouted();
+                }
+                return resp;
+            }
+        };
+        let upgrade = requested_upgrade(&mut req);
         let (pool, set_cookie) = {
             let table = self.router.table();
-            let host = request_host(&req);
-            let Some(service) = table.route(host) else {
+            // Routing reads the very value the upstream will get as Host.
+            let Some(service) = table.route(host.as_ref().and_then(|h| h.to_str().ok())) else {
                 for sink in self.sinks.iter() {
                     sink.unrouted();
                 }
@@ -239,10 +292,9 @@ impl Proxy {
             start,
             grpc: is_grpc(req.headers()),
         };
-        let mut resp = if is_upgrade(&req) {
-            self.upgrade(req, pool, peer, call).await
-        } else {
-            self.forward(req, pool, peer, call).await
+        let mut resp = match upgrade {
+            Some(protocols) => self.upgrade(req, protocols, pool, peer, call, slot).await,
+            None => self.forward(req, pool, peer, call).await,
         };
         if let Some(cookie) = set_cookie {
             resp.headers_mut().append(header::SET_COOKIE, cookie);
@@ -281,6 +333,15 @@ impl Proxy {
                 http::uri::Scheme::HTTP
             };
             upstream_req = for_h2(upstream_req, scheme, wants_trailers);
+        } else if watch.is_some() && !upstream_req.headers().contains_key(header::CONTENT_LENGTH) {
+            // A body of unknown length (chunked from the client, or HTTP/2 DATA with no
+            // content-length) goes upstream chunked. hyper's client would pick that
+            // itself except for GET, HEAD and CONNECT, which it sends with no body at
+            // all unless told: the body would vanish while the client got an answer.
+            upstream_req.headers_mut().insert(
+                header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            );
         }
         let deadline = tokio::time::Instant::from_std(call.start) + self.request_timeout;
         // The first attempt's failure, when it was retried.
@@ -307,6 +368,19 @@ impl Proxy {
                 Ok(Ok((resp, conn, replayed))) => {
                     if replayed {
                         pool.metrics().replayed();
+                    }
+                    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                        // The request asked for no upgrade (an h2c one is never passed
+                        // on): a switch now would turn the client's connection into a
+                        // tunnel nobody asked for. The upstream connection is dropped
+                        // with the response.
+                        return self.fail(
+                            &pool,
+                            Some(guard.index()),
+                            ErrorKind::Protocol,
+                            call,
+                            retried,
+                        );
                     }
                     return self.relay(resp, conn, guard, call, retried, watch);
                 }
@@ -347,32 +421,33 @@ impl Proxy {
     }
 
     /// Proxy an upgrade (WebSocket and the like): the pool is the usual split's, the
-    /// upstream gets HTTP/1.1 with Connection/Upgrade kept for this request only, and
-    /// nothing flows until the upstream's 101; then bytes are copied both ways until
-    /// either side closes. The outcome is the 101 (or the refusal): a tunnel's life is
-    /// not a latency, and its end is not an answer to anything.
+    /// upstream gets HTTP/1.1 with Connection/Upgrade kept for this request only (the
+    /// `protocols` asked for, h2c removed), and nothing flows until the upstream's 101
+    /// naming one of them; then bytes are copied both ways until either side closes, the
+    /// tunnel idles past `upstream_body_timeout`, or the shutdown grace ends. The outcome
+    /// is the 101 (or the refusal): a tunnel's life is not a latency, and its end is not
+    /// an answer to anything.
     async fn upgrade(
         &self,
         mut req: Request<Incoming>,
+        protocols: HeaderValue,
         pool: Arc<Pool>,
         peer: Peer,
         call: Call,
+        slot: Option<ConnSlot>,
     ) -> Response<ProxyBody> {
         let Some(guard) = pool.pick() else {
             return self.fail(&pool, None, ErrorKind::NoEndpoint, call, None);
         };
-        let protocol = req.headers().get(header::UPGRADE).cloned();
         let client_side = hyper::upgrade::on(&mut req);
         let body_timeout = self.limits.body_read_timeout;
         let mut upstream_req = match upstream_request(req, &guard, peer) {
             Ok(r) => r.map(|b| Either::Left(TimedBody::new(b, body_timeout))),
             Err(resp) => return resp,
         };
-        if let Some(p) = protocol {
-            let h = upstream_req.headers_mut();
-            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            h.insert(header::UPGRADE, p);
-        }
+        let h = upstream_req.headers_mut();
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, protocols.clone());
         let sent = tokio::time::timeout(
             self.request_timeout,
             self.client.send_upgrade(guard.endpoint(), upstream_req),
@@ -392,6 +467,17 @@ impl Proxy {
             // The upstream declined: an ordinary response.
             return self.relay(resp, None, guard, call, None, None);
         }
+        if !switched_to_requested(resp.headers(), &protocols) {
+            // A switch to something the client never asked for (or to nothing named):
+            // the client could not speak it. The upstream's half-switched connection
+            // closes as the response is dropped; the upstream broke the protocol.
+            tracing::debug!(
+                "{} → {}: 101 to an upgrade the client did not ask for",
+                pool.name,
+                guard.endpoint().endpoint
+            );
+            return self.fail(&pool, Some(guard.index()), ErrorKind::Protocol, call, None);
+        }
         let latency = call.start.elapsed();
         self.emit(&Outcome {
             pool: &pool,
@@ -404,18 +490,24 @@ impl Proxy {
             retried: None,
         });
         let upstream_side = hyper::upgrade::on(&mut resp);
+        let idle = self.upstream_body_timeout;
+        let close = self.close_tunnels.subscribe();
+        let open = OpenTunnel::new(pool.metrics().tunnels().clone());
         tokio::spawn(async move {
             match (client_side.await, upstream_side.await) {
                 (Ok(client), Ok(upstream)) => {
-                    let (mut c, mut u) = (TokioIo::new(client), TokioIo::new(upstream));
-                    if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
-                        tracing::debug!("upgraded connection ended: {e}");
+                    let (c, u) = (TokioIo::new(client), TokioIo::new(upstream));
+                    if let Err(e) = tunnel(c, u, idle, close).await {
+                        tracing::debug!("tunnel ended: {e}");
                     }
                 }
                 (Err(e), _) | (_, Err(e)) => tracing::debug!("upgrade failed: {e}"),
             }
-            // The tunnel counts as in flight on its endpoint until it closes.
+            // The tunnel counts as in flight on its endpoint, open in the pool's gauge,
+            // and against the connection limit until it closes.
+            drop(open);
             drop(guard);
+            drop(slot);
         });
         // 101 with the upstream's headers (Connection and Upgrade included: they are
         // what the switch means).
@@ -656,18 +748,124 @@ fn for_h2(
     req
 }
 
-/// A request asking to switch protocols (WebSocket): `Connection: upgrade` and an
-/// `Upgrade` header, on HTTP/1.1.
-fn is_upgrade<B>(req: &Request<B>) -> bool {
-    req.version() == Version::HTTP_11
+/// The protocols a request asks to switch to (`Connection: upgrade` and `Upgrade`, on
+/// HTTP/1.1), h2c left out: weir speaks HTTP/2 to clients itself (prior knowledge or
+/// ALPN), and an h2c upgrade passed on would hand the client's connection to the upstream
+/// as an opaque tunnel, past routing and every limit. `HTTP2-Settings` goes with it. A
+/// request that asked for h2c alone is an ordinary request.
+fn requested_upgrade<B>(req: &mut Request<B>) -> Option<HeaderValue> {
+    req.headers_mut().remove(&HTTP2_SETTINGS);
+    let upgrade = req.version() == Version::HTTP_11
         && req.headers().contains_key(header::UPGRADE)
-        && req
-            .headers()
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        && tokens(req.headers(), &header::CONNECTION).any(|t| t.eq_ignore_ascii_case("upgrade"));
+    if !upgrade {
+        return None;
+    }
+    let wanted: Vec<&str> = tokens(req.headers(), &header::UPGRADE)
+        .filter(|t| !t.eq_ignore_ascii_case("h2c"))
+        .collect();
+    if wanted.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(&wanted.join(", ")).ok()
+}
+
+static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
+
+/// The comma-separated tokens of every `name` header, trimmed, empty ones skipped.
+fn tokens<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iterator<Item = &'a str> {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// A 101 switches to what was asked for: its `Upgrade` names at least one protocol and
+/// only protocols the request offered (compared case-insensitively, RFC 9110 §7.8).
+fn switched_to_requested(resp: &HeaderMap, requested: &HeaderValue) -> bool {
+    let offered: Vec<&str> = requested
+        .to_str()
+        .map(|v| v.split(',').map(str::trim).collect())
+        .unwrap_or_default();
+    let mut chosen = tokens(resp, &header::UPGRADE).peekable();
+    chosen.peek().is_some() && chosen.all(|c| offered.iter().any(|o| o.eq_ignore_ascii_case(c)))
+}
+
+/// Counts a tunnel in its pool's `weir_tunnels_open` while it lives.
+struct OpenTunnel(metrics::Gauge);
+
+impl OpenTunnel {
+    fn new(gauge: metrics::Gauge) -> OpenTunnel {
+        gauge.increment(1.0);
+        OpenTunnel(gauge)
+    }
+}
+
+impl Drop for OpenTunnel {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
+/// Copy bytes both ways until both sides have finished, either fails, nothing moves
+/// either way for `idle`, or `close` turns true (the end of the shutdown grace). One
+/// side's end of stream is passed on as a write shutdown, so half-closed protocols work.
+async fn tunnel<C, U>(
+    client: C,
+    upstream: U,
+    idle: Duration,
+    mut close: tokio::sync::watch::Receiver<bool>,
+) -> io::Result<()>
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+    U: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut cr, mut cw) = tokio::io::split(client);
+    let (mut ur, mut uw) = tokio::io::split(upstream);
+    let (mut cbuf, mut ubuf) = (vec![0u8; 16 * 1024], vec![0u8; 16 * 1024]);
+    let (mut client_open, mut upstream_open) = (true, true);
+    let closing = async move {
+        loop {
+            let closing = *close.borrow_and_update();
+            if closing || close.changed().await.is_err() {
+                // Closing, or the proxy is gone (and so is the need to wait).
+                return;
+            }
+        }
+    };
+    tokio::pin!(closing);
+    let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "tunnel idle");
+    while client_open || upstream_open {
+        tokio::select! {
+            n = cr.read(&mut cbuf), if client_open => match n? {
+                0 => {
+                    client_open = false;
+                    let _ = uw.shutdown().await;
+                }
+                n => tokio::time::timeout(idle, uw.write_all(&cbuf[..n]))
+                    .await
+                    .map_err(|_| timed_out())??,
+            },
+            n = ur.read(&mut ubuf), if upstream_open => match n? {
+                0 => {
+                    upstream_open = false;
+                    let _ = cw.shutdown().await;
+                }
+                n => tokio::time::timeout(idle, cw.write_all(&ubuf[..n]))
+                    .await
+                    .map_err(|_| timed_out())??,
+            },
+            () = tokio::time::sleep(idle) => return Err(timed_out()),
+            () = &mut closing => {
+                return Err(io::Error::other("closed at the end of the shutdown grace"));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Turn a send failure into an outcome kind and status. A connect that timed out is a
@@ -684,13 +882,150 @@ fn classify(e: &SendError) -> (ErrorKind, StatusCode) {
     }
 }
 
-/// The host a request is for: the URI authority (absolute-form, HTTP/2) or Host header.
-fn request_host<B>(req: &Request<B>) -> Option<&str> {
-    req.uri().host().or_else(|| {
-        req.headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-    })
+/// Check a request head before it is routed and settle the one host it is for, which
+/// is written back as its only Host header: routing and the upstream see the same value.
+///
+/// - An absolute-form target's authority, or HTTP/2's `:authority`, wins over any Host
+///   header, which is replaced by it (RFC 9112 §3.2.2, RFC 9113 §8.3.1): a proxy that
+///   routed by one and forwarded the other could be steered past its routing.
+/// - Two Host headers, an invalid Host value, or no Host at all on HTTP/1.1 (and
+///   HTTP/2 without `:authority`) in origin-form: 400 (RFC 9112 §3.2). HTTP/1.0 may
+///   omit it (`None`: the default service, if any).
+/// - Authority-form (`host:port`) is for CONNECT only: 400 otherwise. CONNECT itself is
+///   405: weir is a reverse proxy, not a forward one. An absolute-form target must be
+///   `http` or `https`.
+/// - Header names that become a framing header once `_` reads as `-`
+///   (`Transfer_Encoding`, `Content_Length`): 400. Some servers and CGI-style gateways
+///   fold them together, so one message could be framed two ways.
+#[allow(clippy::result_large_err)]
+fn check_request<B>(req: &mut Request<B>) -> Result<Option<HeaderValue>, Response<ProxyBody>> {
+    let bad = |why: &'static str| Err(local_response(StatusCode::BAD_REQUEST, why));
+    if req.headers().keys().any(framing_lookalike) {
+        return bad("invalid header name\n");
+    }
+    if req.method() == http::Method::CONNECT {
+        let mut resp = local_response(StatusCode::METHOD_NOT_ALLOWED, "CONNECT not allowed\n");
+        resp.headers_mut().insert(
+            header::ALLOW,
+            HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH"),
+        );
+        return Err(resp);
+    }
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts.next().cloned();
+    if hosts.next().is_some() {
+        return bad("more than one Host\n");
+    }
+    if host.as_ref().is_some_and(|h| !valid_host(h.as_bytes())) {
+        return bad("invalid Host\n");
+    }
+    let uri = req.uri();
+    let authority = match (uri.scheme(), uri.authority()) {
+        (None, Some(_)) => return bad("authority-form target is for CONNECT only\n"),
+        // `ftp://…` and the like: not a request for an HTTP origin.
+        (Some(s), _) if *s != http::uri::Scheme::HTTP && *s != http::uri::Scheme::HTTPS => {
+            return bad("request-target scheme must be http or https\n");
+        }
+        (_, Some(a)) if !valid_host(a.as_str().as_bytes()) => {
+            return bad("invalid request-target authority\n");
+        }
+        (_, Some(a)) => HeaderValue::from_str(a.as_str()).ok(),
+        (_, None) => None,
+    };
+    let host = match (authority, host) {
+        (Some(a), _) => a,
+        (None, Some(h)) => h,
+        (None, None) if req.version() == Version::HTTP_10 || req.version() == Version::HTTP_09 => {
+            return Ok(None);
+        }
+        (None, None) => return bad("missing Host\n"),
+    };
+    req.headers_mut().insert(header::HOST, host.clone());
+    Ok(Some(host))
+}
+
+/// `transfer_encoding`, `content_length` (names arrive lowercased): a framing header's
+/// name with `_` for `-`.
+fn framing_lookalike(name: &HeaderName) -> bool {
+    let n = name.as_str().as_bytes();
+    n.contains(&b'_')
+        && ["transfer-encoding", "content-length"].iter().any(|f| {
+            f.len() == n.len()
+                && f.bytes()
+                    .zip(n)
+                    .all(|(f, &c)| f == c || (f == b'-' && c == b'_'))
+        })
+}
+
+/// A Host value (RFC 9110 §7.2: `uri-host [ ":" port ]`), stricter than the URI
+/// grammar where laxity only serves confusion: no userinfo, a registered name of
+/// letters, digits and `-._~` only (no `,` — a folded list — no `%`, no spaces), an
+/// IPv6 literal that parses, and a port of digits within 0..=65535 when the colon is
+/// there. The `http` crate's `Authority` parse comes first, so nothing it would
+/// misread gets through.
+fn valid_host(value: &[u8]) -> bool {
+    let Ok(authority) = http::uri::Authority::try_from(value) else {
+        return false;
+    };
+    let s = authority.as_str();
+    if s.contains('@') {
+        return false;
+    }
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let Some(end) = rest.find(']') else {
+            return false;
+        };
+        if rest[..end].parse::<std::net::Ipv6Addr>().is_err() {
+            return false;
+        }
+        (&s[..end + 2], &rest[end + 1..])
+    } else {
+        match s.find(':') {
+            Some(i) => (&s[..i], &s[i..]),
+            None => (s, ""),
+        }
+    };
+    let host_ok = !host.is_empty()
+        && (host.starts_with('[')
+            || host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')));
+    let port_ok = match port.strip_prefix(':') {
+        None => port.is_empty(),
+        Some(p) => {
+            !p.is_empty()
+                && p.len() <= 5
+                && p.bytes().all(|b| b.is_ascii_digit())
+                && p.parse::<u16>().is_ok()
+        }
+    };
+    host_ok && port_ok
+}
+
+/// A warning for a failure that can repeat thousands of times a second: at most one
+/// line a second, saying how many were left out since the last one.
+#[derive(Debug, Default)]
+struct RateLimitedWarn {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimitedWarn {
+    fn warn(&mut self, e: &io::Error) {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
+            self.suppressed += 1;
+            return;
+        }
+        match std::mem::take(&mut self.suppressed) {
+            0 => tracing::warn!("accept failed: {e}"),
+            n => tracing::warn!("accept failed: {e} ({n} more failures since the last warning)"),
+        }
+        self.last = Some(now);
+    }
 }
 
 /// Rewrite a client request for the chosen endpoint: absolute URI, HTTP/1.1, hop-by-hop
@@ -702,7 +1037,9 @@ fn upstream_request(
     peer: Peer,
 ) -> Result<Request<Incoming>, Response<ProxyBody>> {
     let (mut parts, body) = req.into_parts();
-    let original_host = request_host_parts(&parts).map(HeaderValue::from_str);
+    // `check_request` left exactly one Host (the value routing used), or none on an
+    // HTTP/1.0 request without one.
+    let original_host = parts.headers.get(header::HOST).cloned();
     // Upstreams get origin-form (`/path?query`), whatever form the client used.
     if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
         let path = parts
@@ -715,42 +1052,29 @@ fn upstream_request(
     parts.version = Version::HTTP_11;
     let headers = &mut parts.headers;
     strip_hop_by_hop(headers);
-    // Keep the client's Host; for absolute-form requests (no Host header needed) carry
-    // the authority the client asked for; with neither, name the endpoint (HTTP/1.1
-    // requires a Host).
-    if !headers.contains_key(header::HOST) {
-        let host = match &original_host {
-            Some(Ok(h)) => h.clone(),
-            _ => match HeaderValue::from_str(guard.endpoint().authority().as_str()) {
-                Ok(h) => h,
-                Err(_) => {
-                    return Err(local_response(
-                        StatusCode::BAD_REQUEST,
-                        "bad request target\n",
-                    ));
-                }
-            },
-        };
-        headers.insert(header::HOST, host);
+    // HTTP/1.1 requires a Host: a client that sent none (HTTP/1.0) gets the endpoint's.
+    if original_host.is_none() {
+        match HeaderValue::from_str(guard.endpoint().authority().as_str()) {
+            Ok(h) => {
+                headers.insert(header::HOST, h);
+            }
+            Err(_) => {
+                return Err(local_response(
+                    StatusCode::BAD_REQUEST,
+                    "bad request target\n",
+                ));
+            }
+        }
     }
     append_forwarded_for(headers, peer.addr);
     headers.insert(
         &X_FORWARDED_PROTO,
         HeaderValue::from_static(if peer.secure { "https" } else { "http" }),
     );
-    if let Some(Ok(h)) = original_host {
+    if let Some(h) = original_host {
         headers.insert(&X_FORWARDED_HOST, h);
     }
     Ok(Request::from_parts(parts, body))
-}
-
-fn request_host_parts(parts: &http::request::Parts) -> Option<&str> {
-    parts.uri.authority().map(|a| a.as_str()).or_else(|| {
-        parts
-            .headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-    })
 }
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -1050,6 +1374,85 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn host_values_are_checked_strictly() {
+        for good in [
+            "a.example",
+            "A.Example:8080",
+            "a.example.",
+            "[::1]",
+            "[::1]:443",
+            "10.0.0.1:80",
+            "under_score",
+        ] {
+            assert!(valid_host(good.as_bytes()), "{good}");
+        }
+        for bad in [
+            "", "a, b", "a,b", "x@y", "u:p@h", "[::1", "[::1]x", "[zz]", "a b", "h:99999", "h:x",
+            "h:", ":80", "h:1:2", "a%2eb", "a/b", "h:-1",
+        ] {
+            assert!(!valid_host(bad.as_bytes()), "{bad}");
+        }
+    }
+
+    #[test]
+    fn only_framing_headers_spelled_with_underscores_are_lookalikes() {
+        let name = |n: &str| HeaderName::from_bytes(n.as_bytes()).unwrap();
+        assert!(framing_lookalike(&name("transfer_encoding")));
+        assert!(framing_lookalike(&name("Content_Length")));
+        assert!(!framing_lookalike(&name("content-length")));
+        assert!(!framing_lookalike(&name("x_content_length")));
+        assert!(!framing_lookalike(&name("x_custom")));
+    }
+
+    #[test]
+    fn a_switch_must_name_what_was_asked_for() {
+        let resp = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            if !v.is_empty() {
+                h.insert(header::UPGRADE, HeaderValue::from_static(v));
+            }
+            h
+        };
+        let asked = HeaderValue::from_static("websocket, foo/2");
+        assert!(switched_to_requested(&resp("WebSocket"), &asked));
+        assert!(switched_to_requested(&resp("FOO/2"), &asked));
+        assert!(!switched_to_requested(&resp("h2c"), &asked));
+        assert!(!switched_to_requested(&resp("websocket, h2c"), &asked));
+        assert!(!switched_to_requested(&resp(""), &asked));
+    }
+
+    #[test]
+    fn h2c_is_never_an_upgrade() {
+        let req = |upgrade: &'static str| {
+            Request::get("/")
+                .header(header::CONNECTION, "Upgrade, HTTP2-Settings")
+                .header(header::UPGRADE, upgrade)
+                .header("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA")
+                .body(())
+                .unwrap()
+        };
+        let mut r = req("h2c");
+        assert_eq!(requested_upgrade(&mut r), None);
+        assert!(!r.headers().contains_key("http2-settings"));
+        let mut r = req("H2C, websocket");
+        assert_eq!(requested_upgrade(&mut r).unwrap(), "websocket");
+    }
+
+    #[test]
+    fn accept_warnings_are_rate_limited() {
+        let mut w = RateLimitedWarn::default();
+        let e = io::Error::other("EMFILE");
+        for _ in 0..100 {
+            w.warn(&e);
+        }
+        // One line went out; the other 99 wait to be counted in the next one.
+        assert_eq!(w.suppressed, 99);
+        w.last = Some(Instant::now() - Duration::from_secs(2));
+        w.warn(&e);
+        assert_eq!(w.suppressed, 0);
     }
 
     #[test]

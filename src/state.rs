@@ -28,6 +28,11 @@ pub const STATE_FILE: &str = "state.json";
 /// `events.1.jsonl` (newest) to `events.<keep_files>.jsonl` (oldest).
 pub const JOURNAL_FILE: &str = "events.jsonl";
 
+/// Name of the lock file inside the state directory; it holds the owner's pid.
+pub const LOCK_FILE: &str = "lock";
+
+/// Prefix of the temp file a save writes; the writer's pid follows, so that even a writer
+/// that somehow runs without the lock never shares a half-written file with another.
 const STATE_TMP: &str = "state.json.tmp";
 /// A rotation writes the first line of the next file here before any rename, so that at
 /// every crash point some file still holds the newest acknowledged id.
@@ -88,6 +93,13 @@ pub enum StateError {
         path: PathBuf,
         error: serde_json::Error,
     },
+    #[error(
+        "state directory {} is in use by another weir (pid {holder}, lock file {}): \
+         stop that one first, or give this one its own [state] dir",
+        dir.display(),
+        dir.join(LOCK_FILE).display()
+    )]
+    Locked { dir: PathBuf, holder: String },
 }
 
 fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StateError {
@@ -123,6 +135,148 @@ fn remove_if_exists(path: &Path) -> Result<(), StateError> {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_error("remove", path)(e)),
         _ => Ok(()),
     }
+}
+
+/// Exclusive ownership of one state directory by this process: an OS lock (`flock`) on
+/// `<dir>/lock`, released by the kernel when the process exits however it exits, so a
+/// crash never leaves a stale lock behind. The file's content (the owner's pid) is only
+/// for the error message of whoever is refused.
+///
+/// Clones share one lock: within a process the lock is taken once per directory and
+/// handed out again (a library user, or a test restarting weir in-process, may still hold
+/// the previous instance for a moment), since OS locks do not nest within one process.
+#[derive(Debug, Clone)]
+pub struct StateLock(std::sync::Arc<HeldLock>);
+
+/// The OS lock goes with the file descriptor, when the last clone is dropped.
+#[derive(Debug)]
+struct HeldLock {
+    dir: PathBuf,
+    file: File,
+}
+
+/// The directories this process holds, by canonical path.
+fn held_locks() -> std::sync::MutexGuard<'static, BTreeMap<PathBuf, std::sync::Weak<HeldLock>>> {
+    static HELD: std::sync::Mutex<BTreeMap<PathBuf, std::sync::Weak<HeldLock>>> =
+        std::sync::Mutex::new(BTreeMap::new());
+    HELD.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl StateLock {
+    /// Take `dir` (created if missing) for this process, before anything in it is read or
+    /// written. Another process holding it is an error naming that process's pid. Writes
+    /// nothing but an empty lock file the first time.
+    pub fn acquire(dir: &Path) -> Result<StateLock, StateError> {
+        fs::create_dir_all(dir).map_err(io_error("create state directory", dir))?;
+        let key = fs::canonicalize(dir).map_err(io_error("resolve", dir))?;
+        // This process's own previous lock may be between its last clone's drop and the
+        // close of its descriptor: wait that moment out rather than refuse ourselves.
+        let mut tries = 0;
+        loop {
+            let mut held = held_locks();
+            if let Some(lock) = held.get(&key).and_then(std::sync::Weak::upgrade) {
+                return Ok(StateLock(lock));
+            }
+            let ours_closing = held.remove(&key).is_some();
+            match StateLock::take(dir) {
+                Err(StateError::Locked { .. }) if ours_closing && tries < 100 => {
+                    tries += 1;
+                    held.insert(key.clone(), std::sync::Weak::new());
+                    drop(held);
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Ok(lock) => {
+                    let lock = std::sync::Arc::new(lock);
+                    held.insert(key, std::sync::Arc::downgrade(&lock));
+                    return Ok(StateLock(lock));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The OS lock itself.
+    fn take(dir: &Path) -> Result<HeldLock, StateError> {
+        let path = dir.join(LOCK_FILE);
+        // Not truncated on open: until we hold the lock, the pid in it is the holder's.
+        let file = match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+        {
+            Ok(f) => f,
+            // A read-only directory still has the lock file from earlier runs, and a
+            // lock can be taken through a read-only descriptor: weir then serves the
+            // saved state and refuses changes until the disk takes writes again.
+            Err(e) if path.exists() => File::open(&path).map_err(|_| io_error("open", &path)(e))?,
+            Err(e) => return Err(io_error("create", &path)(e)),
+        };
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let pid = fs::read_to_string(&path).unwrap_or_default();
+                let pid = pid.trim();
+                return Err(StateError::Locked {
+                    dir: dir.to_path_buf(),
+                    holder: if pid.is_empty() {
+                        "not recorded yet: it is still starting".to_string()
+                    } else {
+                        pid.to_string()
+                    },
+                });
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(io_error("lock", &path)(e)),
+        }
+        Ok(HeldLock {
+            dir: dir.to_path_buf(),
+            file,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.0.dir
+    }
+
+    /// Write this process's pid into the lock file, for the message of the next weir that
+    /// is refused. Called once start-up has passed every check, so that a start that
+    /// fails writes nothing.
+    pub fn record_pid(&self) -> Result<(), StateError> {
+        use std::io::{Seek, SeekFrom};
+        let path = self.0.dir.join(LOCK_FILE);
+        let mut file = &self.0.file;
+        file.set_len(0)
+            .and_then(|()| file.seek(SeekFrom::Start(0)))
+            .and_then(|_| writeln!(file, "{}", std::process::id()))
+            .and_then(|()| file.sync_data())
+            .map_err(io_error("write", &path))
+    }
+}
+
+/// Move the state file aside as `state.json.discarded-<UTC time>`, so that the next start
+/// uses the config's weights; nothing is deleted. Needs the directory's lock, so it
+/// cannot pull the file from under a running weir. `None` when there is no state file.
+pub fn discard(lock: &StateLock) -> Result<Option<PathBuf>, StateError> {
+    let dir = lock.dir();
+    let path = dir.join(STATE_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let stamp: String = humantime::format_rfc3339_seconds(SystemTime::now())
+        .to_string()
+        .chars()
+        .filter(|c| !matches!(c, '-' | ':'))
+        .collect();
+    let mut aside = dir.join(format!("{STATE_FILE}.discarded-{stamp}"));
+    let mut n = 1;
+    while aside.exists() {
+        n += 1;
+        aside = dir.join(format!("{STATE_FILE}.discarded-{stamp}-{n}"));
+    }
+    fs::rename(&path, &aside).map_err(io_error("move aside", &path))?;
+    sync_dir(dir)?;
+    Ok(Some(aside))
 }
 
 /// Only the format number, read first to pick the loader.
@@ -169,6 +323,13 @@ impl StateStore {
         })
     }
 
+    /// The store of `dir` without creating it, for reading only (`weir check`).
+    pub fn at(dir: &Path) -> StateStore {
+        StateStore {
+            dir: dir.to_path_buf(),
+        }
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -180,8 +341,8 @@ impl StateStore {
 
     /// `None` when no state file exists yet. Reads every format weir ever wrote.
     ///
-    /// A leftover `state.json.tmp` is ignored: it is a save that never completed, so it
-    /// was never acknowledged, and the next save overwrites it.
+    /// A leftover `state.json.tmp.<pid>` is ignored: it is a save that never completed,
+    /// so it was never acknowledged ([`StateStore::remove_stale_temps`] clears it).
     pub fn load(&self) -> Result<Option<State>, StateError> {
         let path = self.path();
         let mut file = match File::open(&path) {
@@ -241,12 +402,34 @@ impl StateStore {
         Ok(Some(State { services }))
     }
 
-    /// Durable replace: write `state.json.tmp` → fsync it → rename over `state.json` →
+    /// The temp file this process's saves go through.
+    fn tmp_path(&self) -> PathBuf {
+        self.dir.join(format!("{STATE_TMP}.{}", std::process::id()))
+    }
+
+    /// Best effort: remove temp files of saves that never completed (their writers died).
+    /// Only for the lock holder, once start-up has passed its checks.
+    pub fn remove_stale_temps(&self) {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        let prefix = format!("{STATE_TMP}.");
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if name.to_str().is_some_and(|n| n.starts_with(&prefix))
+                && entry.file_type().is_ok_and(|t| t.is_file())
+            {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+
+    /// Durable replace: write `state.json.tmp.<pid>` → fsync it → rename over `state.json` →
     /// fsync the directory. A crash at any point leaves either the old or the new file
     /// whole, never a mix; once this returns, the new one survives power loss.
     pub fn save(&self, state: &State) -> Result<(), StateError> {
         let path = self.path();
-        let tmp = self.dir.join(STATE_TMP);
+        let tmp = self.tmp_path();
         let out = StateFileV2Out {
             format: STATE_FORMAT,
             services: &state.services,
@@ -344,8 +527,8 @@ pub struct Journal {
 }
 
 impl Journal {
-    /// Open or create `events.jsonl` in `dir` and recover the last id from it and the
-    /// rotated files. A torn last line (a crash mid-append) is cut off and ignored: its
+    /// Open `events.jsonl` in `dir` (created by the first append) and recover the last
+    /// id from it and the rotated files. A torn last line (a crash mid-append) is cut off and ignored: its
     /// append never returned, so it was never acknowledged. Other unreadable lines are
     /// skipped with a warning rather than failing start-up over the audit trail.
     pub fn open(
@@ -355,22 +538,21 @@ impl Journal {
         memory: usize,
     ) -> Result<Journal, StateError> {
         fs::create_dir_all(dir).map_err(io_error("create state directory", dir))?;
-        // A leftover from a rotation cut short: its one event was never acknowledged.
-        remove_if_exists(&dir.join(JOURNAL_NEXT))?;
-
-        let current = dir.join(JOURNAL_FILE);
-        // Created now so that an unwritable directory fails at start-up, not at the first
-        // weight change.
-        let existed = file_len(&current)?.is_some();
-        OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(&current)
-            .map_err(io_error("create", &current))?;
-        if !existed {
-            sync_dir(dir)?;
+        // Reading must work; writing may not (a full or read-only disk). Then the journal
+        // opens anyway, so that weir can serve the saved state, and every append fails
+        // (refusing changes) until the disk takes writes again.
+        // A leftover from a rotation cut short: its one event was never acknowledged,
+        // and no reader looks at it; the next rotation removes it if this cannot.
+        if let Err(e) = remove_if_exists(&dir.join(JOURNAL_NEXT)) {
+            tracing::warn!("{e}");
         }
-        let good = repair_tail(&current)?;
+        let current = dir.join(JOURNAL_FILE);
+        let (good, repaired) = read_complete_lines(&current)?;
+        // A torn tail that cannot be cut now is cut before the next append.
+        let dirty = repaired.is_err();
+        if let Err(e) = repaired {
+            tracing::warn!("{e}");
+        }
 
         // Newest file first; stop once we have the last id and enough events for memory.
         let mut chunks = vec![parse_events(&current, &good)];
@@ -394,7 +576,7 @@ impl Journal {
             recent: VecDeque::with_capacity(memory.min(have)),
             recent_is_all,
             last_id,
-            dirty: false,
+            dirty,
         };
         for event in chunks.into_iter().rev().flatten() {
             journal.remember(event);
@@ -584,27 +766,39 @@ fn file_len(path: &Path) -> Result<Option<u64>, StateError> {
 /// the complete lines. Every line is written with its newline in one `write`, so a line
 /// without one was never acknowledged.
 fn repair_tail(path: &Path) -> Result<Vec<u8>, StateError> {
-    let mut file = match OpenOptions::new().read(true).write(true).open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(io_error("open", path)(e)),
+    let (good, repaired) = read_complete_lines(path)?;
+    repaired.map(|()| good)
+}
+
+/// The complete lines of `path` (empty if it does not exist), and whether cutting a
+/// torn tail off the file worked: reading needs only a readable file, the cut needs a
+/// writable one.
+fn read_complete_lines(path: &Path) -> Result<(Vec<u8>, Result<(), StateError>), StateError> {
+    let mut bytes = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((Vec::new(), Ok(()))),
+        Err(e) => return Err(io_error("read", path)(e)),
     };
-    let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes)
-        .map_err(io_error("read", path))?;
-    if bytes.last().is_some_and(|&b| b != b'\n') {
-        let keep = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-        tracing::warn!(
-            file = %path.display(),
-            bytes = bytes.len() - keep,
-            "journal ends in a torn line (interrupted append); dropping it"
-        );
-        file.set_len(keep as u64)
-            .map_err(io_error("truncate", path))?;
-        file.sync_all().map_err(io_error("fsync", path))?;
-        bytes.truncate(keep);
+    if bytes.last().is_none_or(|&b| b == b'\n') {
+        return Ok((bytes, Ok(())));
     }
-    Ok(bytes)
+    let keep = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    tracing::warn!(
+        file = %path.display(),
+        bytes = bytes.len() - keep,
+        "journal ends in a torn line (interrupted append); dropping it"
+    );
+    bytes.truncate(keep);
+    let cut = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io_error("open", path))
+        .and_then(|file| {
+            file.set_len(keep as u64)
+                .map_err(io_error("truncate", path))?;
+            file.sync_all().map_err(io_error("fsync", path))
+        });
+    Ok((bytes, cut))
 }
 
 fn read_events(path: &Path) -> Result<Vec<Event>, StateError> {
@@ -741,7 +935,7 @@ mod tests {
         let store = StateStore::open(tmp.path()).unwrap();
         store.save(&sample_state()).unwrap();
         // A stale temp from an interrupted save must neither break nor survive a save.
-        fs::write(tmp.path().join(STATE_TMP), b"{\"format\": 2, \"serv").unwrap();
+        fs::write(store.tmp_path(), b"{\"format\": 2, \"serv").unwrap();
 
         let mut next = sample_state();
         next.services.remove("api");
@@ -828,6 +1022,72 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn lock_is_shared_within_a_process_and_released_with_the_last_holder() {
+        let tmp = TempDir::new("lock");
+        let dir = tmp.path().join("s");
+        let a = StateLock::acquire(&dir).unwrap();
+        // Acquiring creates only an empty lock file; the pid is written on request.
+        assert_eq!(fs::read(dir.join(LOCK_FILE)).unwrap(), b"");
+        let b = StateLock::acquire(&dir).unwrap();
+        assert!(std::sync::Arc::ptr_eq(&a.0, &b.0));
+        a.record_pid().unwrap();
+        b.record_pid().unwrap();
+        let pid = fs::read_to_string(dir.join(LOCK_FILE)).unwrap();
+        assert_eq!(pid, format!("{}\n", std::process::id()));
+        drop((a, b));
+        let key = fs::canonicalize(&dir).unwrap();
+        assert!(
+            held_locks()
+                .get(&key)
+                .and_then(std::sync::Weak::upgrade)
+                .is_none()
+        );
+        // Released: a separate descriptor (as another process would have) can take it.
+        let other = File::open(dir.join(LOCK_FILE)).unwrap();
+        other.try_lock().unwrap();
+    }
+
+    #[test]
+    fn discard_moves_the_state_file_aside_unchanged() {
+        let tmp = TempDir::new("discard");
+        let lock = StateLock::acquire(tmp.path()).unwrap();
+        assert_eq!(discard(&lock).unwrap(), None);
+        let store = StateStore::open(tmp.path()).unwrap();
+        store.save(&sample_state()).unwrap();
+        let bytes = fs::read(store.path()).unwrap();
+        let first = discard(&lock).unwrap().unwrap();
+        assert!(!store.path().exists());
+        assert_eq!(fs::read(&first).unwrap(), bytes);
+        let name = first.file_name().unwrap().to_str().unwrap().to_string();
+        assert!(name.starts_with("state.json.discarded-2"), "{name}");
+        // A second discard within the same second does not overwrite the first.
+        store.save(&sample_state()).unwrap();
+        let second = discard(&lock).unwrap().unwrap();
+        assert_ne!(first, second);
+        assert!(first.exists() && second.exists());
+    }
+
+    #[test]
+    fn saves_use_a_temp_file_of_their_own_process() {
+        let tmp = TempDir::new("tmpname");
+        let store = StateStore::open(tmp.path()).unwrap();
+        let tmp_name = store.tmp_path();
+        assert!(
+            tmp_name
+                .to_str()
+                .unwrap()
+                .ends_with(&format!("state.json.tmp.{}", std::process::id()))
+        );
+        // Another process's leftover is ignored by load and cleared on request.
+        let stale = tmp.path().join("state.json.tmp.1");
+        fs::write(&stale, b"{").unwrap();
+        store.save(&sample_state()).unwrap();
+        assert_eq!(store.load().unwrap().unwrap(), sample_state());
+        store.remove_stale_temps();
+        assert_eq!(names(tmp.path()), [STATE_FILE]);
     }
 
     fn event(n: u64) -> Event {

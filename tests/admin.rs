@@ -306,10 +306,15 @@ async fn methods_and_content_types_are_enforced() {
     .unwrap();
     let a = send(&admin.client, form).await;
     assert_eq!(a.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
-    let no_type = admin
-        .call(Method::POST, "/api/v1/services/shop/rollback", None, &[])
-        .await;
-    assert_eq!(no_type.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    // A body without a Content-Type is refused even where the body is optional.
+    let no_type = Request::post(format!(
+        "http://{}/api/v1/services/shop/rollback",
+        admin.addr
+    ))
+    .body(full("{}"))
+    .unwrap();
+    let a = send(&admin.client, no_type).await;
+    assert_eq!(a.status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{}", a.text());
     assert_eq!(
         admin.get("/api/v1/services/shop").await.json()["version"],
         1
@@ -600,7 +605,7 @@ async fn series_counts_each_pools_requests_errors_and_p99_per_step() {
     for _ in 0..40 {
         get(&c, s.proxy.addr, "shop.example.com", "/").await;
     }
-    let split = s.proxy.service("shop").await;
+    let split = admin.get("/api/v1/services/shop").await.json();
     assert_eq!(split["version"], 1);
     // Points appear as the guard closes each (1 s) slice.
     let total = |p: &Value, key: &str| -> u64 {
@@ -724,4 +729,457 @@ async fn dashboard_page_is_self_contained_and_served_without_the_token() {
     );
     let post = admin.call(Method::POST, "/", None, &[]).await;
     assert_eq!(post.status, StatusCode::METHOD_NOT_ALLOWED);
+}
+
+/// An answer read off a raw connection.
+struct Raw {
+    status: u16,
+    /// The status line and headers, lowercased.
+    head: String,
+    body: String,
+}
+
+impl Raw {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
+    }
+}
+
+/// Write `request` byte for byte (Host, Origin and framing exactly as given) on a fresh
+/// connection and read until the server closes it, within a deadline.
+async fn raw(addr: SocketAddr, request: &[u8]) -> Raw {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        conn.write_all(request).await.unwrap();
+        let mut out = Vec::new();
+        conn.read_to_end(&mut out).await.unwrap();
+        out
+    };
+    let out = tokio::time::timeout(std::time::Duration::from_secs(10), exchange)
+        .await
+        .expect("no answer, or the connection stayed open, within 10 s");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {text:?}"));
+    Raw {
+        status,
+        head: head.to_ascii_lowercase(),
+        body: body.to_string(),
+    }
+}
+
+/// One request with exactly these headers (and `Content-Length` for a body), asking the
+/// server to close afterwards.
+fn request(method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Vec<u8> {
+    let mut r = format!("{method} {path} HTTP/1.1\r\n");
+    for (k, v) in headers {
+        r += &format!("{k}: {v}\r\n");
+    }
+    if !body.is_empty() {
+        r += &format!("Content-Length: {}\r\n", body.len());
+    }
+    r += "Connection: close\r\n\r\n";
+    r += body;
+    r.into_bytes()
+}
+
+const JSON: (&str, &str) = ("Content-Type", "application/json");
+const SWAP: &str = r#"{"weights":{"stable":0,"canary":1}}"#;
+
+async fn shop_version(admin: &Admin) -> (u64, Vec<(String, u64)>) {
+    let s = admin.get("/api/v1/services/shop").await.json();
+    (s["version"].as_u64().unwrap(), pool_weights(&s))
+}
+
+#[tokio::test]
+async fn foreign_hosts_are_misdirected_with_or_without_the_token() {
+    let up = upstream("stable").await;
+    let dir = temp_dir("host-token");
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    let toml = format!("[admin]\ntoken_file = \"{}\"\n", token_file.display())
+        + &service_toml("shop", None, &[("stable", vec![up.addr().to_string()], 1)]);
+    let proxy = start(&toml).await;
+    let addr = proxy.admin;
+    let port = addr.port();
+    let bearer = "Bearer s3cret-token";
+    let foreign = [
+        "evil.example".to_string(),
+        format!("evil.example:{port}"),
+        format!("127.0.0.1.nip.io:{port}"),
+        format!("localhost.evil.example:{port}"),
+        "x".to_string(),
+        format!("user@127.0.0.1:{port}"),
+    ];
+    for host in &foreign {
+        for auth in [None, Some(bearer)] {
+            for path in ["/api/v1/services", "/", "/metrics", "/nope"] {
+                let mut headers = vec![("Host", host.as_str())];
+                headers.extend(auth.map(|a| ("Authorization", a)));
+                let a = raw(addr, &request("GET", path, &headers, "")).await;
+                assert_eq!(a.status, 421, "{host} {path} {auth:?}: {}", a.body);
+                assert!(
+                    a.head.contains("content-type: application/json"),
+                    "{}",
+                    a.head
+                );
+                assert!(
+                    a.json()["error"].as_str().unwrap().contains("Host"),
+                    "{}",
+                    a.body
+                );
+            }
+        }
+        // Probes are exempt: an orchestrator may name us as it likes.
+        for path in ["/healthz", "/readyz"] {
+            let a = raw(addr, &request("GET", path, &[("Host", host)], "")).await;
+            assert_eq!(a.status, 200, "{host} {path}");
+        }
+    }
+    // Our own names, with or without the port, in any case.
+    let ours = [
+        format!("127.0.0.1:{port}"),
+        "127.0.0.1".to_string(),
+        format!("localhost:{port}"),
+        "localhost".to_string(),
+        format!("LocalHost.:{port}"),
+        format!("[::1]:{port}"),
+    ];
+    for host in &ours {
+        let headers = [("Host", host.as_str()), ("Authorization", bearer)];
+        let a = raw(addr, &request("GET", "/api/v1/services", &headers, "")).await;
+        assert_eq!(a.status, 200, "{host}: {}", a.body);
+        assert_eq!(a.json()["services"][0]["name"], "shop");
+        let page = raw(addr, &request("GET", "/", &[("Host", host)], "")).await;
+        assert_eq!(page.status, 200, "{host}");
+    }
+    // The host in an absolute-form target wins over the header, so it must be ours too.
+    let host = format!("127.0.0.1:{port}");
+    let target = format!("http://evil.example:{port}/api/v1/services");
+    let headers = [("Host", host.as_str()), ("Authorization", bearer)];
+    let a = raw(addr, &request("GET", &target, &headers, "")).await;
+    assert_eq!(a.status, 421, "{}", a.body);
+    // No Host at all (HTTP/1.0), or two.
+    let a = raw(addr, b"GET /api/v1/services HTTP/1.0\r\n\r\n").await;
+    assert_eq!(a.status, 421, "{}", a.body);
+    let two = [("Host", host.as_str()), ("Host", "evil.example")];
+    let a = raw(addr, &request("GET", "/", &two, "")).await;
+    assert_eq!(a.status, 421, "{}", a.body);
+}
+
+#[tokio::test]
+async fn a_rebound_page_cannot_change_weights() {
+    let (_p, admin, _s, _c) = shop_admin().await;
+    let before = shop_version(&admin).await;
+    // What a browser sends from `http://evil.example:PORT` once the name resolves to
+    // 127.0.0.1: to the browser this is a same-origin request.
+    let host = format!("evil.example:{}", admin.addr.port());
+    let origin = format!("http://{host}");
+    let headers = [("Host", host.as_str()), ("Origin", &origin), JSON];
+    let put = request("PUT", "/api/v1/services/shop/weights", &headers, SWAP);
+    let a = raw(admin.addr, &put).await;
+    assert_eq!(a.status, 421, "{}", a.body);
+    let post = request("POST", "/api/v1/services/shop/rollback", &headers, "");
+    assert_eq!(raw(admin.addr, &post).await.status, 421);
+    assert_eq!(shop_version(&admin).await, before);
+    assert!(admin.events().await.iter().all(|e| e["source"] != "admin"));
+}
+
+#[tokio::test]
+async fn cross_site_writes_are_forbidden_and_same_origin_ones_pass() {
+    let (_p, admin, _s, _c) = shop_admin().await;
+    let port = admin.addr.port();
+    let ip_host = format!("127.0.0.1:{port}");
+    let ip_origin = format!("http://{ip_host}");
+    let before = shop_version(&admin).await;
+    let refused: Vec<Vec<(&str, &str)>> = vec![
+        vec![("Origin", "http://evil.example")],
+        vec![("Origin", "https://evil.example")],
+        vec![("Origin", "null")],
+        vec![("Origin", "http://127.0.0.1:1")],
+        vec![("Origin", "http://127.0.0.1")],
+        vec![("Origin", "ftp://127.0.0.1:1")],
+        vec![("Origin", "garbage")],
+        // Another origin on the same machine: the same site, not the same origin.
+        vec![("Origin", "http://localhost:3000")],
+        vec![("Origin", &ip_origin), ("Sec-Fetch-Site", "cross-site")],
+        vec![("Sec-Fetch-Site", "cross-site")],
+        vec![("Sec-Fetch-Site", "same-site")],
+    ];
+    for extra in &refused {
+        let mut headers = vec![("Host", ip_host.as_str()), JSON];
+        headers.extend(extra.iter().copied());
+        let put = request("PUT", "/api/v1/services/shop/weights", &headers, SWAP);
+        let a = raw(admin.addr, &put).await;
+        assert_eq!(a.status, 403, "{extra:?}: {}", a.body);
+        assert!(a.json()["error"].is_string());
+        let post = request("POST", "/api/v1/services/shop/rollback", &headers, "");
+        assert_eq!(raw(admin.addr, &post).await.status, 403, "{extra:?}");
+    }
+    assert_eq!(shop_version(&admin).await, before);
+    // Reads are not refused (a page cannot read the answer without CORS, never sent).
+    let headers = [
+        ("Host", ip_host.as_str()),
+        ("Origin", "http://evil.example"),
+    ];
+    let a = raw(
+        admin.addr,
+        &request("GET", "/api/v1/services", &headers, ""),
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    assert!(
+        !a.head.contains("access-control-allow-origin"),
+        "{}",
+        a.head
+    );
+    // The dashboard's own calls: same origin, by IP or by localhost.
+    let headers = [
+        ("Host", ip_host.as_str()),
+        ("Origin", &ip_origin),
+        ("Sec-Fetch-Site", "same-origin"),
+        JSON,
+    ];
+    let put = request("PUT", "/api/v1/services/shop/weights", &headers, SWAP);
+    let a = raw(admin.addr, &put).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.json()["version"], 2);
+    let lh_host = format!("localhost:{port}");
+    let lh_origin = format!("http://LOCALHOST:{port}");
+    let headers = [("Host", lh_host.as_str()), ("Origin", &lh_origin), JSON];
+    let body = r#"{"weights":{"stable":1,"canary":1}}"#;
+    let put = request("PUT", "/api/v1/services/shop/weights", &headers, body);
+    let a = raw(admin.addr, &put).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.json()["version"], 3);
+    // Behind a TLS-terminating proxy the page's origin is https on the same host.
+    let headers = [
+        ("Host", "localhost"),
+        ("Origin", "https://localhost:443"),
+        JSON,
+    ];
+    let put = request("PUT", "/api/v1/services/shop/weights", &headers, SWAP);
+    let a = raw(admin.addr, &put).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    // Clients that are not browsers send no Origin.
+    let a = admin
+        .put_weights("shop", json!({"weights": {"stable": 9, "canary": 1}}))
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+}
+
+/// An admin API of our own, on its own port, with `body_timeout` and `allowed` hosts.
+struct OwnAdmin {
+    addr: SocketAddr,
+    controller: Arc<weir::control::Controller>,
+    _weir: weir::Weir,
+    _up: weir::upstream::UpstreamHandle,
+}
+
+async fn own_admin(body_timeout: std::time::Duration, allowed: &[&str]) -> OwnAdmin {
+    let up = upstream("stable").await;
+    let ep = vec![up.addr().to_string()];
+    let toml = service_toml(
+        "shop",
+        None,
+        &[("stable", ep.clone(), 9), ("canary", ep, 1)],
+    );
+    let mut config = Config::parse(&toml, "t").unwrap();
+    config.state.dir = temp_dir("own-admin");
+    let weir = weir::Weir::new(config, None).unwrap();
+    let admin = weir::admin::Admin::new(
+        Arc::clone(weir.controller()),
+        Arc::clone(weir.guard()),
+        weir::metrics::Metrics::new(),
+        None,
+        false,
+        None,
+    )
+    .with_body_read_timeout(body_timeout)
+    .with_allowed_hosts(allowed);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(Arc::new(admin).serve(listener, std::future::pending()));
+    OwnAdmin {
+        addr,
+        controller: Arc::clone(weir.controller()),
+        _weir: weir,
+        _up: up,
+    }
+}
+
+impl OwnAdmin {
+    fn version(&self) -> u64 {
+        self.controller
+            .router()
+            .table()
+            .service("shop")
+            .unwrap()
+            .snapshot()
+            .version
+    }
+}
+
+#[tokio::test]
+async fn a_stalled_body_is_408_and_the_connection_closed() {
+    let own = own_admin(std::time::Duration::from_millis(300), &[]).await;
+    let host = format!("127.0.0.1:{}", own.addr.port());
+    // Announces 40 bytes, sends 11, then nothing; no `Connection: close` from us, so an
+    // EOF within the deadline means the server closed.
+    let stalled = format!(
+        "PUT /api/v1/services/shop/weights HTTP/1.1\r\nHost: {host}\r\n\
+         Content-Type: application/json\r\nContent-Length: 40\r\n\r\n{{\"weights\":"
+    );
+    let started = Instant::now();
+    let a = raw(own.addr, stalled.as_bytes()).await;
+    assert_eq!(a.status, 408, "{}", a.body);
+    assert!(a.head.contains("connection: close"), "{}", a.head);
+    assert!(
+        a.head.contains("content-type: application/json"),
+        "{}",
+        a.head
+    );
+    assert!(
+        a.json()["error"].as_str().unwrap().contains("body"),
+        "{}",
+        a.body
+    );
+    assert!(started.elapsed() >= std::time::Duration::from_millis(300));
+    assert_eq!(own.version(), 1);
+    // A body that arrives in time is served as usual.
+    let headers = [("Host", host.as_str()), JSON];
+    let put = request("PUT", "/api/v1/services/shop/weights", &headers, SWAP);
+    let a = raw(own.addr, &put).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(own.version(), 2);
+}
+
+#[tokio::test]
+async fn allowed_host_names_are_served() {
+    let own = own_admin(weir::admin::BODY_READ_TIMEOUT, &["weir", "Admin.Example."]).await;
+    let port = own.addr.port();
+    for host in [
+        "weir".to_string(),
+        format!("weir:{port}"),
+        "WEIR:9901".to_string(),
+        format!("admin.example:{port}"),
+        "admin.example.".to_string(),
+    ] {
+        let a = raw(
+            own.addr,
+            &request("GET", "/metrics", &[("Host", &host)], ""),
+        )
+        .await;
+        assert_eq!(a.status, 200, "{host}: {}", a.body);
+    }
+    for host in ["weir.evil.example", "eweir", "example"] {
+        let a = raw(own.addr, &request("GET", "/metrics", &[("Host", host)], "")).await;
+        assert_eq!(a.status, 421, "{host}");
+    }
+    // Same origin by an allowed name.
+    let host = format!("weir:{port}");
+    let origin = format!("http://{host}");
+    let headers = [("Host", host.as_str()), ("Origin", &origin), JSON];
+    let put = request("PUT", "/api/v1/services/shop/weights", &headers, SWAP);
+    assert_eq!(raw(own.addr, &put).await.status, 200);
+    assert_eq!(own.version(), 2);
+}
+
+#[tokio::test]
+async fn duplicate_json_keys_are_400_naming_the_key() {
+    let (_p, admin, _s, _c) = shop_admin().await;
+    let before = shop_version(&admin).await;
+    let host = admin.addr.to_string();
+    for (body, key) in [
+        (
+            r#"{"weights":{"stable":1,"canary":0,"canary":9}}"#,
+            "canary",
+        ),
+        (
+            r#"{"weights":{"stable":1,"canary":1},"weights":{"stable":0,"canary":1}}"#,
+            "weights",
+        ),
+        // The same key spelled with an escape is the same key.
+        (
+            r#"{"weights":{"stable":1,"st\u0061ble":0,"canary":1}}"#,
+            "stable",
+        ),
+    ] {
+        let headers = [("Host", host.as_str()), JSON];
+        let put = request("PUT", "/api/v1/services/shop/weights", &headers, body);
+        let a = raw(admin.addr, &put).await;
+        assert_eq!(a.status, 400, "{body}: {}", a.body);
+        let msg = a.json()["error"].as_str().unwrap().to_string();
+        assert!(
+            msg.contains(&format!("duplicate key `{key}`")),
+            "{body}: {msg}"
+        );
+    }
+    let headers = [("Host", host.as_str()), JSON];
+    let body = r#"{"reason":"a","reason":"b"}"#;
+    let post = request("POST", "/api/v1/services/shop/rollback", &headers, body);
+    let a = raw(admin.addr, &post).await;
+    assert_eq!(a.status, 400, "{}", a.body);
+    assert!(
+        a.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("duplicate key `reason`")
+    );
+    assert_eq!(shop_version(&admin).await, before);
+}
+
+#[tokio::test]
+async fn bodyless_posts_need_no_content_type() {
+    let (proxy, admin, _s, _c) = shop_admin().await;
+    let host = admin.addr.to_string();
+    // No body, no Content-Length, no Content-Type: `curl -X POST …/rollback`.
+    let post = request(
+        "POST",
+        "/api/v1/services/shop/rollback",
+        &[("Host", &host)],
+        "",
+    );
+    let a = raw(admin.addr, &post).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(
+        pool_weights(&a.json()),
+        [("stable".into(), 100), ("canary".into(), 0)]
+    );
+    // Content-Length: 0 through a client that adds nothing else.
+    proxy.set_weights("shop", &[("stable", 90), ("canary", 10)]);
+    let a = admin
+        .call(Method::POST, "/api/v1/services/shop/rollback", None, &[])
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    // The other routes whose body is optional get past the media type check too.
+    for (path, status) in [
+        ("/api/v1/services/shop/rollout", StatusCode::CONFLICT),
+        ("/api/v1/services/shop/promote", StatusCode::CONFLICT),
+        ("/api/v1/services/shop/pause", StatusCode::CONFLICT),
+        ("/api/v1/reload", StatusCode::CONFLICT),
+    ] {
+        let a = admin.call(Method::POST, path, None, &[]).await;
+        assert_eq!(a.status, status, "{path}: {}", a.text());
+    }
+    // A form, even an empty one, is still not JSON; nor are weights optional.
+    let version = shop_version(&admin).await;
+    for ct in ["application/x-www-form-urlencoded", "text/plain"] {
+        let headers = [("Host", host.as_str()), ("Content-Type", ct)];
+        let post = request("POST", "/api/v1/services/shop/rollback", &headers, "");
+        assert_eq!(raw(admin.addr, &post).await.status, 415, "{ct}");
+    }
+    let put = request(
+        "PUT",
+        "/api/v1/services/shop/weights",
+        &[("Host", &host)],
+        "",
+    );
+    assert_eq!(raw(admin.addr, &put).await.status, 415);
+    assert_eq!(shop_version(&admin).await, version);
 }

@@ -234,12 +234,14 @@ async fn acknowledged_weights_survive_kill_9() {
     child.0.wait().unwrap();
 
     let (_child, admin) = run_weir(&dir, &state, "127.0.0.1:1", "127.0.0.1:2").await;
-    let s = get(&c, admin, "x", "/api/v1/services/shop").await.json();
+    let s = get(&c, admin, "localhost", "/api/v1/services/shop")
+        .await
+        .json();
     assert_eq!(s["pools"][0]["weight"], 25);
     assert_eq!(s["pools"][1]["weight"], 75);
     assert_eq!(s["version"], 2);
     assert_eq!(s["updated_by"], "admin");
-    let events = get(&c, admin, "x", "/api/v1/events").await.json();
+    let events = get(&c, admin, "localhost", "/api/v1/events").await.json();
     let kinds: Vec<&str> = events["events"]
         .as_array()
         .unwrap()
@@ -263,7 +265,9 @@ async fn state_file_of_an_older_format_still_loads() {
     // The fixture has shop at stable=90 canary=10, version 3; start with other weights.
     let (_child, admin) = run_weir(&dir, &state, "127.0.0.1:1", "127.0.0.1:2").await;
     let c = client();
-    let s = get(&c, admin, "x", "/api/v1/services/shop").await.json();
+    let s = get(&c, admin, "localhost", "/api/v1/services/shop")
+        .await
+        .json();
     assert_eq!(s["version"], 3);
     assert_eq!(s["pools"][0]["weight"], 90);
     // And it was rewritten in the current format.
@@ -293,13 +297,15 @@ async fn sighup_reloads_the_config_file() {
     let reloaded = wait_until(Duration::from_secs(10), || {
         let c = c.clone();
         async move {
-            let s = get(&c, admin, "x", "/api/v1/services/shop").await.json();
+            let s = get(&c, admin, "localhost", "/api/v1/services/shop")
+                .await
+                .json();
             s["pools"][1]["name"] == "green"
         }
     })
     .await;
     assert!(reloaded, "SIGHUP did not reload the config");
-    let events = get(&c, admin, "x", "/api/v1/events").await.json();
+    let events = get(&c, admin, "localhost", "/api/v1/events").await.json();
     let e = events["events"]
         .as_array()
         .unwrap()

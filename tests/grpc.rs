@@ -304,7 +304,7 @@ fn grpc_lines(text: &str) -> String {
 }
 
 async fn scrape(proxy: &Proxy) -> String {
-    let a = get(&client(), proxy.admin, "x", "/metrics").await;
+    let a = get(&client(), proxy.admin, "localhost", "/metrics").await;
     assert_eq!(a.status, StatusCode::OK);
     a.text()
 }

@@ -183,7 +183,9 @@ async fn broken_canary_is_rolled_back_within_three_seconds() {
     let state = std::fs::read_to_string(s.proxy.state_dir.join("state.json")).unwrap();
     assert!(state.contains("\"degraded\""), "{state}");
     // Metric and webhook.
-    let metrics = get(&client(), s.proxy.admin, "x", "/metrics").await.text();
+    let metrics = get(&client(), s.proxy.admin, "localhost", "/metrics")
+        .await
+        .text();
     assert!(
         metrics.contains("weir_rollbacks_total{service=\"shop\",reason=\"error_rate\"} 1"),
         "{metrics}"
@@ -388,7 +390,9 @@ async fn dry_run_reports_and_keeps_weights() {
     load.stop().await;
     assert!(reported);
     assert_eq!(weights(&s.proxy), [90, 10]);
-    let metrics = get(&client(), s.proxy.admin, "x", "/metrics").await.text();
+    let metrics = get(&client(), s.proxy.admin, "localhost", "/metrics")
+        .await
+        .text();
     assert!(
         metrics.contains(
             "weir_guard_dry_run_rollbacks_total{service=\"shop\",reason=\"error_rate\"} 1"
@@ -417,7 +421,10 @@ async fn a_rollback_the_disk_refuses_still_moves_traffic_and_is_saved_later() {
     warm_up(&s.proxy, &s.canary, 30).await;
     // The state file's temp path becomes a non-empty directory: every save fails (as
     // on a full or broken disk), while the saved state stays readable.
-    let blocker = s.proxy.state_dir.join("state.json.tmp");
+    let blocker = s
+        .proxy
+        .state_dir
+        .join(format!("state.json.tmp.{}", std::process::id()));
     std::fs::create_dir_all(blocker.join("x")).unwrap();
     let saved = std::fs::read_to_string(s.proxy.state_dir.join("state.json")).unwrap();
     s.canary.set_faults(Faults::errors(1.0));
@@ -433,7 +440,9 @@ async fn a_rollback_the_disk_refuses_still_moves_traffic_and_is_saved_later() {
     let doc = service(&s.proxy).await;
     assert_eq!(doc["not_durable"], true, "{doc}");
     assert_eq!(doc["health"], "degraded");
-    let metrics = get(&client(), s.proxy.admin, "x", "/metrics").await.text();
+    let metrics = get(&client(), s.proxy.admin, "localhost", "/metrics")
+        .await
+        .text();
     assert!(
         metrics.contains("weir_state_unsaved_changes 1"),
         "{metrics}"
@@ -465,7 +474,9 @@ async fn a_rollback_the_disk_refuses_still_moves_traffic_and_is_saved_later() {
         .find(|e| e["kind"] == "rolled_back")
         .expect("the rollback is journaled once the disk allows");
     assert_eq!(rolled["details"]["not_durable"], true, "{rolled}");
-    let metrics = get(&client(), s.proxy.admin, "x", "/metrics").await.text();
+    let metrics = get(&client(), s.proxy.admin, "localhost", "/metrics")
+        .await
+        .text();
     assert!(
         metrics.contains("weir_state_unsaved_changes 0"),
         "{metrics}"

@@ -165,7 +165,9 @@ async fn a_dead_host_is_routed_around_and_comes_back_without_a_rollback() {
             .iter()
             .any(|e| e["kind"] == "endpoint_down")
     );
-    let metrics = get(&client(), proxy.admin, "x", "/metrics").await.text();
+    let metrics = get(&client(), proxy.admin, "localhost", "/metrics")
+        .await
+        .text();
     assert!(
         metrics.contains(&format!(
             "weir_endpoint_healthy{{service=\"shop\",pool=\"stable\",endpoint=\"{dead}\"}} 0"
@@ -268,7 +270,9 @@ async fn consecutive_failures_eject_but_never_more_than_half_the_pool() {
             .unwrap()
             .contains("for 30s after 3 consecutive failures")
     );
-    let metrics = get(&client(), proxy.admin, "x", "/metrics").await.text();
+    let metrics = get(&client(), proxy.admin, "localhost", "/metrics")
+        .await
+        .text();
     assert!(metrics.contains("weir_endpoint_ejections_total{service=\"shop\",pool=\"stable\""));
 }
 
@@ -325,7 +329,9 @@ async fn a_refused_connection_is_retried_on_another_endpoint_and_still_counted()
         let a = get(&c, proxy.addr, "x", "/").await;
         assert_eq!((a.status, a.upstream()), (StatusCode::OK, "good"));
     }
-    let metrics = get(&client(), proxy.admin, "x", "/metrics").await.text();
+    let metrics = get(&client(), proxy.admin, "localhost", "/metrics")
+        .await
+        .text();
     let retries = metrics
         .lines()
         .find(|l| {

@@ -28,7 +28,7 @@ fn tool(name: &str) -> String {
 }
 
 async fn scrape(admin: std::net::SocketAddr) -> String {
-    let a = get(&client(), admin, "x", "/metrics").await;
+    let a = get(&client(), admin, "localhost", "/metrics").await;
     assert_eq!(a.status, StatusCode::OK);
     assert!(
         a.headers["content-type"]
@@ -153,7 +153,7 @@ async fn metrics_can_require_the_token() {
     let proxy = start(&toml).await;
     let c = client();
     assert_eq!(
-        get(&c, proxy.admin, "x", "/metrics").await.status,
+        get(&c, proxy.admin, "localhost", "/metrics").await.status,
         StatusCode::UNAUTHORIZED
     );
     let req = Request::get(format!("http://{}/metrics", proxy.admin))

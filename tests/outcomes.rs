@@ -75,7 +75,9 @@ fn codes(text: &str, pool: &str) -> String {
 }
 
 async fn metrics_text(proxy: &Proxy) -> String {
-    get(&client(), proxy.admin, "x", "/metrics").await.text()
+    get(&client(), proxy.admin, "localhost", "/metrics")
+        .await
+        .text()
 }
 
 fn weights(proxy: &Proxy) -> Vec<u32> {

@@ -32,7 +32,7 @@ impl Admin {
         get(
             &client(),
             self.addr,
-            "x",
+            "localhost",
             &format!("/api/v1/services/{name}"),
         )
         .await
@@ -40,9 +40,14 @@ impl Admin {
     }
 
     async fn events(&self) -> Vec<Value> {
-        get(&client(), self.addr, "x", "/api/v1/events?limit=1000")
-            .await
-            .json()["events"]
+        get(
+            &client(),
+            self.addr,
+            "localhost",
+            "/api/v1/events?limit=1000",
+        )
+        .await
+        .json()["events"]
             .as_array()
             .unwrap()
             .clone()
@@ -187,7 +192,9 @@ async fn canary_plan_runs_its_steps_and_promotes() {
     let operator = events.iter().filter(|e| e["source"] == "admin").count();
     assert_eq!(operator, 2, "start and promote are the operator's");
     // Metrics say so too.
-    let metrics = get(&client(), proxy.admin, "x", "/metrics").await.text();
+    let metrics = get(&client(), proxy.admin, "localhost", "/metrics")
+        .await
+        .text();
     assert!(
         metrics.contains("weir_rollout_phase{service=\"shop\",phase=\"promoted\"} 1"),
         "{metrics}"
@@ -240,7 +247,13 @@ async fn verbs_refuse_the_wrong_phase_and_unknown_services() {
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
     let bad = admin.post("shop/promote", json!({"full": "yes"})).await;
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
-    let get_verb = get(&client(), proxy.admin, "x", "/api/v1/services/shop/promote").await;
+    let get_verb = get(
+        &client(),
+        proxy.admin,
+        "localhost",
+        "/api/v1/services/shop/promote",
+    )
+    .await;
     assert_eq!(get_verb.status, StatusCode::METHOD_NOT_ALLOWED);
 
     assert_eq!(

@@ -71,7 +71,7 @@ impl Proxy {
         get(
             &client(),
             self.admin,
-            "x",
+            "localhost",
             &format!("/api/v1/services/{name}"),
         )
         .await
@@ -80,9 +80,14 @@ impl Proxy {
 
     /// Every event so far (up to 1000), oldest first.
     pub async fn events(&self) -> Vec<serde_json::Value> {
-        get(&client(), self.admin, "x", "/api/v1/events?limit=1000")
-            .await
-            .json()["events"]
+        get(
+            &client(),
+            self.admin,
+            "localhost",
+            "/api/v1/events?limit=1000",
+        )
+        .await
+        .json()["events"]
             .as_array()
             .cloned()
             .unwrap_or_default()
@@ -487,4 +492,134 @@ impl Body for Generated {
             SizeHint::default()
         }
     }
+}
+
+/// A raw upstream on 127.0.0.1: records every byte it receives (all connections, in
+/// arrival order per connection) and answers each complete request with the next of
+/// `responses` (the last one repeats). A request is complete at its blank line, or
+/// after its Content-Length or its chunked body's last chunk. Tests see exactly what
+/// reached the backend.
+pub struct Recorder {
+    pub addr: SocketAddr,
+    received: Arc<std::sync::Mutex<Vec<u8>>>,
+    requests: Arc<std::sync::atomic::AtomicUsize>,
+    closed: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Recorder {
+    pub async fn start(responses: Vec<&'static [u8]>) -> Recorder {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let closed = Arc::new(AtomicUsize::new(0));
+        let (r, q, c) = (received.clone(), requests.clone(), closed.clone());
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let (r, q, c, responses) = (r.clone(), q.clone(), c.clone(), responses.clone());
+                tokio::spawn(async move {
+                    let mut pending = Vec::new();
+                    let mut buf = vec![0u8; 16384];
+                    loop {
+                        let n = match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        r.lock().unwrap().extend_from_slice(&buf[..n]);
+                        pending.extend_from_slice(&buf[..n]);
+                        while let Some(len) = complete_request(&pending) {
+                            pending.drain(..len);
+                            let i = q.fetch_add(1, Ordering::SeqCst);
+                            let resp = responses[i.min(responses.len() - 1)];
+                            if s.write_all(resp).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    c.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        });
+        Recorder {
+            addr,
+            received,
+            requests,
+            closed,
+        }
+    }
+
+    /// Everything received so far, lossily as text.
+    pub fn received(&self) -> String {
+        String::from_utf8_lossy(&self.received.lock().unwrap()).into_owned()
+    }
+
+    pub fn requests(&self) -> usize {
+        self.requests.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Connections the peer (weir) has closed.
+    pub fn closed(&self) -> usize {
+        self.closed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// The length of the first complete HTTP/1.1 request in `buf`, if there is one.
+fn complete_request(buf: &[u8]) -> Option<usize> {
+    let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    let field = |name: &str| {
+        head.lines()
+            .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+    };
+    if field("transfer-encoding:").is_some_and(|v| v.contains("chunked")) {
+        let end = buf[head_end..].windows(5).position(|w| w == b"0\r\n\r\n")?;
+        return Some(head_end + end + 5);
+    }
+    let len: usize = field("content-length:")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    (buf.len() >= head_end + len).then_some(head_end + len)
+}
+
+/// Write `bytes` on `s` and read one response head (through its blank line); the head
+/// as text, or what came before the peer closed or `limit` passed.
+pub async fn exchange_raw(s: &mut tokio::net::TcpStream, bytes: &[u8], limit: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(bytes).await.unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1];
+    let deadline = tokio::time::Instant::now() + limit;
+    // One byte at a time: nothing after the head is consumed, so the next exchange on
+    // the same connection starts clean once the body is skipped.
+    while !seen.ends_with(b"\r\n\r\n") {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(1)) => seen.push(buf[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+/// Sum of every `name{...}` sample on weir's admin `/metrics` whose labels contain
+/// `labels` (e.g. `pool="p"`).
+pub async fn metric_sum(admin: SocketAddr, name: &str, labels: &str) -> f64 {
+    // By address: the admin API may refuse other Host names.
+    let text = get(&client(), admin, &admin.to_string(), "/metrics")
+        .await
+        .text();
+    let samples: Vec<f64> = text
+        .lines()
+        .filter(|l| {
+            (l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+                && l.contains(labels)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .collect();
+    assert!(
+        !samples.is_empty(),
+        "no {name} {labels} in /metrics:\n{text}"
+    );
+    samples.iter().sum()
 }
