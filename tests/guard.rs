@@ -371,15 +371,11 @@ async fn a_thin_canary_failing_everything_is_rolled_back() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dry_run_reports_and_keeps_weights() {
-    let s = setup(
-        (90, 10),
-        "mode = \"dry-run\"\ninterval = \"200ms\"\nmin_requests = 20\nmax_error_rate = 0.05\n",
-    )
-    .await;
+/// The canary fails half its requests under load until the dry-run guard reports it;
+/// weights stay. The load keeps going.
+async fn break_canary_in_dry_run(s: &Shop, rate: u64, clients: u64) -> Load {
     s.canary.set_faults(Faults::errors(0.5));
-    let load = Load::start(s.proxy.addr, 500, 16);
+    let load = Load::start(s.proxy.addr, rate, clients);
     let reported = wait_until(Duration::from_secs(20), || async {
         events(&s.proxy)
             .await
@@ -387,9 +383,20 @@ async fn dry_run_reports_and_keeps_weights() {
             .any(|e| e["kind"] == "rollback_dry_run")
     })
     .await;
-    load.stop().await;
     assert!(reported);
     assert_eq!(weights(&s.proxy), [90, 10]);
+    load
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_reports_and_keeps_weights() {
+    let s = setup(
+        (90, 10),
+        "mode = \"dry-run\"\ninterval = \"200ms\"\nmin_requests = 20\nmax_error_rate = 0.05\n",
+    )
+    .await;
+    let load = break_canary_in_dry_run(&s, 500, 16).await;
+    load.stop().await;
     let metrics = get(&client(), s.proxy.admin, "localhost", "/metrics")
         .await
         .text();
@@ -491,17 +498,7 @@ async fn switching_dry_run_to_enforce_by_reload_acts_on_a_breach_already_reporte
         )
     };
     let s = shop(None, (90, 10), &slo("dry-run")).await;
-    s.canary.set_faults(Faults::errors(0.5));
-    let load = Load::start(s.proxy.addr, 300, 8);
-    let reported = wait_until(Duration::from_secs(20), || async {
-        events(&s.proxy)
-            .await
-            .iter()
-            .any(|e| e["kind"] == "rollback_dry_run")
-    })
-    .await;
-    assert!(reported);
-    assert_eq!(weights(&s.proxy), [90, 10]);
+    let load = break_canary_in_dry_run(&s, 300, 8).await;
     // Same config, now enforcing: the breach that is still going on is acted on.
     let toml = proxy_toml("")
         + &service_toml(

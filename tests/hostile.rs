@@ -214,19 +214,7 @@ async fn h2c_upgrade_never_becomes_a_tunnel() {
     );
     assert!(!seen.contains("upgrade"), "{seen}");
     // A 101 nobody asked for is the upstream breaking HTTP: the pool's `protocol`.
-    assert_eq!(
-        metric_sum(
-            proxy.admin,
-            "weir_upstream_errors_total",
-            "kind=\"protocol\""
-        )
-        .await,
-        1.0
-    );
-    assert_eq!(
-        metric_sum(proxy.admin, "weir_tunnels_open", "pool=\"pa\"").await,
-        0.0
-    );
+    assert_a_protocol_failure_and_no_tunnel(&proxy).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -259,19 +247,7 @@ async fn a_switch_to_an_unrequested_protocol_is_a_502() {
     // The upstream connection is closed, not left half-switched.
     assert!(wait_until(LIMIT, || async { ra.closed() == 1 }).await);
     // The upstream broke the protocol: that one is the pool's failure.
-    assert_eq!(
-        metric_sum(
-            proxy.admin,
-            "weir_upstream_errors_total",
-            "kind=\"protocol\""
-        )
-        .await,
-        1.0
-    );
-    assert_eq!(
-        metric_sum(proxy.admin, "weir_tunnels_open", "pool=\"pa\"").await,
-        0.0
-    );
+    assert_a_protocol_failure_and_no_tunnel(&proxy).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -475,4 +451,22 @@ async fn conflicting_framing_never_reaches_the_backend_twice_framed() {
         assert!(framings <= 1, "{head}");
     }
     assert_eq!(failures(&proxy).await, 0.0);
+}
+
+/// A backend that broke HTTP (a 101 nobody asked for, or for the wrong protocol): one
+/// `protocol` failure for its pool, and no tunnel left open.
+async fn assert_a_protocol_failure_and_no_tunnel(proxy: &Proxy) {
+    assert_eq!(
+        metric_sum(
+            proxy.admin,
+            "weir_upstream_errors_total",
+            "kind=\"protocol\""
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        metric_sum(proxy.admin, "weir_tunnels_open", "pool=\"pa\"").await,
+        0.0
+    );
 }
