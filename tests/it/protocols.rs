@@ -1,12 +1,10 @@
 //! WebSocket upgrades and HTTP/2 (h2c) clients through a real weir, with real
 //! WebSocket peers (tokio-tungstenite) and hyper's HTTP/2 client.
 
-mod common;
-
 use std::net::SocketAddr;
 
+use crate::common::*;
 use bytes::Bytes;
-use common::*;
 use futures_util::{SinkExt, StreamExt};
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty};

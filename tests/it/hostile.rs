@@ -3,12 +3,10 @@
 //! bodies on bodyless methods, and tunnels' limits. A raw recording backend shows
 //! exactly what reached the upstream; raw clients write exact bytes.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::*;
 use bytes::Bytes;
-use common::*;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -1,13 +1,11 @@
 //! Lifecycle and abuse: graceful drain, slow and oversized clients, stalled bodies,
 //! and the connection limit — on real sockets.
 
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use http::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};

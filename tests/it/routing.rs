@@ -1,8 +1,6 @@
 //! Weighted splits and Host routing through a real weir and real upstreams.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use http::StatusCode;
 
 async fn two_pools(

@@ -4,15 +4,13 @@
 //! through the API that traffic went back to the baseline. Screenshots land in the
 //! test's temp dir (or in `WEIR_SCREENSHOT_DIR`).
 
-mod common;
-
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use fantoccini::{Client as Browser, ClientBuilder, Locator};
 use http::StatusCode;
 use hyper_util::client::legacy::connect::HttpConnector;

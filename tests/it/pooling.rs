@@ -1,13 +1,11 @@
 //! Upstream keep-alive: connections are reused, expire after `pool_idle_timeout`, and a
 //! pooled connection the upstream closed is never turned into a client-visible error.
 
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use http::StatusCode;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;

@@ -1,8 +1,6 @@
 //! `/metrics` against the real tools: promtool lints the exposition, and a real
 //! Prometheus server scrapes weir while traffic flows and answers PromQL about it.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -10,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use http::{Request, StatusCode};
 use serde_json::Value;
 use weir::upstream::Faults;
@@ -282,7 +280,7 @@ struct Expr {
 /// The examples of the README's Metrics section: its one ```promql block, where each
 /// example is a `# name` comment line followed by the expression's lines.
 fn readme_examples() -> Vec<Expr> {
-    let readme = include_str!("../README.md");
+    let readme = include_str!("../../README.md");
     let section = readme
         .split_once("\n## Metrics\n")
         .expect("README has no `## Metrics` section")
@@ -358,7 +356,7 @@ fn dashboard_exprs() -> Vec<Expr> {
         }
     }
     let d: Value =
-        serde_json::from_str(include_str!("../config/grafana/weir-dashboard.json")).unwrap();
+        serde_json::from_str(include_str!("../../config/grafana/weir-dashboard.json")).unwrap();
     let mut out = Vec::new();
     walk(&d["panels"], &mut out);
     assert!(!out.is_empty(), "no panel queries in the dashboard");

@@ -1,15 +1,13 @@
 //! The SLO guard on real sockets: how fast it moves traffic back from a broken canary,
 //! and that it does not when the canary is not to blame or the evidence is thin.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use bytes::Bytes;
-use common::*;
 use http::{Response, StatusCode};
 use http_body_util::Full;
 use serde_json::Value;

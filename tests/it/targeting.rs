@@ -1,8 +1,6 @@
 //! Targeting (a header or cookie naming a pool) and sticky users, through a real weir.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use http::Request;
 use weir::upstream::UpstreamHandle;
 

@@ -1,13 +1,11 @@
 //! Rollout plans on real sockets: every step kind, every verb and its errors, restart
 //! mid-plan, blue/green preview and switch, and the guard ending a plan.
 
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use http::{Method, Request, StatusCode};
 use serde_json::{Value, json};
 use weir::config::Config;

@@ -1,13 +1,11 @@
 //! Forwarding correctness through a real weir: headers both ways, streamed bodies, and
 //! the mapping of upstream failures to 502/503/504 with one outcome each.
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::common::*;
 use bytes::Bytes;
-use common::*;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use tokio::io::AsyncWriteExt;

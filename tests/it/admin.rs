@@ -1,14 +1,12 @@
 //! The admin API on real sockets: every route and error case, auth, durable state and
 //! events, reload, and weight changes under load.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use common::*;
+use crate::common::*;
 use http::{Method, Request, StatusCode};
 use serde_json::{Value, json};
 use weir::config::Config;

@@ -2,14 +2,12 @@
 //! a 1 GiB upload and a 1 GiB download with flat memory (measured on the proxy process
 //! alone, which is why this drives the real binary).
 
-mod common;
-
 use std::io::Write;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 

@@ -2,15 +2,13 @@
 //! directory, loud refusal of a state file weir cannot use (and `weir state discard`),
 //! a disk that refuses writes, and `weir check` running the start-up checks.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use http::{Request, StatusCode};
 
 const WEIR: &str = env!("CARGO_BIN_EXE_weir");

@@ -1,13 +1,11 @@
 //! The HTTPS listener: certificates by SNI, ALPN h2 and http/1.1, X-Forwarded-Proto, and
 //! startup errors for unusable certificates — with certificates made in the test.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::common::*;
 use bytes::Bytes;
-use common::*;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};

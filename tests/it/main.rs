@@ -1,0 +1,27 @@
+//! The integration tests, one binary: real sockets on 127.0.0.1, real upstreams, real
+//! third-party clients and servers (Prometheus, grpcio, Chromium) where a protocol is at
+//! stake. One binary so the suite builds and links once; each module is one area, run
+//! alone with `cargo test --test it <module>::` (e.g. `cargo test --test it guard::`).
+
+mod common;
+
+mod admin;
+mod binary;
+mod ctl;
+mod dashboard;
+mod forwarding;
+mod grpc;
+mod guard;
+mod health;
+mod hostile;
+mod judgement;
+mod limits;
+mod metrics;
+mod outcomes;
+mod pooling;
+mod protocols;
+mod rollout;
+mod routing;
+mod state;
+mod targeting;
+mod tls;
