@@ -283,6 +283,9 @@ pub struct Controller {
     config: Mutex<Config>,
     /// See [`Controller::writable`].
     writable: Arc<AtomicBool>,
+    /// Services with a rollback applied but not saved yet: readable without the write
+    /// lock, which a slow disk may hold for long (API reads run on async workers).
+    unsaved: Mutex<Vec<String>>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -305,6 +308,7 @@ impl Controller {
             write: Mutex::new(None),
             config: Mutex::new(config.clone()),
             writable: Arc::new(AtomicBool::new(true)),
+            unsaved: Mutex::new(Vec::new()),
         }
     }
 
@@ -548,8 +552,7 @@ impl Controller {
             }
             None => None,
         };
-        self.metrics
-            .set_pending_writes(persistence.as_ref().map_or(0, Persistence::unsaved));
+        self.publish_unsaved(persistence.as_ref());
         service.store(next.clone());
         if next.weights() != current.weights() {
             self.metrics.weight_changed(&name, source);
@@ -901,11 +904,15 @@ impl Controller {
         event.details = serde_json::to_value(&report).unwrap_or_default();
         let event = match persistence.as_mut() {
             Some(p) => {
+                // Unsaved rollbacks are journaled before the reload, in the order
+                // they happened.
+                let next_state = state_of(&table);
                 let written = p
-                    .store
-                    .save(&state_of(&table))
-                    .and_then(|()| p.journal.append(event));
+                    .flush(&next_state)
+                    .and_then(|()| p.store.save(&next_state).map_err(ControlError::from))
+                    .and_then(|()| p.journal.append(event).map_err(ControlError::from));
                 p.note(&written);
+                self.publish_unsaved(Some(p));
                 written?
             }
             None => event,
@@ -920,6 +927,13 @@ impl Controller {
         let mut persistence = self.lock();
         match persistence.as_mut() {
             Some(p) => {
+                // Unsaved rollbacks go first, so the journal keeps the order things
+                // happened in.
+                if !p.pending.is_empty() {
+                    let flushed = p.flush(&self.state());
+                    p.note(&flushed);
+                    self.publish_unsaved(Some(p));
+                }
                 let written = p.journal.append(event);
                 p.note(&written);
                 Ok(written?)
@@ -952,18 +966,32 @@ impl Controller {
                 false
             }
         };
-        self.metrics.set_pending_writes(p.unsaved());
+        self.publish_unsaved(Some(p));
         done
+    }
+
+    /// Publish which services' routing is ahead of the state file (API and metric).
+    fn publish_unsaved(&self, p: Option<&Persistence>) {
+        let services: Vec<String> = p.map_or_else(Vec::new, |p| {
+            p.pending
+                .iter()
+                .filter(|e| e.source != Source::Startup)
+                .map(|e| e.service.clone())
+                .collect()
+        });
+        self.metrics
+            .set_pending_writes(p.map_or(0, Persistence::unsaved));
+        *self.unsaved.lock().unwrap_or_else(|e| e.into_inner()) = services;
     }
 
     /// Services whose live routing is ahead of the state file (a rollback not saved
     /// yet).
     pub fn not_durable(&self, service: &str) -> bool {
-        self.lock().as_ref().is_some_and(|p| {
-            p.pending
-                .iter()
-                .any(|e| e.service == service && e.source != Source::Startup)
-        })
+        self.unsaved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|s| s == service)
     }
 
     /// Events after `since`, oldest first.

@@ -127,11 +127,13 @@ impl Guard {
         }
     }
 
-    /// One round at `now`: save any rollback the disk refused before, rotate every
-    /// window, judge the services that are due, act.
+    /// One round at `now`: rotate every window, judge the services that are due, save
+    /// any rollback the disk refused before, act.
     pub fn tick(&self, now: Instant) {
-        self.controller.flush_pending();
+        // Judge first: a slow disk retrying an unsaved rollback must not delay the next
+        // decision.
         let actions = self.evaluate(now);
+        self.controller.flush_pending();
         for action in actions {
             self.act(action);
         }

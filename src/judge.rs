@@ -549,9 +549,10 @@ fn burst_like(fast: &[Stats], span: usize, baseline: &[(u64, u64)], limit: f64) 
         .filter(|&j| {
             let (r, e) = match j {
                 0 => (fast[0].requests, fast[0].errors),
+                // Saturating: the spans are read while requests are still recorded.
                 _ => (
-                    fast[j].requests - fast[j - 1].requests,
-                    fast[j].errors - fast[j - 1].errors,
+                    fast[j].requests.saturating_sub(fast[j - 1].requests),
+                    fast[j].errors.saturating_sub(fast[j - 1].errors),
                 ),
             };
             failing(r, e, limit)

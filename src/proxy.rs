@@ -292,10 +292,25 @@ impl Proxy {
             start,
             grpc: is_grpc(req.headers()),
         };
-        let mut resp = match upgrade {
-            Some(protocols) => self.upgrade(req, protocols, pool, peer, call, slot).await,
-            None => self.forward(req, pool, peer, call).await,
+        // A client that gives up before the answer's head (an h2 reset, a gRPC deadline,
+        // a closed connection) drops this future: the guard records that as its abort.
+        let abandoned = Abandoned {
+            sinks: &self.sinks,
+            pool: &pool,
+            call,
+            armed: true,
         };
+        let h1_pool = pool.protocol == UpstreamProtocol::Http1;
+        let mut resp = match upgrade {
+            // Upgrades are HTTP/1.1; an HTTP/2 pool gets the request without them (the
+            // Upgrade headers are hop-by-hop) and answers it as an ordinary request.
+            Some(protocols) if h1_pool => {
+                self.upgrade(req, protocols, Arc::clone(&pool), peer, call, slot)
+                    .await
+            }
+            _ => self.forward(req, Arc::clone(&pool), peer, call).await,
+        };
+        abandoned.disarm();
         if let Some(cookie) = set_cookie {
             resp.headers_mut().append(header::SET_COOKIE, cookie);
         }
@@ -529,7 +544,16 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         strip_hop_by_hop(resp.headers_mut());
         let status = resp.status().as_u16();
-        let grpc = call.grpc.then(|| {
+        // Judged as gRPC only when it is gRPC both ways: asked for by the client, and
+        // answered as gRPC by an HTTP/2 pool. A client cannot turn a plain answer into
+        // a gRPC failure by sending a gRPC content type.
+        let grpc_answer = call.grpc
+            && matches!(
+                guard.pool().protocol,
+                UpstreamProtocol::H2c | UpstreamProtocol::H2
+            )
+            && is_grpc(resp.headers());
+        let grpc = grpc_answer.then(|| {
             // A trailers-only answer carries its status in the head.
             resp.headers()
                 .get(&GRPC_STATUS)
@@ -620,6 +644,43 @@ impl Proxy {
 fn emit(sinks: &[Arc<dyn OutcomeSink>], outcome: &Outcome<'_>) {
     for sink in sinks {
         sink.record(outcome);
+    }
+}
+
+/// Records a request whose client went away before its answer's head as that client's
+/// abort (499), unless disarmed once an answer exists (which records its own outcome).
+struct Abandoned<'a> {
+    sinks: &'a Arc<[Arc<dyn OutcomeSink>]>,
+    pool: &'a Arc<Pool>,
+    call: Call,
+    armed: bool,
+}
+
+impl Abandoned<'_> {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let latency = self.call.start.elapsed();
+        emit(
+            self.sinks,
+            &Outcome {
+                pool: self.pool,
+                endpoint: None,
+                status: 499,
+                grpc: self.call.grpc.then_some(1), // CANCELLED
+                error: Some(ErrorKind::ClientAbort),
+                latency,
+                duration: latency,
+                retried: None,
+            },
+        );
     }
 }
 

@@ -534,3 +534,68 @@ async fn idle_closing_upstreams_cost_clients_nothing() {
     assert_eq!(n(&tally.failed, 0), 0, "GETs failed");
     assert_eq!(n(&tally.failed, 1), 0, "HEADs failed");
 }
+
+/// A gRPC content type sent to a plain HTTP/1 pool does not make its answers gRPC
+/// failures: only a gRPC answer from an HTTP/2 pool is judged by `grpc-status`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_content_type_cannot_fail_a_plain_pool() {
+    let up = upstream("plain").await;
+    let toml = proxy_toml("")
+        + "[[service]]\nname = \"shop\"\nbaseline = \"stable\"\n"
+        + &pool_toml("stable", &[&up], 1);
+    let proxy = start(&toml).await;
+    let c = client();
+    for path in ["/", "/status/404"] {
+        let req = http::Request::post(format!("http://{}{path}", proxy.addr))
+            .header("host", "shop")
+            .header("content-type", "application/grpc")
+            .body(full("x"))
+            .unwrap();
+        let a = send(&c, req).await;
+        assert!(
+            a.status.as_u16() == 200 || a.status.as_u16() == 404,
+            "{}",
+            a.status
+        );
+    }
+    let text = metrics_text(&proxy).await;
+    assert_eq!(
+        figure(&text, "weir_request_failures_total", &[("pool", "stable")]),
+        0.0,
+        "{text}"
+    );
+    assert!(!text.contains("weir_grpc_responses_total{"), "{text}");
+}
+
+/// A client that gives up before the answer's head is recorded as its own abort (499),
+/// not as nothing and not against the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_before_the_answer_is_a_client_abort() {
+    let slow = upstream("slow").await;
+    slow.set_faults(Faults::delay(Duration::from_secs(5)));
+    let toml = proxy_toml("")
+        + "[[service]]\nname = \"shop\"\nbaseline = \"stable\"\n"
+        + &pool_toml("stable", &[&slow], 1);
+    let proxy = start(&toml).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    use tokio::io::AsyncWriteExt;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: shop\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(5), || async { slow.requests() >= 1 }).await);
+    drop(s);
+    let recorded = wait_until(Duration::from_secs(5), || async {
+        metric(
+            &metrics_text(&proxy).await,
+            "weir_client_errors_total",
+            &[("pool", "stable"), ("kind", "client_abort")],
+        ) == Some(1.0)
+    })
+    .await;
+    let text = metrics_text(&proxy).await;
+    assert!(recorded, "{text}");
+    assert_eq!(
+        figure(&text, "weir_request_failures_total", &[("pool", "stable")]),
+        0.0
+    );
+}
