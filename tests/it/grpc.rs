@@ -8,7 +8,7 @@
 //! it). Without it the tests are skipped with a message, except under `CI`, where a
 //! missing dependency must fail rather than pass silently.
 //!
-//! `cargo test --test grpc -- --nocapture` shows the measured rollback time.
+//! `cargo test --test it grpc:: -- --nocapture` shows the measured rollback time.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

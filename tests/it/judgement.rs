@@ -5,7 +5,7 @@
 //! The default sizes keep the suite fast; the report's figures come from a longer run:
 //!
 //! ```text
-//! WEIR_SIM_HOURS=5 WEIR_SIM_TRIALS=10 cargo test --release --test judgement -- --nocapture
+//! WEIR_SIM_HOURS=2 WEIR_SIM_TRIALS=10 cargo test --release --test it judgement:: -- --nocapture
 //! ```
 //!
 //! (hours per healthy scenario and SLO; trials per failure scenario.)
