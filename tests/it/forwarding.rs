@@ -143,7 +143,11 @@ const BIG: u64 = 48 * 1024 * 1024 + 12_345;
 #[tokio::test]
 async fn large_request_bodies_stream_chunked_and_with_length() {
     let up = upstream("sink").await;
-    let proxy = one_pool(up.addr().to_string()).await;
+    // The sink answers after the last byte, and `request_timeout` runs until the answer:
+    // give a 48 MiB upload through a debug build, on a busy 2-core machine, its time.
+    let toml = proxy_toml("").replace("request_timeout = \"2s\"", "request_timeout = \"60s\"")
+        + &service_toml("svc", None, &[("main", vec![up.addr().to_string()], 1)]);
+    let proxy = start(&toml).await;
     let c = client();
     for exact in [false, true] {
         let req = Request::post(format!("http://{}/sink", proxy.addr))
