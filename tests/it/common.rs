@@ -602,24 +602,42 @@ pub async fn exchange_raw(s: &mut tokio::net::TcpStream, bytes: &[u8], limit: Du
     String::from_utf8_lossy(&seen).into_owned()
 }
 
-/// Sum of every `name{...}` sample on weir's admin `/metrics` whose labels contain
-/// `labels` (e.g. `pool="p"`).
-pub async fn metric_sum(admin: SocketAddr, name: &str, labels: &str) -> f64 {
+/// The sum of the samples of `name` whose labels include all of `labels`; `None` when
+/// there is no such series at all (a metric that is not created at 0 is not "0").
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let (series, value) = match rest.strip_prefix('{') {
+            Some(r) => match r.split_once("} ") {
+                Some(split) => split,
+                None => continue,
+            },
+            // `name_suffix` is another metric; only a space may follow a bare name.
+            None => match rest.strip_prefix(' ') {
+                Some(v) => ("", v),
+                None => continue,
+            },
+        };
+        let has = |(k, v): &(&str, &str)| series.split(',').any(|p| p == format!("{k}=\"{v}\""));
+        if labels.iter().all(has)
+            && let Ok(v) = value.trim().parse::<f64>()
+        {
+            *found.get_or_insert(0.0) += v;
+        }
+    }
+    found
+}
+
+/// The sum of `name`'s samples on weir's admin `/metrics` whose labels include `labels`
+/// (e.g. `[("pool", "p")]`); the series must exist.
+pub async fn metric_sum(admin: SocketAddr, name: &str, labels: &[(&str, &str)]) -> f64 {
     // By address: the admin API may refuse other Host names.
     let text = get(&client(), admin, &admin.to_string(), "/metrics")
         .await
         .text();
-    let samples: Vec<f64> = text
-        .lines()
-        .filter(|l| {
-            (l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
-                && l.contains(labels)
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .collect();
-    assert!(
-        !samples.is_empty(),
-        "no {name} {labels} in /metrics:\n{text}"
-    );
-    samples.iter().sum()
+    metric(&text, name, labels)
+        .unwrap_or_else(|| panic!("no {name} {labels:?} in /metrics:\n{text}"))
 }

@@ -262,28 +262,6 @@ fn canary_window_requests(service: &Value) -> u64 {
         .unwrap_or(0)
 }
 
-/// Sum of the samples of metric `name` whose labels include all of `labels`; None when
-/// no such series exists. Label order in the exposition is not assumed.
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let mut found = None;
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix(name).and_then(|r| r.strip_prefix('{')) else {
-            continue;
-        };
-        let Some((set, value)) = rest.split_once("} ") else {
-            continue;
-        };
-        let matches = labels.iter().all(|(k, v)| {
-            let want = format!("{k}=\"{v}\"");
-            set.split(',').any(|kv| kv == want)
-        });
-        if matches {
-            *found.get_or_insert(0.0) += value.trim().parse::<f64>().unwrap();
-        }
-    }
-    found
-}
-
 /// The lines of a scrape these tests look at, for failure messages (the whole text is
 /// hundreds of lines of histograms).
 fn grpc_lines(text: &str) -> String {

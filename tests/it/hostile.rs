@@ -34,7 +34,7 @@ async fn setup(
 }
 
 async fn failures(proxy: &Proxy) -> f64 {
-    metric_sum(proxy.admin, "weir_request_failures_total", "").await
+    metric_sum(proxy.admin, "weir_request_failures_total", &[]).await
 }
 
 /// One request on a fresh connection: the response head.
@@ -108,7 +108,7 @@ async fn request_target_forms_and_one_host_truth() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_anomalies_are_refused_before_any_backend() {
     let (proxy, ra, rd) = setup("", vec![OK], vec![OK]).await;
-    let unrouted = metric_sum(proxy.admin, "weir_unrouted_requests_total", "").await;
+    let unrouted = metric_sum(proxy.admin, "weir_unrouted_requests_total", &[]).await;
     let mut cases: Vec<Vec<u8>> = vec![
         b"GET / HTTP/1.1\r\nHost: a.example\r\nHost: a.example\r\n\r\n".to_vec(),
         b"GET / HTTP/1.1\r\nHost: a.example\r\nHost: other\r\n\r\n".to_vec(),
@@ -156,7 +156,7 @@ async fn host_anomalies_are_refused_before_any_backend() {
     assert_eq!(status(&h), 200, "{h}");
     assert!(wait_until(LIMIT, || async { ra.requests() + rd.requests() == 5 }).await);
     assert_eq!(ra.requests(), 2, "{}", ra.received());
-    let rejected = metric_sum(proxy.admin, "weir_unrouted_requests_total", "").await - unrouted;
+    let rejected = metric_sum(proxy.admin, "weir_unrouted_requests_total", &[]).await - unrouted;
     assert_eq!(rejected, cases.len() as f64);
     assert_eq!(failures(&proxy).await, 0.0);
     for r in [&ra, &rd] {
@@ -338,7 +338,7 @@ async fn tunnels_are_counted_hold_a_connection_slot_and_idle_out() {
         vec![OK],
     )
     .await;
-    let gauge = || metric_sum(proxy.admin, "weir_tunnels_open", "pool=\"pa\"");
+    let gauge = || metric_sum(proxy.admin, "weir_tunnels_open", &[("pool", "pa")]);
     assert_eq!(gauge().await, 0.0);
     let mut t = TcpStream::connect(proxy.addr).await.unwrap();
     let h = exchange_raw(
@@ -458,13 +458,13 @@ async fn assert_a_protocol_failure_and_no_tunnel(proxy: &Proxy) {
         metric_sum(
             proxy.admin,
             "weir_upstream_errors_total",
-            "kind=\"protocol\""
+            &[("kind", "protocol")]
         )
         .await,
         1.0
     );
     assert_eq!(
-        metric_sum(proxy.admin, "weir_tunnels_open", "pool=\"pa\"").await,
+        metric_sum(proxy.admin, "weir_tunnels_open", &[("pool", "pa")]).await,
         0.0
     );
 }

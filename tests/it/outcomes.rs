@@ -20,35 +20,6 @@ use weir::upstream::{Faults, UpstreamHandle};
 /// The guard settings of tests/guard.rs: judged every 500 ms, two breaches to act.
 const INTERVAL: Duration = Duration::from_millis(500);
 
-/// The sum of the samples of `name` whose labels include all of `labels`; `None` when
-/// there is no such series at all (a metric that is not created at 0 is not "0").
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let mut found = None;
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let Some(rest) = line.strip_prefix(name) else {
-            continue;
-        };
-        let (series, value) = match rest.strip_prefix('{') {
-            Some(r) => match r.split_once("} ") {
-                Some(split) => split,
-                None => continue,
-            },
-            // `name_suffix` is another metric; only a space may follow a bare name.
-            None => match rest.strip_prefix(' ') {
-                Some(v) => ("", v),
-                None => continue,
-            },
-        };
-        let has = |(k, v): &(&str, &str)| series.split(',').any(|p| p == format!("{k}=\"{v}\""));
-        if labels.iter().all(has)
-            && let Ok(v) = value.trim().parse::<f64>()
-        {
-            *found.get_or_insert(0.0) += v;
-        }
-    }
-    found
-}
-
 /// `metric`, with a missing series read as 0 (for figures, not for assertions).
 fn figure(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     metric(text, name, labels).unwrap_or(0.0)
