@@ -13,22 +13,24 @@
 FROM rust:1-bookworm AS builder
 WORKDIR /build
 
-# Dependencies first, against stub sources, so that editing src/ rebuilds only weir
-# itself: this layer is reused as long as Cargo.toml and Cargo.lock do not change.
-# (The bench target is declared in Cargo.toml, so its file must exist too.)
+# Dependencies first, against stub sources, so that editing the sources rebuilds only
+# weir itself: this layer is reused as long as the manifests and Cargo.lock do not
+# change. (The bench target is declared in a manifest, so its file must exist too.)
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir -p src benches \
+COPY crates/weir/Cargo.toml crates/weir/
+COPY crates/weir-testkit/Cargo.toml crates/weir-testkit/
+RUN mkdir -p src crates/weir/src crates/weir/benches crates/weir-testkit/src \
     && echo 'fn main() {}' > src/main.rs \
-    && touch src/lib.rs \
-    && echo 'fn main() {}' > benches/routing.rs \
+    && touch src/lib.rs crates/weir/src/lib.rs crates/weir-testkit/src/lib.rs \
+    && echo 'fn main() {}' > crates/weir/benches/routing.rs \
     && cargo build --release --locked --bin weir \
-    && rm -rf src benches
+    && rm -rf src crates/weir/src crates/weir/benches crates/weir-testkit/src
 
 COPY src ./src
-COPY benches ./benches
+COPY crates ./crates
 # COPY keeps the files' own modification times, which may be older than the stub build:
 # touch the crate roots so cargo rebuilds weir from the real sources.
-RUN touch src/main.rs src/lib.rs \
+RUN touch src/main.rs src/lib.rs crates/weir/src/lib.rs crates/weir-testkit/src/lib.rs \
     && cargo build --release --locked --bin weir \
     && install -D -m 0755 target/release/weir /out/weir
 

@@ -28,10 +28,10 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 cargo fmt --all -- --check
-cargo clippy --all-targets -- -D warnings
+cargo clippy --workspace --all-targets -- -D warnings
 # --all-targets builds and runs lib, binary, integration tests and benches (criterion
 # runs each bench once in test mode, so they never rot); doc tests separately.
-cargo test --all-targets
-cargo test --doc
+cargo test --workspace --all-targets
+cargo test --workspace --doc
 # The docker-compose stack: validated, not started (no Docker engine on CI machines).
 scripts/check-compose.sh target/debug/weir

@@ -10,10 +10,10 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 
-use crate::Weir;
-use crate::config::{Config, parse_duration};
-use crate::state::{self, StateLock};
-use crate::upstream::{self, UpstreamConfig};
+use weir::Weir;
+use weir::config::{Config, parse_duration};
+use weir::control::store::{self as state, StateLock};
+use weir_testkit::{self as upstream, UpstreamConfig};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -177,8 +177,8 @@ fn check(path: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    problems.extend(crate::preflight(&config));
-    problems.extend(crate::control::check_state(&config));
+    problems.extend(weir::preflight(&config));
+    problems.extend(weir::control::controller::check_state(&config));
     if problems.is_empty() {
         println!("{}", config.summary());
         return ExitCode::SUCCESS;
@@ -240,7 +240,7 @@ fn reload_on_sighup(weir: &Weir, path: PathBuf) {
                 let controller = std::sync::Arc::clone(&controller);
                 let path = path.clone();
                 let _ = tokio::task::spawn_blocking(move || {
-                    crate::admin::reload(&controller, &path, Some("SIGHUP".into()))
+                    weir::admin::reload(&controller, &path, Some("SIGHUP".into()))
                 })
                 .await;
             }

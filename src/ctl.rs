@@ -34,7 +34,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{Map, Value, json};
 
-use crate::config::MAX_WEIGHT;
+use weir::model::MAX_WEIGHT;
 
 /// Where `weir run` puts the admin API unless `[admin] listen` says otherwise.
 pub const DEFAULT_ADMIN: &str = "http://127.0.0.1:9901";

@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use tokio::net::TcpListener;
 
-use crate::Weir;
-use crate::config::Config;
-use crate::control::{Command, RolloutVerb};
-use crate::routing::Source;
 use crate::traffic::{Counts, Tallies};
-use crate::upstream::{self, Faults, UpstreamConfig};
+use weir::Weir;
+use weir::config::Config;
+use weir::control::controller::{Command, RolloutVerb};
+use weir::model::Source;
+use weir_testkit::{self as upstream, Faults, UpstreamConfig};
 
 /// What `weir demo` was asked for (its command-line options).
 #[derive(Debug, Clone, clap::Args)]
@@ -32,7 +32,7 @@ pub struct DemoOptions {
     #[arg(long)]
     pub fail_canary: bool,
     /// Stop the tour after this long, e.g. "45s".
-    #[arg(long, default_value = "45s", value_parser = crate::config::parse_duration)]
+    #[arg(long, default_value = "45s", value_parser = weir::config::parse_duration)]
     pub duration: Duration,
     /// After the tour, keep serving until Ctrl-C, to poke at it with `weir ctl`.
     #[arg(long)]
@@ -303,7 +303,7 @@ fn summary(
 }
 
 /// Seconds since an event's time.
-fn rb_age(e: &crate::state::Event) -> f64 {
+fn rb_age(e: &weir::control::store::Event) -> f64 {
     humantime::parse_rfc3339_weak(&e.time)
         .ok()
         .and_then(|t| t.elapsed().ok())

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use weir::cli::Cli;
+use weir_cli::cli::Cli;
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -33,7 +33,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(weir::cli::main(cli)) {
+    match runtime.block_on(weir_cli::cli::main(cli)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("weir: {e:#}");

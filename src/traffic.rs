@@ -39,7 +39,7 @@ pub struct TrafficOptions {
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub clients: u64,
     /// Stop after this long, e.g. "5m" (default: until Ctrl-C).
-    #[arg(long, value_parser = crate::config::parse_duration)]
+    #[arg(long, value_parser = weir::config::parse_duration)]
     pub duration: Option<Duration>,
 }
 

@@ -77,8 +77,8 @@ impl Admin {
 async fn shop_admin() -> (
     Proxy,
     Admin,
-    weir::upstream::UpstreamHandle,
-    weir::upstream::UpstreamHandle,
+    weir_testkit::UpstreamHandle,
+    weir_testkit::UpstreamHandle,
 ) {
     let s = shop(Some(&["shop.example.com"]), (90, 10), "").await;
     let admin = Admin::new(s.proxy.admin);
@@ -598,7 +598,7 @@ async fn weights_change_200_times_under_load_without_errors_or_misroutes() {
 async fn series_counts_each_pools_requests_errors_and_p99_per_step() {
     let s = shop(Some(&["shop.example.com"]), (1, 1), "").await;
     let admin = Admin::new(s.proxy.admin);
-    s.canary.set_faults(weir::upstream::Faults::errors(1.0));
+    s.canary.set_faults(weir_testkit::Faults::errors(1.0));
     let c = client();
     for _ in 0..40 {
         get(&c, s.proxy.addr, "shop.example.com", "/").await;
@@ -974,9 +974,9 @@ async fn cross_site_writes_are_forbidden_and_same_origin_ones_pass() {
 /// An admin API of our own, on its own port, with `body_timeout` and `allowed` hosts.
 struct OwnAdmin {
     addr: SocketAddr,
-    controller: Arc<weir::control::Controller>,
+    controller: Arc<weir::control::controller::Controller>,
     _weir: weir::Weir,
-    _up: weir::upstream::UpstreamHandle,
+    _up: weir_testkit::UpstreamHandle,
 }
 
 async fn own_admin(body_timeout: std::time::Duration, allowed: &[&str]) -> OwnAdmin {
@@ -993,7 +993,7 @@ async fn own_admin(body_timeout: std::time::Duration, allowed: &[&str]) -> OwnAd
     let admin = weir::admin::Admin::new(
         Arc::clone(weir.controller()),
         Arc::clone(weir.guard()),
-        weir::metrics::Metrics::new(),
+        weir::telemetry::metrics::Metrics::new(),
         None,
         false,
         None,

@@ -256,7 +256,7 @@ async fn state_file_of_an_older_format_still_loads() {
     let state = dir.join("state");
     std::fs::create_dir_all(&state).unwrap();
     std::fs::copy(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/state-v1.json"),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/weir/tests/fixtures/state-v1.json"),
         state.join("state.json"),
     )
     .unwrap();
@@ -360,7 +360,7 @@ fn demo_with_a_failing_canary_shows_the_guard_revert() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_in_flight_requests_then_exits_0() {
     let up = upstream("slow").await;
-    up.set_faults(weir::upstream::Faults::delay(Duration::from_millis(800)));
+    up.set_faults(weir_testkit::Faults::delay(Duration::from_millis(800)));
     let dir = tempdir();
     let (port, admin) = (free_port(), free_port());
     let toml = format!(

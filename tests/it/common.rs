@@ -23,9 +23,9 @@ use tokio::sync::oneshot;
 
 use weir::Weir;
 use weir::config::Config;
-use weir::control::Controller;
-use weir::outcome::OutcomeSink;
-use weir::upstream::{self, UpstreamConfig, UpstreamHandle};
+use weir::control::controller::Controller;
+use weir::dataplane::outcome::OutcomeSink;
+use weir_testkit::{self as upstream, UpstreamConfig, UpstreamHandle};
 
 pub type TestBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -40,13 +40,17 @@ pub struct Proxy {
 
 impl Proxy {
     /// Set a service's weights through the controller, as an operator would.
-    pub fn set_weights(&self, service: &str, weights: &[(&str, u32)]) -> weir::control::Change {
+    pub fn set_weights(
+        &self,
+        service: &str,
+        weights: &[(&str, u32)],
+    ) -> weir::control::controller::Change {
         self.controller
-            .apply(weir::control::Command::SetWeights {
+            .apply(weir::control::controller::Command::SetWeights {
                 service: service.into(),
                 weights: weights.iter().map(|(p, w)| (p.to_string(), *w)).collect(),
                 if_version: None,
-                source: weir::routing::Source::Admin,
+                source: weir::model::Source::Admin,
                 actor: None,
                 reason: None,
             })
@@ -54,11 +58,11 @@ impl Proxy {
     }
 
     /// All of a service's traffic to its baseline, as an operator would.
-    pub fn rollback(&self, service: &str) -> weir::control::Change {
+    pub fn rollback(&self, service: &str) -> weir::control::controller::Change {
         self.controller
-            .apply(weir::control::Command::Rollback {
+            .apply(weir::control::controller::Command::Rollback {
                 service: service.into(),
-                source: weir::routing::Source::Admin,
+                source: weir::model::Source::Admin,
                 actor: None,
                 reason: None,
                 details: None,

@@ -22,8 +22,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use weir::Weir;
 use weir::config::Config;
-use weir::ctl::{self, AdminClient, CtlArgs};
-use weir::upstream::{self, UpstreamConfig, UpstreamHandle};
+use weir_cli::ctl::{self, AdminClient, CtlArgs};
+use weir_testkit::{self as upstream, UpstreamConfig, UpstreamHandle};
 
 /// A directory removed when dropped; unique per test within and across processes.
 struct TempDir(PathBuf);

@@ -10,7 +10,8 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
-use weir::outcome::{ErrorKind, Outcome, OutcomeSink};
+use weir::dataplane::outcome::{Outcome, OutcomeSink};
+use weir::model::ErrorKind;
 
 async fn one_pool(endpoint: String) -> Proxy {
     start(&(proxy_toml("") + &service_toml("svc", None, &[("main", vec![endpoint], 1)]))).await

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::{Response, StatusCode};
 use http_body_util::Full;
 use serde_json::Value;
-use weir::upstream::{Faults, UpstreamHandle};
+use weir_testkit::{Faults, UpstreamHandle};
 
 async fn setup(weights: (u32, u32), slo: &str) -> Shop {
     shop(
@@ -153,7 +153,7 @@ async fn broken_canary_is_rolled_back_within_three_seconds() {
     assert_eq!(svc["guard"]["health"], "degraded");
     // `weir ctl status` says so in words.
     let mut table = Vec::new();
-    weir::ctl::write_services(&mut table, std::slice::from_ref(&svc)).unwrap();
+    weir_cli::ctl::write_services(&mut table, std::slice::from_ref(&svc)).unwrap();
     let table = String::from_utf8(table).unwrap();
     assert!(
         table.contains("shop: DEGRADED (guard enforce) — on the baseline since: canary error rate"),

@@ -12,7 +12,7 @@ use http::StatusCode;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use weir::upstream::{Faults, UpstreamConfig, UpstreamHandle};
+use weir_testkit::{Faults, UpstreamConfig, UpstreamHandle};
 
 async fn service(proxy: &Proxy) -> Value {
     proxy.service("shop").await
@@ -132,7 +132,7 @@ async fn a_dead_host_is_routed_around_and_comes_back_without_a_rollback() {
     .await;
     assert!(marked, "killed endpoint never marked down");
     let mut table = Vec::new();
-    weir::ctl::write_services(&mut table, &[service(&proxy).await]).unwrap();
+    weir_cli::ctl::write_services(&mut table, &[service(&proxy).await]).unwrap();
     let table = String::from_utf8(table).unwrap();
     assert!(
         table.contains(&format!("shop/stable: not taking traffic: {dead} (down)")),
@@ -176,7 +176,7 @@ async fn a_dead_host_is_routed_around_and_comes_back_without_a_rollback() {
     // The host restarts on the same address: traffic again within two intervals
     // (plus the checks' threshold).
     let listener = TcpListener::bind(dead).await.unwrap();
-    let back = weir::upstream::spawn(listener, UpstreamConfig::new("s3")).unwrap();
+    let back = weir_testkit::spawn(listener, UpstreamConfig::new("s3")).unwrap();
     let restarted = Instant::now();
     let c = client();
     let served = wait_until(Duration::from_secs(10), || {

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use weir::config::SloConfig;
-use weir::judge::{Evidence, Verdict, dispersion, judge, recent, recent_slices};
-use weir::window::Window;
+use weir::control::judge::{Evidence, Verdict, dispersion, judge, recent, recent_slices};
+use weir::telemetry::window::Window;
 
 /// Simulation step: traffic is generated in 100 ms pieces, so a failure can start at
 /// any point of an evaluation interval.

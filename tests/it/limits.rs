@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use weir::Weir;
 use weir::config::Config;
-use weir::upstream::Faults;
+use weir_testkit::Faults;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_drains_in_flight_requests_and_refuses_new_ones() {
@@ -61,7 +61,7 @@ async fn shutdown_drains_in_flight_requests_and_refuses_new_ones() {
     );
 }
 
-async fn limited(extra: &str) -> (Proxy, weir::upstream::UpstreamHandle) {
+async fn limited(extra: &str) -> (Proxy, weir_testkit::UpstreamHandle) {
     let up = upstream("up").await;
     let toml = format!("[proxy]\n{extra}\n")
         + &service_toml("shop", None, &[("p", vec![up.addr().to_string()], 1)]);

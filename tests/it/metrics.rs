@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use crate::common::*;
 use http::{Request, StatusCode};
 use serde_json::Value;
-use weir::upstream::Faults;
+use weir_testkit::Faults;
 
 fn tool(name: &str) -> String {
     let found = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
@@ -41,8 +41,8 @@ async fn shop_with(
     canary_faults: Faults,
 ) -> (
     Proxy,
-    weir::upstream::UpstreamHandle,
-    weir::upstream::UpstreamHandle,
+    weir_testkit::UpstreamHandle,
+    weir_testkit::UpstreamHandle,
 ) {
     let s = shop(None, (50, 50), "").await;
     s.canary.set_faults(canary_faults);

@@ -15,7 +15,7 @@ use http_body_util::BodyExt;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use weir::upstream::{Faults, UpstreamHandle};
+use weir_testkit::{Faults, UpstreamHandle};
 
 /// The guard settings of tests/guard.rs: judged every 500 ms, two breaches to act.
 const INTERVAL: Duration = Duration::from_millis(500);

@@ -9,7 +9,7 @@ use crate::common::*;
 use http::{Method, Request, StatusCode};
 use serde_json::{Value, json};
 use weir::config::Config;
-use weir::upstream::{Faults, UpstreamHandle};
+use weir_testkit::{Faults, UpstreamHandle};
 
 struct Admin {
     addr: std::net::SocketAddr,

@@ -8,8 +8,8 @@ async fn two_pools(
     canary_w: u32,
 ) -> (
     Proxy,
-    weir::upstream::UpstreamHandle,
-    weir::upstream::UpstreamHandle,
+    weir_testkit::UpstreamHandle,
+    weir_testkit::UpstreamHandle,
 ) {
     let s = shop(None, (stable_w, canary_w), "").await;
     (s.proxy, s.stable, s.canary)

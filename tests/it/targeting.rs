@@ -2,7 +2,7 @@
 
 use crate::common::*;
 use http::Request;
-use weir::upstream::UpstreamHandle;
+use weir_testkit::UpstreamHandle;
 
 async fn three(extra: &str) -> (Proxy, Vec<UpstreamHandle>) {
     let ups = vec![

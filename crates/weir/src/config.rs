@@ -5,6 +5,7 @@
 //! then `validate` walks the whole document and collects every semantic problem with its
 //! key path (`service[shop].pools.canary.weight`) and line.
 
+use crate::model::MAX_WEIGHT;
 use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -16,10 +17,6 @@ use http::uri::Authority;
 use indexmap::IndexMap;
 use serde::Deserialize;
 use toml::Spanned;
-
-/// Upper bound for one pool's weight: keeps every sum of weights far from overflow and is
-/// still fine-grained enough for 0.0001% splits.
-pub const MAX_WEIGHT: u64 = 1_000_000;
 
 /// A validated configuration. Every field is usable as is: addresses parsed, durations
 /// converted, hosts lower-cased, pools in file order.
@@ -112,7 +109,7 @@ pub struct ServiceConfig {
     /// `strategy` with `[service.rollout]`: the plan a rollout follows.
     pub rollout: Option<RolloutConfig>,
     /// gRPC status codes that count as a failure of the pool, one bit per code
-    /// (`grpc_failure_codes`; default [`crate::outcome::GRPC_DEFAULT_FAILURES`]).
+    /// (`grpc_failure_codes`; default [`crate::model::GRPC_DEFAULT_FAILURES`]).
     pub grpc_failure_codes: u32,
 }
 
@@ -121,7 +118,7 @@ pub struct ServiceConfig {
 pub enum RolloutConfig {
     Canary {
         candidate: String,
-        steps: Vec<crate::rollout::Step>,
+        steps: Vec<crate::model::Step>,
     },
     BlueGreen {
         candidate: String,
@@ -1432,7 +1429,7 @@ impl Validator<'_> {
     }
 
     fn rollout(&mut self, key: &str, rs: &RawService, has_slo: bool) -> Option<RolloutConfig> {
-        use crate::rollout::Step;
+        use crate::model::Step;
         let strategy = match &rs.strategy {
             None => "canary",
             Some(s) if s.get_ref() == "canary" || s.get_ref() == "blue-green" => {
@@ -1873,7 +1870,7 @@ impl Validator<'_> {
         service_key: &str,
         raw: Option<&Spanned<Vec<Spanned<RawGrpcCode>>>>,
     ) -> u32 {
-        use crate::outcome::{GRPC_CODES, GRPC_DEFAULT_FAILURES};
+        use crate::model::{GRPC_CODES, GRPC_DEFAULT_FAILURES};
         let Some(raw) = raw else {
             return GRPC_DEFAULT_FAILURES;
         };
@@ -2015,7 +2012,7 @@ weight = 1
 
     #[test]
     fn grpc_failure_codes_by_name_or_number() {
-        use crate::outcome::GRPC_DEFAULT_FAILURES;
+        use crate::model::GRPC_DEFAULT_FAILURES;
         let c = Config::parse(GOOD, "t.toml").unwrap();
         assert_eq!(c.services[0].grpc_failure_codes, GRPC_DEFAULT_FAILURES);
         assert_eq!(c.proxy.upstream_body_timeout, Duration::from_secs(60));

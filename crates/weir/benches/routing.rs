@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use weir::config::Config;
-use weir::control::Controller;
-use weir::metrics::{Metrics, MetricsSink};
-use weir::outcome::{Outcome, OutcomeSink};
-use weir::window::Window;
+use weir::control::controller::Controller;
+use weir::dataplane::outcome::{Outcome, OutcomeSink};
+use weir::telemetry::metrics::{Metrics, MetricsSink};
+use weir::telemetry::window::Window;
 
 fn config() -> Config {
     let mut toml = String::new();

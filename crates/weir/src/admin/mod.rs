@@ -33,12 +33,14 @@ use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 
-use crate::config::{Config, MAX_WEIGHT};
-use crate::control::{Command, ControlError, Controller, RolloutVerb, rfc3339};
-use crate::guard::Guard;
-use crate::metrics::Metrics;
-use crate::routing::{Service, Source};
-use crate::state::Event;
+use crate::config::Config;
+use crate::control::controller::{Command, ControlError, Controller, RolloutVerb, rfc3339};
+use crate::control::guard::Guard;
+use crate::control::store::Event;
+use crate::dataplane::routing::Service;
+use crate::model::MAX_WEIGHT;
+use crate::model::Source;
+use crate::telemetry::metrics::Metrics;
 
 /// Largest admin request body accepted; a weights document is a few hundred bytes.
 const MAX_BODY: usize = 64 * 1024;
@@ -596,7 +598,7 @@ pub fn reload(
                 json!({ "error": format!("config rejected, nothing changed: {}", problems.join("; ")), "problems": problems }),
             ))
         }
-        Ok(config) if let Err(e) = crate::tls::check_upstreams(&config) => {
+        Ok(config) if let Err(e) = crate::dataplane::tls::check_upstreams(&config) => {
             let problems = vec![e.to_string()];
             let mut event = Event::new("", "config_rejected", Source::Config);
             event.actor = actor;
@@ -1092,7 +1094,7 @@ fn events_query(query: Option<&str>) -> Result<EventsQuery, String> {
 /// `seconds=N` (1..=600): how far back `/series` reaches.
 fn series_query(query: Option<&str>) -> Result<Duration, String> {
     let mut span = DEFAULT_SERIES;
-    let most = crate::window::HISTORY.as_secs();
+    let most = crate::telemetry::window::HISTORY.as_secs();
     for (k, v) in query_pairs(query) {
         match k {
             "seconds" => {
@@ -1245,18 +1247,22 @@ pub fn service_json(
                 crate::config::RolloutConfig::BlueGreen { .. } => "blue-green",
             },
             "candidate": p.candidate(),
-            "steps": crate::rollout::plan_steps(&p).iter().map(|st| st.describe()).collect::<Vec<_>>(),
+            "steps": crate::control::rollout::plan_steps(&p).iter().map(|st| st.describe()).collect::<Vec<_>>(),
         })),
     })
 }
 
 /// A service's rollout as the API shows it: phase, step, what it waits for.
-fn rollout_json(s: &Service, snap: &crate::routing::ServiceSnapshot, guard: &Guard) -> Value {
+fn rollout_json(
+    s: &Service,
+    snap: &crate::dataplane::routing::ServiceSnapshot,
+    guard: &Guard,
+) -> Value {
     let Some(r) = &snap.rollout else {
         return json!({ "phase": "idle" });
     };
     let now = std::time::SystemTime::now();
-    let evidence = crate::rollout::Evidence::of(
+    let evidence = crate::control::rollout::Evidence::of(
         snap,
         &r.candidate,
         guard.verdict(&s.name, &r.candidate),

@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 
 use http::uri::Authority;
 
-use crate::client::IdleConns;
 use crate::config::{Endpoint, HealthConfig, OutlierConfig, PoolConfig};
-use crate::metrics::{Metrics, PoolMetrics};
-use crate::routing::fast_rand;
-use crate::window::Window;
+use crate::dataplane::client::IdleConns;
+use crate::dataplane::routing::fast_rand;
+use crate::telemetry::metrics::{Metrics, PoolMetrics};
+use crate::telemetry::window::Window;
 
 /// Run-time state of one endpoint. Padded to its own cache line so that two cores
 /// updating neighbouring endpoints' counters do not fight over one line.
@@ -33,9 +33,11 @@ pub struct EndpointState {
     /// TLS to this endpoint: `None` for plain TCP; an error when the pool's TLS
     /// settings could not be loaded (connections then fail rather than fall back to
     /// plain text).
-    tls: Option<Result<Arc<crate::tls::UpstreamTls>, String>>,
+    tls: Option<Result<Arc<crate::dataplane::tls::UpstreamTls>, String>>,
     /// The multiplexed HTTP/2 connection, for h2c pools.
-    h2: Mutex<Option<hyper::client::conn::http2::SendRequest<crate::client::RequestBody>>>,
+    h2: Mutex<
+        Option<hyper::client::conn::http2::SendRequest<crate::dataplane::client::RequestBody>>,
+    >,
     /// Cold state: ejection history and health-check counters.
     cold: Mutex<EndpointCold>,
 }
@@ -53,7 +55,10 @@ struct EndpointCold {
 }
 
 impl EndpointState {
-    fn new(endpoint: Endpoint, tls: Option<Result<Arc<crate::tls::UpstreamTls>, String>>) -> Self {
+    fn new(
+        endpoint: Endpoint,
+        tls: Option<Result<Arc<crate::dataplane::tls::UpstreamTls>, String>>,
+    ) -> Self {
         EndpointState {
             endpoint,
             tls,
@@ -112,7 +117,7 @@ impl EndpointState {
     }
 
     /// TLS settings for connections to this endpoint, if it is reached over TLS.
-    pub fn tls(&self) -> Option<Result<&crate::tls::UpstreamTls, String>> {
+    pub fn tls(&self) -> Option<Result<&crate::dataplane::tls::UpstreamTls, String>> {
         self.tls
             .as_ref()
             .map(|t| t.as_deref().map_err(Clone::clone))
@@ -123,7 +128,7 @@ impl EndpointState {
         &self,
     ) -> std::sync::MutexGuard<
         '_,
-        Option<hyper::client::conn::http2::SendRequest<crate::client::RequestBody>>,
+        Option<hyper::client::conn::http2::SendRequest<crate::dataplane::client::RequestBody>>,
     > {
         self.h2.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -250,7 +255,7 @@ impl Pool {
             outlier: config.outlier.clone(),
             protocol: config.protocol,
             retry_budget: RetryBudget::new(),
-            grpc_failures: AtomicU32::new(crate::outcome::GRPC_DEFAULT_FAILURES),
+            grpc_failures: AtomicU32::new(crate::model::GRPC_DEFAULT_FAILURES),
             last_byte: AtomicBool::new(false),
             service,
             name,
@@ -258,7 +263,7 @@ impl Pool {
                 // Checked at startup and reload; kept as an error (never plain text)
                 // should it fail here anyway.
                 let tls = config.tls.as_ref().map(|t| {
-                    crate::tls::upstream(t, config.protocol)
+                    crate::dataplane::tls::upstream(t, config.protocol)
                         .map(Arc::new)
                         .map_err(|e| e.to_string())
                 });

@@ -8,155 +8,15 @@
 //! an inconclusive verdict keeps it waiting, and a breach is the guard's revert, which
 //! ends the rollout as `degraded`.
 
+use crate::model::{Phase, Step};
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
 use crate::config::RolloutConfig;
-use crate::control::{Command, ControlError, Controller, RolloutVerb};
-use crate::guard::{Guard, Verdict};
-use crate::routing::Source;
-
-/// Weights are set on this scale, so 0.5% is 50:9950.
-pub const PERCENT_SCALE: u32 = 100;
-
-/// One step of a plan.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Step {
-    /// Give the candidate this share of traffic (0 < p ≤ 100), then go on.
-    Percent(f64),
-    /// Wait this long.
-    Pause(#[serde(with = "humantime_serde_compat")] Duration),
-    /// Wait for an operator's promote.
-    Manual,
-    /// Wait until the candidate passed the guard on this many requests since the gate
-    /// began.
-    Gate { min_requests: u64 },
-    /// Blue/green: the candidate gets only targeted requests until promoted (by an
-    /// operator, or after `auto_promote_after` once the optional gate has passed).
-    Preview {
-        #[serde(with = "humantime_serde_compat::option")]
-        auto_promote_after: Option<Duration>,
-        gate: Option<u64>,
-    },
-    /// Blue/green after the switch: the guard keeps judging the new active pool, and
-    /// a breach switches back, until this much time has passed.
-    Watch(#[serde(with = "humantime_serde_compat")] Duration),
-}
-
-impl Step {
-    /// The step in words, for status and events.
-    pub fn describe(&self) -> String {
-        match self {
-            Step::Percent(p) => format!("{}% to the candidate", fmt_percent(*p)),
-            Step::Pause(d) => format!("pause {}", humantime::format_duration(*d)),
-            Step::Manual => "pause until promoted".into(),
-            Step::Gate { min_requests } => {
-                format!("gate: {min_requests} requests passing the SLO guard")
-            }
-            Step::Preview {
-                auto_promote_after,
-                gate,
-            } => {
-                let mut s = "preview (targeted requests only)".to_string();
-                if let Some(g) = gate {
-                    s += &format!(", gate {g} requests");
-                }
-                if let Some(a) = auto_promote_after {
-                    s += &format!(", auto-promote after {}", humantime::format_duration(*a));
-                }
-                s
-            }
-            Step::Watch(d) => format!("rollback window {}", humantime::format_duration(*d)),
-        }
-    }
-}
-
-fn fmt_percent(p: f64) -> String {
-    if p.fract() == 0.0 {
-        format!("{p:.0}")
-    } else {
-        format!("{p}")
-    }
-}
-
-/// Durations in the persisted state as humantime strings ("2m 30s").
-mod humantime_serde_compat {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&humantime::format_duration(*d).to_string())
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let text = String::deserialize(d)?;
-        humantime::parse_duration(&text).map_err(serde::de::Error::custom)
-    }
-
-    pub(super) mod option {
-        use super::*;
-
-        pub(in super::super) fn serialize<S: Serializer>(
-            d: &Option<Duration>,
-            s: S,
-        ) -> Result<S::Ok, S::Error> {
-            match d {
-                Some(d) => super::serialize(d, s),
-                None => s.serialize_none(),
-            }
-        }
-
-        pub(in super::super) fn deserialize<'de, D: Deserializer<'de>>(
-            d: D,
-        ) -> Result<Option<Duration>, D::Error> {
-            Option::<String>::deserialize(d)?
-                .map(|t| humantime::parse_duration(&t).map_err(serde::de::Error::custom))
-                .transpose()
-        }
-    }
-}
-
-/// Where a rollout stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Phase {
-    Idle,
-    Progressing,
-    Paused,
-    Promoted,
-    Aborted,
-    Degraded,
-}
-
-impl Phase {
-    pub const ALL: [Phase; 6] = [
-        Phase::Idle,
-        Phase::Progressing,
-        Phase::Paused,
-        Phase::Promoted,
-        Phase::Aborted,
-        Phase::Degraded,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Idle => "idle",
-            Phase::Progressing => "progressing",
-            Phase::Paused => "paused",
-            Phase::Promoted => "promoted",
-            Phase::Aborted => "aborted",
-            Phase::Degraded => "degraded",
-        }
-    }
-
-    /// A rollout that holds the service: no second one may start.
-    pub fn is_running(self) -> bool {
-        matches!(self, Phase::Progressing | Phase::Paused)
-    }
-}
+use crate::control::controller::{Command, ControlError, Controller, RolloutVerb};
+use crate::control::guard::{Guard, Verdict};
+use crate::model::Source;
 
 /// The persisted state of a service's rollout.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -188,7 +48,7 @@ mod system_time {
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub(super) fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&crate::state::timestamp(*t))
+        s.serialize_str(&crate::model::timestamp(*t))
     }
 
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
@@ -271,7 +131,7 @@ pub struct Transition {
 impl Evidence {
     /// What a snapshot and the guard say about `candidate` now.
     pub fn of(
-        snapshot: &crate::routing::ServiceSnapshot,
+        snapshot: &crate::dataplane::routing::ServiceSnapshot,
         candidate: &str,
         verdict: Option<(Verdict, SystemTime)>,
         needs: Option<String>,

@@ -9,15 +9,16 @@
 //! The state file carries a `format` number; every format weir ever wrote stays loadable
 //! (a fixture test proves it), and writing always uses the current one.
 
+use crate::model::timestamp;
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use crate::routing::Source;
+use crate::model::Source;
 
 /// The state file format this weir writes. Bump it (and keep a loader for the old one,
 /// with a fixture) whenever the file's shape changes incompatibly.
@@ -108,13 +109,6 @@ fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Stat
         path: path.to_path_buf(),
         error,
     }
-}
-
-/// `t` as RFC 3339 UTC with milliseconds, the one time format of the state file and the
-/// journal. Times before 1970 (a badly set clock or file) are clamped to the epoch rather
-/// than allowed to panic in the formatter.
-pub fn timestamp(t: SystemTime) -> String {
-    humantime::format_rfc3339_millis(t.max(UNIX_EPOCH)).to_string()
 }
 
 /// A rename or a newly created file is only durable once its directory entry is, which

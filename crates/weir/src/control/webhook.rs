@@ -10,7 +10,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-use crate::state::Event;
+use crate::control::store::Event;
 
 /// Per attempt, connect to response headers.
 const TIMEOUT: Duration = Duration::from_secs(2);

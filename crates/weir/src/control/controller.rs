@@ -11,16 +11,18 @@ use std::time::SystemTime;
 
 use crate::config::{Config, ServiceConfig};
 use crate::config::{RolloutConfig, SloConfig, StickyConfig};
-use crate::metrics::Metrics;
-use crate::pool::Pool;
-use crate::rollout::{Evidence, PERCENT_SCALE, Phase, Rollout, Step, Transition, plan_steps};
-use crate::routing::{
-    Choice, RouteTable, Router, Service, ServiceSnapshot, Source, StickyKey, WeightError,
-};
-use crate::state::{
+use crate::control::rollout::{Evidence, Rollout, Transition, plan_steps};
+use crate::control::store::{
     Event, Journal, ServiceState, State, StateError, StateLock, StateStore, Weights,
 };
-use crate::window::Window;
+use crate::dataplane::pool::Pool;
+use crate::dataplane::routing::{
+    Choice, RouteTable, Router, Service, ServiceSnapshot, StickyKey, WeightError,
+};
+use crate::model::Source;
+use crate::model::{PERCENT_SCALE, Phase, Step};
+use crate::telemetry::metrics::Metrics;
+use crate::telemetry::window::Window;
 
 /// Journal files rotate at this size; a weight change is a few hundred bytes.
 const JOURNAL_FILE_BYTES: u64 = 8 * 1024 * 1024;
@@ -183,7 +185,7 @@ struct Planned {
 /// Weights with everything on `pool`: it takes the whole current total, so 90:10
 /// becomes 100:0 and shares stay readable.
 fn all_to(current: &ServiceSnapshot, pool: &str) -> Vec<u32> {
-    let total = current.total_weight().min(crate::config::MAX_WEIGHT) as u32;
+    let total = current.total_weight().min(crate::model::MAX_WEIGHT) as u32;
     current
         .slots()
         .iter()
@@ -1201,7 +1203,7 @@ fn service_state(s: &ServiceSnapshot) -> ServiceState {
 }
 
 pub fn rfc3339(t: SystemTime) -> String {
-    crate::state::timestamp(t)
+    crate::model::timestamp(t)
 }
 
 fn sorted<'a>(names: &[&'a str]) -> Vec<&'a str> {

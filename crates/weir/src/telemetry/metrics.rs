@@ -12,8 +12,9 @@ use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
 
-use crate::outcome::{Blame, ErrorKind, GRPC_CODES, Outcome, OutcomeSink};
-use crate::routing::Source;
+use crate::dataplane::outcome::{Outcome, OutcomeSink};
+use crate::model::Source;
+use crate::model::{Blame, ErrorKind, GRPC_CODES};
 
 pub const REQUESTS_TOTAL: &str = "weir_requests_total";
 pub const REQUEST_DURATION: &str = "weir_request_duration_seconds";
@@ -283,7 +284,7 @@ impl Metrics {
     /// Create a service's change and rollback counters at 0, so the first change or
     /// rollback shows in `increase()`.
     pub fn register_service(&self, service: &str) {
-        for check in crate::guard::Check::ALL {
+        for check in crate::control::guard::Check::ALL {
             for name in [ROLLBACKS_TOTAL, WOULD_ROLL_BACK_TOTAL] {
                 let _ = self.counter(
                     name,
@@ -312,8 +313,8 @@ impl Metrics {
     }
 
     /// Publish a service's rollout phase (1 for the current one) and step.
-    pub fn rollout(&self, service: &str, rollout: Option<&crate::rollout::Rollout>) {
-        use crate::rollout::Phase;
+    pub fn rollout(&self, service: &str, rollout: Option<&crate::control::rollout::Rollout>) {
+        use crate::model::Phase;
         let phase = rollout.map_or(Phase::Idle, |r| r.phase);
         for p in Phase::ALL {
             self.gauge(
@@ -505,7 +506,7 @@ impl PoolMetrics {
                 vec![
                     Label::new("service", self.service.to_string()),
                     Label::new("pool", self.pool.to_string()),
-                    Label::new("code", crate::outcome::grpc_code_name(code as u8)),
+                    Label::new("code", crate::model::grpc_code_name(code as u8)),
                 ],
             )
         })
@@ -606,7 +607,7 @@ mod tests {
     }
 
     fn outcome<'a>(
-        pool: &'a Arc<crate::pool::Pool>,
+        pool: &'a Arc<crate::dataplane::pool::Pool>,
         status: u16,
         grpc: Option<u8>,
         error: Option<ErrorKind>,
@@ -636,8 +637,9 @@ mod tests {
             protocol: Default::default(),
             tls: None,
         };
-        let window = crate::window::Window::new(Duration::from_secs(30), Duration::from_secs(1));
-        let pool = Arc::new(crate::pool::Pool::new("shop", &cfg, &m, window));
+        let window =
+            crate::telemetry::window::Window::new(Duration::from_secs(30), Duration::from_secs(1));
+        let pool = Arc::new(crate::dataplane::pool::Pool::new("shop", &cfg, &m, window));
         let before = m.render();
         for needle in [
             "weir_request_failures_total{service=\"shop\",pool=\"canary\"} 0",

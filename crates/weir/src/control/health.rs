@@ -16,11 +16,12 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::mpsc;
 
 use crate::config::UpstreamProtocol;
-use crate::control::Controller;
-use crate::outcome::{ErrorKind, Outcome, OutcomeSink};
-use crate::pool::{EndpointChange, Pool};
-use crate::routing::Source;
-use crate::state::Event;
+use crate::control::controller::Controller;
+use crate::control::store::Event;
+use crate::dataplane::outcome::{Outcome, OutcomeSink};
+use crate::dataplane::pool::{EndpointChange, Pool};
+use crate::model::ErrorKind;
+use crate::model::Source;
 
 /// How often the health task looks for due checks and expired ejections.
 const TICK: Duration = Duration::from_millis(100);
@@ -166,7 +167,7 @@ async fn check(pool: &Pool, index: usize) -> (bool, String) {
     let h2 = matches!(pool.protocol, UpstreamProtocol::H2 | UpstreamProtocol::H2c);
     let attempt = async {
         // Checks speak the pool's protocol, over TLS when the pool uses it.
-        let stream = crate::client::open(endpoint)
+        let stream = crate::dataplane::client::open(endpoint)
             .await
             .map_err(|e| format!("connect: {e}"))?;
         let scheme = if endpoint.tls().is_some() {

@@ -5,6 +5,7 @@
 //! lock-free `ArcSwap` load; it never allocates or takes a lock here. Snapshots are only
 //! ever built whole (validated) and stored by the controller.
 
+use crate::model::Source;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -17,7 +18,7 @@ use arc_swap::ArcSwap;
 use rand::rngs::SmallRng;
 use rand::{RngCore, SeedableRng};
 
-use crate::pool::Pool;
+use crate::dataplane::pool::Pool;
 
 thread_local! {
     static RNG: RefCell<SmallRng> = RefCell::new(SmallRng::from_rng(&mut rand::rng()));
@@ -27,29 +28,6 @@ thread_local! {
 /// speed matters and predictability does no harm.
 pub fn fast_rand() -> u64 {
     RNG.with(|r| r.borrow_mut().next_u64())
-}
-
-/// Who made a change; carried by snapshots and (later) events and metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Source {
-    Admin,
-    Guard,
-    Rollout,
-    Config,
-    Startup,
-}
-
-impl Source {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Source::Admin => "admin",
-            Source::Guard => "guard",
-            Source::Rollout => "rollout",
-            Source::Config => "config",
-            Source::Startup => "startup",
-        }
-    }
 }
 
 /// A pool as one snapshot sees it: the shared run-time pool plus its weight here.
@@ -78,7 +56,7 @@ pub struct ServiceSnapshot {
     /// on its baseline until an operator sets weights or retries.
     pub degraded: Option<String>,
     /// The service's rollout, if one was ever started.
-    pub rollout: Option<crate::rollout::Rollout>,
+    pub rollout: Option<crate::control::rollout::Rollout>,
     slots: Box<[PoolSlot]>,
     total: u64,
     /// Index of the pool that takes all traffic on rollback. Runtime state: a promotion
@@ -123,11 +101,11 @@ impl ServiceSnapshot {
         let mut total = 0u64;
         let mut slots = Vec::with_capacity(pools.len());
         for (pool, &weight) in pools.into_iter().zip(weights) {
-            if u64::from(weight) > crate::config::MAX_WEIGHT {
+            if u64::from(weight) > crate::model::MAX_WEIGHT {
                 return Err(WeightError::TooLarge {
                     pool: pool.name.to_string(),
                     weight,
-                    max: crate::config::MAX_WEIGHT,
+                    max: crate::model::MAX_WEIGHT,
                 });
             }
             total += u64::from(weight);
@@ -532,8 +510,8 @@ mod tests {
                         protocol: Default::default(),
                         tls: None,
                     },
-                    &crate::metrics::Metrics::new(),
-                    crate::window::Window::new(
+                    &crate::telemetry::metrics::Metrics::new(),
+                    crate::telemetry::window::Window::new(
                         std::time::Duration::from_secs(30),
                         std::time::Duration::from_secs(1),
                     ),

@@ -39,8 +39,8 @@ use tokio::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use crate::outcome::ErrorKind;
-use crate::pool::{EndpointState, RetryBudget};
+use crate::dataplane::pool::{EndpointState, RetryBudget};
+use crate::model::ErrorKind;
 
 /// What goes upstream: the client's body streamed through (with a stall timeout), or
 /// (for a replay) a body weir holds.

@@ -6,7 +6,7 @@
 //!
 //! - **The exposure** — everything both pools served since the candidate's weight last
 //!   changed (a rollout step began, an operator set weights, a rollback). Every check is
-//!   a sequential, anytime-valid test on it (confidence sequences, [`crate::stats`]): the
+//!   a sequential, anytime-valid test on it (confidence sequences, [`crate::control::stats`]): the
 //!   guard looks every `interval` for the whole rollout, and the chance that it ever
 //!   blames a candidate that is not worse stays below the service's `alpha`. Evidence
 //!   accumulates as long as the candidate serves, so a canary at 1 request a second still
@@ -35,13 +35,14 @@
 //! configured), split evenly between the two pools. So the chance of any false verdict
 //! from the exposure, over its whole life, is at most `alpha`.
 
+use crate::model::Check;
 use std::time::Duration;
 
 use serde::Serialize;
 
 use crate::config::SloConfig;
-use crate::stats::{self, QuantileBounds, RateBounds};
-use crate::window::{Stats, Window};
+use crate::control::stats::{self, QuantileBounds, RateBounds};
+use crate::telemetry::window::{Stats, Window};
 
 /// A baseline whose error rate is surely above this is unhealthy, when the SLO sets no
 /// `max_error_rate` of its own.
@@ -57,34 +58,6 @@ const FAST_ALPHA: f64 = 1e-4;
 const BURST_LIKELIHOOD: f64 = 1e-5;
 /// The quantile the latency checks judge.
 const P99: f64 = 0.99;
-
-/// Which SLO check a breach broke.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Check {
-    ErrorRate,
-    P99Latency,
-    ErrorRateIncrease,
-    P99Ratio,
-}
-
-impl Check {
-    pub const ALL: [Check; 4] = [
-        Check::ErrorRate,
-        Check::P99Latency,
-        Check::ErrorRateIncrease,
-        Check::P99Ratio,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Check::ErrorRate => "error_rate",
-            Check::P99Latency => "p99_latency",
-            Check::ErrorRateIncrease => "error_rate_increase",
-            Check::P99Ratio => "p99_ratio",
-        }
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -812,7 +785,7 @@ pub fn recent(window: &Window, fast_window: Duration) -> Vec<Stats> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::window::Window;
+    use crate::telemetry::window::Window;
 
     /// Figures of `requests` requests, the first `errors` failed, all at `latency_ms`.
     fn stats(requests: u64, errors: u64, latency_ms: u64) -> Stats {

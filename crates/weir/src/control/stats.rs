@@ -1,5 +1,5 @@
 //! Statistics for the SLO guard: confidence bounds on a pool's error rate and on its latency
-//! quantiles, from the counts and latency histogram that [`crate::window`] keeps. Pure: no
+//! quantiles, from the counts and latency histogram that [`crate::telemetry::window`] keeps. Pure: no
 //! I/O, no clock, no state.
 //!
 //! # What "anytime-valid" buys

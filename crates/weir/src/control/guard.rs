@@ -2,7 +2,7 @@
 //! against the baseline, on a timer, and asks the controller to move traffic back after
 //! `breaches_to_act` consecutive breaches.
 //!
-//! The judgement itself is pure and lives in [`crate::judge`]. This loop gathers its
+//! The judgement itself is pure and lives in [`crate::control::judge`]. This loop gathers its
 //! evidence: it rotates the windows, restarts both pools' exposure whenever the
 //! service's weights change (a new rollout step, an operator's weights, a rollback), so
 //! the sequential tests compare the two versions over the same stretch of time, and
@@ -17,12 +17,14 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::config::{GuardMode, SloConfig};
-use crate::control::{Command, Controller, rfc3339};
-pub use crate::judge::{Basis, Check, Evidence, Figures, Judgement, Verdict, judge};
-use crate::metrics::Metrics;
-use crate::outcome::{Outcome, OutcomeSink};
-use crate::routing::{Service, Source};
-use crate::state::Event;
+use crate::control::controller::{Command, Controller, rfc3339};
+pub use crate::control::judge::{Basis, Evidence, Figures, Judgement, Verdict, judge};
+use crate::control::store::Event;
+use crate::dataplane::outcome::{Outcome, OutcomeSink};
+use crate::dataplane::routing::Service;
+pub use crate::model::Check;
+use crate::model::Source;
+use crate::telemetry::metrics::Metrics;
 
 /// Feeds every outcome the pool answers for into its window. Client faults stay out
 /// entirely: neither an error nor a request, so broken requests from outside can
@@ -90,7 +92,7 @@ pub struct Guard {
     controller: Arc<Controller>,
     metrics: Arc<Metrics>,
     watches: Mutex<HashMap<String, ServiceWatch>>,
-    webhook: crate::webhook::Webhook,
+    webhook: crate::control::webhook::Webhook,
 }
 
 impl std::fmt::Debug for Guard {
@@ -108,7 +110,7 @@ impl Guard {
             controller,
             metrics,
             watches: Mutex::new(HashMap::new()),
-            webhook: crate::webhook::Webhook::new(),
+            webhook: crate::control::webhook::Webhook::new(),
         }
     }
 
@@ -189,9 +191,9 @@ impl Guard {
         let base_slot = snapshot.baseline();
         let baseline = base_slot.name().to_string();
         let b_exposure = base_slot.pool.window().exposure();
-        let b_fast = crate::judge::recent(base_slot.pool.window(), slo.fast_window);
-        let b_slices = crate::judge::recent_slices(base_slot.pool.window());
-        let b_dispersion = crate::judge::dispersion(base_slot.pool.window());
+        let b_fast = crate::control::judge::recent(base_slot.pool.window(), slo.fast_window);
+        let b_slices = crate::control::judge::recent_slices(base_slot.pool.window());
+        let b_dispersion = crate::control::judge::dispersion(base_slot.pool.window());
         let mut any_unhealthy = false;
         let mut unhealthy_words = String::new();
         // A blue/green preview is judged on its targeted traffic, weight 0 or not.
@@ -217,7 +219,7 @@ impl Guard {
                 continue;
             }
             let c_exposure = slot.pool.window().exposure();
-            let c_fast = crate::judge::recent(slot.pool.window(), slo.fast_window);
+            let c_fast = crate::control::judge::recent(slot.pool.window(), slo.fast_window);
             let judgement = judge(
                 slo,
                 Evidence {

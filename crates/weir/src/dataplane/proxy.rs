@@ -23,14 +23,15 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
-use crate::client::{self, BodyWatch, PooledConn, SendError, TimedBody, UpstreamClient};
 use crate::config::{ProxyConfig, UpstreamProtocol};
-use crate::outcome::{
-    Blame, ErrorKind, GRPC_DEADLINE_EXCEEDED, GRPC_UNAVAILABLE, GRPC_UNKNOWN, Outcome, OutcomeSink,
-    grpc_from_http, parse_grpc_status,
+use crate::dataplane::client::{self, BodyWatch, PooledConn, SendError, TimedBody, UpstreamClient};
+use crate::dataplane::outcome::{Outcome, OutcomeSink};
+use crate::dataplane::pool::{InflightGuard, Pool};
+use crate::dataplane::routing::Router;
+use crate::model::{
+    Blame, ErrorKind, GRPC_DEADLINE_EXCEEDED, GRPC_UNAVAILABLE, GRPC_UNKNOWN, grpc_from_http,
+    parse_grpc_status,
 };
-use crate::pool::{InflightGuard, Pool};
-use crate::routing::Router;
 
 /// Who a request came from, and whether over TLS.
 #[derive(Debug, Clone, Copy)]

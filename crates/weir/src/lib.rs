@@ -1,0 +1,322 @@
+//! weir: an L7 traffic-splitting reverse proxy with progressive delivery built in.
+//!
+//! Component map (see `../shared/design/DESIGN.md`):
+//!
+//! ```text
+//!  data plane (hot, lock-free)                      control plane (cold, one writer)
+//!  proxy ─► routing (Host → service,               control::Controller ◄─ admin, guard,
+//!           ArcSwap<ServiceSnapshot> → pool)              │                  rollout, reload
+//!        ─► pool (endpoint by P2C) ─► upstream            └─► builds + swaps snapshots
+//!        ─► outcome (one per request) ─► sinks
+//! ```
+//!
+//! - [`config`]: TOML → validated [`config::Config`], errors with key path and line.
+//! - [`routing`]: route table, immutable service snapshots, weighted pool choice.
+//! - [`pool`]: endpoints of a pool, in-flight counts, power-of-two-choices.
+//! - [`proxy`]: accept, forward, header rewriting, error mapping, outcomes.
+//! - [`metrics`]: Prometheus names, buckets and per-pool handles.
+//! - [`client`]: HTTP/1.1 to endpoints over per-endpoint keep-alive pools.
+//! - [`outcome`]: the per-request record metrics and the guard consume.
+//! - [`control`]: the controller, the only writer of routing state.
+//! - [`state`]: crash-safe state file and event journal.
+//! - [`admin`]: the admin HTTP API.
+//! - [`window`]: per-pool sliding windows of live traffic (counts, latency histogram).
+//! - [`health`]: active health checks, passive ejection, endpoint events.
+//! - [`guard`]: the SLO guard: judges candidates on a timer, rolls back on a breach.
+//! - [`judge`]: the pure judgement: sequential tests over the exposure, loud failures
+//!   over the fast window, blame.
+//! - [`stats`]: anytime-valid confidence sequences and one-look bounds.
+//! - [`webhook`]: delivery of guard events to an operator's webhook.
+//! - [`upstream`]: the built-in test and demo backend with fault injection.
+//! - [`ctl`]: `weir ctl`, the admin API's command-line client.
+//! - [`cli`]: the `weir` command line.
+
+pub mod admin;
+pub mod config;
+pub mod control;
+pub mod dataplane;
+pub mod model;
+pub mod telemetry;
+
+use std::future::Future;
+use std::io;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::admin::Admin;
+use crate::config::Config;
+use crate::control::controller::{Controller, OpenError};
+use crate::control::guard::{Guard, WindowSink};
+use crate::control::store::StateLock;
+use crate::control::{health, rollout};
+use crate::dataplane::outcome::{LogSink, OutcomeSink};
+use crate::dataplane::proxy::Proxy;
+use crate::dataplane::tls;
+use crate::telemetry::metrics::{Metrics, MetricsSink};
+
+/// Why weir cannot start.
+///
+/// The wrapped errors are part of the message, not `source()`: the binary prints the
+/// whole chain (`{:#}`), which would otherwise show each of them twice.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("state: {0}")]
+    State(OpenError),
+    /// The state file is unusable; the message says how to move it aside.
+    #[error(
+        "{error}\nweir does not guess: fix the file, or move it aside (it is renamed, not \
+         deleted) and start from the config's weights with: weir state discard --config {}",
+        config.as_ref().map_or("<config file>".into(), |p| p.display().to_string())
+    )]
+    UnusableState {
+        error: OpenError,
+        config: Option<PathBuf>,
+    },
+    #[error(transparent)]
+    Admin(#[from] admin::AdminError),
+    #[error("TLS: {0}")]
+    Tls(tls::TlsError),
+}
+
+impl From<tls::TlsError> for StartError {
+    fn from(e: tls::TlsError) -> Self {
+        StartError::Tls(e)
+    }
+}
+
+impl StartError {
+    fn state(error: OpenError, config: Option<PathBuf>) -> StartError {
+        match error {
+            OpenError::Unusable { .. } => StartError::UnusableState { error, config },
+            error => StartError::State(error),
+        }
+    }
+}
+
+/// Every problem `weir run` would stop at before serving, besides the config file's own
+/// (already validated into `config`): the admin token, certificates and keys, CA files.
+/// For `weir check`; each problem once.
+pub fn preflight(config: &Config) -> Vec<String> {
+    let mut problems = Vec::new();
+    if let Err(e) = admin::resolve_token(config) {
+        problems.push(e.to_string());
+    }
+    // Pair by pair and pool by pool, rather than the one-error-and-stop of the start-up
+    // path, so that one run of `weir check` shows every bad file.
+    if let Some(t) = &config.proxy.tls {
+        let before = problems.len();
+        let provider = rustls::crypto::ring::default_provider();
+        for c in t.default.iter().chain(&t.certs) {
+            if let Err(e) = tls::load_pair(&c.cert, &c.key, &provider) {
+                problems.push(format!("TLS: {e}"));
+            }
+        }
+        if problems.len() == before
+            && let Err(e) = tls::server_config(t)
+        {
+            problems.push(format!("TLS: {e}"));
+        }
+    }
+    for service in &config.services {
+        for pool in &service.pools {
+            if let Some(t) = &pool.tls
+                && let Err(e) = tls::upstream(t, pool.protocol)
+            {
+                problems.push(format!("TLS: {e}"));
+            }
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    problems.retain(|p| seen.insert(p.clone()));
+    problems
+}
+
+/// A configured weir instance, ready to serve. Built from a validated config; tests and
+/// the binary alike bind their own listeners and call [`Weir::serve`].
+#[derive(Debug)]
+pub struct Weir {
+    /// The HTTPS listener's rustls configuration.
+    tls: Option<Arc<rustls::ServerConfig>>,
+    /// The endpoint-health task, taken by the first `serve`.
+    monitor: Mutex<Option<health::Monitor>>,
+    guard: Arc<Guard>,
+    metrics: Arc<Metrics>,
+    controller: Arc<Controller>,
+    proxy: Arc<Proxy>,
+    admin: Arc<Admin>,
+    grace: Duration,
+}
+
+impl Weir {
+    /// Build with durable state in `[state] dir` (restoring saved weights). `config_path`
+    /// is the file reloads re-read.
+    pub fn new(config: Config, config_path: Option<PathBuf>) -> Result<Weir, StartError> {
+        Weir::with_sinks(config, config_path, Vec::new())
+    }
+
+    /// Build with extra outcome sinks (besides the debug log).
+    pub fn with_sinks(
+        config: Config,
+        config_path: Option<PathBuf>,
+        extra: Vec<Arc<dyn OutcomeSink>>,
+    ) -> Result<Weir, StartError> {
+        Weir::build(config, config_path, extra, None)
+    }
+
+    /// [`Weir::new`] with the state directory's lock already taken (by the binary,
+    /// before it binds its listeners).
+    pub fn with_lock(
+        config: Config,
+        config_path: Option<PathBuf>,
+        lock: StateLock,
+    ) -> Result<Weir, StartError> {
+        Weir::build(config, config_path, Vec::new(), Some(lock))
+    }
+
+    fn build(
+        config: Config,
+        config_path: Option<PathBuf>,
+        extra: Vec<Arc<dyn OutcomeSink>>,
+        lock: Option<StateLock>,
+    ) -> Result<Weir, StartError> {
+        let token = admin::resolve_token(&config)?;
+        // Bad certificates and keys are startup errors naming the file.
+        let tls = config
+            .proxy
+            .tls
+            .as_ref()
+            .map(tls::server_config)
+            .transpose()?;
+        tls::check_upstreams(&config)?;
+        let metrics = Metrics::new();
+        let opened = match lock {
+            Some(lock) => Controller::open_locked(&config, Arc::clone(&metrics), lock),
+            None => Controller::open(&config, Arc::clone(&metrics)),
+        };
+        let controller = Arc::new(opened.map_err(|e| StartError::state(e, config_path.clone()))?);
+        let (outliers, monitor) = health::start(Arc::clone(&controller));
+        let mut sinks: Vec<Arc<dyn OutcomeSink>> = vec![
+            Arc::new(WindowSink),
+            Arc::new(outliers),
+            Arc::new(MetricsSink(Arc::clone(&metrics))),
+            Arc::new(LogSink),
+        ];
+        sinks.extend(extra);
+        let proxy = Arc::new(Proxy::new(
+            &config.proxy,
+            Arc::clone(controller.router()),
+            sinks,
+        ));
+        let guard = Arc::new(Guard::new(Arc::clone(&controller), Arc::clone(&metrics)));
+        let admin = Arc::new(
+            Admin::new(
+                Arc::clone(&controller),
+                Arc::clone(&guard),
+                Arc::clone(&metrics),
+                token,
+                config.admin.metrics_auth,
+                config_path,
+            )
+            .with_allowed_hosts(&config.admin.allowed_hosts),
+        );
+        Ok(Weir {
+            tls,
+            monitor: Mutex::new(Some(monitor)),
+            guard,
+            metrics,
+            controller,
+            proxy,
+            admin,
+            grace: config.proxy.shutdown_grace,
+        })
+    }
+
+    /// The controller: the one way to change weights at run time.
+    pub fn controller(&self) -> &Arc<Controller> {
+        &self.controller
+    }
+
+    /// The SLO guard.
+    pub fn guard(&self) -> &Arc<Guard> {
+        &self.guard
+    }
+
+    pub fn admin(&self) -> &Arc<Admin> {
+        &self.admin
+    }
+
+    /// Serve proxy traffic (and the admin API, when given its listener) until `shutdown`
+    /// resolves; then stop accepting and give open requests `[proxy] shutdown_grace`.
+    pub async fn serve(
+        &self,
+        proxy: TcpListener,
+        admin: Option<TcpListener>,
+        shutdown: impl Future<Output = ()>,
+    ) -> io::Result<()> {
+        self.serve_all(proxy, None, admin, shutdown).await
+    }
+
+    /// [`Weir::serve`] with the HTTPS listener too (`[proxy] tls_listen`).
+    pub async fn serve_all(
+        &self,
+        proxy: TcpListener,
+        tls: Option<TcpListener>,
+        admin: Option<TcpListener>,
+        shutdown: impl Future<Output = ()>,
+    ) -> io::Result<()> {
+        let tls = match (tls, &self.tls) {
+            (Some(l), Some(config)) => Some((l, Arc::clone(config))),
+            (Some(_), None) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "a TLS listener was given but [proxy] tls_listen is not configured",
+                ));
+            }
+            (None, _) => None,
+        };
+        self.metrics.spawn_upkeep();
+        let guard = tokio::spawn(Arc::clone(&self.guard).run());
+        let monitor = self
+            .monitor
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .map(|m| tokio::spawn(m.run()));
+        let rollouts = tokio::spawn(rollout::drive(
+            Arc::clone(&self.controller),
+            Arc::clone(&self.guard),
+        ));
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let admin_task = admin.map(|listener| {
+            let mut rx = stop_rx.clone();
+            tokio::spawn(Arc::clone(&self.admin).serve(listener, async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            }))
+        });
+        self.admin.set_ready(true);
+        let result = Arc::clone(&self.proxy)
+            .serve(
+                proxy,
+                tls,
+                async {
+                    shutdown.await;
+                    self.admin.set_ready(false);
+                },
+                self.grace,
+            )
+            .await;
+        guard.abort();
+        if let Some(m) = monitor {
+            m.abort();
+        }
+        rollouts.abort();
+        let _ = stop_tx.send(true);
+        if let Some(task) = admin_task {
+            let _ = task.await;
+        }
+        result
+    }
+}
