@@ -28,6 +28,13 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 cargo fmt --all -- --check
+# The library's layers: a lower layer never names a higher one (scripts/layers.py), and
+# the product library does not depend on the CLI's crates.
+/usr/bin/python3 scripts/layers.py
+if cargo tree -p weir -e normal --prefix none | grep -Eq '^(clap|anyhow) '; then
+  echo "the weir library must not depend on clap or anyhow (they belong to weir-cli)" >&2
+  exit 1
+fi
 cargo clippy --workspace --all-targets -- -D warnings
 # --all-targets builds and runs lib, binary, integration tests and benches (criterion
 # runs each bench once in test mode, so they never rot); doc tests separately.

@@ -111,7 +111,7 @@ pub async fn main(cli: Cli) -> Result<ExitCode> {
         Command::State(StateCommand::Discard { config }) => {
             let config = Config::load(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
             let lock = StateLock::acquire(&config.state.dir)?;
-            match state::discard(&lock)? {
+            match state::discard(&lock, weir::model::Clock::now(&weir::model::SystemClock))? {
                 Some(aside) => println!(
                     "moved {} aside to {}; the next start uses the config's weights",
                     config.state.dir.join(state::STATE_FILE).display(),

@@ -157,7 +157,7 @@ pub async fn run(opts: DemoOptions, out: &mut (impl Write + Send)) -> Result<()>
             .controller()
             .snapshot("demo")
             .context("demo service vanished")?;
-        let rollout = snap.rollout.clone();
+        let rollout = weir.controller().service_control("demo").rollout;
         let phase = rollout.as_ref().map_or("idle", |r| r.phase.as_str());
         let step = rollout.as_ref().map_or(String::new(), |r| {
             format!(
@@ -261,7 +261,10 @@ fn summary(
         )?;
     }
     let events = weir.controller().events(0, 1000).unwrap_or_default();
-    if let Some(rb) = events.iter().find(|e| e.kind == "rolled_back") {
+    if let Some(rb) = events
+        .iter()
+        .find(|e| e.kind == weir::model::EventKind::RolledBack)
+    {
         if let Some(at) = broke_at {
             writeln!(
                 out,

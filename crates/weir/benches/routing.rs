@@ -10,7 +10,8 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use weir::config::Config;
 use weir::control::controller::Controller;
 use weir::dataplane::outcome::{Outcome, OutcomeSink};
-use weir::telemetry::metrics::{Metrics, MetricsSink};
+use weir::dataplane::sinks::MetricsSink;
+use weir::telemetry::metrics::Metrics;
 use weir::telemetry::window::Window;
 
 fn config() -> Config {

@@ -49,13 +49,14 @@ use tokio::net::TcpListener;
 use crate::admin::Admin;
 use crate::config::Config;
 use crate::control::controller::{Controller, OpenError};
-use crate::control::guard::{Guard, WindowSink};
+use crate::control::guard::Guard;
 use crate::control::store::StateLock;
-use crate::control::{health, rollout};
+use crate::control::{driver, health};
 use crate::dataplane::outcome::{LogSink, OutcomeSink};
 use crate::dataplane::proxy::Proxy;
+use crate::dataplane::sinks::{MetricsSink, WindowSink};
 use crate::dataplane::tls;
-use crate::telemetry::metrics::{Metrics, MetricsSink};
+use crate::telemetry::metrics::Metrics;
 
 /// Why weir cannot start.
 ///
@@ -285,7 +286,7 @@ impl Weir {
             .unwrap_or_else(|p| p.into_inner())
             .take()
             .map(|m| tokio::spawn(m.run()));
-        let rollouts = tokio::spawn(rollout::drive(
+        let rollouts = tokio::spawn(driver::drive(
             Arc::clone(&self.controller),
             Arc::clone(&self.guard),
         ));

@@ -38,8 +38,7 @@ use crate::control::controller::{Command, ControlError, Controller, RolloutVerb,
 use crate::control::guard::Guard;
 use crate::control::store::Event;
 use crate::dataplane::routing::Service;
-use crate::model::MAX_WEIGHT;
-use crate::model::Source;
+use crate::model::{Clock, EventKind, MAX_WEIGHT, Source};
 use crate::telemetry::metrics::Metrics;
 
 /// Largest admin request body accepted; a weights document is a few hundred bytes.
@@ -325,17 +324,13 @@ impl Admin {
                 let services: Vec<Value> = table
                     .services()
                     .iter()
-                    .map(|s| service_json(s, &self.guard, self.controller.plan_of(&s.name)))
+                    .map(|s| service_json(s, &self.controller, &self.guard))
                     .collect();
                 ok(json!({ "services": services }))
             }
             Route::Service(name) => match self.controller.router().table().service(name) {
                 Some(s) => with_etag(
-                    ok(service_json(
-                        s,
-                        &self.guard,
-                        self.controller.plan_of(&s.name),
-                    )),
+                    ok(service_json(s, &self.controller, &self.guard)),
                     s.snapshot().version,
                 ),
                 None => error(StatusCode::NOT_FOUND, format!("unknown service `{name}`")),
@@ -408,7 +403,7 @@ impl Admin {
                     Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
                 };
                 match self.controller.router().table().service(name) {
-                    Some(s) => ok(series_json(s, span)),
+                    Some(s) => ok(series_json(s, span, self.controller.clock().as_ref())),
                     None => error(StatusCode::NOT_FOUND, format!("unknown service `{name}`")),
                 }
             }
@@ -533,7 +528,7 @@ impl Admin {
                         } else {
                             StatusCode::ACCEPTED
                         },
-                        service_json(s, &self.guard, self.controller.plan_of(&s.name)),
+                        service_json(s, &self.controller, &self.guard),
                     ),
                     change.snapshot.version,
                 ),
@@ -581,7 +576,7 @@ pub fn reload(
     match Config::load(path) {
         Err(e) => {
             let problems: Vec<String> = e.to_string().lines().map(String::from).collect();
-            let mut event = Event::new("", "config_rejected", Source::Config);
+            let mut event = Event::new("", EventKind::ConfigRejected, Source::Config);
             event.actor = actor;
             event.reason = Some(format!(
                 "{} problem(s) in {}",
@@ -600,7 +595,7 @@ pub fn reload(
         }
         Ok(config) if let Err(e) = crate::dataplane::tls::check_upstreams(&config) => {
             let problems = vec![e.to_string()];
-            let mut event = Event::new("", "config_rejected", Source::Config);
+            let mut event = Event::new("", EventKind::ConfigRejected, Source::Config);
             event.actor = actor;
             event.reason = Some(format!("TLS material unusable in {}", path.display()));
             event.details = json!({ "problems": problems });
@@ -1115,10 +1110,10 @@ fn series_query(query: Option<&str>) -> Result<Duration, String> {
 /// error counts and p99 (ms, null without samples), oldest first, ending at `end_ms`
 /// (Unix ms). Rates are counts / `step_secs`. Each pool carries its own step: a pool
 /// kept across a reload keeps the window (and slice length) it was built with.
-fn series_json(s: &Service, span: Duration) -> Value {
+fn series_json(s: &Service, span: Duration, clock: &dyn Clock) -> Value {
     let snap = s.snapshot();
     // One clock reading pair turns the windows' Instants into wall-clock times.
-    let (now, wall) = (std::time::Instant::now(), std::time::SystemTime::now());
+    let (now, wall) = (clock.instant(), clock.now());
     let unix_ms = |at: Option<std::time::Instant>| {
         at.map(|at| {
             let t = wall - now.saturating_duration_since(at);
@@ -1203,12 +1198,10 @@ fn dashboard<B>(req: &Request<B>) -> AdminResponse {
 }
 
 /// The service document of the API.
-pub fn service_json(
-    s: &Service,
-    guard: &Guard,
-    plan: Option<crate::config::RolloutConfig>,
-) -> Value {
+pub fn service_json(s: &Service, controller: &Controller, guard: &Guard) -> Value {
     let snap = s.snapshot();
+    let plan = controller.plan_of(&s.name);
+    let control = controller.service_control(&s.name);
     let pools: Vec<Value> = snap
         .slots()
         .iter()
@@ -1237,10 +1230,10 @@ pub fn service_json(
         "pools": pools,
         "updated_at": rfc3339(snap.updated_at),
         "updated_by": snap.updated_by.as_str(),
-        "health": if snap.degraded.is_some() { "degraded" } else { "healthy" },
+        "health": if control.degraded.is_some() { "degraded" } else { "healthy" },
         "not_durable": guard.not_durable(&s.name),
         "guard": guard.status(s),
-        "rollout": rollout_json(s, &snap, guard),
+        "rollout": rollout_json(s, &snap, control.rollout.as_ref(), controller.clock().now(), guard),
         "plan": plan.map(|p| json!({
             "strategy": match p {
                 crate::config::RolloutConfig::Canary { .. } => "canary",
@@ -1256,12 +1249,13 @@ pub fn service_json(
 fn rollout_json(
     s: &Service,
     snap: &crate::dataplane::routing::ServiceSnapshot,
+    rollout: Option<&crate::control::rollout::Rollout>,
+    now: std::time::SystemTime,
     guard: &Guard,
 ) -> Value {
-    let Some(r) = &snap.rollout else {
+    let Some(r) = rollout else {
         return json!({ "phase": "idle" });
     };
-    let now = std::time::SystemTime::now();
     let evidence = crate::control::rollout::Evidence::of(
         snap,
         &r.candidate,

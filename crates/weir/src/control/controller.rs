@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::SystemTime;
 
 use crate::config::{Config, ServiceConfig};
@@ -19,8 +19,7 @@ use crate::dataplane::pool::Pool;
 use crate::dataplane::routing::{
     Choice, RouteTable, Router, Service, ServiceSnapshot, StickyKey, WeightError,
 };
-use crate::model::Source;
-use crate::model::{PERCENT_SCALE, Phase, Step};
+use crate::model::{Clock, EventKind, PERCENT_SCALE, Phase, Source, Step, SystemClock};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::window::Window;
 
@@ -171,13 +170,25 @@ pub struct ReloadReport {
     pub needs_restart: Vec<String>,
 }
 
+/// What the control plane keeps about a service besides its routing snapshot: the
+/// rollout, and whether the guard degraded it. Not in the snapshot: the data plane has
+/// no use for either.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServiceControl {
+    /// The service's rollout, if one was ever started.
+    pub rollout: Option<Rollout>,
+    /// Set (with the reason) when the SLO guard moved traffic back: the service stays
+    /// on its baseline until an operator sets weights or retries.
+    pub degraded: Option<String>,
+}
+
 /// What a command will make of a service, before it is applied.
 struct Planned {
     weights: Vec<u32>,
     baseline: Option<String>,
     degraded: Option<String>,
     rollout: Option<Rollout>,
-    kind: &'static str,
+    kind: EventKind,
     reason: Option<String>,
     details: Option<serde_json::Value>,
 }
@@ -279,12 +290,16 @@ impl Persistence {
 /// commands never interleave and lose an update.
 pub struct Controller {
     router: Arc<Router>,
+    /// Every time a decision or a record needs.
+    clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
     write: Mutex<Option<Persistence>>,
     /// The config in force (last loaded or reloaded).
     config: Mutex<Config>,
     /// See [`Controller::writable`].
     writable: Arc<AtomicBool>,
+    /// Rollout and degraded state per service; written only under the write lock.
+    control: RwLock<HashMap<String, ServiceControl>>,
     /// Services with a rollback applied but not saved yet: readable without the write
     /// lock, which a slow disk may hold for long (API reads run on async workers).
     unsaved: Mutex<Vec<String>>,
@@ -299,6 +314,15 @@ impl std::fmt::Debug for Controller {
 impl Controller {
     /// Build from a config with no persistence (benches, unit tests).
     pub fn in_memory(config: &Config, metrics: Arc<Metrics>) -> Controller {
+        Controller::in_memory_with_clock(config, metrics, Arc::new(SystemClock))
+    }
+
+    /// [`Controller::in_memory`] on a given clock (tests on paused time).
+    pub fn in_memory_with_clock(
+        config: &Config,
+        metrics: Arc<Metrics>,
+        clock: Arc<dyn Clock>,
+    ) -> Controller {
         let services = config
             .services
             .iter()
@@ -306,10 +330,12 @@ impl Controller {
             .collect();
         Controller {
             router: Arc::new(Router::new(RouteTable::new(services))),
+            clock,
             metrics,
             write: Mutex::new(None),
             config: Mutex::new(config.clone()),
             writable: Arc::new(AtomicBool::new(true)),
+            control: RwLock::new(HashMap::new()),
             unsaved: Mutex::new(Vec::new()),
         }
     }
@@ -341,6 +367,16 @@ impl Controller {
         metrics: Arc<Metrics>,
         lock: StateLock,
     ) -> Result<Controller, OpenError> {
+        Controller::open_with_clock(config, metrics, lock, Arc::new(SystemClock))
+    }
+
+    /// [`Controller::open_locked`] on a given clock.
+    pub fn open_with_clock(
+        config: &Config,
+        metrics: Arc<Metrics>,
+        lock: StateLock,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Controller, OpenError> {
         let store = StateStore::open(&config.state.dir)?;
         let saved = match store.load() {
             Ok(saved) => saved.unwrap_or_default(),
@@ -358,7 +394,7 @@ impl Controller {
             }
             Err(e) => return Err(e.into()),
         };
-        let controller = Controller::in_memory(config, metrics);
+        let controller = Controller::in_memory_with_clock(config, metrics, Arc::clone(&clock));
         let (events, restored, problems) = restore_all(&controller, &saved);
         if !problems.is_empty() {
             return Err(OpenError::Unusable {
@@ -371,11 +407,10 @@ impl Controller {
             JOURNAL_FILE_BYTES,
             JOURNAL_FILES_KEPT,
             JOURNAL_MEMORY,
+            clock,
         )?;
-        for (service, snap) in restored {
-            controller
-                .metrics
-                .rollout(&service.name, snap.rollout.as_ref());
+        for (service, snap, control) in restored {
+            controller.publish_control(&service.name, control);
             service.store(Arc::new(snap));
         }
 
@@ -417,6 +452,11 @@ impl Controller {
     /// changes (`ControlError::Storage`); a rollback still moves traffic.
     pub fn writable(&self) -> bool {
         self.writable.load(Ordering::Relaxed)
+    }
+
+    /// The clock every decision reads.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
     }
 
     /// The router the data plane reads.
@@ -493,19 +533,23 @@ impl Controller {
             .service(&name)
             .ok_or_else(|| ControlError::UnknownService(name.clone()))?;
         let current = service.snapshot_full();
+        let current_control = self.service_control(&name);
         let is_rollback = matches!(command, Command::Rollback { .. });
-        let change = self.plan(&name, &current, command)?;
+        let change = self.plan(&name, &current, &current_control, command)?;
         let pools = current.slots().iter().map(|s| s.pool.clone()).collect();
-        let mut next = ServiceSnapshot::new(pools, &change.weights, current.version + 1, source)?
+        let next = ServiceSnapshot::new(pools, &change.weights, current.version + 1, source)?
             .with_baseline(
-            change
-                .baseline
-                .as_deref()
-                .unwrap_or(current.baseline_name()),
-        )?;
-        next.degraded = change.degraded;
-        next.rollout = change.rollout;
+                change
+                    .baseline
+                    .as_deref()
+                    .unwrap_or(current.baseline_name()),
+            )?
+            .at(self.clock.now());
         let next = Arc::new(next);
+        let next_control = ServiceControl {
+            rollout: change.rollout,
+            degraded: change.degraded,
+        };
         let mut event = Event::new(&name, change.kind, source);
         event.actor = actor;
         event.reason = change.reason;
@@ -516,7 +560,9 @@ impl Controller {
         let event = match persistence.as_mut() {
             Some(p) => {
                 let mut state = self.state();
-                state.services.insert(name.clone(), service_state(&next));
+                state
+                    .services
+                    .insert(name.clone(), service_state(&next, &next_control));
                 // Earlier unsaved rollbacks go first; the new state file covers them.
                 let written = if p.pending.is_empty() {
                     p.write(&state, event.clone())
@@ -555,11 +601,11 @@ impl Controller {
             None => None,
         };
         self.publish_unsaved(persistence.as_ref());
+        self.publish_control(&name, next_control);
         service.store(next.clone());
         if next.weights() != current.weights() {
             self.metrics.weight_changed(&name, source);
         }
-        self.metrics.rollout(&name, next.rollout.as_ref());
         Ok(Change {
             service: name,
             source,
@@ -576,18 +622,19 @@ impl Controller {
         &self,
         name: &str,
         current: &ServiceSnapshot,
+        control: &ServiceControl,
         command: Command,
     ) -> Result<Planned, ControlError> {
         let mut planned = Planned {
             weights: current.weights(),
             baseline: None,
-            degraded: current.degraded.clone(),
-            rollout: current.rollout.clone(),
-            kind: "weights_changed",
+            degraded: control.degraded.clone(),
+            rollout: control.rollout.clone(),
+            kind: EventKind::WeightsChanged,
             reason: None,
             details: None,
         };
-        let now = SystemTime::now();
+        let now = self.clock.now();
         match command {
             Command::SetWeights {
                 weights,
@@ -625,7 +672,7 @@ impl Controller {
                 ..
             } => {
                 planned.weights = all_to(current, current.baseline_name());
-                planned.kind = "rolled_back";
+                planned.kind = EventKind::RolledBack;
                 if source == Source::Guard {
                     planned.degraded =
                         Some(reason.clone().unwrap_or_else(|| "SLO breached".into()));
@@ -639,14 +686,14 @@ impl Controller {
                 planned.details = details;
             }
             Command::Rollout { verb, .. } => {
-                let transition = self.rollout_transition(name, current, verb, now)?;
+                let transition = self.rollout_transition(name, current, control, verb, now)?;
                 if let Some(percent) = transition.percent {
                     planned.weights = split(current, &transition.rollout, percent);
                 }
                 if transition.promote_baseline {
                     planned.baseline = Some(transition.rollout.candidate.clone());
                 }
-                if transition.kind == "rollout_started" {
+                if transition.kind == EventKind::RolloutStarted {
                     planned.degraded = None;
                 }
                 planned.kind = transition.kind;
@@ -667,11 +714,12 @@ impl Controller {
         &self,
         name: &str,
         current: &ServiceSnapshot,
+        control: &ServiceControl,
         verb: RolloutVerb,
         now: SystemTime,
     ) -> Result<Transition, ControlError> {
         let settle = !matches!(verb, RolloutVerb::Tick(_));
-        let t = self.rollout_verb(name, current, verb, now)?;
+        let t = self.rollout_verb(name, current, control, verb, now)?;
         Ok(if settle {
             let evidence = Evidence::of(current, &t.rollout.candidate, None, None);
             Rollout::settle(t, now, &evidence)
@@ -684,11 +732,12 @@ impl Controller {
         &self,
         name: &str,
         current: &ServiceSnapshot,
+        control: &ServiceControl,
         verb: RolloutVerb,
         now: SystemTime,
     ) -> Result<Transition, ControlError> {
         let conflict = |msg: String| ControlError::Conflict(format!("service `{name}`: {msg}"));
-        let existing = current.rollout.as_ref();
+        let existing = control.rollout.as_ref();
         let evidence_now = |candidate: &str| Evidence::of(current, candidate, None, None);
         match verb {
             RolloutVerb::Start { candidate } => {
@@ -755,7 +804,7 @@ impl Controller {
                     percent: blue_green.then_some(0.0),
                     rollout,
                     promote_baseline: false,
-                    kind: "rollout_started",
+                    kind: EventKind::RolloutStarted,
                 })
             }
             RolloutVerb::Retry => {
@@ -779,7 +828,7 @@ impl Controller {
                     percent: preview.then_some(0.0),
                     rollout,
                     promote_baseline: false,
-                    kind: "rollout_started",
+                    kind: EventKind::RolloutStarted,
                 })
             }
             verb => {
@@ -831,6 +880,7 @@ impl Controller {
             report.needs_restart.push("state".into());
         }
         let mut services = Vec::new();
+        let mut next_control = HashMap::new();
         for cfg in &config.services {
             let old = old_table.service(&cfg.name);
             let reuse: HashMap<String, Arc<Pool>> = old
@@ -860,16 +910,15 @@ impl Controller {
                             .iter()
                             .map(|s| s.pool.clone())
                             .collect();
-                        let mut snap = ServiceSnapshot::new(
+                        let snap = ServiceSnapshot::new(
                             pools,
                             &old_snap.weights(),
                             old_snap.version,
                             old_snap.updated_by,
                         )?
-                        .with_baseline(old_snap.baseline_name())?;
-                        snap.updated_at = old_snap.updated_at;
-                        snap.degraded = old_snap.degraded.clone();
-                        snap.rollout = old_snap.rollout.clone();
+                        .with_baseline(old_snap.baseline_name())?
+                        .at(old_snap.updated_at);
+                        next_control.insert(cfg.name.clone(), self.service_control(&cfg.name));
                         fresh.store(Arc::new(snap));
                         report.kept.push(cfg.name.clone());
                     } else {
@@ -886,7 +935,8 @@ impl Controller {
                             old_snap.version + 1,
                             Source::Config,
                         )?
-                        .with_baseline(&cfg.baseline)?;
+                        .with_baseline(&cfg.baseline)?
+                        .at(self.clock.now());
                         fresh.store(Arc::new(snap));
                         self.metrics.weight_changed(&cfg.name, Source::Config);
                         report.reset.push(cfg.name.clone());
@@ -901,14 +951,14 @@ impl Controller {
             }
         }
         let table = RouteTable::new(services);
-        let mut event = Event::new("", "config_reloaded", Source::Config);
+        let mut event = Event::new("", EventKind::ConfigReloaded, Source::Config);
         event.actor = actor;
         event.details = serde_json::to_value(&report).unwrap_or_default();
         let event = match persistence.as_mut() {
             Some(p) => {
                 // Unsaved rollbacks are journaled before the reload, in the order
                 // they happened.
-                let next_state = state_of(&table);
+                let next_state = state_of(&table, &next_control);
                 let written = p
                     .flush(&next_state)
                     .and_then(|()| p.store.save(&next_state).map_err(ControlError::from))
@@ -920,6 +970,11 @@ impl Controller {
             None => event,
         };
         self.router.store(table);
+        *self.control.write().unwrap_or_else(|p| p.into_inner()) = HashMap::new();
+        for cfg in &config.services {
+            let control = next_control.remove(&cfg.name).unwrap_or_default();
+            self.publish_control(&cfg.name, control);
+        }
         *self.config.lock().unwrap_or_else(|p| p.into_inner()) = config.clone();
         Ok((report, event))
     }
@@ -1019,12 +1074,39 @@ impl Controller {
 
     /// The persistent view of every service as it is now.
     fn state(&self) -> State {
-        state_of(&self.router.table())
+        state_of(
+            &self.router.table(),
+            &self.control.read().unwrap_or_else(|p| p.into_inner()),
+        )
+    }
+
+    /// A service's rollout and degraded state (empty for an unknown service).
+    pub fn service_control(&self, service: &str) -> ServiceControl {
+        self.control
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(service)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Put a service's control state in force (under the write lock) and publish its
+    /// rollout metrics.
+    fn publish_control(&self, service: &str, control: ServiceControl) {
+        let (phase, step) = control
+            .rollout
+            .as_ref()
+            .map_or((Phase::Idle, 0), |r| (r.phase, r.step));
+        self.metrics.rollout(service, phase, step);
+        self.control
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(service.to_string(), control);
     }
 }
 
-/// A restored snapshot for a service.
-type Restored = (Arc<Service>, ServiceSnapshot);
+/// A restored snapshot for a service, and its control state.
+type Restored = (Arc<Service>, ServiceSnapshot, ServiceControl);
 
 /// What the saved state makes of each service of `controller` (built from the config):
 /// start-up events, snapshots to restore, and problems naming the service. Reads only.
@@ -1041,7 +1123,7 @@ fn restore_all(controller: &Controller, saved: &State) -> (Vec<Event>, Vec<Resto
         let saved_names: Vec<&str> = state.weights.keys().map(String::as_str).collect();
         if sorted(&names) != sorted(&saved_names) {
             // Documented: a pool set changed in the config wins over the saved one.
-            let mut event = Event::new(&*service.name, "state_ignored", Source::Startup);
+            let mut event = Event::new(&*service.name, EventKind::StateIgnored, Source::Startup);
             event.reason = Some(format!(
                 "saved pools [{}] differ from the config's [{}]; using the config's weights",
                 saved_names.join(", "),
@@ -1056,8 +1138,9 @@ fn restore_all(controller: &Controller, saved: &State) -> (Vec<Event>, Vec<Resto
             continue;
         }
         match restore(&current, state, &names) {
-            Ok(snap) => {
-                let mut event = Event::new(&*service.name, "state_restored", Source::Startup);
+            Ok((snap, control)) => {
+                let mut event =
+                    Event::new(&*service.name, EventKind::StateRestored, Source::Startup);
                 event.from = Some(weights_of(&current));
                 event.to = Some(weights_of(&snap));
                 event.reason = Some(format!(
@@ -1066,7 +1149,7 @@ fn restore_all(controller: &Controller, saved: &State) -> (Vec<Event>, Vec<Resto
                     state.updated_by.as_str()
                 ));
                 events.push(event);
-                restored.push((Arc::clone(service), snap));
+                restored.push((Arc::clone(service), snap, control));
             }
             Err(problem) => problems.push(format!("service `{}`: {problem}", service.name)),
         }
@@ -1102,7 +1185,7 @@ fn restore(
     current: &ServiceSnapshot,
     state: &ServiceState,
     names: &[&str],
-) -> Result<ServiceSnapshot, String> {
+) -> Result<(ServiceSnapshot, ServiceControl), String> {
     let weights: Vec<u32> = names.iter().map(|n| state.weights[*n]).collect();
     let extra = &state.extra;
     // A promotion may have moved the baseline; else the config's.
@@ -1145,7 +1228,7 @@ fn restore(
             state.updated_at
         )
     })?;
-    let mut snap = ServiceSnapshot::new(
+    let snap = ServiceSnapshot::new(
         current.slots().iter().map(|s| s.pool.clone()).collect(),
         &weights,
         state.version,
@@ -1158,10 +1241,7 @@ fn restore(
             weights_text(&state.weights)
         )
     })?;
-    snap.updated_at = updated_at;
-    snap.degraded = degraded;
-    snap.rollout = rollout;
-    Ok(snap)
+    Ok((snap.at(updated_at), ServiceControl { rollout, degraded }))
 }
 
 /// `stable=90 canary=10`, for messages.
@@ -1173,17 +1253,21 @@ fn weights_text(weights: &Weights) -> String {
         .join(" ")
 }
 
-fn state_of(table: &RouteTable) -> State {
+fn state_of(table: &RouteTable, control: &HashMap<String, ServiceControl>) -> State {
+    let none = ServiceControl::default();
     State {
         services: table
             .services()
             .iter()
-            .map(|s| (s.name.to_string(), service_state(&s.snapshot())))
+            .map(|s| {
+                let c = control.get(&*s.name).unwrap_or(&none);
+                (s.name.to_string(), service_state(&s.snapshot(), c))
+            })
             .collect(),
     }
 }
 
-fn service_state(s: &ServiceSnapshot) -> ServiceState {
+fn service_state(s: &ServiceSnapshot, c: &ServiceControl) -> ServiceState {
     ServiceState {
         version: s.version,
         weights: weights_of(s),
@@ -1191,10 +1275,10 @@ fn service_state(s: &ServiceSnapshot) -> ServiceState {
         updated_by: s.updated_by,
         extra: {
             let mut extra = serde_json::json!({ "baseline": s.baseline_name() });
-            if let Some(reason) = &s.degraded {
+            if let Some(reason) = &c.degraded {
                 extra["degraded"] = reason.clone().into();
             }
-            if let Some(r) = &s.rollout {
+            if let Some(r) = &c.rollout {
                 extra["rollout"] = serde_json::to_value(r).unwrap_or_default();
             }
             extra
@@ -1237,7 +1321,7 @@ fn build_service(
         pool.set_judging(cfg.grpc_failure_codes, last_byte);
     }
     metrics.register_service(&cfg.name);
-    metrics.rollout(&cfg.name, None);
+    metrics.rollout(&cfg.name, Phase::Idle, 0);
     let weights: Vec<u32> = cfg.pools.iter().map(|p| p.weight).collect();
     let snapshot = ServiceSnapshot::new(pools, &weights, 1, Source::Config)
         .and_then(|s| s.with_baseline(&cfg.baseline))

@@ -20,34 +20,10 @@ use crate::config::{GuardMode, SloConfig};
 use crate::control::controller::{Command, Controller, rfc3339};
 pub use crate::control::judge::{Basis, Evidence, Figures, Judgement, Verdict, judge};
 use crate::control::store::Event;
-use crate::dataplane::outcome::{Outcome, OutcomeSink};
 use crate::dataplane::routing::Service;
 pub use crate::model::Check;
-use crate::model::Source;
+use crate::model::{EventKind, Source};
 use crate::telemetry::metrics::Metrics;
-
-/// Feeds every outcome the pool answers for into its window. Client faults stay out
-/// entirely: neither an error nor a request, so broken requests from outside can
-/// neither fail a version nor dilute its error rate.
-#[derive(Debug, Default)]
-pub struct WindowSink;
-
-impl OutcomeSink for WindowSink {
-    fn record(&self, o: &Outcome<'_>) {
-        if o.retried.is_some() {
-            o.pool.window().record_failed_attempt();
-        }
-        if o.is_client_fault() {
-            return;
-        }
-        let latency = if o.pool.judges_last_byte() {
-            o.duration
-        } else {
-            o.latency
-        };
-        o.pool.window().record(o.is_error(), latency);
-    }
-}
 
 /// A candidate's judgement as the API shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -197,7 +173,8 @@ impl Guard {
         let mut any_unhealthy = false;
         let mut unhealthy_words = String::new();
         // A blue/green preview is judged on its targeted traffic, weight 0 or not.
-        let preview = snapshot
+        let control = self.controller.service_control(&service.name);
+        let preview = control
             .rollout
             .as_ref()
             .filter(|r| r.phase.is_running())
@@ -270,9 +247,9 @@ impl Guard {
         if any_unhealthy != watch.baseline_unhealthy {
             watch.baseline_unhealthy = any_unhealthy;
             let kind = if any_unhealthy {
-                "baseline_unhealthy"
+                EventKind::BaselineUnhealthy
             } else {
-                "baseline_recovered"
+                EventKind::BaselineRecovered
             };
             let mut e = Event::new(&*service.name, kind, Source::Guard);
             e.reason = Some(if any_unhealthy {
@@ -319,7 +296,7 @@ impl Guard {
             }
             Action::WouldRollback { service, decision } => {
                 let check = decision.judgement.check.map_or("unknown", Check::as_str);
-                let mut e = Event::new(&service, "rollback_dry_run", Source::Guard);
+                let mut e = Event::new(&service, EventKind::RollbackDryRun, Source::Guard);
                 e.reason = Some(format!(
                     "dry-run, weights unchanged; would roll back: {}",
                     decision.judgement.summary
@@ -366,6 +343,7 @@ impl Guard {
     /// the last decision per candidate, and the service's health.
     pub fn status(&self, service: &Service) -> Value {
         let snapshot = service.snapshot();
+        let control = self.controller.service_control(&service.name);
         let slo = self.controller.slo(&service.name);
         let window = slo.as_ref().map_or(Duration::from_secs(30), |s| s.window);
         let pools: Vec<Value> = snapshot
@@ -392,8 +370,8 @@ impl Guard {
                 "min_requests": s.min_requests,
                 "breaches_to_act": s.breaches_to_act,
             })),
-            "health": if snapshot.degraded.is_some() { "degraded" } else { "healthy" },
-            "degraded_reason": snapshot.degraded,
+            "health": if control.degraded.is_some() { "degraded" } else { "healthy" },
+            "degraded_reason": control.degraded,
             "baseline_unhealthy": watch.is_some_and(|w| w.baseline_unhealthy),
             "pools": pools,
             "decisions": decisions,

@@ -9,61 +9,26 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::dataplane::sinks::{EndpointChanges, EndpointChangesRx, OutlierSink};
 use bytes::Bytes;
 use http::{Request, header};
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
-use tokio::sync::mpsc;
 
 use crate::config::UpstreamProtocol;
 use crate::control::controller::Controller;
 use crate::control::store::Event;
-use crate::dataplane::outcome::{Outcome, OutcomeSink};
 use crate::dataplane::pool::{EndpointChange, Pool};
-use crate::model::ErrorKind;
-use crate::model::Source;
+use crate::model::{EventKind, Source};
 
 /// How often the health task looks for due checks and expired ejections.
 const TICK: Duration = Duration::from_millis(100);
 
-type Changes = mpsc::UnboundedSender<(Arc<Pool>, EndpointChange)>;
-
-/// Feeds live traffic into passive ejection.
-#[derive(Debug, Clone)]
-pub struct OutlierSink {
-    changes: Changes,
-}
-
-impl OutcomeSink for OutlierSink {
-    fn record(&self, o: &Outcome<'_>) {
-        if let Some((endpoint, kind)) = o.retried
-            && let Some(change) = o.pool.observe(endpoint, kind != ErrorKind::NoEndpoint)
-        {
-            let _ = self.changes.send((Arc::clone(o.pool), change));
-        }
-        // A client fault says nothing about the endpoint either way: it neither counts
-        // as a failure nor breaks a run of failures. `no_endpoint` is no endpoint's fault.
-        if o.is_client_fault() {
-            return;
-        }
-        if let Some(endpoint) = o.endpoint
-            && let Some(change) = o.pool.observe(
-                endpoint,
-                o.is_error() && o.error != Some(ErrorKind::NoEndpoint),
-            )
-        {
-            let _ = self.changes.send((Arc::clone(o.pool), change));
-        }
-    }
-}
-
 /// The health task and the sink that feeds it.
 pub fn start(controller: Arc<Controller>) -> (OutlierSink, Monitor) {
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (sink, tx, rx) = OutlierSink::channel();
     (
-        OutlierSink {
-            changes: tx.clone(),
-        },
+        sink,
         Monitor {
             controller,
             changes: tx,
@@ -76,8 +41,8 @@ pub fn start(controller: Arc<Controller>) -> (OutlierSink, Monitor) {
 #[derive(Debug)]
 pub struct Monitor {
     controller: Arc<Controller>,
-    changes: Changes,
-    rx: Option<mpsc::UnboundedReceiver<(Arc<Pool>, EndpointChange)>>,
+    changes: EndpointChanges,
+    rx: Option<EndpointChangesRx>,
 }
 
 impl Monitor {
@@ -122,7 +87,7 @@ impl Monitor {
             EndpointChange::Ejected {
                 failures, duration, ..
             } => (
-                "endpoint_ejected",
+                EventKind::EndpointEjected,
                 format!(
                     "{address} ejected from {} for {} after {failures} consecutive failures",
                     pool.name,
@@ -130,15 +95,15 @@ impl Monitor {
                 ),
             ),
             EndpointChange::Returned { .. } => (
-                "endpoint_returned",
+                EventKind::EndpointReturned,
                 format!("{address} back in {} after its ejection", pool.name),
             ),
             EndpointChange::Down { why, .. } => (
-                "endpoint_down",
+                EventKind::EndpointDown,
                 format!("{address} in {} failed its health checks: {why}", pool.name),
             ),
             EndpointChange::Up { .. } => (
-                "endpoint_up",
+                EventKind::EndpointUp,
                 format!("{address} in {} passes its health checks again", pool.name),
             ),
         };

@@ -3,6 +3,7 @@
 //! (guard, health, webhook).
 
 pub mod controller;
+pub mod driver;
 pub mod guard;
 pub mod health;
 pub mod judge;

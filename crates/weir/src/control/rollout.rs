@@ -8,15 +8,13 @@
 //! an inconclusive verdict keeps it waiting, and a breach is the guard's revert, which
 //! ends the rollout as `degraded`.
 
-use crate::model::{Phase, Step};
+use crate::model::{EventKind, Phase, Step};
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
 use crate::config::RolloutConfig;
-use crate::control::controller::{Command, ControlError, Controller, RolloutVerb};
-use crate::control::guard::{Guard, Verdict};
-use crate::model::Source;
+use crate::control::judge::Verdict;
 
 /// The persisted state of a service's rollout.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -124,7 +122,7 @@ pub struct Transition {
     pub percent: Option<f64>,
     /// The candidate becomes the service's baseline (promotion is complete).
     pub promote_baseline: bool,
-    pub kind: &'static str,
+    pub kind: EventKind,
     pub reason: String,
 }
 
@@ -237,7 +235,7 @@ impl Rollout {
                 let mut next = self.clone();
                 let percent = *p;
                 next.enter(self.step + 1, now, evidence);
-                let kind = "rollout_step";
+                let kind = EventKind::RolloutStep;
                 let reason = format!("step {}: {}", self.step + 1, step.describe());
                 if next.step >= next.steps.len() {
                     let mut t = next.finish(now, &reason);
@@ -291,7 +289,7 @@ impl Rollout {
             t.rollout = next.rollout;
             t.percent = next.percent.or(t.percent);
             t.promote_baseline |= next.promote_baseline;
-            if next.kind == "rollout_promoted" {
+            if next.kind == EventKind::RolloutPromoted {
                 t.kind = next.kind;
             }
             t.reason = format!("{}; {}", t.reason, next.reason);
@@ -348,7 +346,7 @@ impl Rollout {
             rollout: next,
             percent: None,
             promote_baseline: false,
-            kind: "rollout_step",
+            kind: EventKind::RolloutStep,
             reason: format!("{why}; step {}: {desc}", self.step + 2),
         }
     }
@@ -363,7 +361,7 @@ impl Rollout {
         Transition {
             percent: Some(100.0),
             promote_baseline: true,
-            kind: "rollout_promoted",
+            kind: EventKind::RolloutPromoted,
             reason: format!("{why}; {} is the new baseline", self.candidate),
             rollout: done,
         }
@@ -385,7 +383,7 @@ impl Rollout {
         }
         let mut t = if full {
             let mut t = self.finish(now, "promoted in full by an operator");
-            t.kind = "rollout_promoted";
+            t.kind = EventKind::RolloutPromoted;
             t
         } else {
             match self.current_step() {
@@ -417,7 +415,7 @@ impl Rollout {
             rollout: next,
             percent: None,
             promote_baseline: false,
-            kind: "rollout_paused",
+            kind: EventKind::RolloutPaused,
             reason: format!("paused at step {}", self.step + 1),
         })
     }
@@ -435,7 +433,7 @@ impl Rollout {
             rollout: next,
             percent: None,
             promote_baseline: false,
-            kind: "rollout_resumed",
+            kind: EventKind::RolloutResumed,
             reason: format!("resumed at step {}", self.step + 1),
         })
     }
@@ -456,7 +454,7 @@ impl Rollout {
             rollout: next,
             percent: Some(0.0),
             promote_baseline: false,
-            kind: "rollout_aborted",
+            kind: EventKind::RolloutAborted,
             reason: format!(
                 "aborted at step {}; all traffic to {}",
                 self.step + 1,
@@ -472,66 +470,6 @@ impl Rollout {
         next.step_started = now;
         next.deadline = None;
         next
-    }
-}
-
-/// How often the driver looks for rollouts with something due.
-const TICK: Duration = Duration::from_millis(100);
-
-/// The rollout driver: advances every progressing rollout by time and evidence, through
-/// the controller. Runs until its task is dropped.
-pub async fn drive(controller: std::sync::Arc<Controller>, guard: std::sync::Arc<Guard>) {
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let due: Vec<(String, Evidence)> = {
-            let table = controller.router().table();
-            let now = SystemTime::now();
-            table
-                .services()
-                .iter()
-                .filter_map(|service| {
-                    let snapshot = service.snapshot();
-                    let rollout = snapshot.rollout.as_ref()?;
-                    let evidence = Evidence::of(
-                        &snapshot,
-                        &rollout.candidate,
-                        guard.verdict(&service.name, &rollout.candidate),
-                        None,
-                    );
-                    // Only bother the controller (and the disk) when a step is due.
-                    rollout.tick(now, &evidence)?;
-                    Some((service.name.to_string(), evidence))
-                })
-                .collect()
-        };
-        for (service, evidence) in due {
-            let controller = std::sync::Arc::clone(&controller);
-            let applied = tokio::task::spawn_blocking(move || {
-                controller.apply(Command::Rollout {
-                    service: service.clone(),
-                    verb: RolloutVerb::Tick(evidence),
-                    source: Source::Rollout,
-                    actor: None,
-                })
-            })
-            .await;
-            match applied {
-                Ok(Ok(change)) => tracing::info!(
-                    "rollout {}: {}",
-                    change.service,
-                    change
-                        .event
-                        .as_ref()
-                        .and_then(|e| e.reason.as_deref())
-                        .unwrap_or("")
-                ),
-                Ok(Err(ControlError::Unchanged)) => {}
-                Ok(Err(e)) => tracing::warn!("rollout step failed: {e}"),
-                Err(e) => tracing::error!("rollout driver task failed: {e}"),
-            }
-        }
     }
 }
 
@@ -563,7 +501,7 @@ mod tests {
         let t = r.tick(at(0), &no_evidence()).unwrap();
         assert_eq!(
             (t.percent, t.rollout.step, t.kind),
-            (Some(5.0), 1, "rollout_step")
+            (Some(5.0), 1, EventKind::RolloutStep)
         );
         let t = t.rollout.tick(at(1), &no_evidence()).unwrap();
         assert_eq!((t.percent, t.rollout.step), (Some(0.5), 2));
@@ -625,7 +563,7 @@ mod tests {
         assert_eq!(t.rollout.phase, Phase::Promoted);
         assert!(t.promote_baseline);
         assert_eq!(t.percent, Some(100.0));
-        assert_eq!(t.kind, "rollout_promoted");
+        assert_eq!(t.kind, EventKind::RolloutPromoted);
     }
 
     #[test]

@@ -9,11 +9,12 @@
 //! The state file carries a `format` number; every format weir ever wrote stays loadable
 //! (a fixture test proves it), and writing always uses the current one.
 
-use crate::model::timestamp;
+use crate::model::{Clock, EventKind, timestamp};
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
@@ -251,13 +252,13 @@ impl StateLock {
 /// Move the state file aside as `state.json.discarded-<UTC time>`, so that the next start
 /// uses the config's weights; nothing is deleted. Needs the directory's lock, so it
 /// cannot pull the file from under a running weir. `None` when there is no state file.
-pub fn discard(lock: &StateLock) -> Result<Option<PathBuf>, StateError> {
+pub fn discard(lock: &StateLock, now: SystemTime) -> Result<Option<PathBuf>, StateError> {
     let dir = lock.dir();
     let path = dir.join(STATE_FILE);
     if !path.exists() {
         return Ok(None);
     }
-    let stamp: String = humantime::format_rfc3339_seconds(SystemTime::now())
+    let stamp: String = humantime::format_rfc3339_seconds(now)
         .to_string()
         .chars()
         .filter(|c| !matches!(c, '-' | ':'))
@@ -462,7 +463,7 @@ pub struct Event {
     pub service: String,
     /// `weights_changed`, `rolled_back`, `config_reloaded`, `config_rejected`,
     /// `state_restored`, ...
-    pub kind: String,
+    pub kind: EventKind,
     pub source: Source,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub actor: Option<String>,
@@ -480,12 +481,12 @@ pub struct Event {
 impl Event {
     /// An event with id 0 and no time (both filled in by [`Journal::append`]) and every
     /// optional part empty.
-    pub fn new(service: impl Into<String>, kind: impl Into<String>, source: Source) -> Event {
+    pub fn new(service: impl Into<String>, kind: EventKind, source: Source) -> Event {
         Event {
             id: 0,
             time: String::new(),
             service: service.into(),
-            kind: kind.into(),
+            kind,
             source,
             actor: None,
             from: None,
@@ -518,6 +519,8 @@ pub struct Journal {
     /// A failed append may have left a partial line; cut it before writing after it, or
     /// the next line would be glued to it and both lost.
     dirty: bool,
+    /// Stamps events that come without a time.
+    clock: Arc<dyn Clock>,
 }
 
 impl Journal {
@@ -530,6 +533,7 @@ impl Journal {
         max_file_bytes: u64,
         keep_files: usize,
         memory: usize,
+        clock: Arc<dyn Clock>,
     ) -> Result<Journal, StateError> {
         fs::create_dir_all(dir).map_err(io_error("create state directory", dir))?;
         // Reading must work; writing may not (a full or read-only disk). Then the journal
@@ -571,6 +575,7 @@ impl Journal {
             recent_is_all,
             last_id,
             dirty,
+            clock,
         };
         for event in chunks.into_iter().rev().flatten() {
             journal.remember(event);
@@ -589,7 +594,7 @@ impl Journal {
     pub fn append(&mut self, mut event: Event) -> Result<Event, StateError> {
         event.id = self.last_id + 1;
         if event.time.is_empty() {
-            event.time = timestamp(SystemTime::now());
+            event.time = timestamp(self.clock.now());
         }
         let current = self.dir.join(JOURNAL_FILE);
         let mut line = serde_json::to_vec(&event).map_err(|error| StateError::Encode {
@@ -827,6 +832,7 @@ mod tests {
     use std::sync::atomic::{AtomicU64, Ordering};
 
     use super::*;
+    use crate::model::SystemClock;
 
     /// A fresh directory under the system temp dir, removed on drop.
     struct TempDir(PathBuf);
@@ -1048,18 +1054,18 @@ mod tests {
     fn discard_moves_the_state_file_aside_unchanged() {
         let tmp = TempDir::new("discard");
         let lock = StateLock::acquire(tmp.path()).unwrap();
-        assert_eq!(discard(&lock).unwrap(), None);
+        assert_eq!(discard(&lock, SystemClock.now()).unwrap(), None);
         let store = StateStore::open(tmp.path()).unwrap();
         store.save(&sample_state()).unwrap();
         let bytes = fs::read(store.path()).unwrap();
-        let first = discard(&lock).unwrap().unwrap();
+        let first = discard(&lock, SystemClock.now()).unwrap().unwrap();
         assert!(!store.path().exists());
         assert_eq!(fs::read(&first).unwrap(), bytes);
         let name = first.file_name().unwrap().to_str().unwrap().to_string();
         assert!(name.starts_with("state.json.discarded-2"), "{name}");
         // A second discard within the same second does not overwrite the first.
         store.save(&sample_state()).unwrap();
-        let second = discard(&lock).unwrap().unwrap();
+        let second = discard(&lock, SystemClock.now()).unwrap().unwrap();
         assert_ne!(first, second);
         assert!(first.exists() && second.exists());
     }
@@ -1085,7 +1091,7 @@ mod tests {
     }
 
     fn event(n: u64) -> Event {
-        let mut e = Event::new("shop", "weights_changed", Source::Admin);
+        let mut e = Event::new("shop", EventKind::WeightsChanged, Source::Admin);
         e.reason = Some(format!("change {n}"));
         e
     }
@@ -1096,7 +1102,7 @@ mod tests {
 
     #[test]
     fn event_serialisation_leaves_out_empty_parts() {
-        let mut e = Event::new("", "config_reloaded", Source::Config);
+        let mut e = Event::new("", EventKind::ConfigReloaded, Source::Config);
         e.id = 5;
         e.time = "2025-01-02T03:04:05.678Z".to_string();
         let json = serde_json::to_value(&e).unwrap();
@@ -1119,7 +1125,8 @@ mod tests {
     fn journal_ids_increase_across_reopen() {
         let tmp = TempDir::new("reopen");
         {
-            let mut journal = Journal::open(tmp.path(), 1 << 20, 3, 100).unwrap();
+            let mut journal =
+                Journal::open(tmp.path(), 1 << 20, 3, 100, Arc::new(SystemClock)).unwrap();
             assert_eq!(journal.last_id(), 0);
             for n in 1..=3 {
                 let stored = journal.append(event(n)).unwrap();
@@ -1131,7 +1138,8 @@ mod tests {
                 );
             }
         }
-        let mut journal = Journal::open(tmp.path(), 1 << 20, 3, 100).unwrap();
+        let mut journal =
+            Journal::open(tmp.path(), 1 << 20, 3, 100, Arc::new(SystemClock)).unwrap();
         assert_eq!(journal.last_id(), 3);
         let mut given = event(4);
         given.time = "2025-01-02T03:04:05.678Z".to_string();
@@ -1147,7 +1155,8 @@ mod tests {
     fn torn_last_line_is_ignored_and_cut() {
         let tmp = TempDir::new("torn");
         {
-            let mut journal = Journal::open(tmp.path(), 1 << 20, 3, 100).unwrap();
+            let mut journal =
+                Journal::open(tmp.path(), 1 << 20, 3, 100, Arc::new(SystemClock)).unwrap();
             journal.append(event(1)).unwrap();
             journal.append(event(2)).unwrap();
         }
@@ -1156,7 +1165,8 @@ mod tests {
         file.write_all(br#"{"id":3,"time":"2025-01-0"#).unwrap();
         drop(file);
 
-        let mut journal = Journal::open(tmp.path(), 1 << 20, 3, 100).unwrap();
+        let mut journal =
+            Journal::open(tmp.path(), 1 << 20, 3, 100, Arc::new(SystemClock)).unwrap();
         assert_eq!(journal.last_id(), 2);
         assert_eq!(journal.append(event(3)).unwrap().id, 3);
         // The new line starts on a line of its own, so every line on disk parses.
@@ -1166,7 +1176,7 @@ mod tests {
             serde_json::from_str::<Event>(line).unwrap();
         }
         drop(journal);
-        let journal = Journal::open(tmp.path(), 1 << 20, 3, 100).unwrap();
+        let journal = Journal::open(tmp.path(), 1 << 20, 3, 100, Arc::new(SystemClock)).unwrap();
         assert_eq!(ids(&journal.since(0, 10).unwrap()), [1, 2, 3]);
     }
 
@@ -1185,7 +1195,7 @@ mod tests {
         // Three lines per file; memory smaller than one file so `since` must go to disk.
         let max = line_len * 3 + 2;
         {
-            let mut journal = Journal::open(tmp.path(), max, 2, 2).unwrap();
+            let mut journal = Journal::open(tmp.path(), max, 2, 2, Arc::new(SystemClock)).unwrap();
             for n in 1..=20 {
                 assert_eq!(journal.append(event(n)).unwrap().id, n);
             }
@@ -1199,7 +1209,7 @@ mod tests {
             assert_eq!(ids(&journal.since(13, 4).unwrap()), [14, 15, 16, 17]);
             assert_eq!(ids(&journal.since(18, 100).unwrap()), [19, 20]);
         }
-        let mut journal = Journal::open(tmp.path(), max, 2, 2).unwrap();
+        let mut journal = Journal::open(tmp.path(), max, 2, 2, Arc::new(SystemClock)).unwrap();
         assert_eq!(journal.last_id(), 20);
         assert_eq!(ids(&journal.since(14, 3).unwrap()), [15, 16, 17]);
         assert_eq!(journal.append(event(21)).unwrap().id, 21);
@@ -1207,7 +1217,7 @@ mod tests {
 
         // Shrinking keep_files trims the extra rotated files at the next rotation.
         drop(journal);
-        let mut journal = Journal::open(tmp.path(), max, 1, 2).unwrap();
+        let mut journal = Journal::open(tmp.path(), max, 1, 2, Arc::new(SystemClock)).unwrap();
         for n in 22..=23 {
             assert_eq!(journal.append(event(n)).unwrap().id, n);
         }
@@ -1220,13 +1230,13 @@ mod tests {
         let tmp = TempDir::new("keep0");
         {
             // Every line rotates: one event per file, none kept.
-            let mut journal = Journal::open(tmp.path(), 1, 0, 10).unwrap();
+            let mut journal = Journal::open(tmp.path(), 1, 0, 10, Arc::new(SystemClock)).unwrap();
             for n in 1..=3 {
                 assert_eq!(journal.append(event(n)).unwrap().id, n);
             }
             assert_eq!(names(tmp.path()), [JOURNAL_FILE]);
         }
-        let mut journal = Journal::open(tmp.path(), 1, 0, 10).unwrap();
+        let mut journal = Journal::open(tmp.path(), 1, 0, 10, Arc::new(SystemClock)).unwrap();
         assert_eq!(journal.last_id(), 3);
         assert_eq!(journal.append(event(4)).unwrap().id, 4);
         assert_eq!(ids(&journal.since(0, 10).unwrap()), [3, 4]);
@@ -1236,7 +1246,8 @@ mod tests {
     fn interrupted_rotation_leftover_is_discarded() {
         let tmp = TempDir::new("next");
         {
-            let mut journal = Journal::open(tmp.path(), 1 << 20, 2, 10).unwrap();
+            let mut journal =
+                Journal::open(tmp.path(), 1 << 20, 2, 10, Arc::new(SystemClock)).unwrap();
             journal.append(event(1)).unwrap();
         }
         let mut stray = event(2);
@@ -1245,7 +1256,7 @@ mod tests {
         line.push(b'\n');
         fs::write(tmp.path().join(JOURNAL_NEXT), line).unwrap();
 
-        let journal = Journal::open(tmp.path(), 1 << 20, 2, 10).unwrap();
+        let journal = Journal::open(tmp.path(), 1 << 20, 2, 10, Arc::new(SystemClock)).unwrap();
         assert_eq!(journal.last_id(), 1);
         assert!(!tmp.path().join(JOURNAL_NEXT).exists());
     }
@@ -1253,12 +1264,13 @@ mod tests {
     #[test]
     fn since_limits_and_orders_from_memory_and_from_files() {
         let tmp = TempDir::new("since");
-        let mut journal = Journal::open(tmp.path(), 1 << 20, 2, 100).unwrap();
+        let mut journal =
+            Journal::open(tmp.path(), 1 << 20, 2, 100, Arc::new(SystemClock)).unwrap();
         for n in 1..=10 {
             journal.append(event(n)).unwrap();
         }
         // memory = 0 forces every read to the files; both must answer alike.
-        let from_files = Journal::open(tmp.path(), 1 << 20, 2, 0).unwrap();
+        let from_files = Journal::open(tmp.path(), 1 << 20, 2, 0, Arc::new(SystemClock)).unwrap();
         assert_eq!(from_files.last_id(), 10);
         for j in [&journal, &from_files] {
             assert_eq!(ids(&j.since(2, 3).unwrap()), [3, 4, 5]);
@@ -1274,7 +1286,7 @@ mod tests {
         );
 
         // Memory that holds only the newest events still answers older `since` from disk.
-        let small = Journal::open(tmp.path(), 1 << 20, 2, 3).unwrap();
+        let small = Journal::open(tmp.path(), 1 << 20, 2, 3, Arc::new(SystemClock)).unwrap();
         assert_eq!(ids(&small.since(1, 4).unwrap()), [2, 3, 4, 5]);
         assert_eq!(ids(&small.since(7, 100).unwrap()), [8, 9, 10]);
     }

@@ -6,4 +6,5 @@ pub mod outcome;
 pub mod pool;
 pub mod proxy;
 pub mod routing;
+pub mod sinks;
 pub mod tls;

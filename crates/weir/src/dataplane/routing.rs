@@ -52,11 +52,6 @@ pub struct ServiceSnapshot {
     pub version: u64,
     pub updated_at: SystemTime,
     pub updated_by: Source,
-    /// Set (with the reason) when the SLO guard moved traffic back: the service stays
-    /// on its baseline until an operator sets weights or retries.
-    pub degraded: Option<String>,
-    /// The service's rollout, if one was ever started.
-    pub rollout: Option<crate::control::rollout::Rollout>,
     slots: Box<[PoolSlot]>,
     total: u64,
     /// Index of the pool that takes all traffic on rollback. Runtime state: a promotion
@@ -120,10 +115,9 @@ impl ServiceSnapshot {
         }
         let mut snapshot = ServiceSnapshot {
             version,
-            updated_at: SystemTime::now(),
+            // Stamped by the controller (`at`), whose clock is injected.
+            updated_at: SystemTime::UNIX_EPOCH,
             updated_by,
-            degraded: None,
-            rollout: None,
             slots: slots.into_boxed_slice(),
             total,
             baseline: 0,
@@ -131,6 +125,12 @@ impl ServiceSnapshot {
         };
         snapshot.sticky = snapshot.sticky_ranges();
         Ok(snapshot)
+    }
+
+    /// When the change this snapshot makes was made.
+    pub fn at(mut self, time: SystemTime) -> ServiceSnapshot {
+        self.updated_at = time;
+        self
     }
 
     /// Make `name` the baseline pool.

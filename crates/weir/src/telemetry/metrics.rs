@@ -12,9 +12,8 @@ use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
 
-use crate::dataplane::outcome::{Outcome, OutcomeSink};
 use crate::model::Source;
-use crate::model::{Blame, ErrorKind, GRPC_CODES};
+use crate::model::{Blame, ErrorKind, GRPC_CODES, Phase};
 
 pub const REQUESTS_TOTAL: &str = "weir_requests_total";
 pub const REQUEST_DURATION: &str = "weir_request_duration_seconds";
@@ -284,7 +283,7 @@ impl Metrics {
     /// Create a service's change and rollback counters at 0, so the first change or
     /// rollback shows in `increase()`.
     pub fn register_service(&self, service: &str) {
-        for check in crate::control::guard::Check::ALL {
+        for check in crate::model::Check::ALL {
             for name in [ROLLBACKS_TOTAL, WOULD_ROLL_BACK_TOTAL] {
                 let _ = self.counter(
                     name,
@@ -313,9 +312,7 @@ impl Metrics {
     }
 
     /// Publish a service's rollout phase (1 for the current one) and step.
-    pub fn rollout(&self, service: &str, rollout: Option<&crate::control::rollout::Rollout>) {
-        use crate::model::Phase;
-        let phase = rollout.map_or(Phase::Idle, |r| r.phase);
+    pub fn rollout(&self, service: &str, phase: Phase, step: usize) {
         for p in Phase::ALL {
             self.gauge(
                 ROLLOUT_PHASE,
@@ -330,7 +327,7 @@ impl Metrics {
             ROLLOUT_STEP,
             vec![Label::new("service", service.to_string())],
         )
-        .set(rollout.map_or(0.0, |r| r.step as f64));
+        .set(step as f64);
     }
 
     /// Count a rollback by the guard, by the check that failed.
@@ -368,6 +365,21 @@ impl Metrics {
         )
         .increment(1);
     }
+}
+
+/// One finished exchange as the metrics count it (the data plane's outcome, with its
+/// pool's judgement of failure already applied).
+#[derive(Debug, Clone, Copy)]
+pub struct Observed {
+    pub status: u16,
+    pub grpc: Option<u8>,
+    pub error: Option<ErrorKind>,
+    /// Time to the response head.
+    pub latency: Duration,
+    /// Time to the last byte.
+    pub duration: Duration,
+    /// A failure of the pool (see the data plane's `Outcome::is_error`).
+    pub failed: bool,
 }
 
 /// Status codes 100..=999 get one lazily registered counter each.
@@ -513,7 +525,7 @@ impl PoolMetrics {
     }
 
     /// Record one finished exchange.
-    pub fn record(&self, o: &Outcome<'_>) {
+    pub fn record(&self, o: &Observed) {
         if let Some(c) = self.requests(o.status) {
             c.increment(1);
         }
@@ -529,7 +541,7 @@ impl PoolMetrics {
             Some(kind) => self.errors[kind.index()].increment(1),
             None => {}
         }
-        if o.is_error() {
+        if o.failed {
             self.failures.increment(1);
         }
     }
@@ -576,23 +588,6 @@ impl PoolMetrics {
     }
 }
 
-/// Feeds outcomes into the pools' metrics, and counts unrouted requests.
-#[derive(Debug)]
-pub struct MetricsSink(pub Arc<Metrics>);
-
-impl OutcomeSink for MetricsSink {
-    fn record(&self, o: &Outcome<'_>) {
-        if let Some((_, kind)) = o.retried {
-            o.pool.metrics().retried(kind);
-        }
-        o.pool.metrics().record(o);
-    }
-
-    fn unrouted(&self) {
-        self.0.unrouted();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -604,79 +599,5 @@ mod tests {
         assert_eq!(b[0], 0.0005);
         assert_eq!(b[19], 10.0);
         assert!(b.windows(2).all(|w| w[1] > w[0] * 1.6));
-    }
-
-    fn outcome<'a>(
-        pool: &'a Arc<crate::dataplane::pool::Pool>,
-        status: u16,
-        grpc: Option<u8>,
-        error: Option<ErrorKind>,
-    ) -> Outcome<'a> {
-        Outcome {
-            pool,
-            endpoint: Some(0),
-            status,
-            grpc,
-            error,
-            latency: Duration::from_millis(3),
-            duration: Duration::from_millis(5),
-            retried: None,
-        }
-    }
-
-    #[test]
-    fn pool_metrics_render_as_prometheus_series() {
-        let m = Metrics::new();
-        m.register_service("shop");
-        let cfg = crate::config::PoolConfig {
-            name: "canary".into(),
-            endpoints: vec![crate::config::Endpoint::parse("10.0.0.1:80").unwrap()],
-            weight: 1,
-            health: None,
-            outlier: Default::default(),
-            protocol: Default::default(),
-            tls: None,
-        };
-        let window =
-            crate::telemetry::window::Window::new(Duration::from_secs(30), Duration::from_secs(1));
-        let pool = Arc::new(crate::dataplane::pool::Pool::new("shop", &cfg, &m, window));
-        let before = m.render();
-        for needle in [
-            "weir_request_failures_total{service=\"shop\",pool=\"canary\"} 0",
-            "weir_client_errors_total{service=\"shop\",pool=\"canary\",kind=\"client_abort\"} 0",
-            "weir_rollbacks_total{service=\"shop\",reason=\"error_rate\"} 0",
-            "weir_guard_dry_run_rollbacks_total{service=\"shop\",reason=\"p99_ratio\"} 0",
-            "weir_unrouted_requests_total 0",
-            "weir_keepalive_replays_total{service=\"shop\",pool=\"canary\"} 0",
-        ] {
-            assert!(before.contains(needle), "missing {needle} in\n{before}");
-        }
-        let sink = MetricsSink(Arc::clone(&m));
-        sink.record(&outcome(&pool, 200, None, None));
-        sink.record(&outcome(&pool, 502, None, Some(ErrorKind::Connect)));
-        sink.record(&outcome(&pool, 499, None, Some(ErrorKind::ClientAbort)));
-        sink.record(&outcome(&pool, 200, Some(14), None));
-        sink.record(&outcome(&pool, 200, Some(5), None));
-        sink.unrouted();
-        pool.metrics().set_weight(10, 0.1);
-        let text = m.render();
-        for needle in [
-            "weir_requests_total{service=\"shop\",pool=\"canary\",code=\"200\"} 3",
-            "weir_requests_total{service=\"shop\",pool=\"canary\",code=\"502\"} 1",
-            "weir_requests_total{service=\"shop\",pool=\"canary\",code=\"499\"} 1",
-            "weir_upstream_errors_total{service=\"shop\",pool=\"canary\",kind=\"connect\"} 1",
-            "weir_client_errors_total{service=\"shop\",pool=\"canary\",kind=\"client_abort\"} 1",
-            // connect + UNAVAILABLE; neither the client abort nor NOT_FOUND.
-            "weir_request_failures_total{service=\"shop\",pool=\"canary\"} 2",
-            "weir_grpc_responses_total{service=\"shop\",pool=\"canary\",code=\"UNAVAILABLE\"} 1",
-            "weir_grpc_responses_total{service=\"shop\",pool=\"canary\",code=\"NOT_FOUND\"} 1",
-            "weir_request_duration_seconds_bucket{service=\"shop\",pool=\"canary\",le=\"+Inf\"} 5",
-            "weir_response_duration_seconds_count{service=\"shop\",pool=\"canary\"} 5",
-            "weir_unrouted_requests_total 1",
-            "weir_pool_share{service=\"shop\",pool=\"canary\"} 0.1",
-            "weir_build_info{version=",
-        ] {
-            assert!(text.contains(needle), "missing {needle} in\n{text}");
-        }
     }
 }

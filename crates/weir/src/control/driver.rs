@@ -1,0 +1,73 @@
+//! The rollout driver: the task that advances every progressing rollout by time and
+//! evidence. The plan itself is pure ([`crate::control::rollout`]); this loop reads the
+//! clock and the guard's verdicts, and asks the controller to apply a step when one is
+//! due.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::control::controller::{Command, ControlError, Controller, RolloutVerb};
+use crate::control::guard::Guard;
+use crate::control::rollout::Evidence;
+use crate::model::Source;
+
+/// How often the driver looks for rollouts with something due.
+const TICK: Duration = Duration::from_millis(100);
+
+/// The rollout driver: advances every progressing rollout by time and evidence, through
+/// the controller. Runs until its task is dropped.
+pub async fn drive(controller: Arc<Controller>, guard: Arc<Guard>) {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let due: Vec<(String, Evidence)> = {
+            let table = controller.router().table();
+            let now = controller.clock().now();
+            table
+                .services()
+                .iter()
+                .filter_map(|service| {
+                    let snapshot = service.snapshot();
+                    let control = controller.service_control(&service.name);
+                    let rollout = control.rollout.as_ref()?;
+                    let evidence = Evidence::of(
+                        &snapshot,
+                        &rollout.candidate,
+                        guard.verdict(&service.name, &rollout.candidate),
+                        None,
+                    );
+                    // Only bother the controller (and the disk) when a step is due.
+                    rollout.tick(now, &evidence)?;
+                    Some((service.name.to_string(), evidence))
+                })
+                .collect()
+        };
+        for (service, evidence) in due {
+            let controller = Arc::clone(&controller);
+            let applied = tokio::task::spawn_blocking(move || {
+                controller.apply(Command::Rollout {
+                    service: service.clone(),
+                    verb: RolloutVerb::Tick(evidence),
+                    source: Source::Rollout,
+                    actor: None,
+                })
+            })
+            .await;
+            match applied {
+                Ok(Ok(change)) => tracing::info!(
+                    "rollout {}: {}",
+                    change.service,
+                    change
+                        .event
+                        .as_ref()
+                        .and_then(|e| e.reason.as_deref())
+                        .unwrap_or("")
+                ),
+                Ok(Err(ControlError::Unchanged)) => {}
+                Ok(Err(e)) => tracing::warn!("rollout step failed: {e}"),
+                Err(e) => tracing::error!("rollout driver task failed: {e}"),
+            }
+        }
+    }
+}
