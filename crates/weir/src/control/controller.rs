@@ -13,7 +13,8 @@ use crate::config::{Config, ServiceConfig};
 use crate::config::{RolloutConfig, SloConfig, StickyConfig};
 use crate::control::rollout::{Evidence, Rollout, Transition, plan_steps};
 use crate::control::store::{
-    Event, Journal, ServiceState, State, StateError, StateLock, StateStore, Weights,
+    Event, EventLog, FileStore, Revision, SavedControl, ServiceState, State, StateError, StateLock,
+    StateStore, Store, Weights,
 };
 use crate::dataplane::pool::Pool;
 use crate::dataplane::routing::{
@@ -225,10 +226,11 @@ fn split(current: &ServiceSnapshot, rollout: &Rollout, percent: f64) -> Vec<u32>
 }
 
 struct Persistence {
-    /// Held for as long as this controller may write (see [`StateLock`]).
-    _lock: StateLock,
-    store: StateStore,
-    journal: Journal,
+    store: Box<dyn Store>,
+    /// The store's revision as this controller last wrote or read it: every commit is a
+    /// compare-and-swap on it, so a change made elsewhere meanwhile is refused, never
+    /// overwritten.
+    applied: Revision,
     /// Whether the last write to the state directory worked; shared with the controller
     /// so that readiness can be read without waiting for a write in progress.
     writable: Arc<AtomicBool>,
@@ -262,13 +264,24 @@ impl Persistence {
             .count()
     }
 
-    /// Save `state` and journal `event`, keeping the two in step.
+    /// Save `state` and journal `event` as one change.
     fn write(&mut self, state: &State, event: Event) -> Result<Event, ControlError> {
-        self.store.save(state)?;
-        match self.journal.append(event) {
-            Ok(e) => Ok(e),
-            Err(e) => Err(e.into()),
-        }
+        let (revision, event) = self.store.commit(self.applied, state, event)?;
+        self.applied = revision;
+        Ok(event)
+    }
+
+    /// Save `state` alone.
+    fn save(&mut self, state: &State) -> Result<(), ControlError> {
+        self.applied = self.store.save(state)?;
+        Ok(())
+    }
+
+    /// Journal an event that changes no state.
+    fn record(&mut self, event: Event) -> Result<Event, ControlError> {
+        let event = self.store.record(event)?;
+        self.applied = self.store.revision();
+        Ok(event)
     }
 
     /// Write what a refused rollback left unsaved: the whole current state, then its
@@ -277,9 +290,9 @@ impl Persistence {
         if self.pending.is_empty() {
             return Ok(());
         }
-        self.store.save(state)?;
+        self.save(state)?;
         while let Some(event) = self.pending.first().cloned() {
-            self.journal.append(event)?;
+            self.record(event)?;
             self.pending.remove(0);
         }
         Ok(())
@@ -298,6 +311,8 @@ pub struct Controller {
     config: Mutex<Config>,
     /// See [`Controller::writable`].
     writable: Arc<AtomicBool>,
+    /// The journal's read side, for readers that must not wait for the writer.
+    events: RwLock<Option<EventLog>>,
     /// Rollout and degraded state per service; written only under the write lock.
     control: RwLock<HashMap<String, ServiceControl>>,
     /// Services with a rollback applied but not saved yet: readable without the write
@@ -335,6 +350,7 @@ impl Controller {
             write: Mutex::new(None),
             config: Mutex::new(config.clone()),
             writable: Arc::new(AtomicBool::new(true)),
+            events: RwLock::new(None),
             control: RwLock::new(HashMap::new()),
             unsaved: Mutex::new(Vec::new()),
         }
@@ -377,8 +393,7 @@ impl Controller {
         lock: StateLock,
         clock: Arc<dyn Clock>,
     ) -> Result<Controller, OpenError> {
-        let store = StateStore::open(&config.state.dir)?;
-        let saved = match store.load() {
+        let saved = match StateStore::open(&config.state.dir)?.load() {
             Ok(saved) => saved.unwrap_or_default(),
             Err(StateError::Corrupt { path, error }) => {
                 return Err(OpenError::Unusable {
@@ -398,12 +413,12 @@ impl Controller {
         let (events, restored, problems) = restore_all(&controller, &saved);
         if !problems.is_empty() {
             return Err(OpenError::Unusable {
-                path: store.path(),
+                path: StateStore::at(&config.state.dir).path(),
                 problems,
             });
         }
-        let journal = Journal::open(
-            &config.state.dir,
+        let store = FileStore::open(
+            lock,
             JOURNAL_FILE_BYTES,
             JOURNAL_FILES_KEPT,
             JOURNAL_MEMORY,
@@ -415,14 +430,11 @@ impl Controller {
         }
 
         // Every check passed: from here on, writes. None of them may stop the start.
-        if let Err(e) = lock.record_pid() {
-            tracing::warn!("{e}");
-        }
-        store.remove_stale_temps();
+        store.started();
+        *controller.events.write().unwrap_or_else(|p| p.into_inner()) = Some(store.events());
         let mut persistence = Persistence {
-            _lock: lock,
-            store,
-            journal,
+            applied: store.revision(),
+            store: Box::new(store),
             writable: Arc::clone(&controller.writable),
             pending: Vec::new(),
         };
@@ -430,12 +442,12 @@ impl Controller {
         // config no longer has. The start-up records follow it into the journal; if the
         // disk refuses either, they wait like a refused rollback's and go out with the
         // first write that works.
-        let saved = persistence.store.save(&controller.state());
+        let saved = persistence.save(&controller.state());
         persistence.note(&saved);
         let mut events = events.into_iter();
         if saved.is_ok() {
             for event in events.by_ref() {
-                if let Err(e) = persistence.journal.append(event.clone()) {
+                if let Err(e) = persistence.record(event.clone()) {
                     persistence.note(&Err::<(), _>(e));
                     persistence.pending.push(event);
                     break;
@@ -564,15 +576,11 @@ impl Controller {
                     .services
                     .insert(name.clone(), service_state(&next, &next_control));
                 // Earlier unsaved rollbacks go first; the new state file covers them.
-                let written = if p.pending.is_empty() {
-                    p.write(&state, event.clone())
-                } else {
-                    p.store
-                        .save(&state)
-                        .map_err(ControlError::from)
-                        .and_then(|()| p.flush(&state))
-                        .and_then(|()| p.journal.append(event.clone()).map_err(Into::into))
-                };
+                // Earlier unsaved rollbacks go first (with the state as it is now), then
+                // this change as one commit.
+                let written = p
+                    .flush(&self.state())
+                    .and_then(|()| p.write(&state, event.clone()));
                 p.note(&written);
                 match written {
                     Ok(e) => Some(e),
@@ -587,15 +595,8 @@ impl Controller {
                         // Not journaled yet (id 0): the webhook still hears of it now.
                         Some(unsaved)
                     }
-                    Err(e) => {
-                        // Keep state and journal in step: undo the state write.
-                        if let Err(undo) = p.store.save(&self.state()) {
-                            tracing::error!(
-                                "cannot restore the state file after a failed write: {undo}"
-                            );
-                        }
-                        return Err(e);
-                    }
+                    // Nothing of the change is stored (a commit is all or nothing).
+                    Err(e) => return Err(e),
                 }
             }
             None => None,
@@ -960,9 +961,8 @@ impl Controller {
                 // they happened.
                 let next_state = state_of(&table, &next_control);
                 let written = p
-                    .flush(&next_state)
-                    .and_then(|()| p.store.save(&next_state).map_err(ControlError::from))
-                    .and_then(|()| p.journal.append(event).map_err(ControlError::from));
+                    .flush(&self.state())
+                    .and_then(|()| p.write(&next_state, event));
                 p.note(&written);
                 self.publish_unsaved(Some(p));
                 written?
@@ -991,7 +991,7 @@ impl Controller {
                     p.note(&flushed);
                     self.publish_unsaved(Some(p));
                 }
-                let written = p.journal.append(event);
+                let written = p.record(event);
                 p.note(&written);
                 Ok(written?)
             }
@@ -1053,23 +1053,27 @@ impl Controller {
 
     /// Events after `since`, oldest first.
     pub fn events(&self, since: u64, limit: usize) -> Result<Vec<Event>, ControlError> {
-        let persistence = self.lock();
-        match persistence.as_ref() {
-            Some(p) => Ok(p.journal.since(since, limit)?),
+        match self.event_log() {
+            Some(log) => Ok(log.since(since, limit)?),
             None => Ok(Vec::new()),
         }
     }
 
     /// The newest `n` events, oldest first.
     pub fn recent_events(&self, n: usize) -> Result<Vec<Event>, ControlError> {
-        let persistence = self.lock();
-        match persistence.as_ref() {
-            Some(p) => {
-                let since = p.journal.last_id().saturating_sub(n as u64);
-                Ok(p.journal.since(since, n)?)
-            }
+        match self.event_log() {
+            Some(log) => Ok(log.newest(n)?),
             None => Ok(Vec::new()),
         }
+    }
+
+    /// The journal's read handle: never waits for a write in progress (see
+    /// [`EventLog`]). `None` without persistence.
+    pub fn event_log(&self) -> Option<EventLog> {
+        self.events
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The persistent view of every service as it is now.
@@ -1187,31 +1191,20 @@ fn restore(
     names: &[&str],
 ) -> Result<(ServiceSnapshot, ServiceControl), String> {
     let weights: Vec<u32> = names.iter().map(|n| state.weights[*n]).collect();
-    let extra = &state.extra;
+    let saved = state.control()?;
     // A promotion may have moved the baseline; else the config's.
-    let baseline = match &extra["baseline"] {
-        serde_json::Value::Null => current.baseline_name().to_string(),
-        serde_json::Value::String(b) if names.contains(&b.as_str()) => b.clone(),
-        serde_json::Value::String(b) => {
+    let baseline = match &saved.baseline {
+        None => current.baseline_name().to_string(),
+        Some(b) if names.contains(&b.as_str()) => b.clone(),
+        Some(b) => {
             return Err(format!(
                 "saved baseline `{b}` is not one of its pools [{}]",
                 names.join(", ")
             ));
         }
-        other => return Err(format!("saved baseline {other} is not a pool name")),
     };
-    let degraded = match &extra["degraded"] {
-        serde_json::Value::Null => None,
-        serde_json::Value::String(d) => Some(d.clone()),
-        other => return Err(format!("saved `degraded` {other} is not a text")),
-    };
-    let rollout: Option<Rollout> = match &extra["rollout"] {
-        serde_json::Value::Null => None,
-        saved => Some(
-            serde_json::from_value(saved.clone())
-                .map_err(|e| format!("saved rollout cannot be read by this weir ({e})"))?,
-        ),
-    };
+    let degraded = saved.degraded.clone();
+    let rollout = saved.rollout.clone();
     if let Some(r) = &rollout {
         for (role, pool) in [("candidate", &r.candidate), ("stable", &r.stable)] {
             if !names.contains(&pool.as_str()) {
@@ -1268,22 +1261,19 @@ fn state_of(table: &RouteTable, control: &HashMap<String, ServiceControl>) -> St
 }
 
 fn service_state(s: &ServiceSnapshot, c: &ServiceControl) -> ServiceState {
-    ServiceState {
+    let mut state = ServiceState {
         version: s.version,
         weights: weights_of(s),
         updated_at: rfc3339(s.updated_at),
         updated_by: s.updated_by,
-        extra: {
-            let mut extra = serde_json::json!({ "baseline": s.baseline_name() });
-            if let Some(reason) = &c.degraded {
-                extra["degraded"] = reason.clone().into();
-            }
-            if let Some(r) = &c.rollout {
-                extra["rollout"] = serde_json::to_value(r).unwrap_or_default();
-            }
-            extra
-        },
-    }
+        extra: serde_json::Value::Null,
+    };
+    state.set_control(&SavedControl {
+        baseline: Some(s.baseline_name().to_string()),
+        degraded: c.degraded.clone(),
+        rollout: c.rollout.clone(),
+    });
+    state
 }
 
 pub fn rfc3339(t: SystemTime) -> String {
@@ -1528,5 +1518,84 @@ weight = 10
             .unwrap();
         assert_eq!(report.reset, ["shop"]);
         assert_eq!(c.snapshot("shop").unwrap().weights(), vec![90, 10]);
+    }
+
+    #[test]
+    fn events_are_read_while_the_writer_holds_its_lock() {
+        let dir = std::env::temp_dir().join(format!("weir-events-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut config = Config::parse(CONFIG, "t").unwrap();
+        config.state.dir = dir.clone();
+        let controller = Arc::new(Controller::open(&config, Metrics::new()).unwrap());
+        controller
+            .apply(set(&[("stable", 50), ("canary", 50)], None))
+            .unwrap();
+        // The writer's lock, as a slow fsync would hold it.
+        let held = controller.lock();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = Arc::clone(&controller);
+        std::thread::spawn(move || {
+            let _ = tx.send(reader.events(0, 100).map(|e| e.len()));
+        });
+        let read = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("GET /events must not wait for the writer");
+        drop(held);
+        // Start-up records plus the weight change.
+        assert!(read.unwrap() >= 1);
+        drop(controller);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A state directory as weir wrote it before the layering (format 2, untyped
+    /// `extra`): a running rollout, a degraded service, three journaled events.
+    #[test]
+    fn state_written_by_the_previous_layout_loads() {
+        let fixtures =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/state-v2");
+        let dir = std::env::temp_dir().join(format!("weir-fixture-v2-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["state.json", "events.jsonl"] {
+            std::fs::copy(fixtures.join(f), dir.join(f)).unwrap();
+        }
+        let text = std::fs::read_to_string(fixtures.join("weir.toml")).unwrap();
+        let mut config = Config::parse(&text, "weir.toml").unwrap();
+        config.state.dir = dir.clone();
+        let controller = Controller::open(&config, Metrics::new()).unwrap();
+
+        let shop = controller.snapshot("shop").unwrap();
+        assert_eq!(
+            named(&shop),
+            [("stable".into(), 9500), ("canary".into(), 500)]
+        );
+        assert_eq!(shop.version, 2);
+        let rollout = controller.service_control("shop").rollout.unwrap();
+        assert_eq!(rollout.phase, Phase::Progressing);
+        assert_eq!((rollout.candidate.as_str(), rollout.step), ("canary", 1));
+        assert_eq!(rollout.steps.len(), 5);
+        assert_eq!(
+            rfc3339(rollout.deadline.unwrap()),
+            "2026-12-02T04:19:18.088Z"
+        );
+
+        let api = controller.snapshot("api").unwrap();
+        assert_eq!(named(&api), [("blue".into(), 100), ("green".into(), 0)]);
+        assert_eq!(api.updated_by, Source::Guard);
+        assert_eq!(
+            controller.service_control("api").degraded.as_deref(),
+            Some("guard: error rate 12.0% above the SLO 5.0%")
+        );
+        // The journal goes on from the old ids; old kinds read as the enum.
+        let events = controller.events(0, 100).unwrap();
+        assert_eq!(events[0].kind, EventKind::RolloutStarted);
+        assert_eq!(events[2].kind, EventKind::RolledBack);
+        assert!(
+            events[3..]
+                .iter()
+                .all(|e| e.id > 3 && e.kind == EventKind::StateRestored)
+        );
+        drop(controller);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -6,15 +6,21 @@
 //! safety than async I/O, and never on the request path. Every write returns only once it
 //! is durable (fsynced), because an admin call may answer 200 only after that.
 //!
+//! The controller sees all of it through the [`Store`] trait: apply a change atomically
+//! with its journal entry (compare-and-swap on a revision), load, read events, and watch
+//! for changes made elsewhere. [`FileStore`] is the local, crash-safe implementation; a
+//! shared store (etcd, for a fleet) fits behind the same trait.
+//!
 //! The state file carries a `format` number; every format weir ever wrote stays loadable
 //! (a fixture test proves it), and writing always uses the current one.
 
+use crate::control::rollout::Rollout;
 use crate::model::{Clock, EventKind, timestamp};
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
@@ -51,10 +57,78 @@ pub struct ServiceState {
     /// RFC 3339 with milliseconds, see [`timestamp`].
     pub updated_at: String,
     pub updated_by: Source,
-    /// Free-form per-service extension data later features persist (rollout phase etc.).
-    /// Absent → Null.
+    /// What the control plane keeps besides weights, as the file has it: decoded
+    /// (strictly, per field) by [`ServiceState::control`], so that a value this weir
+    /// cannot read stops the start naming the service and the field, instead of failing
+    /// the whole file or being dropped. Absent → Null.
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub extra: serde_json::Value,
+}
+
+impl ServiceState {
+    /// The saved baseline, degraded mark and rollout, or what is wrong with them.
+    pub fn control(&self) -> Result<SavedControl, String> {
+        let field = |name: &str| match &self.extra {
+            serde_json::Value::Object(map) => map.get(name).cloned(),
+            _ => None,
+        };
+        let text = |name: &str, what: &str| -> Result<Option<String>, String> {
+            match field(name) {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(serde_json::Value::String(s)) => Ok(Some(s)),
+                Some(other) => Err(format!(
+                    "saved {what} {other} is not {}",
+                    if name == "baseline" {
+                        "a pool name"
+                    } else {
+                        "a text"
+                    }
+                )),
+            }
+        };
+        match &self.extra {
+            serde_json::Value::Null | serde_json::Value::Object(_) => {}
+            other => return Err(format!("saved extension data {other} is not an object")),
+        }
+        Ok(SavedControl {
+            baseline: text("baseline", "baseline")?,
+            degraded: text("degraded", "`degraded`")?,
+            rollout: match field("rollout") {
+                None | Some(serde_json::Value::Null) => None,
+                Some(saved) => Some(
+                    serde_json::from_value(saved)
+                        .map_err(|e| format!("saved rollout cannot be read by this weir ({e})"))?,
+                ),
+            },
+        })
+    }
+
+    /// Store `control` as the file's extension data.
+    pub fn set_control(&mut self, control: &SavedControl) {
+        self.extra = if control.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::to_value(control).unwrap_or_default()
+        };
+    }
+}
+
+/// A service's saved baseline, degraded mark and rollout.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct SavedControl {
+    /// The baseline, when a promotion moved it away from the config's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub degraded: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<Rollout>,
+}
+
+impl SavedControl {
+    pub fn is_empty(&self) -> bool {
+        *self == SavedControl::default()
+    }
 }
 
 /// Everything in the state file. Semantic checks (do these pools exist, is some weight
@@ -102,6 +176,13 @@ pub enum StateError {
         dir.join(LOCK_FILE).display()
     )]
     Locked { dir: PathBuf, holder: String },
+    /// A compare-and-swap found the store at another revision than the writer read: a
+    /// change was made meanwhile (by another writer, for a shared store).
+    #[error("the stored state is at revision {current}, not {expected}: it changed meanwhile")]
+    Conflict {
+        expected: Revision,
+        current: Revision,
+    },
 }
 
 fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StateError {
@@ -510,17 +591,100 @@ pub struct Journal {
     max_file_bytes: u64,
     keep_files: usize,
     memory: usize,
-    /// The newest `memory` events, oldest first.
-    recent: VecDeque<Event>,
-    /// `recent` starts at the oldest event the journal still has, so it can answer any
-    /// `since` even below its first id.
-    recent_is_all: bool,
+    /// What readers share with the writer: the newest events and the files.
+    shared: Arc<Shared>,
     last_id: u64,
     /// A failed append may have left a partial line; cut it before writing after it, or
     /// the next line would be glued to it and both lost.
     dirty: bool,
     /// Stamps events that come without a time.
     clock: Arc<dyn Clock>,
+}
+
+/// The journal as its readers see it (the admin API, `weir ctl events`): they never wait
+/// for the writer's lock, which is held across fsyncs. Recent events come from memory
+/// under a lock held only to copy them; older ones from the files, under a lock the
+/// writer holds only while it writes or rotates them.
+#[derive(Debug)]
+struct Shared {
+    dir: PathBuf,
+    memory: Mutex<Memory>,
+    files: RwLock<()>,
+}
+
+#[derive(Debug)]
+struct Memory {
+    /// The newest `memory` events, oldest first.
+    recent: VecDeque<Event>,
+    /// `recent` starts at the oldest event the journal still has, so it can answer any
+    /// `since` even below its first id.
+    recent_is_all: bool,
+    last_id: u64,
+}
+
+/// A read handle on the journal: cheap to clone, never blocked by a write in progress
+/// except for the moment a file is being written when old events must come from disk.
+#[derive(Debug, Clone)]
+pub struct EventLog(Arc<Shared>);
+
+impl EventLog {
+    /// The id of the newest journaled event.
+    pub fn last_id(&self) -> u64 {
+        self.0.memory().last_id
+    }
+
+    /// Events with id > `since`, oldest first, at most `limit`. Served from memory when it
+    /// covers `since`, else from the files. When rotation has dropped events after
+    /// `since`, the answer starts at the oldest event kept: a first id above `since + 1`
+    /// tells the caller it missed some.
+    pub fn since(&self, since: u64, limit: usize) -> Result<Vec<Event>, StateError> {
+        {
+            let m = self.0.memory();
+            if since >= m.last_id || limit == 0 {
+                return Ok(Vec::new());
+            }
+            if let Some(first) = m.recent.front()
+                && (first.id <= since.saturating_add(1) || m.recent_is_all)
+            {
+                let start = m.recent.partition_point(|e| e.id <= since);
+                return Ok(m.recent.range(start..).take(limit).cloned().collect());
+            }
+        }
+        let _files = self.0.files.read().unwrap_or_else(|p| p.into_inner());
+        let dir = &self.0.dir;
+        // Newest file first, until one starts at or before the first wanted id.
+        let current = dir.join(JOURNAL_FILE);
+        let mut chunks = vec![read_events(&current)?];
+        let covered = |chunk: &[Event]| chunk.first().is_some_and(|e| e.id <= since + 1);
+        if !covered(&chunks[0]) {
+            for (_, path) in rotated_files(dir)? {
+                let events = read_events(&path)?;
+                let done = covered(&events);
+                chunks.push(events);
+                if done {
+                    break;
+                }
+            }
+        }
+        Ok(chunks
+            .into_iter()
+            .rev()
+            .flatten()
+            .filter(|e| e.id > since)
+            .take(limit)
+            .collect())
+    }
+
+    /// The newest `n` events, oldest first.
+    pub fn newest(&self, n: usize) -> Result<Vec<Event>, StateError> {
+        self.since(self.last_id().saturating_sub(n as u64), n)
+    }
+}
+
+impl Shared {
+    fn memory(&self) -> MutexGuard<'_, Memory> {
+        self.memory.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl Journal {
@@ -571,8 +735,15 @@ impl Journal {
             max_file_bytes,
             keep_files,
             memory,
-            recent: VecDeque::with_capacity(memory.min(have)),
-            recent_is_all,
+            shared: Arc::new(Shared {
+                dir: dir.to_path_buf(),
+                memory: Mutex::new(Memory {
+                    recent: VecDeque::with_capacity(memory.min(have)),
+                    recent_is_all,
+                    last_id,
+                }),
+                files: RwLock::new(()),
+            }),
             last_id,
             dirty,
             clock,
@@ -603,7 +774,11 @@ impl Journal {
         })?;
         line.push(b'\n');
 
-        let written = self.write_line(&current, &line);
+        let written = {
+            let shared = Arc::clone(&self.shared);
+            let _files = shared.files.write().unwrap_or_else(|p| p.into_inner());
+            self.write_line(&current, &line)
+        };
         self.last_id = event.id;
         if let Err(e) = written {
             self.dirty = true;
@@ -613,54 +788,28 @@ impl Journal {
         Ok(event)
     }
 
-    /// Events with id > `since`, oldest first, at most `limit`. Served from memory when it
-    /// covers `since`, else from the files. When rotation has dropped events after
-    /// `since`, the answer starts at the oldest event kept: a first id above `since + 1`
-    /// tells the caller it missed some.
+    /// Events with id > `since`, oldest first, at most `limit` (see [`EventLog::since`]).
     pub fn since(&self, since: u64, limit: usize) -> Result<Vec<Event>, StateError> {
-        if since >= self.last_id || limit == 0 {
-            return Ok(Vec::new());
-        }
-        if let Some(first) = self.recent.front()
-            && (first.id <= since.saturating_add(1) || self.recent_is_all)
-        {
-            let start = self.recent.partition_point(|e| e.id <= since);
-            return Ok(self.recent.range(start..).take(limit).cloned().collect());
-        }
+        self.log().since(since, limit)
+    }
 
-        // Newest file first, until one starts at or before the first wanted id.
-        let current = self.dir.join(JOURNAL_FILE);
-        let mut chunks = vec![read_events(&current)?];
-        let covered = |chunk: &[Event]| chunk.first().is_some_and(|e| e.id <= since + 1);
-        if !covered(&chunks[0]) {
-            for (_, path) in rotated_files(&self.dir)? {
-                let events = read_events(&path)?;
-                let done = covered(&events);
-                chunks.push(events);
-                if done {
-                    break;
-                }
-            }
-        }
-        Ok(chunks
-            .into_iter()
-            .rev()
-            .flatten()
-            .filter(|e| e.id > since)
-            .take(limit)
-            .collect())
+    /// A read handle for callers that must not wait for this writer.
+    pub fn log(&self) -> EventLog {
+        EventLog(Arc::clone(&self.shared))
     }
 
     fn remember(&mut self, event: Event) {
+        let mut m = self.shared.memory();
+        m.last_id = m.last_id.max(event.id);
         if self.memory == 0 {
-            self.recent_is_all = false;
+            m.recent_is_all = false;
             return;
         }
-        if self.recent.len() == self.memory {
-            self.recent.pop_front();
-            self.recent_is_all = false;
+        if m.recent.len() == self.memory {
+            m.recent.pop_front();
+            m.recent_is_all = false;
         }
-        self.recent.push_back(event);
+        m.recent.push_back(event);
     }
 
     fn write_line(&mut self, current: &Path, line: &[u8]) -> Result<(), StateError> {
@@ -827,6 +976,157 @@ fn parse_events(path: &Path, bytes: &[u8]) -> Vec<Event> {
     events
 }
 
+/// A revision of the stored routing state: it grows with every committed change. For
+/// the file store it is the id of the last journaled event; a shared store uses its own
+/// (etcd's revision), which is why the controller never does arithmetic on it.
+pub type Revision = u64;
+
+/// Where the controller persists routing state and its journal. Every method blocks until
+/// the store has answered (durably, for writes): the controller calls it from its writer,
+/// off the async workers.
+///
+/// Designed for a shared store as well as the local one: writes are compare-and-swap on
+/// the revision the writer last saw, and changes made by others arrive through
+/// [`Store::watch`].
+pub trait Store: Send + std::fmt::Debug + 'static {
+    /// The saved state, if any, and the revision it is at.
+    fn load(&self) -> Result<(Option<State>, Revision), StateError>;
+
+    /// The revision of the last change this store committed or loaded.
+    fn revision(&self) -> Revision;
+
+    /// Replace the state and journal `event` as one change, if the store is still at
+    /// `expected` (else [`StateError::Conflict`], nothing written). On any error nothing
+    /// of the change is visible: the state and the journal stay in step.
+    fn commit(
+        &mut self,
+        expected: Revision,
+        state: &State,
+        event: Event,
+    ) -> Result<(Revision, Event), StateError>;
+
+    /// Replace the state without an event (start-up rewrite, catching up after the disk
+    /// refused writes).
+    fn save(&mut self, state: &State) -> Result<Revision, StateError>;
+
+    /// Journal an event that changes no state (a rejected reload, a health change).
+    fn record(&mut self, event: Event) -> Result<Event, StateError>;
+
+    /// A read handle on the journal that never waits for this writer.
+    fn events(&self) -> EventLog;
+
+    /// Revisions committed by other writers, as they happen. `None` for a store that
+    /// only this process writes (the file store: its directory lock guarantees it).
+    fn watch(&mut self) -> Option<tokio::sync::mpsc::UnboundedReceiver<Revision>> {
+        None
+    }
+}
+
+/// The local store: `state.json` and the event journal in the state directory, held
+/// with its [`StateLock`] for as long as the store lives.
+#[derive(Debug)]
+pub struct FileStore {
+    _lock: StateLock,
+    state: StateStore,
+    journal: Journal,
+    /// The state last written successfully: what an unfinished commit is rolled back to.
+    committed: Option<State>,
+}
+
+impl FileStore {
+    /// The store in the locked directory. Reads the journal's tail (ids, recent events);
+    /// writes nothing.
+    pub fn open(
+        lock: StateLock,
+        journal_file_bytes: u64,
+        journal_files_kept: usize,
+        journal_memory: usize,
+        clock: Arc<dyn Clock>,
+    ) -> Result<FileStore, StateError> {
+        let dir = lock.dir().to_path_buf();
+        let state = StateStore::open(&dir)?;
+        let journal = Journal::open(
+            &dir,
+            journal_file_bytes,
+            journal_files_kept,
+            journal_memory,
+            clock,
+        )?;
+        Ok(FileStore {
+            _lock: lock,
+            state,
+            journal,
+            committed: None,
+        })
+    }
+
+    /// The state file's path, for messages.
+    pub fn path(&self) -> PathBuf {
+        self.state.path()
+    }
+
+    /// After a start that read everything: record the pid in the lock file and remove
+    /// temp files a crashed writer left.
+    pub fn started(&self) {
+        if let Err(e) = self._lock.record_pid() {
+            tracing::warn!("{e}");
+        }
+        self.state.remove_stale_temps();
+    }
+}
+
+impl Store for FileStore {
+    fn load(&self) -> Result<(Option<State>, Revision), StateError> {
+        Ok((self.state.load()?, self.journal.last_id()))
+    }
+
+    fn revision(&self) -> Revision {
+        self.journal.last_id()
+    }
+
+    fn commit(
+        &mut self,
+        expected: Revision,
+        state: &State,
+        event: Event,
+    ) -> Result<(Revision, Event), StateError> {
+        let current = self.revision();
+        if expected != current {
+            return Err(StateError::Conflict { expected, current });
+        }
+        self.state.save(state)?;
+        match self.journal.append(event) {
+            Ok(event) => {
+                self.committed = Some(state.clone());
+                Ok((event.id, event))
+            }
+            Err(e) => {
+                // Keep state and journal in step: put the last committed state back.
+                if let Some(before) = &self.committed
+                    && let Err(undo) = self.state.save(before)
+                {
+                    tracing::error!("cannot restore the state file after a failed write: {undo}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn save(&mut self, state: &State) -> Result<Revision, StateError> {
+        self.state.save(state)?;
+        self.committed = Some(state.clone());
+        Ok(self.revision())
+    }
+
+    fn record(&mut self, event: Event) -> Result<Event, StateError> {
+        self.journal.append(event)
+    }
+
+    fn events(&self) -> EventLog {
+        self.journal.log()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -883,7 +1183,10 @@ mod tests {
                 weights: weights(&[("blue", 0), ("green", 1)]),
                 updated_at: "2025-01-02T03:04:06.000Z".to_string(),
                 updated_by: Source::Rollout,
-                extra: serde_json::json!({"rollout": {"step": 2}}),
+                extra: serde_json::json!({
+                    "baseline": "green",
+                    "degraded": "guard: error rate above the SLO",
+                }),
             },
         );
         State { services }
@@ -1289,5 +1592,43 @@ mod tests {
         let small = Journal::open(tmp.path(), 1 << 20, 2, 3, Arc::new(SystemClock)).unwrap();
         assert_eq!(ids(&small.since(1, 4).unwrap()), [2, 3, 4, 5]);
         assert_eq!(ids(&small.since(7, 100).unwrap()), [8, 9, 10]);
+    }
+
+    fn file_store(dir: &Path) -> FileStore {
+        let lock = StateLock::acquire(dir).unwrap();
+        FileStore::open(lock, 1 << 20, 3, 100, Arc::new(SystemClock)).unwrap()
+    }
+
+    #[test]
+    fn file_store_commits_state_and_event_as_one_revision() {
+        let tmp = TempDir::new("store-commit");
+        let mut store = file_store(tmp.path());
+        assert_eq!(store.load().unwrap(), (None, 0));
+        let state = sample_state();
+        let (revision, stored) = store.commit(0, &state, event(1)).unwrap();
+        assert_eq!((revision, stored.id), (1, 1));
+        assert_eq!(store.load().unwrap(), (Some(state.clone()), 1));
+        // The read handle sees the event without going through the writer.
+        let log = store.events();
+        assert_eq!(ids(&log.since(0, 10).unwrap()), [1]);
+        assert_eq!(log.last_id(), 1);
+        // A record moves the revision on; a commit on the old one is a conflict and
+        // writes nothing.
+        store.record(event(2)).unwrap();
+        let mut next = state.clone();
+        next.services.get_mut("shop").unwrap().version = 4;
+        match store.commit(1, &next, event(3)) {
+            Err(StateError::Conflict {
+                expected: 1,
+                current: 2,
+            }) => {}
+            other => panic!("expected a conflict, got {other:?}"),
+        }
+        assert_eq!(store.load().unwrap(), (Some(state), 2));
+        assert_eq!(ids(&log.since(0, 10).unwrap()), [1, 2]);
+        assert!(
+            store.watch().is_none(),
+            "nobody else writes a locked directory"
+        );
     }
 }
