@@ -1014,7 +1014,7 @@ impl Watch<'_> {
                 fetched => {
                     let frame = Frame {
                         number: frame,
-                        at: SystemTime::now(),
+                        at: weir::model::Clock::now(&weir::model::SystemClock),
                         admin: client.url(),
                         body: fetched,
                     };

@@ -18,7 +18,7 @@ use crate::control::store::{
 };
 use crate::dataplane::pool::Pool;
 use crate::dataplane::routing::{
-    Choice, RouteTable, Router, Service, ServiceSnapshot, StickyKey, WeightError,
+    Choice, RouteTable, Router, RoutingWriter, Service, ServiceSnapshot, StickyKey, WeightError,
 };
 use crate::model::{Clock, EventKind, PERCENT_SCALE, Phase, Source, Step, SystemClock};
 use crate::telemetry::metrics::Metrics;
@@ -303,6 +303,8 @@ impl Persistence {
 /// commands never interleave and lose an update.
 pub struct Controller {
     router: Arc<Router>,
+    /// The only writer of routing state (see [`RoutingWriter`]).
+    writer: RoutingWriter,
     /// Every time a decision or a record needs.
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
@@ -343,8 +345,10 @@ impl Controller {
             .iter()
             .map(|s| build_service(s, &HashMap::new(), &metrics))
             .collect();
+        let (router, writer) = Router::new(RouteTable::new(services));
         Controller {
-            router: Arc::new(Router::new(RouteTable::new(services))),
+            router,
+            writer,
             clock,
             metrics,
             write: Mutex::new(None),
@@ -426,7 +430,7 @@ impl Controller {
         )?;
         for (service, snap, control) in restored {
             controller.publish_control(&service.name, control);
-            service.store(Arc::new(snap));
+            controller.writer.publish(&service, Arc::new(snap));
         }
 
         // Every check passed: from here on, writes. None of them may stop the start.
@@ -602,8 +606,10 @@ impl Controller {
             None => None,
         };
         self.publish_unsaved(persistence.as_ref());
+        // Routing first, then the control state that describes it: a reader who sees
+        // a rollout's new step also sees its weights.
+        self.writer.publish(service, next.clone());
         self.publish_control(&name, next_control);
-        service.store(next.clone());
         if next.weights() != current.weights() {
             self.metrics.weight_changed(&name, source);
         }
@@ -920,7 +926,7 @@ impl Controller {
                         .with_baseline(old_snap.baseline_name())?
                         .at(old_snap.updated_at);
                         next_control.insert(cfg.name.clone(), self.service_control(&cfg.name));
-                        fresh.store(Arc::new(snap));
+                        self.writer.publish(&fresh, Arc::new(snap));
                         report.kept.push(cfg.name.clone());
                     } else {
                         let pools = fresh
@@ -938,7 +944,7 @@ impl Controller {
                         )?
                         .with_baseline(&cfg.baseline)?
                         .at(self.clock.now());
-                        fresh.store(Arc::new(snap));
+                        self.writer.publish(&fresh, Arc::new(snap));
                         self.metrics.weight_changed(&cfg.name, Source::Config);
                         report.reset.push(cfg.name.clone());
                     }
@@ -969,7 +975,7 @@ impl Controller {
             }
             None => event,
         };
-        self.router.store(table);
+        self.writer.publish_table(table);
         *self.control.write().unwrap_or_else(|p| p.into_inner()) = HashMap::new();
         for cfg in &config.services {
             let control = next_control.remove(&cfg.name).unwrap_or_default();

@@ -98,7 +98,8 @@ impl Guard {
             tick.tick().await;
             let guard = Arc::clone(&self);
             // Acting fsyncs state: off the async threads.
-            let done = tokio::task::spawn_blocking(move || guard.tick(Instant::now())).await;
+            let now = guard.controller.clock().instant();
+            let done = tokio::task::spawn_blocking(move || guard.tick(now)).await;
             if let Err(e) = done {
                 tracing::error!("guard evaluation failed: {e}");
             }
@@ -150,6 +151,7 @@ impl Guard {
         watch: &mut ServiceWatch,
         actions: &mut Vec<Action>,
     ) {
+        let wall = self.controller.clock().now();
         let snapshot = service.snapshot();
         // A new weight setting is a new exposure, for every pool at once: the two
         // versions are compared over the same stretch of time.
@@ -220,7 +222,7 @@ impl Guard {
             }
             let decision = Decision {
                 pool: name.clone(),
-                at: rfc3339(SystemTime::now()),
+                at: rfc3339(wall),
                 mode: slo.mode,
                 judgement,
             };
@@ -234,7 +236,7 @@ impl Guard {
                 }
             }
             w.last = Some(decision.clone());
-            w.last_at = Some(SystemTime::now());
+            w.last_at = Some(wall);
             if w.streak >= slo.breaches_to_act && w.fired != Some(slo.mode) {
                 w.fired = Some(slo.mode);
                 let service = service.name.to_string();

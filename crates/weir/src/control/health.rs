@@ -7,6 +7,7 @@
 //! an event, so nothing on the request path ever waits for the disk.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::dataplane::sinks::{EndpointChanges, EndpointChangesRx, OutlierSink};
@@ -33,6 +34,7 @@ pub fn start(controller: Arc<Controller>) -> (OutlierSink, Monitor) {
             controller,
             changes: tx,
             rx: Some(rx),
+            rounds: Arc::new(AtomicU64::new(0)),
         },
     )
 }
@@ -43,9 +45,18 @@ pub struct Monitor {
     controller: Arc<Controller>,
     changes: EndpointChanges,
     rx: Option<EndpointChangesRx>,
+    /// Rounds run so far (see [`Monitor::rounds`]).
+    rounds: Arc<AtomicU64>,
 }
 
 impl Monitor {
+    /// A counter of the rounds the task has run: a round runs only once the task has
+    /// recorded every earlier change, so a test on paused time waits for it before
+    /// moving the clock again.
+    pub fn rounds(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.rounds)
+    }
+
     /// Run until the task is dropped. Only the first call does anything.
     pub async fn run(mut self) {
         let Some(mut rx) = self.rx.take() else { return };
@@ -53,7 +64,10 @@ impl Monitor {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = tick.tick() => self.round(Instant::now()),
+                _ = tick.tick() => {
+                    self.round(self.controller.clock().instant());
+                    self.rounds.fetch_add(1, Ordering::Release);
+                }
                 Some((pool, change)) = rx.recv() => self.record(&pool, &change).await,
             }
         }

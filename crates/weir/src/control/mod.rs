@@ -11,3 +11,6 @@ pub mod rollout;
 pub mod stats;
 pub mod store;
 pub mod webhook;
+
+#[cfg(test)]
+mod loops_tests;

@@ -1489,7 +1489,7 @@ mod tests {
         let line_len = serde_json::to_vec(&{
             let mut e = event(10);
             e.id = 10;
-            e.time = timestamp(SystemTime::now());
+            e.time = timestamp(SystemClock.now());
             e
         })
         .unwrap()

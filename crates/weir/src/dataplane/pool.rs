@@ -80,6 +80,11 @@ impl EndpointState {
         self.healthy.load(Ordering::Relaxed)
     }
 
+    /// Whether a health check of this endpoint is in flight.
+    pub fn is_checking(&self) -> bool {
+        self.cold().checking
+    }
+
     pub fn is_ejected(&self) -> bool {
         self.ejected.load(Ordering::Relaxed)
     }

@@ -264,7 +264,7 @@ impl Service {
     }
 
     /// Replace the snapshot. Only the controller calls this, under its lock.
-    pub(crate) fn store(&self, snapshot: Arc<ServiceSnapshot>) {
+    fn store(&self, snapshot: Arc<ServiceSnapshot>) {
         snapshot.publish();
         self.snapshot.store(snapshot);
     }
@@ -474,19 +474,46 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn new(table: RouteTable) -> Router {
-        Router {
+    /// A router and its one writer. Whoever builds the router holds the writer (the
+    /// controller); everyone else gets the `Arc<Router>`, which can only read.
+    pub fn new(table: RouteTable) -> (Arc<Router>, RoutingWriter) {
+        let router = Arc::new(Router {
             table: ArcSwap::from_pointee(table),
-        }
+        });
+        let writer = RoutingWriter {
+            router: Arc::clone(&router),
+        };
+        (router, writer)
     }
 
     pub fn table(&self) -> arc_swap::Guard<Arc<RouteTable>> {
         self.table.load()
     }
+}
 
-    /// Replace the whole table. Only the controller calls this, under its lock.
-    pub(crate) fn store(&self, table: RouteTable) {
-        self.table.store(Arc::new(table));
+/// The write side of a [`Router`]: the only way to put a route table or a service
+/// snapshot in force. Not `Clone`, and made only by [`Router::new`], so "one writer" is a
+/// fact of the types: the controller owns it, and the data plane, the admin API and the
+/// tasks only ever see the read side.
+#[derive(Debug)]
+pub struct RoutingWriter {
+    router: Arc<Router>,
+}
+
+impl RoutingWriter {
+    /// The read side this writer writes to.
+    pub fn router(&self) -> &Arc<Router> {
+        &self.router
+    }
+
+    /// Replace the whole table (a reload).
+    pub fn publish_table(&self, table: RouteTable) {
+        self.router.table.store(Arc::new(table));
+    }
+
+    /// Put a snapshot in force for `service` (in the table or about to be).
+    pub fn publish(&self, service: &Service, snapshot: Arc<ServiceSnapshot>) {
+        service.store(snapshot);
     }
 }
 

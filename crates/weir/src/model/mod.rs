@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod clock;
 
-pub use clock::{Clock, SystemClock};
+pub use clock::{Clock, SystemClock, TokioClock};
 
 /// Upper bound for one pool's weight: keeps every sum of weights far from overflow and is
 /// still fine-grained enough for 0.0001% splits.
