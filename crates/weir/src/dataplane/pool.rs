@@ -12,7 +12,7 @@ use http::uri::Authority;
 
 use crate::config::{Endpoint, HealthConfig, OutlierConfig, PoolConfig};
 use crate::dataplane::client::IdleConns;
-use crate::dataplane::routing::fast_rand;
+use crate::model::fast_rand;
 use crate::telemetry::metrics::{Metrics, PoolMetrics};
 use crate::telemetry::window::Window;
 

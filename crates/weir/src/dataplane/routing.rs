@@ -5,8 +5,7 @@
 //! lock-free `ArcSwap` load; it never allocates or takes a lock here. Snapshots are only
 //! ever built whole (validated) and stored by the controller.
 
-use crate::model::Source;
-use std::cell::RefCell;
+use crate::model::{Source, fast_rand};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -15,20 +14,8 @@ use std::time::{Duration, SystemTime};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use arc_swap::ArcSwap;
-use rand::rngs::SmallRng;
-use rand::{RngCore, SeedableRng};
 
 use crate::dataplane::pool::Pool;
-
-thread_local! {
-    static RNG: RefCell<SmallRng> = RefCell::new(SmallRng::from_rng(&mut rand::rng()));
-}
-
-/// A fast per-thread random number. Not for secrets: it drives traffic splits, where
-/// speed matters and predictability does no harm.
-pub fn fast_rand() -> u64 {
-    RNG.with(|r| r.borrow_mut().next_u64())
-}
 
 /// A pool as one snapshot sees it: the shared run-time pool plus its weight here.
 #[derive(Debug, Clone)]

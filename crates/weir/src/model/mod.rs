@@ -3,14 +3,27 @@
 //! rollout steps and phases, SLO checks, weights, time formats and the clock. It imports
 //! nothing from the rest of weir, so any layer may use it.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use rand::rngs::SmallRng;
+use rand::{RngCore, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 pub mod clock;
 
 pub use clock::{Clock, SystemClock, TokioClock};
+
+std::thread_local! {
+    static RNG: RefCell<SmallRng> = RefCell::new(SmallRng::from_rng(&mut rand::rng()));
+}
+
+/// A fast per-thread random number. Not for secrets: it drives traffic splits, where
+/// speed matters and predictability does no harm.
+pub fn fast_rand() -> u64 {
+    RNG.with(|r| r.borrow_mut().next_u64())
+}
 
 /// Upper bound for one pool's weight: keeps every sum of weights far from overflow and is
 /// still fine-grained enough for 0.0001% splits.
