@@ -1,35 +1,24 @@
 //! weir: an L7 traffic-splitting reverse proxy with progressive delivery built in.
 //!
-//! Component map (see `../shared/design/DESIGN.md`):
+//! Component map. The library is built in layers, bottom up; each imports only from the
+//! ones below it (`scripts/layers.py` checks it):
 //!
 //! ```text
-//!  data plane (hot, lock-free)                      control plane (cold, one writer)
-//!  proxy ─► routing (Host → service,               control::Controller ◄─ admin, guard,
-//!           ArcSwap<ServiceSnapshot> → pool)              │                  rollout, reload
-//!        ─► pool (endpoint by P2C) ─► upstream            └─► builds + swaps snapshots
-//!        ─► outcome (one per request) ─► sinks
+//!  lib.rs     Weir::new / serve (this file): builds the parts and starts the tasks
+//!  admin      admin API server, auth, typed API documents, dashboard
+//!  control    Controller ── the only holder of the RoutingWriter; persists through Store
+//!             rollout · judge · stats (pure)   guard · driver · health · webhook (tasks)
+//!  dataplane  proxy ─► routing (Router: ArcSwap snapshots, read only) ─► pool ─► client
+//!             outcome ─► sinks (metrics, guard window, passive ejection)
+//!  telemetry  window · metrics
+//!  config     TOML → validated Config
+//!  model      shared words (Source, ErrorKind, EventKind, Step, Phase, Check), Clock
 //! ```
 //!
-//! - [`config`]: TOML → validated [`config::Config`], errors with key path and line.
-//! - [`routing`]: route table, immutable service snapshots, weighted pool choice.
-//! - [`pool`]: endpoints of a pool, in-flight counts, power-of-two-choices.
-//! - [`proxy`]: accept, forward, header rewriting, error mapping, outcomes.
-//! - [`metrics`]: Prometheus names, buckets and per-pool handles.
-//! - [`client`]: HTTP/1.1 to endpoints over per-endpoint keep-alive pools.
-//! - [`outcome`]: the per-request record metrics and the guard consume.
-//! - [`control`]: the controller, the only writer of routing state.
-//! - [`state`]: crash-safe state file and event journal.
-//! - [`admin`]: the admin HTTP API.
-//! - [`window`]: per-pool sliding windows of live traffic (counts, latency histogram).
-//! - [`health`]: active health checks, passive ejection, endpoint events.
-//! - [`guard`]: the SLO guard: judges candidates on a timer, rolls back on a breach.
-//! - [`judge`]: the pure judgement: sequential tests over the exposure, loud failures
-//!   over the fast window, blame.
-//! - [`stats`]: anytime-valid confidence sequences and one-look bounds.
-//! - [`webhook`]: delivery of guard events to an operator's webhook.
-//! - [`upstream`]: the built-in test and demo backend with fault injection.
-//! - [`ctl`]: `weir ctl`, the admin API's command-line client.
-//! - [`cli`]: the `weir` command line.
+//! Many readers, one writer: the data plane reads routing snapshots without locks; the
+//! controller alone swaps them (it owns the only [`dataplane::routing::RoutingWriter`]),
+//! after the change is durable in its [`control::store::Store`]. Decisions read time from
+//! the injected [`model::Clock`].
 
 pub mod admin;
 pub mod config;
