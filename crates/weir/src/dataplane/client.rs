@@ -36,152 +36,8 @@ use hyper_util::rt::TokioIo;
 use std::future::Future as _;
 use tokio::net::TcpStream;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
-
+use crate::dataplane::body::RequestBody;
 use crate::dataplane::pool::{EndpointState, RetryBudget};
-use crate::model::ErrorKind;
-
-/// What goes upstream: the client's body streamed through (with a stall timeout), or
-/// (for a replay) a body weir holds.
-pub type RequestBody = Either<TimedBody, Full<Bytes>>;
-
-/// A body (the client's request body, or an upstream's response body) that fails when
-/// its sender stops sending: hyper has no body read timeout of its own, and a stalled
-/// body would otherwise hold connections for ever. The timer is only armed while
-/// waiting, and never for a message without a body.
-#[derive(Debug)]
-pub struct TimedBody {
-    inner: Incoming,
-    timeout: Duration,
-    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
-    armed: bool,
-    /// For a client's request body: where its failure is written down, so the proxy can
-    /// tell a client's fault from the upstream's whatever error the upstream leg reports.
-    watch: Option<BodyWatch>,
-}
-
-/// The error a stalled body ends with (a request body: 408; a response body: the
-/// pool's `timeout`).
-#[derive(Debug, thiserror::Error)]
-#[error("the body stalled for longer than {0:?}")]
-pub struct BodyTimeout(pub Duration);
-
-/// How a client's request body failed, if it did: shared between the body (which sees
-/// the failure) and the proxy (which must answer and blame correctly). Only requests
-/// with a body get one.
-#[derive(Debug, Clone, Default)]
-pub struct BodyWatch(Arc<AtomicU8>);
-
-impl BodyWatch {
-    const ABORTED: u8 = 1;
-    const INVALID: u8 = 2;
-    const STALLED: u8 = 3;
-
-    fn set(&self, fault: u8) {
-        let _ = self
-            .0
-            .compare_exchange(0, fault, Ordering::Relaxed, Ordering::Relaxed);
-    }
-
-    /// The client's fault, when its body failed.
-    pub fn fault(&self) -> Option<ErrorKind> {
-        match self.0.load(Ordering::Relaxed) {
-            Self::ABORTED => Some(ErrorKind::ClientAbort),
-            Self::INVALID => Some(ErrorKind::BadRequestBody),
-            Self::STALLED => Some(ErrorKind::ClientTimeout),
-            _ => None,
-        }
-    }
-
-    /// Sort a client body's error: invalid framing (a bad chunk; hyper reports it as
-    /// InvalidInput/InvalidData) or the client going away (EOF mid-body, a reset
-    /// connection or HTTP/2 stream).
-    fn failed(&self, e: &hyper::Error) {
-        use std::error::Error as _;
-        let mut source = e.source();
-        while let Some(s) = source {
-            if let Some(io) = s.downcast_ref::<io::Error>()
-                && matches!(
-                    io.kind(),
-                    io::ErrorKind::InvalidInput | io::ErrorKind::InvalidData
-                )
-            {
-                return self.set(Self::INVALID);
-            }
-            source = s.source();
-        }
-        self.set(Self::ABORTED);
-    }
-}
-
-impl TimedBody {
-    pub fn new(inner: Incoming, timeout: Duration) -> TimedBody {
-        TimedBody {
-            inner,
-            timeout,
-            sleep: None,
-            armed: false,
-            watch: None,
-        }
-    }
-
-    /// Record this (client request) body's failure in `watch`.
-    pub fn watched(mut self, watch: Option<BodyWatch>) -> TimedBody {
-        self.watch = watch;
-        self
-    }
-}
-
-impl http_body::Body for TimedBody {
-    type Data = Bytes;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(frame) => {
-                this.armed = false;
-                if let (Some(Err(e)), Some(watch)) = (&frame, &this.watch) {
-                    watch.failed(e);
-                }
-                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
-            }
-            Poll::Pending => {
-                let deadline = tokio::time::Instant::now() + this.timeout;
-                if !this.armed {
-                    match &mut this.sleep {
-                        Some(s) => s.as_mut().reset(deadline),
-                        None => this.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
-                    }
-                    this.armed = true;
-                }
-                match this.sleep.as_mut().map(|s| s.as_mut().poll(cx)) {
-                    Some(Poll::Ready(())) => {
-                        if let Some(watch) = &this.watch {
-                            watch.set(BodyWatch::STALLED);
-                        }
-                        Poll::Ready(Some(Err(Box::new(BodyTimeout(this.timeout)))))
-                    }
-                    _ => Poll::Pending,
-                }
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-type Conn = http1::Connection<TokioIo<Stream>, RequestBody>;
 
 /// A connection to an endpoint: plain TCP or TLS over it.
 pub enum Stream {
@@ -246,6 +102,8 @@ impl tokio::io::AsyncWrite for Stream {
         }
     }
 }
+
+type Conn = http1::Connection<TokioIo<Stream>, RequestBody>;
 
 /// One upstream connection: the request handle and the connection driver.
 pub struct PooledConn {

@@ -102,3 +102,10 @@ impl OutcomeSink for LogSink {
         tracing::debug!("request for an unknown host");
     }
 }
+
+/// Hand one outcome to every sink.
+pub fn emit(sinks: &[Arc<dyn OutcomeSink>], outcome: &Outcome<'_>) {
+    for sink in sinks {
+        sink.record(outcome);
+    }
+}

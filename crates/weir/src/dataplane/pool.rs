@@ -35,9 +35,7 @@ pub struct EndpointState {
     /// plain text).
     tls: Option<Result<Arc<crate::dataplane::tls::UpstreamTls>, String>>,
     /// The multiplexed HTTP/2 connection, for h2c pools.
-    h2: Mutex<
-        Option<hyper::client::conn::http2::SendRequest<crate::dataplane::client::RequestBody>>,
-    >,
+    h2: Mutex<Option<hyper::client::conn::http2::SendRequest<crate::dataplane::body::RequestBody>>>,
     /// Cold state: ejection history and health-check counters.
     cold: Mutex<EndpointCold>,
 }
@@ -133,7 +131,7 @@ impl EndpointState {
         &self,
     ) -> std::sync::MutexGuard<
         '_,
-        Option<hyper::client::conn::http2::SendRequest<crate::dataplane::client::RequestBody>>,
+        Option<hyper::client::conn::http2::SendRequest<crate::dataplane::body::RequestBody>>,
     > {
         self.h2.lock().unwrap_or_else(|p| p.into_inner())
     }
