@@ -14,6 +14,8 @@
 //!   optional also take no body and no `Content-Type`;
 //! - bodies are bounded in size and in time (408), and a JSON object may not repeat a key.
 
+pub mod api;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
