@@ -1,6 +1,10 @@
-//! `weir ctl`: the command-line client of the admin API (`admin.rs`). It decides nothing
-//! itself: every answer is the server's, shown as a table or, with `--json`, as the API's
-//! own JSON, so the CLI can never disagree with what `curl` would show.
+//! `weir ctl`: the command-line client of the admin API (`weir::admin`). It decides
+//! nothing itself: every answer is the server's, shown as a table or, with `--json`, as
+//! the API's own JSON, so the CLI can never disagree with what `curl` would show. It
+//! reads answers and writes requests as the types of `weir::admin::api`, the contract
+//! the server builds them from. `--json` prints the answer's own JSON (pretty-printed),
+//! never a re-encoding of those types, so it shows what the server said, fields this
+//! build does not know of included.
 //!
 //! Everything writes to a `&mut impl Write` and takes its stop signal as a future, so the
 //! integration tests drive the same code as the binary against a real weir on port 0.
@@ -20,6 +24,7 @@
 use std::fmt::Write as _;
 use std::future::Future;
 use std::io::{self, IsTerminal, Write};
+use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
@@ -32,8 +37,11 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use serde_json::{Map, Value, json};
+use serde::Serialize;
+use serde::de::{Deserialize, DeserializeOwned};
+use serde_json::Value;
 
+use weir::admin::api::{self, Event, Phase, RolloutDoc, ServiceDoc};
 use weir::model::MAX_WEIGHT;
 
 /// Where `weir run` puts the admin API unless `[admin] listen` says otherwise.
@@ -210,12 +218,15 @@ impl RolloutAction {
         }
     }
 
-    /// Only the fields that differ from the API's defaults, so `{}` means the plain verb.
+    /// The verb's request body: only the fields that differ from the API's defaults, so
+    /// `{}` means the plain verb.
     fn body(&self) -> Value {
         match self {
-            RolloutAction::Start { candidate: Some(c) } => json!({ "candidate": c }),
-            RolloutAction::Promote { full: true } => json!({ "full": true }),
-            _ => json!({}),
+            RolloutAction::Start { candidate } => request_json(&api::StartRolloutRequest {
+                candidate: candidate.clone(),
+            }),
+            RolloutAction::Promote { full } => request_json(&api::PromoteRequest { full: *full }),
+            _ => request_json(&api::EmptyRequest {}),
         }
     }
 }
@@ -257,11 +268,13 @@ pub fn parse_pool_weight(s: &str) -> Result<PoolWeight, String> {
 /// Why a `weir ctl` command failed. Each displays as one line.
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
-    /// The API answered with an error status; `body` is its JSON.
+    /// The API answered with an error status: `message` and `problems` are its
+    /// [`api::ErrorBody`], `body` the JSON it came as.
     #[error("{message} (HTTP {})", .status.as_u16())]
     Api {
         status: StatusCode,
         message: String,
+        problems: Vec<String>,
         body: Value,
     },
     #[error("cannot reach the admin API at {url}: {reason}")]
@@ -272,6 +285,9 @@ pub enum CtlError {
     Transport { url: String, reason: String },
     #[error("unexpected answer from {url}: {reason}; is --admin weir's admin address?")]
     NotAdmin { url: String, reason: String },
+    /// JSON this build cannot read as the document it asked for.
+    #[error("cannot read the admin API's answer: {0}; is the server a weir of another version?")]
+    Unreadable(String),
     /// Bad flags or arguments, found before any request.
     #[error("{0}")]
     Usage(String),
@@ -394,12 +410,12 @@ impl AdminClient {
     }
 
     /// `GET /api/v1/services`.
-    pub async fn services(&self) -> Result<Value, CtlError> {
+    pub async fn services(&self) -> Result<Reply<api::ServiceList>, CtlError> {
         self.call(Method::GET, "/api/v1/services", None, None).await
     }
 
     /// `GET /api/v1/services/{name}`.
-    pub async fn service(&self, name: &str) -> Result<Value, CtlError> {
+    pub async fn service(&self, name: &str) -> Result<Reply<ServiceDoc>, CtlError> {
         let path = format!("/api/v1/services/{}", segment(name));
         self.call(Method::GET, &path, None, None).await
     }
@@ -411,42 +427,48 @@ impl AdminClient {
         weights: &[PoolWeight],
         reason: Option<&str>,
         if_version: Option<u64>,
-    ) -> Result<Value, CtlError> {
-        let weights: Map<String, Value> = weights
-            .iter()
-            .map(|w| (w.pool.clone(), Value::from(w.weight)))
-            .collect();
-        let mut body = Map::new();
-        body.insert("weights".into(), Value::Object(weights));
-        if let Some(r) = reason {
-            body.insert("reason".into(), r.into());
-        }
+    ) -> Result<Reply<ServiceDoc>, CtlError> {
+        let body = api::WeightsRequest {
+            weights: weights.iter().map(|w| (w.pool.clone(), w.weight)).collect(),
+            reason: reason.map(String::from),
+        };
         let path = format!("/api/v1/services/{}/weights", segment(service));
-        self.call(Method::PUT, &path, Some(Value::Object(body)), if_version)
+        self.call(Method::PUT, &path, Some(request_json(&body)), if_version)
             .await
     }
 
     /// `POST /api/v1/services/{name}/rollback`; answers the new service document.
-    pub async fn rollback(&self, service: &str, reason: Option<&str>) -> Result<Value, CtlError> {
-        let mut body = Map::new();
-        if let Some(r) = reason {
-            body.insert("reason".into(), r.into());
-        }
+    pub async fn rollback(
+        &self,
+        service: &str,
+        reason: Option<&str>,
+    ) -> Result<Reply<ServiceDoc>, CtlError> {
+        let body = api::RollbackRequest {
+            reason: reason.map(String::from),
+        };
         let path = format!("/api/v1/services/{}/rollback", segment(service));
-        self.call(Method::POST, &path, Some(Value::Object(body)), None)
+        self.call(Method::POST, &path, Some(request_json(&body)), None)
             .await
     }
 
     /// `POST /api/v1/services/{name}/{verb}` for a rollout verb; answers the new service
     /// document.
-    pub async fn rollout(&self, service: &str, action: &RolloutAction) -> Result<Value, CtlError> {
+    pub async fn rollout(
+        &self,
+        service: &str,
+        action: &RolloutAction,
+    ) -> Result<Reply<ServiceDoc>, CtlError> {
         let path = format!("/api/v1/services/{}/{}", segment(service), action.verb());
         self.call(Method::POST, &path, Some(action.body()), None)
             .await
     }
 
     /// `GET /api/v1/events`: events after `since`, oldest first.
-    pub async fn events(&self, since: Option<u64>, limit: Option<u64>) -> Result<Value, CtlError> {
+    pub async fn events(
+        &self,
+        since: Option<u64>,
+        limit: Option<u64>,
+    ) -> Result<Reply<api::EventList>, CtlError> {
         let mut query = Vec::new();
         if let Some(s) = since {
             query.push(format!("since={s}"));
@@ -461,15 +483,12 @@ impl AdminClient {
         self.call(Method::GET, &path, None, None).await
     }
 
-    /// `POST /api/v1/reload`.
-    pub async fn reload(&self) -> Result<Value, CtlError> {
-        self.call(
-            Method::POST,
-            "/api/v1/reload",
-            Some(Value::Object(Map::new())),
-            None,
-        )
-        .await
+    /// `POST /api/v1/reload`. The server reads no field; the body is there because a
+    /// mutation must be JSON.
+    pub async fn reload(&self) -> Result<Reply<api::ReloadDoc>, CtlError> {
+        let body = request_json(&api::EmptyRequest {});
+        self.call(Method::POST, "/api/v1/reload", Some(body), None)
+            .await
     }
 
     /// `GET /healthz` (or `/readyz`): the plain-text probe answer, an error unless 200.
@@ -483,20 +502,21 @@ impl AdminClient {
         Err(CtlError::Api {
             status,
             message: format!("{path} answered `{text}`"),
+            problems: Vec::new(),
             body: Value::Null,
         })
     }
 
-    /// One exchange with a JSON answer. Mutations always carry a JSON body (`{}` at
-    /// least): the API refuses any other content type, which is what keeps browser forms
-    /// out.
-    async fn call(
+    /// One exchange with a JSON answer: the document `T`, or for an error status an
+    /// [`api::ErrorBody`]. Mutations always carry a JSON body (`{}` at least): the API
+    /// refuses any other content type, which is what keeps browser forms out.
+    async fn call<T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
         body: Option<Value>,
         if_version: Option<u64>,
-    ) -> Result<Value, CtlError> {
+    ) -> Result<Reply<T>, CtlError> {
         let (status, content_type, body) = self.exchange(method, path, body, if_version).await?;
         let Ok(json) = serde_json::from_slice::<Value>(&body) else {
             return Err(CtlError::NotAdmin {
@@ -508,15 +528,21 @@ impl AdminClient {
             });
         };
         if status.is_success() {
-            return Ok(json);
+            return Ok(Reply {
+                json,
+                doc: PhantomData,
+            });
         }
-        let message = match json.get("error").and_then(Value::as_str) {
-            Some(m) => m.to_string(),
-            None => json.to_string(),
+        // Something between us and weir may answer errors of its own: their JSON is
+        // shown whole.
+        let (message, problems) = match api::ErrorBody::deserialize(&json) {
+            Ok(e) => (e.error, e.problems.unwrap_or_default()),
+            Err(_) => (json.to_string(), Vec::new()),
         };
         Err(CtlError::Api {
             status,
             message,
+            problems,
             body: json,
         })
     }
@@ -591,6 +617,30 @@ impl AdminClient {
                 url: self.base.clone(),
             })?
     }
+}
+
+/// A successful answer of the API: its JSON, to be read as the document `T`. It is read
+/// only where something is made of it (a table, a cursor): `--json` prints what the
+/// server said even when this build could not read it, as a weir of another version may
+/// send.
+#[derive(Debug, Clone)]
+pub struct Reply<T> {
+    /// The answer as received.
+    pub json: Value,
+    doc: PhantomData<fn() -> T>,
+}
+
+impl<T: DeserializeOwned> Reply<T> {
+    /// The answer as the API's document type.
+    pub fn doc(&self) -> Result<T, CtlError> {
+        T::deserialize(&self.json).map_err(|e| CtlError::Unreadable(e.to_string()))
+    }
+}
+
+/// A request type of the API as the JSON to send. They are structs of strings, numbers,
+/// booleans and string-keyed maps, which always serialise.
+fn request_json(body: &impl Serialize) -> Value {
+    serde_json::to_value(body).expect("an admin request serialises to JSON")
 }
 
 /// Percent-encode one path segment. Service names are `[A-Za-z0-9._-]` on the server, so
@@ -736,6 +786,7 @@ fn report(
     if let CtlError::Api {
         status,
         message,
+        problems,
         body,
     } = e
     {
@@ -744,11 +795,6 @@ fn report(
         }
         // A rejected reload lists every problem; one per line reads better than the
         // `; `-joined summary in `error`.
-        let problems: Vec<&str> = body
-            .get("problems")
-            .and_then(Value::as_array)
-            .map(|p| p.iter().filter_map(Value::as_str).collect())
-            .unwrap_or_default();
         if !problems.is_empty() {
             let head = message
                 .split_once(": ")
@@ -809,20 +855,16 @@ async fn dispatch(
             watch: false,
             ..
         } => {
-            let body = client.services().await?;
+            let reply = client.services().await?;
             if json {
-                return Ok(write_json(out, &body)?);
+                return Ok(write_json(out, &reply.json)?);
             }
-            let services = body
-                .get("services")
-                .and_then(Value::as_array)
-                .map(Vec::as_slice)
-                .unwrap_or_default();
+            let services = reply.doc()?.services;
             if services.is_empty() {
                 writeln!(out, "no services")?;
                 return Ok(());
             }
-            Ok(write_services(out, services)?)
+            Ok(write_services(out, &services)?)
         }
         CtlCommand::Status {
             service: Some(name),
@@ -830,8 +872,8 @@ async fn dispatch(
             ..
         } => {
             check_service(name)?;
-            let body = client.service(name).await?;
-            Ok(show_service(out, &body, json)?)
+            let reply = client.service(name).await?;
+            show_service(out, &reply, json)
         }
         CtlCommand::SetWeight {
             service,
@@ -850,26 +892,26 @@ async fn dispatch(
                     )));
                 }
             }
-            let body = client
+            let reply = client
                 .set_weights(service, weights, reason.as_deref(), *if_version)
                 .await?;
-            Ok(show_service(out, &body, json)?)
+            show_service(out, &reply, json)
         }
         CtlCommand::Rollback { service, reason } => {
             check_service(service)?;
-            let body = client.rollback(service, reason.as_deref()).await?;
-            Ok(show_service(out, &body, json)?)
+            let reply = client.rollback(service, reason.as_deref()).await?;
+            show_service(out, &reply, json)
         }
         CtlCommand::Events {
             since,
             limit,
             follow: false,
         } => {
-            let body = client.events(*since, *limit).await?;
+            let reply = client.events(*since, *limit).await?;
             if json {
-                return Ok(write_json(out, &body)?);
+                return Ok(write_json(out, &reply.json)?);
             }
-            for e in events_of(&body) {
+            for e in &reply.doc()?.events {
                 writeln!(out, "{}", event_line(e))?;
             }
             Ok(())
@@ -884,11 +926,11 @@ async fn dispatch(
             Ok(writeln!(out, "{text}")?)
         }
         CtlCommand::Reload => {
-            let body = client.reload().await?;
+            let reply = client.reload().await?;
             if json {
-                return Ok(write_json(out, &body)?);
+                return Ok(write_json(out, &reply.json)?);
             }
-            Ok(write_reload(out, &body)?)
+            Ok(write_reload(out, &reply.doc()?)?)
         }
         CtlCommand::Rollout { service, candidate } => {
             let action = RolloutAction::Start {
@@ -923,8 +965,8 @@ async fn rollout(
     out: &mut impl Write,
 ) -> Result<(), CtlError> {
     check_service(service)?;
-    let body = client.rollout(service, action).await?;
-    Ok(show_service(out, &body, json)?)
+    let reply = client.rollout(service, action).await?;
+    show_service(out, &reply, json)
 }
 
 fn check_service(name: &str) -> Result<(), CtlError> {
@@ -948,21 +990,27 @@ async fn follow_events(
     let page = limit.unwrap_or(MAX_PAGE);
     let mut cursor = since.unwrap_or(0);
     loop {
-        let body = tokio::select! {
-            body = client.events(Some(cursor), Some(page)) => body?,
+        let reply = tokio::select! {
+            reply = client.events(Some(cursor), Some(page)) => reply?,
             () = &mut stop => return Ok(()),
         };
-        let events = events_of(&body);
-        for e in events {
+        // Read even for `--json`: the cursor is the events' ids.
+        let events = reply.doc()?.events;
+        // The same events as received, for `--json`.
+        let received = reply
+            .json
+            .get("events")
+            .and_then(Value::as_array)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        for (e, as_received) in events.iter().zip(received) {
             if json {
                 // One compact event per line: a stream that `jq` or `grep` can follow.
-                writeln!(out, "{e}")?;
+                writeln!(out, "{as_received}")?;
             } else {
                 writeln!(out, "{}", event_line(e))?;
             }
-            if let Some(id) = e.get("id").and_then(Value::as_u64) {
-                cursor = cursor.max(id);
-            }
+            cursor = cursor.max(e.id);
         }
         out.flush()?;
         if events.len() as u64 >= page {
@@ -1028,22 +1076,50 @@ impl Watch<'_> {
         }
     }
 
-    async fn fetch(&self, client: &AdminClient) -> Result<Value, CtlError> {
-        match self.service {
-            Some(name) => client.service(name).await,
-            None => client.services().await,
-        }
+    /// One poll: the JSON as received and, for the table, the services in it. With
+    /// `--json` nothing is read from it: the frame is the JSON.
+    async fn fetch(&self, client: &AdminClient) -> Result<Polled, CtlError> {
+        Ok(match self.service {
+            Some(name) => {
+                let reply = client.service(name).await?;
+                let services = if self.json {
+                    Vec::new()
+                } else {
+                    vec![reply.doc()?]
+                };
+                Polled {
+                    json: reply.json,
+                    services,
+                }
+            }
+            None => {
+                let reply = client.services().await?;
+                let services = if self.json {
+                    Vec::new()
+                } else {
+                    reply.doc()?.services
+                };
+                Polled {
+                    json: reply.json,
+                    services,
+                }
+            }
+        })
     }
 
     /// One frame. With `--json`, one compact document per line (as `events --follow`
     /// does): neither separators nor escapes, so `jq` can read the stream.
     fn write(&self, out: &mut impl Write, frame: &Frame<'_>) -> io::Result<()> {
         if self.json {
-            let line = match &frame.body {
-                Ok(body) => body.clone(),
-                Err(e) => json!({ "error": e.to_string() }),
+            return match &frame.body {
+                Ok(polled) => writeln!(out, "{}", polled.json),
+                // Shaped as the API's own errors, so one reader handles both.
+                Err(e) => {
+                    let line = serde_json::to_string(&api::ErrorBody::new(e.to_string()))
+                        .map_err(io::Error::other)?;
+                    writeln!(out, "{line}")
+                }
             };
-            return writeln!(out, "{line}");
         }
         match self.screen {
             Screen::Terminal => write!(out, "{CLEAR_SCREEN}")?,
@@ -1057,8 +1133,8 @@ impl Watch<'_> {
             frame.admin,
             WATCH_INTERVAL.as_secs()
         )?;
-        let body = match &frame.body {
-            Ok(body) => body,
+        let services = match &frame.body {
+            Ok(polled) => &polled.services,
             Err(e) => {
                 return writeln!(
                     out,
@@ -1066,10 +1142,6 @@ impl Watch<'_> {
                     WATCH_INTERVAL.as_secs()
                 );
             }
-        };
-        let services = match body.get("services").and_then(Value::as_array) {
-            Some(list) => list.as_slice(),
-            None => std::slice::from_ref(body),
         };
         if services.is_empty() {
             return writeln!(out, "no services");
@@ -1083,14 +1155,13 @@ struct Frame<'a> {
     number: u64,
     at: SystemTime,
     admin: &'a str,
-    body: Result<Value, CtlError>,
+    body: Result<Polled, CtlError>,
 }
 
-fn events_of(body: &Value) -> &[Value] {
-    body.get("events")
-        .and_then(Value::as_array)
-        .map(Vec::as_slice)
-        .unwrap_or_default()
+/// What a `--watch` poll got: see [`Watch::fetch`].
+struct Polled {
+    json: Value,
+    services: Vec<ServiceDoc>,
 }
 
 fn write_json(out: &mut impl Write, body: &Value) -> io::Result<()> {
@@ -1098,28 +1169,23 @@ fn write_json(out: &mut impl Write, body: &Value) -> io::Result<()> {
     writeln!(out, "{text}")
 }
 
-fn show_service(out: &mut impl Write, body: &Value, json: bool) -> io::Result<()> {
+fn show_service(
+    out: &mut impl Write,
+    reply: &Reply<ServiceDoc>,
+    json: bool,
+) -> Result<(), CtlError> {
     if json {
-        write_json(out, body)
+        write_json(out, &reply.json)?;
     } else {
-        write_services(out, std::slice::from_ref(body))
+        write_services(out, &[reply.doc()?])?;
     }
-}
-
-fn text<'a>(v: &'a Value, key: &str) -> &'a str {
-    v.get(key).and_then(Value::as_str).unwrap_or("?")
-}
-
-fn number(v: &Value, key: &str) -> String {
-    v.get(key)
-        .and_then(Value::as_u64)
-        .map_or_else(|| "?".into(), |n| n.to_string())
+    Ok(())
 }
 
 /// The status table: one row per pool, the service and version repeated on every row so
 /// that `grep canary` still shows them. Under it, per service, its rollout in one line
 /// and its guard's health and last decisions.
-pub fn write_services(out: &mut impl Write, services: &[Value]) -> io::Result<()> {
+pub fn write_services(out: &mut impl Write, services: &[ServiceDoc]) -> io::Result<()> {
     write_view(out, services, Traffic::Totals)
 }
 
@@ -1132,79 +1198,54 @@ enum Traffic {
     Rates,
 }
 
-fn write_view(out: &mut impl Write, services: &[Value], traffic: Traffic) -> io::Result<()> {
+fn write_view(out: &mut impl Write, services: &[ServiceDoc], traffic: Traffic) -> io::Result<()> {
     let mut rows = Vec::new();
     let mut notes = Vec::new();
     for s in services {
         // The guard's live window per pool, matched by name.
-        let live = |pool: &str| -> Option<&Value> {
-            s.pointer("/guard/pools")?
-                .as_array()?
-                .iter()
-                .find(|p| p.get("pool").and_then(Value::as_str) == Some(pool))
-        };
+        let live = |pool: &str| s.guard.pools.iter().find(|p| p.pool == pool);
         notes.extend(rollout_line(s));
         notes.extend(guard_notes(s));
-        let window_secs = s
-            .pointer("/guard/window_secs")
-            .and_then(Value::as_f64)
-            .filter(|w| *w > 0.0);
-        let pools = s
-            .get("pools")
-            .and_then(Value::as_array)
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        for p in pools {
-            let share = p
-                .get("share")
-                .and_then(Value::as_f64)
-                .map_or_else(|| "?".into(), |s| format!("{:.1}", s * 100.0));
-            let endpoints = p
-                .get("endpoints")
-                .and_then(Value::as_array)
-                .map_or_else(|| "?".into(), |e| e.len().to_string());
+        let window_secs = Some(s.guard.window_secs).filter(|w| *w > 0.0);
+        for p in &s.pools {
+            let share = format!("{:.1}", p.share * 100.0);
+            let endpoints = p.endpoints.len().to_string();
             // Endpoints not taking traffic are named under the table.
-            let states = p
-                .get("endpoint_states")
-                .and_then(Value::as_array)
-                .map(Vec::as_slice)
-                .unwrap_or_default();
+            let states = &p.endpoint_states;
             let down: Vec<String> = states
                 .iter()
-                .filter(|e| text(e, "state") != "up")
-                .map(|e| format!("{} ({})", text(e, "address"), text(e, "state")))
+                .filter(|e| e.state != api::EndpointCondition::Up)
+                .map(|e| format!("{} ({})", e.address, e.state.as_str()))
                 .collect();
             let endpoints = if down.is_empty() {
                 endpoints
             } else {
                 notes.push(format!(
                     "{}/{}: not taking traffic: {}",
-                    text(s, "name"),
-                    text(p, "name"),
+                    s.name,
+                    p.name,
                     down.join(", ")
                 ));
                 format!("{}/{endpoints} up", states.len() - down.len())
             };
-            let w = live(text(p, "name"));
+            let w = live(&p.name);
             let requests = match traffic {
-                Traffic::Totals => w.map_or_else(|| "-".into(), |w| number(w, "requests")),
+                Traffic::Totals => w.map_or_else(|| "-".into(), |w| w.requests.to_string()),
                 Traffic::Rates => w
-                    .and_then(|w| w.get("requests")?.as_u64())
+                    .map(|w| w.requests)
                     .zip(window_secs)
                     .map_or_else(|| "-".into(), |(n, secs)| format!("{:.1}", n as f64 / secs)),
             };
-            let errors = w
-                .and_then(|w| w.get("error_rate")?.as_f64())
-                .map_or_else(|| "-".into(), |r| format!("{:.1}", r * 100.0));
+            let errors = w.map_or_else(|| "-".into(), |w| format!("{:.1}", w.error_rate * 100.0));
             let p99 = w
-                .and_then(|w| w.get("p99_ms")?.as_f64())
+                .and_then(|w| w.p99_ms)
                 .map_or_else(|| "-".into(), |v| format!("{v:.1}"));
             rows.push(vec![
-                text(s, "name").to_string(),
-                text(p, "name").to_string(),
-                number(p, "weight"),
+                s.name.clone(),
+                p.name.clone(),
+                p.weight.to_string(),
                 share,
-                number(s, "version"),
+                s.version.to_string(),
                 endpoints,
                 requests,
                 errors,
@@ -1241,58 +1282,47 @@ fn write_view(out: &mut impl Write, services: &[Value], traffic: Traffic) -> io:
 
 /// A service's rollout in one line: phase, step, time in the step and what it waits for;
 /// for an idle service, its plan if it has one. `None`: idle without a plan (or a server
-/// too old to report rollouts).
-pub fn rollout_line(s: &Value) -> Option<String> {
-    let name = text(s, "name");
-    let r = s.get("rollout")?;
-    let phase = r.get("phase").and_then(Value::as_str).unwrap_or("idle");
-    if phase == "idle" {
-        let plan = s.get("plan").filter(|p| !p.is_null())?;
-        let steps = plan
-            .get("steps")
-            .and_then(Value::as_array)
-            .map_or(0, Vec::len);
-        return Some(format!(
-            "{name}: no rollout (plan: {}, {steps} step{})",
-            text(plan, "strategy"),
-            if steps == 1 { "" } else { "s" }
-        ));
-    }
+/// too old to report rollouts, which reads as idle).
+pub fn rollout_line(s: &ServiceDoc) -> Option<String> {
+    let name = &s.name;
+    let r = match &s.rollout {
+        RolloutDoc::Started(r) if r.phase != Phase::Idle => r,
+        _ => {
+            let plan = s.plan.as_ref()?;
+            let steps = plan.steps.len();
+            return Some(format!(
+                "{name}: no rollout (plan: {}, {steps} step{})",
+                plan.strategy.as_str(),
+                if steps == 1 { "" } else { "s" }
+            ));
+        }
+    };
     // `step_index` counts from 0; people count steps from 1.
-    let mut step = format!(
-        "step {}/{}",
-        r.get("step_index")
-            .and_then(Value::as_u64)
-            .map_or_else(|| "?".into(), |i| (i + 1).to_string()),
-        number(r, "steps_total")
-    );
-    if let Some(what) = r.get("step").and_then(Value::as_str) {
+    let mut step = format!("step {}/{}", r.step_index + 1, r.steps_total);
+    if let Some(what) = &r.step {
         let _ = write!(step, " ({what})");
     }
-    let stable = text(r, "stable");
-    Some(match phase {
-        "progressing" | "paused" => {
-            let in_step = r
-                .get("time_in_step_secs")
-                .and_then(Value::as_f64)
-                .map_or_else(|| "?".into(), whole_seconds);
-            format!(
-                "{name}: rollout {phase}, {step}, {in_step} in step; waiting for: {}",
-                text(r, "waiting_for")
-            )
-        }
-        "promoted" => format!(
-            "{name}: rollout promoted: {} is the new baseline, replacing {stable}",
-            text(r, "candidate")
+    let stable = &r.stable;
+    Some(match r.phase {
+        Phase::Progressing | Phase::Paused => format!(
+            "{name}: rollout {}, {step}, {} in step; waiting for: {}",
+            r.phase.as_str(),
+            whole_seconds(r.time_in_step_secs),
+            r.waiting_for
         ),
-        "aborted" => format!(
+        Phase::Promoted => format!(
+            "{name}: rollout promoted: {} is the new baseline, replacing {stable}",
+            r.candidate
+        ),
+        Phase::Aborted => format!(
             "{name}: rollout aborted at {step}: all traffic back to {stable}; retry starts it again"
         ),
-        "degraded" => format!(
+        Phase::Degraded => format!(
             "{name}: rollout degraded at {step}: the guard sent all traffic back to {stable}; \
              retry starts it again"
         ),
-        other => format!("{name}: rollout {other}, {step}"),
+        // Told apart above: an idle rollout shows the plan instead.
+        Phase::Idle => format!("{name}: rollout idle, {step}"),
     })
 }
 
@@ -1304,43 +1334,32 @@ fn whole_seconds(secs: f64) -> String {
 
 /// Lines under the table about a service's guard: health, then the last decision per
 /// candidate in words. Nothing for a service without a guard that is healthy.
-fn guard_notes(s: &Value) -> Vec<String> {
-    let name = text(s, "name");
-    let Some(guard) = s.get("guard") else {
-        return Vec::new();
-    };
-    let enabled = guard.get("enabled").and_then(Value::as_bool) == Some(true);
-    let degraded = text(s, "health") == "degraded";
-    if !enabled && !degraded {
+fn guard_notes(s: &ServiceDoc) -> Vec<String> {
+    let name = &s.name;
+    let guard = &s.guard;
+    let degraded = s.health == api::Health::Degraded;
+    if !guard.enabled && !degraded {
         return Vec::new();
     }
     let mut lines = Vec::new();
-    let mode = guard.get("mode").and_then(Value::as_str).unwrap_or("off");
+    let mode = guard.mode.map_or("off", api::GuardMode::as_str);
     if degraded {
-        let why = guard
-            .get("degraded_reason")
-            .and_then(Value::as_str)
-            .unwrap_or("SLO breached");
+        let why = guard.degraded_reason.as_deref().unwrap_or("SLO breached");
         lines.push(format!(
             "{name}: DEGRADED (guard {mode}) — on the baseline since: {why}"
         ));
     } else {
         lines.push(format!("{name}: healthy (guard {mode})"));
     }
-    if guard.get("baseline_unhealthy").and_then(Value::as_bool) == Some(true) {
+    if guard.baseline_unhealthy {
         lines.push(format!("  {name}: the baseline is failing too"));
     }
-    for d in guard
-        .get("decisions")
-        .and_then(Value::as_array)
-        .map(Vec::as_slice)
-        .unwrap_or_default()
-    {
+    for d in &guard.decisions {
         lines.push(format!(
             "  {} {}: {}",
-            text(d, "pool"),
-            text(d, "verdict"),
-            text(d, "summary")
+            d.pool,
+            d.verdict.as_str(),
+            d.summary
         ));
     }
     lines
@@ -1389,29 +1408,27 @@ fn write_table(
 /// `#id time service kind source actor from→to "reason" details`, one line per event.
 /// Text that came from users (the reason) is quoted and escaped, so a newline or a
 /// terminal escape in it cannot forge lines or repaint the screen.
-pub fn event_line(e: &Value) -> String {
-    let or_dash = |key: &str| match e.get(key).and_then(Value::as_str) {
+pub fn event_line(e: &Event) -> String {
+    let or_dash = |s: Option<&str>| match s {
         Some(s) if !s.is_empty() => s.to_string(),
         _ => "-".to_string(),
     };
     let mut parts = vec![
-        format!("#{}", number(e, "id")),
-        or_dash("time"),
-        or_dash("service"),
-        or_dash("kind"),
-        or_dash("source"),
-        or_dash("actor"),
+        format!("#{}", e.id),
+        or_dash(Some(&e.time)),
+        or_dash(Some(&e.service)),
+        or_dash(Some(e.kind.as_str())),
+        or_dash(Some(e.source.as_str())),
+        or_dash(e.actor.as_deref()),
     ];
-    match (e.get("from"), e.get("to")) {
-        (Some(from), Some(to)) if !from.is_null() || !to.is_null() => {
-            parts.push(format!("{}→{}", weights(from), weights(to)));
-        }
-        _ => {}
+    if let (Some(from), Some(to)) = (&e.from, &e.to) {
+        parts.push(format!("{}→{}", weights(from), weights(to)));
     }
-    if let Some(reason) = e.get("reason").and_then(Value::as_str) {
+    if let Some(reason) = &e.reason {
         parts.push(format!("{reason:?}"));
     }
-    if let Some(details) = e.get("details").and_then(Value::as_object) {
+    // Free-form by design: each kind of event records its own figures.
+    if let Some(details) = e.details.as_object() {
         for (key, value) in details {
             let empty = match value {
                 Value::Null => true,
@@ -1430,69 +1447,90 @@ pub fn event_line(e: &Value) -> String {
 }
 
 /// `{"stable":90,"canary":10}` → `stable=90,canary=10`, the `set-weight` syntax.
-fn weights(v: &Value) -> String {
-    match v {
-        Value::Object(m) => m
-            .iter()
-            .map(|(pool, w)| format!("{pool}={w}"))
-            .collect::<Vec<_>>()
-            .join(","),
-        Value::Null => "-".into(),
-        other => other.to_string(),
-    }
+fn weights(w: &api::Weights) -> String {
+    w.iter()
+        .map(|(pool, w)| format!("{pool}={w}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
-fn write_reload(out: &mut impl Write, body: &Value) -> io::Result<()> {
-    let event = body.get("event").unwrap_or(&Value::Null);
-    writeln!(out, "config reloaded (event #{})", number(event, "id"))?;
-    let Some(details) = event.get("details").and_then(Value::as_object) else {
+fn write_reload(out: &mut impl Write, body: &api::ReloadDoc) -> io::Result<()> {
+    writeln!(out, "config reloaded (event #{})", body.event.id)?;
+    // A `config_reloaded` event's details are the reload's report.
+    let Ok(report) = api::ReloadReport::deserialize(&body.event.details) else {
         return Ok(());
     };
-    for (key, value) in details {
-        let Some(items) = value.as_array().filter(|a| !a.is_empty()) else {
-            continue;
-        };
-        let label = match key.as_str() {
-            "added" => "services added",
-            "removed" => "services removed",
-            "reset" => "pools changed, weights reset to the config's",
-            "kept" => "run-time weights kept",
-            "needs_restart" => "changed, but applied only on restart",
-            other => other,
-        };
-        let items: Vec<String> = items
-            .iter()
-            .map(|i| i.as_str().map_or_else(|| i.to_string(), String::from))
-            .collect();
-        writeln!(out, "  {label}: {}", items.join(", "))?;
+    for (label, items) in [
+        ("services added", &report.added),
+        ("services removed", &report.removed),
+        (
+            "pools changed, weights reset to the config's",
+            &report.reset,
+        ),
+        ("run-time weights kept", &report.kept),
+        (
+            "changed, but applied only on restart",
+            &report.needs_restart,
+        ),
+    ] {
+        if !items.is_empty() {
+            writeln!(out, "  {label}: {}", items.join(", "))?;
+        }
     }
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
-    fn service(rollout: Value, plan: Value) -> Value {
+    fn endpoint(address: &str) -> Value {
+        json!({"address": address, "state": "up", "healthy": true, "ejected": false,
+               "ejections": 0, "inflight": 0, "last_check": null})
+    }
+
+    /// A service document as the API sends it (as JSON, to read like the wire).
+    fn service_json(rollout: Value, plan: Value) -> Value {
         json!({
             "name": "shop",
+            "hosts": [],
+            "baseline": "stable",
             "version": 4,
             "pools": [
-                {"name": "stable", "weight": 75, "share": 0.75, "endpoints": ["a"]},
-                {"name": "canary", "weight": 25, "share": 0.25, "endpoints": ["b"]},
+                {"name": "stable", "weight": 75, "share": 0.75, "endpoints": ["a"],
+                 "endpoint_states": [endpoint("a")]},
+                {"name": "canary", "weight": 25, "share": 0.25, "endpoints": ["b"],
+                 "endpoint_states": [endpoint("b")]},
             ],
+            "updated_at": "2023-11-14T22:13:20.000Z",
+            "updated_by": "admin",
+            "health": "healthy",
+            "not_durable": false,
             "guard": {
                 "enabled": false,
+                "mode": null,
                 "window_secs": 30.0,
+                "slo": null,
+                "health": "healthy",
+                "degraded_reason": null,
+                "baseline_unhealthy": false,
                 "pools": [
-                    {"pool": "stable", "requests": 90, "errors": 0, "error_rate": 0.0, "p99_ms": 2.0},
-                    {"pool": "canary", "requests": 30, "errors": 3, "error_rate": 0.1, "p99_ms": 4.5},
+                    {"pool": "stable", "requests": 90, "errors": 0, "error_rate": 0.0,
+                     "p50_ms": 1.0, "p99_ms": 2.0},
+                    {"pool": "canary", "requests": 30, "errors": 3, "error_rate": 0.1,
+                     "p50_ms": 1.0, "p99_ms": 4.5},
                 ],
                 "decisions": [],
             },
             "rollout": rollout,
             "plan": plan,
         })
+    }
+
+    fn service(rollout: Value, plan: Value) -> ServiceDoc {
+        serde_json::from_value(service_json(rollout, plan)).unwrap()
     }
 
     fn running(phase: &str, waiting_for: &str) -> Value {
@@ -1503,8 +1541,12 @@ mod tests {
             "step_index": 2,
             "steps_total": 7,
             "step": "25% to the candidate",
+            "steps": ["5%", "pause", "25% to the candidate", "gate", "50%", "manual", "100%"],
             "time_in_step_secs": 72.4,
             "waiting_for": waiting_for,
+            "deadline": null,
+            "started_at": "2023-11-14T22:00:00.000Z",
+            "last_decision": null,
         })
     }
 
@@ -1555,7 +1597,7 @@ mod tests {
             line(json!({"phase": "idle"})).as_deref(),
             Some("shop: no rollout (plan: canary, 2 steps)")
         );
-        let one = json!({"strategy": "blue-green", "steps": ["preview"]});
+        let one = json!({"strategy": "blue-green", "candidate": "green", "steps": ["preview"]});
         assert_eq!(
             rollout_line(&service(json!({"phase": "idle"}), one)).as_deref(),
             Some("shop: no rollout (plan: blue-green, 1 step)")
@@ -1565,7 +1607,33 @@ mod tests {
             rollout_line(&service(json!({"phase": "idle"}), Value::Null)),
             None
         );
-        assert_eq!(rollout_line(&json!({"name": "shop"})), None);
+        let mut old = service_json(Value::Null, Value::Null);
+        let old_fields = old.as_object_mut().unwrap();
+        old_fields.remove("rollout");
+        old_fields.remove("plan");
+        assert_eq!(rollout_line(&serde_json::from_value(old).unwrap()), None);
+    }
+
+    #[test]
+    fn an_answer_is_read_only_when_asked_and_says_why_it_cannot_be() {
+        // A document this build does not know: still there as JSON for `--json`.
+        let newer = json!({"name": "shop", "rollout": {"phase": "canarying"}});
+        let reply: Reply<ServiceDoc> = Reply {
+            json: newer.clone(),
+            doc: PhantomData,
+        };
+        assert_eq!(reply.json, newer);
+        let e = reply.doc().unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("cannot read the admin API's answer: unknown variant `canarying`"),
+            "{e}"
+        );
+        let fine: Reply<ServiceDoc> = Reply {
+            json: service_json(json!({"phase": "idle"}), Value::Null),
+            doc: PhantomData,
+        };
+        assert_eq!(fine.doc().unwrap().name, "shop");
     }
 
     #[test]
@@ -1578,6 +1646,7 @@ mod tests {
 
     #[test]
     fn rollout_actions_send_only_what_differs_from_the_default() {
+        // The bodies are the API's request types.
         let start = RolloutAction::Start { candidate: None };
         assert_eq!((start.verb(), start.body()), ("rollout", json!({})));
         let named = RolloutAction::Start {
@@ -1600,6 +1669,13 @@ mod tests {
     }
 
     fn frame(number: u64, body: Result<Value, CtlError>) -> Frame<'static> {
+        // Read as `status` without a service reads it: the list.
+        let body = body.map(|json| Polled {
+            services: serde_json::from_value::<api::ServiceList>(json.clone())
+                .unwrap()
+                .services,
+            json,
+        });
         Frame {
             number,
             at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
@@ -1622,7 +1698,7 @@ mod tests {
 
     #[test]
     fn watch_frames_redraw_a_terminal_and_separate_in_a_pipe() {
-        let body = json!({"services": [service(
+        let body = json!({"services": [service_json(
             running("progressing", "promote (manual pause)"),
             Value::Null
         )]});

@@ -468,6 +468,11 @@ async fn reload_applies_a_valid_file_and_rejects_a_bad_one() {
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     assert_eq!(r.json()["event"]["kind"], "config_reloaded");
+    // The typed view: the event's details are the reload's report.
+    let reloaded: weir::admin::api::ReloadDoc = typed(&r);
+    let report: weir::admin::api::ReloadReport =
+        serde_json::from_value(reloaded.event.details).unwrap();
+    assert_eq!(report.kept, ["shop"]);
     let c = client();
     for _ in 0..20 {
         // Runtime weights kept (all to canary), canary's endpoint replaced by green's.
@@ -481,6 +486,8 @@ async fn reload_applies_a_valid_file_and_rejects_a_bad_one() {
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     let body = r.json();
     let problem = body["problems"][0].as_str().unwrap();
+    let rejected: weir::admin::api::ErrorBody = typed(&r);
+    assert_eq!(rejected.problems.unwrap()[0], problem);
     assert!(
         problem.contains("service[shop].pools.stable.weight"),
         "{problem}"
@@ -1180,4 +1187,138 @@ async fn bodyless_posts_need_no_content_type() {
     );
     assert_eq!(raw(admin.addr, &put).await.status, 415);
     assert_eq!(shop_version(&admin).await, version);
+}
+
+/// The answer read as its `weir::admin::api` type and written back is the answer read
+/// untyped and written back: every field, `null` and left-out key the live server sends
+/// is in the type, in the server's order.
+fn typed<T: serde::Serialize + serde::de::DeserializeOwned>(a: &Answer) -> T {
+    let text = a.text();
+    let doc: T = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    let untyped: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        serde_json::to_string(&doc).unwrap(),
+        serde_json::to_string(&untyped).unwrap()
+    );
+    doc
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_answer_is_its_api_type_field_for_field() {
+    use weir::admin::api;
+    let plan = r#"[service.rollout]
+candidate = "canary"
+steps = [ { percent = 50 }, { pause = "manual" }, { percent = 100 } ]
+[service.slo]
+interval = "200ms"
+min_requests = 20
+max_error_rate = 0.05
+breaches_to_act = 1
+mode = "dry-run"
+"#;
+    let s = shop(None, (100, 0), plan).await;
+    let admin = Admin::new(s.proxy.admin);
+    let idle: api::ServiceDoc = typed(&admin.get("/api/v1/services/shop").await);
+    assert_eq!(idle.rollout, api::RolloutDoc::Idle);
+    assert_eq!(idle.plan.map(|p| p.steps.len()), Some(3));
+
+    let started = admin
+        .call(
+            Method::POST,
+            "/api/v1/services/shop/rollout",
+            Some(json!({})),
+            &[],
+        )
+        .await;
+    assert_eq!(started.status, StatusCode::OK, "{}", started.text());
+    let started: api::ServiceDoc = typed(&started);
+    assert_eq!(started.rollout.phase(), weir::model::Phase::Progressing);
+
+    // A failing canary, judged (dry-run: nothing moves) until a breach is on record, and
+    // in the journal.
+    s.canary.set_faults(weir_testkit::Faults::errors(0.5));
+    let c = client();
+    let breached = wait_until(std::time::Duration::from_secs(30), || {
+        let c = c.clone();
+        let (admin, addr) = (&admin, s.proxy.addr);
+        async move {
+            for _ in 0..20 {
+                get(&c, addr, "x", "/").await;
+            }
+            let doc: api::ServiceDoc = typed(&admin.get("/api/v1/services/shop").await);
+            let events: api::EventList = typed(&admin.get("/api/v1/events?limit=1000").await);
+            doc.guard
+                .decisions
+                .iter()
+                .any(|d| d.verdict == api::Verdict::Breach)
+                && events
+                    .events
+                    .iter()
+                    .any(|e| e.kind == weir::model::EventKind::RollbackDryRun)
+        }
+    })
+    .await;
+    assert!(breached, "the guard never found the canary's breach");
+
+    let list: api::ServiceList = typed(&admin.get("/api/v1/services").await);
+    let shop = &list.services[0];
+    assert!(shop.guard.enabled && shop.guard.pools.iter().all(|p| p.requests > 0));
+    let api::RolloutDoc::Started(rollout) = &shop.rollout else {
+        panic!("{:?}", shop.rollout)
+    };
+    assert!(rollout.last_decision.is_some());
+    let series: api::SeriesDoc = typed(&admin.get("/api/v1/services/shop/series").await);
+    assert_eq!(series.pools.len(), 2);
+    let events: api::EventList = typed(&admin.get("/api/v1/events?limit=1000").await);
+    let dry_run = events
+        .events
+        .iter()
+        .find(|e| e.kind == weir::model::EventKind::RollbackDryRun)
+        .expect("a dry-run event");
+    // The guard's events carry its decision, as the API shows decisions.
+    let decision: api::DecisionDoc = serde_json::from_value(dry_run.details.clone()).unwrap();
+    assert_eq!(serde_json::to_value(&decision).unwrap(), dry_run.details);
+    let _: api::EventList = typed(&admin.get("/api/v1/events?tail=2").await);
+
+    for (verb, phase) in [
+        ("pause", weir::model::Phase::Paused),
+        ("abort", weir::model::Phase::Aborted),
+    ] {
+        let a = admin
+            .call(
+                Method::POST,
+                &format!("/api/v1/services/shop/{verb}"),
+                None,
+                &[],
+            )
+            .await;
+        assert_eq!(a.status, StatusCode::OK, "{verb}: {}", a.text());
+        assert_eq!(typed::<api::ServiceDoc>(&a).rollout.phase(), phase);
+    }
+    let set = admin
+        .put_weights("shop", json!({"weights": {"stable": 3, "canary": 1}}))
+        .await;
+    assert_eq!(set.status, StatusCode::OK, "{}", set.text());
+    assert_eq!(typed::<api::ServiceDoc>(&set).pools[1].weight, 1);
+    let rolled_back = admin
+        .call(
+            Method::POST,
+            "/api/v1/services/shop/rollback",
+            Some(json!({"reason": "r"})),
+            &[],
+        )
+        .await;
+    assert_eq!(typed::<api::ServiceDoc>(&rolled_back).pools[1].weight, 0);
+
+    // Errors, with and without a body to blame.
+    let refused = admin
+        .put_weights("shop", json!({"weights": {"stable": -1}}))
+        .await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    assert!(typed::<api::ErrorBody>(&refused).error.contains("negative"));
+    let missing = admin.get("/api/v1/services/nope").await;
+    assert_eq!(typed::<api::ErrorBody>(&missing).problems, None);
+    let no_file = admin.call(Method::POST, "/api/v1/reload", None, &[]).await;
+    assert_eq!(no_file.status, StatusCode::CONFLICT);
+    let _: api::ErrorBody = typed(&no_file);
 }

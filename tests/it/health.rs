@@ -132,7 +132,8 @@ async fn a_dead_host_is_routed_around_and_comes_back_without_a_rollback() {
     .await;
     assert!(marked, "killed endpoint never marked down");
     let mut table = Vec::new();
-    weir_cli::ctl::write_services(&mut table, &[service(&proxy).await]).unwrap();
+    let doc: weir::admin::api::ServiceDoc = serde_json::from_value(service(&proxy).await).unwrap();
+    weir_cli::ctl::write_services(&mut table, &[doc]).unwrap();
     let table = String::from_utf8(table).unwrap();
     assert!(
         table.contains(&format!("shop/stable: not taking traffic: {dead} (down)")),

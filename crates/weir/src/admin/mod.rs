@@ -13,6 +13,11 @@
 //!   (else 415), so a form on another site cannot change weights; routes whose body is
 //!   optional also take no body and no `Content-Type`;
 //! - bodies are bounded in size and in time (408), and a JSON object may not repeat a key.
+//!
+//! Every document it answers and every body it reads is a type of [`api`], the contract
+//! `weir ctl` reads with too; this module fills them from the controller and the guard.
+
+pub mod api;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -33,12 +38,15 @@ use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 
-use crate::config::Config;
+use crate::config::{Config, RolloutConfig};
 use crate::control::controller::{Command, ControlError, Controller, RolloutVerb, rfc3339};
-use crate::control::guard::Guard;
+use crate::control::guard::{Decision, Guard, GuardStatus};
+use crate::control::judge::{Basis, Bounds, Figures, Judgement, Verdict};
+use crate::control::rollout::Rollout;
 use crate::control::store::Event;
-use crate::dataplane::routing::Service;
-use crate::model::{Clock, EventKind, MAX_WEIGHT, Source};
+use crate::dataplane::pool::EndpointStatus;
+use crate::dataplane::routing::{Service, ServiceSnapshot};
+use crate::model::{Clock, EventKind, Source, Step};
 use crate::telemetry::metrics::Metrics;
 
 /// Largest admin request body accepted; a weights document is a few hundred bytes.
@@ -46,7 +54,6 @@ const MAX_BODY: usize = 64 * 1024;
 /// How long a request body may take to arrive, all of it: a client that stalls mid-body
 /// would otherwise hold a connection (and a task) forever. 64 KiB in 10 s is 6.5 KB/s.
 pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
-const MAX_REASON: usize = 1024;
 const DEFAULT_EVENTS: usize = 100;
 const MAX_EVENTS: usize = 1000;
 /// What `/series` returns unless asked otherwise: five minutes, the dashboard's charts.
@@ -321,16 +328,16 @@ impl Admin {
         match route {
             Route::Services => {
                 let table = self.controller.router().table();
-                let services: Vec<Value> = table
+                let services = table
                     .services()
                     .iter()
-                    .map(|s| service_json(s, &self.controller, &self.guard))
+                    .map(|s| service_doc(s, &self.controller, &self.guard))
                     .collect();
-                ok(json!({ "services": services }))
+                ok(&api::ServiceList { services })
             }
             Route::Service(name) => match self.controller.router().table().service(name) {
                 Some(s) => with_etag(
-                    ok(service_json(s, &self.controller, &self.guard)),
+                    ok(&service_doc(s, &self.controller, &self.guard)),
                     s.snapshot().version,
                 ),
                 None => error(StatusCode::NOT_FOUND, format!("unknown service `{name}`")),
@@ -345,17 +352,17 @@ impl Admin {
                     Ok(b) => b,
                     Err(resp) => return resp,
                 };
-                let (weights, reason) = match parse_weights(&body) {
-                    Ok(w) => w,
+                let request = match api::WeightsRequest::from_json(&body) {
+                    Ok(r) => r,
                     Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
                 };
                 self.command(Command::SetWeights {
                     service: name,
-                    weights,
+                    weights: request.weights.into_iter().collect(),
                     if_version,
                     source: Source::Admin,
                     actor,
-                    reason,
+                    reason: request.reason,
                 })
                 .await
             }
@@ -365,7 +372,7 @@ impl Admin {
                     Ok(b) => b,
                     Err(resp) => return resp,
                 };
-                let reason = match parse_reason(&body, &["reason"]) {
+                let request = match api::RollbackRequest::from_json(&body) {
                     Ok(r) => r,
                     Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
                 };
@@ -373,7 +380,7 @@ impl Admin {
                     service: name,
                     source: Source::Admin,
                     actor,
-                    reason,
+                    reason: request.reason,
                     details: None,
                 })
                 .await
@@ -403,7 +410,7 @@ impl Admin {
                     Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
                 };
                 match self.controller.router().table().service(name) {
-                    Some(s) => ok(series_json(s, span, self.controller.clock().as_ref())),
+                    Some(s) => ok(&series_doc(s, span, self.controller.clock().as_ref())),
                     None => error(StatusCode::NOT_FOUND, format!("unknown service `{name}`")),
                 }
             }
@@ -412,12 +419,20 @@ impl Admin {
                     Ok(q) => q,
                     Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
                 };
-                let events = match query {
-                    EventsQuery::Since { since, limit } => self.controller.events(since, limit),
-                    EventsQuery::Tail(n) => self.controller.recent_events(n),
+                // Never the writer's lock (the journal's read side); recent events come
+                // from memory, older ones from the files: a blocking read, so off the
+                // async workers.
+                let Some(log) = self.controller.event_log() else {
+                    return ok(&api::EventList { events: Vec::new() });
                 };
+                let events = tokio::task::spawn_blocking(move || match query {
+                    EventsQuery::Since { since, limit } => log.since(since, limit),
+                    EventsQuery::Tail(n) => log.newest(n),
+                })
+                .await;
                 match events {
-                    Ok(events) => ok(json!({ "events": events })),
+                    Ok(Ok(events)) => ok(&api::EventList { events }),
+                    Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
                     Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
                 }
             }
@@ -528,7 +543,7 @@ impl Admin {
                         } else {
                             StatusCode::ACCEPTED
                         },
-                        service_json(s, &self.controller, &self.guard),
+                        &service_doc(s, &self.controller, &self.guard),
                     ),
                     change.snapshot.version,
                 ),
@@ -556,8 +571,11 @@ impl Admin {
         let controller = Arc::clone(&self.controller);
         let result = tokio::task::spawn_blocking(move || reload(&controller, &path, actor)).await;
         match result {
-            Ok(Ok(event)) => ok(json!({ "reloaded": true, "event": event })),
-            Ok(Err((status, body))) => json_response(status, body),
+            Ok(Ok(event)) => ok(&api::ReloadDoc {
+                reloaded: true,
+                event,
+            }),
+            Ok(Err((status, body))) => json_response(status, &body),
             Err(e) => error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("reload task failed: {e}"),
@@ -572,7 +590,7 @@ pub fn reload(
     controller: &Controller,
     path: &std::path::Path,
     actor: Option<String>,
-) -> Result<Event, (StatusCode, Value)> {
+) -> Result<Event, (StatusCode, api::ErrorBody)> {
     match Config::load(path) {
         Err(e) => {
             let problems: Vec<String> = e.to_string().lines().map(String::from).collect();
@@ -590,7 +608,10 @@ pub fn reload(
             tracing::warn!("reload rejected, keeping the running config:\n{e}");
             Err((
                 StatusCode::BAD_REQUEST,
-                json!({ "error": format!("config rejected, nothing changed: {}", problems.join("; ")), "problems": problems }),
+                api::ErrorBody {
+                    error: format!("config rejected, nothing changed: {}", problems.join("; ")),
+                    problems: Some(problems),
+                },
             ))
         }
         Ok(config) if let Err(e) = crate::dataplane::tls::check_upstreams(&config) => {
@@ -604,7 +625,10 @@ pub fn reload(
             }
             Err((
                 StatusCode::BAD_REQUEST,
-                json!({ "error": format!("config rejected, nothing changed: {e}"), "problems": problems }),
+                api::ErrorBody {
+                    error: format!("config rejected, nothing changed: {e}"),
+                    problems: Some(problems),
+                },
             ))
         }
         Ok(config) => match controller.reload(&config, actor) {
@@ -612,7 +636,7 @@ pub fn reload(
                 tracing::info!("config reloaded: {report:?}");
                 Ok(event)
             }
-            Err(e) => Err((control_status(&e), json!({ "error": e.to_string() }))),
+            Err(e) => Err((control_status(&e), api::ErrorBody::new(e.to_string()))),
         },
     }
 }
@@ -744,7 +768,7 @@ impl Admin {
             })?
             .to_bytes();
         if body.iter().all(u8::is_ascii_whitespace) {
-            return Ok(json!({}));
+            return Ok(Value::Object(serde_json::Map::new()));
         }
         if !declared {
             return Err(error(
@@ -943,98 +967,25 @@ fn normal_name(name: &str) -> String {
     name.trim().trim_end_matches('.').to_ascii_lowercase()
 }
 
-fn parse_reason(body: &Value, allowed: &[&str]) -> Result<Option<String>, String> {
-    let obj = body.as_object().ok_or("body must be a JSON object")?;
-    if let Some(k) = obj.keys().find(|k| !allowed.contains(&k.as_str())) {
-        return Err(format!(
-            "unknown field `{k}` (allowed: {})",
-            allowed.join(", ")
-        ));
-    }
-    match obj.get("reason") {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) if s.len() <= MAX_REASON => Ok(Some(s.clone())),
-        Some(Value::String(_)) => Err(format!("reason is longer than {MAX_REASON} bytes")),
-        Some(_) => Err("reason must be a string".into()),
-    }
-}
-
-/// `{"weights":{"stable":90,"canary":10},"reason":"..."}` → named weights. Every value
-/// must be a whole number in 0..=MAX_WEIGHT; the controller checks names and totals.
-/// Pool name → weight, in the order given, with the optional reason.
-type WeightsRequest = (Vec<(String, u32)>, Option<String>);
-
-fn parse_weights(body: &Value) -> Result<WeightsRequest, String> {
-    let reason = parse_reason(body, &["weights", "reason"])?;
-    let weights = body
-        .get("weights")
-        .ok_or("missing `weights`: send {\"weights\": {\"pool\": weight, ...}}")?
-        .as_object()
-        .ok_or("`weights` must be an object of pool name → integer weight")?;
-    let mut out = Vec::with_capacity(weights.len());
-    for (pool, w) in weights {
-        let n = match w {
-            Value::Number(n) => n,
-            other => {
-                return Err(format!(
-                    "weight of pool `{pool}` must be a number, got {other}"
-                ));
-            }
-        };
-        let w = if let Some(u) = n.as_u64() {
-            u
-        } else if n.as_i64().is_some() {
-            return Err(format!("weight of pool `{pool}` is negative: {n}"));
-        } else {
-            return Err(format!(
-                "weight of pool `{pool}` must be a whole number, got {n}"
-            ));
-        };
-        if w > MAX_WEIGHT {
-            return Err(format!(
-                "weight of pool `{pool}` is above the maximum of {MAX_WEIGHT}"
-            ));
-        }
-        out.push((pool.clone(), w as u32));
-    }
-    Ok((out, reason))
-}
-
-/// A rollout verb and its body: `rollout` takes `{"candidate": "pool"}`, `promote`
-/// takes `{"full": true}`, the others nothing.
+/// A rollout verb and its body: `rollout` takes [`api::StartRolloutRequest`], `promote`
+/// [`api::PromoteRequest`], the others nothing.
 fn rollout_verb(verb: &str, body: &Value) -> Result<RolloutVerb, String> {
-    let obj = body.as_object().ok_or("body must be a JSON object")?;
-    let allowed: &[&str] = match verb {
-        "rollout" => &["candidate"],
-        "promote" => &["full"],
-        _ => &[],
-    };
-    if let Some(k) = obj.keys().find(|k| !allowed.contains(&k.as_str())) {
-        return Err(if allowed.is_empty() {
-            format!("unknown field `{k}`: {verb} takes no fields")
-        } else {
-            format!("unknown field `{k}` (allowed: {})", allowed.join(", "))
-        });
-    }
     Ok(match verb {
         "rollout" => RolloutVerb::Start {
-            candidate: match obj.get("candidate") {
-                None | Some(Value::Null) => None,
-                Some(Value::String(s)) => Some(s.clone()),
-                Some(_) => return Err("candidate must be a pool name".into()),
-            },
+            candidate: api::StartRolloutRequest::from_json(body)?.candidate,
         },
         "promote" => RolloutVerb::Promote {
-            full: match obj.get("full") {
-                None | Some(Value::Null) => false,
-                Some(Value::Bool(b)) => *b,
-                Some(_) => return Err("full must be true or false".into()),
-            },
+            full: api::PromoteRequest::from_json(body)?.full,
         },
-        "pause" => RolloutVerb::Pause,
-        "resume" => RolloutVerb::Resume,
-        "abort" => RolloutVerb::Abort,
-        _ => RolloutVerb::Retry,
+        _ => {
+            api::EmptyRequest::from_json(body, verb)?;
+            match verb {
+                "pause" => RolloutVerb::Pause,
+                "resume" => RolloutVerb::Resume,
+                "abort" => RolloutVerb::Abort,
+                _ => RolloutVerb::Retry,
+            }
+        }
     })
 }
 
@@ -1106,11 +1057,9 @@ fn series_query(query: Option<&str>) -> Result<Duration, String> {
     Ok(span)
 }
 
-/// Per-pool time series for charts, compact: parallel arrays of per-step request and
-/// error counts and p99 (ms, null without samples), oldest first, ending at `end_ms`
-/// (Unix ms). Rates are counts / `step_secs`. Each pool carries its own step: a pool
-/// kept across a reload keeps the window (and slice length) it was built with.
-fn series_json(s: &Service, span: Duration, clock: &dyn Clock) -> Value {
+/// Per-pool time series for charts (see [`api::PoolSeries`]), ending at each pool's
+/// newest closed step.
+fn series_doc(s: &Service, span: Duration, clock: &dyn Clock) -> api::SeriesDoc {
     let snap = s.snapshot();
     // One clock reading pair turns the windows' Instants into wall-clock times.
     let (now, wall) = (clock.instant(), clock.now());
@@ -1122,24 +1071,29 @@ fn series_json(s: &Service, span: Duration, clock: &dyn Clock) -> Value {
                 .as_millis() as u64
         })
     };
-    let pools: Vec<Value> = snap
+    let pools = snap
         .slots()
         .iter()
         .map(|slot| {
             let series = slot.pool.window().series(span);
-            json!({
-                "name": slot.name(),
-                "step_secs": series.step.as_secs_f64(),
-                "end_ms": unix_ms(series.end),
-                "requests": series.points.iter().map(|p| p.requests).collect::<Vec<_>>(),
-                "errors": series.points.iter().map(|p| p.errors).collect::<Vec<_>>(),
-                "p99_ms": series.points.iter()
+            api::PoolSeries {
+                name: slot.name().to_string(),
+                step_secs: series.step.as_secs_f64(),
+                end_ms: unix_ms(series.end),
+                requests: series.points.iter().map(|p| p.requests).collect(),
+                errors: series.points.iter().map(|p| p.errors).collect(),
+                p99_ms: series
+                    .points
+                    .iter()
                     .map(|p| p.p99_us.map(|us| (us as f64 / 100.0).round() / 10.0))
-                    .collect::<Vec<_>>(),
-            })
+                    .collect(),
+            }
         })
         .collect();
-    json!({ "service": &*s.name, "pools": pools })
+    api::SeriesDoc {
+        service: s.name.to_string(),
+        pools,
+    }
 }
 
 /// Nothing but the page's own script and style (by hash: an injected `<script>` or
@@ -1198,95 +1152,248 @@ fn dashboard<B>(req: &Request<B>) -> AdminResponse {
 }
 
 /// The service document of the API.
-pub fn service_json(s: &Service, controller: &Controller, guard: &Guard) -> Value {
+pub fn service_doc(s: &Service, controller: &Controller, guard: &Guard) -> api::ServiceDoc {
     let snap = s.snapshot();
-    let plan = controller.plan_of(&s.name);
     let control = controller.service_control(&s.name);
-    let pools: Vec<Value> = snap
+    // One reading of the degraded state, for both places that show it.
+    let health = if control.degraded.is_some() {
+        api::Health::Degraded
+    } else {
+        api::Health::Healthy
+    };
+    let pools = snap
         .slots()
         .iter()
         .enumerate()
-        .map(|(i, slot)| {
-            let endpoints: Vec<&str> = slot
+        .map(|(i, slot)| api::PoolDoc {
+            name: slot.name().to_string(),
+            weight: slot.weight,
+            share: snap.share(i),
+            endpoints: slot
                 .pool
                 .endpoints()
                 .iter()
-                .map(|e| e.endpoint.as_str())
-                .collect();
-            json!({
-                "name": slot.name(),
-                "weight": slot.weight,
-                "share": snap.share(i),
-                "endpoints": endpoints,
-                "endpoint_states": slot.pool.endpoints().iter().map(|e| e.status()).collect::<Vec<_>>(),
-            })
+                .map(|e| e.endpoint.as_str().to_string())
+                .collect(),
+            endpoint_states: slot
+                .pool
+                .endpoints()
+                .iter()
+                .map(|e| endpoint_doc(e.status()))
+                .collect(),
         })
         .collect();
-    json!({
-        "name": &*s.name,
-        "hosts": s.hosts,
-        "baseline": snap.baseline_name(),
-        "version": snap.version,
-        "pools": pools,
-        "updated_at": rfc3339(snap.updated_at),
-        "updated_by": snap.updated_by.as_str(),
-        "health": if control.degraded.is_some() { "degraded" } else { "healthy" },
-        "not_durable": guard.not_durable(&s.name),
-        "guard": guard.status(s),
-        "rollout": rollout_json(s, &snap, control.rollout.as_ref(), controller.clock().now(), guard),
-        "plan": plan.map(|p| json!({
-            "strategy": match p {
-                crate::config::RolloutConfig::Canary { .. } => "canary",
-                crate::config::RolloutConfig::BlueGreen { .. } => "blue-green",
-            },
-            "candidate": p.candidate(),
-            "steps": crate::control::rollout::plan_steps(&p).iter().map(|st| st.describe()).collect::<Vec<_>>(),
-        })),
-    })
+    api::ServiceDoc {
+        name: s.name.to_string(),
+        hosts: s.hosts.clone(),
+        baseline: snap.baseline_name().to_string(),
+        version: snap.version,
+        pools,
+        updated_at: rfc3339(snap.updated_at),
+        updated_by: snap.updated_by,
+        health,
+        not_durable: guard.not_durable(&s.name),
+        guard: guard_doc(guard.status(s), health, control.degraded.clone()),
+        rollout: rollout_doc(
+            s,
+            &snap,
+            control.rollout.as_ref(),
+            controller.clock().now(),
+            guard,
+        ),
+        plan: controller.plan_of(&s.name).map(|p| plan_doc(&p)),
+    }
+}
+
+fn endpoint_doc(e: EndpointStatus) -> api::EndpointDoc {
+    let state = if !e.healthy {
+        api::EndpointCondition::Down
+    } else if e.ejected {
+        api::EndpointCondition::Ejected
+    } else {
+        api::EndpointCondition::Up
+    };
+    api::EndpointDoc {
+        address: e.address,
+        state,
+        healthy: e.healthy,
+        ejected: e.ejected,
+        ejections: e.ejections,
+        inflight: e.inflight,
+        last_check: e.last_check,
+    }
+}
+
+/// The `guard` document: what the guard knows, and the service's health as the
+/// controller has it.
+fn guard_doc(
+    status: GuardStatus,
+    health: api::Health,
+    degraded_reason: Option<String>,
+) -> api::GuardDoc {
+    let slo = status.slo.as_ref();
+    api::GuardDoc {
+        enabled: slo.is_some(),
+        mode: slo.map(|s| s.mode),
+        window_secs: status.window.as_secs_f64(),
+        slo: slo.map(|s| api::SloDoc {
+            max_error_rate: s.max_error_rate,
+            max_p99_ms: s.max_p99_latency.map(|d| d.as_secs_f64() * 1000.0),
+            max_error_rate_increase: s.max_error_rate_increase,
+            max_p99_ratio: s.max_p99_ratio,
+            min_requests: s.min_requests,
+            breaches_to_act: s.breaches_to_act,
+        }),
+        health,
+        degraded_reason,
+        baseline_unhealthy: status.baseline_unhealthy,
+        pools: status.pools.iter().map(figures_doc).collect(),
+        decisions: status.decisions.iter().map(decision_doc).collect(),
+    }
+}
+
+/// A decision as the API shows it: the judgement's fields beside whose and when.
+fn decision_doc(d: &Decision) -> api::DecisionDoc {
+    // Taken apart without `..`: a field added to the judgement must be placed in the
+    // API (or left out) on purpose.
+    let Judgement {
+        verdict,
+        check,
+        value,
+        threshold,
+        bound,
+        basis,
+        window_secs,
+        exposure_secs,
+        alpha,
+        candidate,
+        baseline,
+        candidate_bounds,
+        baseline_bounds,
+        baseline_unhealthy,
+        needs,
+        summary,
+    } = &d.judgement;
+    api::DecisionDoc {
+        pool: d.pool.clone(),
+        at: d.at.clone(),
+        mode: d.mode,
+        verdict: verdict_doc(*verdict),
+        check: *check,
+        value: *value,
+        threshold: *threshold,
+        bound: *bound,
+        basis: match basis {
+            Basis::Exposure => api::Basis::Exposure,
+            Basis::FastWindow => api::Basis::FastWindow,
+        },
+        window_secs: *window_secs,
+        exposure_secs: *exposure_secs,
+        alpha: *alpha,
+        candidate: figures_doc(candidate),
+        baseline: figures_doc(baseline),
+        candidate_bounds: bounds_doc(candidate_bounds),
+        baseline_bounds: bounds_doc(baseline_bounds),
+        baseline_unhealthy: *baseline_unhealthy,
+        needs: needs.clone(),
+        summary: summary.clone(),
+    }
+}
+
+fn verdict_doc(v: Verdict) -> api::Verdict {
+    match v {
+        Verdict::Pass => api::Verdict::Pass,
+        Verdict::Breach => api::Verdict::Breach,
+        Verdict::Inconclusive => api::Verdict::Inconclusive,
+    }
+}
+
+fn figures_doc(f: &Figures) -> api::WindowFigures {
+    let Figures {
+        pool,
+        requests,
+        errors,
+        error_rate,
+        p50_ms,
+        p99_ms,
+    } = f;
+    api::WindowFigures {
+        pool: pool.clone(),
+        requests: *requests,
+        errors: *errors,
+        error_rate: *error_rate,
+        p50_ms: *p50_ms,
+        p99_ms: *p99_ms,
+    }
+}
+
+fn bounds_doc(b: &Bounds) -> api::Bounds {
+    let Bounds { error_rate, p99_ms } = b;
+    api::Bounds {
+        error_rate: *error_rate,
+        p99_ms: *p99_ms,
+    }
 }
 
 /// A service's rollout as the API shows it: phase, step, what it waits for.
-fn rollout_json(
+fn rollout_doc(
     s: &Service,
-    snap: &crate::dataplane::routing::ServiceSnapshot,
-    rollout: Option<&crate::control::rollout::Rollout>,
+    snap: &ServiceSnapshot,
+    rollout: Option<&Rollout>,
     now: std::time::SystemTime,
     guard: &Guard,
-) -> Value {
+) -> api::RolloutDoc {
     let Some(r) = rollout else {
-        return json!({ "phase": "idle" });
+        return api::RolloutDoc::Idle;
     };
+    let decision = guard.decision(&s.name, &r.candidate);
     let evidence = crate::control::rollout::Evidence::of(
         snap,
         &r.candidate,
         guard.verdict(&s.name, &r.candidate),
-        guard
-            .decision(&s.name, &r.candidate)
-            .and_then(|d| d.judgement.needs),
+        decision.as_ref().and_then(|d| d.judgement.needs.clone()),
     );
-    let decision = guard.decision(&s.name, &r.candidate);
-    json!({
-        "phase": r.phase,
-        "candidate": r.candidate,
-        "stable": r.stable,
-        "step_index": r.step,
-        "steps_total": r.steps.len(),
-        "step": r.current_step().map(|st| st.describe()),
-        "steps": r.steps.iter().map(|st| st.describe()).collect::<Vec<_>>(),
-        "time_in_step_secs": now.duration_since(r.step_started).unwrap_or_default().as_secs_f64(),
-        "waiting_for": r.waiting_for(now, Some(&evidence)),
-        "deadline": r.deadline.map(rfc3339),
-        "started_at": rfc3339(r.started_at),
-        "last_decision": decision.map(|d| json!({
-            "verdict": d.judgement.verdict,
-            "summary": d.judgement.summary,
-            "at": d.at,
-        })),
-    })
+    api::RolloutDoc::Started(Box::new(api::RolloutProgress {
+        phase: r.phase,
+        candidate: r.candidate.clone(),
+        stable: r.stable.clone(),
+        step_index: r.step,
+        steps_total: r.steps.len(),
+        step: r.current_step().map(Step::describe),
+        steps: r.steps.iter().map(Step::describe).collect(),
+        time_in_step_secs: now
+            .duration_since(r.step_started)
+            .unwrap_or_default()
+            .as_secs_f64(),
+        waiting_for: r.waiting_for(now, Some(&evidence)),
+        deadline: r.deadline.map(rfc3339),
+        started_at: rfc3339(r.started_at),
+        last_decision: decision.map(|d| api::LastDecision {
+            verdict: verdict_doc(d.judgement.verdict),
+            summary: d.judgement.summary,
+            at: d.at,
+        }),
+    }))
 }
 
-fn json_response(status: StatusCode, body: Value) -> AdminResponse {
-    let mut bytes = serde_json::to_vec(&body).unwrap_or_default();
+/// The plan `[service.rollout]` describes.
+fn plan_doc(p: &RolloutConfig) -> api::PlanDoc {
+    api::PlanDoc {
+        strategy: match p {
+            RolloutConfig::Canary { .. } => api::Strategy::Canary,
+            RolloutConfig::BlueGreen { .. } => api::Strategy::BlueGreen,
+        },
+        candidate: p.candidate().to_string(),
+        steps: crate::control::rollout::plan_steps(p)
+            .iter()
+            .map(Step::describe)
+            .collect(),
+    }
+}
+
+/// A document of [`api`] as the answer, one line of compact JSON.
+fn json_response(status: StatusCode, body: &impl serde::Serialize) -> AdminResponse {
+    let mut bytes = serde_json::to_vec(body).unwrap_or_default();
     bytes.push(b'\n');
     let mut r = Response::new(Full::new(Bytes::from(bytes)));
     *r.status_mut() = status;
@@ -1307,12 +1414,12 @@ fn with_etag(mut r: AdminResponse, version: u64) -> AdminResponse {
     r
 }
 
-fn ok(body: Value) -> AdminResponse {
+fn ok(body: &impl serde::Serialize) -> AdminResponse {
     json_response(StatusCode::OK, body)
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> AdminResponse {
-    json_response(status, json!({ "error": message.into() }))
+    json_response(status, &api::ErrorBody::new(message))
 }
 
 fn text(status: StatusCode, body: &'static str) -> AdminResponse {
@@ -1328,32 +1435,6 @@ fn text(status: StatusCode, body: &'static str) -> AdminResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn weights_are_parsed_strictly() {
-        let ok = parse_weights(&json!({"weights": {"a": 1, "b": 0}, "reason": "r"})).unwrap();
-        assert_eq!(ok.0, vec![("a".to_string(), 1), ("b".to_string(), 0)]);
-        assert_eq!(ok.1.as_deref(), Some("r"));
-        for (body, needle) in [
-            (json!({}), "missing `weights`"),
-            (json!({"weights": [1]}), "must be an object"),
-            (json!({"weights": {"a": -1}}), "negative"),
-            (json!({"weights": {"a": 1.5}}), "whole number"),
-            (json!({"weights": {"a": "9"}}), "must be a number"),
-            (
-                json!({"weights": {"a": 1}, "extra": 1}),
-                "unknown field `extra`",
-            ),
-            (
-                json!({"weights": {"a": 1}, "reason": 5}),
-                "reason must be a string",
-            ),
-            (json!({"weights": {"a": 2_000_000}}), "maximum"),
-        ] {
-            let e = parse_weights(&body).unwrap_err();
-            assert!(e.contains(needle), "{body}: {e}");
-        }
-    }
 
     #[test]
     fn events_query_defaults_and_bounds() {

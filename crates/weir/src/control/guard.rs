@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::config::{GuardMode, SloConfig};
 use crate::control::controller::{Command, Controller, rfc3339};
@@ -33,6 +33,21 @@ pub struct Decision {
     pub mode: GuardMode,
     #[serde(flatten)]
     pub judgement: Judgement,
+}
+
+/// What the guard knows of one service at one moment: see [`Guard::status`].
+#[derive(Debug, Clone)]
+pub struct GuardStatus {
+    /// The service's SLO; `None` when the guard does not judge it.
+    pub slo: Option<SloConfig>,
+    /// The span `pools` covers: the SLO's window, or 30 s without one.
+    pub window: Duration,
+    /// Every pool's figures over `window`, in pool order.
+    pub pools: Vec<Figures>,
+    /// The last decision on each pool that was judged, in pool order.
+    pub decisions: Vec<Decision>,
+    /// The baseline is failing too: the guard holds its judgement.
+    pub baseline_unhealthy: bool,
 }
 
 #[derive(Debug, Default)]
@@ -341,42 +356,31 @@ impl Guard {
         watches.get(service)?.pools.get(pool)?.last.clone()
     }
 
-    /// The `guard` document of a service for the admin API: each pool's live window,
-    /// the last decision per candidate, and the service's health.
-    pub fn status(&self, service: &Service) -> Value {
+    /// What the guard knows of a service, for the admin API's `guard` document: each
+    /// pool's live window and the last decision per candidate.
+    pub fn status(&self, service: &Service) -> GuardStatus {
         let snapshot = service.snapshot();
-        let control = self.controller.service_control(&service.name);
         let slo = self.controller.slo(&service.name);
+        // An unguarded service still shows its traffic, over the default window.
         let window = slo.as_ref().map_or(Duration::from_secs(30), |s| s.window);
-        let pools: Vec<Value> = snapshot
+        let pools = snapshot
             .slots()
             .iter()
-            .map(|slot| json!(Figures::of(slot.name(), &slot.pool.window().stats(window))))
+            .map(|slot| Figures::of(slot.name(), &slot.pool.window().stats(window)))
             .collect();
         let watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
         let watch = watches.get(&*service.name);
-        let decisions: Vec<&Decision> = snapshot
+        let decisions = snapshot
             .slots()
             .iter()
-            .filter_map(|slot| watch?.pools.get(slot.name())?.last.as_ref())
+            .filter_map(|slot| watch?.pools.get(slot.name())?.last.clone())
             .collect();
-        json!({
-            "enabled": slo.is_some(),
-            "mode": slo.as_ref().map(|s| s.mode.as_str()),
-            "window_secs": window.as_secs_f64(),
-            "slo": slo.as_ref().map(|s| json!({
-                "max_error_rate": s.max_error_rate,
-                "max_p99_ms": s.max_p99_latency.map(|d| d.as_secs_f64() * 1000.0),
-                "max_error_rate_increase": s.max_error_rate_increase,
-                "max_p99_ratio": s.max_p99_ratio,
-                "min_requests": s.min_requests,
-                "breaches_to_act": s.breaches_to_act,
-            })),
-            "health": if control.degraded.is_some() { "degraded" } else { "healthy" },
-            "degraded_reason": control.degraded,
-            "baseline_unhealthy": watch.is_some_and(|w| w.baseline_unhealthy),
-            "pools": pools,
-            "decisions": decisions,
-        })
+        GuardStatus {
+            window,
+            baseline_unhealthy: watch.is_some_and(|w| w.baseline_unhealthy),
+            slo,
+            pools,
+            decisions,
+        }
     }
 }

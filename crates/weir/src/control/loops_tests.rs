@@ -295,7 +295,7 @@ async fn the_health_monitor_counts_checks_on_the_clock() {
     step(60).await;
     assert!(
         pool.endpoints()[0].is_healthy(),
-        "still down after two passes: {}",
+        "still down after two passes: {:?}",
         pool.endpoints()[0].status()
     );
     task.abort();

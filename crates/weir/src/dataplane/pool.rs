@@ -40,6 +40,20 @@ pub struct EndpointState {
     cold: Mutex<EndpointCold>,
 }
 
+/// One endpoint's state at one moment: see [`EndpointState::status`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointStatus {
+    pub address: String,
+    /// Passing active health checks (true without them).
+    pub healthy: bool,
+    /// Ejected by passive outlier detection.
+    pub ejected: bool,
+    pub ejections: u32,
+    pub inflight: u32,
+    /// The last health check's result in words; `None` before the first.
+    pub last_check: Option<String>,
+}
+
 /// The parts only background tasks touch.
 #[derive(Debug, Default)]
 struct EndpointCold {
@@ -87,18 +101,17 @@ impl EndpointState {
         self.ejected.load(Ordering::Relaxed)
     }
 
-    /// The endpoint's state for the admin API.
-    pub fn status(&self) -> serde_json::Value {
+    /// The endpoint's state now, for the admin API (which words it).
+    pub fn status(&self) -> EndpointStatus {
         let cold = self.cold();
-        serde_json::json!({
-            "address": self.endpoint.as_str(),
-            "state": if !self.is_healthy() { "down" } else if self.is_ejected() { "ejected" } else { "up" },
-            "healthy": self.is_healthy(),
-            "ejected": self.is_ejected(),
-            "ejections": cold.ejections,
-            "inflight": self.inflight(),
-            "last_check": cold.last_check,
-        })
+        EndpointStatus {
+            address: self.endpoint.as_str().to_string(),
+            healthy: self.is_healthy(),
+            ejected: self.is_ejected(),
+            ejections: cold.ejections,
+            inflight: self.inflight(),
+            last_check: cold.last_check.clone(),
+        }
     }
 
     pub fn authority(&self) -> &Authority {

@@ -224,7 +224,7 @@ pub fn grpc_from_http(status: u16) -> u8 {
 }
 
 /// Which SLO check a breach broke.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Check {
     ErrorRate,
