@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 
 use weir::Weir;
 use weir::config::{Config, parse_duration};
-use weir::control::store::{self as state, StateLock};
+use weir::state::{self, StateLock};
 use weir_testkit::{self as upstream, UpstreamConfig};
 
 #[derive(Debug, Parser)]
@@ -178,7 +178,7 @@ fn check(path: &std::path::Path) -> ExitCode {
         }
     };
     problems.extend(weir::preflight(&config));
-    problems.extend(weir::control::controller::check_state(&config));
+    problems.extend(weir::check_state(&config));
     if problems.is_empty() {
         println!("{}", config.summary());
         return ExitCode::SUCCESS;
@@ -240,7 +240,7 @@ fn reload_on_sighup(weir: &Weir, path: PathBuf) {
                 let controller = std::sync::Arc::clone(&controller);
                 let path = path.clone();
                 let _ = tokio::task::spawn_blocking(move || {
-                    weir::admin::reload(&controller, &path, Some("SIGHUP".into()))
+                    weir::reload(&controller, &path, Some("SIGHUP".into()))
                 })
                 .await;
             }

@@ -1,7 +1,7 @@
-//! `weir ctl`: the command-line client of the admin API (`weir::admin`). It decides
+//! `weir ctl`: the command-line client of the admin API (`weir::api`). It decides
 //! nothing itself: every answer is the server's, shown as a table or, with `--json`, as
 //! the API's own JSON, so the CLI can never disagree with what `curl` would show. It
-//! reads answers and writes requests as the types of `weir::admin::api`, the contract
+//! reads answers and writes requests as the types of `weir::api`, the contract
 //! the server builds them from. `--json` prints the answer's own JSON (pretty-printed),
 //! never a re-encoding of those types, so it shows what the server said, fields this
 //! build does not know of included.
@@ -41,7 +41,7 @@ use serde::Serialize;
 use serde::de::{Deserialize, DeserializeOwned};
 use serde_json::Value;
 
-use weir::admin::api::{self, Event, Phase, RolloutDoc, ServiceDoc};
+use weir::api::{self, Event, Phase, RolloutDoc, ServiceDoc};
 use weir::model::MAX_WEIGHT;
 
 /// Where `weir run` puts the admin API unless `[admin] listen` says otherwise.
@@ -260,7 +260,7 @@ pub fn parse_pool_weight(s: &str) -> Result<PoolWeight, String> {
         ));
     }
     Ok(PoolWeight {
-        pool: pool.to_string(),
+        pool: pool.to_owned(),
         weight: weight as u32,
     })
 }
@@ -330,12 +330,12 @@ pub fn resolve_token(file: Option<&Path>, env: Option<String>) -> Result<Option<
             )));
         }
         return Ok(Some(Token {
-            value: value.to_string(),
+            value: value.to_owned(),
             from: format!("--token-file {}", path.display()),
         }));
     }
     Ok(env
-        .map(|t| t.trim().to_string())
+        .map(|t| t.trim().to_owned())
         .filter(|t| !t.is_empty())
         .map(|value| Token {
             value,
@@ -360,7 +360,7 @@ impl AdminClient {
     pub fn new(admin: &str, token: Option<&str>) -> Result<AdminClient, CtlError> {
         let admin = admin.trim();
         let with_scheme = if admin.contains("://") {
-            admin.to_string()
+            admin.to_owned()
         } else {
             format!("http://{admin}")
         };
@@ -476,7 +476,7 @@ impl AdminClient {
         if let Some(l) = limit {
             query.push(format!("limit={l}"));
         }
-        let mut path = "/api/v1/events".to_string();
+        let mut path = "/api/v1/events".to_owned();
         if !query.is_empty() {
             path = format!("{path}?{}", query.join("&"));
         }
@@ -495,7 +495,7 @@ impl AdminClient {
     pub async fn health(&self, ready: bool) -> Result<String, CtlError> {
         let path = if ready { "/readyz" } else { "/healthz" };
         let (status, _, body) = self.exchange(Method::GET, path, None, None).await?;
-        let text = String::from_utf8_lossy(&body).trim().to_string();
+        let text = String::from_utf8_lossy(&body).trim().to_owned();
         if status == StatusCode::OK {
             return Ok(text);
         }
@@ -600,7 +600,7 @@ impl AdminClient {
                 .get(header::CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("no content type")
-                .to_string();
+                .to_owned();
             let body = Limited::new(resp.into_body(), MAX_ANSWER)
                 .collect()
                 .await
@@ -684,7 +684,7 @@ fn io_reason(e: &io::Error) -> String {
     let mut chars = text.chars();
     match chars.next() {
         Some(first) => first.to_lowercase().chain(chars).collect(),
-        None => text.to_string(),
+        None => text.to_owned(),
     }
 }
 
@@ -1410,8 +1410,8 @@ fn write_table(
 /// terminal escape in it cannot forge lines or repaint the screen.
 pub fn event_line(e: &Event) -> String {
     let or_dash = |s: Option<&str>| match s {
-        Some(s) if !s.is_empty() => s.to_string(),
-        _ => "-".to_string(),
+        Some(s) if !s.is_empty() => s.to_owned(),
+        _ => "-".to_owned(),
     };
     let mut parts = vec![
         format!("#{}", e.id),

@@ -15,8 +15,8 @@ use tokio::net::TcpListener;
 use crate::traffic::{Counts, Tallies};
 use weir::Weir;
 use weir::config::Config;
-use weir::control::controller::{Command, RolloutVerb};
 use weir::model::Source;
+use weir::{Command, RolloutVerb};
 use weir_testkit::{self as upstream, Faults, UpstreamConfig};
 
 /// What `weir demo` was asked for (its command-line options).
@@ -105,7 +105,7 @@ pub async fn run(opts: DemoOptions, out: &mut (impl Write + Send)) -> Result<()>
         })
     };
     let ctl = if admin_addr.to_string() == "127.0.0.1:9901" {
-        "weir ctl".to_string()
+        "weir ctl".to_owned()
     } else {
         format!("weir ctl --admin http://{admin_addr}")
     };
@@ -172,9 +172,7 @@ pub async fn run(opts: DemoOptions, out: &mut (impl Write + Send)) -> Result<()>
         for slot in snap.slots() {
             let name = slot.name();
             let Counts { ok, errors } = tallies.counts(name);
-            let (ok0, err0) = last
-                .insert(name.to_string(), (ok, errors))
-                .unwrap_or((0, 0));
+            let (ok0, err0) = last.insert(name.to_owned(), (ok, errors)).unwrap_or((0, 0));
             let (n, e) = (ok - ok0 + errors - err0, errors - err0);
             let p99 = slot
                 .pool
@@ -306,7 +304,7 @@ fn summary(
 }
 
 /// Seconds since an event's time.
-fn rb_age(e: &weir::control::store::Event) -> f64 {
+fn rb_age(e: &weir::state::Event) -> f64 {
     humantime::parse_rfc3339_weak(&e.time)
         .ok()
         .and_then(|t| t.elapsed().ok())

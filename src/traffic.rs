@@ -86,7 +86,7 @@ impl Tallies {
         // Look up by &str first: no allocation per request once the pool is known.
         let c = match pools.get_mut(pool) {
             Some(c) => c,
-            None => pools.entry(pool.to_string()).or_default(),
+            None => pools.entry(pool.to_owned()).or_default(),
         };
         if error {
             c.errors += 1;
@@ -166,7 +166,7 @@ pub fn spawn(
                         .get("x-upstream")
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or(UNNAMED)
-                        .to_string();
+                        .to_owned();
                     if resp.into_body().collect().await.is_err() {
                         tallies.failed.fetch_add(1, Ordering::Relaxed);
                         continue;
@@ -270,10 +270,10 @@ mod tests {
     #[test]
     fn a_line_shows_the_last_second_per_pool() {
         let mut before = BTreeMap::new();
-        before.insert("stable".to_string(), Counts { ok: 10, errors: 0 });
+        before.insert("stable".to_owned(), Counts { ok: 10, errors: 0 });
         let mut now = before.clone();
-        now.insert("stable".to_string(), Counts { ok: 55, errors: 5 });
-        now.insert("canary".to_string(), Counts { ok: 4, errors: 0 });
+        now.insert("stable".to_owned(), Counts { ok: 55, errors: 5 });
+        now.insert("canary".to_owned(), Counts { ok: 4, errors: 0 });
         assert_eq!(
             line(Duration::from_secs(3), &before, &now, 2),
             "[   3s]  canary 4 req (0.0% 5xx)  stable 50 req (10.0% 5xx)  no answer: 2"

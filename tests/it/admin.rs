@@ -426,7 +426,7 @@ async fn token_is_required_when_set() {
 
 #[test]
 fn open_admin_without_token_refuses_to_start() {
-    let toml = "[admin]\nlisten = \"0.0.0.0:9901\"\n".to_string()
+    let toml = "[admin]\nlisten = \"0.0.0.0:9901\"\n".to_owned()
         + &service_toml("s", None, &[("p", vec!["127.0.0.1:1".into()], 1)]);
     let mut config = Config::parse(&toml, "t").unwrap();
     config.state.dir = temp_dir("open-admin");
@@ -469,9 +469,8 @@ async fn reload_applies_a_valid_file_and_rejects_a_bad_one() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     assert_eq!(r.json()["event"]["kind"], "config_reloaded");
     // The typed view: the event's details are the reload's report.
-    let reloaded: weir::admin::api::ReloadDoc = typed(&r);
-    let report: weir::admin::api::ReloadReport =
-        serde_json::from_value(reloaded.event.details).unwrap();
+    let reloaded: weir::api::ReloadDoc = typed(&r);
+    let report: weir::api::ReloadReport = serde_json::from_value(reloaded.event.details).unwrap();
     assert_eq!(report.kept, ["shop"]);
     let c = client();
     for _ in 0..20 {
@@ -486,7 +485,7 @@ async fn reload_applies_a_valid_file_and_rejects_a_bad_one() {
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     let body = r.json();
     let problem = body["problems"][0].as_str().unwrap();
-    let rejected: weir::admin::api::ErrorBody = typed(&r);
+    let rejected: weir::api::ErrorBody = typed(&r);
     assert_eq!(rejected.problems.unwrap()[0], problem);
     assert!(
         problem.contains("service[shop].pools.stable.weight"),
@@ -526,7 +525,7 @@ async fn weights_change_200_times_under_load_without_errors_or_misroutes() {
                 let sent = epoch.elapsed();
                 let a = get(&c, addr, "shop.example.com", "/").await;
                 let got = epoch.elapsed();
-                seen.push((sent, got, a.status, a.upstream().to_string()));
+                seen.push((sent, got, a.status, a.upstream().to_owned()));
                 done.fetch_add(1, Ordering::Relaxed);
             }
             seen
@@ -774,7 +773,7 @@ async fn raw(addr: SocketAddr, request: &[u8]) -> Raw {
     Raw {
         status,
         head: head.to_ascii_lowercase(),
-        body: body.to_string(),
+        body: body.to_owned(),
     }
 }
 
@@ -814,11 +813,11 @@ async fn foreign_hosts_are_misdirected_with_or_without_the_token() {
     let port = addr.port();
     let bearer = "Bearer s3cret-token";
     let foreign = [
-        "evil.example".to_string(),
+        "evil.example".to_owned(),
         format!("evil.example:{port}"),
         format!("127.0.0.1.nip.io:{port}"),
         format!("localhost.evil.example:{port}"),
-        "x".to_string(),
+        "x".to_owned(),
         format!("user@127.0.0.1:{port}"),
     ];
     for host in &foreign {
@@ -849,9 +848,9 @@ async fn foreign_hosts_are_misdirected_with_or_without_the_token() {
     // Our own names, with or without the port, in any case.
     let ours = [
         format!("127.0.0.1:{port}"),
-        "127.0.0.1".to_string(),
+        "127.0.0.1".to_owned(),
         format!("localhost:{port}"),
-        "localhost".to_string(),
+        "localhost".to_owned(),
         format!("LocalHost.:{port}"),
         format!("[::1]:{port}"),
     ];
@@ -981,7 +980,7 @@ async fn cross_site_writes_are_forbidden_and_same_origin_ones_pass() {
 /// An admin API of our own, on its own port, with `body_timeout` and `allowed` hosts.
 struct OwnAdmin {
     addr: SocketAddr,
-    controller: Arc<weir::control::controller::Controller>,
+    controller: Arc<weir::Controller>,
     _weir: weir::Weir,
     _up: weir_testkit::UpstreamHandle,
 }
@@ -997,10 +996,10 @@ async fn own_admin(body_timeout: std::time::Duration, allowed: &[&str]) -> OwnAd
     let mut config = Config::parse(&toml, "t").unwrap();
     config.state.dir = temp_dir("own-admin");
     let weir = weir::Weir::new(config, None).unwrap();
-    let admin = weir::admin::Admin::new(
+    let admin = weir::Admin::new(
         Arc::clone(weir.controller()),
         Arc::clone(weir.guard()),
-        weir::telemetry::metrics::Metrics::new(),
+        weir::Metrics::new(),
         None,
         false,
         None,
@@ -1066,14 +1065,14 @@ async fn a_stalled_body_is_408_and_the_connection_closed() {
 
 #[tokio::test]
 async fn allowed_host_names_are_served() {
-    let own = own_admin(weir::admin::BODY_READ_TIMEOUT, &["weir", "Admin.Example."]).await;
+    let own = own_admin(weir::BODY_READ_TIMEOUT, &["weir", "Admin.Example."]).await;
     let port = own.addr.port();
     for host in [
-        "weir".to_string(),
+        "weir".to_owned(),
         format!("weir:{port}"),
-        "WEIR:9901".to_string(),
+        "WEIR:9901".to_owned(),
         format!("admin.example:{port}"),
-        "admin.example.".to_string(),
+        "admin.example.".to_owned(),
     ] {
         let a = raw(
             own.addr,
@@ -1119,7 +1118,7 @@ async fn duplicate_json_keys_are_400_naming_the_key() {
         let put = request("PUT", "/api/v1/services/shop/weights", &headers, body);
         let a = raw(admin.addr, &put).await;
         assert_eq!(a.status, 400, "{body}: {}", a.body);
-        let msg = a.json()["error"].as_str().unwrap().to_string();
+        let msg = a.json()["error"].as_str().unwrap().to_owned();
         assert!(
             msg.contains(&format!("duplicate key `{key}`")),
             "{body}: {msg}"
@@ -1189,7 +1188,7 @@ async fn bodyless_posts_need_no_content_type() {
     assert_eq!(shop_version(&admin).await, version);
 }
 
-/// The answer read as its `weir::admin::api` type and written back is the answer read
+/// The answer read as its `weir::api` type and written back is the answer read
 /// untyped and written back: every field, `null` and left-out key the live server sends
 /// is in the type, in the server's order.
 fn typed<T: serde::Serialize + serde::de::DeserializeOwned>(a: &Answer) -> T {
@@ -1205,7 +1204,7 @@ fn typed<T: serde::Serialize + serde::de::DeserializeOwned>(a: &Answer) -> T {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_answer_is_its_api_type_field_for_field() {
-    use weir::admin::api;
+    use weir::api;
     let plan = r#"[service.rollout]
 candidate = "canary"
 steps = [ { percent = 50 }, { pause = "manual" }, { percent = 100 } ]

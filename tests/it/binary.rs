@@ -53,7 +53,7 @@ fn check_prints_every_problem_and_fails() {
         format!("{file}:6: service[shop].baseline:"),
         format!("{file}:8: service[shop].pools.canary.endpoints:"),
         format!("{file}:9: service[shop].pools:"),
-        "4 problem(s)".to_string(),
+        "4 problem(s)".to_owned(),
     ] {
         assert!(err.contains(&needle), "missing `{needle}` in:\n{err}");
     }

@@ -21,10 +21,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
+use weir::Controller;
+use weir::OutcomeSink;
 use weir::Weir;
 use weir::config::Config;
-use weir::control::controller::Controller;
-use weir::dataplane::outcome::OutcomeSink;
 use weir_testkit::{self as upstream, UpstreamConfig, UpstreamHandle};
 
 pub type TestBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
@@ -40,13 +40,9 @@ pub struct Proxy {
 
 impl Proxy {
     /// Set a service's weights through the controller, as an operator would.
-    pub fn set_weights(
-        &self,
-        service: &str,
-        weights: &[(&str, u32)],
-    ) -> weir::control::controller::Change {
+    pub fn set_weights(&self, service: &str, weights: &[(&str, u32)]) -> weir::Change {
         self.controller
-            .apply(weir::control::controller::Command::SetWeights {
+            .apply(weir::Command::SetWeights {
                 service: service.into(),
                 weights: weights.iter().map(|(p, w)| (p.to_string(), *w)).collect(),
                 if_version: None,
@@ -58,9 +54,9 @@ impl Proxy {
     }
 
     /// All of a service's traffic to its baseline, as an operator would.
-    pub fn rollback(&self, service: &str) -> weir::control::controller::Change {
+    pub fn rollback(&self, service: &str) -> weir::Change {
         self.controller
-            .apply(weir::control::controller::Command::Rollback {
+            .apply(weir::Command::Rollback {
                 service: service.into(),
                 source: weir::model::Source::Admin,
                 actor: None,
@@ -267,10 +263,7 @@ impl Answer {
 
     /// The message of an admin API error answer (`{"error": "..."}`); empty if none.
     pub fn error(&self) -> String {
-        self.json()["error"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
+        self.json()["error"].as_str().unwrap_or_default().to_owned()
     }
 
     pub fn json(&self) -> serde_json::Value {
@@ -326,7 +319,7 @@ pub async fn split(
                     .unwrap();
                 let a = send(&client, req).await;
                 let key = if a.status == StatusCode::OK {
-                    a.upstream().to_string()
+                    a.upstream().to_owned()
                 } else {
                     format!("status {}", a.status)
                 };
@@ -370,7 +363,7 @@ pub fn pool_weights(service: &serde_json::Value) -> Vec<(String, u64)> {
         .iter()
         .map(|p| {
             (
-                p["name"].as_str().unwrap().to_string(),
+                p["name"].as_str().unwrap().to_owned(),
                 p["weight"].as_u64().unwrap(),
             )
         })
@@ -418,7 +411,7 @@ where
 pub fn event_kinds(events: &[serde_json::Value]) -> Vec<String> {
     events
         .iter()
-        .map(|e| e["kind"].as_str().unwrap().to_string())
+        .map(|e| e["kind"].as_str().unwrap().to_owned())
         .collect()
 }
 
@@ -575,7 +568,7 @@ fn complete_request(buf: &[u8]) -> Option<usize> {
     let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
     let field = |name: &str| {
         head.lines()
-            .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+            .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_owned()))
     };
     if field("transfer-encoding:").is_some_and(|v| v.contains("chunked")) {
         let end = buf[head_end..].windows(5).position(|w| w == b"0\r\n\r\n")?;

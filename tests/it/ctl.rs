@@ -259,7 +259,7 @@ async fn shop(h: &Harness) -> (u64, Vec<(String, u64)>) {
         .iter()
         .map(|p| {
             (
-                p["name"].as_str().unwrap().to_string(),
+                p["name"].as_str().unwrap().to_owned(),
                 p["weight"].as_u64().unwrap(),
             )
         })
@@ -574,7 +574,7 @@ struct Streaming {
 }
 
 impl Streaming {
-    fn start(args: ctl::CtlArgs) -> Streaming {
+    fn start(args: CtlArgs) -> Streaming {
         let (tx, rx) = mpsc::unbounded_channel();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {

@@ -323,7 +323,7 @@ async fn dashboard_shows_live_numbers_and_abort_sends_traffic_to_the_baseline() 
     let svc = api(admin, "/api/v1/services/shop").await.json();
     assert_eq!(svc["rollout"]["phase"], "aborted", "{svc}");
     let weights = pool_weights(&svc);
-    assert_eq!(weights[1], ("canary".to_string(), 0), "{svc}");
+    assert_eq!(weights[1], ("canary".to_owned(), 0), "{svc}");
     assert!(weights[0].1 > 0, "{svc}");
     let events = api(admin, "/api/v1/events?tail=5").await.json();
     let aborted = events["events"]

@@ -10,8 +10,8 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
-use weir::dataplane::outcome::{Outcome, OutcomeSink};
 use weir::model::ErrorKind;
+use weir::{Outcome, OutcomeSink};
 
 async fn one_pool(endpoint: String) -> Proxy {
     start(&(proxy_toml("") + &service_toml("svc", None, &[("main", vec![endpoint], 1)]))).await
@@ -46,8 +46,8 @@ async fn hop_by_hop_headers_are_removed_towards_the_upstream() {
         .iter()
         .map(|p| {
             (
-                p[0].as_str().unwrap().to_string(),
-                p[1].as_str().unwrap().to_string(),
+                p[0].as_str().unwrap().to_owned(),
+                p[1].as_str().unwrap().to_owned(),
             )
         })
         .collect();
@@ -97,7 +97,7 @@ async fn forwarded_for_is_set_when_absent() {
         .unwrap()
         .iter()
         .filter(|p| p[0] == "x-forwarded-for")
-        .map(|p| p[1].as_str().unwrap().to_string())
+        .map(|p| p[1].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(xff, ["127.0.0.1"]);
 }
@@ -206,7 +206,7 @@ impl OutcomeSink for Recorder {
         self.0
             .lock()
             .unwrap()
-            .push((o.pool_name().to_string(), o.error, o.status, o.endpoint));
+            .push((o.pool_name().to_owned(), o.error, o.status, o.endpoint));
     }
 }
 
@@ -230,7 +230,7 @@ async fn refused_connection_is_502_connect() {
     let outcomes = rec.0.lock().unwrap().clone();
     assert_eq!(
         outcomes,
-        [("main".to_string(), Some(ErrorKind::Connect), 502, Some(0))]
+        [("main".to_owned(), Some(ErrorKind::Connect), 502, Some(0))]
     );
 }
 
@@ -246,7 +246,7 @@ async fn silent_upstream_is_504_timeout() {
         }
     });
     let rec = Arc::new(Recorder::default());
-    let toml = "[proxy]\nrequest_timeout = \"300ms\"\n".to_string()
+    let toml = "[proxy]\nrequest_timeout = \"300ms\"\n".to_owned()
         + &service_toml("svc", None, &[("main", vec![addr.to_string()], 1)]);
     let proxy = start_with_sinks(&toml, vec![rec.clone()]).await;
     let started = std::time::Instant::now();
@@ -268,7 +268,7 @@ async fn pool_without_usable_endpoint_is_503() {
     assert_eq!(a.text(), "no upstream endpoint available\n");
     assert_eq!(
         rec.0.lock().unwrap()[0],
-        ("main".to_string(), Some(ErrorKind::NoEndpoint), 503, None)
+        ("main".to_owned(), Some(ErrorKind::NoEndpoint), 503, None)
     );
     assert_eq!(up.requests(), 0);
     snapshot.slots()[0].pool.set_endpoint_up(0, true);
@@ -325,6 +325,6 @@ async fn upstream_status_passes_through_with_an_outcome() {
     assert_eq!(a.upstream(), "a");
     assert_eq!(
         rec.0.lock().unwrap()[0],
-        ("main".to_string(), None, 503, Some(0))
+        ("main".to_owned(), None, 503, Some(0))
     );
 }

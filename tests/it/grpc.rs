@@ -146,14 +146,14 @@ async fn grpc_unary(
     let text = |name: &str| {
         source
             .get(name)
-            .map(|v| v.to_str().unwrap_or("?").to_string())
+            .map(|v| v.to_str().unwrap_or("?").to_owned())
     };
     GrpcAnswer {
         http: parts.status,
         content_type: parts
             .headers
             .get("content-type")
-            .map(|v| v.to_str().unwrap_or("?").to_string())
+            .map(|v| v.to_str().unwrap_or("?").to_owned())
             .unwrap_or_default(),
         status: text("grpc-status"),
         message: text("grpc-message").unwrap_or_default(),

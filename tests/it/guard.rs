@@ -153,7 +153,7 @@ async fn broken_canary_is_rolled_back_within_three_seconds() {
     assert_eq!(svc["guard"]["health"], "degraded");
     // `weir ctl status` says so in words.
     let mut table = Vec::new();
-    let doc: weir::admin::api::ServiceDoc = serde_json::from_value(svc.clone()).unwrap();
+    let doc: weir::api::ServiceDoc = serde_json::from_value(svc.clone()).unwrap();
     weir_cli::ctl::write_services(&mut table, &[doc]).unwrap();
     let table = String::from_utf8(table).unwrap();
     assert!(

@@ -26,7 +26,7 @@ fn endpoint_state(s: &Value, pool: usize, endpoint: usize) -> String {
     s["pools"][pool]["endpoint_states"][endpoint]["state"]
         .as_str()
         .unwrap_or("?")
-        .to_string()
+        .to_owned()
 }
 
 /// Unpaced background GETs counting non-200 answers, until stopped.
@@ -132,7 +132,7 @@ async fn a_dead_host_is_routed_around_and_comes_back_without_a_rollback() {
     .await;
     assert!(marked, "killed endpoint never marked down");
     let mut table = Vec::new();
-    let doc: weir::admin::api::ServiceDoc = serde_json::from_value(service(&proxy).await).unwrap();
+    let doc: weir::api::ServiceDoc = serde_json::from_value(service(&proxy).await).unwrap();
     weir_cli::ctl::write_services(&mut table, &[doc]).unwrap();
     let table = String::from_utf8(table).unwrap();
     assert!(

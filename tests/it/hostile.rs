@@ -55,7 +55,7 @@ fn host_lines(received: &str) -> Vec<String> {
     received
         .lines()
         .filter(|l| l.to_ascii_lowercase().starts_with("host:"))
-        .map(|l| l[5..].trim().to_string())
+        .map(|l| l[5..].trim().to_owned())
         .collect()
 }
 
@@ -377,7 +377,7 @@ async fn skip_body(s: &mut TcpStream, head: &str) {
         .find_map(|l| {
             l.to_ascii_lowercase()
                 .strip_prefix("content-length:")
-                .map(|v| v.trim().to_string())
+                .map(|v| v.trim().to_owned())
         })
         .and_then(|v| v.parse::<usize>().ok())
         .unwrap_or(0);
@@ -393,7 +393,7 @@ async fn tunnels_close_at_the_end_of_the_shutdown_grace() {
     const SWITCH: &[u8] =
         b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
     let up = Recorder::start(vec![SWITCH]).await;
-    let toml = "[proxy]\nshutdown_grace = \"300ms\"\n".to_string()
+    let toml = "[proxy]\nshutdown_grace = \"300ms\"\n".to_owned()
         + &service_toml("t", None, &[("p", vec![up.addr.to_string()], 1)]);
     let mut config = weir::config::Config::parse(&toml, "t").unwrap();
     config.state.dir = temp_dir("tunnel-grace");

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+use weir::Window;
 use weir::config::SloConfig;
-use weir::control::judge::{Evidence, Verdict, dispersion, judge, recent, recent_slices};
-use weir::telemetry::window::Window;
+use weir::judge::{Evidence, Verdict, dispersion, judge, recent, recent_slices};
 
 /// Simulation step: traffic is generated in 100 ms pieces, so a failure can start at
 /// any point of an evaluation interval.
@@ -151,7 +151,7 @@ struct Run {
 /// Run `secs` of simulated traffic: the baseline behaves as `baseline(t)`, the canary
 /// as `canary(t)`; the guard's loop (rotate, judge every interval, act after
 /// `breaches_to_act` consecutive breaches, reset both windows after a revert) as in
-/// `weir::guard`, with the pure parts being the real ones.
+/// `weir::Guard`, with the pure parts being the real ones.
 fn simulate(
     slo: &SloConfig,
     secs: f64,

@@ -17,7 +17,7 @@ use weir_testkit::Faults;
 async fn shutdown_drains_in_flight_requests_and_refuses_new_ones() {
     let up = upstream("slow").await;
     up.set_faults(Faults::delay(Duration::from_secs(1)));
-    let toml = "[proxy]\nshutdown_grace = \"30s\"\nrequest_timeout = \"10s\"\n".to_string()
+    let toml = "[proxy]\nshutdown_grace = \"30s\"\nrequest_timeout = \"10s\"\n".to_owned()
         + &service_toml("shop", None, &[("p", vec![up.addr().to_string()], 1)]);
     let mut config = Config::parse(&toml, "t").unwrap();
     config.state.dir = temp_dir("drain");
@@ -166,7 +166,7 @@ async fn a_stalled_body_gets_408_and_the_upstream_sees_the_request_aborted() {
         }
         let _ = tx.send((seen.len(), aborted));
     });
-    let toml = "[proxy]\nbody_read_timeout = \"500ms\"\n".to_string()
+    let toml = "[proxy]\nbody_read_timeout = \"500ms\"\n".to_owned()
         + &service_toml("shop", None, &[("p", vec![upstream_addr.to_string()], 1)]);
     let proxy = start(&toml).await;
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();

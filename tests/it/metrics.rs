@@ -25,7 +25,7 @@ fn tool(name: &str) -> String {
     }
 }
 
-async fn scrape(admin: std::net::SocketAddr) -> String {
+async fn scrape(admin: SocketAddr) -> String {
     let a = get(&client(), admin, "localhost", "/metrics").await;
     assert_eq!(a.status, StatusCode::OK);
     assert!(
@@ -163,7 +163,7 @@ async fn metrics_can_require_the_token() {
 
 struct Prometheus {
     child: Child,
-    addr: std::net::SocketAddr,
+    addr: SocketAddr,
 }
 
 impl Drop for Prometheus {
@@ -173,7 +173,7 @@ impl Drop for Prometheus {
     }
 }
 
-async fn start_prometheus(target: std::net::SocketAddr) -> Prometheus {
+async fn start_prometheus(target: SocketAddr) -> Prometheus {
     let dir = temp_dir("prometheus");
     let config = dir.join("prometheus.yml");
     std::fs::write(
@@ -187,7 +187,7 @@ async fn start_prometheus(target: std::net::SocketAddr) -> Prometheus {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let child = Command::new(tool("prometheus"))
         .arg(format!("--config.file={}", config.display()))
         .arg(format!(
@@ -239,7 +239,7 @@ impl Sample {
 
 /// An instant query's answer (a vector: PromQL that does not parse fails the test).
 async fn query(p: &Prometheus, promql: &str) -> Vec<Sample> {
-    let mut path = "/api/v1/query?query=".to_string();
+    let mut path = "/api/v1/query?query=".to_owned();
     for b in promql.bytes() {
         if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
             path.push(b as char);
@@ -304,7 +304,7 @@ fn readme_examples() -> Vec<Expr> {
             // line right after the name is description.
             if !named {
                 examples.push(Expr {
-                    name: comment.trim().to_string(),
+                    name: comment.trim().to_owned(),
                     promql: String::new(),
                 });
                 named = true;
@@ -629,7 +629,7 @@ async fn readme_and_dashboard_promql_answer_per_pool_through_a_real_prometheus()
     assert!(answers[UNROUTED][0].value > 0.0, "{:?}", answers[UNROUTED]);
     for name in ROLLBACKS {
         let r = v(name);
-        let want = BTreeMap::from([("api/".to_string(), 0.0), ("shop/".to_string(), 0.0)]);
+        let want = BTreeMap::from([("api/".to_owned(), 0.0), ("shop/".to_owned(), 0.0)]);
         assert_eq!(r, want, "{name}");
     }
 }

@@ -254,7 +254,7 @@ async fn truncated_bodies_are_the_canarys_failures_and_roll_it_back() {
     assert_eq!(rollback["details"]["pool"], "canary");
     assert_eq!(
         pool_weights(&svc),
-        [("stable".to_string(), 100), ("canary".to_string(), 0)]
+        [("stable".to_owned(), 100), ("canary".to_owned(), 0)]
     );
 }
 
@@ -307,7 +307,7 @@ async fn client_faults_are_not_the_canarys() {
         if i % 2 == 0 {
             // A chunk-size line that is not hex: the client's body is malformed.
             let status = raw_status(addr, &chunked, b"zz\r\n").await;
-            let key = status.map_or_else(|| "no answer".to_string(), |c| c.to_string());
+            let key = status.map_or_else(|| "no answer".to_owned(), |c| c.to_string());
             *chunked_answers.entry(key).or_default() += 1;
         } else {
             // 1,000 of 100,000 bytes, then the client goes away while the canary is
@@ -517,7 +517,7 @@ async fn a_grpc_content_type_cannot_fail_a_plain_pool() {
     let proxy = start(&toml).await;
     let c = client();
     for path in ["/", "/status/404"] {
-        let req = http::Request::post(format!("http://{}{path}", proxy.addr))
+        let req = Request::post(format!("http://{}{path}", proxy.addr))
             .header("host", "shop")
             .header("content-type", "application/grpc")
             .body(full("x"))
@@ -548,7 +548,7 @@ async fn a_client_leaving_before_the_answer_is_a_client_abort() {
         + "[[service]]\nname = \"shop\"\nbaseline = \"stable\"\n"
         + &pool_toml("stable", &[&slow], 1);
     let proxy = start(&toml).await;
-    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
     use tokio::io::AsyncWriteExt;
     s.write_all(b"GET / HTTP/1.1\r\nHost: shop\r\n\r\n")
         .await

@@ -32,7 +32,7 @@ async fn sequential_requests_reuse_one_upstream_connection() {
 #[tokio::test]
 async fn idle_upstream_connections_close_after_the_idle_timeout() {
     let up = upstream("a").await;
-    let toml = "[proxy]\npool_idle_timeout = \"300ms\"\n".to_string()
+    let toml = "[proxy]\npool_idle_timeout = \"300ms\"\n".to_owned()
         + &service_toml("s", None, &[("p", vec![up.addr().to_string()], 1)]);
     let proxy = start(&toml).await;
     assert_eq!(

@@ -182,7 +182,7 @@ async fn grpc_upstream() -> (
                         let te = req
                             .headers()
                             .get("te")
-                            .map(|v| v.to_str().unwrap().to_string())
+                            .map(|v| v.to_str().unwrap().to_owned())
                             .unwrap_or_default();
                         let has_host = req.headers().contains_key("host");
                         let authority = req

@@ -163,7 +163,7 @@ async fn a_second_weir_on_the_same_state_dir_exits_at_once_naming_the_first() {
     // The first one is unaffected.
     assert_eq!(
         weights(admin).await,
-        [("stable".to_string(), 30), ("canary".to_string(), 70)]
+        [("stable".to_owned(), 30), ("canary".to_owned(), 70)]
     );
 }
 
@@ -244,7 +244,7 @@ async fn an_unusable_state_file_stops_the_start_until_discarded() {
         assert!(ready(admin).await, "weir did not start after the discard");
         assert_eq!(
             weights(admin).await,
-            [("stable".to_string(), 90), ("canary".to_string(), 10)]
+            [("stable".to_owned(), 90), ("canary".to_owned(), 10)]
         );
     }
 }
@@ -281,7 +281,7 @@ async fn an_unwritable_state_dir_serves_the_saved_weights_and_refuses_changes_un
     assert!(blocker(pid).is_dir());
     assert_eq!(
         weights(admin).await,
-        [("stable".to_string(), 25), ("canary".to_string(), 75)],
+        [("stable".to_owned(), 25), ("canary".to_owned(), 75)],
         "the saved weights serve"
     );
 
@@ -302,7 +302,7 @@ async fn an_unwritable_state_dir_serves_the_saved_weights_and_refuses_changes_un
     );
     assert_eq!(
         weights(admin).await,
-        [("stable".to_string(), 25), ("canary".to_string(), 75)],
+        [("stable".to_owned(), 25), ("canary".to_owned(), 75)],
         "a refused change changes nothing"
     );
 

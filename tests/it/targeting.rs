@@ -32,7 +32,7 @@ async fn pool_for(proxy: &Proxy, headers: &[(&str, &str)]) -> String {
     send(&client(), req.body(empty()).unwrap())
         .await
         .upstream()
-        .to_string()
+        .to_owned()
 }
 
 #[tokio::test]
@@ -172,12 +172,12 @@ async fn sticky_cookie_is_assigned_once_and_then_followed() {
             .unwrap(),
     )
     .await;
-    let cookie = first.headers["set-cookie"].to_str().unwrap().to_string();
+    let cookie = first.headers["set-cookie"].to_str().unwrap().to_owned();
     assert!(cookie.starts_with("weir_uid="), "{cookie}");
     for attr in ["Path=/", "Max-Age=3600", "HttpOnly", "SameSite=Lax"] {
         assert!(cookie.contains(attr), "{cookie}");
     }
-    let id = cookie.split(';').next().unwrap().to_string();
+    let id = cookie.split(';').next().unwrap().to_owned();
     for _ in 0..30 {
         let a = send(
             &c,

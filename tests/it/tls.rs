@@ -22,7 +22,7 @@ struct Cert {
 
 fn make_cert(dir: &Path, name: &str) -> Cert {
     let key = rcgen::KeyPair::generate().unwrap();
-    let params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+    let params = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
     let cert = params.self_signed(&key).unwrap();
     let (cert_path, key_path) = (
         dir.join(format!("{name}.crt")),
@@ -58,7 +58,7 @@ async fn https(upstream_addr: &str) -> Https {
         a.key.display(),
         b.cert.display(),
         b.key.display()
-    ) + &service_toml("shop", None, &[("p", vec![upstream_addr.to_string()], 1)]);
+    ) + &service_toml("shop", None, &[("p", vec![upstream_addr.to_owned()], 1)]);
     let mut config = Config::parse(&toml, "t").unwrap_or_else(|e| panic!("{e}"));
     config.state.dir = dir.join("state");
     let weir = Weir::new(config, None).unwrap();
@@ -100,7 +100,7 @@ async fn connect(
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let tcp = TcpStream::connect(h.addr).await.unwrap();
     connector
-        .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp)
+        .connect(ServerName::try_from(sni.to_owned()).unwrap(), tcp)
         .await
         .unwrap()
 }

@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use weir::Controller;
+use weir::Metrics;
+use weir::MetricsSink;
+use weir::Window;
 use weir::config::Config;
-use weir::control::controller::Controller;
-use weir::dataplane::outcome::{Outcome, OutcomeSink};
-use weir::dataplane::sinks::MetricsSink;
-use weir::telemetry::metrics::Metrics;
-use weir::telemetry::window::Window;
+use weir::{Outcome, OutcomeSink};
 
 fn config() -> Config {
     let mut toml = String::new();

@@ -429,7 +429,7 @@ impl Config {
                 None => (None, None, String::new()),
             };
             ConfigError {
-                file: file.to_string(),
+                file: file.to_owned(),
                 problems: vec![Problem {
                     key,
                     line,
@@ -449,7 +449,7 @@ impl Config {
             Ok(config)
         } else {
             Err(ConfigError {
-                file: file.to_string(),
+                file: file.to_owned(),
                 problems: v.problems,
             })
         }
@@ -467,7 +467,7 @@ impl Config {
                     .map(|p| format!("{}={}", p.name, p.weight))
                     .collect();
                 let hosts = if s.is_default() {
-                    "default".to_string()
+                    "default".to_owned()
                 } else {
                     s.hosts.join(",")
                 };
@@ -1325,7 +1325,7 @@ impl Validator<'_> {
         let path = r
             .path
             .as_ref()
-            .map_or("/".to_string(), |p| p.get_ref().clone());
+            .map_or("/".to_owned(), |p| p.get_ref().clone());
         if let Some(p) = &r.path
             && (!path.starts_with('/') || path.parse::<http::uri::PathAndQuery>().is_err())
         {
@@ -1623,7 +1623,7 @@ impl Validator<'_> {
     }
 
     fn cookie_name(&mut self, key: String, raw: &Spanned<String>) -> String {
-        let name = raw.get_ref().trim().to_string();
+        let name = raw.get_ref().trim().to_owned();
         let bad = name.is_empty()
             || name
                 .bytes()

@@ -20,12 +20,44 @@
 //! after the change is durable in its [`control::store::Store`]. Decisions read time from
 //! the injected [`model::Clock`].
 
-pub mod admin;
+// Layers are private; what users of the library get is chosen below, by name. `config`
+// (the config file's types) and `model` (the shared words) are public as they are.
+mod admin;
 pub mod config;
-pub mod control;
-pub mod dataplane;
+mod control;
+mod dataplane;
 pub mod model;
-pub mod telemetry;
+mod telemetry;
+
+/// The admin API's documents and request bodies (used by `weir ctl` and the tests).
+pub use admin::api;
+pub use admin::{Admin, AdminError, BODY_READ_TIMEOUT, reload};
+pub use control::controller::{
+    Change, Command, ControlError, Controller, OpenError, ReloadReport, RolloutVerb,
+    ServiceControl, check_state,
+};
+pub use control::guard::Guard;
+/// The judgement as pure functions: evaluate a candidate against a baseline offline
+/// (the simulation tests do, on streams with known truth).
+pub use control::judge;
+pub use control::rollout::Rollout;
+pub use dataplane::outcome::{LogSink, Outcome, OutcomeSink};
+pub use dataplane::pool::Pool;
+pub use dataplane::routing::{
+    PoolSlot, RouteTable, Router, RoutingWriter, Service, ServiceSnapshot,
+};
+pub use dataplane::sinks::{MetricsSink, OutlierSink, WindowSink};
+pub use telemetry::metrics::Metrics;
+pub use telemetry::window::Window;
+
+/// The state directory: its lock, the store the controller persists through, the
+/// journal's events.
+pub mod state {
+    pub use crate::control::store::{
+        Event, EventLog, FileStore, Revision, STATE_FILE, SavedControl, ServiceState, State,
+        StateError, StateLock, Store, discard,
+    };
+}
 
 use std::future::Future;
 use std::io;
@@ -35,17 +67,11 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-use crate::admin::Admin;
 use crate::config::Config;
-use crate::control::controller::{Controller, OpenError};
-use crate::control::guard::Guard;
 use crate::control::store::StateLock;
 use crate::control::{driver, health};
-use crate::dataplane::outcome::{LogSink, OutcomeSink};
 use crate::dataplane::proxy::Proxy;
-use crate::dataplane::sinks::{MetricsSink, WindowSink};
 use crate::dataplane::tls;
-use crate::telemetry::metrics::Metrics;
 
 /// Why weir cannot start.
 ///
@@ -66,7 +92,7 @@ pub enum StartError {
         config: Option<PathBuf>,
     },
     #[error(transparent)]
-    Admin(#[from] admin::AdminError),
+    Admin(#[from] AdminError),
     #[error("TLS: {0}")]
     Tls(tls::TlsError),
 }

@@ -856,8 +856,8 @@ mod tests {
         let mut event = Event::new("shop", crate::model::EventKind::RolledBack, Source::Guard);
         event.id = 9;
         event.time = "2026-01-02T03:04:05.678Z".into();
-        event.from = Some([("stable".to_string(), 75), ("canary".to_string(), 25)].into());
-        event.to = Some([("stable".to_string(), 100), ("canary".to_string(), 0)].into());
+        event.from = Some([("stable".to_owned(), 75), ("canary".to_owned(), 25)].into());
+        event.to = Some([("stable".to_owned(), 100), ("canary".to_owned(), 0)].into());
         event.reason = Some("canary error rate 25.0% > 5.0%".into());
         event.details = serde_json::to_value(breach()).unwrap();
         round_trip(&EventList {
@@ -893,7 +893,7 @@ mod tests {
     #[test]
     fn request_bodies_round_trip_sending_only_what_is_set() {
         let weights = WeightsRequest {
-            weights: [("stable".to_string(), 90), ("canary".to_string(), 10)].into(),
+            weights: [("stable".to_owned(), 90), ("canary".to_owned(), 10)].into(),
             reason: Some("step 2".into()),
         };
         // The order given is the order sent, and applied.
@@ -1014,7 +1014,7 @@ mod tests {
         let ok = WeightsRequest::from_json(&json!({"weights": {"a": 1, "b": 0}, "reason": "r"}))
             .unwrap();
         let weights: Vec<(String, u32)> = ok.weights.into_iter().collect();
-        assert_eq!(weights, vec![("a".to_string(), 1), ("b".to_string(), 0)]);
+        assert_eq!(weights, vec![("a".to_owned(), 1), ("b".to_owned(), 0)]);
         assert_eq!(ok.reason.as_deref(), Some("r"));
         for (body, needle) in [
             (json!({}), "missing `weights`"),

@@ -63,7 +63,7 @@ const DEFAULT_SERIES: Duration = Duration::from_secs(300);
 /// so it works air-gapped. It reads and changes state only through the API below.
 const DASHBOARD: &str = include_str!("dashboard.html");
 
-pub type AdminResponse = Response<Full<Bytes>>;
+pub(crate) type AdminResponse = Response<Full<Bytes>>;
 
 /// Everything the admin API needs.
 pub struct Admin {
@@ -106,14 +106,14 @@ pub enum AdminError {
 
 /// The admin token: `[admin] token_file` if configured, else `WEIR_ADMIN_TOKEN`. Refuses
 /// an admin listener off loopback without one.
-pub fn resolve_token(config: &Config) -> Result<Option<String>, AdminError> {
+pub(crate) fn resolve_token(config: &Config) -> Result<Option<String>, AdminError> {
     let token = match &config.admin.token_file {
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|e| AdminError::TokenFile {
                 path: path.display().to_string(),
                 message: e.to_string(),
             })?;
-            let t = text.trim().to_string();
+            let t = text.trim().to_owned();
             if t.is_empty() {
                 return Err(AdminError::TokenFile {
                     path: path.display().to_string(),
@@ -124,7 +124,7 @@ pub fn resolve_token(config: &Config) -> Result<Option<String>, AdminError> {
         }
         None => std::env::var("WEIR_ADMIN_TOKEN")
             .ok()
-            .map(|t| t.trim().to_string())
+            .map(|t| t.trim().to_owned())
             .filter(|t| !t.is_empty()),
     };
     if token.is_none() && !config.admin.listen.ip().is_loopback() {
@@ -219,7 +219,7 @@ impl Admin {
         req: Request<Incoming>,
         peer: SocketAddr,
     ) -> AdminResponse {
-        let path = req.uri().path().to_string();
+        let path = req.uri().path().to_owned();
         // Probes answer whatever the Host: an orchestrator may address us by a service
         // name we cannot know, a refused probe restarts a healthy process, and one bit of
         // "up" is nothing a rebound page could use.
@@ -343,7 +343,7 @@ impl Admin {
                 None => error(StatusCode::NOT_FOUND, format!("unknown service `{name}`")),
             },
             Route::Weights(name) => {
-                let name = name.to_string();
+                let name = name.to_owned();
                 let if_version = match if_match(&req) {
                     Ok(v) => v,
                     Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
@@ -367,7 +367,7 @@ impl Admin {
                 .await
             }
             Route::Rollback(name) => {
-                let name = name.to_string();
+                let name = name.to_owned();
                 let body = match self.read_json(req).await {
                     Ok(b) => b,
                     Err(resp) => return resp,
@@ -386,8 +386,8 @@ impl Admin {
                 .await
             }
             Route::Rollout(name, verb) => {
-                let name = name.to_string();
-                let verb = verb.to_string();
+                let name = name.to_owned();
+                let verb = verb.to_owned();
                 let body = match self.read_json(req).await {
                     Ok(b) => b,
                     Err(resp) => return resp,
@@ -1077,7 +1077,7 @@ fn series_doc(s: &Service, span: Duration, clock: &dyn Clock) -> api::SeriesDoc 
         .map(|slot| {
             let series = slot.pool.window().series(span);
             api::PoolSeries {
-                name: slot.name().to_string(),
+                name: slot.name().to_owned(),
                 step_secs: series.step.as_secs_f64(),
                 end_ms: unix_ms(series.end),
                 requests: series.points.iter().map(|p| p.requests).collect(),
@@ -1152,7 +1152,7 @@ fn dashboard<B>(req: &Request<B>) -> AdminResponse {
 }
 
 /// The service document of the API.
-pub fn service_doc(s: &Service, controller: &Controller, guard: &Guard) -> api::ServiceDoc {
+pub(crate) fn service_doc(s: &Service, controller: &Controller, guard: &Guard) -> api::ServiceDoc {
     let snap = s.snapshot();
     let control = controller.service_control(&s.name);
     // One reading of the degraded state, for both places that show it.
@@ -1166,14 +1166,14 @@ pub fn service_doc(s: &Service, controller: &Controller, guard: &Guard) -> api::
         .iter()
         .enumerate()
         .map(|(i, slot)| api::PoolDoc {
-            name: slot.name().to_string(),
+            name: slot.name().to_owned(),
             weight: slot.weight,
             share: snap.share(i),
             endpoints: slot
                 .pool
                 .endpoints()
                 .iter()
-                .map(|e| e.endpoint.as_str().to_string())
+                .map(|e| e.endpoint.as_str().to_owned())
                 .collect(),
             endpoint_states: slot
                 .pool
@@ -1186,7 +1186,7 @@ pub fn service_doc(s: &Service, controller: &Controller, guard: &Guard) -> api::
     api::ServiceDoc {
         name: s.name.to_string(),
         hosts: s.hosts.clone(),
-        baseline: snap.baseline_name().to_string(),
+        baseline: snap.baseline_name().to_owned(),
         version: snap.version,
         pools,
         updated_at: rfc3339(snap.updated_at),
@@ -1383,7 +1383,7 @@ fn plan_doc(p: &RolloutConfig) -> api::PlanDoc {
             RolloutConfig::Canary { .. } => api::Strategy::Canary,
             RolloutConfig::BlueGreen { .. } => api::Strategy::BlueGreen,
         },
-        candidate: p.candidate().to_string(),
+        candidate: p.candidate().to_owned(),
         steps: crate::control::rollout::plan_steps(p)
             .iter()
             .map(Step::describe)

@@ -654,7 +654,7 @@ impl Controller {
                     && expected != current.version
                 {
                     return Err(ControlError::VersionConflict {
-                        service: name.to_string(),
+                        service: name.to_owned(),
                         expected,
                         current: current.version,
                     });
@@ -761,10 +761,10 @@ impl Controller {
                 let plan = self
                     .plan_of(name)
                     .ok_or_else(|| conflict("has no rollout plan: add [service.rollout]".into()))?;
-                let stable = current.baseline_name().to_string();
+                let stable = current.baseline_name().to_owned();
                 let candidate = match candidate {
                     Some(c) => c,
-                    None if plan.candidate() != stable => plan.candidate().to_string(),
+                    None if plan.candidate() != stable => plan.candidate().to_owned(),
                     None => {
                         let others: Vec<&str> = current
                             .slots()
@@ -785,7 +785,7 @@ impl Controller {
                 };
                 if current.slot(&candidate).is_none() {
                     return Err(ControlError::UnknownPool {
-                        service: name.to_string(),
+                        service: name.to_owned(),
                         pool: candidate,
                     });
                 }
@@ -899,7 +899,7 @@ impl Controller {
                             cfg.pool(slot.name())
                                 .is_some_and(|p| slot.pool.same_endpoints(&p.endpoints))
                         })
-                        .map(|slot| (slot.name().to_string(), slot.pool.clone()))
+                        .map(|slot| (slot.name().to_owned(), slot.pool.clone()))
                         .collect()
                 })
                 .unwrap_or_default();
@@ -1111,7 +1111,7 @@ impl Controller {
         self.control
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(service.to_string(), control);
+            .insert(service.to_owned(), control);
     }
 }
 
@@ -1200,7 +1200,7 @@ fn restore(
     let saved = state.control()?;
     // A promotion may have moved the baseline; else the config's.
     let baseline = match &saved.baseline {
-        None => current.baseline_name().to_string(),
+        None => current.baseline_name().to_owned(),
         Some(b) if names.contains(&b.as_str()) => b.clone(),
         Some(b) => {
             return Err(format!(
@@ -1275,14 +1275,14 @@ fn service_state(s: &ServiceSnapshot, c: &ServiceControl) -> ServiceState {
         extra: serde_json::Value::Null,
     };
     state.set_control(&SavedControl {
-        baseline: Some(s.baseline_name().to_string()),
+        baseline: Some(s.baseline_name().to_owned()),
         degraded: c.degraded.clone(),
         rollout: c.rollout.clone(),
     });
     state
 }
 
-pub fn rfc3339(t: SystemTime) -> String {
+pub(crate) fn rfc3339(t: SystemTime) -> String {
     crate::model::timestamp(t)
 }
 
@@ -1349,10 +1349,10 @@ fn choice(cfg: &ServiceConfig) -> Choice {
     }
 }
 
-pub fn weights_of(s: &ServiceSnapshot) -> Weights {
+pub(crate) fn weights_of(s: &ServiceSnapshot) -> Weights {
     s.slots()
         .iter()
-        .map(|p| (p.name().to_string(), p.weight))
+        .map(|p| (p.name().to_owned(), p.weight))
         .collect()
 }
 
@@ -1373,7 +1373,7 @@ fn ordered_weights(
             .iter()
             .position(|s| s.name() == pool)
             .ok_or_else(|| ControlError::UnknownPool {
-                service: service.to_string(),
+                service: service.to_owned(),
                 pool: pool.clone(),
             })?;
         if out[i].replace(*weight).is_some() {
@@ -1384,7 +1384,7 @@ fn ordered_weights(
         .iter()
         .zip(current.slots())
         .filter(|(w, _)| w.is_none())
-        .map(|(_, s)| s.name().to_string())
+        .map(|(_, s)| s.name().to_owned())
         .collect();
     if !missing.is_empty() {
         return Err(ControlError::MissingPools { pools: missing });

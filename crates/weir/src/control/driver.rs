@@ -16,7 +16,7 @@ const TICK: Duration = Duration::from_millis(100);
 
 /// The rollout driver: advances every progressing rollout by time and evidence, through
 /// the controller. Runs until its task is dropped.
-pub async fn drive(controller: Arc<Controller>, guard: Arc<Guard>) {
+pub(crate) async fn drive(controller: Arc<Controller>, guard: Arc<Guard>) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

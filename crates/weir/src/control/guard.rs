@@ -18,10 +18,10 @@ use serde_json::Value;
 
 use crate::config::{GuardMode, SloConfig};
 use crate::control::controller::{Command, Controller, rfc3339};
-pub use crate::control::judge::{Basis, Evidence, Figures, Judgement, Verdict, judge};
+pub(crate) use crate::control::judge::{Evidence, Figures, Judgement, Verdict, judge};
 use crate::control::store::Event;
 use crate::dataplane::routing::Service;
-pub use crate::model::Check;
+pub(crate) use crate::model::Check;
 use crate::model::{EventKind, Source};
 use crate::telemetry::metrics::Metrics;
 
@@ -182,7 +182,7 @@ impl Guard {
         }
         watch.exposure_weights = Some(weights);
         let base_slot = snapshot.baseline();
-        let baseline = base_slot.name().to_string();
+        let baseline = base_slot.name().to_owned();
         let b_exposure = base_slot.pool.window().exposure();
         let b_fast = crate::control::judge::recent(base_slot.pool.window(), slo.fast_window);
         let b_slices = crate::control::judge::recent_slices(base_slot.pool.window());
@@ -197,7 +197,7 @@ impl Guard {
             .filter(|r| r.phase.is_running())
             .map(|r| r.candidate.as_str());
         for slot in snapshot.slots() {
-            let name = slot.name().to_string();
+            let name = slot.name().to_owned();
             if name == baseline {
                 // The baseline is judged against, not judged: a decision from when it
                 // was a candidate no longer applies.

@@ -26,7 +26,7 @@ use crate::model::{EventKind, Source};
 const TICK: Duration = Duration::from_millis(100);
 
 /// The health task and the sink that feeds it.
-pub fn start(controller: Arc<Controller>) -> (OutlierSink, Monitor) {
+pub(crate) fn start(controller: Arc<Controller>) -> (OutlierSink, Monitor) {
     let (sink, tx, rx) = OutlierSink::channel();
     (
         sink,
@@ -41,7 +41,7 @@ pub fn start(controller: Arc<Controller>) -> (OutlierSink, Monitor) {
 
 /// Runs the checks and records endpoint changes.
 #[derive(Debug)]
-pub struct Monitor {
+pub(crate) struct Monitor {
     controller: Arc<Controller>,
     changes: EndpointChanges,
     rx: Option<EndpointChangesRx>,
@@ -53,12 +53,13 @@ impl Monitor {
     /// A counter of the rounds the task has run: a round runs only once the task has
     /// recorded every earlier change, so a test on paused time waits for it before
     /// moving the clock again.
-    pub fn rounds(&self) -> Arc<AtomicU64> {
+    #[cfg(test)]
+    pub(crate) fn rounds(&self) -> Arc<AtomicU64> {
         Arc::clone(&self.rounds)
     }
 
     /// Run until the task is dropped. Only the first call does anything.
-    pub async fn run(mut self) {
+    pub(crate) async fn run(mut self) {
         let Some(mut rx) = self.rx.take() else { return };
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -100,7 +100,7 @@ fn round_ms(d: Duration) -> f64 {
 impl Figures {
     pub fn of(pool: &str, s: &Stats) -> Figures {
         Figures {
-            pool: pool.to_string(),
+            pool: pool.to_owned(),
             requests: s.requests,
             errors: s.errors,
             error_rate: s.error_rate(),
@@ -611,7 +611,7 @@ fn missing(
     };
     if !latency_ok {
         gaps.push(match cs.p99.upper_us {
-            None => "p99 not bounded yet (needs more requests)".to_string(),
+            None => "p99 not bounded yet (needs more requests)".to_owned(),
             Some(u) => format!(
                 "p99 at most {:.0} ms, not yet within the limit",
                 u as f64 / 1e3

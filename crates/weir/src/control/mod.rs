@@ -2,15 +2,15 @@
 //! persists through, rollouts and judgement as pure logic, and the tasks that drive them
 //! (guard, health, webhook).
 
-pub mod controller;
-pub mod driver;
-pub mod guard;
-pub mod health;
+pub(crate) mod controller;
+pub(crate) mod driver;
+pub(crate) mod guard;
+pub(crate) mod health;
 pub mod judge;
-pub mod rollout;
-pub mod stats;
-pub mod store;
-pub mod webhook;
+pub(crate) mod rollout;
+pub(crate) mod stats;
+pub(crate) mod store;
+pub(crate) mod webhook;
 
 #[cfg(test)]
 mod loops_tests;

@@ -78,7 +78,7 @@ mod system_time {
 }
 
 /// The steps a config describes.
-pub fn plan_steps(cfg: &RolloutConfig) -> Vec<Step> {
+pub(crate) fn plan_steps(cfg: &RolloutConfig) -> Vec<Step> {
     match cfg {
         RolloutConfig::Canary { steps, .. } => steps.clone(),
         RolloutConfig::BlueGreen {

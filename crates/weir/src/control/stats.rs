@@ -70,13 +70,13 @@ const MAX_STEPS: u32 = 200;
 ///
 /// For a, b of order 10^8 the three terms are ~10^9 and cancel, leaving an absolute error
 /// of ~10^-6: harmless next to the ln(1/alpha) ≈ 5 it is compared with.
-pub fn ln_beta(a: f64, b: f64) -> f64 {
+pub(crate) fn ln_beta(a: f64, b: f64) -> f64 {
     libm::lgamma(a) + libm::lgamma(b) - libm::lgamma(a + b)
 }
 
 /// Lower and upper confidence bounds on a rate, each in [0, 1].
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RateBounds {
+pub(crate) struct RateBounds {
     pub lower: f64,
     pub upper: f64,
 }
@@ -164,7 +164,7 @@ impl Mixture {
 /// the point s/n. Counts must be cumulative, not a sliding window (see the module docs).
 /// Fine for n up to ~10^12; beyond, lgamma's absolute rounding (it grows like n·ln n)
 /// starts to matter next to ln(1/alpha).
-pub fn rate_cs(successes: u64, n: u64, alpha: f64) -> RateBounds {
+pub(crate) fn rate_cs(successes: u64, n: u64, alpha: f64) -> RateBounds {
     if n == 0 || alpha.is_nan() || alpha <= 0.0 {
         return RateBounds::ALL;
     }
@@ -190,7 +190,7 @@ pub fn rate_cs(successes: u64, n: u64, alpha: f64) -> RateBounds {
 ///
 /// Each end alone holds at alpha for one look fixed in advance; the two together at
 /// 2·alpha. n = 0 gives [0, 1]; so does alpha <= 0. alpha >= 0.5 gives the point s/n.
-pub fn wilson(successes: u64, n: u64, alpha: f64) -> RateBounds {
+pub(crate) fn wilson(successes: u64, n: u64, alpha: f64) -> RateBounds {
     wilson_z(successes, n, z_for(alpha))
 }
 
@@ -226,7 +226,7 @@ fn wilson_z(successes: u64, n: u64, z: f64) -> RateBounds {
 
 /// The z with P(Z > z) = alpha for a standard normal Z, by Wichura's AS241 (PPND16),
 /// accurate to about 1e-16 relative. alpha <= 0 gives +∞, alpha >= 1 gives −∞.
-pub fn z_for(alpha_one_sided: f64) -> f64 {
+pub(crate) fn z_for(alpha_one_sided: f64) -> f64 {
     let p = alpha_one_sided;
     if p.is_nan() {
         return f64::NAN;
@@ -333,7 +333,7 @@ fn normal_quantile(p: f64) -> f64 {
 /// no bound yet: for `lower_us`, the quantile could be as low as 0; for `upper_us`, there
 /// are not enough samples above it to say how high it may be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QuantileBounds {
+pub(crate) struct QuantileBounds {
     pub lower_us: Option<u64>,
     pub upper_us: Option<u64>,
 }
@@ -365,7 +365,7 @@ impl QuantileBounds {
 ///
 /// Cost: two bisections over the count (≈ 2·log2 n evaluations of the mixture), then one
 /// pass over the buckets up to the upper bound; the rate CS is never solved per bucket.
-pub fn quantile_cs(h: &Histogram32, p: f64, alpha: f64) -> QuantileBounds {
+pub(crate) fn quantile_cs(h: &Histogram32, p: f64, alpha: f64) -> QuantileBounds {
     quantile_bounds(h, p, |c, n| {
         // Exactly "is p outside rate_cs(c, n), and on which side": p is excluded iff the
         // mixture has reached 1/alpha at p, and it is above the interval iff above c/n.
@@ -378,7 +378,7 @@ pub fn quantile_cs(h: &Histogram32, p: f64, alpha: f64) -> QuantileBounds {
 
 /// [`quantile_cs`] with one-look [`wilson`] bounds in place of the confidence sequence:
 /// narrower, valid for one look at a time. Each end alone holds at alpha.
-pub fn quantile_fixed(h: &Histogram32, p: f64, alpha: f64) -> QuantileBounds {
+pub(crate) fn quantile_fixed(h: &Histogram32, p: f64, alpha: f64) -> QuantileBounds {
     let z = z_for(alpha);
     quantile_bounds(h, p, |c, n| {
         let b = wilson_z(c, n, z);

@@ -29,15 +29,15 @@ use crate::model::Source;
 
 /// The state file format this weir writes. Bump it (and keep a loader for the old one,
 /// with a fixture) whenever the file's shape changes incompatibly.
-pub const STATE_FORMAT: u64 = 2;
+pub(crate) const STATE_FORMAT: u64 = 2;
 /// Name of the state file inside the state directory.
 pub const STATE_FILE: &str = "state.json";
 /// Name of the current journal file inside the state directory; rotated ones are
 /// `events.1.jsonl` (newest) to `events.<keep_files>.jsonl` (oldest).
-pub const JOURNAL_FILE: &str = "events.jsonl";
+pub(crate) const JOURNAL_FILE: &str = "events.jsonl";
 
 /// Name of the lock file inside the state directory; it holds the owner's pid.
-pub const LOCK_FILE: &str = "lock";
+pub(crate) const LOCK_FILE: &str = "lock";
 
 /// Prefix of the temp file a save writes; the writer's pid follows, so that even a writer
 /// that somehow runs without the lock never shares a half-written file with another.
@@ -222,7 +222,7 @@ fn remove_if_exists(path: &Path) -> Result<(), StateError> {
 /// handed out again (a library user, or a test restarting weir in-process, may still hold
 /// the previous instance for a moment), since OS locks do not nest within one process.
 #[derive(Debug, Clone)]
-pub struct StateLock(std::sync::Arc<HeldLock>);
+pub struct StateLock(Arc<HeldLock>);
 
 /// The OS lock goes with the file descriptor, when the last clone is dropped.
 #[derive(Debug)]
@@ -232,9 +232,8 @@ struct HeldLock {
 }
 
 /// The directories this process holds, by canonical path.
-fn held_locks() -> std::sync::MutexGuard<'static, BTreeMap<PathBuf, std::sync::Weak<HeldLock>>> {
-    static HELD: std::sync::Mutex<BTreeMap<PathBuf, std::sync::Weak<HeldLock>>> =
-        std::sync::Mutex::new(BTreeMap::new());
+fn held_locks() -> MutexGuard<'static, BTreeMap<PathBuf, std::sync::Weak<HeldLock>>> {
+    static HELD: Mutex<BTreeMap<PathBuf, std::sync::Weak<HeldLock>>> = Mutex::new(BTreeMap::new());
     HELD.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -262,8 +261,8 @@ impl StateLock {
                     std::thread::sleep(std::time::Duration::from_millis(10));
                 }
                 Ok(lock) => {
-                    let lock = std::sync::Arc::new(lock);
-                    held.insert(key, std::sync::Arc::downgrade(&lock));
+                    let lock = Arc::new(lock);
+                    held.insert(key, Arc::downgrade(&lock));
                     return Ok(StateLock(lock));
                 }
                 Err(e) => return Err(e),
@@ -297,9 +296,9 @@ impl StateLock {
                 return Err(StateError::Locked {
                     dir: dir.to_path_buf(),
                     holder: if pid.is_empty() {
-                        "not recorded yet: it is still starting".to_string()
+                        "not recorded yet: it is still starting".to_owned()
                     } else {
-                        pid.to_string()
+                        pid.to_owned()
                     },
                 });
             }
@@ -386,13 +385,13 @@ struct StateFileV1 {
 /// Not internally locked: concurrent `save`s would share the temp file, so the controller
 /// (the single writer) serialises them under its own lock.
 #[derive(Debug)]
-pub struct StateStore {
+pub(crate) struct StateStore {
     dir: PathBuf,
 }
 
 impl StateStore {
     /// Create the directory (and parents) if missing; error names the path.
-    pub fn open(dir: &Path) -> Result<StateStore, StateError> {
+    pub(crate) fn open(dir: &Path) -> Result<StateStore, StateError> {
         fs::create_dir_all(dir).map_err(io_error("create state directory", dir))?;
         Ok(StateStore {
             dir: dir.to_path_buf(),
@@ -400,18 +399,14 @@ impl StateStore {
     }
 
     /// The store of `dir` without creating it, for reading only (`weir check`).
-    pub fn at(dir: &Path) -> StateStore {
+    pub(crate) fn at(dir: &Path) -> StateStore {
         StateStore {
             dir: dir.to_path_buf(),
         }
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Path of the state file.
-    pub fn path(&self) -> PathBuf {
+    pub(crate) fn path(&self) -> PathBuf {
         self.dir.join(STATE_FILE)
     }
 
@@ -419,7 +414,7 @@ impl StateStore {
     ///
     /// A leftover `state.json.tmp.<pid>` is ignored: it is a save that never completed,
     /// so it was never acknowledged ([`StateStore::remove_stale_temps`] clears it).
-    pub fn load(&self) -> Result<Option<State>, StateError> {
+    pub(crate) fn load(&self) -> Result<Option<State>, StateError> {
         let path = self.path();
         let mut file = match File::open(&path) {
             Ok(f) => f,
@@ -485,7 +480,7 @@ impl StateStore {
 
     /// Best effort: remove temp files of saves that never completed (their writers died).
     /// Only for the lock holder, once start-up has passed its checks.
-    pub fn remove_stale_temps(&self) {
+    pub(crate) fn remove_stale_temps(&self) {
         let Ok(entries) = fs::read_dir(&self.dir) else {
             return;
         };
@@ -503,7 +498,7 @@ impl StateStore {
     /// Durable replace: write `state.json.tmp.<pid>` → fsync it → rename over `state.json` →
     /// fsync the directory. A crash at any point leaves either the old or the new file
     /// whole, never a mix; once this returns, the new one survives power loss.
-    pub fn save(&self, state: &State) -> Result<(), StateError> {
+    pub(crate) fn save(&self, state: &State) -> Result<(), StateError> {
         let path = self.path();
         let tmp = self.tmp_path();
         let out = StateFileV2Out {
@@ -586,7 +581,7 @@ impl Event {
 /// it may have written still uses up its id, so that a line that did reach the disk is
 /// never followed by another with the same id; such a failure leaves a gap.
 #[derive(Debug)]
-pub struct Journal {
+pub(crate) struct Journal {
     dir: PathBuf,
     max_file_bytes: u64,
     keep_files: usize,
@@ -692,7 +687,7 @@ impl Journal {
     /// id from it and the rotated files. A torn last line (a crash mid-append) is cut off and ignored: its
     /// append never returned, so it was never acknowledged. Other unreadable lines are
     /// skipped with a warning rather than failing start-up over the audit trail.
-    pub fn open(
+    pub(crate) fn open(
         dir: &Path,
         max_file_bytes: u64,
         keep_files: usize,
@@ -754,7 +749,7 @@ impl Journal {
         Ok(journal)
     }
 
-    pub fn last_id(&self) -> u64 {
+    pub(crate) fn last_id(&self) -> u64 {
         self.last_id
     }
 
@@ -762,7 +757,7 @@ impl Journal {
     /// then return the stored event. When the line would take the file past
     /// `max_file_bytes`, rotate first (`events.jsonl` → `events.1.jsonl`, shifting the
     /// older ones up and dropping those beyond `keep_files`).
-    pub fn append(&mut self, mut event: Event) -> Result<Event, StateError> {
+    pub(crate) fn append(&mut self, mut event: Event) -> Result<Event, StateError> {
         event.id = self.last_id + 1;
         if event.time.is_empty() {
             event.time = timestamp(self.clock.now());
@@ -789,12 +784,13 @@ impl Journal {
     }
 
     /// Events with id > `since`, oldest first, at most `limit` (see [`EventLog::since`]).
-    pub fn since(&self, since: u64, limit: usize) -> Result<Vec<Event>, StateError> {
+    #[cfg(test)]
+    pub(crate) fn since(&self, since: u64, limit: usize) -> Result<Vec<Event>, StateError> {
         self.log().since(since, limit)
     }
 
     /// A read handle for callers that must not wait for this writer.
-    pub fn log(&self) -> EventLog {
+    pub(crate) fn log(&self) -> EventLog {
         EventLog(Arc::clone(&self.shared))
     }
 
@@ -1160,28 +1156,28 @@ mod tests {
     }
 
     fn weights(pairs: &[(&str, u32)]) -> Weights {
-        pairs.iter().map(|&(p, w)| (p.to_string(), w)).collect()
+        pairs.iter().map(|&(p, w)| (p.to_owned(), w)).collect()
     }
 
     fn sample_state() -> State {
         let mut services = BTreeMap::new();
         services.insert(
-            "shop".to_string(),
+            "shop".to_owned(),
             ServiceState {
                 version: 3,
                 // Not alphabetical, to prove config order survives the round trip.
                 weights: weights(&[("stable", 90), ("canary", 10)]),
-                updated_at: "2025-01-02T03:04:05.678Z".to_string(),
+                updated_at: "2025-01-02T03:04:05.678Z".to_owned(),
                 updated_by: Source::Admin,
                 extra: serde_json::Value::Null,
             },
         );
         services.insert(
-            "api".to_string(),
+            "api".to_owned(),
             ServiceState {
                 version: 1,
                 weights: weights(&[("blue", 0), ("green", 1)]),
-                updated_at: "2025-01-02T03:04:06.000Z".to_string(),
+                updated_at: "2025-01-02T03:04:06.000Z".to_owned(),
                 updated_by: Source::Rollout,
                 extra: serde_json::json!({
                     "baseline": "green",
@@ -1205,7 +1201,10 @@ mod tests {
     fn load_without_file_is_none() {
         let tmp = TempDir::new("empty");
         let store = StateStore::open(&tmp.path().join("a/b")).unwrap();
-        assert!(store.dir().is_dir());
+        assert!(
+            tmp.path().join("a/b").is_dir(),
+            "open creates the directory"
+        );
         assert_eq!(store.load().unwrap(), None);
     }
 
@@ -1335,7 +1334,7 @@ mod tests {
         // Acquiring creates only an empty lock file; the pid is written on request.
         assert_eq!(fs::read(dir.join(LOCK_FILE)).unwrap(), b"");
         let b = StateLock::acquire(&dir).unwrap();
-        assert!(std::sync::Arc::ptr_eq(&a.0, &b.0));
+        assert!(Arc::ptr_eq(&a.0, &b.0));
         a.record_pid().unwrap();
         b.record_pid().unwrap();
         let pid = fs::read_to_string(dir.join(LOCK_FILE)).unwrap();
@@ -1364,7 +1363,7 @@ mod tests {
         let first = discard(&lock, SystemClock.now()).unwrap().unwrap();
         assert!(!store.path().exists());
         assert_eq!(fs::read(&first).unwrap(), bytes);
-        let name = first.file_name().unwrap().to_str().unwrap().to_string();
+        let name = first.file_name().unwrap().to_str().unwrap().to_owned();
         assert!(name.starts_with("state.json.discarded-2"), "{name}");
         // A second discard within the same second does not overwrite the first.
         store.save(&sample_state()).unwrap();
@@ -1407,7 +1406,7 @@ mod tests {
     fn event_serialisation_leaves_out_empty_parts() {
         let mut e = Event::new("", EventKind::ConfigReloaded, Source::Config);
         e.id = 5;
-        e.time = "2025-01-02T03:04:05.678Z".to_string();
+        e.time = "2025-01-02T03:04:05.678Z".to_owned();
         let json = serde_json::to_value(&e).unwrap();
         assert_eq!(
             json,
@@ -1418,7 +1417,7 @@ mod tests {
         );
         e.from = Some(weights(&[("stable", 100), ("canary", 0)]));
         e.to = Some(weights(&[("stable", 90), ("canary", 10)]));
-        e.actor = Some("ops".to_string());
+        e.actor = Some("ops".to_owned());
         e.details = serde_json::json!({"value": 0.2});
         let back: Event = serde_json::from_str(&serde_json::to_string(&e).unwrap()).unwrap();
         assert_eq!(back, e);
@@ -1445,7 +1444,7 @@ mod tests {
             Journal::open(tmp.path(), 1 << 20, 3, 100, Arc::new(SystemClock)).unwrap();
         assert_eq!(journal.last_id(), 3);
         let mut given = event(4);
-        given.time = "2025-01-02T03:04:05.678Z".to_string();
+        given.time = "2025-01-02T03:04:05.678Z".to_owned();
         let stored = journal.append(given).unwrap();
         assert_eq!(stored.id, 4);
         assert_eq!(stored.time, "2025-01-02T03:04:05.678Z");

@@ -20,7 +20,7 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 
 /// A webhook sender; cheap to clone.
 #[derive(Clone)]
-pub struct Webhook {
+pub(crate) struct Webhook {
     client: Client<HttpConnector, Full<Bytes>>,
 }
 
@@ -37,7 +37,7 @@ impl Default for Webhook {
 }
 
 impl Webhook {
-    pub fn new() -> Webhook {
+    pub(crate) fn new() -> Webhook {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(TIMEOUT));
         Webhook {
@@ -46,7 +46,7 @@ impl Webhook {
     }
 
     /// Send `event` to `url` in the background; failures are logged, never returned.
-    pub fn post(&self, url: Uri, event: Event) {
+    pub(crate) fn post(&self, url: Uri, event: Event) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             tracing::warn!("webhook {url}: no runtime to send event #{} from", event.id);
             return;

@@ -40,7 +40,7 @@ use crate::dataplane::body::RequestBody;
 use crate::dataplane::pool::{EndpointState, RetryBudget};
 
 /// A connection to an endpoint: plain TCP or TLS over it.
-pub enum Stream {
+pub(crate) enum Stream {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
@@ -106,7 +106,7 @@ impl tokio::io::AsyncWrite for Stream {
 type Conn = http1::Connection<TokioIo<Stream>, RequestBody>;
 
 /// One upstream connection: the request handle and the connection driver.
-pub struct PooledConn {
+pub(crate) struct PooledConn {
     sender: http1::SendRequest<RequestBody>,
     /// The connection driver; dropped as soon as it finishes, which cancels a request
     /// still queued on it (hyper hands it back unsent, and it goes on another
@@ -188,7 +188,7 @@ impl IdleConns {
 
 /// Why a request got no response head.
 #[derive(Debug)]
-pub enum SendError {
+pub(crate) enum SendError {
     /// No TCP connection could be made. The request never left: it comes back, for a
     /// retry on another endpoint.
     Connect(io::Error, Box<Request<RequestBody>>),
@@ -200,7 +200,7 @@ pub enum SendError {
 
 impl SendError {
     /// The request, when it never reached the endpoint.
-    pub fn into_request(self) -> Option<Request<RequestBody>> {
+    pub(crate) fn into_request(self) -> Option<Request<RequestBody>> {
         match self {
             SendError::Connect(_, req) | SendError::ConnectTimeout(req) => Some(*req),
             SendError::Http(_) => None,
@@ -220,7 +220,7 @@ impl std::fmt::Display for SendError {
 
 /// Settings shared by every upstream connection.
 #[derive(Debug, Clone)]
-pub struct UpstreamClient {
+pub(crate) struct UpstreamClient {
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_idle: usize,
@@ -230,7 +230,7 @@ pub struct UpstreamClient {
 /// Open a connection to an endpoint: TCP, then the TLS handshake when its pool uses TLS
 /// (verifying the configured server name, or the endpoint's host). Shared by requests
 /// and health checks.
-pub async fn open(endpoint: &EndpointState) -> io::Result<Stream> {
+pub(crate) async fn open(endpoint: &EndpointState) -> io::Result<Stream> {
     let authority = endpoint.authority();
     let port = authority.port_u16().unwrap_or(80);
     let host = authority
@@ -245,7 +245,7 @@ pub async fn open(endpoint: &EndpointState) -> io::Result<Stream> {
     let tls = tls.map_err(io::Error::other)?;
     let name = match &tls.server_name {
         Some(n) => n.clone(),
-        None => rustls::pki_types::ServerName::try_from(host.to_string())
+        None => rustls::pki_types::ServerName::try_from(host.to_owned())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
     };
     let stream = tls.connector.connect(name, tcp).await?;
@@ -300,7 +300,7 @@ fn idempotent(method: &http::Method) -> bool {
 
 /// A response head and the connection its body arrives on.
 #[derive(Debug)]
-pub struct Sent {
+pub(crate) struct Sent {
     pub response: Response<Incoming>,
     pub conn: Box<PooledConn>,
     /// The request was sent again on a fresh connection after a keep-alive race.
@@ -308,7 +308,7 @@ pub struct Sent {
 }
 
 impl UpstreamClient {
-    pub fn new(connect_timeout: Duration, idle_timeout: Duration, max_idle: usize) -> Self {
+    pub(crate) fn new(connect_timeout: Duration, idle_timeout: Duration, max_idle: usize) -> Self {
         UpstreamClient {
             connect_timeout,
             idle_timeout,
@@ -323,14 +323,14 @@ impl UpstreamClient {
         }
     }
 
-    pub fn idle_timeout(&self) -> Duration {
+    pub(crate) fn idle_timeout(&self) -> Duration {
         self.idle_timeout
     }
 
     /// Send `req` to `endpoint` and wait for the response head. The connection comes
     /// back with the response, to be driven by the body and returned with [`release`].
     /// A replay after a keep-alive race is paid for from `budget`.
-    pub async fn send(
+    pub(crate) async fn send(
         &self,
         endpoint: &EndpointState,
         mut req: Request<RequestBody>,
@@ -452,7 +452,7 @@ impl UpstreamClient {
 
     /// Send an upgrade request (WebSocket) on a dedicated connection: never pooled,
     /// driven by its own task so the upgraded stream outlives the request.
-    pub async fn send_upgrade(
+    pub(crate) async fn send_upgrade(
         &self,
         endpoint: &EndpointState,
         req: Request<RequestBody>,
@@ -479,7 +479,7 @@ impl UpstreamClient {
     /// Send over the endpoint's multiplexed HTTP/2 connection (h2c), opening it when
     /// there is none or it closed. The request needs an absolute URI: its authority
     /// becomes `:authority`.
-    pub async fn send_h2(
+    pub(crate) async fn send_h2(
         &self,
         endpoint: &EndpointState,
         req: Request<RequestBody>,
@@ -513,13 +513,13 @@ impl UpstreamClient {
     }
 
     /// Idle connections kept per endpoint.
-    pub fn max_idle(&self) -> usize {
+    pub(crate) fn max_idle(&self) -> usize {
         self.max_idle
     }
 }
 
 /// Return a connection whose response is complete to its endpoint's idle stack.
-pub fn release(endpoint: &EndpointState, mut conn: Box<PooledConn>, max_idle: usize) {
+pub(crate) fn release(endpoint: &EndpointState, mut conn: Box<PooledConn>, max_idle: usize) {
     if conn.done || conn.sender.is_closed() {
         return;
     }

@@ -104,7 +104,7 @@ impl OutcomeSink for LogSink {
 }
 
 /// Hand one outcome to every sink.
-pub fn emit(sinks: &[Arc<dyn OutcomeSink>], outcome: &Outcome<'_>) {
+pub(crate) fn emit(sinks: &[Arc<dyn OutcomeSink>], outcome: &Outcome<'_>) {
     for sink in sinks {
         sink.record(outcome);
     }

@@ -105,7 +105,7 @@ impl EndpointState {
     pub fn status(&self) -> EndpointStatus {
         let cold = self.cold();
         EndpointStatus {
-            address: self.endpoint.as_str().to_string(),
+            address: self.endpoint.as_str().to_owned(),
             healthy: self.is_healthy(),
             ejected: self.is_ejected(),
             ejections: cold.ejections,
@@ -565,8 +565,8 @@ impl Drop for InflightGuard {
 mod tests {
     use super::*;
 
-    const S30: std::time::Duration = std::time::Duration::from_secs(30);
-    const S1: std::time::Duration = std::time::Duration::from_secs(1);
+    const S30: Duration = Duration::from_secs(30);
+    const S1: Duration = Duration::from_secs(1);
 
     fn pool(n: usize) -> Arc<Pool> {
         let cfg = PoolConfig {

@@ -34,13 +34,13 @@ use crate::model::{ErrorKind, GRPC_DEADLINE_EXCEEDED, GRPC_UNAVAILABLE, parse_gr
 
 /// Who a request came from, and whether over TLS.
 #[derive(Debug, Clone, Copy)]
-pub struct Peer {
+pub(crate) struct Peer {
     pub addr: SocketAddr,
     pub secure: bool,
 }
 
 /// The proxy's shared state: router, upstream client, settings and outcome sinks.
-pub struct Proxy {
+pub(crate) struct Proxy {
     router: Arc<Router>,
     client: UpstreamClient,
     request_timeout: Duration,
@@ -76,7 +76,7 @@ impl std::fmt::Debug for Proxy {
 }
 
 impl Proxy {
-    pub fn new(
+    pub(crate) fn new(
         config: &ProxyConfig,
         router: Arc<Router>,
         sinks: Vec<Arc<dyn OutcomeSink>>,
@@ -104,7 +104,7 @@ impl Proxy {
 
     /// Serve HTTP/1.1 on `listener` until `shutdown` resolves, then stop accepting and
     /// let open requests finish for up to `grace`.
-    pub async fn serve(
+    pub(crate) async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
         tls: Option<(TcpListener, Arc<rustls::ServerConfig>)>,
@@ -245,11 +245,6 @@ impl Proxy {
         }
         self.close_tunnels.send_replace(true);
         Ok(())
-    }
-
-    /// Proxy one request. Never fails: every failure becomes a response.
-    pub async fn handle(&self, req: Request<Incoming>, peer: Peer) -> Response<ProxyBody> {
-        self.handle_in(req, peer, None).await
     }
 
     /// Proxy one request arriving on a client connection holding `slot` (lent to a
@@ -1174,7 +1169,7 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 ];
 
 /// Remove hop-by-hop headers, including every header the Connection header names.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none of these. One pass over the names (standard names compare
     // as integers) finds that out without hashing nine lookups per message.
     if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {

@@ -63,7 +63,7 @@ pub enum WeightError {
 }
 
 /// Sticky keys hash into this many buckets.
-pub const STICKY_BUCKETS: u32 = 10_000;
+pub(crate) const STICKY_BUCKETS: u32 = 10_000;
 
 impl ServiceSnapshot {
     /// Build a snapshot, checking the invariants every request relies on: one weight per
@@ -126,7 +126,7 @@ impl ServiceSnapshot {
             .slots
             .iter()
             .position(|s| s.name() == name)
-            .ok_or_else(|| WeightError::UnknownBaseline(name.to_string()))?;
+            .ok_or_else(|| WeightError::UnknownBaseline(name.to_owned()))?;
         self.sticky = self.sticky_ranges();
         Ok(self)
     }
@@ -368,7 +368,7 @@ impl Choice {
 
 /// A stable bucket for a sticky key: SipHash-1-3 with fixed keys, so a user lands in
 /// the same bucket across restarts and weir instances.
-pub fn bucket_of(key: &[u8]) -> u32 {
+pub(crate) fn bucket_of(key: &[u8]) -> u32 {
     use std::hash::Hasher;
     let mut h =
         siphasher::sip::SipHasher13::new_with_keys(0x7765_6972_5f73_7469, 0x636b_795f_6275_636b);
@@ -377,7 +377,7 @@ pub fn bucket_of(key: &[u8]) -> u32 {
 }
 
 /// The value of cookie `name` in the request's Cookie header(s).
-pub fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+pub(crate) fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
     headers
         .get_all(http::header::COOKIE)
         .iter()
@@ -526,8 +526,8 @@ mod tests {
                     },
                     &crate::telemetry::metrics::Metrics::new(),
                     crate::telemetry::window::Window::new(
-                        std::time::Duration::from_secs(30),
-                        std::time::Duration::from_secs(1),
+                        Duration::from_secs(30),
+                        Duration::from_secs(1),
                     ),
                 ))
             })

@@ -12,9 +12,9 @@ use crate::model::ErrorKind;
 use crate::telemetry::metrics::{Metrics, Observed};
 
 /// Endpoint changes passive ejection makes (and the health task's own), in order.
-pub type EndpointChanges = mpsc::UnboundedSender<(Arc<Pool>, EndpointChange)>;
+pub(crate) type EndpointChanges = mpsc::UnboundedSender<(Arc<Pool>, EndpointChange)>;
 /// Where the health task reads them.
-pub type EndpointChangesRx = mpsc::UnboundedReceiver<(Arc<Pool>, EndpointChange)>;
+pub(crate) type EndpointChangesRx = mpsc::UnboundedReceiver<(Arc<Pool>, EndpointChange)>;
 
 /// Feeds outcomes into the pools' metrics, and counts unrouted requests.
 #[derive(Debug)]
@@ -113,7 +113,7 @@ mod tests {
     use super::*;
 
     fn outcome<'a>(
-        pool: &'a Arc<crate::dataplane::pool::Pool>,
+        pool: &'a Arc<Pool>,
         status: u16,
         grpc: Option<u8>,
         error: Option<ErrorKind>,
@@ -145,7 +145,7 @@ mod tests {
         };
         let window =
             crate::telemetry::window::Window::new(Duration::from_secs(30), Duration::from_secs(1));
-        let pool = Arc::new(crate::dataplane::pool::Pool::new("shop", &cfg, &m, window));
+        let pool = Arc::new(Pool::new("shop", &cfg, &m, window));
         let before = m.render();
         for needle in [
             "weir_request_failures_total{service=\"shop\",pool=\"canary\"} 0",

@@ -37,7 +37,7 @@ fn provider() -> Arc<CryptoProvider> {
 }
 
 /// Load a certificate chain and its key, checking they belong together.
-pub fn load_pair(
+pub(crate) fn load_pair(
     cert: &Path,
     key: &Path,
     provider: &CryptoProvider,
@@ -95,7 +95,7 @@ impl ResolvesServerCert for SniResolver {
 }
 
 /// The rustls server configuration for the TLS listener.
-pub fn server_config(cfg: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+pub(crate) fn server_config(cfg: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let provider = provider();
     let default = match &cfg.default {
         Some(CertConfig { cert, key, .. }) => Some(Arc::new(load_pair(cert, key, &provider)?)),
@@ -134,7 +134,7 @@ impl fmt::Debug for UpstreamTls {
 
 /// Build the TLS client side of a pool: trusted roots from `ca_file` (or the system's),
 /// ALPN `h2` for HTTP/2 pools and `http/1.1` otherwise.
-pub fn upstream(
+pub(crate) fn upstream(
     cfg: &UpstreamTlsConfig,
     protocol: UpstreamProtocol,
 ) -> Result<UpstreamTls, TlsError> {
@@ -194,7 +194,7 @@ pub fn upstream(
 
 /// Check every pool's upstream TLS settings (CA files readable and valid), so a bad
 /// file is a startup (or reload) error, not a run-time surprise.
-pub fn check_upstreams(config: &crate::config::Config) -> Result<(), TlsError> {
+pub(crate) fn check_upstreams(config: &crate::config::Config) -> Result<(), TlsError> {
     for service in &config.services {
         for pool in &service.pools {
             if let Some(t) = &pool.tls {

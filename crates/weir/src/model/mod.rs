@@ -293,7 +293,7 @@ impl Step {
                 auto_promote_after,
                 gate,
             } => {
-                let mut s = "preview (targeted requests only)".to_string();
+                let mut s = "preview (targeted requests only)".to_owned();
                 if let Some(g) = gate {
                     s += &format!(", gate {g} requests");
                 }

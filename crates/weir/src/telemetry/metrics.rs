@@ -15,31 +15,31 @@ use metrics_exporter_prometheus::{
 use crate::model::Source;
 use crate::model::{Blame, ErrorKind, GRPC_CODES, Phase};
 
-pub const REQUESTS_TOTAL: &str = "weir_requests_total";
-pub const REQUEST_DURATION: &str = "weir_request_duration_seconds";
-pub const UPSTREAM_ERRORS_TOTAL: &str = "weir_upstream_errors_total";
-pub const INFLIGHT: &str = "weir_inflight_requests";
+pub(crate) const REQUESTS_TOTAL: &str = "weir_requests_total";
+pub(crate) const REQUEST_DURATION: &str = "weir_request_duration_seconds";
+pub(crate) const UPSTREAM_ERRORS_TOTAL: &str = "weir_upstream_errors_total";
+pub(crate) const INFLIGHT: &str = "weir_inflight_requests";
 /// Upgraded connections (WebSocket tunnels) open through a pool.
-pub const TUNNELS_OPEN: &str = "weir_tunnels_open";
-pub const POOL_WEIGHT: &str = "weir_pool_weight";
-pub const POOL_SHARE: &str = "weir_pool_share";
-pub const WEIGHT_CHANGES_TOTAL: &str = "weir_weight_changes_total";
-pub const BUILD_INFO: &str = "weir_build_info";
-pub const ROLLBACKS_TOTAL: &str = "weir_rollbacks_total";
-pub const ROLLOUT_PHASE: &str = "weir_rollout_phase";
-pub const ENDPOINT_HEALTHY: &str = "weir_endpoint_healthy";
-pub const ENDPOINT_EJECTIONS_TOTAL: &str = "weir_endpoint_ejections_total";
-pub const RETRIES_TOTAL: &str = "weir_retries_total";
-pub const ROLLOUT_STEP: &str = "weir_rollout_step";
-pub const WOULD_ROLL_BACK_TOTAL: &str = "weir_guard_dry_run_rollbacks_total";
-pub const REQUEST_FAILURES_TOTAL: &str = "weir_request_failures_total";
-pub const CLIENT_ERRORS_TOTAL: &str = "weir_client_errors_total";
-pub const GRPC_RESPONSES_TOTAL: &str = "weir_grpc_responses_total";
-pub const RESPONSE_DURATION: &str = "weir_response_duration_seconds";
-pub const UNROUTED_TOTAL: &str = "weir_unrouted_requests_total";
-pub const KEEPALIVE_REPLAYS_TOTAL: &str = "weir_keepalive_replays_total";
-pub const STATE_UNSAVED: &str = "weir_state_unsaved_changes";
-pub const STATE_WRITABLE: &str = "weir_state_writable";
+pub(crate) const TUNNELS_OPEN: &str = "weir_tunnels_open";
+pub(crate) const POOL_WEIGHT: &str = "weir_pool_weight";
+pub(crate) const POOL_SHARE: &str = "weir_pool_share";
+pub(crate) const WEIGHT_CHANGES_TOTAL: &str = "weir_weight_changes_total";
+pub(crate) const BUILD_INFO: &str = "weir_build_info";
+pub(crate) const ROLLBACKS_TOTAL: &str = "weir_rollbacks_total";
+pub(crate) const ROLLOUT_PHASE: &str = "weir_rollout_phase";
+pub(crate) const ENDPOINT_HEALTHY: &str = "weir_endpoint_healthy";
+pub(crate) const ENDPOINT_EJECTIONS_TOTAL: &str = "weir_endpoint_ejections_total";
+pub(crate) const RETRIES_TOTAL: &str = "weir_retries_total";
+pub(crate) const ROLLOUT_STEP: &str = "weir_rollout_step";
+pub(crate) const WOULD_ROLL_BACK_TOTAL: &str = "weir_guard_dry_run_rollbacks_total";
+pub(crate) const REQUEST_FAILURES_TOTAL: &str = "weir_request_failures_total";
+pub(crate) const CLIENT_ERRORS_TOTAL: &str = "weir_client_errors_total";
+pub(crate) const GRPC_RESPONSES_TOTAL: &str = "weir_grpc_responses_total";
+pub(crate) const RESPONSE_DURATION: &str = "weir_response_duration_seconds";
+pub(crate) const UNROUTED_TOTAL: &str = "weir_unrouted_requests_total";
+pub(crate) const KEEPALIVE_REPLAYS_TOTAL: &str = "weir_keepalive_replays_total";
+pub(crate) const STATE_UNSAVED: &str = "weir_state_unsaved_changes";
+pub(crate) const STATE_WRITABLE: &str = "weir_state_writable";
 
 /// How often the exporter's upkeep drains histogram samples into buckets, so memory
 /// stays bounded however fast requests come.
@@ -47,7 +47,7 @@ const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// Latency buckets: 0.5 ms to 10 s in 20 exponential steps (×1.68 each), fine enough
 /// for p50/p99 of both a 1 ms cache hit and a 5 s slow path.
-pub fn duration_buckets() -> Vec<f64> {
+pub(crate) fn duration_buckets() -> Vec<f64> {
     let (lo, hi, n) = (0.0005f64, 10.0f64, 20);
     let factor = (hi / lo).powf(1.0 / (n - 1) as f64);
     (0..n)
@@ -288,7 +288,7 @@ impl Metrics {
                 let _ = self.counter(
                     name,
                     vec![
-                        Label::new("service", service.to_string()),
+                        Label::new("service", service.to_owned()),
                         Label::new("reason", check.as_str()),
                     ],
                 );
@@ -304,7 +304,7 @@ impl Metrics {
             let _ = self.counter(
                 WEIGHT_CHANGES_TOTAL,
                 vec![
-                    Label::new("service", service.to_string()),
+                    Label::new("service", service.to_owned()),
                     Label::new("source", source.as_str()),
                 ],
             );
@@ -317,7 +317,7 @@ impl Metrics {
             self.gauge(
                 ROLLOUT_PHASE,
                 vec![
-                    Label::new("service", service.to_string()),
+                    Label::new("service", service.to_owned()),
                     Label::new("phase", p.as_str()),
                 ],
             )
@@ -325,7 +325,7 @@ impl Metrics {
         }
         self.gauge(
             ROLLOUT_STEP,
-            vec![Label::new("service", service.to_string())],
+            vec![Label::new("service", service.to_owned())],
         )
         .set(step as f64);
     }
@@ -335,7 +335,7 @@ impl Metrics {
         self.counter(
             ROLLBACKS_TOTAL,
             vec![
-                Label::new("service", service.to_string()),
+                Label::new("service", service.to_owned()),
                 Label::new("reason", reason),
             ],
         )
@@ -347,7 +347,7 @@ impl Metrics {
         self.counter(
             WOULD_ROLL_BACK_TOTAL,
             vec![
-                Label::new("service", service.to_string()),
+                Label::new("service", service.to_owned()),
                 Label::new("reason", reason),
             ],
         )
@@ -359,7 +359,7 @@ impl Metrics {
         self.counter(
             WEIGHT_CHANGES_TOTAL,
             vec![
-                Label::new("service", service.to_string()),
+                Label::new("service", service.to_owned()),
                 Label::new("source", source.as_str()),
             ],
         )

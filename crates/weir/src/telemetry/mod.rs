@@ -1,5 +1,5 @@
 //! Telemetry: what live traffic looked like — per-pool sliding windows and the
 //! Prometheus metrics. Depends on `model` and `config` only.
 
-pub mod metrics;
-pub mod window;
+pub(crate) mod metrics;
+pub(crate) mod window;

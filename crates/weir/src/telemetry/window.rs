@@ -37,7 +37,7 @@ const MAX_VALUE_POWER: u8 = 27;
 const MAX_MICROS: u64 = (1 << MAX_VALUE_POWER) - 1;
 
 /// How far back the per-slice history reaches.
-pub const HISTORY: Duration = Duration::from_secs(600);
+pub(crate) const HISTORY: Duration = Duration::from_secs(600);
 /// At most this many history points, whatever the slice length (10 minutes of 100 ms).
 const MAX_POINTS: usize = 6000;
 
