@@ -22,6 +22,8 @@
 #                 context switches                              (default 1)
 #   WARMUP        uncounted warm-up per target and protocol     (default 2s)
 #   TARGETS       which targets, in order      (default "direct weir haproxy nginx")
+#   WEIR_BASE_BIN a second weir binary measured as target `weir-base` (e.g. the
+#                 build before a change), for before/after ratios from one run
 #   WEIR_BIN      weir binary; default: `cargo build --release` and
 #                 use target/release/weir (only if weir is in TARGETS)
 #   WEIR_LOG      RUST_LOG for weir                             (default warn)
@@ -57,6 +59,7 @@ WRK_THREADS=${WRK_THREADS:-1}
 WARMUP=${WARMUP:-2s}
 TARGETS=${TARGETS:-"direct weir haproxy nginx"}
 WEIR_BIN=${WEIR_BIN:-}
+WEIR_BASE_BIN=${WEIR_BASE_BIN:-}
 WEIR_LOG=${WEIR_LOG:-warn}
 PROXY_CPU=${PROXY_CPU:-0}
 LOADGEN_CPU=${LOADGEN_CPU:-1}
@@ -77,8 +80,8 @@ has_proto() { [[ " $PROTOCOLS " == *" $1 "* ]]; }
 
 for t in $TARGETS; do
     case $t in
-        direct | weir | haproxy | nginx) ;;
-        *) die "unknown target '$t' in TARGETS (known: direct weir haproxy nginx)" ;;
+        direct | weir | weir-base | haproxy | nginx) ;;
+        *) die "unknown target '$t' in TARGETS (known: direct weir weir-base haproxy nginx)" ;;
     esac
 done
 for p in $PROTOCOLS; do
@@ -158,6 +161,9 @@ if has_target weir; then
     fi
     [[ -x $WEIR_BIN ]] || die "weir binary not found or not executable: $WEIR_BIN"
     WEIR_BIN=$(cd "$(dirname "$WEIR_BIN")" && pwd)/$(basename "$WEIR_BIN")
+fi
+if has_target weir-base; then
+    [[ -x $WEIR_BASE_BIN ]] || die "target weir-base needs WEIR_BASE_BIN (an executable weir)"
 fi
 
 # --------------------------------------------------------------------------
@@ -471,16 +477,18 @@ start_target() {
             fi
             return 0
             ;;
-        weir)
+        weir | weir-base)
+            local bin=$WEIR_BIN
+            [[ $t == weir ]] || bin=$WEIR_BASE_BIN
             pick_port port
             pick_port admin_port
             h2_port=$port
-            render weir.toml weir.toml PROXY_PORT="$port" ADMIN_PORT="$admin_port"
-            log "starting weir on 127.0.0.1:$port (HTTP/1.1 and h2c), CPU $PROXY_CPU"
-            RUST_LOG=$WEIR_LOG taskset -c "$PROXY_CPU" "$WEIR_BIN" run --config "$WORKDIR/weir.toml" \
-                >"$WORKDIR/weir.log" 2>&1 &
+            render weir.toml "$t.toml" PROXY_PORT="$port" ADMIN_PORT="$admin_port"
+            log "starting $t ($bin) on 127.0.0.1:$port (HTTP/1.1 and h2c), CPU $PROXY_CPU"
+            RUST_LOG=$WEIR_LOG taskset -c "$PROXY_CPU" "$bin" run --config "$WORKDIR/$t.toml" \
+                >"$WORKDIR/$t.log" 2>&1 &
             TARGET_PID=$!
-            TARGET_LOG=$WORKDIR/weir.log
+            TARGET_LOG=$WORKDIR/$t.log
             ;;
         haproxy)
             pick_port port
@@ -679,7 +687,7 @@ if has_target weir; then
     weir_version+=" — $WEIR_BIN, built $(date -u -r "$WEIR_BIN" '+%Y-%m-%d %H:%M:%S UTC')"
     # Someone may be editing the sources while this runs: say so if the binary
     # measured is older than them (then it is not exactly the HEAD shown).
-    newer=$(cd "$REPO_ROOT" && find src Cargo.toml Cargo.lock -newer "$WEIR_BIN" -type f 2>/dev/null | wc -l)
+    newer=$(cd "$REPO_ROOT" && find src crates Cargo.toml Cargo.lock -newer "$WEIR_BIN" -type f 2>/dev/null | wc -l)
     ((newer == 0)) || weir_version+=" (**$newer source file(s) newer than this binary**)"
 fi
 git_rev=$(git -C "$REPO_ROOT" describe --always --dirty 2>/dev/null || echo "no commits")
@@ -712,6 +720,13 @@ ratio_table() { # PROTO
     echo "| proxy CPU µs/req (lower is better for weir) | $(ratio "${MED_CPU[$p weir]:-}" "${MED_CPU[$p haproxy]:-}") | $(ratio "${MED_CPU[$p weir]:-}" "${MED_CPU[$p nginx]:-}") |"
     echo "| req/s (higher is better for weir) | $(ratio "${MED_RPS[$p weir]:-}" "${MED_RPS[$p haproxy]:-}") | $(ratio "${MED_RPS[$p weir]:-}" "${MED_RPS[$p nginx]:-}") |"
     echo
+    if has_target weir-base; then
+        echo "| weir ÷ weir-base ($p) | ratio |"
+        echo "|---|---|"
+        echo "| proxy CPU µs/req | $(ratio "${MED_CPU[$p weir]:-}" "${MED_CPU[$p weir-base]:-}") |"
+        echo "| req/s | $(ratio "${MED_RPS[$p weir]:-}" "${MED_RPS[$p weir-base]:-}") |"
+        echo
+    fi
 }
 
 # The cells every protocol's table shares, for target $2 of protocol $1 in results file

@@ -528,30 +528,40 @@ impl Admin {
         Some(r)
     }
 
-    /// Run a command on the controller off the async threads (it fsyncs).
+    /// Run a command on the controller off the async threads: it fsyncs, and the
+    /// answer's document (window figures over every slice of each pool) is built there
+    /// too, so that a stream of weight changes takes no time from the proxy's workers.
     async fn command(self: &Arc<Self>, command: Command) -> AdminResponse {
-        let controller = Arc::clone(&self.controller);
-        let result = tokio::task::spawn_blocking(move || controller.apply(command)).await;
+        let (controller, guard) = (Arc::clone(&self.controller), Arc::clone(&self.guard));
+        let result = tokio::task::spawn_blocking(move || {
+            controller.apply(command).map(|change| {
+                let doc = controller
+                    .router()
+                    .table()
+                    .service(&change.service)
+                    .map(|s| service_doc(s, &controller, &guard));
+                (change, doc)
+            })
+        })
+        .await;
         match result {
-            Ok(Ok(change)) => match self.controller.router().table().service(&change.service) {
-                // A rollback the disk refused is applied anyway: 202, the document says
-                // `not_durable` until the write succeeds.
-                Some(s) => with_etag(
-                    json_response(
-                        if change.durable {
-                            StatusCode::OK
-                        } else {
-                            StatusCode::ACCEPTED
-                        },
-                        &service_doc(s, &self.controller, &self.guard),
-                    ),
-                    change.snapshot.version,
+            // A rollback the disk refused is applied anyway: 202, the document says
+            // `not_durable` until the write succeeds.
+            Ok(Ok((change, Some(doc)))) => with_etag(
+                json_response(
+                    if change.durable {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::ACCEPTED
+                    },
+                    &doc,
                 ),
-                None => error(
-                    StatusCode::NOT_FOUND,
-                    format!("unknown service `{}`", change.service),
-                ),
-            },
+                change.snapshot.version,
+            ),
+            Ok(Ok((change, None))) => error(
+                StatusCode::NOT_FOUND,
+                format!("unknown service `{}`", change.service),
+            ),
             Ok(Err(e)) => error(control_status(&e), e.to_string()),
             Err(e) => error(
                 StatusCode::INTERNAL_SERVER_ERROR,
