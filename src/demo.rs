@@ -221,7 +221,7 @@ pub async fn run(opts: DemoOptions, out: &mut (impl Write + Send)) -> Result<()>
             "\nstill serving (Ctrl-C to stop). Try:\n  curl -s http://{proxy_addr}/\n  {ctl} status\n  {ctl} retry demo\n  {ctl} events"
         )?;
         out.flush()?;
-        crate::cli::shutdown_signal().await;
+        crate::signal::shutdown_signal().await;
     }
     let _ = stop_tx.send(());
     let _ = server.await;

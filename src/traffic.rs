@@ -213,7 +213,7 @@ pub async fn run(opts: TrafficOptions, out: &mut (impl Write + Send)) -> Result<
     tick.tick().await;
     let mut last = BTreeMap::new();
     let mut last_failed = 0;
-    let ctrl_c = crate::cli::shutdown_signal();
+    let ctrl_c = crate::signal::shutdown_signal();
     tokio::pin!(ctrl_c);
     loop {
         tokio::select! {
