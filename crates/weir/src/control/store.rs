@@ -1030,8 +1030,8 @@ pub struct FileStore {
 }
 
 impl FileStore {
-    /// The store in the locked directory. Reads the journal's tail (ids, recent events);
-    /// writes nothing.
+    /// The store in the locked directory. Reads the state file and the journal's tail (ids,
+    /// recent events); writes nothing but the cut of a torn journal line.
     pub fn open(
         lock: StateLock,
         journal_file_bytes: u64,
@@ -1048,11 +1048,14 @@ impl FileStore {
             journal_memory,
             clock,
         )?;
+        // What a failed commit goes back to until this store has written anything: the
+        // file as it is (an unreadable one is the controller's to refuse, before this).
+        let committed = state.load().ok().flatten();
         Ok(FileStore {
             _lock: lock,
             state,
             journal,
-            committed: None,
+            committed,
         })
     }
 
