@@ -158,11 +158,17 @@ async fn a_dead_host_is_routed_around_and_comes_back_without_a_rollback() {
         "a dead host must not roll back a good release"
     );
     assert_eq!(s["health"], "healthy");
+    // The health task journals the change just after putting it in force, and event
+    // reads do not wait for the writer: wait for it.
     assert!(
-        events(&proxy)
-            .await
-            .iter()
-            .any(|e| e["kind"] == "endpoint_down")
+        wait_until(Duration::from_secs(5), || async {
+            events(&proxy)
+                .await
+                .iter()
+                .any(|e| e["kind"] == "endpoint_down")
+        })
+        .await,
+        "no endpoint_down event"
     );
     let metrics = get(&client(), proxy.admin, "localhost", "/metrics")
         .await
@@ -195,11 +201,17 @@ async fn a_dead_host_is_routed_around_and_comes_back_without_a_rollback() {
         restarted.elapsed()
     );
     assert!(restarted.elapsed() < Duration::from_secs(2));
+    // The health task journals the change just after putting it in force, and event
+    // reads do not wait for the writer: wait for it.
     assert!(
-        events(&proxy)
-            .await
-            .iter()
-            .any(|e| e["kind"] == "endpoint_up")
+        wait_until(Duration::from_secs(5), || async {
+            events(&proxy)
+                .await
+                .iter()
+                .any(|e| e["kind"] == "endpoint_up")
+        })
+        .await,
+        "no endpoint_up event"
     );
 }
 
@@ -257,11 +269,20 @@ async fn consecutive_failures_eject_but_never_more_than_half_the_pool() {
         "up",
         "the healthy endpoint is never ejected"
     );
-    let ejections: Vec<Value> = events(&proxy)
-        .await
-        .into_iter()
-        .filter(|e| e["kind"] == "endpoint_ejected")
-        .collect();
+    // The health task journals an ejection just after putting it in force, and event
+    // reads do not wait for the writer: wait for both (never more).
+    let ejected_events = || async {
+        events(&proxy)
+            .await
+            .into_iter()
+            .filter(|e| e["kind"] == "endpoint_ejected")
+            .collect::<Vec<Value>>()
+    };
+    wait_until(Duration::from_secs(5), || async {
+        ejected_events().await.len() >= 2
+    })
+    .await;
+    let ejections = ejected_events().await;
     assert_eq!(ejections.len(), 2);
     assert!(
         ejections[0]["reason"]
