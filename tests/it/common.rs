@@ -638,3 +638,14 @@ pub async fn metric_sum(admin: SocketAddr, name: &str, labels: &[(&str, &str)]) 
     metric(&text, name, labels)
         .unwrap_or_else(|| panic!("no {name} {labels:?} in /metrics:\n{text}"))
 }
+
+/// An address that refuses connections, and keeps refusing for as long as the returned
+/// socket lives: bound but never listening, so no other test (they run in parallel) can
+/// be given the port meanwhile, as a dropped listener's port could be.
+pub fn refused_addr() -> (SocketAddr, socket2::Socket) {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    socket.bind(&any.into()).unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    (addr, socket)
+}

@@ -738,19 +738,15 @@ async fn the_admin_token_is_required_when_configured() {
 
 #[tokio::test]
 async fn an_unreachable_admin_api_is_one_line() {
-    // A port that was just free: nothing listens there now.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let admin = format!("http://127.0.0.1:{port}");
+    let (refused, _held) = crate::common::refused_addr();
+    let admin = format!("http://{refused}");
     let run = ctl(&admin, &["status"]).await;
     assert_eq!(
         run.failed(),
         format!("weir ctl: cannot reach the admin API at {admin}: connection refused\n")
     );
     // A URL without a scheme means http.
-    let run = ctl(&format!("127.0.0.1:{port}"), &["status"]).await;
+    let run = ctl(&refused.to_string(), &["status"]).await;
     assert_eq!(
         run.failed(),
         format!("weir ctl: cannot reach the admin API at {admin}: connection refused\n")
@@ -768,11 +764,8 @@ async fn health_needs_no_token_and_fails_when_weir_is_down() {
     assert_eq!(ctl(&h.admin, &["health"]).await.ok(), "ok\n");
     assert_eq!(ctl(&h.admin, &["health", "--ready"]).await.ok(), "ready\n");
     drop(h);
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let run = ctl(&format!("127.0.0.1:{port}"), &["health"]).await;
+    let (refused, _held) = crate::common::refused_addr();
+    let run = ctl(&refused.to_string(), &["health"]).await;
     assert!(run.failed().contains("cannot reach"), "{}", run.err);
 }
 

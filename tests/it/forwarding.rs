@@ -218,11 +218,8 @@ async fn one_pool_recorded(endpoint: String) -> (Proxy, Arc<Recorder>) {
 
 #[tokio::test]
 async fn refused_connection_is_502_connect() {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let (proxy, rec) = one_pool_recorded(format!("127.0.0.1:{port}")).await;
+    let (refused, _held) = refused_addr();
+    let (proxy, rec) = one_pool_recorded(refused.to_string()).await;
     let a = get(&client(), proxy.addr, "h", "/").await;
     assert_eq!(a.status, StatusCode::BAD_GATEWAY);
     assert_eq!(a.text(), "upstream connection failed\n");

@@ -332,10 +332,7 @@ async fn a_bad_version_is_rolled_back_even_when_ejection_could_hide_it() {
 #[tokio::test]
 async fn a_refused_connection_is_retried_on_another_endpoint_and_still_counted() {
     let good = upstream("good").await;
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    let (dead, _held) = refused_addr();
     let toml = proxy_toml("")
         + &format!(
             "[[service]]\nname = \"shop\"\nbaseline = \"stable\"\n[service.pools.stable]\nendpoints = [\"{dead}\", \"{}\"]\nweight = 1\n[service.pools.stable.outlier]\nenabled = false\n",

@@ -104,10 +104,7 @@ async fn exposition_passes_promtool() {
 
 #[tokio::test]
 async fn error_kinds_and_weight_changes_are_counted() {
-    let refused = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    let (refused, _held) = refused_addr();
     let up = upstream("a").await;
     let toml = proxy_toml("")
         + &service_toml(
