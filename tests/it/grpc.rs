@@ -30,7 +30,7 @@ use tokio::process::{Child, Command};
 const PYTHON: &str = "/usr/bin/python3";
 const AUTHORITY: &str = "echo.test";
 const SERVICE: &str = "echo";
-/// The SLO of tests/guard.rs: evaluations every 500 ms, a 3 s fast window, 5% errors.
+/// The SLO of tests/it/guard.rs: evaluations every 500 ms, a 3 s fast window, 5% errors.
 const SLO: &str = "[service.slo]\ninterval = \"500ms\"\nfast_window = \"3s\"\nmin_requests = 20\nmax_error_rate = 0.05\nbreaches_to_act = 2\n";
 
 /// The load tests measure time to rollback; run with each other they would share two
@@ -425,7 +425,7 @@ async fn canary_answering_unavailable_is_rolled_back() {
         "grpc: rolled back {took:?} after the canary began answering UNAVAILABLE on 30% of calls; \
          {failed} canary calls failed meanwhile; client summary {summary}"
     );
-    // Same bound as tests/guard.rs plus room for four Python processes on two cores.
+    // Same bound as tests/it/guard.rs plus room for four Python processes on two cores.
     assert!(took < Duration::from_secs(5), "took {took:?}");
 
     let events = s.proxy.events().await;

@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use weir_testkit::{Faults, UpstreamHandle};
 
-/// The guard settings of tests/guard.rs: judged every 500 ms, two breaches to act.
+/// The guard settings of tests/it/guard.rs: judged every 500 ms, two breaches to act.
 const INTERVAL: Duration = Duration::from_millis(500);
 
 /// `metric`, with a missing series read as 0 (for figures, not for assertions).
