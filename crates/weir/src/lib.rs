@@ -54,8 +54,8 @@ pub use telemetry::window::Window;
 /// journal's events.
 pub mod state {
     pub use crate::control::store::{
-        Event, EventLog, FileStore, Revision, STATE_FILE, SavedControl, ServiceState, State,
-        StateError, StateLock, Store, discard,
+        Event, EventLog, FileStore, JournalLog, Revision, STATE_FILE, SavedControl, ServiceState,
+        State, StateError, StateLock, Store, discard,
     };
 }
 

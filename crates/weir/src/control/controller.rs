@@ -314,7 +314,7 @@ pub struct Controller {
     /// See [`Controller::writable`].
     writable: Arc<AtomicBool>,
     /// The journal's read side, for readers that must not wait for the writer.
-    events: RwLock<Option<EventLog>>,
+    events: RwLock<Option<Arc<dyn EventLog>>>,
     /// Rollout and degraded state per service; written only under the write lock.
     control: RwLock<HashMap<String, ServiceControl>>,
     /// Services with a rollback applied but not saved yet: readable without the write
@@ -1075,7 +1075,7 @@ impl Controller {
 
     /// The journal's read handle: never waits for a write in progress (see
     /// [`EventLog`]). `None` without persistence.
-    pub fn event_log(&self) -> Option<EventLog> {
+    pub fn event_log(&self) -> Option<Arc<dyn EventLog>> {
         self.events
             .read()
             .unwrap_or_else(|p| p.into_inner())

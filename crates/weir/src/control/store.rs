@@ -617,22 +617,36 @@ struct Memory {
     last_id: u64,
 }
 
-/// A read handle on the journal: cheap to clone, never blocked by a write in progress
-/// except for the moment a file is being written when old events must come from disk.
-#[derive(Debug, Clone)]
-pub struct EventLog(Arc<Shared>);
-
-impl EventLog {
+/// The journal as readers see it, whatever store keeps it: the admin API and `weir ctl
+/// events` read through this and never wait for the store's writer. Blocking (it may read
+/// files, or ask a remote store): call it off the async workers.
+pub trait EventLog: Send + Sync + std::fmt::Debug + 'static {
     /// The id of the newest journaled event.
-    pub fn last_id(&self) -> u64 {
+    fn last_id(&self) -> u64;
+
+    /// Events with id > `since`, oldest first, at most `limit`. When events after `since`
+    /// are gone (rotated or trimmed), the answer starts at the oldest one kept: a first
+    /// id above `since + 1` tells the caller it missed some.
+    fn since(&self, since: u64, limit: usize) -> Result<Vec<Event>, StateError>;
+
+    /// The newest `n` events, oldest first.
+    fn newest(&self, n: usize) -> Result<Vec<Event>, StateError> {
+        self.since(self.last_id().saturating_sub(n as u64), n)
+    }
+}
+
+/// The file journal's read handle: never blocked by a write in progress except for the
+/// moment a file is being written when old events must come from disk.
+#[derive(Debug, Clone)]
+pub struct JournalLog(Arc<Shared>);
+
+impl EventLog for JournalLog {
+    fn last_id(&self) -> u64 {
         self.0.memory().last_id
     }
 
-    /// Events with id > `since`, oldest first, at most `limit`. Served from memory when it
-    /// covers `since`, else from the files. When rotation has dropped events after
-    /// `since`, the answer starts at the oldest event kept: a first id above `since + 1`
-    /// tells the caller it missed some.
-    pub fn since(&self, since: u64, limit: usize) -> Result<Vec<Event>, StateError> {
+    /// Served from memory when it covers `since`, else from the files.
+    fn since(&self, since: u64, limit: usize) -> Result<Vec<Event>, StateError> {
         {
             let m = self.0.memory();
             if since >= m.last_id || limit == 0 {
@@ -668,11 +682,6 @@ impl EventLog {
             .filter(|e| e.id > since)
             .take(limit)
             .collect())
-    }
-
-    /// The newest `n` events, oldest first.
-    pub fn newest(&self, n: usize) -> Result<Vec<Event>, StateError> {
-        self.since(self.last_id().saturating_sub(n as u64), n)
     }
 }
 
@@ -790,8 +799,8 @@ impl Journal {
     }
 
     /// A read handle for callers that must not wait for this writer.
-    pub(crate) fn log(&self) -> EventLog {
-        EventLog(Arc::clone(&self.shared))
+    pub(crate) fn log(&self) -> JournalLog {
+        JournalLog(Arc::clone(&self.shared))
     }
 
     fn remember(&mut self, event: Event) {
@@ -1009,7 +1018,7 @@ pub trait Store: Send + std::fmt::Debug + 'static {
     fn record(&mut self, event: Event) -> Result<Event, StateError>;
 
     /// A read handle on the journal that never waits for this writer.
-    fn events(&self) -> EventLog;
+    fn events(&self) -> Arc<dyn EventLog>;
 
     /// Revisions committed by other writers, as they happen. `None` for a store that
     /// only this process writes (the file store: its directory lock guarantees it).
@@ -1121,8 +1130,8 @@ impl Store for FileStore {
         self.journal.append(event)
     }
 
-    fn events(&self) -> EventLog {
-        self.journal.log()
+    fn events(&self) -> Arc<dyn EventLog> {
+        Arc::new(self.journal.log())
     }
 }
 
