@@ -348,13 +348,9 @@ impl Admin {
                     Ok(v) => v,
                     Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
                 };
-                let body = match self.read_json(req).await {
-                    Ok(b) => b,
-                    Err(resp) => return resp,
-                };
-                let request = match api::WeightsRequest::from_json(&body) {
+                let request = match self.read_request(req, api::WeightsRequest::from_json).await {
                     Ok(r) => r,
-                    Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
+                    Err(resp) => return resp,
                 };
                 self.command(Command::SetWeights {
                     service: name,
@@ -368,13 +364,12 @@ impl Admin {
             }
             Route::Rollback(name) => {
                 let name = name.to_owned();
-                let body = match self.read_json(req).await {
-                    Ok(b) => b,
-                    Err(resp) => return resp,
-                };
-                let request = match api::RollbackRequest::from_json(&body) {
+                let request = match self
+                    .read_request(req, api::RollbackRequest::from_json)
+                    .await
+                {
                     Ok(r) => r,
-                    Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
+                    Err(resp) => return resp,
                 };
                 self.command(Command::Rollback {
                     service: name,
@@ -388,13 +383,9 @@ impl Admin {
             Route::Rollout(name, verb) => {
                 let name = name.to_owned();
                 let verb = verb.to_owned();
-                let body = match self.read_json(req).await {
-                    Ok(b) => b,
-                    Err(resp) => return resp,
-                };
-                let verb = match rollout_verb(&verb, &body) {
+                let verb = match self.read_request(req, |b| rollout_verb(&verb, b)).await {
                     Ok(v) => v,
-                    Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
+                    Err(resp) => return resp,
                 };
                 self.command(Command::Rollout {
                     service: name,
@@ -750,6 +741,17 @@ impl Admin {
     /// Read a JSON body (empty = `{}`), bounded in size and time. Only an empty body may
     /// come without `Content-Type: application/json` (the routes that allow that were
     /// checked before); objects may not repeat a key.
+    /// Read a request body as JSON and make a request of it with `parse`: a body that
+    /// does not read, or does not parse, is the answer (4xx) instead.
+    async fn read_request<T>(
+        &self,
+        req: Request<Incoming>,
+        parse: impl FnOnce(&Value) -> Result<T, String>,
+    ) -> Result<T, AdminResponse> {
+        let body = self.read_json(req).await?;
+        parse(&body).map_err(|msg| error(StatusCode::BAD_REQUEST, msg))
+    }
+
     async fn read_json(&self, req: Request<Incoming>) -> Result<Value, AdminResponse> {
         let declared = is_json(&req);
         let collect = Limited::new(req.into_body(), MAX_BODY).collect();

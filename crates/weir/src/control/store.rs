@@ -72,18 +72,12 @@ impl ServiceState {
             serde_json::Value::Object(map) => map.get(name).cloned(),
             _ => None,
         };
-        let text = |name: &str, what: &str| -> Result<Option<String>, String> {
+        // A text field: absent or null is none; anything else but a string is named.
+        let text = |name: &str, what: &str, should_be: &str| -> Result<Option<String>, String> {
             match field(name) {
                 None | Some(serde_json::Value::Null) => Ok(None),
                 Some(serde_json::Value::String(s)) => Ok(Some(s)),
-                Some(other) => Err(format!(
-                    "saved {what} {other} is not {}",
-                    if name == "baseline" {
-                        "a pool name"
-                    } else {
-                        "a text"
-                    }
-                )),
+                Some(other) => Err(format!("saved {what} {other} is not {should_be}")),
             }
         };
         match &self.extra {
@@ -91,8 +85,8 @@ impl ServiceState {
             other => return Err(format!("saved extension data {other} is not an object")),
         }
         Ok(SavedControl {
-            baseline: text("baseline", "baseline")?,
-            degraded: text("degraded", "`degraded`")?,
+            baseline: text("baseline", "baseline", "a pool name")?,
+            degraded: text("degraded", "`degraded`", "a text")?,
             rollout: match field("rollout") {
                 None | Some(serde_json::Value::Null) => None,
                 Some(saved) => Some(
