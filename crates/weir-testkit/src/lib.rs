@@ -36,6 +36,10 @@
 //! [`UpstreamHandle::requests_by_method`]), when hyper hands it over: a test can prove that
 //! a proxy never sent a POST twice by comparing POSTs received with POSTs sent.
 
+pub mod etcd;
+
+pub use etcd::EtcdCluster;
+
 use std::borrow::Cow;
 use std::convert::Infallible;
 use std::fmt;

@@ -25,7 +25,46 @@ pub struct Config {
     pub proxy: ProxyConfig,
     pub admin: AdminConfig,
     pub state: StateConfig,
+    /// `[fleet]`: run as one of several instances sharing routing state and judgement
+    /// on etcd. `None`: a single weir with its state in `[state] dir`.
+    pub fleet: Option<FleetConfig>,
     pub services: Vec<ServiceConfig>,
+}
+
+/// `[fleet]`: where the shared state lives and who this instance is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetConfig {
+    /// etcd v3 client URLs (`http://host:2379` or `https://…`); tried in order, the next
+    /// one when a member does not answer.
+    pub endpoints: Vec<String>,
+    /// The fleet's name: keys live under `/weir/v1/<name>/`. Lower-case letters, digits
+    /// and `-`.
+    pub name: String,
+    /// This instance's id, unique in the fleet (default: the host name).
+    pub instance: String,
+    /// The instance's session lease: a leader that stops renewing it loses the lead
+    /// within this long; a dead instance's telemetry stops counting after it.
+    pub lease_ttl: Duration,
+    /// Longest wait for one etcd call; past it the store counts as unreachable.
+    pub timeout: Duration,
+    /// How often this instance publishes its per-pool counters for the fleet's guard.
+    pub publish_interval: Duration,
+    /// CA bundle (PEM) to verify etcd's certificate with; `https://` endpoints only.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM) for etcd's mutual TLS.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// etcd user; its password is read from the environment variable named by
+    /// `password_env` (never from the config file).
+    pub username: Option<String>,
+    pub password_env: Option<String>,
+}
+
+impl FleetConfig {
+    /// The key prefix every fleet key lives under.
+    pub fn prefix(&self) -> String {
+        format!("/weir/v1/{}/", self.name)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -606,6 +645,29 @@ fn line_col(src: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
+/// This host's name, the default instance id: `HOSTNAME`, else /etc/hostname, else
+/// "weir".
+fn default_instance() -> String {
+    let clean = |s: String| {
+        let s: String = s
+            .trim()
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c))
+            .take(128)
+            .collect();
+        (!s.is_empty()).then_some(s)
+    };
+    std::env::var("HOSTNAME")
+        .ok()
+        .and_then(clean)
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .and_then(clean)
+        })
+        .unwrap_or_else(|| "weir".to_owned())
+}
+
 // ---- stage one: raw shapes --------------------------------------------------------
 
 #[derive(Debug, Default, Deserialize)]
@@ -617,6 +679,7 @@ struct RawConfig {
     admin: RawAdmin,
     #[serde(default)]
     state: RawState,
+    fleet: Option<Spanned<RawFleet>>,
     #[serde(default, rename = "service")]
     services: Vec<RawService>,
 }
@@ -664,6 +727,22 @@ struct RawAdmin {
 #[serde(deny_unknown_fields)]
 struct RawState {
     dir: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFleet {
+    endpoints: Spanned<Vec<Spanned<String>>>,
+    name: Spanned<String>,
+    instance: Option<Spanned<String>>,
+    lease_ttl: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    publish_interval: Option<Spanned<String>>,
+    ca_file: Option<Spanned<String>>,
+    cert_file: Option<Spanned<String>>,
+    key_file: Option<Spanned<String>>,
+    username: Option<Spanned<String>>,
+    password_env: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -860,12 +939,167 @@ impl Validator<'_> {
         {
             self.problem("state.dir", dir, "must not be empty");
         }
+        let fleet = raw.fleet.as_ref().map(|f| self.fleet(f));
         let services = self.services(raw.services);
         Config {
             proxy,
             admin,
             state,
+            fleet,
             services,
+        }
+    }
+
+    fn fleet(&mut self, raw: &Spanned<RawFleet>) -> FleetConfig {
+        let f = raw.get_ref();
+        let endpoints: Vec<String> = f
+            .endpoints
+            .get_ref()
+            .iter()
+            .filter_map(|e| {
+                let url = e.get_ref().trim().trim_end_matches('/');
+                let ok = ["http://", "https://"].iter().any(|scheme| {
+                    url.strip_prefix(scheme).is_some_and(|rest| {
+                        !rest.is_empty() && !rest.contains('/') && !rest.contains('@')
+                    })
+                });
+                if ok {
+                    Some(url.to_owned())
+                } else {
+                    self.problem(
+                        "fleet.endpoints",
+                        e,
+                        format!(
+                            "`{}` is not an etcd client URL (e.g. \"http://10.0.0.1:2379\")",
+                            e.get_ref()
+                        ),
+                    );
+                    None
+                }
+            })
+            .collect();
+        if f.endpoints.get_ref().is_empty() {
+            self.problem(
+                "fleet.endpoints",
+                &f.endpoints,
+                "name at least one etcd endpoint",
+            );
+        }
+        let name = f.name.get_ref().clone();
+        if name.is_empty()
+            || name.len() > 63
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            self.problem(
+                "fleet.name",
+                &f.name,
+                format!("`{name}`: use 1 to 63 lower-case letters, digits and `-`"),
+            );
+        }
+        let instance = match &f.instance {
+            Some(i) => {
+                let id = i.get_ref().clone();
+                if id.is_empty()
+                    || id.len() > 128
+                    || !id
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+                {
+                    self.problem(
+                        "fleet.instance",
+                        i,
+                        format!("`{id}`: use 1 to 128 letters, digits, `-`, `_` and `.`"),
+                    );
+                }
+                id
+            }
+            None => default_instance(),
+        };
+        let lease_ttl = self.duration(
+            "fleet.lease_ttl",
+            f.lease_ttl.as_ref(),
+            Duration::from_secs(3),
+        );
+        if let Some(l) = &f.lease_ttl
+            && !(Duration::from_secs(1)..=Duration::from_secs(60)).contains(&lease_ttl)
+        {
+            self.problem(
+                "fleet.lease_ttl",
+                l,
+                "must be between 1s and 60s (etcd raises shorter leases to its own minimum)",
+            );
+        }
+        let timeout = self.duration("fleet.timeout", f.timeout.as_ref(), Duration::from_secs(2));
+        if let Some(t) = &f.timeout
+            && !(Duration::from_millis(100)..=Duration::from_secs(60)).contains(&timeout)
+        {
+            self.problem("fleet.timeout", t, "must be between 100ms and 60s");
+        }
+        let publish_interval = self.duration(
+            "fleet.publish_interval",
+            f.publish_interval.as_ref(),
+            Duration::from_millis(500),
+        );
+        if let Some(p) = &f.publish_interval
+            && !(Duration::from_millis(50)..=Duration::from_millis(500)).contains(&publish_interval)
+        {
+            self.problem(
+                "fleet.publish_interval",
+                p,
+                "must be between 50ms and 500ms: the fleet's guard judges what was published",
+            );
+        }
+        let path = |this: &mut Self, key: &str, v: &Option<Spanned<String>>| {
+            v.as_ref().and_then(|p| {
+                if p.get_ref().trim().is_empty() {
+                    this.problem(key, p, "must not be empty");
+                    None
+                } else {
+                    Some(PathBuf::from(p.get_ref()))
+                }
+            })
+        };
+        let ca_file = path(self, "fleet.ca_file", &f.ca_file);
+        let cert_file = path(self, "fleet.cert_file", &f.cert_file);
+        let key_file = path(self, "fleet.key_file", &f.key_file);
+        if cert_file.is_some() != key_file.is_some() {
+            self.problem(
+                "fleet",
+                raw,
+                "cert_file and key_file go together (mutual TLS with etcd)",
+            );
+        }
+        if (ca_file.is_some() || cert_file.is_some())
+            && endpoints.iter().any(|e| e.starts_with("http://"))
+        {
+            self.problem(
+                "fleet.endpoints",
+                &f.endpoints,
+                "TLS files are set, so every endpoint must be https://",
+            );
+        }
+        if f.username.is_some() != f.password_env.is_some() {
+            self.problem(
+                "fleet",
+                raw,
+                "username and password_env go together (the password is read from that \
+                 environment variable)",
+            );
+        }
+        FleetConfig {
+            endpoints,
+            name,
+            instance,
+            lease_ttl,
+            timeout,
+            publish_interval,
+            ca_file,
+            cert_file,
+            key_file,
+            username: f.username.as_ref().map(|u| u.get_ref().clone()),
+            password_env: f.password_env.as_ref().map(|u| u.get_ref().clone()),
         }
     }
 

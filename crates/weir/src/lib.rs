@@ -36,6 +36,7 @@ pub use control::controller::{
     Change, Command, ControlError, Controller, OpenError, ReloadReport, RolloutVerb,
     ServiceControl, check_state,
 };
+pub use control::fleet::{FleetHooks, FleetMember, FleetStatus};
 pub use control::guard::Guard;
 /// The judgement as pure functions: evaluate a candidate against a baseline offline
 /// (the simulation tests do, on streams with known truth).

@@ -685,7 +685,9 @@ fn control_status(e: &ControlError) -> StatusCode {
         ControlError::VersionConflict { .. } | ControlError::Conflict(_) => StatusCode::CONFLICT,
         ControlError::Unchanged => StatusCode::CONFLICT,
         // The disk refuses writes: weir still serves; try again once it takes them.
-        ControlError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
+        ControlError::Storage(_) | ControlError::StoreUnavailable(_) => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         ControlError::UnknownPool { .. }
         | ControlError::DuplicatePool { .. }
         | ControlError::MissingPools { .. }

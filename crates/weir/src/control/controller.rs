@@ -6,11 +6,12 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::SystemTime;
 
 use crate::config::{Config, ServiceConfig};
 use crate::config::{RolloutConfig, SloConfig, StickyConfig};
+use crate::control::fleet::FleetHooks;
 use crate::control::rollout::{Evidence, Rollout, Transition, plan_steps};
 use crate::control::store::{
     Event, EventLog, FileStore, Revision, SavedControl, ServiceState, State, StateError, StateLock,
@@ -128,6 +129,13 @@ pub enum ControlError {
          (weir keeps serving the current weights and refuses changes until it does): {0}"
     )]
     Storage(String),
+    /// Fleet mode: the shared store cannot take the change now (unreachable, no
+    /// quorum, or not the store this instance knows), so nothing changed.
+    #[error(
+        "nothing changed: the fleet's store is unreachable or refuses writes (weir keeps \
+         serving the current weights): {0}"
+    )]
+    StoreUnavailable(String),
 }
 
 /// Why the controller cannot start on its state directory. Nothing in the directory has
@@ -154,7 +162,32 @@ pub enum OpenError {
 
 impl From<StateError> for ControlError {
     fn from(e: StateError) -> Self {
-        ControlError::Storage(e.to_string())
+        match e {
+            StateError::Unavailable(reason) => ControlError::StoreUnavailable(reason),
+            e => ControlError::Storage(e.to_string()),
+        }
+    }
+}
+
+/// How many times a command is planned again after another writer's change came first.
+const CONFLICT_RETRIES: u32 = 3;
+
+/// Why one try of a command did not apply.
+enum Attempt {
+    /// The shared store changed since this controller read it: catch up, plan again.
+    Conflict,
+    Failed(ControlError),
+}
+
+impl From<ControlError> for Attempt {
+    fn from(e: ControlError) -> Self {
+        Attempt::Failed(e)
+    }
+}
+
+impl From<WeightError> for Attempt {
+    fn from(e: WeightError) -> Self {
+        Attempt::Failed(e.into())
     }
 }
 
@@ -265,20 +298,20 @@ impl Persistence {
     }
 
     /// Save `state` and journal `event` as one change.
-    fn write(&mut self, state: &State, event: Event) -> Result<Event, ControlError> {
+    fn write(&mut self, state: &State, event: Event) -> Result<Event, StateError> {
         let (revision, event) = self.store.commit(self.applied, state, event)?;
         self.applied = revision;
         Ok(event)
     }
 
     /// Save `state` alone.
-    fn save(&mut self, state: &State) -> Result<(), ControlError> {
+    fn save(&mut self, state: &State) -> Result<(), StateError> {
         self.applied = self.store.save(state)?;
         Ok(())
     }
 
     /// Journal an event that changes no state.
-    fn record(&mut self, event: Event) -> Result<Event, ControlError> {
+    fn record(&mut self, event: Event) -> Result<Event, StateError> {
         let event = self.store.record(event)?;
         self.applied = self.store.revision();
         Ok(event)
@@ -286,7 +319,7 @@ impl Persistence {
 
     /// Write what a refused rollback left unsaved: the whole current state, then its
     /// events in order.
-    fn flush(&mut self, state: &State) -> Result<(), ControlError> {
+    fn flush(&mut self, state: &State) -> Result<(), StateError> {
         if self.pending.is_empty() {
             return Ok(());
         }
@@ -320,6 +353,8 @@ pub struct Controller {
     /// Services with a rollback applied but not saved yet: readable without the write
     /// lock, which a slow disk may hold for long (API reads run on async workers).
     unsaved: Mutex<Vec<String>>,
+    /// Fleet mode's hooks; unset for a single weir.
+    fleet: OnceLock<Arc<dyn FleetHooks>>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -357,6 +392,7 @@ impl Controller {
             events: RwLock::new(None),
             control: RwLock::new(HashMap::new()),
             unsaved: Mutex::new(Vec::new()),
+            fleet: OnceLock::new(),
         }
     }
 
@@ -520,10 +556,176 @@ impl Controller {
         self.write.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Fleet mode: hand the controller the fleet's hooks (once, at start).
+    pub fn set_fleet(&self, fleet: Arc<dyn FleetHooks>) {
+        let _ = self.fleet.set(fleet);
+    }
+
+    /// The fleet's hooks, in fleet mode.
+    pub fn fleet(&self) -> Option<&Arc<dyn FleetHooks>> {
+        self.fleet.get()
+    }
+
+    /// Whether this instance runs the rollout driver: always alone, the leader only in
+    /// a fleet.
+    pub fn drives_rollouts(&self) -> bool {
+        self.fleet().is_none_or(|f| f.leads())
+    }
+
+    /// The store revision of the state this controller serves.
+    pub fn applied_revision(&self) -> Revision {
+        self.lock().as_ref().map_or(0, |p| p.applied)
+    }
+
+    /// Read the whole state from the store and put it in force (after a refused
+    /// compare-and-swap).
+    fn catch_up(&self, p: &mut Persistence) -> Result<(), ControlError> {
+        let (state, revision) = p.store.load()?;
+        self.adopt_locked(p, &state.unwrap_or_default(), revision);
+        Ok(())
+    }
+
+    /// Put in force a state another writer committed to the shared store, read at
+    /// `revision` (the fleet's watch calls this for every change, in revision order).
+    /// Returns the services whose routing changed. A revision at or below the one
+    /// applied is already in force and changes nothing.
+    pub fn adopt(&self, state: &State, revision: Revision) -> Vec<String> {
+        let mut persistence = self.lock();
+        let Some(p) = persistence.as_mut() else {
+            return Vec::new();
+        };
+        let changed = self.adopt_locked(p, state, revision);
+        if !p.pending.is_empty() {
+            // Reverts made while the store was out of reach that still stand go out now.
+            let flushed = p.flush(&self.state());
+            p.note(&flushed);
+            if let Err(e) = flushed {
+                tracing::debug!("local reverts not written yet: {e}");
+            }
+            self.publish_unsaved(Some(p));
+        }
+        changed
+    }
+
+    /// [`Controller::adopt`] under the write lock. A revert this instance applied while
+    /// the store was out of reach stands if the store still has the version it reverted
+    /// from (it is written by the next flush); if another change to the service came
+    /// first, that one wins and the revert is journaled as superseded.
+    fn adopt_locked(&self, p: &mut Persistence, remote: &State, revision: Revision) -> Vec<String> {
+        if revision != 0 && revision <= p.applied {
+            return Vec::new();
+        }
+        let table = self.router.table();
+        let mut keep_local: Vec<String> = Vec::new();
+        let mut superseded = Vec::new();
+        let pending = std::mem::take(&mut p.pending);
+        for event in pending {
+            let standing = event.kind == EventKind::RolledBack
+                && table.service(&event.service).is_some_and(|s| {
+                    let local = s.snapshot().version;
+                    remote
+                        .services
+                        .get(&event.service)
+                        .is_none_or(|r| r.version + 1 == local)
+                });
+            if standing || event.source == Source::Startup {
+                keep_local.push(event.service.clone());
+                p.pending.push(event);
+            } else {
+                superseded.push(event);
+            }
+        }
+        let mut changed = Vec::new();
+        for service in table.services() {
+            if keep_local.iter().any(|s| **s == *service.name) {
+                continue;
+            }
+            let Some(state) = remote.services.get(&*service.name) else {
+                continue;
+            };
+            let current = service.snapshot_full();
+            let control = self.service_control(&service.name);
+            if service_state(&current, &control) == *state {
+                continue;
+            }
+            let names: Vec<&str> = current.slots().iter().map(|s| s.name()).collect();
+            let saved: Vec<&str> = state.weights.keys().map(String::as_str).collect();
+            if sorted(&names) != sorted(&saved) {
+                tracing::warn!(
+                    "service {}: the fleet's state has pools [{}], this instance's config [{}]; \
+                     keeping this instance's weights until the configs agree",
+                    service.name,
+                    saved.join(", "),
+                    names.join(", ")
+                );
+                continue;
+            }
+            match restore(&current, state, &names) {
+                Ok((snap, control)) => {
+                    let moved = snap.weights() != current.weights();
+                    self.writer.publish(service, Arc::new(snap));
+                    self.publish_control(&service.name, control);
+                    if moved {
+                        self.metrics.weight_changed(&service.name, state.updated_by);
+                    }
+                    changed.push(service.name.to_string());
+                }
+                Err(problem) => tracing::error!(
+                    "service {}: the fleet's state cannot be used here: {problem}",
+                    service.name
+                ),
+            }
+        }
+        p.applied = revision;
+        p.store.adopted(remote, revision);
+        for event in superseded {
+            let mut note = Event::new(&event.service, EventKind::RevertSuperseded, Source::Guard);
+            note.reason = Some(format!(
+                "a revert made while the store was unreachable ({}) was not written: a newer \
+                 change to the service came first",
+                event.reason.as_deref().unwrap_or("no reason given")
+            ));
+            note.details = serde_json::to_value(&event).unwrap_or_default();
+            if let Err(e) = p.record(note) {
+                tracing::warn!("could not journal a superseded revert: {e}");
+            }
+        }
+        self.publish_unsaved(Some(p));
+        changed
+    }
+
     /// Validate and apply one command. On error nothing has changed; on success the new
     /// state and its event are on disk before the new snapshot serves traffic.
+    ///
+    /// With a shared store, another instance may have changed the state since this one
+    /// last read it: the commit is then refused, the controller catches up with the
+    /// store and plans the command again on what it finds (an `If-Match` that no longer
+    /// holds is a conflict then, as it would have been here).
     pub fn apply(&self, command: Command) -> Result<Change, ControlError> {
         let mut persistence = self.lock();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let last = attempt > CONFLICT_RETRIES;
+            match self.apply_once(&mut persistence, command.clone(), last) {
+                Ok(change) => return Ok(change),
+                Err(Attempt::Failed(e)) => return Err(e),
+                Err(Attempt::Conflict) => {
+                    if let Some(p) = persistence.as_mut() {
+                        self.catch_up(p)?;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One try of [`Controller::apply`]; `last`: a conflict is final.
+    fn apply_once(
+        &self,
+        persistence: &mut Option<Persistence>,
+        command: Command,
+        last: bool,
+    ) -> Result<Change, Attempt> {
         let table = self.router.table();
         let (name, source, actor) = match &command {
             Command::SetWeights {
@@ -588,19 +790,20 @@ impl Controller {
                 p.note(&written);
                 match written {
                     Ok(e) => Some(e),
-                    Err(e) if is_rollback => {
+                    Err(StateError::Conflict { .. }) if !last => return Err(Attempt::Conflict),
+                    Err(e) if is_rollback && !matches!(e, StateError::Conflict { .. }) => {
                         // A revert is applied whatever the disk says: traffic leaves the
                         // bad version now, and the write is retried until it succeeds.
                         tracing::error!("rollback of {name} applied but not saved (retrying): {e}");
                         let mut unsaved = event;
-                        unsaved.details = with_not_durable(unsaved.details, &e);
+                        unsaved.details = with_not_durable(unsaved.details, &ControlError::from(e));
                         p.pending.push(unsaved.clone());
                         durable = false;
                         // Not journaled yet (id 0): the webhook still hears of it now.
                         Some(unsaved)
                     }
                     // Nothing of the change is stored (a commit is all or nothing).
-                    Err(e) => return Err(e),
+                    Err(e) => return Err(Attempt::Failed(e.into())),
                 }
             }
             None => None,
@@ -679,6 +882,17 @@ impl Controller {
                 ..
             } => {
                 planned.weights = all_to(current, current.baseline_name());
+                // Another fleet instance's guard reverted first: nothing left to do.
+                if source == Source::Guard
+                    && control.degraded.is_some()
+                    && planned.weights == current.weights()
+                    && !control
+                        .rollout
+                        .as_ref()
+                        .is_some_and(|r| r.phase.is_running())
+                {
+                    return Err(ControlError::Unchanged);
+                }
                 planned.kind = EventKind::RolledBack;
                 if source == Source::Guard {
                     planned.degraded =
@@ -1401,6 +1615,11 @@ fn with_not_durable(details: serde_json::Value, error: &ControlError) -> serde_j
     };
     details["not_durable"] = serde_json::json!(true);
     details["save_error"] = serde_json::json!(error.to_string());
+    if matches!(error, ControlError::StoreUnavailable(_)) {
+        // Fleet mode: made by this instance alone while the store was out of reach;
+        // written to the store on reconnect unless a newer change came first.
+        details["local"] = serde_json::json!(true);
+    }
     details
 }
 

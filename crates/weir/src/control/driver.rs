@@ -21,6 +21,10 @@ pub(crate) async fn drive(controller: Arc<Controller>, guard: Arc<Guard>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        // In a fleet only the leader drives; the others see its steps through the store.
+        if !controller.drives_rollouts() {
+            continue;
+        }
         let due: Vec<(String, Evidence)> = {
             let table = controller.router().table();
             let now = controller.clock().now();

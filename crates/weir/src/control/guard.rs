@@ -17,13 +17,14 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::config::{GuardMode, SloConfig};
-use crate::control::controller::{Command, Controller, rfc3339};
+use crate::control::controller::{Command, ControlError, Controller, rfc3339};
 pub(crate) use crate::control::judge::{Evidence, Figures, Judgement, Verdict, judge};
 use crate::control::store::Event;
-use crate::dataplane::routing::Service;
+use crate::dataplane::routing::{PoolSlot, Service};
 pub(crate) use crate::model::Check;
 use crate::model::{EventKind, Source};
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::window::Window;
 
 /// A candidate's judgement as the API shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -92,6 +93,23 @@ impl std::fmt::Debug for Guard {
     }
 }
 
+/// A window the guard reads: a pool's own, or the fleet's sum for it.
+enum Judged<'a> {
+    Local(&'a Window),
+    Fleet(Arc<Window>),
+}
+
+impl std::ops::Deref for Judged<'_> {
+    type Target = Window;
+
+    fn deref(&self) -> &Window {
+        match self {
+            Judged::Local(w) => w,
+            Judged::Fleet(w) => w,
+        }
+    }
+}
+
 /// How often the guard wakes to rotate windows and see which services are due.
 const TICK: Duration = Duration::from_millis(100);
 
@@ -137,6 +155,9 @@ impl Guard {
         let table = self.controller.router().table();
         let mut watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
         let mut actions = Vec::new();
+        if let Some(fleet) = self.controller.fleet() {
+            fleet.rotate(now);
+        }
         for service in table.services() {
             let snapshot = service.snapshot();
             for slot in snapshot.slots() {
@@ -177,16 +198,19 @@ impl Guard {
             .is_some_and(|w| *w != weights)
         {
             for slot in snapshot.slots() {
-                slot.pool.window().restart_exposure();
+                for window in self.windows(&service.name, slot) {
+                    window.restart_exposure();
+                }
             }
         }
         watch.exposure_weights = Some(weights);
         let base_slot = snapshot.baseline();
         let baseline = base_slot.name().to_owned();
-        let b_exposure = base_slot.pool.window().exposure();
-        let b_fast = crate::control::judge::recent(base_slot.pool.window(), slo.fast_window);
-        let b_slices = crate::control::judge::recent_slices(base_slot.pool.window());
-        let b_dispersion = crate::control::judge::dispersion(base_slot.pool.window());
+        let base_window = self.judged(&service.name, base_slot);
+        let b_exposure = base_window.exposure();
+        let b_fast = crate::control::judge::recent(&base_window, slo.fast_window);
+        let b_slices = crate::control::judge::recent_slices(&base_window);
+        let b_dispersion = crate::control::judge::dispersion(&base_window);
         let mut any_unhealthy = false;
         let mut unhealthy_words = String::new();
         // A blue/green preview is judged on its targeted traffic, weight 0 or not.
@@ -212,8 +236,9 @@ impl Guard {
                 }
                 continue;
             }
-            let c_exposure = slot.pool.window().exposure();
-            let c_fast = crate::control::judge::recent(slot.pool.window(), slo.fast_window);
+            let window = self.judged(&service.name, slot);
+            let c_exposure = window.exposure();
+            let c_fast = crate::control::judge::recent(&window, slo.fast_window);
             let judgement = judge(
                 slo,
                 Evidence {
@@ -299,7 +324,9 @@ impl Guard {
                         self.metrics.rollback(&service, check);
                         // Judge the next traffic only, not what led to this.
                         for slot in change.snapshot.slots() {
-                            slot.pool.window().reset();
+                            for window in self.windows(&service, slot) {
+                                window.reset();
+                            }
                         }
                         if let (Some(event), Some(url)) = (
                             change.event,
@@ -307,6 +334,9 @@ impl Guard {
                         ) {
                             self.webhook.post(url, event);
                         }
+                    }
+                    Err(ControlError::Unchanged) => {
+                        tracing::info!("{service} was already reverted (by another instance)");
                     }
                     Err(e) => tracing::error!("guard could not roll back {service}: {e}"),
                 }
@@ -335,6 +365,34 @@ impl Guard {
                 }
             }
         }
+    }
+
+    /// The window a pool is judged on: the fleet's sums when they are live, else this
+    /// instance's own traffic.
+    fn judged<'a>(&self, service: &str, slot: &'a PoolSlot) -> Judged<'a> {
+        match self
+            .controller
+            .fleet()
+            .filter(|f| f.judging())
+            .and_then(|f| f.window(service, slot.name()))
+        {
+            Some(fleet) => Judged::Fleet(fleet),
+            None => Judged::Local(slot.pool.window()),
+        }
+    }
+
+    /// Every window kept for a pool (its own, and the fleet's in fleet mode): a new
+    /// exposure or a reset applies to all of them.
+    fn windows<'a>(&self, service: &str, slot: &'a PoolSlot) -> Vec<Judged<'a>> {
+        let mut all = vec![Judged::Local(slot.pool.window())];
+        if let Some(fleet) = self
+            .controller
+            .fleet()
+            .and_then(|f| f.window(service, slot.name()))
+        {
+            all.push(Judged::Fleet(fleet));
+        }
+        all
     }
 
     /// Whether the service's live routing is ahead of its saved state (a rollback the

@@ -4,6 +4,7 @@
 
 pub(crate) mod controller;
 pub(crate) mod driver;
+pub(crate) mod fleet;
 pub(crate) mod guard;
 pub(crate) mod health;
 pub mod judge;

@@ -170,6 +170,9 @@ pub enum StateError {
         dir.join(LOCK_FILE).display()
     )]
     Locked { dir: PathBuf, holder: String },
+    /// A shared store (etcd, for a fleet) did not answer in time or has no quorum.
+    #[error("{0}")]
+    Unavailable(String),
     /// A compare-and-swap found the store at another revision than the writer read: a
     /// change was made meanwhile (by another writer, for a shared store).
     #[error("the stored state is at revision {current}, not {expected}: it changed meanwhile")]
@@ -546,6 +549,9 @@ pub struct Event {
     /// Structured figures (guard decisions etc.).
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub details: serde_json::Value,
+    /// Fleet mode: the instance that made the change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
 }
 
 impl Event {
@@ -563,6 +569,7 @@ impl Event {
             to: None,
             reason: None,
             details: serde_json::Value::Null,
+            instance: None,
         }
     }
 }
@@ -1013,6 +1020,10 @@ pub trait Store: Send + std::fmt::Debug + 'static {
 
     /// A read handle on the journal that never waits for this writer.
     fn events(&self) -> Arc<dyn EventLog>;
+
+    /// A state this store's writer caught up with, read from the store at `revision`
+    /// (a shared store remembers it as the base of its next commit and caches it).
+    fn adopted(&mut self, _state: &State, _revision: Revision) {}
 
     /// Revisions committed by other writers, as they happen. `None` for a store that
     /// only this process writes (the file store: its directory lock guarantees it).

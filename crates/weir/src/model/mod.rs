@@ -421,13 +421,21 @@ pub enum EventKind {
     /// The guard holds its judgement: the baseline itself is failing.
     BaselineUnhealthy,
     BaselineRecovered,
+    /// Fleet mode: a revert made by one instance while the store was unreachable was
+    /// not written on reconnect, because a newer change to the service came first.
+    RevertSuperseded,
+    /// Fleet mode: this instance's saved state and the store disagree about which store
+    /// this is (wiped, restored from an older backup, another cluster).
+    StoreMismatch,
+    /// Fleet mode: the store was re-seeded from an instance's state by an operator.
+    StoreReseeded,
     /// A kind this weir does not know (a journal written by a newer one).
     #[serde(other)]
     Unknown,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 19] = [
+    pub const ALL: [EventKind; 22] = [
         EventKind::WeightsChanged,
         EventKind::RolledBack,
         EventKind::RollbackDryRun,
@@ -447,6 +455,9 @@ impl EventKind {
         EventKind::EndpointUp,
         EventKind::BaselineUnhealthy,
         EventKind::BaselineRecovered,
+        EventKind::RevertSuperseded,
+        EventKind::StoreMismatch,
+        EventKind::StoreReseeded,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -470,6 +481,9 @@ impl EventKind {
             EventKind::EndpointUp => "endpoint_up",
             EventKind::BaselineUnhealthy => "baseline_unhealthy",
             EventKind::BaselineRecovered => "baseline_recovered",
+            EventKind::RevertSuperseded => "revert_superseded",
+            EventKind::StoreMismatch => "store_mismatch",
+            EventKind::StoreReseeded => "store_reseeded",
             EventKind::Unknown => "unknown",
         }
     }

@@ -28,7 +28,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use histogram::{AtomicHistogram32, Histogram32};
+use histogram::{AtomicHistogram32, Histogram, Histogram32, SparseHistogram};
 
 /// Relative precision of latency buckets: 2^-5.
 const GROUPING_POWER: u8 = 5;
@@ -138,6 +138,44 @@ pub struct Window {
     visible_from: AtomicU64,
     history: Mutex<History>,
     exposure: Mutex<Exposure>,
+    /// Every closed slice, summed: with the current slice, [`Window::totals`].
+    cumulative: Mutex<Cumulative>,
+}
+
+/// Running sums of every closed slice. The histogram is allocated with the first
+/// latency, so an idle pool pays nothing for it.
+#[derive(Default)]
+struct Cumulative {
+    requests: u64,
+    errors: u64,
+    latency_us: Option<Histogram>,
+}
+
+impl Cumulative {
+    fn add(&mut self, requests: u64, errors: u64, latency: &Histogram32) {
+        self.requests += requests;
+        self.errors += errors;
+        if latency.as_slice().iter().any(|&c| c > 0) {
+            let wide = Histogram::from(latency);
+            match &mut self.latency_us {
+                Some(h) => {
+                    let _ = h.checked_add_assign(&wide);
+                }
+                None => self.latency_us = Some(wide),
+            }
+        }
+    }
+}
+
+/// Everything a window ever recorded, as running sums that only grow: what a fleet
+/// instance publishes, so that its peers can add up the differences between two
+/// readings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Totals {
+    pub requests: u64,
+    pub errors: u64,
+    /// Latency in µs, in the window's buckets (see [`Window::latency_config`]).
+    pub latency_us: SparseHistogram,
 }
 
 /// Everything since the exposure was last restarted, in closed slices.
@@ -235,6 +273,48 @@ impl Window {
                 capacity,
             }),
             exposure: Mutex::new(Exposure::new(0)),
+            cumulative: Mutex::new(Cumulative::default()),
+        }
+    }
+
+    /// The bucket layout of every latency histogram a window keeps.
+    pub fn latency_config() -> histogram::Config {
+        histogram::Config::new(GROUPING_POWER, MAX_VALUE_POWER).expect("valid histogram parameters")
+    }
+
+    /// Everything recorded so far, as sums that never go down (a reset does not touch
+    /// them): the closed slices plus the current one, read while no rotation runs.
+    pub fn totals(&self) -> Totals {
+        let _start = self.current_start.lock().unwrap_or_else(|p| p.into_inner());
+        let cumulative = self.cumulative.lock().unwrap_or_else(|p| p.into_inner());
+        let current = &self.slices[self.current.load(Ordering::Acquire)];
+        let mut latency = cumulative
+            .latency_us
+            .clone()
+            .unwrap_or_else(|| Histogram::with_config(&Window::latency_config()));
+        let _ = latency.checked_add_assign(&Histogram::from(&current.latency_us.load()));
+        Totals {
+            requests: cumulative.requests + current.requests.load(Ordering::Relaxed),
+            errors: cumulative.errors + current.errors.load(Ordering::Relaxed),
+            latency_us: SparseHistogram::from(&latency),
+        }
+    }
+
+    /// Add traffic recorded elsewhere (a fleet peer's requests since its last reading)
+    /// to the current slice, as if it had been recorded here.
+    pub fn add(&self, requests: u64, errors: u64, latency_us: &SparseHistogram) {
+        let slice = &self.slices[self.current.load(Ordering::Acquire)];
+        self.total.fetch_add(requests, Ordering::Relaxed);
+        slice.requests.fetch_add(requests, Ordering::Relaxed);
+        slice.errors.fetch_add(errors, Ordering::Relaxed);
+        for bucket in latency_us.iter() {
+            let mut count = bucket.count();
+            // Bucket counts are 32-bit here; a peer's half-second never comes near that.
+            while count > 0 {
+                let step = count.min(u64::from(u32::MAX));
+                let _ = slice.latency_us.add(bucket.start(), step as u32);
+                count -= step;
+            }
         }
     }
 
@@ -288,7 +368,14 @@ impl Window {
             steps += 1;
             if steps > self.slices.len() {
                 // Idle for longer than the whole window: everything is stale, and every
-                // slice since (this one included) was empty.
+                // slice since (this one included) was empty. The current slice was never
+                // closed: its traffic still goes into the running sums.
+                let open = &self.slices[self.current.load(Ordering::Relaxed)];
+                let (point, latency) = open.point();
+                self.cumulative
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .add(point.requests, point.errors, &latency);
                 for slice in self.slices.iter() {
                     slice.clear();
                 }
@@ -320,6 +407,10 @@ impl Window {
             let closed = &self.slices[current];
             let (point, latency) = closed.point();
             history.push(point);
+            self.cumulative
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .add(point.requests, point.errors, &latency);
             let mut exposure = self.exposure.lock().unwrap_or_else(|p| p.into_inner());
             if closed.opened.load(Ordering::Relaxed) >= exposure.from
                 && closed.opened.load(Ordering::Relaxed)
@@ -431,6 +522,54 @@ mod tests {
     use super::*;
 
     const S: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn totals_only_grow_across_rotations_resets_and_idle_gaps() {
+        let w = Window::new(Duration::from_secs(3), S);
+        let t0 = Instant::now();
+        w.rotate(t0);
+        let mut last = w.totals();
+        assert_eq!((last.requests, last.errors), (0, 0));
+        let mut t = t0;
+        for k in 1..=20u64 {
+            w.record(k % 4 == 0, Duration::from_millis(k));
+            if k == 10 {
+                w.reset();
+            }
+            if k % 3 == 0 {
+                t += S;
+                w.rotate(t);
+            }
+            let now = w.totals();
+            assert_eq!((now.requests, now.errors), (k, k / 4), "after request {k}");
+            let counted: u64 = now.latency_us.iter().map(|b| b.count()).sum();
+            assert_eq!(counted, k);
+            assert!(now.requests >= last.requests);
+            last = now;
+        }
+        // Idle far longer than the window: the open slice's traffic stays counted.
+        w.record(true, Duration::from_millis(1));
+        w.rotate(t + S * 100);
+        assert_eq!((w.totals().requests, w.totals().errors), (21, 6));
+    }
+
+    #[test]
+    fn added_traffic_counts_like_recorded_traffic() {
+        let here = Window::new(Duration::from_secs(3), S);
+        let there = Window::new(Duration::from_secs(3), S);
+        let t0 = Instant::now();
+        here.rotate(t0);
+        there.rotate(t0);
+        for k in 0..50u64 {
+            there.record(k % 5 == 0, Duration::from_millis(10 + k));
+        }
+        let delta = there.totals();
+        here.add(delta.requests, delta.errors, &delta.latency_us);
+        let (a, b) = (here.stats(S), there.stats(S));
+        assert_eq!((a.requests, a.errors), (b.requests, b.errors));
+        assert_eq!(a.p99(), b.p99());
+        assert_eq!(here.total(), 50);
+    }
 
     #[test]
     fn counts_and_rates() {
