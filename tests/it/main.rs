@@ -13,6 +13,8 @@ mod admin;
 mod binary;
 mod ctl;
 mod dashboard;
+#[cfg(feature = "fleet")]
+mod fleet;
 mod forwarding;
 mod grpc;
 mod guard;

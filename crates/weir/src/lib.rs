@@ -26,6 +26,8 @@ mod admin;
 pub mod config;
 mod control;
 mod dataplane;
+#[cfg(feature = "fleet")]
+mod fleet;
 pub mod model;
 mod telemetry;
 
@@ -96,6 +98,9 @@ pub enum StartError {
     Admin(#[from] AdminError),
     #[error("TLS: {0}")]
     Tls(tls::TlsError),
+    /// `[fleet]` cannot be used (built without fleet support, unreadable TLS files…).
+    #[error("fleet: {0}")]
+    Fleet(String),
 }
 
 impl From<tls::TlsError> for StartError {
@@ -155,6 +160,9 @@ pub fn preflight(config: &Config) -> Vec<String> {
 /// the binary alike bind their own listeners and call [`Weir::serve`].
 #[derive(Debug)]
 pub struct Weir {
+    /// Fleet mode's connection and tasks.
+    #[cfg(feature = "fleet")]
+    fleet: Option<fleet::Fleet>,
     /// The HTTPS listener's rustls configuration.
     tls: Option<Arc<rustls::ServerConfig>>,
     /// The endpoint-health task, taken by the first `serve`.
@@ -209,11 +217,44 @@ impl Weir {
             .transpose()?;
         tls::check_upstreams(&config)?;
         let metrics = Metrics::new();
-        let opened = match lock {
-            Some(lock) => Controller::open_locked(&config, Arc::clone(&metrics), lock),
-            None => Controller::open(&config, Arc::clone(&metrics)),
+        #[cfg(feature = "fleet")]
+        let mut fleet = None;
+        let opened = match (lock, &config.fleet) {
+            #[cfg(feature = "fleet")]
+            (lock, Some(fleet_config)) => {
+                let lock = match lock {
+                    Some(lock) => lock,
+                    None => StateLock::acquire(&config.state.dir)
+                        .map_err(|e| StartError::State(e.into()))?,
+                };
+                let (handle, store) =
+                    fleet::Fleet::connect(fleet_config, &config.state.dir, Arc::clone(&metrics))
+                        .map_err(StartError::Fleet)?;
+                fleet = Some(handle);
+                Controller::open_shared(
+                    &config,
+                    Arc::clone(&metrics),
+                    lock,
+                    Arc::new(model::SystemClock),
+                    Box::new(store),
+                )
+            }
+            #[cfg(not(feature = "fleet"))]
+            (_, Some(_)) => {
+                return Err(StartError::Fleet(
+                    "this weir was built without fleet support; build it with \
+                     `--features fleet` (the release builds and the Docker image have it)"
+                        .into(),
+                ));
+            }
+            (Some(lock), None) => Controller::open_locked(&config, Arc::clone(&metrics), lock),
+            (None, None) => Controller::open(&config, Arc::clone(&metrics)),
         };
         let controller = Arc::new(opened.map_err(|e| StartError::state(e, config_path.clone()))?);
+        #[cfg(feature = "fleet")]
+        if let Some(fleet) = &fleet {
+            fleet.start(&controller);
+        }
         let (outliers, monitor) = health::start(Arc::clone(&controller));
         let mut sinks: Vec<Arc<dyn OutcomeSink>> = vec![
             Arc::new(WindowSink),
@@ -240,6 +281,8 @@ impl Weir {
             .with_allowed_hosts(&config.admin.allowed_hosts),
         );
         Ok(Weir {
+            #[cfg(feature = "fleet")]
+            fleet,
             tls,
             monitor: Mutex::new(Some(monitor)),
             guard,
@@ -333,6 +376,11 @@ impl Weir {
         let _ = stop_tx.send(true);
         if let Some(task) = admin_task {
             let _ = task.await;
+        }
+        #[cfg(feature = "fleet")]
+        if let Some(fleet) = self.fleet.clone() {
+            // Hand the lead over now rather than when the lease expires.
+            let _ = tokio::task::spawn_blocking(move || fleet.stop()).await;
         }
         result
     }

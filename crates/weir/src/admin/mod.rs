@@ -294,6 +294,8 @@ impl Admin {
             ] => Route::Rollout(name, verb),
             ["v1", "events"] => Route::Events,
             ["v1", "reload"] => Route::Reload,
+            ["v1", "fleet"] => Route::Fleet,
+            ["v1", "fleet", "reseed"] => Route::Reseed,
             _ => return error(StatusCode::NOT_FOUND, format!("no such route: {path}")),
         };
         let method = req.method().clone();
@@ -433,6 +435,30 @@ impl Admin {
                     return resp;
                 }
                 self.reload(actor).await
+            }
+            Route::Fleet => match self.controller.fleet() {
+                Some(fleet) => ok(&fleet.status()),
+                None => error(
+                    StatusCode::NOT_FOUND,
+                    "this weir is not in fleet mode (no [fleet] in its config)",
+                ),
+            },
+            Route::Reseed => {
+                if let Err(resp) = self.read_json(req).await {
+                    return resp;
+                }
+                let Some(fleet) = self.controller.fleet().cloned() else {
+                    return error(
+                        StatusCode::NOT_FOUND,
+                        "this weir is not in fleet mode (no [fleet] in its config)",
+                    );
+                };
+                // Blocking: it waits for etcd.
+                match tokio::task::spawn_blocking(move || fleet.reseed(actor)).await {
+                    Ok(Ok(())) => ok(&fleet_status_after(&self.controller)),
+                    Ok(Err(msg)) => error(StatusCode::SERVICE_UNAVAILABLE, msg),
+                    Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+                }
             }
         }
     }
@@ -651,13 +677,19 @@ enum Route<'a> {
     Rollout(&'a str, &'a str),
     Events,
     Reload,
+    Fleet,
+    Reseed,
 }
 
 impl Route<'_> {
     fn mutates(&self) -> bool {
         matches!(
             self,
-            Route::Weights(_) | Route::Rollback(_) | Route::Rollout(..) | Route::Reload
+            Route::Weights(_)
+                | Route::Rollback(_)
+                | Route::Rollout(..)
+                | Route::Reload
+                | Route::Reseed
         )
     }
 
@@ -666,17 +698,25 @@ impl Route<'_> {
     fn body_optional(&self) -> bool {
         matches!(
             self,
-            Route::Rollback(_) | Route::Rollout(..) | Route::Reload
+            Route::Rollback(_) | Route::Rollout(..) | Route::Reload | Route::Reseed
         )
     }
 
     fn method(&self) -> &'static str {
         match self {
             Route::Weights(_) => "PUT",
-            Route::Rollback(_) | Route::Rollout(..) | Route::Reload => "POST",
+            Route::Rollback(_) | Route::Rollout(..) | Route::Reload | Route::Reseed => "POST",
             _ => "GET",
         }
     }
+}
+
+/// The fleet document after a change to it.
+fn fleet_status_after(controller: &Controller) -> Value {
+    controller
+        .fleet()
+        .map(|f| serde_json::to_value(f.status()).unwrap_or_default())
+        .unwrap_or_default()
 }
 
 fn control_status(e: &ControlError) -> StatusCode {

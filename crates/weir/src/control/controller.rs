@@ -271,6 +271,8 @@ struct Persistence {
     /// durability, for a revert only): the state file lags routing and these events wait
     /// for the journal. Every later write, and `flush_pending`, tries again first.
     pending: Vec<Event>,
+    /// Fleet mode: the state directory's lock (the file store holds its own).
+    _lock: Option<StateLock>,
 }
 
 impl Persistence {
@@ -477,6 +479,7 @@ impl Controller {
             store: Box::new(store),
             writable: Arc::clone(&controller.writable),
             pending: Vec::new(),
+            _lock: None,
         };
         // The file is rewritten at once: in the current format, and without services the
         // config no longer has. The start-up records follow it into the journal; if the
@@ -496,6 +499,48 @@ impl Controller {
         }
         persistence.pending.extend(events);
         *controller.write.lock().unwrap_or_else(|p| p.into_inner()) = Some(persistence);
+        Ok(controller)
+    }
+
+    /// Fleet mode: build with `store` (etcd) as the store. The local state file is only
+    /// a cache of the last state applied: it serves until the store answers (a start
+    /// while etcd is down), and the fleet's state replaces it as soon as it does.
+    /// Nothing is written here; the fleet's first read decides.
+    pub fn open_shared(
+        config: &Config,
+        metrics: Arc<Metrics>,
+        lock: StateLock,
+        clock: Arc<dyn Clock>,
+        store: Box<dyn Store>,
+    ) -> Result<Controller, OpenError> {
+        let cached = match StateStore::open(&config.state.dir)?.load() {
+            Ok(saved) => saved.unwrap_or_default(),
+            Err(e) => {
+                tracing::warn!(
+                    "fleet: ignoring the unreadable local cache ({e}); the store decides"
+                );
+                State::default()
+            }
+        };
+        let controller = Controller::in_memory_with_clock(config, metrics, clock);
+        let (_, restored, problems) = restore_all(&controller, &cached);
+        for problem in problems {
+            tracing::warn!(
+                "fleet: local cache: {problem}; using the config's weights until the store answers"
+            );
+        }
+        for (service, snap, control) in restored {
+            controller.publish_control(&service.name, control);
+            controller.writer.publish(&service, Arc::new(snap));
+        }
+        *controller.events.write().unwrap_or_else(|p| p.into_inner()) = Some(store.events());
+        *controller.write.lock().unwrap_or_else(|p| p.into_inner()) = Some(Persistence {
+            applied: 0,
+            store,
+            writable: Arc::clone(&controller.writable),
+            pending: Vec::new(),
+            _lock: Some(lock),
+        });
         Ok(controller)
     }
 
@@ -585,6 +630,20 @@ impl Controller {
         Ok(())
     }
 
+    /// The persistent view of every service as it is now (what a fleet seeds its store
+    /// with).
+    pub fn current_state(&self) -> State {
+        self.state()
+    }
+
+    /// Forget the applied revision: the store was replaced (re-seeded), and its
+    /// revisions start afresh.
+    pub fn forget_applied(&self) {
+        if let Some(p) = self.lock().as_mut() {
+            p.applied = 0;
+        }
+    }
+
     /// Put in force a state another writer committed to the shared store, read at
     /// `revision` (the fleet's watch calls this for every change, in revision order).
     /// Returns the services whose routing changed. A revision at or below the one
@@ -595,6 +654,20 @@ impl Controller {
             return Vec::new();
         };
         let changed = self.adopt_locked(p, state, revision);
+        let missing = self
+            .router
+            .table()
+            .services()
+            .iter()
+            .any(|s| !state.services.contains_key(&*s.name));
+        if missing && p.pending.is_empty() {
+            // Services this instance's config has and the store does not yet: written
+            // with the config's weights (a compare-and-swap, like any change).
+            let saved = p.save(&self.state());
+            if let Err(e) = saved {
+                tracing::warn!("could not add this instance's new services to the store: {e}");
+            }
+        }
         if !p.pending.is_empty() {
             // Reverts made while the store was out of reach that still stand go out now.
             let flushed = p.flush(&self.state());

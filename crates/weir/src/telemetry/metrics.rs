@@ -234,6 +234,17 @@ impl Metrics {
             .register_counter(&Key::from_parts(name, labels), &METADATA)
     }
 
+    /// Give a gauge registered elsewhere (fleet mode's) its help text.
+    pub fn describe_gauge(&self, name: &'static str, help: &'static str) {
+        self.recorder.describe_gauge(name.into(), None, help.into());
+    }
+
+    /// Give a counter registered elsewhere its help text.
+    pub fn describe_counter(&self, name: &'static str, help: &'static str) {
+        self.recorder
+            .describe_counter(name.into(), None, help.into());
+    }
+
     pub fn gauge(&self, name: &'static str, labels: Vec<Label>) -> Gauge {
         self.recorder
             .register_gauge(&Key::from_parts(name, labels), &METADATA)

@@ -1,0 +1,882 @@
+//! The fleet's tasks: follow the store (a full read, then a watch from the next
+//! revision, applying every state change in revision order), hold the session lease
+//! and campaign for the lead, and publish this instance's per-pool counters while
+//! summing everyone's into the fleet windows the guard judges.
+//!
+//! Anything odd on the watch (a cancel, a compaction, a broken stream, a head from
+//! another store) sends the loop back to a full read, which applies only what differs,
+//! so nothing is missed and nothing is applied twice.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use etcd_client::{
+    Compare, CompareOp, DeleteOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
+    TxnOpResponse, WatchOptions,
+};
+use histogram::SparseHistogram;
+use serde::{Deserialize, Serialize};
+
+use super::store::{Head, SCHEMA, Schema, Seq, Services, journal_key};
+use super::{Peer, Shared};
+use crate::control::store::{Event, ServiceState, State};
+use crate::model::{EventKind, Source, timestamp};
+use crate::telemetry::window::{Totals, Window};
+
+/// Journal entries the leader keeps in etcd; older ones are trimmed.
+const JOURNAL_KEEP: u64 = 10_000;
+
+/// What an instance publishes under `members/<instance>`, with its lease.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Record {
+    instance: String,
+    boot_id: u64,
+    #[serde(default)]
+    admin: Option<String>,
+    version: String,
+    applied_revision: i64,
+    pools: Vec<PoolTotals>,
+}
+
+/// One pool's running sums; the histogram is sparse (bucket index, count).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PoolTotals {
+    service: String,
+    pool: String,
+    requests: u64,
+    errors: u64,
+    index: Vec<u32>,
+    count: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct LeaderValue {
+    instance: String,
+    boot_id: u64,
+}
+
+/// Everything a full read finds, at one revision.
+#[derive(Debug, Default)]
+struct Snapshot {
+    revision: i64,
+    schema: Option<Schema>,
+    head: Option<(Head, i64)>,
+    services: Services,
+    journal: (u64, i64),
+    leader: Option<(String, i64)>,
+    members: Vec<Record>,
+}
+
+pub(super) fn spawn(shared: &Arc<Shared>) {
+    shared.handle.spawn(follow(Arc::clone(shared)));
+    shared.handle.spawn(lease(Arc::clone(shared)));
+    shared.handle.spawn(publish(Arc::clone(shared)));
+}
+
+fn first_synced(shared: &Shared) {
+    let (lock, cv) = &shared.first_sync;
+    *lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
+    cv.notify_all();
+}
+
+async fn full_read(shared: &Shared) -> Result<Snapshot, super::etcd::Failure> {
+    let keys = [
+        shared.key("state/"),
+        shared.key("journal/seq"),
+        shared.key("leader"),
+        shared.key("members/"),
+    ];
+    let r = shared
+        .etcd
+        .call(|mut c| {
+            let keys = keys.clone();
+            async move {
+                let txn = Txn::new().and_then(vec![
+                    TxnOp::get(keys[0].clone(), Some(GetOptions::new().with_prefix())),
+                    TxnOp::get(keys[1].clone(), None),
+                    TxnOp::get(keys[2].clone(), None),
+                    TxnOp::get(keys[3].clone(), Some(GetOptions::new().with_prefix())),
+                ]);
+                c.txn(txn).await
+            }
+        })
+        .await?;
+    let mut snap = Snapshot {
+        revision: r.header().map_or(0, |h| h.revision()),
+        ..Snapshot::default()
+    };
+    let services_prefix = shared.key("state/services/");
+    for (i, op) in r.op_responses().into_iter().enumerate() {
+        let TxnOpResponse::Get(get) = op else {
+            continue;
+        };
+        for kv in get.kvs() {
+            let key = kv.key_str().unwrap_or("");
+            match i {
+                0 if key == shared.key("state/schema") => {
+                    snap.schema = serde_json::from_slice(kv.value()).ok();
+                }
+                0 if key == shared.key("state/head") => {
+                    snap.head = serde_json::from_slice(kv.value())
+                        .ok()
+                        .map(|h| (h, kv.mod_revision()));
+                }
+                0 => {
+                    if let Some(name) = key.strip_prefix(&services_prefix)
+                        && let Ok(s) = serde_json::from_slice::<ServiceState>(kv.value())
+                    {
+                        snap.services.insert(name.to_owned(), s);
+                    }
+                }
+                1 => {
+                    let seq = serde_json::from_slice::<Seq>(kv.value()).map_or(0, |s| s.seq);
+                    snap.journal = (seq, kv.mod_revision());
+                }
+                2 => {
+                    snap.leader = serde_json::from_slice::<LeaderValue>(kv.value())
+                        .ok()
+                        .map(|l| (l.instance, kv.create_revision()));
+                }
+                _ => {
+                    if let Ok(rec) = serde_json::from_slice::<Record>(kv.value()) {
+                        snap.members.push(rec);
+                    }
+                }
+            }
+        }
+    }
+    Ok(snap)
+}
+
+/// What a full read means for this instance.
+enum Verdict {
+    Follow,
+    Seed,
+    Mismatch(String),
+}
+
+fn judge_store(shared: &Shared, snap: &Snapshot) -> Verdict {
+    let remembered = shared
+        .remembered
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    match (&snap.schema, &remembered.store_id) {
+        (None, None) if snap.head.is_none() && snap.services.is_empty() => Verdict::Seed,
+        (None, None) => Verdict::Mismatch(format!(
+            "etcd has weir state under {} but no schema key: not written by a weir this \
+             version knows; refusing to follow or overwrite it",
+            shared.prefix
+        )),
+        (None, Some(id)) => Verdict::Mismatch(format!(
+            "etcd has no weir state under {}, but this instance followed store {id} up to \
+             revision {}: etcd was wiped or this is another cluster. Not re-seeding it with \
+             this instance's (possibly stale) weights: check, then run `weir ctl fleet reseed` \
+             on the instance whose state should win",
+            shared.prefix, remembered.revision
+        )),
+        (Some(schema), _) if schema.schema > SCHEMA => Verdict::Mismatch(format!(
+            "the fleet's store has schema {}, newer than this weir's {SCHEMA}: upgrade weir",
+            schema.schema
+        )),
+        (Some(schema), Some(id)) if schema.store_id != *id => Verdict::Mismatch(format!(
+            "etcd holds store {}, but this instance followed store {id}: etcd was wiped and \
+             re-seeded, restored, or this is another cluster. Check, then run `weir ctl fleet \
+             reseed` on the instance whose state should win (or discard this instance's \
+             state directory to follow the new store)",
+            schema.store_id
+        )),
+        (Some(_), Some(_)) if snap.head.as_ref().map_or(0, |h| h.1) < remembered.revision => {
+            Verdict::Mismatch(format!(
+                "the fleet's state is at revision {}, older than revision {} this instance \
+                 already applied: etcd was restored from an older backup. Not following it \
+                 back in time; check, then run `weir ctl fleet reseed`",
+                snap.head.as_ref().map_or(0, |h| h.1),
+                remembered.revision
+            ))
+        }
+        (Some(_), _) => Verdict::Follow,
+    }
+}
+
+fn set_mismatch(shared: &Shared, reason: Option<String>) {
+    let mut m = shared.mismatch.lock().unwrap_or_else(|p| p.into_inner());
+    if *m != reason {
+        match &reason {
+            Some(r) => tracing::error!("fleet: store mismatch: {r}"),
+            None if m.is_some() => tracing::warn!("fleet: store mismatch resolved"),
+            None => {}
+        }
+        *m = reason;
+    }
+    shared.gauge(
+        "weir_fleet_store_mismatch",
+        f64::from(u8::from(m.is_some())),
+    );
+}
+
+/// Write this instance's state as the fleet's first (the store under the prefix is
+/// empty): only if nobody seeded it meanwhile.
+async fn seed(shared: &Arc<Shared>, replace: bool) -> Result<(), String> {
+    let Some(controller) = shared.controller() else {
+        return Err("not started".into());
+    };
+    let state = controller.current_state();
+    let store_id = format!("{:032x}", rand::random::<u128>());
+    let now = timestamp(std::time::SystemTime::now());
+    let schema = Schema {
+        schema: SCHEMA,
+        store_id: store_id.clone(),
+        created_at: now.clone(),
+        created_by: shared.cfg.instance.clone(),
+    };
+    let head = Head {
+        store_id: store_id.clone(),
+        at: now,
+        by: shared.cfg.instance.clone(),
+    };
+    let mut ops = Vec::new();
+    if replace {
+        ops.push(TxnOp::delete(
+            shared.key("state/"),
+            Some(DeleteOptions::new().with_prefix()),
+        ));
+    }
+    ops.push(TxnOp::put(
+        shared.key("state/schema"),
+        serde_json::to_vec(&schema).unwrap_or_default(),
+        None,
+    ));
+    ops.push(TxnOp::put(
+        shared.key("state/head"),
+        serde_json::to_vec(&head).unwrap_or_default(),
+        None,
+    ));
+    for (name, service) in &state.services {
+        ops.push(TxnOp::put(
+            shared.key(&format!("state/services/{name}")),
+            serde_json::to_vec(service).unwrap_or_default(),
+            None,
+        ));
+    }
+    if ops.len() > 127 {
+        return Err(format!(
+            "{} services do not fit one etcd transaction (128 operations)",
+            state.services.len()
+        ));
+    }
+    let compares = if replace {
+        Vec::new()
+    } else {
+        vec![Compare::create_revision(
+            shared.key("state/schema"),
+            CompareOp::Equal,
+            0,
+        )]
+    };
+    let txn = Txn::new().when(compares).and_then(ops);
+    let r = shared
+        .etcd
+        .call(|mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    if !r.succeeded() {
+        return Ok(()); // another instance seeded first: follow it
+    }
+    shared.remember(|r| {
+        r.store_id = Some(store_id.clone());
+        r.revision = 0;
+    });
+    tracing::warn!(
+        "fleet: seeded store {store_id} under {} with this instance's state ({} services)",
+        shared.prefix,
+        state.services.len()
+    );
+    Ok(())
+}
+
+/// Follow the store for as long as the runtime runs.
+async fn follow(shared: Arc<Shared>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let snap = match full_read(&shared).await {
+            Ok(s) => s,
+            Err(e) => {
+                shared.set_reachable(false);
+                tracing::debug!("fleet: full read failed: {e}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        shared.set_reachable(true);
+        shared
+            .metrics
+            .counter("weir_fleet_resyncs_total", Vec::new())
+            .increment(1);
+        match judge_store(&shared, &snap) {
+            Verdict::Seed => {
+                if let Err(e) = seed(&shared, false).await {
+                    tracing::error!("fleet: cannot seed the store: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                continue;
+            }
+            Verdict::Mismatch(reason) => {
+                set_mismatch(&shared, Some(reason));
+                first_synced(&shared);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            Verdict::Follow => set_mismatch(&shared, None),
+        }
+        if let Some(schema) = &snap.schema {
+            shared.remember(|r| r.store_id = Some(schema.store_id.clone()));
+        }
+        note_revision(&shared, snap.revision);
+        {
+            let mut j = shared.journal.lock().unwrap_or_else(|p| p.into_inner());
+            if j.1 != snap.journal.1 {
+                *j = snap.journal;
+            }
+        }
+        set_leader(&shared, snap.leader.clone());
+        for record in snap.members {
+            if record.instance != shared.cfg.instance {
+                ingest(&shared, record);
+            }
+        }
+        let mut services = snap.services;
+        let head_rev = snap.head.as_ref().map_or(0, |h| h.1);
+        let store_id = snap.schema.map(|s| s.store_id).unwrap_or_default();
+        adopt(&shared, &services, head_rev).await;
+        first_synced(&shared);
+
+        // Watch everything under the prefix from the next revision on.
+        let start = snap.revision + 1;
+        let prefix = shared.prefix.clone();
+        let opened = shared
+            .etcd
+            .call(|mut c| {
+                let prefix = prefix.clone();
+                async move {
+                    c.watch(
+                        prefix,
+                        Some(WatchOptions::new().with_prefix().with_start_revision(start)),
+                    )
+                    .await
+                }
+            })
+            .await;
+        let mut stream = match opened {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!("fleet: cannot open the watch: {e}");
+                continue;
+            }
+        };
+        let mut next = start;
+        let mut applied = head_rev;
+        loop {
+            let message = stream.message().await;
+            let response = match message {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    tracing::debug!("fleet: watch ended");
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!("fleet: watch broke: {e}");
+                    break;
+                }
+            };
+            if response.canceled() || response.compact_revision() > 0 {
+                tracing::info!(
+                    "fleet: watch cancelled ({}; compacted to {}): reading the state again",
+                    response.cancel_reason(),
+                    response.compact_revision()
+                );
+                break;
+            }
+            let header_rev = response.header().map_or(0, |h| h.revision());
+            if header_rev != 0 && header_rev < next - 1 {
+                // The store went back in time under us (restored or wiped).
+                break;
+            }
+            note_revision(&shared, header_rev);
+            let mut state_changed = false;
+            let mut resync = false;
+            // Every event of one txn has the same revision: what counts as seen moves
+            // on only after the whole response.
+            let mut newest = next - 1;
+            for event in response.events() {
+                let Some(kv) = event.kv() else { continue };
+                if kv.mod_revision() != 0 && kv.mod_revision() < next {
+                    continue; // already seen (etcd 3.4 may repeat events)
+                }
+                let key = kv.key_str().unwrap_or("");
+                let Some(rel) = key.strip_prefix(&shared.prefix) else {
+                    continue;
+                };
+                let put = event.event_type() == EventType::Put;
+                match rel {
+                    "state/head" if put => match serde_json::from_slice::<Head>(kv.value()) {
+                        Ok(h) if h.store_id == store_id => {
+                            applied = kv.mod_revision();
+                            state_changed = true;
+                        }
+                        _ => resync = true,
+                    },
+                    "state/head" | "state/schema" => resync = true,
+                    "journal/seq" if put => {
+                        if let Ok(s) = serde_json::from_slice::<Seq>(kv.value()) {
+                            let mut j = shared.journal.lock().unwrap_or_else(|p| p.into_inner());
+                            if kv.mod_revision() > j.1 {
+                                *j = (s.seq, kv.mod_revision());
+                            }
+                        }
+                    }
+                    "leader" => {
+                        if put {
+                            let who = serde_json::from_slice::<LeaderValue>(kv.value())
+                                .ok()
+                                .map(|l| (l.instance, kv.create_revision()));
+                            set_leader(&shared, who);
+                        } else {
+                            set_leader(&shared, None);
+                            shared.campaign.notify_one();
+                        }
+                    }
+                    _ => {
+                        if let Some(name) = rel.strip_prefix("state/services/") {
+                            if put {
+                                if let Ok(s) = serde_json::from_slice::<ServiceState>(kv.value()) {
+                                    services.insert(name.to_owned(), s);
+                                }
+                            } else {
+                                services.remove(name);
+                            }
+                        } else if let Some(id) = rel.strip_prefix("members/") {
+                            if id == shared.cfg.instance {
+                                continue;
+                            }
+                            if put {
+                                if let Ok(record) = serde_json::from_slice::<Record>(kv.value()) {
+                                    ingest(&shared, record);
+                                }
+                            } else {
+                                shared
+                                    .peers
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .remove(id);
+                            }
+                        }
+                    }
+                }
+                newest = newest.max(kv.mod_revision());
+            }
+            next = next.max(newest + 1);
+            if resync {
+                break;
+            }
+            if state_changed {
+                adopt(&shared, &services, applied).await;
+            }
+        }
+        // Another endpoint may serve the watch better; the full read decides.
+        let i = shared.etcd.current();
+        shared.etcd.rotate(i);
+    }
+}
+
+fn note_revision(shared: &Shared, revision: i64) {
+    shared.store_revision.fetch_max(revision, Ordering::Relaxed);
+    let applied = shared.applied.load(Ordering::Relaxed);
+    shared.gauge(
+        "weir_fleet_lag_revisions",
+        (shared.store_revision.load(Ordering::Relaxed) - applied).max(0) as f64,
+    );
+}
+
+fn set_leader(shared: &Shared, leader: Option<(String, i64)>) {
+    let mine = shared.term.load(Ordering::Relaxed);
+    let name = leader.as_ref().map(|l| l.0.clone());
+    if let Some((_, rev)) = &leader
+        && mine != 0
+        && *rev != mine
+    {
+        // The key is someone else's (or a newer term): this instance no longer leads.
+        shared.term.store(0, Ordering::Relaxed);
+        shared.gauge("weir_fleet_leader", 0.0);
+    }
+    if leader.is_none() && mine != 0 {
+        shared.term.store(0, Ordering::Relaxed);
+        shared.gauge("weir_fleet_leader", 0.0);
+    }
+    *shared.leader.lock().unwrap_or_else(|p| p.into_inner()) = name;
+}
+
+/// Put a state read from the store in force (on a blocking thread: the controller
+/// writes its cache and may flush local reverts).
+async fn adopt(shared: &Arc<Shared>, services: &Services, revision: i64) {
+    let Some(controller) = shared.controller() else {
+        return;
+    };
+    let state = State {
+        services: services.clone(),
+    };
+    let done = tokio::task::spawn_blocking(move || {
+        let changed = controller.adopt(&state, revision.max(0) as u64);
+        (changed, controller.applied_revision() as i64)
+    })
+    .await;
+    if let Ok((changed, applied)) = done {
+        if !changed.is_empty() {
+            tracing::info!(
+                "fleet: applied revision {revision}: {} changed",
+                changed.join(", ")
+            );
+        }
+        shared.applied.store(applied, Ordering::Relaxed);
+        shared.gauge("weir_fleet_applied_revision", applied as f64);
+        note_revision(shared, applied);
+    }
+}
+
+/// The fleet window of a pool, made on first use with the service's SLO's shape.
+pub(super) fn fleet_window(shared: &Shared, service: &str, pool: &str) -> Option<Arc<Window>> {
+    let key = (service.to_owned(), pool.to_owned());
+    if let Some(w) = shared
+        .windows
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&key)
+    {
+        return Some(Arc::clone(w));
+    }
+    let slo = shared.controller()?.slo(service)?;
+    let window = Arc::new(Window::new(slo.window, slo.interval));
+    Some(Arc::clone(
+        shared
+            .windows
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key)
+            .or_insert(window),
+    ))
+}
+
+/// Take a member's record: what grew since its previous one goes into the fleet
+/// windows (its first record, or one from a new boot, only sets the starting point).
+fn ingest(shared: &Shared, record: Record) {
+    let config = Window::latency_config();
+    let mut pools = HashMap::new();
+    for p in &record.pools {
+        let Ok(latency) = SparseHistogram::from_parts(config, p.index.clone(), p.count.clone())
+        else {
+            continue;
+        };
+        pools.insert(
+            (p.service.clone(), p.pool.clone()),
+            Totals {
+                requests: p.requests,
+                errors: p.errors,
+                latency_us: latency,
+            },
+        );
+    }
+    let mut peers = shared.peers.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(prev) = peers.get(&record.instance)
+        && prev.boot_id == record.boot_id
+    {
+        for (key, now) in &pools {
+            let Some(before) = prev.pools.get(key) else {
+                continue;
+            };
+            if now.requests < before.requests || now.errors < before.errors {
+                continue;
+            }
+            let requests = now.requests - before.requests;
+            if requests == 0 {
+                continue;
+            }
+            let latency = now
+                .latency_us
+                .checked_sub(&before.latency_us)
+                .unwrap_or_else(|_| SparseHistogram::with_config(&config));
+            if let Some(w) = fleet_window(shared, &key.0, &key.1) {
+                w.add(requests, now.errors - before.errors, &latency);
+            }
+        }
+    }
+    peers.insert(
+        record.instance.clone(),
+        Peer {
+            boot_id: record.boot_id,
+            applied_revision: record.applied_revision,
+            admin: record.admin,
+            version: record.version,
+            pools,
+            seen: Instant::now(),
+        },
+    );
+    let live = peers
+        .values()
+        .filter(|p| p.seen.elapsed() < shared.cfg.publish_interval * 4)
+        .count();
+    drop(peers);
+    shared.gauge("weir_fleet_members", live as f64);
+}
+
+/// Publish this instance's counters every `publish_interval`, and take them into the
+/// fleet windows here at once (the same path as a peer's).
+async fn publish(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(shared.cfg.publish_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(controller) = shared.controller() else {
+            return;
+        };
+        let mut pools = Vec::new();
+        for service in controller.router().table().services() {
+            if controller.slo(&service.name).is_none() {
+                continue;
+            }
+            for slot in service.snapshot().slots() {
+                let totals = slot.pool.window().totals();
+                let (_, index, count) = totals.latency_us.into_parts();
+                pools.push(PoolTotals {
+                    service: service.name.to_string(),
+                    pool: slot.name().to_owned(),
+                    requests: totals.requests,
+                    errors: totals.errors,
+                    index,
+                    count,
+                });
+            }
+        }
+        let record = Record {
+            instance: shared.cfg.instance.clone(),
+            boot_id: shared.boot_id,
+            admin: Some(controller.config().admin.listen.to_string()),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            applied_revision: shared.applied.load(Ordering::Relaxed),
+            pools,
+        };
+        ingest(&shared, record.clone());
+        let lease = shared.lease.load(Ordering::Relaxed);
+        if lease == 0 {
+            continue;
+        }
+        let key = shared.key(&format!("members/{}", shared.cfg.instance));
+        let value = serde_json::to_vec(&record).unwrap_or_default();
+        let put = shared
+            .etcd
+            .call(|mut c| {
+                let (key, value) = (key.clone(), value.clone());
+                async move {
+                    c.put(key, value, Some(PutOptions::new().with_lease(lease)))
+                        .await
+                }
+            })
+            .await;
+        match put {
+            Ok(_) => {
+                *shared.published.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+            }
+            Err(e) => tracing::debug!("fleet: cannot publish counters: {e}"),
+        }
+    }
+}
+
+/// Hold the session lease, campaign for the lead whenever nobody holds it, and do the
+/// leader's chores.
+async fn lease(shared: Arc<Shared>) {
+    let ttl = shared.cfg.lease_ttl.as_secs().max(1) as i64;
+    let interval = shared.cfg.lease_ttl / 3;
+    loop {
+        let granted = shared
+            .etcd
+            .call(|mut c| async move { c.lease_grant(ttl, None).await })
+            .await;
+        let id = match granted {
+            Ok(g) => g.id(),
+            Err(e) => {
+                tracing::debug!("fleet: cannot get a lease: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        shared.lease.store(id, Ordering::Relaxed);
+        let kept = shared
+            .etcd
+            .call(|mut c| async move { c.lease_keep_alive(id).await })
+            .await;
+        let (mut keeper, mut replies) = match kept {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::debug!("fleet: cannot keep the lease alive: {e}");
+                continue;
+            }
+        };
+        let mut rounds: u64 = 0;
+        loop {
+            let sent = Instant::now();
+            if keeper.keep_alive().await.is_err() {
+                break;
+            }
+            match tokio::time::timeout(interval.max(Duration::from_millis(300)), replies.message())
+                .await
+            {
+                Ok(Ok(Some(reply))) if reply.ttl() > 0 => {
+                    // etcd keeps the lease at least `ttl` from when it got the renewal;
+                    // acting stops one renewal interval before that.
+                    let until = sent + Duration::from_secs(reply.ttl() as u64) - interval;
+                    *shared.leads_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(until);
+                }
+                _ => break,
+            }
+            let leader = shared
+                .leader
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            if shared.term.load(Ordering::Relaxed) == 0 && leader.is_none() {
+                campaign(&shared, id).await;
+            }
+            rounds += 1;
+            if shared.leads() && rounds % 60 == 1 {
+                trim(&shared).await;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(interval) => {}
+                () = shared.campaign.notified() => {}
+            }
+        }
+        // The lease is gone or cannot be renewed: stand down at once.
+        if shared.term.swap(0, Ordering::Relaxed) != 0 {
+            tracing::warn!("fleet: lost the session lease; no longer leading");
+        }
+        shared.gauge("weir_fleet_leader", 0.0);
+        *shared.leads_until.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        shared.lease.store(0, Ordering::Relaxed);
+    }
+}
+
+async fn campaign(shared: &Arc<Shared>, lease: i64) {
+    let key = shared.key("leader");
+    let value = serde_json::to_vec(&LeaderValue {
+        instance: shared.cfg.instance.clone(),
+        boot_id: shared.boot_id,
+    })
+    .unwrap_or_default();
+    let won = shared
+        .etcd
+        .call(|mut c| {
+            let (key, value) = (key.clone(), value.clone());
+            async move {
+                let txn = Txn::new()
+                    .when(vec![Compare::create_revision(
+                        key.clone(),
+                        CompareOp::Equal,
+                        0,
+                    )])
+                    .and_then(vec![TxnOp::put(
+                        key.clone(),
+                        value,
+                        Some(PutOptions::new().with_lease(lease)),
+                    )])
+                    .or_else(vec![TxnOp::get(key, None)]);
+                c.txn(txn).await
+            }
+        })
+        .await;
+    match won {
+        Ok(r) if r.succeeded() => {
+            let term = r.header().map_or(0, |h| h.revision());
+            shared.term.store(term, Ordering::Relaxed);
+            *shared.leader.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(shared.cfg.instance.clone());
+            shared.gauge("weir_fleet_leader", 1.0);
+            tracing::warn!("fleet: this instance leads the fleet (term {term})");
+        }
+        Ok(r) => {
+            for op in r.op_responses() {
+                if let TxnOpResponse::Get(get) = op
+                    && let Some(kv) = get.kvs().first()
+                {
+                    let who = serde_json::from_slice::<LeaderValue>(kv.value())
+                        .ok()
+                        .map(|l| (l.instance, kv.create_revision()));
+                    set_leader(shared, who);
+                }
+            }
+        }
+        Err(e) => tracing::debug!("fleet: campaign failed: {e}"),
+    }
+}
+
+/// Drop journal entries older than the newest [`JOURNAL_KEEP`] (leader only).
+async fn trim(shared: &Arc<Shared>) {
+    let seq = shared.journal.lock().unwrap_or_else(|p| p.into_inner()).0;
+    if seq <= JOURNAL_KEEP {
+        return;
+    }
+    let (from, to) = (
+        journal_key(shared, 0),
+        journal_key(shared, seq - JOURNAL_KEEP),
+    );
+    let term = shared.term.load(Ordering::Relaxed);
+    let leader = shared.key("leader");
+    let _ = shared
+        .etcd
+        .call(|mut c| {
+            let (from, to, leader) = (from.clone(), to.clone(), leader.clone());
+            async move {
+                let txn = Txn::new()
+                    .when(vec![Compare::create_revision(
+                        leader,
+                        CompareOp::Equal,
+                        term,
+                    )])
+                    .and_then(vec![TxnOp::delete(
+                        from,
+                        Some(DeleteOptions::new().with_range(to)),
+                    )]);
+                c.txn(txn).await
+            }
+        })
+        .await;
+}
+
+/// An operator's decision after a mismatch: make this instance's state the fleet's, in
+/// a new store (new id), and follow it.
+pub(super) fn reseed(shared: &Arc<Shared>, actor: Option<String>) -> Result<(), String> {
+    let s = Arc::clone(shared);
+    let (tx, rx) = std::sync::mpsc::channel();
+    shared.handle.spawn(async move {
+        let _ = tx.send(seed(&s, true).await);
+    });
+    rx.recv_timeout(shared.cfg.timeout * 2 + Duration::from_secs(1))
+        .map_err(|_| "etcd did not answer in time".to_owned())??;
+    set_mismatch(shared, None);
+    if let Some(controller) = shared.controller() {
+        controller.forget_applied();
+        let mut e = Event::new("", EventKind::StoreReseeded, Source::Admin);
+        e.actor = actor;
+        e.reason = Some(format!(
+            "the fleet's store was re-seeded from {}'s state",
+            shared.cfg.instance
+        ));
+        let _ = controller.record(e);
+    }
+    Ok(())
+}

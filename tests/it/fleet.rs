@@ -1,0 +1,319 @@
+//! Fleet mode against real etcd: three etcd members and three weir instances on
+//! loopback (the etcd members started by the tests, `weir_testkit::EtcdCluster`), traffic
+//! spread over the instances round-robin.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use http::{Request, StatusCode};
+use weir::config::Config;
+use weir_testkit::{EtcdCluster, Faults, UpstreamHandle};
+
+use crate::common::{
+    Proxy, client, full, get, pool_weights, proxy_toml, send, service_toml, start_config, temp_dir,
+    upstream, wait_until,
+};
+
+/// A fleet: etcd, its weir instances, the shop's two upstreams.
+struct Fleet {
+    etcd: EtcdCluster,
+    weirs: Vec<Proxy>,
+    stable: UpstreamHandle,
+    canary: UpstreamHandle,
+    slo: String,
+}
+
+fn fleet_toml(
+    endpoints: &[String],
+    instance: &str,
+    stable: &UpstreamHandle,
+    canary: &UpstreamHandle,
+    slo: &str,
+) -> String {
+    let list: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+    proxy_toml("")
+        + &format!(
+            "[fleet]\nendpoints = [{}]\nname = \"test\"\ninstance = \"{instance}\"\nlease_ttl = \"2s\"\ntimeout = \"1s\"\npublish_interval = \"100ms\"\n",
+            list.join(", ")
+        )
+        + &service_toml(
+            "shop",
+            None,
+            &[
+                ("stable", vec![stable.addr().to_string()], 90),
+                ("canary", vec![canary.addr().to_string()], 10),
+            ],
+        )
+        + slo
+}
+
+impl Fleet {
+    async fn start(weirs: usize, slo: &str) -> Fleet {
+        let etcd = EtcdCluster::start(3).await.expect("etcd starts");
+        let stable = upstream("stable").await;
+        let canary = upstream("canary").await;
+        let mut fleet = Fleet {
+            etcd,
+            weirs: Vec::new(),
+            stable,
+            canary,
+            slo: slo.to_owned(),
+        };
+        for i in 0..weirs {
+            let dir = temp_dir("fleet");
+            let weir = fleet.instance(i, dir).await;
+            fleet.weirs.push(weir);
+        }
+        fleet
+    }
+
+    /// Start instance `i` on state directory `dir`.
+    async fn instance(&self, i: usize, dir: std::path::PathBuf) -> Proxy {
+        let toml = fleet_toml(
+            &self.etcd.endpoints(),
+            &format!("w{i}"),
+            &self.stable,
+            &self.canary,
+            &self.slo,
+        );
+        let mut config = Config::parse(&toml, "fleet.toml").unwrap_or_else(|e| panic!("{e}"));
+        config.state.dir = dir;
+        start_config(config, None, Vec::new()).await
+    }
+
+    /// Every instance's weights for the shop.
+    async fn weights(&self) -> Vec<Vec<(String, u64)>> {
+        let mut all = Vec::new();
+        for w in &self.weirs {
+            all.push(pool_weights(&w.service("shop").await));
+        }
+        all
+    }
+
+    async fn wait_weights(&self, want: &[(&str, u64)], limit: Duration) -> bool {
+        let want: Vec<(String, u64)> = want.iter().map(|(p, w)| (p.to_string(), *w)).collect();
+        wait_until(limit, || async {
+            self.weights().await.iter().all(|w| *w == want)
+        })
+        .await
+    }
+}
+
+async fn put_weights(
+    admin: std::net::SocketAddr,
+    body: &str,
+    if_match: Option<&str>,
+) -> crate::common::Answer {
+    let mut req = Request::put(format!("http://{admin}/api/v1/services/shop/weights"))
+        .header("content-type", "application/json");
+    if let Some(tag) = if_match {
+        req = req.header("if-match", tag);
+    }
+    send(&client(), req.body(full(body.to_owned())).unwrap()).await
+}
+
+async fn fleet_doc(admin: std::net::SocketAddr) -> serde_json::Value {
+    get(&client(), admin, "localhost", "/api/v1/fleet")
+        .await
+        .json()
+}
+
+/// p50 and p99 of a list of durations.
+fn quantiles(mut d: Vec<Duration>) -> (Duration, Duration) {
+    d.sort();
+    let at = |q: f64| d[((d.len() as f64 - 1.0) * q).round() as usize];
+    (at(0.5), at(0.99))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_on_any_instance_is_on_every_instance_within_a_second() {
+    let f = Fleet::start(3, "").await;
+    // Seeded once, followed by all.
+    assert!(
+        f.wait_weights(&[("stable", 90), ("canary", 10)], Duration::from_secs(5))
+            .await
+    );
+    let mut seen = Vec::new();
+    for round in 0..20u64 {
+        let by = &f.weirs[round as usize % 3];
+        let canary = 10 + round;
+        let body = format!(
+            r#"{{"weights":{{"stable":{},"canary":{canary}}}}}"#,
+            100 - canary
+        );
+        let t0 = Instant::now();
+        let a = put_weights(by.admin, &body, None).await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+        let want = [("stable", 100 - canary), ("canary", canary)];
+        assert!(
+            f.wait_weights(&want, Duration::from_secs(1)).await,
+            "round {round}: {:?}",
+            f.weights().await
+        );
+        seen.push(t0.elapsed());
+    }
+    let (p50, p99) = quantiles(seen);
+    println!("fleet: a change visible on all 3 instances: p50 {p50:?}, p99 {p99:?}");
+
+    // Concurrent writes with the same If-Match on two instances: one 200, one 409.
+    let doc = f.weirs[0].service("shop").await;
+    let tag = format!("\"{}\"", doc["version"]);
+    let (a, b) = tokio::join!(
+        put_weights(
+            f.weirs[0].admin,
+            r#"{"weights":{"stable":50,"canary":50}}"#,
+            Some(&tag)
+        ),
+        put_weights(
+            f.weirs[1].admin,
+            r#"{"weights":{"stable":70,"canary":30}}"#,
+            Some(&tag)
+        ),
+    );
+    let mut statuses = [a.status.as_u16(), b.status.as_u16()];
+    statuses.sort();
+    assert_eq!(statuses, [200, 409], "{} / {}", a.text(), b.text());
+    let winner = if a.status == StatusCode::OK { 50 } else { 30 };
+    assert!(
+        f.wait_weights(
+            &[("stable", 100 - winner), ("canary", winner)],
+            Duration::from_secs(1)
+        )
+        .await
+    );
+
+    // One journal, which says which instance did what.
+    let events = f.weirs[2].events().await;
+    let changes: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["kind"] == "weights_changed")
+        .collect();
+    assert_eq!(changes.len(), 21, "{events:#?}");
+    assert!(changes.iter().all(|e| e["instance"].is_string()));
+    assert_eq!(changes[0]["instance"], "w0");
+    assert_eq!(changes[1]["instance"], "w1");
+
+    // The fleet document: one leader, three members, everyone at the same revision.
+    assert!(
+        wait_until(Duration::from_secs(5), || async {
+            let d = fleet_doc(f.weirs[0].admin).await;
+            d["store"] == "reachable"
+                && d["members"].as_array().is_some_and(|m| m.len() == 3)
+                && d["leader"].is_string()
+        })
+        .await,
+        "{:#}",
+        fleet_doc(f.weirs[0].admin).await
+    );
+    let mut leaders = 0;
+    for w in &f.weirs {
+        let d = fleet_doc(w.admin).await;
+        leaders += usize::from(d["leads"] == true);
+    }
+    assert_eq!(leaders, 1);
+}
+
+/// Load spread round-robin over the instances until stopped; counts answers by status.
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicUsize>,
+    failed: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Load {
+    fn start(addrs: Vec<std::net::SocketAddr>, per_second: u64) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicUsize::new(0));
+        let failed = Arc::new(AtomicUsize::new(0));
+        let (s, o, e) = (Arc::clone(&stop), Arc::clone(&ok), Arc::clone(&failed));
+        let task = tokio::spawn(async move {
+            let c = client();
+            let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / per_second));
+            let mut i = 0usize;
+            while !s.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let addr = addrs[i % addrs.len()];
+                i += 1;
+                let c = c.clone();
+                let (o, e) = (Arc::clone(&o), Arc::clone(&e));
+                tokio::spawn(async move {
+                    let req = Request::get(format!("http://{addr}/"))
+                        .body(crate::common::empty())
+                        .unwrap();
+                    let a = send(&c, req).await;
+                    if a.status.is_server_error() && a.upstream() != "canary" {
+                        e.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        o.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+        Load {
+            stop,
+            ok,
+            failed,
+            task,
+        }
+    }
+
+    async fn stop(self) -> (usize, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.task.await;
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_breach_no_instance_sees_alone_is_reverted_on_all() {
+    // Each instance gets a third of ~150 req/s, a tenth of it to the canary: ~5 canary
+    // requests per instance per second, under the 12-request minimum of one 1 s window;
+    // the fleet's sum (~15) is over it.
+    let slo = "[service.slo]\ninterval = \"250ms\"\nwindow = \"1s\"\nfast_window = \"1s\"\nmin_requests = 12\nmax_error_rate = 0.2\nbreaches_to_act = 2\n";
+    let f = Fleet::start(3, slo).await;
+    assert!(
+        f.wait_weights(&[("stable", 90), ("canary", 10)], Duration::from_secs(5))
+            .await
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || async {
+            let d = fleet_doc(f.weirs[0].admin).await;
+            d["judging_fleet"] == true && d["members"].as_array().is_some_and(|m| m.len() == 3)
+        })
+        .await
+    );
+    let load = Load::start(f.weirs.iter().map(|w| w.addr).collect(), 150);
+    f.canary.set_faults(Faults {
+        error_rate: 0.8,
+        ..Faults::default()
+    });
+    let broke = Instant::now();
+    assert!(
+        f.wait_weights(&[("stable", 100), ("canary", 0)], Duration::from_secs(6))
+            .await,
+        "not reverted everywhere: {:?}",
+        f.weights().await
+    );
+    let took = broke.elapsed();
+    println!("fleet: pooled breach reverted on all 3 instances {took:?} after the canary broke");
+    let (ok, failed) = load.stop().await;
+    assert_eq!(failed, 0, "stable answered with errors ({ok} fine)");
+    // Exactly one revert in the journal, whoever's guard got there first.
+    let events = f.weirs[0].events().await;
+    let reverts: Vec<_> = events
+        .iter()
+        .filter(|e| e["kind"] == "rolled_back")
+        .collect();
+    assert_eq!(reverts.len(), 1, "{events:#?}");
+    assert_eq!(reverts[0]["source"], "guard");
+    // No single instance saw enough on its own: its own window stayed under the minimum.
+    for w in &f.weirs {
+        let s = w.service("shop").await;
+        assert_eq!(s["health"], "degraded", "{s:#}");
+    }
+}
