@@ -13,6 +13,12 @@
 FROM rust:1-bookworm AS builder
 WORKDIR /build
 
+# Fleet mode (`--features fleet`): the etcd client crate compiles etcd's .proto files at
+# build time, with protoc and the well-known types from libprotobuf-dev.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends protobuf-compiler libprotobuf-dev \
+    && rm -rf /var/lib/apt/lists/*
+
 # Dependencies first, against stub sources, so that editing the sources rebuilds only
 # weir itself: this layer is reused as long as the manifests and Cargo.lock do not
 # change. (The bench target is declared in a manifest, so its file must exist too.)
@@ -23,7 +29,7 @@ RUN mkdir -p src crates/weir/src crates/weir/benches crates/weir-testkit/src \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs crates/weir/src/lib.rs crates/weir-testkit/src/lib.rs \
     && echo 'fn main() {}' > crates/weir/benches/routing.rs \
-    && cargo build --release --locked --bin weir \
+    && cargo build --release --locked --features fleet --bin weir \
     && rm -rf src crates/weir/src crates/weir/benches crates/weir-testkit/src
 
 COPY src ./src
@@ -31,7 +37,7 @@ COPY crates ./crates
 # COPY keeps the files' own modification times, which may be older than the stub build:
 # touch the crate roots so cargo rebuilds weir from the real sources.
 RUN touch src/main.rs src/lib.rs crates/weir/src/lib.rs crates/weir-testkit/src/lib.rs \
-    && cargo build --release --locked --bin weir \
+    && cargo build --release --locked --features fleet --bin weir \
     && install -D -m 0755 target/release/weir /out/weir
 
 # ---- runtime ----------------------------------------------------------------------

@@ -1,20 +1,27 @@
 #!/usr/bin/env bash
 # Offline validation of the docker compose stack (docker-compose.yml, Dockerfile,
-# config/compose/, config/grafana/): everything that can be checked without a Docker
-# engine. It does not build the image nor start a container.
+# config/compose/, config/grafana/, and the `fleet` profile's deploy/fleet/): everything
+# that can be checked without a Docker engine. It does not build the image nor start a
+# container.
 #
 #   scripts/check-compose.sh target/debug/weir
 #
 # 1. `docker-compose config` accepts docker-compose.yml (Debian's docker-compose 1.29.2 is
 #    installed when missing; a weir.env is copied from weir.env.example for the check
-#    when there is none, and removed again);
+#    when there is none, and removed again), and so does `docker-compose --profile fleet
+#    config`; checks 2 and 6 read the latter: the default services and the fleet ones;
 # 2. every file the stack bind-mounts or builds from exists in the repo;
-# 3. `weir check` accepts config/compose/weir.toml;
+# 3. `weir check` accepts config/compose/weir.toml and every deploy/fleet/*.toml;
 # 4. `promtool check config` accepts config/compose/prometheus.yml;
 # 5. Grafana's provisioning files parse, and the dashboard uses the provisioned datasource;
 # 6. every command given to a container of the weir image (compose `command`, the
 #    Dockerfile's CMD and HEALTHCHECK) is one this weir binary accepts, and the stack's
-#    addresses agree with each other (listeners, ports, scrape target, upstreams).
+#    addresses agree with each other (listeners, ports, scrape target, upstreams);
+# 7. the fleet profile: its services start only with `--profile fleet` and no default
+#    service needs them; no host port is published twice; each weir instance runs a
+#    config weir check accepts, with a [fleet] section naming the profile's etcd service
+#    (healthy before the instance starts), a distinct instance id, its own state volume,
+#    its listeners published, and the default weir's services and pools.
 #
 # One line per check; the first failure stops it with a message and exit status 1.
 # Needs root only to install missing Debian packages (docker-compose, prometheus).
@@ -46,6 +53,7 @@ cd "$(dirname "$0")/.."
 root=$(pwd)
 compose_file=docker-compose.yml
 weir_config=config/compose/weir.toml
+fleet_dir=deploy/fleet
 prom_config=config/compose/prometheus.yml
 [ -f "$compose_file" ] || fail "$compose_file not found in $root"
 # `weir check` runs every check `weir run` does, the admin token included: give it the
@@ -631,9 +639,202 @@ def wiring(st, default_cmd, cfg_path, instr):
         ok(f"service `{name}` scrapes {want}/metrics ({rel(cfgp)})")
 
 
+# ---- the fleet profile ----
+
+FLEET_PROFILE = "fleet"
+
+
+def profiles(service):
+    return [str(p) for p in service.get("profiles") or []]
+
+
+def depends(service):
+    """{name: condition} of a service's depends_on (short or long syntax)."""
+    d = service.get("depends_on") or {}
+    if isinstance(d, list):
+        return {n: "service_started" for n in d}
+    return {n: (v or {}).get("condition", "service_started") for n, v in d.items()}
+
+
+def host_ports(service):
+    """(host ip, host port, container port) for every published port of a service."""
+    out = []
+    for p in service.get("ports") or []:
+        if isinstance(p, dict):  # Compose v2 long syntax
+            if p.get("published") is not None:
+                out.append((p.get("host_ip") or "0.0.0.0", int(p["published"]), int(p["target"])))
+            continue
+        parts = str(p).split("/")[0].split(":")
+        if len(parts) == 3:
+            out.append((parts[0], int(parts[1]), int(parts[2])))
+        elif len(parts) == 2:
+            out.append(("0.0.0.0", int(parts[0]), int(parts[1])))
+    return out
+
+
+def url_host_port(url):
+    m = re.match(r"^https?://(\[[^\]]+\]|[^:/]+):(\d+)/?$", url)
+    return (m.group(1).strip("[]"), int(m.group(2))) if m else (None, None)
+
+
+def cmd_fleet(compose, config_default, config_fleet, weir_bin):
+    st = Stack(compose, config_fleet)
+    default_out = load_yaml(config_default).get("services") or {}
+    gated = {n for n, s in st.services.items() if profiles(s)}
+    fleet = {n for n, s in st.services.items() if FLEET_PROFILE in profiles(s)}
+    if not fleet:
+        fail(f"no service of {compose} is in the `{FLEET_PROFILE}` profile")
+    # 1. Without --profile the stack is the same as before: the fleet services are
+    # gated (Compose v1 lists them in `config` all the same, v2 leaves them out), and
+    # no default service needs one of them.
+    base = {n for n in st.services if n not in gated}
+    base_default = {n for n in default_out if n not in gated}
+    if base != base_default:
+        fail(f"`--profile {FLEET_PROFILE}` changes the default services: {sorted(base_default)} vs {sorted(base)}")
+    for n in sorted(base):
+        wants = set(depends(st.services[n])) & gated
+        if wants:
+            fail(f"default service `{n}` depends on {sorted(wants)}, which only `--profile` starts")
+    ok(f"profile `{FLEET_PROFILE}` adds {sorted(fleet)} to the default services {sorted(base)}, which need none of them")
+    # 2. Host ports: one service per (address, port), across both profiles.
+    seen = {}
+    wild = ("0.0.0.0", "::", "")
+    for n, s in sorted(st.services.items()):
+        for ip, hp, cp in host_ports(s):
+            for (oip, ohp), other in seen.items():
+                if ohp == hp and (oip == ip or oip in wild or ip in wild):
+                    fail(f"service `{n}` publishes host port {ip}:{hp}, already taken by `{other}` ({oip}:{ohp})")
+            seen[(ip, hp)] = n
+    ok(f"no host port is published twice ({len(seen)} in all)")
+    # 3. Named volumes: a fleet service shares none with another service.
+    owners = {}
+    for n, s in st.services.items():
+        for kind, src, tgt in volumes(s):
+            if kind == "volume" and src:
+                owners.setdefault(src, []).append(n)
+    for vol, ns in sorted(owners.items()):
+        if len(ns) > 1 and set(ns) & fleet:
+            fail(f"named volume `{vol}` is shared by services {sorted(ns)}: each needs its own")
+    ok("every fleet service has named volumes of its own")
+    # 4. etcd: the services the instances' [fleet] endpoints name.
+    stages, instr = runtime_instructions(st.dockerfile)
+    default_cmd = exec_form("Dockerfile CMD", instr.get("CMD", ["[]"])[-1])
+    hc_port = None
+    for e in instr.get("HEALTHCHECK", []):
+        m = re.search(r"--admin[\"', =]+https?://[^:/\"']+:(\d+)", e)
+        if m:
+            hc_port = int(m.group(1))
+    instances = {n: s for n, s in st.weir_services.items() if n in fleet}
+    runs = {n: s for n, s in instances.items() if command_args(s, default_cmd)[:1] == ["run"]}
+    if not runs:
+        fail(f"profile `{FLEET_PROFILE}` runs no `weir run` service")
+    main_cfg = load_toml(st.weir_config(default_cmd)[1])
+    main_pools = {
+        svc.get("name"): {p: sorted(v.get("endpoints") or []) for p, v in (svc.get("pools") or {}).items()}
+        for svc in main_cfg.get("service") or []
+    }
+    upstreams = {}
+    for name, s in st.weir_services.items():
+        args = command_args(s, default_cmd)
+        if args and args[0] == "upstream":
+            upstreams[name] = port_of(flag(args, "--listen") or "127.0.0.1:9001")
+    ids, names, etcds = {}, set(), set()
+    for n, s in sorted(runs.items()):
+        args = command_args(s, default_cmd)
+        cfg_arg = flag(args, "--config") or flag(args, "-c") or "config/weir.toml"
+        cfg_path = host_path(s, cfg_arg, f"service `{n}` --config")
+        r = run_weir(weir_bin, ["check", "--config", cfg_path])
+        if r.returncode != 0:
+            fail(f"service `{n}` runs with {cfg_arg} = {rel(cfg_path)}, which weir check refuses:\n{r.stdout}")
+        ok(f"service `{n}` runs with --config {cfg_arg} = {rel(cfg_path)}: {r.stdout.strip()}")
+        c = load_toml(cfg_path)
+        f = c.get("fleet")
+        if not isinstance(f, dict):
+            fail(f"{rel(cfg_path)} (service `{n}`) has no [fleet] section")
+        inst = f.get("instance")
+        if not inst:
+            fail(f"{rel(cfg_path)}: [fleet] instance is unset: it would default to the container's random host name")
+        if inst in ids:
+            fail(f"{rel(cfg_path)}: [fleet] instance `{inst}` is also service `{ids[inst]}`'s")
+        ids[inst] = n
+        names.add(f.get("name"))
+        # The etcd endpoints: compose services in the profile, listening there, healthy
+        # before the instance starts.
+        for ep in f.get("endpoints") or []:
+            h, port = url_host_port(ep)
+            e = st.services.get(h)
+            if e is None:
+                fail(f"{rel(cfg_path)}: [fleet] endpoint {ep} is no service of the stack")
+            if FLEET_PROFILE not in profiles(e):
+                fail(f"{rel(cfg_path)}: [fleet] endpoint {ep}: service `{h}` is not in the `{FLEET_PROFILE}` profile")
+            eargs = command_args(e, [])
+            listen = [u for v in [flag(eargs, "--listen-client-urls") or ""] for u in v.split(",") if u]
+            if not any(url_host_port(u)[1] == port and url_host_port(u)[0] not in ("127.0.0.1", "localhost", "::1") for u in listen):
+                fail(f"{rel(cfg_path)}: [fleet] endpoint {ep}: service `{h}` does not listen on port {port} off loopback (--listen-client-urls {listen})")
+            if depends(s).get(h) != "service_healthy":
+                fail(f"service `{n}` does not wait for `{h}` to be healthy (depends_on condition service_healthy)")
+            etcds.add(h)
+            ok(f"service `{n}` [fleet] instance `{inst}`, endpoint {ep} is service `{h}`, healthy first")
+        # Listeners: off loopback, published; the image's health check asks the admin port.
+        proxy = (c.get("proxy") or {}).get("listen", "127.0.0.1:8080")
+        admin = (c.get("admin") or {}).get("listen", "127.0.0.1:9901")
+        published = {cp: f"{ip}:{hp}" for ip, hp, cp in host_ports(s)}
+        for what, addr in (("proxy.listen", proxy), ("admin.listen", admin)):
+            if host_of(addr) in ("127.0.0.1", "::1", "localhost"):
+                fail(f"{rel(cfg_path)}: {what} {addr} is loopback: unreachable from published ports")
+            if port_of(addr) not in published:
+                fail(f"service `{n}` does not publish {what} port {port_of(addr)} (publishes {sorted(published)})")
+        if (s.get("healthcheck") or {}).get("disable"):
+            fail(f"service `{n}` turns off the image's health check")
+        if hc_port is not None and (s.get("healthcheck") or {}).get("test") is None and port_of(admin) != hc_port:
+            fail(f"service `{n}`: the image's HEALTHCHECK asks port {hc_port}, but admin.listen is {admin}")
+        if (c.get("admin") or {}).get("token_file") is None:
+            env = s.get("environment") or {}
+            keys = env.keys() if isinstance(env, dict) else [x.split("=", 1)[0] for x in env]
+            if "WEIR_ADMIN_TOKEN" not in keys:
+                fail(f"service `{n}` gets no WEIR_ADMIN_TOKEN (env_file), and weir refuses an admin listener off loopback without one")
+        # The state dir: the instance's own cache, on its own named volume.
+        state = (c.get("state") or {}).get("dir", "var/weir")
+        vols = [(src, tgt.rstrip("/")) for kind, src, tgt in volumes(s) if kind == "volume"]
+        if not os.path.isabs(state) or not any(state == t or state.startswith(t + "/") for _, t in vols):
+            fail(f"{rel(cfg_path)}: state.dir {state} is not on a named volume of service `{n}` ({vols})")
+        ok(f"service `{n}`: proxy {proxy} on {published[port_of(proxy)]}, admin {admin} on {published[port_of(admin)]}, state.dir on its own volume, WEIR_ADMIN_TOKEN from its env_file")
+        # The same upstreams as the default stack's weir.
+        pools = {
+            svc.get("name"): {p: sorted(v.get("endpoints") or []) for p, v in (svc.get("pools") or {}).items()}
+            for svc in c.get("service") or []
+        }
+        if pools != main_pools:
+            fail(f"{rel(cfg_path)}: services and pools {pools} differ from the default weir's {main_pools}")
+        for svc, ps in pools.items():
+            for pool, eps in ps.items():
+                for ep in eps:
+                    if upstreams.get(host_of(ep)) != port_of(ep):
+                        fail(f"{rel(cfg_path)}: service {svc} pool {pool} endpoint {ep} is no `weir upstream` service listening on port {port_of(ep)}")
+        ok(f"service `{n}` fronts the default weir's services and pools: {pools}")
+    if len(names) != 1:
+        fail(f"the fleet's instances name different fleets: {sorted(map(str, names))}")
+    # 5. etcd itself: a pinned image, a health check, its data on a named volume.
+    for h in sorted(etcds):
+        e = st.services[h]
+        image = str(e.get("image", ""))
+        if ":" not in image.rsplit("/", 1)[-1] or image.endswith(":latest"):
+            fail(f"service `{h}`: image {image!r} is not pinned to a release")
+        test = (e.get("healthcheck") or {}).get("test")
+        if not test or (e.get("healthcheck") or {}).get("disable") or test[0] not in ("CMD", "CMD-SHELL"):
+            fail(f"service `{h}` has no health check, and the weir instances wait for it")
+        data = flag(command_args(e, []), "--data-dir")
+        evols = [tgt.rstrip("/") for kind, _, tgt in volumes(e) if kind == "volume"]
+        if not data or data.rstrip("/") not in evols:
+            fail(f"service `{h}`: --data-dir {data} is not a named volume ({evols})")
+        ok(f"service `{h}`: {image}, health check `{' '.join(test[1:])}`, data on a named volume")
+    ok(f"fleet `{names.pop()}`: instances {sorted(ids)} on {sorted(etcds)}")
+
+
 def main():
     cmd, *args = sys.argv[1:]
-    {"env-files": cmd_env_files, "files": cmd_files, "grafana": cmd_grafana, "commands": cmd_commands}[cmd](*args)
+    {"env-files": cmd_env_files, "files": cmd_files, "grafana": cmd_grafana, "commands": cmd_commands,
+     "fleet": cmd_fleet}[cmd](*args)
 
 
 main()
@@ -652,23 +853,33 @@ for e in "${envs[@]}"; do
   fi
 done
 # `config` output holds the env files' values (the admin token): kept private, in $tmp.
-config_out=$tmp/compose-config.yml
-(umask 077 && docker-compose -f "$compose_file" config >"$config_out" 2>"$tmp/compose.err") || {
-  cat "$tmp/compose.err" >&2
-  fail "docker-compose config rejects $compose_file"
+# Once as is, once with the fleet profile on (Compose v1 lists profiled services either
+# way; v2 only with --profile).
+compose_config() {
+  local out=$1 what=$2
+  shift 2
+  (umask 077 && docker-compose -f "$compose_file" "$@" config >"$out" 2>"$tmp/compose.err") || {
+    cat "$tmp/compose.err" >&2
+    fail "docker-compose $what rejects $compose_file"
+  }
+  # On success it prints nothing else; anything on stderr is a warning (docker-compose
+  # 1.29 prints e.g. "The FOO variable is not set. Defaulting to a blank string."
+  # unprefixed).
+  if [ -s "$tmp/compose.err" ]; then
+    cat "$tmp/compose.err" >&2
+    fail "docker-compose $what warns about $compose_file"
+  fi
+  ok "docker-compose $what accepts $compose_file ($(docker-compose version --short 2>/dev/null || echo '?'))"
 }
-# On success it prints nothing else; anything on stderr is a warning (docker-compose 1.29
-# prints e.g. "The FOO variable is not set. Defaulting to a blank string." unprefixed).
-if [ -s "$tmp/compose.err" ]; then
-  cat "$tmp/compose.err" >&2
-  fail "docker-compose config warns about $compose_file"
-fi
+config_out=$tmp/compose-config.yml
+fleet_out=$tmp/compose-config-fleet.yml
+compose_config "$config_out" config
+compose_config "$fleet_out" "--profile fleet config" --profile fleet
 for f in "${created_env[@]}"; do rm -f -- "$f"; done
 created_env=()
-ok "docker-compose config accepts $compose_file ($(docker-compose version --short 2>/dev/null || echo '?'))"
 
 # ---- 2. files -----------------------------------------------------------------------
-pycheck files "$compose_file" "$config_out"
+pycheck files "$compose_file" "$fleet_out"
 
 # ---- 3. weir check --------------------------------------------------------------------
 summary=$("$weir_bin" check --config "$weir_config" 2>&1) || {
@@ -676,6 +887,15 @@ summary=$("$weir_bin" check --config "$weir_config" 2>&1) || {
   fail "weir check refuses $weir_config"
 }
 ok "weir check $weir_config: $summary"
+fleet_configs=("$fleet_dir"/*.toml)
+[ -e "${fleet_configs[0]}" ] || fail "no config in $fleet_dir/ for the fleet profile"
+for f in "${fleet_configs[@]}"; do
+  summary=$("$weir_bin" check --config "$f" 2>&1) || {
+    printf '%s\n' "$summary" >&2
+    fail "weir check refuses $f"
+  }
+  ok "weir check $f: $summary"
+done
 
 # ---- 4. promtool ----------------------------------------------------------------------
 command -v promtool >/dev/null 2>&1 || apt_install prometheus
@@ -689,6 +909,9 @@ ok "promtool check config $prom_config"
 pycheck grafana "$compose_file" "$config_out"
 
 # ---- 6. commands and wiring -----------------------------------------------------------
-pycheck commands "$compose_file" "$config_out" "$weir_bin"
+pycheck commands "$compose_file" "$fleet_out" "$weir_bin"
+
+# ---- 7. the fleet profile -------------------------------------------------------------
+pycheck fleet "$compose_file" "$config_out" "$fleet_out" "$weir_bin"
 
 ok "the compose stack is consistent (not built or started: that needs a Docker engine)"

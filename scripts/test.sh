@@ -18,6 +18,11 @@ command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
 # grpcio for the gRPC end-to-end test's real client and server (tests/grpc/). Debian's
 # interpreter by path: a `python3` first on PATH (pyenv) cannot see Debian's packages.
 /usr/bin/python3 -c 'import grpc' >/dev/null 2>&1 || need+=(python3-grpcio)
+# Fleet mode: real etcd members started by the tests, and protoc plus the well-known
+# .proto files that the etcd client crate compiles at build time.
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+[ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -35,10 +40,13 @@ if cargo tree -p weir -e normal --prefix none | grep -Eq '^(clap|anyhow) '; then
   echo "the weir library must not depend on clap or anyhow (they belong to weir-cli)" >&2
   exit 1
 fi
+# Both builds stay clean: the default one (no etcd client, only the Rust toolchain
+# needed) and the one with fleet mode, which the tests run.
 cargo clippy --workspace --all-targets -- -D warnings
+cargo clippy --workspace --all-targets --features weir-cli/fleet -- -D warnings
 # --all-targets builds and runs lib, binary, integration tests and benches (criterion
 # runs each bench once in test mode, so they never rot); doc tests separately.
-cargo test --workspace --all-targets
-cargo test --workspace --doc
+cargo test --workspace --all-targets --features weir-cli/fleet
+cargo test --workspace --doc --features weir-cli/fleet
 # The docker-compose stack: validated, not started (no Docker engine on CI machines).
 scripts/check-compose.sh target/debug/weir

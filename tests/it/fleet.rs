@@ -317,3 +317,217 @@ async fn a_breach_no_instance_sees_alone_is_reverted_on_all() {
         assert_eq!(s["health"], "degraded", "{s:#}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_quorum_instances_serve_refuse_writes_revert_locally_and_reconcile() {
+    let slo = "[service.slo]\ninterval = \"250ms\"\nwindow = \"1s\"\nfast_window = \"1s\"\nmin_requests = 5\nmax_error_rate = 0.2\nbreaches_to_act = 2\n";
+    let mut f = Fleet::start(3, slo).await;
+    assert!(
+        f.wait_weights(&[("stable", 90), ("canary", 10)], Duration::from_secs(5))
+            .await
+    );
+    let load = Load::start(f.weirs.iter().map(|w| w.addr).collect(), 150);
+    // Two of three members gone: no quorum.
+    f.etcd.kill(1).await;
+    f.etcd.kill(2).await;
+    let lost = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            let mut all = true;
+            for w in &f.weirs {
+                all &= fleet_doc(w.admin).await["store"] == "unreachable";
+            }
+            all
+        })
+        .await
+    );
+    println!(
+        "fleet: quorum loss noticed by all instances after {:?}",
+        lost.elapsed()
+    );
+    // Writes are refused, saying why; nothing changed.
+    let a = put_weights(
+        f.weirs[0].admin,
+        r#"{"weights":{"stable":50,"canary":50}}"#,
+        None,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE, "{}", a.text());
+    assert!(a.error().contains("store"), "{}", a.error());
+    assert!(
+        f.wait_weights(&[("stable", 90), ("canary", 10)], Duration::from_secs(1))
+            .await
+    );
+    // The canary breaks: every instance's own guard reverts locally.
+    f.canary.set_faults(Faults {
+        error_rate: 0.9,
+        ..Faults::default()
+    });
+    assert!(
+        f.wait_weights(&[("stable", 100), ("canary", 0)], Duration::from_secs(6))
+            .await,
+        "{:?}",
+        f.weights().await
+    );
+    for w in &f.weirs {
+        let s = w.service("shop").await;
+        assert_eq!(s["health"], "degraded", "{s:#}");
+    }
+    // Quorum returns: the revert is written once, and everyone agrees.
+    f.etcd.restart(1).await.unwrap();
+    f.etcd.restart(2).await.unwrap();
+    assert!(
+        wait_until(Duration::from_secs(15), || async {
+            let mut all = true;
+            for w in &f.weirs {
+                let d = fleet_doc(w.admin).await;
+                all &= d["store"] == "reachable";
+            }
+            all
+        })
+        .await
+    );
+    let (ok, failed) = load.stop().await;
+    assert_eq!(failed, 0, "requests failed during the outage ({ok} fine)");
+    assert!(
+        f.wait_weights(&[("stable", 100), ("canary", 0)], Duration::from_secs(2))
+            .await
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || async {
+            let events = f.weirs[0].events().await;
+            events.iter().filter(|e| e["kind"] == "rolled_back").count() >= 1
+        })
+        .await
+    );
+    let events = f.weirs[1].events().await;
+    let reverts: Vec<_> = events
+        .iter()
+        .filter(|e| e["kind"] == "rolled_back")
+        .collect();
+    assert_eq!(reverts.len(), 1, "{events:#?}");
+    assert_eq!(reverts[0]["details"]["local"], true, "{:#}", reverts[0]);
+    // Writes work again, everywhere.
+    let a = put_weights(
+        f.weirs[2].admin,
+        r#"{"weights":{"stable":95,"canary":5}}"#,
+        None,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    assert!(
+        f.wait_weights(&[("stable", 95), ("canary", 5)], Duration::from_secs(1))
+            .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_changes_nothing_and_a_wiped_store_is_refused_until_reseeded() {
+    let mut f = Fleet::start(2, "").await;
+    assert!(
+        f.wait_weights(&[("stable", 90), ("canary", 10)], Duration::from_secs(5))
+            .await
+    );
+    let a = put_weights(
+        f.weirs[0].admin,
+        r#"{"weights":{"stable":60,"canary":40}}"#,
+        None,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    assert!(
+        f.wait_weights(&[("stable", 60), ("canary", 40)], Duration::from_secs(1))
+            .await
+    );
+    let before: Vec<serde_json::Value> = {
+        let mut v = Vec::new();
+        for w in &f.weirs {
+            v.push(w.service("shop").await["version"].clone());
+        }
+        v
+    };
+    let events_before = f.weirs[1].events().await.len();
+    // Compaction: watches are cancelled and re-read; nothing is applied twice.
+    f.etcd.compact().await.unwrap();
+    let a = put_weights(
+        f.weirs[1].admin,
+        r#"{"weights":{"stable":61,"canary":39}}"#,
+        None,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    assert!(
+        f.wait_weights(&[("stable", 61), ("canary", 39)], Duration::from_secs(2))
+            .await
+    );
+    for (w, v) in f.weirs.iter().zip(&before) {
+        assert_eq!(
+            w.service("shop").await["version"],
+            v.as_u64().unwrap() + 1,
+            "exactly one change since"
+        );
+    }
+    assert_eq!(f.weirs[1].events().await.len(), events_before + 1);
+
+    // Wiped: same cluster id, revision back to 1, no weir keys. Nobody re-seeds it
+    // with their (possibly stale) weights; they keep serving and say why.
+    f.etcd.wipe().await.unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            let mut all = true;
+            for w in &f.weirs {
+                all &= fleet_doc(w.admin).await["store"] == "mismatch";
+            }
+            all
+        })
+        .await,
+        "{:#}",
+        fleet_doc(f.weirs[0].admin).await
+    );
+    let d = fleet_doc(f.weirs[0].admin).await;
+    assert!(d["problem"].as_str().unwrap().contains("wiped"), "{d:#}");
+    assert!(
+        f.wait_weights(&[("stable", 61), ("canary", 39)], Duration::from_secs(1))
+            .await
+    );
+    let a = put_weights(
+        f.weirs[0].admin,
+        r#"{"weights":{"stable":10,"canary":90}}"#,
+        None,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE, "{}", a.text());
+    let metrics = get(&client(), f.weirs[0].admin, "localhost", "/metrics")
+        .await
+        .text();
+    assert!(metrics.contains("weir_fleet_store_mismatch 1"), "{metrics}");
+    // The operator decides: re-seed from instance 1's state; everyone follows.
+    let req = Request::post(format!("http://{}/api/v1/fleet/reseed", f.weirs[1].admin))
+        .body(crate::common::empty())
+        .unwrap();
+    let a = send(&client(), req).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            let mut all = true;
+            for w in &f.weirs {
+                all &= fleet_doc(w.admin).await["store"] == "reachable";
+            }
+            all
+        })
+        .await,
+        "{:#}",
+        fleet_doc(f.weirs[0].admin).await
+    );
+    let a = put_weights(
+        f.weirs[0].admin,
+        r#"{"weights":{"stable":10,"canary":90}}"#,
+        None,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    assert!(
+        f.wait_weights(&[("stable", 10), ("canary", 90)], Duration::from_secs(1))
+            .await
+    );
+}

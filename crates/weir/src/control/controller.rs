@@ -701,12 +701,19 @@ impl Controller {
                         .get(&event.service)
                         .is_none_or(|r| r.version + 1 == local)
                 });
+            let same = table.service(&event.service).is_some_and(|s| {
+                remote
+                    .services
+                    .get(&event.service)
+                    .is_some_and(|r| r.weights == weights_of(&s.snapshot()))
+            });
             if standing || event.source == Source::Startup {
                 keep_local.push(event.service.clone());
                 p.pending.push(event);
-            } else {
+            } else if !same {
                 superseded.push(event);
             }
+            // Else another instance made the same revert first: nothing left to write.
         }
         let mut changed = Vec::new();
         for service in table.services() {

@@ -39,6 +39,10 @@ pub(crate) struct Schema {
     pub(crate) created_at: String,
     #[serde(default)]
     pub(crate) created_by: String,
+    /// The store an operator's re-seed replaced: instances that followed that one
+    /// follow this one (the decision was made once, for the whole fleet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) replaces: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -153,6 +153,8 @@ async fn full_read(shared: &Shared) -> Result<Snapshot, super::etcd::Failure> {
 /// What a full read means for this instance.
 enum Verdict {
     Follow,
+    /// A store an operator re-seeded in place of the one this instance followed.
+    FollowReplacement,
     Seed,
     Mismatch(String),
 }
@@ -181,6 +183,11 @@ fn judge_store(shared: &Shared, snap: &Snapshot) -> Verdict {
             "the fleet's store has schema {}, newer than this weir's {SCHEMA}: upgrade weir",
             schema.schema
         )),
+        (Some(schema), Some(id))
+            if schema.store_id != *id && schema.replaces.as_deref() == Some(id.as_str()) =>
+        {
+            Verdict::FollowReplacement
+        }
         (Some(schema), Some(id)) if schema.store_id != *id => Verdict::Mismatch(format!(
             "etcd holds store {}, but this instance followed store {id}: etcd was wiped and \
              re-seeded, restored, or this is another cluster. Check, then run `weir ctl fleet \
@@ -226,24 +233,32 @@ async fn seed(shared: &Arc<Shared>, replace: bool) -> Result<(), String> {
     let state = controller.current_state();
     let store_id = format!("{:032x}", rand::random::<u128>());
     let now = timestamp(std::time::SystemTime::now());
+    let replaces = if replace {
+        shared
+            .remembered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .store_id
+            .clone()
+    } else {
+        None
+    };
     let schema = Schema {
         schema: SCHEMA,
         store_id: store_id.clone(),
         created_at: now.clone(),
         created_by: shared.cfg.instance.clone(),
+        replaces,
     };
     let head = Head {
         store_id: store_id.clone(),
         at: now,
         by: shared.cfg.instance.clone(),
     };
+    // Re-seeding overwrites schema, head and this instance's services (etcd refuses a
+    // txn that deletes and puts the same key); a service only the old store had stays,
+    // and instances without it in their config ignore it.
     let mut ops = Vec::new();
-    if replace {
-        ops.push(TxnOp::delete(
-            shared.key("state/"),
-            Some(DeleteOptions::new().with_prefix()),
-        ));
-    }
     ops.push(TxnOp::put(
         shared.key("state/schema"),
         serde_json::to_vec(&schema).unwrap_or_default(),
@@ -335,6 +350,14 @@ async fn follow(shared: Arc<Shared>) {
                 continue;
             }
             Verdict::Follow => set_mismatch(&shared, None),
+            Verdict::FollowReplacement => {
+                tracing::warn!("fleet: following the store an operator re-seeded");
+                shared.remember(|r| r.revision = 0);
+                if let Some(controller) = shared.controller() {
+                    controller.forget_applied();
+                }
+                set_mismatch(&shared, None);
+            }
         }
         if let Some(schema) = &snap.schema {
             shared.remember(|r| r.store_id = Some(schema.store_id.clone()));
