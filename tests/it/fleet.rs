@@ -531,3 +531,133 @@ async fn compaction_changes_nothing_and_a_wiped_store_is_refused_until_reseeded(
             .await
     );
 }
+
+/// `weir run` as a process (so that it can be killed with SIGKILL), ready when its
+/// admin API answers.
+struct Process {
+    child: std::process::Child,
+    admin: std::net::SocketAddr,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn run_instance(f: &Fleet, i: usize, dir: &std::path::Path) -> Process {
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let toml = fleet_toml(
+        &f.etcd.endpoints(),
+        &format!("p{i}"),
+        &f.stable,
+        &f.canary,
+        "",
+    )
+    .replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"127.0.0.1:{}\"", free_port()),
+    ) + &format!(
+        "[admin]\nlisten = \"{admin}\"\n[state]\ndir = \"{}\"\n",
+        dir.join("state").display()
+    );
+    let path = dir.join("weir.toml");
+    std::fs::write(&path, toml).unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let c = client();
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            let req = Request::get(format!("http://{admin}/readyz"))
+                .body(crate::common::empty())
+                .unwrap();
+            matches!(c.request(req).await, Ok(r) if r.status() == StatusCode::OK)
+        })
+        .await,
+        "weir {i} did not become ready"
+    );
+    Process { child, admin }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_after_a_200_loses_nothing_and_a_killed_leader_is_replaced() {
+    let f = Fleet::start(0, "").await;
+    let dirs: Vec<_> = (0..3).map(|_| temp_dir("fleet-bin")).collect();
+    let mut procs = Vec::new();
+    for (i, dir) in dirs.iter().enumerate() {
+        procs.push(Some(run_instance(&f, i, dir).await));
+    }
+    let admins: Vec<_> = procs.iter().map(|p| p.as_ref().unwrap().admin).collect();
+    let leader = async |admins: &[std::net::SocketAddr]| -> Option<usize> {
+        for (i, a) in admins.iter().enumerate() {
+            if fleet_doc(*a).await["leads"] == true {
+                return Some(i);
+            }
+        }
+        None
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || async {
+            leader(&admins).await.is_some()
+        })
+        .await
+    );
+    let first = leader(&admins).await.unwrap();
+    // A change acknowledged by the leader, which is killed at once: on every instance.
+    let a = put_weights(
+        admins[first],
+        r#"{"weights":{"stable":33,"canary":67}}"#,
+        None,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    let killed = Instant::now();
+    procs[first].take();
+    let others: Vec<_> = (0..3).filter(|i| *i != first).collect();
+    for i in &others {
+        let s = get(&client(), admins[*i], "localhost", "/api/v1/services/shop")
+            .await
+            .json();
+        assert_eq!(
+            pool_weights(&s),
+            [("stable".to_owned(), 33), ("canary".to_owned(), 67)]
+        );
+    }
+    // A new leader within the lease's TTL (2 s) and a second.
+    let rest: Vec<_> = others.iter().map(|i| admins[*i]).collect();
+    assert!(
+        wait_until(Duration::from_secs(3), || async {
+            leader(&rest).await.is_some()
+        })
+        .await,
+        "no new leader"
+    );
+    println!(
+        "fleet: new leader {:?} after the leader was killed",
+        killed.elapsed()
+    );
+    // The killed instance comes back with the change.
+    procs[first] = Some(run_instance(&f, first, &dirs[first]).await);
+    let back = procs[first].as_ref().unwrap().admin;
+    let s = get(&client(), back, "localhost", "/api/v1/services/shop")
+        .await
+        .json();
+    assert_eq!(
+        pool_weights(&s),
+        [("stable".to_owned(), 33), ("canary".to_owned(), 67)]
+    );
+}
