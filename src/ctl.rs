@@ -91,6 +91,14 @@ pub struct CtlArgs {
     pub command: CtlCommand,
 }
 
+/// What `weir ctl fleet` does besides showing the fleet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FleetAction {
+    /// Re-seed the fleet's store from this instance's state (an operator's decision
+    /// after a store mismatch; every instance then follows the new store).
+    Reseed,
+}
+
 #[derive(Debug, Clone, Subcommand)]
 pub enum CtlCommand {
     /// Services and their pools: weights, traffic shares, versions, rollouts.
@@ -147,6 +155,12 @@ pub enum CtlCommand {
     },
     /// Make weir re-read its config file and apply it.
     Reload,
+    /// Fleet mode: the instances, the leader, which revision each one serves; `reseed`
+    /// makes this instance's state the fleet's after etcd was wiped or restored.
+    Fleet {
+        #[arg(value_enum)]
+        action: Option<FleetAction>,
+    },
     /// Start the service's rollout plan (`[service.rollout]` in the config).
     #[command(after_help = "Example: weir ctl rollout shop --candidate canary")]
     Rollout {
@@ -489,6 +503,17 @@ impl AdminClient {
         let body = request_json(&api::EmptyRequest {});
         self.call(Method::POST, "/api/v1/reload", Some(body), None)
             .await
+    }
+
+    /// `GET /api/v1/fleet`, or `POST /api/v1/fleet/reseed`.
+    pub async fn fleet(&self, reseed: bool) -> Result<Reply<weir::FleetStatus>, CtlError> {
+        if reseed {
+            let body = request_json(&api::EmptyRequest {});
+            self.call(Method::POST, "/api/v1/fleet/reseed", Some(body), None)
+                .await
+        } else {
+            self.call(Method::GET, "/api/v1/fleet", None, None).await
+        }
     }
 
     /// `GET /healthz` (or `/readyz`): the plain-text probe answer, an error unless 200.
@@ -931,6 +956,53 @@ async fn dispatch(
                 return Ok(write_json(out, &reply.json)?);
             }
             Ok(write_reload(out, &reply.doc()?)?)
+        }
+        CtlCommand::Fleet { action } => {
+            let reply = client.fleet(action.is_some()).await?;
+            if json {
+                return Ok(write_json(out, &reply.json)?);
+            }
+            let f = reply.doc()?;
+            writeln!(
+                out,
+                "fleet {} seen from {}: store {} ({}){}",
+                f.name,
+                f.instance,
+                f.store,
+                f.endpoint,
+                f.problem
+                    .as_deref()
+                    .map(|p| format!(": {p}"))
+                    .unwrap_or_default()
+            )?;
+            writeln!(
+                out,
+                "leader {}{}; serving revision {} of {}; guard judges {}",
+                f.leader.as_deref().unwrap_or("none"),
+                if f.leads { " (this instance)" } else { "" },
+                f.applied_revision,
+                f.store_revision,
+                if f.judging_fleet {
+                    "the fleet's traffic"
+                } else {
+                    "this instance's traffic"
+                }
+            )?;
+            for m in &f.members {
+                writeln!(
+                    out,
+                    "  {:<20} {:<8} revision {} (lag {}){}{}",
+                    m.instance,
+                    m.version,
+                    m.applied_revision,
+                    m.lag,
+                    m.last_seen_ms
+                        .map(|ms| format!(", seen {ms} ms ago"))
+                        .unwrap_or_default(),
+                    if m.leader { ", leader" } else { "" }
+                )?;
+            }
+            Ok(())
         }
         CtlCommand::Rollout { service, candidate } => {
             let action = RolloutAction::Start {

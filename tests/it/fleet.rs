@@ -611,10 +611,12 @@ async fn kill_9_after_a_200_loses_nothing_and_a_killed_leader_is_replaced() {
         None
     };
     assert!(
-        wait_until(Duration::from_secs(5), || async {
+        wait_until(Duration::from_secs(10), || async {
             leader(&admins).await.is_some()
         })
-        .await
+        .await,
+        "{:#}",
+        fleet_doc(admins[0]).await
     );
     let first = leader(&admins).await.unwrap();
     // A change acknowledged by the leader, which is killed at once: on every instance.
