@@ -268,6 +268,15 @@ impl Shared {
         format!("{}{rest}", self.prefix)
     }
 
+    /// The wall clock every decision reads (the controller's; injected in tests).
+    fn now(&self) -> std::time::SystemTime {
+        use crate::model::Clock;
+        match self.controller() {
+            Some(c) => c.clock().now(),
+            None => crate::model::SystemClock.now(),
+        }
+    }
+
     fn controller(&self) -> Option<Arc<Controller>> {
         self.controller.get().and_then(Weak::upgrade)
     }

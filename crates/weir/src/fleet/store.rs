@@ -180,7 +180,7 @@ impl EtcdStore {
                 ));
             }
             let mut ops = services.clone();
-            let now = timestamp(std::time::SystemTime::now());
+            let now = timestamp(self.shared.now());
             if state.is_some() {
                 let head = Head {
                     store_id: store_id.clone(),

@@ -232,7 +232,7 @@ async fn seed(shared: &Arc<Shared>, replace: bool) -> Result<(), String> {
     };
     let state = controller.current_state();
     let store_id = format!("{:032x}", rand::random::<u128>());
-    let now = timestamp(std::time::SystemTime::now());
+    let now = timestamp(shared.now());
     let replaces = if replace {
         shared
             .remembered
