@@ -138,8 +138,9 @@ pub struct Window {
     visible_from: AtomicU64,
     history: Mutex<History>,
     exposure: Mutex<Exposure>,
-    /// Every closed slice, summed: with the current slice, [`Window::totals`].
-    cumulative: Mutex<Cumulative>,
+    /// Every slice closed since [`Window::totals`] was first asked for, summed; `None`
+    /// until then, so that a window nobody publishes (a single weir) pays nothing.
+    cumulative: Mutex<Option<Cumulative>>,
 }
 
 /// Running sums of every closed slice. The histogram is allocated with the first
@@ -153,16 +154,17 @@ struct Cumulative {
 
 impl Cumulative {
     fn add(&mut self, requests: u64, errors: u64, latency: &Histogram32) {
+        if requests == 0 {
+            return; // an idle slice: nothing to add, and no latency without a request
+        }
         self.requests += requests;
         self.errors += errors;
-        if latency.as_slice().iter().any(|&c| c > 0) {
-            let wide = Histogram::from(latency);
-            match &mut self.latency_us {
-                Some(h) => {
-                    let _ = h.checked_add_assign(&wide);
-                }
-                None => self.latency_us = Some(wide),
+        let wide = Histogram::from(latency);
+        match &mut self.latency_us {
+            Some(h) => {
+                let _ = h.checked_add_assign(&wide);
             }
+            None => self.latency_us = Some(wide),
         }
     }
 }
@@ -273,7 +275,7 @@ impl Window {
                 capacity,
             }),
             exposure: Mutex::new(Exposure::new(0)),
-            cumulative: Mutex::new(Cumulative::default()),
+            cumulative: Mutex::new(None),
         }
     }
 
@@ -282,11 +284,13 @@ impl Window {
         histogram::Config::new(GROUPING_POWER, MAX_VALUE_POWER).expect("valid histogram parameters")
     }
 
-    /// Everything recorded so far, as sums that never go down (a reset does not touch
-    /// them): the closed slices plus the current one, read while no rotation runs.
+    /// Everything recorded since the first call (which starts the sums with the slice
+    /// still open), as sums that never go down (a reset does not touch them): the
+    /// closed slices plus the current one, read while no rotation runs.
     pub fn totals(&self) -> Totals {
         let _start = self.current_start.lock().unwrap_or_else(|p| p.into_inner());
-        let cumulative = self.cumulative.lock().unwrap_or_else(|p| p.into_inner());
+        let mut kept = self.cumulative.lock().unwrap_or_else(|p| p.into_inner());
+        let cumulative = kept.get_or_insert_with(Cumulative::default);
         let current = &self.slices[self.current.load(Ordering::Acquire)];
         let mut latency = cumulative
             .latency_us
@@ -371,11 +375,15 @@ impl Window {
                 // slice since (this one included) was empty. The current slice was never
                 // closed: its traffic still goes into the running sums.
                 let open = &self.slices[self.current.load(Ordering::Relaxed)];
-                let (point, latency) = open.point();
-                self.cumulative
+                if let Some(c) = self
+                    .cumulative
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .add(point.requests, point.errors, &latency);
+                    .as_mut()
+                {
+                    let (point, latency) = open.point();
+                    c.add(point.requests, point.errors, &latency);
+                }
                 for slice in self.slices.iter() {
                     slice.clear();
                 }
@@ -407,10 +415,14 @@ impl Window {
             let closed = &self.slices[current];
             let (point, latency) = closed.point();
             history.push(point);
-            self.cumulative
+            if let Some(c) = self
+                .cumulative
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .add(point.requests, point.errors, &latency);
+                .as_mut()
+            {
+                c.add(point.requests, point.errors, &latency);
+            }
             let mut exposure = self.exposure.lock().unwrap_or_else(|p| p.into_inner());
             if closed.opened.load(Ordering::Relaxed) >= exposure.from
                 && closed.opened.load(Ordering::Relaxed)
