@@ -228,13 +228,12 @@ impl Weir {
                         .map_err(|e| StartError::State(e.into()))?,
                 };
                 let (handle, store) =
-                    fleet::Fleet::connect(fleet_config, &config.state.dir, Arc::clone(&metrics))
+                    fleet::Fleet::connect(fleet_config, lock, Arc::clone(&metrics))
                         .map_err(StartError::Fleet)?;
                 fleet = Some(handle);
                 Controller::open_shared(
                     &config,
                     Arc::clone(&metrics),
-                    lock,
                     Arc::new(model::SystemClock),
                     Box::new(store),
                 )

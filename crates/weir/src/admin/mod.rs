@@ -454,8 +454,9 @@ impl Admin {
                     );
                 };
                 // Blocking: it waits for etcd.
-                match tokio::task::spawn_blocking(move || fleet.reseed(actor)).await {
-                    Ok(Ok(())) => ok(&fleet_status_after(&self.controller)),
+                let reseeding = Arc::clone(&fleet);
+                match tokio::task::spawn_blocking(move || reseeding.reseed(actor)).await {
+                    Ok(Ok(())) => ok(&fleet.status()),
                     Ok(Err(msg)) => error(StatusCode::SERVICE_UNAVAILABLE, msg),
                     Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
                 }
@@ -709,14 +710,6 @@ impl Route<'_> {
             _ => "GET",
         }
     }
-}
-
-/// The fleet document after a change to it.
-fn fleet_status_after(controller: &Controller) -> Value {
-    controller
-        .fleet()
-        .map(|f| serde_json::to_value(f.status()).unwrap_or_default())
-        .unwrap_or_default()
 }
 
 fn control_status(e: &ControlError) -> StatusCode {

@@ -271,8 +271,6 @@ struct Persistence {
     /// durability, for a revert only): the state file lags routing and these events wait
     /// for the journal. Every later write, and `flush_pending`, tries again first.
     pending: Vec<Event>,
-    /// Fleet mode: the state directory's lock (the file store holds its own).
-    _lock: Option<StateLock>,
 }
 
 impl Persistence {
@@ -479,7 +477,6 @@ impl Controller {
             store: Box::new(store),
             writable: Arc::clone(&controller.writable),
             pending: Vec::new(),
-            _lock: None,
         };
         // The file is rewritten at once: in the current format, and without services the
         // config no longer has. The start-up records follow it into the journal; if the
@@ -505,11 +502,11 @@ impl Controller {
     /// Fleet mode: build with `store` (etcd) as the store. The local state file is only
     /// a cache of the last state applied: it serves until the store answers (a start
     /// while etcd is down), and the fleet's state replaces it as soon as it does.
-    /// Nothing is written here; the fleet's first read decides.
+    /// Nothing is written here; the fleet's first read decides. The store holds the
+    /// state directory's lock, as the file store does.
     pub fn open_shared(
         config: &Config,
         metrics: Arc<Metrics>,
-        lock: StateLock,
         clock: Arc<dyn Clock>,
         store: Box<dyn Store>,
     ) -> Result<Controller, OpenError> {
@@ -539,7 +536,6 @@ impl Controller {
             store,
             writable: Arc::clone(&controller.writable),
             pending: Vec::new(),
-            _lock: Some(lock),
         });
         Ok(controller)
     }
@@ -617,11 +613,6 @@ impl Controller {
         self.fleet().is_none_or(|f| f.leads())
     }
 
-    /// The store revision of the state this controller serves.
-    pub fn applied_revision(&self) -> Revision {
-        self.lock().as_ref().map_or(0, |p| p.applied)
-    }
-
     /// Read the whole state from the store and put it in force (after a refused
     /// compare-and-swap).
     fn catch_up(&self, p: &mut Persistence) -> Result<(), ControlError> {
@@ -662,21 +653,15 @@ impl Controller {
             .any(|s| !state.services.contains_key(&*s.name));
         if missing && p.pending.is_empty() {
             // Services this instance's config has and the store does not yet: written
-            // with the config's weights (a compare-and-swap, like any change).
+            // with the config's weights (a compare-and-swap, like any change). With
+            // reverts pending, the flush below writes them too.
             let saved = p.save(&self.state());
             if let Err(e) = saved {
                 tracing::warn!("could not add this instance's new services to the store: {e}");
             }
         }
-        if !p.pending.is_empty() {
-            // Reverts made while the store was out of reach that still stand go out now.
-            let flushed = p.flush(&self.state());
-            p.note(&flushed);
-            if let Err(e) = flushed {
-                tracing::debug!("local reverts not written yet: {e}");
-            }
-            self.publish_unsaved(Some(p));
-        }
+        // Reverts made while the store was out of reach that still stand go out now.
+        self.flush_locked(p);
         changed
     }
 
@@ -1303,15 +1288,18 @@ impl Controller {
     /// (called by the guard's loop, off the async workers). True when nothing is left
     /// unsaved.
     pub fn flush_pending(&self) -> bool {
-        let mut persistence = self.lock();
-        let Some(p) = persistence.as_mut() else {
-            return true;
-        };
+        match self.lock().as_mut() {
+            Some(p) => self.flush_locked(p),
+            None => true,
+        }
+    }
+
+    /// [`Controller::flush_pending`] under the write lock.
+    fn flush_locked(&self, p: &mut Persistence) -> bool {
         if p.pending.is_empty() {
             return true;
         }
-        let state = self.state();
-        let flushed = p.flush(&state);
+        let flushed = p.flush(&self.state());
         p.note(&flushed);
         let done = match flushed {
             Ok(()) => {

@@ -11,9 +11,6 @@ use crate::telemetry::window::Window;
 
 /// Fleet mode as the controller, the guard and the driver see it.
 pub trait FleetHooks: Send + Sync + std::fmt::Debug + 'static {
-    /// This instance's id in the fleet.
-    fn instance(&self) -> &str;
-
     /// Whether this instance holds the fleet's lead now (it alone runs the rollout
     /// driver); false as soon as it may have lost it.
     fn leads(&self) -> bool;

@@ -509,20 +509,32 @@ impl StateStore {
         })?;
         bytes.push(b'\n');
 
-        let written = File::create(&tmp)
-            .map_err(io_error("create", &tmp))
-            .and_then(|mut f| {
-                f.write_all(&bytes).map_err(io_error("write", &tmp))?;
-                f.sync_all().map_err(io_error("fsync", &tmp))
-            })
-            .and_then(|()| fs::rename(&tmp, &path).map_err(io_error("replace", &path)));
-        if let Err(e) = written {
-            // Best effort: a stale temp file is harmless, the next save truncates it.
-            let _ = fs::remove_file(&tmp);
-            return Err(e);
-        }
-        sync_dir(&self.dir)
+        replace_file(&self.dir, &tmp, &path, &bytes)
     }
+}
+
+/// Replace `path` (in `dir`) with `bytes` so that a crash leaves either the old file or
+/// the new one, whole: write `tmp`, fsync it, rename it over `path`, fsync the
+/// directory. Returns once the new file is durable.
+pub(crate) fn replace_file(
+    dir: &Path,
+    tmp: &Path,
+    path: &Path,
+    bytes: &[u8],
+) -> Result<(), StateError> {
+    let written = File::create(tmp)
+        .map_err(io_error("create", tmp))
+        .and_then(|mut f| {
+            f.write_all(bytes).map_err(io_error("write", tmp))?;
+            f.sync_all().map_err(io_error("fsync", tmp))
+        })
+        .and_then(|()| fs::rename(tmp, path).map_err(io_error("replace", path)));
+    if let Err(e) = written {
+        // Best effort: a stale temp file is harmless, the next save truncates it.
+        let _ = fs::remove_file(tmp);
+        return Err(e);
+    }
+    sync_dir(dir)
 }
 
 /// One entry of the audit journal: every change to routing, and the notable refusals.

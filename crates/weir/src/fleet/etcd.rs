@@ -87,12 +87,12 @@ impl Etcd {
 
     /// The endpoint calls go to now.
     pub(crate) fn endpoint(&self) -> String {
-        self.endpoints[self.current.load(Ordering::Relaxed) % self.endpoints.len()].clone()
+        self.endpoints[self.current()].clone()
     }
 
     /// The client for the current endpoint, connecting it if needed.
     pub(crate) async fn client(&self) -> Result<(usize, Client), Error> {
-        let i = self.current.load(Ordering::Relaxed) % self.endpoints.len();
+        let i = self.current();
         if let Some(c) = self.clients.lock().unwrap_or_else(|p| p.into_inner())[i].clone() {
             return Ok((i, c));
         }
@@ -142,7 +142,7 @@ impl Etcd {
                 }
                 Ok(Err((_, e))) => return Err(Failure::Refused(e.to_string())),
                 Err(_) => {
-                    let i = self.current.load(Ordering::Relaxed) % self.endpoints.len();
+                    let i = self.current();
                     self.rotate(i);
                     last = format!("{}: timed out", self.endpoints[i]);
                 }

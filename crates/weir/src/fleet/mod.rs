@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::FleetConfig;
 use crate::control::controller::Controller;
 use crate::control::fleet::{FleetHooks, FleetMember, FleetStatus};
-use crate::control::store::StateError;
+use crate::control::store::{StateError, StateLock, replace_file};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::window::{Totals, Window};
 
@@ -85,8 +85,8 @@ pub(crate) struct Shared {
     campaign: tokio::sync::Notify,
     /// Set once the first full read was applied (or found the store unusable).
     first_sync: (Mutex<bool>, Condvar),
-    /// Dropping it stops the runtime thread.
-    _stop: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    /// Sending on it (or dropping it) stops the runtime thread.
+    stop: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -120,9 +120,10 @@ impl Fleet {
     /// the controller writes through. Nothing is read from etcd yet.
     pub(crate) fn connect(
         cfg: &FleetConfig,
-        state_dir: &Path,
+        lock: StateLock,
         metrics: Arc<Metrics>,
     ) -> Result<(Fleet, EtcdStore), String> {
+        let state_dir = lock.dir().to_path_buf();
         let etcd = etcd::Etcd::new(cfg)?;
         let (handle_tx, handle_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -152,14 +153,14 @@ impl Fleet {
             .recv()
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("cannot start the fleet runtime: {e}"))?;
-        let remembered = read_remembered(state_dir);
+        let remembered = read_remembered(&state_dir);
         let shared = Arc::new(Shared {
             prefix: cfg.prefix(),
             cfg: cfg.clone(),
             boot_id: rand::random(),
             etcd,
             handle,
-            dir: state_dir.to_path_buf(),
+            dir: state_dir,
             metrics,
             reachable: AtomicBool::new(false),
             mismatch: Mutex::new(None),
@@ -177,10 +178,10 @@ impl Fleet {
             controller: OnceLock::new(),
             campaign: tokio::sync::Notify::new(),
             first_sync: (Mutex::new(false), Condvar::new()),
-            _stop: Mutex::new(Some(stop_tx)),
+            stop: Mutex::new(Some(stop_tx)),
         });
         shared.describe_metrics();
-        let store = EtcdStore::new(Arc::clone(&shared));
+        let store = EtcdStore::new(Arc::clone(&shared), lock);
         Ok((Fleet { shared }, store))
     }
 
@@ -219,18 +220,18 @@ impl Fleet {
                     .map(|_| ())
             });
         }
-        if let Some(stop) = shared
-            ._stop
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
-            let _ = stop.send(());
-        }
+        shared.stop_runtime();
     }
 }
 
 impl Shared {
+    /// Stop the fleet runtime (its tasks end with it).
+    fn stop_runtime(&self) {
+        if let Some(stop) = self.stop.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = stop.send(());
+        }
+    }
+
     /// Run `fut` on the fleet runtime and wait for it here (a blocking thread; never
     /// the fleet runtime's own). Bounded by the etcd timeout plus a second.
     fn block_on<T: Send + 'static>(
@@ -293,6 +294,23 @@ impl Shared {
             }
         }
         self.gauge("weir_fleet_store_reachable", f64::from(u8::from(ok)));
+    }
+
+    /// The state revision this instance serves from now on.
+    fn set_applied(&self, revision: i64) {
+        self.applied.store(revision, Ordering::Relaxed);
+        self.gauge("weir_fleet_applied_revision", revision as f64);
+        self.note_revision(revision);
+    }
+
+    /// A store revision heard of (a response header, a watch event): the lag gauge.
+    fn note_revision(&self, revision: i64) {
+        let newest = self
+            .store_revision
+            .fetch_max(revision, Ordering::Relaxed)
+            .max(revision);
+        let applied = self.applied.load(Ordering::Relaxed);
+        self.gauge("weir_fleet_lag_revisions", (newest - applied).max(0) as f64);
     }
 
     fn gauge(&self, name: &'static str, value: f64) {
@@ -360,27 +378,29 @@ fn read_remembered(dir: &Path) -> Remembered {
         .unwrap_or_default()
 }
 
-/// Written beside the state file, replaced atomically; a failure only costs the wipe
-/// check its memory, so it is logged, not fatal.
+/// Written beside the state file, replaced atomically (like it); a failure only costs
+/// the wipe check its memory, so it is logged, not fatal.
 fn write_remembered(dir: &Path, r: &Remembered) {
-    let tmp = dir.join(format!("{REMEMBERED_FILE}.tmp"));
-    let result = serde_json::to_vec_pretty(r)
-        .map_err(std::io::Error::other)
-        .and_then(|bytes| std::fs::write(&tmp, bytes))
-        .and_then(|()| std::fs::rename(&tmp, dir.join(REMEMBERED_FILE)));
-    if let Err(e) = result {
-        tracing::warn!(
-            "fleet: cannot write {}: {e}",
-            dir.join(REMEMBERED_FILE).display()
-        );
+    let path = dir.join(REMEMBERED_FILE);
+    let written = serde_json::to_vec_pretty(r)
+        .map_err(|error| StateError::Encode {
+            path: path.clone(),
+            error,
+        })
+        .and_then(|bytes| {
+            replace_file(
+                dir,
+                &dir.join(format!("{REMEMBERED_FILE}.tmp")),
+                &path,
+                &bytes,
+            )
+        });
+    if let Err(e) = written {
+        tracing::warn!("fleet: {e}");
     }
 }
 
 impl FleetHooks for Fleet {
-    fn instance(&self) -> &str {
-        &self.shared.cfg.instance
-    }
-
     fn leads(&self) -> bool {
         self.shared.leads()
     }
@@ -465,8 +485,6 @@ impl FleetHooks for Fleet {
 
 impl Drop for Shared {
     fn drop(&mut self) {
-        if let Some(stop) = self._stop.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            let _ = stop.send(());
-        }
+        self.stop_runtime();
     }
 }

@@ -11,7 +11,6 @@
 //! - `leader`: `{"instance","boot_id"}` under the leader's lease;
 //! - `members/<instance>`: the instance's record and counters, under its lease.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -22,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Shared;
 use crate::control::store::{
-    Event, EventLog, Revision, ServiceState, State, StateError, StateStore, Store,
+    Event, EventLog, Revision, ServiceState, State, StateError, StateLock, StateStore, Store,
 };
 use crate::model::{Source, timestamp};
 
@@ -71,16 +70,23 @@ pub(crate) struct EtcdStore {
     remote: State,
     revision: Revision,
     cache: Option<StateStore>,
+    /// The state directory's lock, held for as long as the store lives.
+    _lock: StateLock,
 }
 
 impl EtcdStore {
-    pub(super) fn new(shared: Arc<Shared>) -> EtcdStore {
-        let cache = StateStore::open(&shared.dir).ok();
+    pub(super) fn new(shared: Arc<Shared>, lock: StateLock) -> EtcdStore {
+        let cache = StateStore::open(lock.dir()).ok();
+        // For the message of a second weir refused this directory.
+        if let Err(e) = lock.record_pid() {
+            tracing::warn!("{e}");
+        }
         EtcdStore {
             shared,
             remote: State::default(),
             revision: 0,
             cache,
+            _lock: lock,
         }
     }
 
@@ -316,9 +322,7 @@ impl EtcdStore {
         {
             tracing::warn!("fleet: cannot write the local cache of the state: {e}");
         }
-        self.shared
-            .applied
-            .store(revision as i64, Ordering::Relaxed);
+        self.shared.set_applied(revision as i64);
         self.shared.remember(|r| r.revision = revision as i64);
     }
 }
@@ -476,6 +480,3 @@ impl EventLog for EtcdEventLog {
         Ok(events)
     }
 }
-
-/// The services of a state, by name, for the watch's bookkeeping.
-pub(crate) type Services = BTreeMap<String, ServiceState>;

@@ -19,7 +19,8 @@ use etcd_client::{
 use histogram::SparseHistogram;
 use serde::{Deserialize, Serialize};
 
-use super::store::{Head, SCHEMA, Schema, Seq, Services, journal_key};
+use super::etcd::Failure;
+use super::store::{Head, SCHEMA, Schema, Seq, journal_key};
 use super::{Peer, Shared};
 use crate::control::store::{Event, ServiceState, State};
 use crate::model::{EventKind, Source, timestamp};
@@ -63,7 +64,7 @@ struct Snapshot {
     revision: i64,
     schema: Option<Schema>,
     head: Option<(Head, i64)>,
-    services: Services,
+    state: State,
     journal: (u64, i64),
     leader: Option<(String, i64)>,
     members: Vec<Record>,
@@ -81,7 +82,7 @@ fn first_synced(shared: &Shared) {
     cv.notify_all();
 }
 
-async fn full_read(shared: &Shared) -> Result<Snapshot, super::etcd::Failure> {
+async fn full_read(shared: &Shared) -> Result<Snapshot, Failure> {
     let keys = [
         shared.key("state/"),
         shared.key("journal/seq"),
@@ -127,7 +128,7 @@ async fn full_read(shared: &Shared) -> Result<Snapshot, super::etcd::Failure> {
                     if let Some(name) = key.strip_prefix(&services_prefix)
                         && let Ok(s) = serde_json::from_slice::<ServiceState>(kv.value())
                     {
-                        snap.services.insert(name.to_owned(), s);
+                        snap.state.services.insert(name.to_owned(), s);
                     }
                 }
                 1 => {
@@ -166,7 +167,7 @@ fn judge_store(shared: &Shared, snap: &Snapshot) -> Verdict {
         .unwrap_or_else(|p| p.into_inner())
         .clone();
     match (&snap.schema, &remembered.store_id) {
-        (None, None) if snap.head.is_none() && snap.services.is_empty() => Verdict::Seed,
+        (None, None) if snap.head.is_none() && snap.state.services.is_empty() => Verdict::Seed,
         (None, None) => Verdict::Mismatch(format!(
             "etcd has weir state under {} but no schema key: not written by a weir this \
              version knows; refusing to follow or overwrite it",
@@ -226,9 +227,9 @@ fn set_mismatch(shared: &Shared, reason: Option<String>) {
 
 /// Write this instance's state as the fleet's first (the store under the prefix is
 /// empty): only if nobody seeded it meanwhile.
-async fn seed(shared: &Arc<Shared>, replace: bool) -> Result<(), String> {
+async fn seed(shared: &Arc<Shared>, replace: bool) -> Result<(), Failure> {
     let Some(controller) = shared.controller() else {
-        return Err("not started".into());
+        return Err(Failure::Refused("not started".into()));
     };
     let state = controller.current_state();
     let store_id = format!("{:032x}", rand::random::<u128>());
@@ -277,10 +278,10 @@ async fn seed(shared: &Arc<Shared>, replace: bool) -> Result<(), String> {
         ));
     }
     if ops.len() > 127 {
-        return Err(format!(
+        return Err(Failure::Refused(format!(
             "{} services do not fit one etcd transaction (128 operations)",
             state.services.len()
-        ));
+        )));
     }
     let compares = if replace {
         Vec::new()
@@ -298,8 +299,7 @@ async fn seed(shared: &Arc<Shared>, replace: bool) -> Result<(), String> {
             let txn = txn.clone();
             async move { c.txn(txn).await }
         })
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     if !r.succeeded() {
         return Ok(()); // another instance seeded first: follow it
     }
@@ -362,7 +362,7 @@ async fn follow(shared: Arc<Shared>) {
         if let Some(schema) = &snap.schema {
             shared.remember(|r| r.store_id = Some(schema.store_id.clone()));
         }
-        note_revision(&shared, snap.revision);
+        shared.note_revision(snap.revision);
         {
             let mut j = shared.journal.lock().unwrap_or_else(|p| p.into_inner());
             if j.1 != snap.journal.1 {
@@ -375,10 +375,10 @@ async fn follow(shared: Arc<Shared>) {
                 ingest(&shared, record);
             }
         }
-        let mut services = snap.services;
+        let mut state = snap.state;
         let head_rev = snap.head.as_ref().map_or(0, |h| h.1);
         let store_id = snap.schema.map(|s| s.store_id).unwrap_or_default();
-        adopt(&shared, &services, head_rev).await;
+        adopt(&shared, &state, head_rev).await;
         first_synced(&shared);
 
         // Watch everything under the prefix from the next revision on.
@@ -432,7 +432,7 @@ async fn follow(shared: Arc<Shared>) {
                 // The store went back in time under us (restored or wiped).
                 break;
             }
-            note_revision(&shared, header_rev);
+            shared.note_revision(header_rev);
             let mut state_changed = false;
             let mut resync = false;
             // Every event of one txn has the same revision: what counts as seen moves
@@ -480,10 +480,10 @@ async fn follow(shared: Arc<Shared>) {
                         if let Some(name) = rel.strip_prefix("state/services/") {
                             if put {
                                 if let Ok(s) = serde_json::from_slice::<ServiceState>(kv.value()) {
-                                    services.insert(name.to_owned(), s);
+                                    state.services.insert(name.to_owned(), s);
                                 }
                             } else {
-                                services.remove(name);
+                                state.services.remove(name);
                             }
                         } else if let Some(id) = rel.strip_prefix("members/") {
                             if id == shared.cfg.instance {
@@ -510,7 +510,7 @@ async fn follow(shared: Arc<Shared>) {
                 break;
             }
             if state_changed {
-                adopt(&shared, &services, applied).await;
+                adopt(&shared, &state, applied).await;
             }
         }
         // Another endpoint may serve the watch better; the full read decides.
@@ -519,57 +519,33 @@ async fn follow(shared: Arc<Shared>) {
     }
 }
 
-fn note_revision(shared: &Shared, revision: i64) {
-    shared.store_revision.fetch_max(revision, Ordering::Relaxed);
-    let applied = shared.applied.load(Ordering::Relaxed);
-    shared.gauge(
-        "weir_fleet_lag_revisions",
-        (shared.store_revision.load(Ordering::Relaxed) - applied).max(0) as f64,
-    );
-}
-
 fn set_leader(shared: &Shared, leader: Option<(String, i64)>) {
     let mine = shared.term.load(Ordering::Relaxed);
-    let name = leader.as_ref().map(|l| l.0.clone());
-    if let Some((_, rev)) = &leader
-        && mine != 0
-        && *rev != mine
-    {
-        // The key is someone else's (or a newer term): this instance no longer leads.
+    // No key, someone else's, or a newer term: this instance no longer leads.
+    if mine != 0 && leader.as_ref().is_none_or(|(_, term)| *term != mine) {
         shared.term.store(0, Ordering::Relaxed);
         shared.gauge("weir_fleet_leader", 0.0);
     }
-    if leader.is_none() && mine != 0 {
-        shared.term.store(0, Ordering::Relaxed);
-        shared.gauge("weir_fleet_leader", 0.0);
-    }
-    *shared.leader.lock().unwrap_or_else(|p| p.into_inner()) = name;
+    *shared.leader.lock().unwrap_or_else(|p| p.into_inner()) = leader.map(|(name, _)| name);
 }
 
 /// Put a state read from the store in force (on a blocking thread: the controller
 /// writes its cache and may flush local reverts).
-async fn adopt(shared: &Arc<Shared>, services: &Services, revision: i64) {
+async fn adopt(shared: &Arc<Shared>, state: &State, revision: i64) {
     let Some(controller) = shared.controller() else {
         return;
     };
-    let state = State {
-        services: services.clone(),
-    };
-    let done = tokio::task::spawn_blocking(move || {
-        let changed = controller.adopt(&state, revision.max(0) as u64);
-        (changed, controller.applied_revision() as i64)
-    })
-    .await;
-    if let Ok((changed, applied)) = done {
-        if !changed.is_empty() {
-            tracing::info!(
-                "fleet: applied revision {revision}: {} changed",
-                changed.join(", ")
-            );
-        }
-        shared.applied.store(applied, Ordering::Relaxed);
-        shared.gauge("weir_fleet_applied_revision", applied as f64);
-        note_revision(shared, applied);
+    let state = state.clone();
+    // The store's cache records the applied revision (and its gauges) as it adopts.
+    let changed =
+        tokio::task::spawn_blocking(move || controller.adopt(&state, revision.max(0) as u64)).await;
+    if let Ok(changed) = changed
+        && !changed.is_empty()
+    {
+        tracing::info!(
+            "fleet: applied revision {revision}: {} changed",
+            changed.join(", ")
+        );
     }
 }
 
@@ -884,12 +860,9 @@ async fn trim(shared: &Arc<Shared>) {
 /// a new store (new id), and follow it.
 pub(super) fn reseed(shared: &Arc<Shared>, actor: Option<String>) -> Result<(), String> {
     let s = Arc::clone(shared);
-    let (tx, rx) = std::sync::mpsc::channel();
-    shared.handle.spawn(async move {
-        let _ = tx.send(seed(&s, true).await);
-    });
-    rx.recv_timeout(shared.cfg.timeout * 2 + Duration::from_secs(1))
-        .map_err(|_| "etcd did not answer in time".to_owned())??;
+    shared
+        .block_on(async move { seed(&s, true).await })
+        .map_err(|e| e.to_string())?;
     set_mismatch(shared, None);
     if let Some(controller) = shared.controller() {
         controller.forget_applied();
