@@ -4,7 +4,7 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::common::*;
@@ -73,8 +73,6 @@ fn tempdir() -> std::path::PathBuf {
     temp_dir("binary")
 }
 
-struct Running(Child);
-
 /// `weir run --config PATH` in the background, killed when dropped.
 fn run_config(path: &Path) -> Running {
     Running(
@@ -86,13 +84,6 @@ fn run_config(path: &Path) -> Running {
             .spawn()
             .unwrap(),
     )
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn peak_rss_kib(pid: u32) -> u64 {
@@ -176,11 +167,6 @@ async fn answers_ok(
         }
     })
     .await
-}
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
 }
 
 /// Start `weir run` on a config with the given state dir; returns the process and its

@@ -145,6 +145,22 @@ pub async fn start_config(
     }
 }
 
+/// A process (`weir run`, usually) killed when dropped.
+pub struct Running(pub std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A loopback port free a moment ago, for a config file a child process binds.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
 /// A fresh, empty directory under the system temp dir.
 pub fn temp_dir(what: &str) -> std::path::PathBuf {
     use std::sync::atomic::{AtomicU64, Ordering};

@@ -11,8 +11,8 @@ use weir::config::Config;
 use weir_testkit::{EtcdCluster, Faults, UpstreamHandle};
 
 use crate::common::{
-    Proxy, client, full, get, pool_weights, proxy_toml, send, service_toml, start_config, temp_dir,
-    upstream, wait_until,
+    Proxy, Running, client, free_port, full, get, pool_weights, proxy_toml, send, service_toml,
+    start_config, temp_dir, upstream, wait_until,
 };
 
 /// A fleet: etcd, its weir instances, the shop's two upstreams.
@@ -89,6 +89,19 @@ impl Fleet {
             all.push(pool_weights(&w.service("shop").await));
         }
         all
+    }
+
+    /// Wait until every instance reports the store as `want` (`reachable`,
+    /// `unreachable`, `mismatch`).
+    async fn wait_store(&self, want: &str, limit: Duration) -> bool {
+        wait_until(limit, || async {
+            let mut all = true;
+            for w in &self.weirs {
+                all &= fleet_doc(w.admin).await["store"] == want;
+            }
+            all
+        })
+        .await
     }
 
     async fn wait_weights(&self, want: &[(&str, u64)], limit: Duration) -> bool {
@@ -331,16 +344,7 @@ async fn without_quorum_instances_serve_refuse_writes_revert_locally_and_reconci
     f.etcd.kill(1).await;
     f.etcd.kill(2).await;
     let lost = Instant::now();
-    assert!(
-        wait_until(Duration::from_secs(10), || async {
-            let mut all = true;
-            for w in &f.weirs {
-                all &= fleet_doc(w.admin).await["store"] == "unreachable";
-            }
-            all
-        })
-        .await
-    );
+    assert!(f.wait_store("unreachable", Duration::from_secs(10)).await);
     println!(
         "fleet: quorum loss noticed by all instances after {:?}",
         lost.elapsed()
@@ -376,17 +380,7 @@ async fn without_quorum_instances_serve_refuse_writes_revert_locally_and_reconci
     // Quorum returns: the revert is written once, and everyone agrees.
     f.etcd.restart(1).await.unwrap();
     f.etcd.restart(2).await.unwrap();
-    assert!(
-        wait_until(Duration::from_secs(15), || async {
-            let mut all = true;
-            for w in &f.weirs {
-                let d = fleet_doc(w.admin).await;
-                all &= d["store"] == "reachable";
-            }
-            all
-        })
-        .await
-    );
+    assert!(f.wait_store("reachable", Duration::from_secs(15)).await);
     let (ok, failed) = load.stop().await;
     assert_eq!(failed, 0, "requests failed during the outage ({ok} fine)");
     assert!(
@@ -473,14 +467,7 @@ async fn compaction_changes_nothing_and_a_wiped_store_is_refused_until_reseeded(
     // with their (possibly stale) weights; they keep serving and say why.
     f.etcd.wipe().await.unwrap();
     assert!(
-        wait_until(Duration::from_secs(10), || async {
-            let mut all = true;
-            for w in &f.weirs {
-                all &= fleet_doc(w.admin).await["store"] == "mismatch";
-            }
-            all
-        })
-        .await,
+        f.wait_store("mismatch", Duration::from_secs(10)).await,
         "{:#}",
         fleet_doc(f.weirs[0].admin).await
     );
@@ -508,14 +495,7 @@ async fn compaction_changes_nothing_and_a_wiped_store_is_refused_until_reseeded(
     let a = send(&client(), req).await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.text());
     assert!(
-        wait_until(Duration::from_secs(10), || async {
-            let mut all = true;
-            for w in &f.weirs {
-                all &= fleet_doc(w.admin).await["store"] == "reachable";
-            }
-            all
-        })
-        .await,
+        f.wait_store("reachable", Duration::from_secs(10)).await,
         "{:#}",
         fleet_doc(f.weirs[0].admin).await
     );
@@ -535,23 +515,8 @@ async fn compaction_changes_nothing_and_a_wiped_store_is_refused_until_reseeded(
 /// `weir run` as a process (so that it can be killed with SIGKILL), ready when its
 /// admin API answers.
 struct Process {
-    child: std::process::Child,
+    _child: Running,
     admin: std::net::SocketAddr,
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 async fn run_instance(f: &Fleet, i: usize, dir: &std::path::Path) -> Process {
@@ -590,7 +555,10 @@ async fn run_instance(f: &Fleet, i: usize, dir: &std::path::Path) -> Process {
         .await,
         "weir {i} did not become ready"
     );
-    Process { child, admin }
+    Process {
+        _child: Running(child),
+        admin,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
