@@ -126,6 +126,20 @@ async fn put_weights(
     send(&client(), req.body(full(body.to_owned())).unwrap()).await
 }
 
+/// Whether the shop's weights on the instance at `admin` become `want` within a second
+/// (a change is on every instance within a second).
+async fn weights_reach(admin: std::net::SocketAddr, want: &[(&str, u64)]) -> bool {
+    let want: Vec<(String, u64)> = want.iter().map(|(p, w)| (p.to_string(), *w)).collect();
+    wait_until(Duration::from_secs(1), || async {
+        pool_weights(
+            &get(&client(), admin, "localhost", "/api/v1/services/shop")
+                .await
+                .json(),
+        ) == want
+    })
+    .await
+}
+
 async fn fleet_doc(admin: std::net::SocketAddr) -> serde_json::Value {
     get(&client(), admin, "localhost", "/api/v1/fleet")
         .await
@@ -526,7 +540,7 @@ async fn run_instance(f: &Fleet, i: usize, dir: &std::path::Path) -> Process {
         &format!("p{i}"),
         &f.stable,
         &f.canary,
-        "",
+        &f.slo,
     )
     .replace(
         "listen = \"127.0.0.1:0\"",
@@ -599,13 +613,7 @@ async fn kill_9_after_a_200_loses_nothing_and_a_killed_leader_is_replaced() {
     procs[first].take();
     let others: Vec<_> = (0..3).filter(|i| *i != first).collect();
     for i in &others {
-        let s = get(&client(), admins[*i], "localhost", "/api/v1/services/shop")
-            .await
-            .json();
-        assert_eq!(
-            pool_weights(&s),
-            [("stable".to_owned(), 33), ("canary".to_owned(), 67)]
-        );
+        assert!(weights_reach(admins[*i], &[("stable", 33), ("canary", 67)]).await);
     }
     // A new leader within the lease's TTL (2 s) and a second.
     let rest: Vec<_> = others.iter().map(|i| admins[*i]).collect();
@@ -620,7 +628,20 @@ async fn kill_9_after_a_200_loses_nothing_and_a_killed_leader_is_replaced() {
         "fleet: new leader {:?} after the leader was killed",
         killed.elapsed()
     );
-    // The killed instance comes back with the change.
+    // The same for an instance that does not lead: its acknowledged change survives it.
+    let new_leader = others[leader(&rest).await.unwrap()];
+    let follower = others.iter().copied().find(|i| *i != new_leader).unwrap();
+    let a = put_weights(
+        admins[follower],
+        r#"{"weights":{"stable":44,"canary":56}}"#,
+        None,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    procs[follower].take();
+    assert!(weights_reach(admins[new_leader], &[("stable", 44), ("canary", 56)]).await);
+    procs[follower] = Some(run_instance(&f, follower, &dirs[follower]).await);
+    // The killed leader comes back with the fleet's state, both changes in.
     procs[first] = Some(run_instance(&f, first, &dirs[first]).await);
     let back = procs[first].as_ref().unwrap().admin;
     let s = get(&client(), back, "localhost", "/api/v1/services/shop")
@@ -628,6 +649,185 @@ async fn kill_9_after_a_200_loses_nothing_and_a_killed_leader_is_replaced() {
         .json();
     assert_eq!(
         pool_weights(&s),
-        [("stable".to_owned(), 33), ("canary".to_owned(), 67)]
+        [("stable".to_owned(), 44), ("canary".to_owned(), 56)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_etcd_leader_costs_no_client_request() {
+    let mut f = Fleet::start(3, "").await;
+    assert!(
+        f.wait_weights(&[("stable", 90), ("canary", 10)], Duration::from_secs(5))
+            .await
+    );
+    let load = Load::start(f.weirs.iter().map(|w| w.addr).collect(), 150);
+    let leader = f.etcd.leader().await.expect("etcd has a leader");
+    f.etcd.kill(leader).await;
+    let killed = Instant::now();
+    // Writes go through again once the two members left elect a leader; each 503 in
+    // the meantime says why and changes nothing.
+    let mut written = None;
+    while killed.elapsed() < Duration::from_secs(10) {
+        let a = put_weights(
+            f.weirs[0].admin,
+            r#"{"weights":{"stable":80,"canary":20}}"#,
+            None,
+        )
+        .await;
+        if a.status == StatusCode::OK {
+            written = Some(killed.elapsed());
+            break;
+        }
+        assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE, "{}", a.text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let written = written.expect("writes resume after the etcd leader is killed");
+    println!("fleet: etcd leader killed; a write succeeded again after {written:?}");
+    assert!(
+        f.wait_weights(&[("stable", 80), ("canary", 20)], Duration::from_secs(2))
+            .await,
+        "{:?}",
+        f.weights().await
+    );
+    assert!(f.wait_store("reachable", Duration::from_secs(5)).await);
+    let (ok, failed) = load.stop().await;
+    assert_eq!(failed, 0, "client requests failed ({ok} fine)");
+    assert!(ok > 100, "the load ran ({ok} answers)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_restarted_without_etcd_serves_its_cached_state() {
+    let mut f = Fleet::start(2, "").await;
+    let a = put_weights(
+        f.weirs[0].admin,
+        r#"{"weights":{"stable":30,"canary":70}}"#,
+        None,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    assert!(
+        f.wait_weights(&[("stable", 30), ("canary", 70)], Duration::from_secs(1))
+            .await
+    );
+    // No quorum, then instance 1 restarts (same state directory).
+    f.etcd.kill(1).await;
+    f.etcd.kill(2).await;
+    let dir = f.weirs[1].state_dir.clone();
+    drop(f.weirs.remove(1));
+    let back = f.instance(1, dir).await;
+    let s = back.service("shop").await;
+    assert_eq!(
+        pool_weights(&s),
+        [("stable".to_owned(), 30), ("canary".to_owned(), 70)]
+    );
+    // And it serves them.
+    let seen = crate::common::split(back.addr, 200, 4).await;
+    let canary = seen.get("canary").copied().unwrap_or(0);
+    assert!(
+        (100..=180).contains(&canary),
+        "70% of 200 to the canary, roughly: {seen:?}"
+    );
+    assert_eq!(fleet_doc(back.admin).await["store"], "unreachable");
+    // Quorum back: it follows the store again, and takes writes.
+    f.weirs.push(back);
+    f.etcd.restart(1).await.unwrap();
+    f.etcd.restart(2).await.unwrap();
+    assert!(f.wait_store("reachable", Duration::from_secs(15)).await);
+    let a = put_weights(
+        f.weirs[1].admin,
+        r#"{"weights":{"stable":40,"canary":60}}"#,
+        None,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    assert!(
+        f.wait_weights(&[("stable", 40), ("canary", 60)], Duration::from_secs(1))
+            .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_continues_under_a_new_leader_without_doubling_or_skipping_a_step() {
+    let plan = "[service.rollout]\ncandidate = \"canary\"\nsteps = [{ percent = 10 }, { pause = \"3s\" }, { percent = 30 }, { pause = \"3s\" }, { percent = 60 }, { pause = \"1s\" }, { percent = 100 }]\n";
+    let f = Fleet::start(0, plan).await;
+    let dirs: Vec<_> = (0..3).map(|_| temp_dir("fleet-plan")).collect();
+    let mut procs = Vec::new();
+    for (i, dir) in dirs.iter().enumerate() {
+        procs.push(Some(run_instance(&f, i, dir).await));
+    }
+    let admins: Vec<_> = procs.iter().map(|p| p.as_ref().unwrap().admin).collect();
+    let leader = async |admins: &[std::net::SocketAddr]| -> Option<usize> {
+        for (i, a) in admins.iter().enumerate() {
+            if fleet_doc(*a).await["leads"] == true {
+                return Some(i);
+            }
+        }
+        None
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            leader(&admins).await.is_some()
+        })
+        .await
+    );
+    let first = leader(&admins).await.unwrap();
+    // Started on a follower; the leader drives it.
+    let starter = (first + 1) % 3;
+    let req = Request::post(format!(
+        "http://{}/api/v1/services/shop/rollout",
+        admins[starter]
+    ))
+    .body(crate::common::empty())
+    .unwrap();
+    let a = send(&client(), req).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    // During the first pause, the leader dies.
+    procs[first].take();
+    let rest: Vec<_> = (0..3).filter(|i| *i != first).map(|i| admins[i]).collect();
+    let promoted = wait_until(Duration::from_secs(30), || async {
+        get(&client(), rest[0], "localhost", "/api/v1/services/shop")
+            .await
+            .json()["rollout"]["phase"]
+            == "promoted"
+    })
+    .await;
+    let events = get(&client(), rest[0], "localhost", "/api/v1/events?limit=1000")
+        .await
+        .json()["events"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(promoted, "{events:#?}");
+    let steps: Vec<u64> = events
+        .iter()
+        .filter(|e| e["kind"] == "rollout_step" || e["kind"] == "rollout_started")
+        .map(|e| e["details"]["step"].as_u64().unwrap_or(u64::MAX))
+        .collect();
+    let mut unique = steps.clone();
+    unique.dedup();
+    assert_eq!(steps, unique, "a step journaled twice: {events:#?}");
+    assert!(
+        steps.windows(2).all(|w| w[1] == w[0] + 1),
+        "a step skipped: {steps:?}"
+    );
+    let by: std::collections::BTreeSet<&str> = events
+        .iter()
+        .filter(|e| e["kind"] == "rollout_step")
+        .filter_map(|e| e["instance"].as_str())
+        .collect();
+    println!("fleet: rollout steps {steps:?} driven by {by:?}");
+    assert!(
+        !by.contains(format!("p{first}").as_str()) || by.len() > 1,
+        "the plan went on after its leader died: {by:?}"
+    );
+    let weights = pool_weights(
+        &get(&client(), rest[1], "localhost", "/api/v1/services/shop")
+            .await
+            .json(),
+    );
+    // Rollout weights are on the percent scale (100% = 10000).
+    assert_eq!(
+        weights,
+        [("stable".to_owned(), 0), ("canary".to_owned(), 10000)]
     );
 }

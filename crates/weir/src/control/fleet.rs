@@ -39,7 +39,8 @@ pub trait FleetHooks: Send + Sync + std::fmt::Debug + 'static {
 pub struct FleetStatus {
     pub name: String,
     pub instance: String,
-    /// `reachable`, `unreachable` or `mismatch`.
+    /// `reachable`, `syncing` (etcd answers; the state is not read yet), `unreachable`
+    /// or `mismatch`.
     pub store: String,
     /// Why the store is not `reachable`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -9,7 +9,7 @@
 
 use std::future::Future;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use etcd_client::{Client, ConnectOptions, Error};
@@ -24,6 +24,12 @@ pub(crate) struct Etcd {
     options: ConnectOptions,
     current: AtomicUsize,
     pub(crate) timeout: Duration,
+    /// Whether the last call got an answer: every call says, whoever makes it (the
+    /// watch, the lease, the publisher, a write), so the flag recovers with the first
+    /// answer after an outage and writes may fail fast while it is down.
+    reachable: AtomicBool,
+    /// `weir_fleet_store_reachable`.
+    gauge: metrics::Gauge,
 }
 
 impl std::fmt::Debug for Etcd {
@@ -37,7 +43,7 @@ impl std::fmt::Debug for Etcd {
 
 impl Etcd {
     /// Connection settings from `[fleet]`; connects lazily, on the first call.
-    pub(crate) fn new(cfg: &FleetConfig) -> Result<Etcd, String> {
+    pub(crate) fn new(cfg: &FleetConfig, gauge: metrics::Gauge) -> Result<Etcd, String> {
         // HTTP/2 pings no more often than etcd accepts (its minimum is 5 s; faster ones
         // are answered with GOAWAY), and every stream asks for a member with a leader,
         // so that a member cut off from its quorum fails calls instead of hanging.
@@ -77,7 +83,28 @@ impl Etcd {
             options,
             current: AtomicUsize::new(0),
             timeout: cfg.timeout,
+            reachable: AtomicBool::new(false),
+            gauge,
         })
+    }
+
+    /// Whether etcd answered the last call.
+    pub(crate) fn reachable(&self) -> bool {
+        self.reachable.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_reachable(&self, ok: bool) {
+        if self.reachable.swap(ok, Ordering::Relaxed) != ok {
+            if ok {
+                tracing::warn!("fleet: etcd answers again ({})", self.endpoint());
+            } else {
+                tracing::error!(
+                    "fleet: etcd is unreachable; serving the last applied state, refusing \
+                     changes, rollouts hold, the guard judges this instance's traffic"
+                );
+            }
+        }
+        self.gauge.set(f64::from(u8::from(ok)));
     }
 
     /// The index of the endpoint calls go to now.
@@ -123,6 +150,7 @@ impl Etcd {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
+                self.set_reachable(false);
                 return Err(Failure::Unavailable(format!(
                     "etcd did not answer within {:?} ({last})",
                     self.timeout
@@ -133,14 +161,21 @@ impl Etcd {
                 op(client).await.map_err(|e| (i, e))
             };
             match tokio::time::timeout(left, attempt).await {
-                Ok(Ok(v)) => return Ok(v),
+                Ok(Ok(v)) => {
+                    self.set_reachable(true);
+                    return Ok(v);
+                }
                 Ok(Err((i, e))) if retryable(&e) => {
                     last = format!("{}: {e}", self.endpoints[i]);
                     self.rotate(i);
                     // A short pause, so that a cluster electing a leader is not hammered.
                     tokio::time::sleep(Duration::from_millis(50).min(left)).await;
                 }
-                Ok(Err((_, e))) => return Err(Failure::Refused(e.to_string())),
+                Ok(Err((_, e))) => {
+                    // A member answered, if only to refuse.
+                    self.set_reachable(true);
+                    return Err(Failure::Refused(e.to_string()));
+                }
                 Err(_) => {
                     let i = self.current();
                     self.rotate(i);

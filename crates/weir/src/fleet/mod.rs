@@ -16,7 +16,7 @@ mod sync;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -51,8 +51,6 @@ pub(crate) struct Shared {
     handle: tokio::runtime::Handle,
     dir: PathBuf,
     metrics: Arc<Metrics>,
-    /// The last etcd call or watch answered; cleared when one did not.
-    reachable: AtomicBool,
     /// Set when the store is not the one this instance followed; writes are refused
     /// until an operator re-seeds it.
     mismatch: Mutex<Option<String>>,
@@ -124,7 +122,7 @@ impl Fleet {
         metrics: Arc<Metrics>,
     ) -> Result<(Fleet, EtcdStore), String> {
         let state_dir = lock.dir().to_path_buf();
-        let etcd = etcd::Etcd::new(cfg)?;
+        let etcd = etcd::Etcd::new(cfg, metrics.gauge("weir_fleet_store_reachable", Vec::new()))?;
         let (handle_tx, handle_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         std::thread::Builder::new()
@@ -162,7 +160,6 @@ impl Fleet {
             handle,
             dir: state_dir,
             metrics,
-            reachable: AtomicBool::new(false),
             mismatch: Mutex::new(None),
             store_revision: AtomicI64::new(0),
             applied: AtomicI64::new(0),
@@ -243,21 +240,15 @@ impl Shared {
             let _ = tx.send(fut.await);
         });
         match rx.recv_timeout(self.etcd.timeout + Duration::from_secs(1)) {
-            Ok(Ok(v)) => {
-                self.set_reachable(true);
-                Ok(v)
-            }
-            Ok(Err(etcd::Failure::Unavailable(m))) => {
-                self.set_reachable(false);
-                Err(StateError::Unavailable(format!(
-                    "the fleet's store (etcd) is unreachable: {m}"
-                )))
-            }
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(etcd::Failure::Unavailable(m))) => Err(StateError::Unavailable(format!(
+                "the fleet's store (etcd) is unreachable: {m}"
+            ))),
             Ok(Err(etcd::Failure::Refused(m))) => Err(StateError::Unavailable(format!(
                 "etcd refused the request: {m}"
             ))),
             Err(_) => {
-                self.set_reachable(false);
+                self.etcd.set_reachable(false);
                 Err(StateError::Unavailable(
                     "the fleet's store (etcd) did not answer in time".into(),
                 ))
@@ -280,20 +271,6 @@ impl Shared {
 
     fn controller(&self) -> Option<Arc<Controller>> {
         self.controller.get().and_then(Weak::upgrade)
-    }
-
-    fn set_reachable(&self, ok: bool) {
-        if self.reachable.swap(ok, Ordering::Relaxed) != ok {
-            if ok {
-                tracing::warn!("fleet: etcd answers again ({})", self.etcd.endpoint());
-            } else {
-                tracing::error!(
-                    "fleet: etcd is unreachable; serving the last applied state, refusing \
-                     changes, rollouts hold, the guard judges this instance's traffic"
-                );
-            }
-        }
-        self.gauge("weir_fleet_store_reachable", f64::from(u8::from(ok)));
     }
 
     /// The state revision this instance serves from now on.
@@ -347,7 +324,6 @@ impl Shared {
             "weir_fleet_resyncs_total",
             "Full re-reads of the shared state (start, reconnect, compaction, watch cancelled).",
         );
-        self.gauge("weir_fleet_store_reachable", 0.0);
         self.gauge("weir_fleet_store_mismatch", 0.0);
         self.gauge("weir_fleet_leader", 0.0);
     }
@@ -407,7 +383,7 @@ impl FleetHooks for Fleet {
 
     fn judging(&self) -> bool {
         let s = &self.shared;
-        s.reachable.load(Ordering::Relaxed)
+        s.etcd.reachable()
             && s.mismatch
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -440,7 +416,7 @@ impl FleetHooks for Fleet {
         let s = &self.shared;
         let store_revision = s.store_revision.load(Ordering::Relaxed);
         let mismatch = s.mismatch.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let reachable = s.reachable.load(Ordering::Relaxed);
+        let reachable = s.etcd.reachable();
         let leader = s.leader.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let members = s
             .peers
@@ -462,6 +438,9 @@ impl FleetHooks for Fleet {
             instance: s.cfg.instance.clone(),
             store: if mismatch.is_some() {
                 "mismatch".into()
+            } else if reachable && s.applied.load(Ordering::Relaxed) == 0 {
+                // etcd answers, but this instance has not read the fleet's state yet.
+                "syncing".into()
             } else if reachable {
                 "reachable".into()
             } else {

@@ -103,7 +103,7 @@ impl EtcdStore {
         {
             return Err(StateError::Unavailable(m));
         }
-        if !self.shared.reachable.load(Ordering::Relaxed) {
+        if !self.shared.etcd.reachable() {
             return Err(StateError::Unavailable(
                 "the fleet's store (etcd) is unreachable".into(),
             ));

@@ -322,7 +322,6 @@ async fn follow(shared: Arc<Shared>) {
         let snap = match full_read(&shared).await {
             Ok(s) => s,
             Err(e) => {
-                shared.set_reachable(false);
                 tracing::debug!("fleet: full read failed: {e}");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -330,7 +329,6 @@ async fn follow(shared: Arc<Shared>) {
             }
         };
         backoff = Duration::from_millis(100);
-        shared.set_reachable(true);
         shared
             .metrics
             .counter("weir_fleet_resyncs_total", Vec::new())
