@@ -668,6 +668,53 @@ fn request_json(body: &impl Serialize) -> Value {
     serde_json::to_value(body).expect("an admin request serialises to JSON")
 }
 
+/// The fleet as `weir ctl fleet` shows it; `members`: one line per instance too.
+fn write_fleet(out: &mut dyn Write, f: &weir::FleetStatus, members: bool) -> io::Result<()> {
+    writeln!(
+        out,
+        "fleet {} seen from {}: store {} ({}){}",
+        f.name,
+        f.instance,
+        f.store,
+        f.endpoint,
+        f.problem
+            .as_deref()
+            .map(|p| format!(": {p}"))
+            .unwrap_or_default()
+    )?;
+    writeln!(
+        out,
+        "leader {}{}; serving revision {} of {}; guard judges {}; {} member(s)",
+        f.leader.as_deref().unwrap_or("none"),
+        if f.leads { " (this instance)" } else { "" },
+        f.applied_revision,
+        f.store_revision,
+        if f.judging_fleet {
+            "the fleet's traffic"
+        } else {
+            "this instance's traffic"
+        },
+        f.members.len()
+    )?;
+    if members {
+        for m in &f.members {
+            writeln!(
+                out,
+                "  {:<20} {:<8} revision {} (lag {}){}{}",
+                m.instance,
+                m.version,
+                m.applied_revision,
+                m.lag,
+                m.last_seen_ms
+                    .map(|ms| format!(", seen {ms} ms ago"))
+                    .unwrap_or_default(),
+                if m.leader { ", leader" } else { "" }
+            )?;
+        }
+    }
+    Ok(())
+}
+
 /// Percent-encode one path segment. Service names are `[A-Za-z0-9._-]` on the server, so
 /// this only matters for a mistyped name, which then reads as unknown, not as some
 /// other route.
@@ -887,9 +934,16 @@ async fn dispatch(
             let services = reply.doc()?.services;
             if services.is_empty() {
                 writeln!(out, "no services")?;
-                return Ok(());
+            } else {
+                write_services(out, &services)?;
             }
-            Ok(write_services(out, &services)?)
+            // In fleet mode, one line on the fleet (404 otherwise: nothing to say).
+            if let Ok(fleet) = client.fleet(false).await
+                && let Ok(fleet) = fleet.doc()
+            {
+                write_fleet(out, &fleet, false)?;
+            }
+            Ok(())
         }
         CtlCommand::Status {
             service: Some(name),
@@ -962,47 +1016,7 @@ async fn dispatch(
             if json {
                 return Ok(write_json(out, &reply.json)?);
             }
-            let f = reply.doc()?;
-            writeln!(
-                out,
-                "fleet {} seen from {}: store {} ({}){}",
-                f.name,
-                f.instance,
-                f.store,
-                f.endpoint,
-                f.problem
-                    .as_deref()
-                    .map(|p| format!(": {p}"))
-                    .unwrap_or_default()
-            )?;
-            writeln!(
-                out,
-                "leader {}{}; serving revision {} of {}; guard judges {}",
-                f.leader.as_deref().unwrap_or("none"),
-                if f.leads { " (this instance)" } else { "" },
-                f.applied_revision,
-                f.store_revision,
-                if f.judging_fleet {
-                    "the fleet's traffic"
-                } else {
-                    "this instance's traffic"
-                }
-            )?;
-            for m in &f.members {
-                writeln!(
-                    out,
-                    "  {:<20} {:<8} revision {} (lag {}){}{}",
-                    m.instance,
-                    m.version,
-                    m.applied_revision,
-                    m.lag,
-                    m.last_seen_ms
-                        .map(|ms| format!(", seen {ms} ms ago"))
-                        .unwrap_or_default(),
-                    if m.leader { ", leader" } else { "" }
-                )?;
-            }
-            Ok(())
+            Ok(write_fleet(out, &reply.doc()?, true)?)
         }
         CtlCommand::Rollout { service, candidate } => {
             let action = RolloutAction::Start {

@@ -23,7 +23,7 @@ const CHROMIUM: &str = "/usr/bin/chromium";
 const PAGE: Duration = Duration::from_secs(20);
 
 /// chromedriver on a free loopback port; killed when dropped.
-struct Driver {
+pub(crate) struct Driver {
     child: Child,
     url: String,
 }
@@ -35,7 +35,7 @@ impl Drop for Driver {
     }
 }
 
-async fn chromedriver() -> Driver {
+pub(crate) async fn chromedriver() -> Driver {
     assert!(
         std::path::Path::new(CHROMEDRIVER).exists() && std::path::Path::new(CHROMIUM).exists(),
         "this test needs Debian's chromium and chromium-driver: scripts/test.sh installs them"
@@ -66,7 +66,7 @@ async fn chromedriver() -> Driver {
 
 /// A fresh headless Chromium with the flags these machines need: no sandbox (root), no
 /// GPU, and none of the background connections a closed network refuses.
-async fn browser(driver: &Driver, profile: &std::path::Path) -> Browser {
+pub(crate) async fn browser(driver: &Driver, profile: &std::path::Path) -> Browser {
     let args = [
         "--headless=new",
         "--no-sandbox",
@@ -101,7 +101,7 @@ async fn eval(b: &Browser, script: &str) -> Value {
 }
 
 /// Wait until `script` evaluates to something truthy in the page; returns that value.
-async fn page_until(b: &Browser, what: &str, script: &str) -> Value {
+pub(crate) async fn page_until(b: &Browser, what: &str, script: &str) -> Value {
     let deadline = std::time::Instant::now() + PAGE;
     loop {
         let v = eval(b, script).await;
@@ -274,6 +274,8 @@ async fn dashboard_shows_live_numbers_and_abort_sends_traffic_to_the_baseline() 
         assert!(why.as_str().unwrap().contains("Resume: the rollout is not paused"), "{why}");
         // Several refreshes in, with lines drawn: the picture for people to look at.
         page_until(&b, "a few refreshes", "return Number(document.body.dataset.updates) >= 3").await;
+        // A single weir has no fleet panel.
+        assert_eq!(eval(&b, "return document.querySelector('#fleet').hidden").await, true);
         screenshot(&b, &shots, "dashboard.png").await;
 
         // Abort, with one click.

@@ -651,6 +651,32 @@ async fn kill_9_after_a_200_loses_nothing_and_a_killed_leader_is_replaced() {
         pool_weights(&s),
         [("stable".to_owned(), 44), ("canary".to_owned(), 56)]
     );
+    // `weir ctl fleet` shows the members and the leader; `weir ctl status` names the
+    // fleet under the services.
+    let ctl = |verb: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+            .args(["ctl", "--admin", &format!("http://{back}"), verb])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let text = ctl("fleet");
+    assert!(
+        text.contains("store reachable")
+            && text.contains("leader p")
+            && text.contains("3 member(s)"),
+        "{text}"
+    );
+    let text = ctl("status");
+    assert!(
+        text.contains("shop") && text.contains(&format!("fleet test seen from p{first}")),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -830,4 +856,43 @@ async fn a_rollout_continues_under_a_new_leader_without_doubling_or_skipping_a_s
         weights,
         [("stable".to_owned(), 0), ("canary".to_owned(), 10000)]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_the_fleet() {
+    use crate::dashboard::{browser, chromedriver, page_until};
+    let f = Fleet::start(2, "").await;
+    assert!(f.wait_store("reachable", Duration::from_secs(5)).await);
+    let driver = chromedriver().await;
+    let dir = temp_dir("fleet-dashboard");
+    let b = browser(&driver, &dir.join("chromium-profile")).await;
+    let result = async {
+        b.goto(&format!("http://{}/", f.weirs[0].admin))
+            .await
+            .expect("open the dashboard");
+        page_until(
+            &b,
+            "both members in the fleet panel",
+            "return !document.querySelector('#fleet').hidden \
+             && document.querySelectorAll('#fleet-members li').length === 2",
+        )
+        .await;
+        let summary = page_until(
+            &b,
+            "the store and the leader",
+            "const t = document.querySelector('#fleet-summary').textContent; \
+             return t.includes('store reachable') && t.includes('leader w') ? t : ''",
+        )
+        .await;
+        let name = page_until(
+            &b,
+            "which instance the page talks to",
+            "return document.querySelector('#fleet-name').textContent",
+        )
+        .await;
+        assert_eq!(name, "test · seen from w0", "{summary}");
+    }
+    .await;
+    let _ = b.close().await;
+    result
 }

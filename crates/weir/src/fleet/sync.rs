@@ -66,7 +66,7 @@ struct Snapshot {
     head: Option<(Head, i64)>,
     state: State,
     journal: (u64, i64),
-    leader: Option<(String, i64)>,
+    leader: Option<Holder>,
     members: Vec<Record>,
 }
 
@@ -136,9 +136,7 @@ async fn full_read(shared: &Shared) -> Result<Snapshot, Failure> {
                     snap.journal = (seq, kv.mod_revision());
                 }
                 2 => {
-                    snap.leader = serde_json::from_slice::<LeaderValue>(kv.value())
-                        .ok()
-                        .map(|l| (l.instance, kv.create_revision()));
+                    snap.leader = Holder::of(kv);
                 }
                 _ => {
                     if let Ok(rec) = serde_json::from_slice::<Record>(kv.value()) {
@@ -465,10 +463,7 @@ async fn follow(shared: Arc<Shared>) {
                     }
                     "leader" => {
                         if put {
-                            let who = serde_json::from_slice::<LeaderValue>(kv.value())
-                                .ok()
-                                .map(|l| (l.instance, kv.create_revision()));
-                            set_leader(&shared, who);
+                            set_leader(&shared, Holder::of(kv));
                         } else {
                             set_leader(&shared, None);
                             shared.campaign.notify_one();
@@ -517,14 +512,48 @@ async fn follow(shared: Arc<Shared>) {
     }
 }
 
-fn set_leader(shared: &Shared, leader: Option<(String, i64)>) {
-    let mine = shared.term.load(Ordering::Relaxed);
-    // No key, someone else's, or a newer term: this instance no longer leads.
-    if mine != 0 && leader.as_ref().is_none_or(|(_, term)| *term != mine) {
-        shared.term.store(0, Ordering::Relaxed);
-        shared.gauge("weir_fleet_leader", 0.0);
+/// The leader key as read: whose it is, and its term (create_revision) and lease.
+#[derive(Debug, Clone)]
+struct Holder {
+    value: LeaderValue,
+    term: i64,
+    lease: i64,
+}
+
+impl Holder {
+    fn of(kv: &etcd_client::KeyValue) -> Option<Holder> {
+        serde_json::from_slice::<LeaderValue>(kv.value())
+            .ok()
+            .map(|value| Holder {
+                value,
+                term: kv.create_revision(),
+                lease: kv.lease(),
+            })
     }
-    *shared.leader.lock().unwrap_or_else(|p| p.into_inner()) = leader.map(|(name, _)| name);
+}
+
+fn set_leader(shared: &Shared, leader: Option<Holder>) {
+    let mine = shared.term.load(Ordering::Relaxed);
+    match &leader {
+        // This process's key on its live lease: it leads, even if the campaign's answer
+        // was lost (a txn that timed out here may still have committed there; without
+        // this the key would stay, renewed, with nobody acting on it).
+        Some(h)
+            if h.value.instance == shared.cfg.instance
+                && h.value.boot_id == shared.boot_id
+                && h.lease == shared.lease.load(Ordering::Relaxed) =>
+        {
+            shared.term.store(h.term, Ordering::Relaxed);
+            shared.gauge("weir_fleet_leader", 1.0);
+        }
+        // No key, someone else's, or a newer term: this instance no longer leads.
+        _ if mine != 0 => {
+            shared.term.store(0, Ordering::Relaxed);
+            shared.gauge("weir_fleet_leader", 0.0);
+        }
+        _ => {}
+    }
+    *shared.leader.lock().unwrap_or_else(|p| p.into_inner()) = leader.map(|h| h.value.instance);
 }
 
 /// Put a state read from the store in force (on a blocking thread: the controller
@@ -730,9 +759,9 @@ async fn lease(shared: Arc<Shared>) {
             if keeper.keep_alive().await.is_err() {
                 break;
             }
-            match tokio::time::timeout(interval.max(Duration::from_millis(300)), replies.message())
-                .await
-            {
+            // A slow answer is not a lost lease: wait for it as long as the lease surely
+            // lasts (acting already stops at the last answer's deadline).
+            match tokio::time::timeout(shared.cfg.lease_ttl - interval, replies.message()).await {
                 Ok(Ok(Some(reply))) if reply.ttl() > 0 => {
                     // etcd keeps the lease at least `ttl` from when it got the renewal;
                     // acting stops one renewal interval before that.
@@ -799,10 +828,11 @@ async fn campaign(shared: &Arc<Shared>, lease: i64) {
     match won {
         Ok(r) if r.succeeded() => {
             let term = r.header().map_or(0, |h| h.revision());
-            shared.term.store(term, Ordering::Relaxed);
-            *shared.leader.lock().unwrap_or_else(|p| p.into_inner()) =
-                Some(shared.cfg.instance.clone());
-            shared.gauge("weir_fleet_leader", 1.0);
+            let value = LeaderValue {
+                instance: shared.cfg.instance.clone(),
+                boot_id: shared.boot_id,
+            };
+            set_leader(shared, Some(Holder { value, term, lease }));
             tracing::warn!("fleet: this instance leads the fleet (term {term})");
         }
         Ok(r) => {
@@ -810,10 +840,7 @@ async fn campaign(shared: &Arc<Shared>, lease: i64) {
                 if let TxnOpResponse::Get(get) = op
                     && let Some(kv) = get.kvs().first()
                 {
-                    let who = serde_json::from_slice::<LeaderValue>(kv.value())
-                        .ok()
-                        .map(|l| (l.instance, kv.create_revision()));
-                    set_leader(shared, who);
+                    set_leader(shared, Holder::of(kv));
                 }
             }
         }
