@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::FleetConfig;
 use crate::control::controller::Controller;
 use crate::control::fleet::{FleetHooks, FleetMember, FleetStatus};
-use crate::control::store::{StateError, StateLock, replace_file};
+use crate::control::store::{State, StateError, StateLock, replace_file};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::window::{Totals, Window};
 
@@ -74,6 +74,9 @@ pub(crate) struct Shared {
     leader: Mutex<Option<String>>,
     /// Peers' last published counters.
     peers: Mutex<BTreeMap<String, Peer>>,
+    /// Per service, the state revision at which its weights last changed: counters
+    /// published from before it mix the old weights with the new (see `sync::ingest`).
+    weights_changed_at: Mutex<HashMap<String, i64>>,
     /// Fleet-wide window per (service, pool).
     windows: Mutex<HashMap<(String, String), Arc<Window>>>,
     /// When this instance last published its counters.
@@ -170,6 +173,7 @@ impl Fleet {
             term: AtomicI64::new(0),
             leader: Mutex::new(None),
             peers: Mutex::new(BTreeMap::new()),
+            weights_changed_at: Mutex::new(HashMap::new()),
             windows: Mutex::new(HashMap::new()),
             published: Mutex::new(None),
             controller: OnceLock::new(),
@@ -271,6 +275,19 @@ impl Shared {
 
     fn controller(&self) -> Option<Arc<Controller>> {
         self.controller.get().and_then(Weak::upgrade)
+    }
+
+    /// Remember which services' weights differ between two states, and from when.
+    fn note_weight_changes(&self, before: &State, after: &State, revision: i64) {
+        let mut at = self
+            .weights_changed_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for (name, service) in &after.services {
+            if before.services.get(name).map(|s| &s.weights) != Some(&service.weights) {
+                at.insert(name.clone(), revision);
+            }
+        }
     }
 
     /// The state revision this instance serves from now on.

@@ -259,6 +259,8 @@ impl EtcdStore {
                     }
                 }
                 if let Some(state) = state {
+                    self.shared
+                        .note_weight_changes(&self.remote, state, state_revision as i64);
                     self.remote = state.clone();
                     self.revision = state_revision;
                     self.cache(state_revision);
@@ -405,6 +407,8 @@ impl Store for EtcdStore {
     }
 
     fn adopted(&mut self, state: &State, revision: Revision) {
+        self.shared
+            .note_weight_changes(&self.remote, state, revision as i64);
         self.remote = state.clone();
         // Services this instance has and the store does not are written by the next
         // save; the cache keeps only what the store has.

@@ -618,6 +618,11 @@ fn ingest(shared: &Shared, record: Record) {
             },
         );
     }
+    // Locked in this order (changes, then peers) wherever both are held.
+    let changed_at = shared
+        .weights_changed_at
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
     let mut peers = shared.peers.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(prev) = peers.get(&record.instance)
         && prev.boot_id == record.boot_id
@@ -626,6 +631,16 @@ fn ingest(shared: &Shared, record: Record) {
             let Some(before) = prev.pools.get(key) else {
                 continue;
             };
+            // The peer began this stretch under weights that have changed since: its
+            // traffic mixes the two settings, and stays out of the fleet window (as a
+            // local window leaves out the slice open at a change). At most one
+            // publishing interval of one peer's traffic.
+            if changed_at
+                .get(&key.0)
+                .is_some_and(|&at| prev.applied_revision < at)
+            {
+                continue;
+            }
             if now.requests < before.requests || now.errors < before.errors {
                 continue;
             }
@@ -900,4 +915,98 @@ pub(super) fn reseed(shared: &Arc<Shared>, actor: Option<String>) -> Result<(), 
         let _ = controller.record(e);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::control::controller::Controller;
+    use crate::control::store::StateLock;
+    use crate::control::store::tests::TempDir;
+    use crate::telemetry::metrics::Metrics;
+
+    const CONFIG: &str = r#"
+[fleet]
+endpoints = ["http://127.0.0.1:9"]
+name = "unit"
+instance = "here"
+[[service]]
+name = "shop"
+baseline = "stable"
+[service.pools.stable]
+endpoints = ["127.0.0.1:1"]
+weight = 90
+[service.pools.canary]
+endpoints = ["127.0.0.1:2"]
+weight = 10
+[service.slo]
+window = "30s"
+interval = "1s"
+max_error_rate = 0.05
+"#;
+
+    /// A peer's record with `requests` so far on the canary, at `revision`.
+    fn record(requests: u64, revision: i64) -> Record {
+        let latency = Window::new(Duration::from_secs(1), Duration::from_secs(1));
+        for _ in 0..requests {
+            latency.record(false, Duration::from_millis(5));
+        }
+        let (_, index, count) = latency.totals().latency_us.into_parts();
+        Record {
+            instance: "peer".into(),
+            boot_id: 7,
+            admin: None,
+            version: "test".into(),
+            applied_revision: revision,
+            pools: vec![PoolTotals {
+                service: "shop".into(),
+                pool: "canary".into(),
+                requests,
+                errors: 0,
+                index,
+                count,
+            }],
+        }
+    }
+
+    #[test]
+    fn counters_that_straddle_a_weights_change_stay_out_of_the_fleet_window() {
+        let dir = TempDir::new("fleet-ingest");
+        let config = Config::parse(CONFIG, "unit.toml").unwrap();
+        let metrics = Metrics::new();
+        let lock = StateLock::acquire(dir.path()).unwrap();
+        let (fleet, _store) = super::super::Fleet::connect(
+            config.fleet.as_ref().unwrap(),
+            lock,
+            Arc::clone(&metrics),
+        )
+        .unwrap();
+        let controller = Arc::new(Controller::in_memory(&config, metrics));
+        let shared = &fleet.shared;
+        let _ = shared.controller.set(Arc::downgrade(&controller));
+        let counted = || fleet_window(shared, "shop", "canary").unwrap().total();
+
+        ingest(shared, record(100, 5)); // the starting point: nothing counted
+        assert_eq!(counted(), 0);
+        ingest(shared, record(110, 5));
+        assert_eq!(counted(), 10);
+        // The weights change at revision 7.
+        shared
+            .weights_changed_at
+            .lock()
+            .unwrap()
+            .insert("shop".into(), 7);
+        ingest(shared, record(130, 6)); // began under the old weights: left out
+        ingest(shared, record(150, 7)); // began at 6, before the change: left out
+        assert_eq!(counted(), 10);
+        ingest(shared, record(155, 7)); // wholly under the new weights
+        assert_eq!(counted(), 15);
+        // A new boot starts a new series: its first record is only a starting point.
+        let mut reboot = record(3, 8);
+        reboot.boot_id = 8;
+        ingest(shared, reboot);
+        assert_eq!(counted(), 15);
+        fleet.stop();
+    }
 }
