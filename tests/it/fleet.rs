@@ -899,3 +899,31 @@ async fn the_dashboard_shows_the_fleet() {
     let _ = b.close().await;
     result
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_with_one_id_are_told_apart_and_reported() {
+    let f = Fleet::start(1, "").await;
+    assert!(f.wait_store("reachable", SPREAD).await);
+    // A second process configured with the same instance id.
+    let twin = f.instance(0, temp_dir("fleet-twin")).await;
+    let said = |admin| async move {
+        fleet_doc(admin).await["problem"]
+            .as_str()
+            .is_some_and(|p| p.contains("another process publishes as instance `w0`"))
+    };
+    assert!(
+        wait_until(SPREAD, || async {
+            said(f.weirs[0].admin).await && said(twin.admin).await
+        })
+        .await,
+        "{:#}",
+        fleet_doc(f.weirs[0].admin).await
+    );
+    let metrics = get(&client(), twin.admin, "localhost", "/metrics")
+        .await
+        .text();
+    assert!(
+        metrics.contains("weir_fleet_duplicate_instance 1"),
+        "{metrics}"
+    );
+}

@@ -74,6 +74,8 @@ pub(crate) struct Shared {
     leader: Mutex<Option<String>>,
     /// Peers' last published counters.
     peers: Mutex<BTreeMap<String, Peer>>,
+    /// Set when another process publishes under this instance's id.
+    duplicate: Mutex<Option<String>>,
     /// Per service, the state revision at which its weights last changed: counters
     /// published from before it mix the old weights with the new (see `sync::ingest`).
     weights_changed_at: Mutex<HashMap<String, i64>>,
@@ -173,6 +175,7 @@ impl Fleet {
             term: AtomicI64::new(0),
             leader: Mutex::new(None),
             peers: Mutex::new(BTreeMap::new()),
+            duplicate: Mutex::new(None),
             weights_changed_at: Mutex::new(HashMap::new()),
             windows: Mutex::new(HashMap::new()),
             published: Mutex::new(None),
@@ -277,6 +280,24 @@ impl Shared {
         self.controller.get().and_then(Weak::upgrade)
     }
 
+    /// Another process publishes under this instance's id: say so (log, metric,
+    /// status). Its records are not summed: they would count as this instance's.
+    fn duplicate(&self, boot_id: u64, admin: Option<&str>) {
+        let problem = format!(
+            "another process publishes as instance `{}` (boot {:x}, admin {}): give each \
+             instance its own [fleet] instance id",
+            self.cfg.instance,
+            boot_id,
+            admin.unwrap_or("unknown")
+        );
+        let mut d = self.duplicate.lock().unwrap_or_else(|p| p.into_inner());
+        if d.is_none() {
+            tracing::error!("fleet: {problem}");
+        }
+        *d = Some(problem);
+        self.gauge("weir_fleet_duplicate_instance", 1.0);
+    }
+
     /// Remember which services' weights differ between two states, and from when.
     fn note_weight_changes(&self, before: &State, after: &State, revision: i64) {
         let mut at = self
@@ -336,6 +357,10 @@ impl Shared {
         m.describe_gauge(
             "weir_fleet_members",
             "Instances whose published counters are live (this one included).",
+        );
+        m.describe_gauge(
+            "weir_fleet_duplicate_instance",
+            "1 when another process publishes under this instance's [fleet] instance id.",
         );
         m.describe_counter(
             "weir_fleet_resyncs_total",
@@ -463,7 +488,14 @@ impl FleetHooks for Fleet {
             } else {
                 "unreachable".into()
             },
-            problem: mismatch.or_else(|| (!reachable).then(|| "etcd does not answer".into())),
+            problem: mismatch
+                .or_else(|| (!reachable).then(|| "etcd does not answer".into()))
+                .or_else(|| {
+                    s.duplicate
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone()
+                }),
             endpoint: s.etcd.endpoint(),
             leader,
             leads: s.leads(),

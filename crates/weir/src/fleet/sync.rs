@@ -479,14 +479,22 @@ async fn follow(shared: Arc<Shared>) {
                                 state.services.remove(name);
                             }
                         } else if let Some(id) = rel.strip_prefix("members/") {
-                            if id == shared.cfg.instance {
-                                continue;
-                            }
-                            if put {
-                                if let Ok(record) = serde_json::from_slice::<Record>(kv.value()) {
-                                    ingest(&shared, record);
-                                }
+                            let record = if put {
+                                serde_json::from_slice::<Record>(kv.value()).ok()
                             } else {
+                                None
+                            };
+                            if id == shared.cfg.instance {
+                                // Its own records are taken in as it publishes them; one
+                                // from another process means two instances share an id.
+                                if let Some(r) = record
+                                    && r.boot_id != shared.boot_id
+                                {
+                                    shared.duplicate(r.boot_id, r.admin.as_deref());
+                                }
+                            } else if let Some(record) = record {
+                                ingest(&shared, record);
+                            } else if !put {
                                 shared
                                     .peers
                                     .lock()
@@ -688,10 +696,22 @@ async fn publish(shared: Arc<Shared>) {
         };
         let mut pools = Vec::new();
         for service in controller.router().table().services() {
-            if controller.slo(&service.name).is_none() {
+            // Only what the guard judges: a service with an SLO and a candidate taking
+            // traffic (or a running rollout's preview). The rest would cost every
+            // instance a watch event each interval for nothing.
+            let snapshot = service.snapshot();
+            let candidate_live = snapshot
+                .slots()
+                .iter()
+                .any(|s| s.weight > 0 && s.name() != snapshot.baseline_name());
+            let running = controller
+                .service_control(&service.name)
+                .rollout
+                .is_some_and(|r| r.phase.is_running());
+            if controller.slo(&service.name).is_none() || !(candidate_live || running) {
                 continue;
             }
-            for slot in service.snapshot().slots() {
+            for slot in snapshot.slots() {
                 let totals = slot.pool.window().totals();
                 let (_, index, count) = totals.latency_us.into_parts();
                 pools.push(PoolTotals {
