@@ -812,6 +812,21 @@ def cmd_fleet(compose, config_default, config_fleet, weir_bin):
                     if upstreams.get(host_of(ep)) != port_of(ep):
                         fail(f"{rel(cfg_path)}: service {svc} pool {pool} endpoint {ep} is no `weir upstream` service listening on port {port_of(ep)}")
         ok(f"service `{n}` fronts the default weir's services and pools: {pools}")
+        # Prometheus scrapes it, as it does the default weir.
+        for pname, ps in st.services.items():
+            if "prometheus" not in str(ps.get("image", "")):
+                continue
+            pcfg = load_yaml(host_path(ps, "/etc/prometheus/prometheus.yml", f"service `{pname}` config"))
+            targets = [
+                t
+                for j in pcfg.get("scrape_configs") or []
+                if j.get("metrics_path", "/metrics") == "/metrics"
+                for sc in j.get("static_configs") or []
+                for t in sc.get("targets") or []
+            ]
+            if f"{n}:{port_of(admin)}" not in targets:
+                fail(f"service `{pname}` does not scrape {n}:{port_of(admin)}/metrics (targets: {targets})")
+            ok(f"service `{pname}` scrapes {n}:{port_of(admin)}/metrics")
     if len(names) != 1:
         fail(f"the fleet's instances name different fleets: {sorted(map(str, names))}")
     # 5. etcd itself: a pinned image, a health check, its data on a named volume.
