@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use http::{Request, StatusCode};
 use weir::config::Config;
-use weir_testkit::{EtcdCluster, Faults, UpstreamHandle};
+use weir_testkit::{EtcdCluster, Faults, TlsFiles, UpstreamHandle};
 
 use crate::common::{
     Proxy, Running, client, free_port, full, get, pool_weights, proxy_toml, send, service_toml,
@@ -536,26 +536,38 @@ struct Process {
 }
 
 async fn run_instance(f: &Fleet, i: usize, dir: &std::path::Path) -> Process {
+    run_instance_with(f, i, dir, &f.etcd.endpoints(), "", &[]).await
+}
+
+/// [`run_instance`] on given endpoints, with more `[fleet]` settings and environment.
+async fn run_instance_with(
+    f: &Fleet,
+    i: usize,
+    dir: &std::path::Path,
+    endpoints: &[String],
+    fleet_extra: &str,
+    env: &[(&str, &str)],
+) -> Process {
     let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let toml = fleet_toml(
-        &f.etcd.endpoints(),
-        &format!("p{i}"),
-        &f.stable,
-        &f.canary,
-        &f.slo,
-    )
-    .replace(
-        "listen = \"127.0.0.1:0\"",
-        &format!("listen = \"127.0.0.1:{}\"", free_port()),
-    ) + &format!(
-        "[admin]\nlisten = \"{admin}\"\n[state]\ndir = \"{}\"\n",
-        dir.join("state").display()
-    );
+    let toml = fleet_toml(endpoints, &format!("p{i}"), &f.stable, &f.canary, &f.slo)
+        .replace(
+            "publish_interval = \"100ms\"\n",
+            &format!("publish_interval = \"100ms\"\n{fleet_extra}"),
+        )
+        .replace(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"127.0.0.1:{}\"", free_port()),
+        )
+        + &format!(
+            "[admin]\nlisten = \"{admin}\"\n[state]\ndir = \"{}\"\n",
+            dir.join("state").display()
+        );
     let path = dir.join("weir.toml");
     std::fs::write(&path, toml).unwrap();
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
         .args(["run", "--config"])
         .arg(&path)
+        .envs(env.iter().copied())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -925,5 +937,129 @@ async fn two_instances_with_one_id_are_told_apart_and_reported() {
     assert!(
         metrics.contains("weir_fleet_duplicate_instance 1"),
         "{metrics}"
+    );
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate it signed, as PEM
+/// files in `dir`: (the server's files for etcd, client cert, client key).
+fn pki(dir: &std::path::Path) -> (TlsFiles, std::path::PathBuf, std::path::PathBuf) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, ExtendedKeyUsagePurpose, IsCa,
+        KeyPair,
+    };
+    let write = |name: &str, pem: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, pem).unwrap();
+        path
+    };
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+    let leaf = |names: Vec<String>, usage: ExtendedKeyUsagePurpose| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(names).unwrap();
+        params.extended_key_usages = vec![usage];
+        let cert = params.signed_by(&key, &ca).unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_cert, server_key) = leaf(
+        vec!["127.0.0.1".into(), "localhost".into()],
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    let (client_cert, client_key) = leaf(vec!["weir".into()], ExtendedKeyUsagePurpose::ClientAuth);
+    (
+        TlsFiles {
+            cert: write("server.crt", server_cert),
+            key: write("server.key", server_key),
+            ca: write("ca.crt", ca.pem()),
+        },
+        write("client.crt", client_cert),
+        write("client.key", client_key),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_over_mutual_tls_with_a_password() {
+    let dir = temp_dir("fleet-tls");
+    let (server, client_cert, client_key) = pki(&dir);
+    let etcd = EtcdCluster::start_tls(1, server.clone())
+        .await
+        .expect("etcd starts");
+    etcd.enable_auth("s3cret").await.expect("etcd auth");
+    let f = Fleet {
+        etcd,
+        weirs: Vec::new(),
+        stable: upstream("stable").await,
+        canary: upstream("canary").await,
+        slo: String::new(),
+    };
+    let tls = format!(
+        "ca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nusername = \"root\"\npassword_env = \"WEIR_ETCD_PASSWORD\"\n",
+        server.ca.display(),
+        client_cert.display(),
+        client_key.display()
+    );
+    let endpoints = f.etcd.tls_endpoints();
+    let mut procs = Vec::new();
+    for i in 0..2 {
+        procs.push(
+            run_instance_with(
+                &f,
+                i,
+                &temp_dir("fleet-tls-weir"),
+                &endpoints,
+                &tls,
+                &[("WEIR_ETCD_PASSWORD", "s3cret")],
+            )
+            .await,
+        );
+    }
+    for p in &procs {
+        assert!(
+            wait_until(SPREAD, || async {
+                fleet_doc(p.admin).await["store"] == "reachable"
+            })
+            .await,
+            "{:#}",
+            fleet_doc(p.admin).await
+        );
+    }
+    let a = put_weights(
+        procs[0].admin,
+        r#"{"weights":{"stable":20,"canary":80}}"#,
+        None,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    assert!(weights_reach(procs[1].admin, &[("stable", 20), ("canary", 80)]).await);
+    // A wrong password: the instance serves its config's weights and says why it cannot
+    // read the fleet's state.
+    let wrong = run_instance_with(
+        &f,
+        2,
+        &temp_dir("fleet-tls-weir"),
+        &endpoints,
+        &tls,
+        &[("WEIR_ETCD_PASSWORD", "wrong")],
+    )
+    .await;
+    assert!(
+        wait_until(SPREAD, || async {
+            let d = fleet_doc(wrong.admin).await;
+            d["store"] != "reachable"
+                && d["problem"]
+                    .as_str()
+                    .is_some_and(|p| p.contains("authentication failed"))
+        })
+        .await,
+        "{:#}",
+        fleet_doc(wrong.admin).await
+    );
+    let s = get(&client(), wrong.admin, "localhost", "/api/v1/services/shop")
+        .await
+        .json();
+    assert_eq!(
+        pool_weights(&s),
+        [("stable".to_owned(), 90), ("canary".to_owned(), 10)]
     );
 }

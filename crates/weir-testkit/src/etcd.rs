@@ -53,6 +53,18 @@ struct Member {
     child: Option<Child>,
     /// How the last process ended, when it ended on its own or was reaped.
     exited: Option<ExitStatus>,
+    /// With [`TlsFiles`]: a second client listener, https, beside the plain one the
+    /// harness itself talks to.
+    tls_port: Option<u16>,
+}
+
+/// Certificates (PEM files) for an etcd cluster that serves clients over TLS and asks
+/// them for a certificate signed by `ca`.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
 }
 
 /// A running etcd cluster of real `etcd` processes on loopback (see the module docs).
@@ -63,6 +75,7 @@ pub struct EtcdCluster {
     token: String,
     members: Vec<Member>,
     client: Client<HttpConnector, Full<Bytes>>,
+    tls: Option<TlsFiles>,
 }
 
 /// Why waiting for health failed, and whether new ports could help.
@@ -77,10 +90,16 @@ impl EtcdCluster {
     /// otherwise). A member that fails with "address already in use" (a port taken
     /// between picking and binding it) makes the whole start retry once with new ports.
     pub async fn start(n: usize) -> io::Result<EtcdCluster> {
-        Self::start_with(Path::new(ETCD_BIN), n).await
+        Self::start_with(Path::new(ETCD_BIN), n, None).await
     }
 
-    async fn start_with(bin: &Path, n: usize) -> io::Result<EtcdCluster> {
+    /// [`EtcdCluster::start`], each member also serving clients over TLS (mutual: a
+    /// client certificate signed by `tls.ca` is required) at [`EtcdCluster::tls_endpoints`].
+    pub async fn start_tls(n: usize, tls: TlsFiles) -> io::Result<EtcdCluster> {
+        Self::start_with(Path::new(ETCD_BIN), n, Some(tls)).await
+    }
+
+    async fn start_with(bin: &Path, n: usize, tls: Option<TlsFiles>) -> io::Result<EtcdCluster> {
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -100,7 +119,7 @@ impl EtcdCluster {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let mut cluster = EtcdCluster::prepare(bin, n)?;
+            let mut cluster = EtcdCluster::prepare(bin, n, tls.clone())?;
             let started = match cluster.spawn_all() {
                 Ok(()) => cluster.await_health(START_DEADLINE).await,
                 Err(error) => Err(StartFailure {
@@ -117,8 +136,8 @@ impl EtcdCluster {
     }
 
     /// A temporary directory, free ports and a token; no process yet.
-    fn prepare(bin: &Path, n: usize) -> io::Result<EtcdCluster> {
-        let ports = free_ports(2 * n)?;
+    fn prepare(bin: &Path, n: usize, tls: Option<TlsFiles>) -> io::Result<EtcdCluster> {
+        let ports = free_ports(3 * n)?;
         let dir = std::env::temp_dir().join(format!(
             "weir-etcd-{}-{}-{:016x}",
             std::process::id(),
@@ -129,8 +148,9 @@ impl EtcdCluster {
         let members = (0..n)
             .map(|i| Member {
                 name: format!("m{i}"),
-                client_port: ports[2 * i],
-                peer_port: ports[2 * i + 1],
+                client_port: ports[3 * i],
+                peer_port: ports[3 * i + 1],
+                tls_port: tls.as_ref().map(|_| ports[3 * i + 2]),
                 data_dir: dir.join(format!("m{i}")),
                 stderr_path: dir.join(format!("m{i}.stderr")),
                 child: None,
@@ -145,7 +165,42 @@ impl EtcdCluster {
             client: Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_secs(5))
                 .build_http(),
+            tls,
         })
+    }
+
+    /// The TLS client URLs (`https://127.0.0.1:PORT`), in member order; empty unless
+    /// started with [`EtcdCluster::start_tls`].
+    pub fn tls_endpoints(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .filter_map(|m| m.tls_port.map(|p| format!("https://127.0.0.1:{p}")))
+            .collect()
+    }
+
+    /// Turn on etcd's authentication with one user, `root`, holding the `root` role.
+    /// Clients must log in from then on (the harness's own calls keep working only for
+    /// `/health`, `/version` and maintenance status).
+    pub async fn enable_auth(&self, root_password: &str) -> io::Result<()> {
+        let steps = [
+            ("/v3/auth/role/add", serde_json::json!({ "name": "root" })),
+            (
+                "/v3/auth/user/add",
+                serde_json::json!({ "name": "root", "password": root_password }),
+            ),
+            (
+                "/v3/auth/user/grant",
+                serde_json::json!({ "user": "root", "role": "root" }),
+            ),
+            ("/v3/auth/enable", serde_json::json!({})),
+        ];
+        for (path, body) in steps {
+            let answer = self.post(0, path, &body).await?;
+            if answer.get("error").is_some() || answer.get("code").is_some() {
+                return Err(io::Error::other(format!("{path}: {answer}")));
+            }
+        }
+        Ok(())
     }
 
     /// Client URLs (`http://127.0.0.1:PORT`), in member order.
@@ -394,8 +449,24 @@ impl EtcdCluster {
             .collect::<Vec<_>>()
             .join(",");
         let m = &self.members[i];
-        let client_url = format!("http://127.0.0.1:{}", m.client_port);
+        let plain_url = format!("http://127.0.0.1:{}", m.client_port);
+        let client_url = match m.tls_port {
+            Some(p) => format!("{plain_url},https://127.0.0.1:{p}"),
+            None => plain_url,
+        };
         let peer_url = format!("http://127.0.0.1:{}", m.peer_port);
+        let tls_args: Vec<String> = match &self.tls {
+            Some(t) => vec![
+                "--cert-file".into(),
+                t.cert.display().to_string(),
+                "--key-file".into(),
+                t.key.display().to_string(),
+                "--client-cert-auth".into(),
+                "--trusted-ca-file".into(),
+                t.ca.display().to_string(),
+            ],
+            None => Vec::new(),
+        };
         let stderr = OpenOptions::new()
             .create(true)
             .append(true)
@@ -417,6 +488,7 @@ impl EtcdCluster {
             .args(["--election-timeout", "500"])
             .args(["--logger", "zap", "--log-level", "error"])
             .args(["--quota-backend-bytes", "268435456"])
+            .args(&tls_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -704,7 +776,7 @@ mod tests {
 
     #[tokio::test]
     async fn missing_binary_says_what_to_install() {
-        let err = EtcdCluster::start_with(Path::new("/nonexistent/etcd"), 1)
+        let err = EtcdCluster::start_with(Path::new("/nonexistent/etcd"), 1, None)
             .await
             .expect_err("no binary");
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
@@ -714,7 +786,7 @@ mod tests {
     #[tokio::test]
     async fn failed_start_names_the_member_and_its_stderr() {
         // `false` exits at once: the start fails on member m0, with its (empty) stderr.
-        let err = EtcdCluster::start_with(Path::new("/bin/false"), 1)
+        let err = EtcdCluster::start_with(Path::new("/bin/false"), 1, None)
             .await
             .expect_err("not etcd");
         let msg = err.to_string();

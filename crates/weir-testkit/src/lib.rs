@@ -38,7 +38,7 @@
 
 pub mod etcd;
 
-pub use etcd::EtcdCluster;
+pub use etcd::{EtcdCluster, TlsFiles};
 
 use std::borrow::Cow;
 use std::convert::Infallible;

@@ -74,6 +74,8 @@ pub(crate) struct Shared {
     leader: Mutex<Option<String>>,
     /// Peers' last published counters.
     peers: Mutex<BTreeMap<String, Peer>>,
+    /// Why the last full read of the state failed; cleared by the next that works.
+    last_error: Mutex<Option<String>>,
     /// Set when another process publishes under this instance's id.
     duplicate: Mutex<Option<String>>,
     /// Per service, the state revision at which its weights last changed: counters
@@ -175,6 +177,7 @@ impl Fleet {
             term: AtomicI64::new(0),
             leader: Mutex::new(None),
             peers: Mutex::new(BTreeMap::new()),
+            last_error: Mutex::new(None),
             duplicate: Mutex::new(None),
             weights_changed_at: Mutex::new(HashMap::new()),
             windows: Mutex::new(HashMap::new()),
@@ -489,7 +492,17 @@ impl FleetHooks for Fleet {
                 "unreachable".into()
             },
             problem: mismatch
-                .or_else(|| (!reachable).then(|| "etcd does not answer".into()))
+                .or_else(|| {
+                    // Why the state cannot be read (unreachable, refused: bad password,
+                    // certificate…), until it can.
+                    (!reachable || s.applied.load(Ordering::Relaxed) == 0).then(|| {
+                        s.last_error
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .clone()
+                            .unwrap_or_else(|| "etcd does not answer".into())
+                    })
+                })
                 .or_else(|| {
                     s.duplicate
                         .lock()

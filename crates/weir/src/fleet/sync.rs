@@ -321,12 +321,14 @@ async fn follow(shared: Arc<Shared>) {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!("fleet: full read failed: {e}");
+                *shared.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
             }
         };
         backoff = Duration::from_millis(100);
+        *shared.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
         shared
             .metrics
             .counter("weir_fleet_resyncs_total", Vec::new())
