@@ -19,7 +19,7 @@
 //! was on its way) is sent again on a fresh connection only when that is safe: an
 //! idempotent method and no body — like HAProxy's `retry-on conn-failure empty-response`.
 
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::Pin;
 use std::sync::Mutex;
@@ -33,7 +33,6 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::TokioIo;
-use std::future::Future as _;
 use tokio::net::TcpStream;
 
 use crate::dataplane::body::RequestBody;
@@ -330,67 +329,79 @@ impl UpstreamClient {
     /// Send `req` to `endpoint` and wait for the response head. The connection comes
     /// back with the response, to be driven by the body and returned with [`release`].
     /// A replay after a keep-alive race is paid for from `budget`.
-    pub(crate) async fn send(
+    #[allow(clippy::manual_async_fn)] // see the comment in the body
+    pub(crate) fn send(
         &self,
         endpoint: &EndpointState,
         mut req: Request<RequestBody>,
         budget: &RetryBudget,
-    ) -> Result<Sent, SendError> {
-        let mut stale = 0;
-        let mut replayed = false;
-        loop {
-            let fresh_only = stale >= STALE_RETRIES;
-            let mut conn = match self.checkout(endpoint, fresh_only).await {
-                Some(c) => c,
-                None => match self.connect(endpoint).await {
-                    Ok(c) => c,
-                    Err(Failed::Connect(e)) => return Err(SendError::Connect(e, Box::new(req))),
-                    Err(Failed::Timeout) => return Err(SendError::ConnectTimeout(Box::new(req))),
-                    Err(Failed::Http(e)) => return Err(SendError::Http(e)),
-                },
-            };
-            let reused = conn.idle_since.is_some();
-            // Any reused connection may be closing under us (an upstream's keep-alive
-            // timer, `Connection: close` under load — at any age, so no age threshold):
-            // keep what it takes to send an idempotent bodyless request again, so that
-            // race never becomes a client-visible error. One replay per request.
-            let replay =
-                (reused && !replayed && req.body().is_end_stream() && idempotent(req.method()))
-                    .then(|| head_of(&req));
-            let mut response = std::pin::pin!(conn.sender.try_send_request(req));
-            let result = poll_fn(|cx| {
-                if let Poll::Ready(r) = response.as_mut().poll(cx) {
-                    return Poll::Ready(r);
-                }
-                conn.poll_conn(cx);
-                // Polling the driver may have completed the response.
-                response.as_mut().poll(cx)
-            })
-            .await;
-            match result {
-                Ok(response) => {
-                    return Ok(Sent {
-                        response,
-                        conn,
-                        replayed,
-                    });
-                }
-                Err(mut e) => match (e.take_message(), replay) {
-                    // Refused before a byte was written: the connection was closing.
-                    (Some(back), _) if reused => {
-                        stale += 1;
-                        req = back;
+    ) -> impl Future<Output = Result<Sent, SendError>> {
+        // Not an `async fn`: its arguments would be kept twice in the future (as
+        // arguments and as moved locals), and this future is built per request.
+        async move {
+            let mut stale = 0;
+            let mut replayed = false;
+            loop {
+                let fresh_only = stale >= STALE_RETRIES;
+                let mut conn = match self.checkout(endpoint, fresh_only).await {
+                    Some(c) => c,
+                    // Boxed: a connect (TCP, TLS handshake, HTTP handshake) is the rare
+                    // case under keep-alive, and its future is kilobytes that would
+                    // otherwise size every request's future.
+                    None => match Box::pin(self.connect(endpoint)).await {
+                        Ok(c) => c,
+                        Err(Failed::Connect(e)) => {
+                            return Err(SendError::Connect(e, Box::new(req)));
+                        }
+                        Err(Failed::Timeout) => {
+                            return Err(SendError::ConnectTimeout(Box::new(req)));
+                        }
+                        Err(Failed::Http(e)) => return Err(SendError::Http(e)),
+                    },
+                };
+                let reused = conn.idle_since.is_some();
+                // Any reused connection may be closing under us (an upstream's keep-alive
+                // timer, `Connection: close` under load — at any age, so no age threshold):
+                // keep what it takes to send an idempotent bodyless request again, so that
+                // race never becomes a client-visible error. One replay per request.
+                let replay =
+                    (reused && !replayed && req.body().is_end_stream() && idempotent(req.method()))
+                        .then(|| head_of(&req));
+                let mut response = std::pin::pin!(conn.sender.try_send_request(req));
+                let result = poll_fn(|cx| {
+                    if let Poll::Ready(r) = response.as_mut().poll(cx) {
+                        return Poll::Ready(r);
                     }
-                    // Written, then the connection closed with no answer: a reused
-                    // connection the upstream was closing. Send the copy on a new one,
-                    // if the pool's retry budget allows.
-                    (None, Some(copy)) if closed_unanswered(e.error()) && budget.withdraw() => {
-                        stale = STALE_RETRIES;
-                        replayed = true;
-                        req = copy;
+                    conn.poll_conn(cx);
+                    // Polling the driver may have completed the response.
+                    response.as_mut().poll(cx)
+                })
+                .await;
+                match result {
+                    Ok(response) => {
+                        return Ok(Sent {
+                            response,
+                            conn,
+                            replayed,
+                        });
                     }
-                    _ => return Err(SendError::Http(e.into_error())),
-                },
+                    Err(mut e) => match (e.take_message(), replay) {
+                        // Refused before a byte was written: the connection was closing.
+                        (Some(back), _) if reused => {
+                            stale += 1;
+                            req = back;
+                        }
+                        // Written, then the connection closed with no answer: a reused
+                        // connection the upstream was closing. Send the copy on a new one,
+                        // if the pool's retry budget allows.
+                        (None, Some(copy)) if closed_unanswered(e.error()) && budget.withdraw() => {
+                            stale = STALE_RETRIES;
+                            replayed = true;
+                            req = copy;
+                        }
+                        _ => return Err(SendError::Http(e.into_error())),
+                    },
+                }
             }
         }
     }
@@ -487,29 +498,37 @@ impl UpstreamClient {
         let existing = endpoint.h2().as_ref().filter(|s| !s.is_closed()).cloned();
         let mut sender = match existing {
             Some(s) => s,
-            None => {
-                let stream = match self.connect_stream(endpoint).await {
-                    Ok(s) => s,
-                    Err(Failed::Connect(e)) => return Err(SendError::Connect(e, Box::new(req))),
-                    Err(Failed::Timeout) => return Err(SendError::ConnectTimeout(Box::new(req))),
-                    Err(Failed::Http(e)) => return Err(SendError::Http(e)),
-                };
-                let (sender, conn) = http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .handshake::<_, RequestBody>(TokioIo::new(stream))
-                    .await
-                    .map_err(SendError::Http)?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!("h2 upstream connection ended: {e}");
-                    }
-                });
-                *endpoint.h2() = Some(sender.clone());
-                sender
-            }
+            // Boxed, as in `send`: the rare connect would size every request's future.
+            None => match Box::pin(self.connect_h2(endpoint)).await {
+                Ok(s) => s,
+                Err(Failed::Connect(e)) => return Err(SendError::Connect(e, Box::new(req))),
+                Err(Failed::Timeout) => return Err(SendError::ConnectTimeout(Box::new(req))),
+                Err(Failed::Http(e)) => return Err(SendError::Http(e)),
+            },
         };
         sender.ready().await.map_err(SendError::Http)?;
         sender.send_request(req).await.map_err(SendError::Http)
+    }
+
+    /// Open the endpoint's HTTP/2 connection, drive it on its own task, and keep its
+    /// handle for the requests that follow.
+    async fn connect_h2(
+        &self,
+        endpoint: &EndpointState,
+    ) -> Result<http2::SendRequest<RequestBody>, Failed> {
+        let stream = self.connect_stream(endpoint).await?;
+        let (sender, conn) = http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .handshake::<_, RequestBody>(TokioIo::new(stream))
+            .await
+            .map_err(Failed::Http)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!("h2 upstream connection ended: {e}");
+            }
+        });
+        *endpoint.h2() = Some(sender.clone());
+        Ok(sender)
     }
 
     /// Idle connections kept per endpoint.

@@ -181,7 +181,10 @@ impl Proxy {
             };
             let _ = stream.set_nodelay(true);
             let peer = Peer { addr, secure };
-            let proxy = Arc::clone(&self);
+            // A reference per connection: each request clones this one, so the count it
+            // bumps is the connection's own. Cloning the proxy's Arc per request would
+            // write one cache line that every core's requests share.
+            let proxy = Arc::new(Arc::clone(&self));
             // Shared with any tunnel the connection upgrades to: the slot is free only
             // when the connection and its tunnel are both gone.
             let permit: ConnSlot = Arc::new(permit);
@@ -249,182 +252,208 @@ impl Proxy {
 
     /// Proxy one request arriving on a client connection holding `slot` (lent to a
     /// tunnel, if the request opens one).
-    async fn handle_in(
+    #[allow(clippy::manual_async_fn)] // see the comment in the body
+    fn handle_in(
         &self,
         mut req: Request<Incoming>,
         peer: Peer,
         slot: Option<ConnSlot>,
-    ) -> Response<ProxyBody> {
-        let start = Instant::now();
-        // Refused before any pool is chosen: a malformed request is nobody's upstream
-        // failure. Counted with the unrouted requests.
-        let host = match check_request(&mut req) {
-            Ok(host) => host,
-            Err(resp) => {
-                for sink in self.sinks.iter() {
-                    sink.unrouted();
+    ) -> impl Future<Output = Response<ProxyBody>> {
+        // Not an `async fn`: its arguments would be kept twice in the future (as
+        // arguments and as moved locals), and this future is built per request.
+        async move {
+            let start = Instant::now();
+            // Refused before any pool is chosen: a malformed request is nobody's upstream
+            // failure. Counted with the unrouted requests.
+            let host = match check_request(&mut req) {
+                Ok(host) => host,
+                Err(resp) => {
+                    for sink in self.sinks.iter() {
+                        sink.unrouted();
+                    }
+                    return resp;
                 }
-                return resp;
-            }
-        };
-        let upgrade = requested_upgrade(&mut req);
-        let (pool, set_cookie) = {
-            let table = self.router.table();
-            // Routing reads the very value the upstream will get as Host.
-            let Some(service) = table.route(host.as_ref().and_then(|h| h.to_str().ok())) else {
-                for sink in self.sinks.iter() {
-                    sink.unrouted();
-                }
-                return local_response(StatusCode::NOT_FOUND, "no service for this host\n");
             };
-            let snapshot = service.snapshot();
-            let chosen = service
-                .choice
-                .choose(&snapshot, req.headers(), peer.addr.ip());
-            (Arc::clone(&chosen.slot.pool), chosen.set_cookie)
-        };
-        let call = Call {
-            start,
-            grpc: is_grpc(req.headers()),
-        };
-        // A client that gives up before the answer's head (an h2 reset, a gRPC deadline,
-        // a closed connection) drops this future: the guard records that as its abort.
-        let abandoned = Abandoned {
-            sinks: &self.sinks,
-            pool: &pool,
-            call,
-            armed: true,
-        };
-        let h1_pool = pool.protocol == UpstreamProtocol::Http1;
-        let mut resp = match upgrade {
-            // Upgrades are HTTP/1.1; an HTTP/2 pool gets the request without them (the
-            // Upgrade headers are hop-by-hop) and answers it as an ordinary request.
-            Some(protocols) if h1_pool => {
-                self.upgrade(req, protocols, Arc::clone(&pool), peer, call, slot)
-                    .await
+            let upgrade = requested_upgrade(&mut req);
+            let (pool, set_cookie) = {
+                let table = self.router.table();
+                // Routing reads the very value the upstream will get as Host.
+                let Some(service) = table.route(host.as_ref().and_then(|h| h.to_str().ok())) else {
+                    for sink in self.sinks.iter() {
+                        sink.unrouted();
+                    }
+                    return local_response(StatusCode::NOT_FOUND, "no service for this host\n");
+                };
+                let snapshot = service.snapshot();
+                let chosen = service
+                    .choice
+                    .choose(&snapshot, req.headers(), peer.addr.ip());
+                (Arc::clone(&chosen.slot.pool), chosen.set_cookie)
+            };
+            let call = Call {
+                start,
+                grpc: is_grpc(req.headers()),
+            };
+            // A client that gives up before the answer's head (an h2 reset, a gRPC deadline,
+            // a closed connection) drops this future: the guard records that as its abort.
+            let abandoned = Abandoned {
+                sinks: &self.sinks,
+                pool: &pool,
+                call,
+                armed: true,
+            };
+            let h1_pool = pool.protocol == UpstreamProtocol::Http1;
+            let mut resp = match upgrade {
+                // Upgrades are HTTP/1.1; an HTTP/2 pool gets the request without them (the
+                // Upgrade headers are hop-by-hop) and answers it as an ordinary request.
+                // Boxed: the upgrade's future (a dedicated connect and handshake) is large
+                // and rare, and would otherwise size every request's future, which hyper
+                // moves into place per request (and per stream on HTTP/2).
+                Some(protocols) if h1_pool => {
+                    Box::pin(self.upgrade(req, protocols, Arc::clone(&pool), peer, call, slot))
+                        .await
+                }
+                _ => self.forward(req, Arc::clone(&pool), peer, call).await,
+            };
+            abandoned.disarm();
+            if let Some(cookie) = set_cookie {
+                resp.headers_mut().append(header::SET_COOKIE, cookie);
             }
-            _ => self.forward(req, Arc::clone(&pool), peer, call).await,
-        };
-        abandoned.disarm();
-        if let Some(cookie) = set_cookie {
-            resp.headers_mut().append(header::SET_COOKIE, cookie);
+            resp
         }
-        resp
     }
 
     /// Send a request to an endpoint of `pool`; every failure becomes a response.
-    async fn forward(
+    #[allow(clippy::manual_async_fn)] // see the comment in the body
+    fn forward(
         &self,
         req: Request<Incoming>,
         pool: Arc<Pool>,
         peer: Peer,
         call: Call,
-    ) -> Response<ProxyBody> {
-        let Some(mut guard) = pool.pick() else {
-            return self.fail(&pool, None, ErrorKind::NoEndpoint, call, None);
-        };
-        pool.retry_budget().deposit();
-        let body_timeout = self.limits.body_read_timeout;
-        let h2 = matches!(pool.protocol, UpstreamProtocol::H2c | UpstreamProtocol::H2);
-        // gRPC needs `te: trailers` end to end; on HTTP/1.1 it is hop-by-hop.
-        let wants_trailers = h2 && te_trailers(req.headers());
-        // Only a request with a body can fail on the client's side.
-        let watch = (!req.body().is_end_stream()).then(BodyWatch::default);
-        let mut upstream_req = match upstream_request(req, &guard, peer) {
-            Ok(r) => {
-                r.map(|b| Either::Left(TimedBody::new(b, body_timeout).watched(watch.clone())))
-            }
-            Err(resp) => return resp,
-        };
-        if h2 {
-            let scheme = if pool.protocol == UpstreamProtocol::H2 {
-                http::uri::Scheme::HTTPS
-            } else {
-                http::uri::Scheme::HTTP
+    ) -> impl Future<Output = Response<ProxyBody>> {
+        // Not an `async fn`: its arguments would be kept twice in the future (as
+        // arguments and as moved locals), and this future is built per request.
+        async move {
+            let Some(mut guard) = pool.pick() else {
+                return self.fail(&pool, None, ErrorKind::NoEndpoint, call, None);
             };
-            upstream_req = for_h2(upstream_req, scheme, wants_trailers);
-        } else if watch.is_some() && !upstream_req.headers().contains_key(header::CONTENT_LENGTH) {
-            // A body of unknown length (chunked from the client, or HTTP/2 DATA with no
-            // content-length) goes upstream chunked. hyper's client would pick that
-            // itself except for GET, HEAD and CONNECT, which it sends with no body at
-            // all unless told: the body would vanish while the client got an answer.
-            upstream_req.headers_mut().insert(
-                header::TRANSFER_ENCODING,
-                HeaderValue::from_static("chunked"),
-            );
-        }
-        let deadline = tokio::time::Instant::from_std(call.start) + self.request_timeout;
-        // The first attempt's failure, when it was retried.
-        let mut retried = None;
-        loop {
-            let send = async {
-                if h2 {
-                    self.client
-                        .send_h2(guard.endpoint(), upstream_req)
-                        .await
-                        .map(|r| (r, None, false))
-                } else {
-                    self.client
-                        .send(guard.endpoint(), upstream_req, pool.retry_budget())
-                        .await
-                        .map(|s| (s.response, Some(s.conn), s.replayed))
+            pool.retry_budget().deposit();
+            let body_timeout = self.limits.body_read_timeout;
+            let h2 = matches!(pool.protocol, UpstreamProtocol::H2c | UpstreamProtocol::H2);
+            // gRPC needs `te: trailers` end to end; on HTTP/1.1 it is hop-by-hop.
+            let wants_trailers = h2 && te_trailers(req.headers());
+            // Only a request with a body can fail on the client's side.
+            let watch = (!req.body().is_end_stream()).then(BodyWatch::default);
+            let mut upstream_req = match upstream_request(req, &guard, peer) {
+                Ok(r) => {
+                    r.map(|b| Either::Left(TimedBody::new(b, body_timeout).watched(watch.clone())))
                 }
+                Err(resp) => return resp,
             };
-            let sent = tokio::time::timeout_at(deadline, send).await;
-            // Whatever the upstream leg reports, a request whose body the client broke
-            // (aborted, malformed, stalled) is the client's fault, not the pool's.
-            let client_fault = || watch.as_ref().and_then(BodyWatch::fault);
-            match sent {
-                Ok(Ok((resp, conn, replayed))) => {
-                    if replayed {
-                        pool.metrics().replayed();
+            if h2 {
+                let scheme = if pool.protocol == UpstreamProtocol::H2 {
+                    http::uri::Scheme::HTTPS
+                } else {
+                    http::uri::Scheme::HTTP
+                };
+                upstream_req = for_h2(upstream_req, scheme, wants_trailers);
+            } else if watch.is_some()
+                && !upstream_req.headers().contains_key(header::CONTENT_LENGTH)
+            {
+                // A body of unknown length (chunked from the client, or HTTP/2 DATA with no
+                // content-length) goes upstream chunked. hyper's client would pick that
+                // itself except for GET, HEAD and CONNECT, which it sends with no body at
+                // all unless told: the body would vanish while the client got an answer.
+                upstream_req.headers_mut().insert(
+                    header::TRANSFER_ENCODING,
+                    HeaderValue::from_static("chunked"),
+                );
+            }
+            let deadline = tokio::time::Instant::from_std(call.start) + self.request_timeout;
+            // The first attempt's failure, when it was retried.
+            let mut retried = None;
+            loop {
+                let send = async {
+                    if h2 {
+                        self.client
+                            .send_h2(guard.endpoint(), upstream_req)
+                            .await
+                            .map(|r| (r, None, false))
+                    } else {
+                        self.client
+                            .send(guard.endpoint(), upstream_req, pool.retry_budget())
+                            .await
+                            .map(|s| (s.response, Some(s.conn), s.replayed))
                     }
-                    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                        // The request asked for no upgrade (an h2c one is never passed
-                        // on): a switch now would turn the client's connection into a
-                        // tunnel nobody asked for. The upstream connection is dropped
-                        // with the response.
-                        return self.fail(
+                };
+                let sent = tokio::time::timeout_at(deadline, send).await;
+                // Whatever the upstream leg reports, a request whose body the client broke
+                // (aborted, malformed, stalled) is the client's fault, not the pool's.
+                let client_fault = || watch.as_ref().and_then(BodyWatch::fault);
+                match sent {
+                    Ok(Ok((resp, conn, replayed))) => {
+                        if replayed {
+                            pool.metrics().replayed();
+                        }
+                        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                            // The request asked for no upgrade (an h2c one is never passed
+                            // on): a switch now would turn the client's connection into a
+                            // tunnel nobody asked for. The upstream connection is dropped
+                            // with the response.
+                            return self.fail(
+                                &pool,
+                                Some(guard.index()),
+                                ErrorKind::Protocol,
+                                call,
+                                retried,
+                            );
+                        }
+                        return self.relay(resp, conn, guard, call, retried, watch);
+                    }
+                    Ok(Err(_)) | Err(_) if client_fault().is_some() => {
+                        let kind = client_fault().unwrap_or(ErrorKind::ClientAbort);
+                        return self.fail(&pool, Some(guard.index()), kind, call, retried);
+                    }
+                    Ok(Err(e)) => {
+                        let (kind, status) = classify(&e);
+                        tracing::debug!(
+                            "{} → {} failed: {e}",
+                            pool.name,
+                            guard.endpoint().endpoint
+                        );
+                        // A connect failure never sent anything: one retry on another
+                        // endpoint of the same pool (never another pool: the split stays
+                        // honest), within the pool's retry budget.
+                        if retried.is_none()
+                            && matches!(e, SendError::Connect(..) | SendError::ConnectTimeout(_))
+                            && let Some(next) = pool.pick_except(guard.index())
+                            && pool.retry_budget().withdraw()
+                            && let Some(req) = e.into_request()
+                        {
+                            retried = Some((guard.index(), kind));
+                            guard = next;
+                            upstream_req = req;
+                            continue;
+                        }
+                        return self.fail_with(
                             &pool,
                             Some(guard.index()),
-                            ErrorKind::Protocol,
+                            kind,
+                            status,
                             call,
                             retried,
                         );
                     }
-                    return self.relay(resp, conn, guard, call, retried, watch);
-                }
-                Ok(Err(_)) | Err(_) if client_fault().is_some() => {
-                    let kind = client_fault().unwrap_or(ErrorKind::ClientAbort);
-                    return self.fail(&pool, Some(guard.index()), kind, call, retried);
-                }
-                Ok(Err(e)) => {
-                    let (kind, status) = classify(&e);
-                    tracing::debug!("{} → {} failed: {e}", pool.name, guard.endpoint().endpoint);
-                    // A connect failure never sent anything: one retry on another
-                    // endpoint of the same pool (never another pool: the split stays
-                    // honest), within the pool's retry budget.
-                    if retried.is_none()
-                        && matches!(e, SendError::Connect(..) | SendError::ConnectTimeout(_))
-                        && let Some(next) = pool.pick_except(guard.index())
-                        && pool.retry_budget().withdraw()
-                        && let Some(req) = e.into_request()
-                    {
-                        retried = Some((guard.index(), kind));
-                        guard = next;
-                        upstream_req = req;
-                        continue;
+                    Err(_elapsed) => {
+                        return self.fail(
+                            &pool,
+                            Some(guard.index()),
+                            ErrorKind::Timeout,
+                            call,
+                            retried,
+                        );
                     }
-                    return self.fail_with(&pool, Some(guard.index()), kind, status, call, retried);
-                }
-                Err(_elapsed) => {
-                    return self.fail(
-                        &pool,
-                        Some(guard.index()),
-                        ErrorKind::Timeout,
-                        call,
-                        retried,
-                    );
                 }
             }
         }
@@ -980,6 +1009,7 @@ fn check_request<B>(req: &mut Request<B>) -> Result<Option<HeaderValue>, Respons
         (_, Some(a)) => HeaderValue::from_str(a.as_str()).ok(),
         (_, None) => None,
     };
+    let from_target = authority.is_some();
     let host = match (authority, host) {
         (Some(a), _) => a,
         (None, Some(h)) => h,
@@ -988,7 +1018,11 @@ fn check_request<B>(req: &mut Request<B>) -> Result<Option<HeaderValue>, Respons
         }
         (None, None) => return bad("missing Host\n"),
     };
-    req.headers_mut().insert(header::HOST, host.clone());
+    if from_target {
+        // The target's authority wins over the Host header (RFC 9112 §3.2.2): the
+        // upstream gets the value routing used.
+        req.headers_mut().insert(header::HOST, host.clone());
+    }
     Ok(Some(host))
 }
 
@@ -1149,7 +1183,8 @@ fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
         v.push_str(&ip);
         v
     };
-    if let Ok(v) = HeaderValue::from_str(&value) {
+    // The String's buffer becomes the value's: no second copy.
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
         headers.insert(&X_FORWARDED_FOR, v);
     }
 }
