@@ -33,10 +33,25 @@ use crate::dataplane::routing::Router;
 use crate::model::{ErrorKind, GRPC_DEADLINE_EXCEEDED, GRPC_UNAVAILABLE, parse_grpc_status};
 
 /// Who a request came from, and whether over TLS.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Peer {
     pub addr: SocketAddr,
     pub secure: bool,
+    /// The client's IP as an X-Forwarded-For value: made once per connection, not
+    /// formatted again for every request.
+    pub forwarded_for: HeaderValue,
+}
+
+impl Peer {
+    fn new(addr: SocketAddr, secure: bool) -> Peer {
+        let forwarded_for = HeaderValue::from_maybe_shared(Bytes::from(addr.ip().to_string()))
+            .expect("an IP address is a valid header value");
+        Peer {
+            addr,
+            secure,
+            forwarded_for,
+        }
+    }
 }
 
 /// The proxy's shared state: router, upstream client, settings and outcome sinks.
@@ -180,7 +195,7 @@ impl Proxy {
                 }
             };
             let _ = stream.set_nodelay(true);
-            let peer = Peer { addr, secure };
+            let peer = Peer::new(addr, secure);
             // A reference per connection: each request clones this one, so the count it
             // bumps is the connection's own. Cloning the proxy's Arc per request would
             // write one cache line that every core's requests share.
@@ -192,6 +207,7 @@ impl Proxy {
             let service = service_fn(move |req| {
                 let proxy = Arc::clone(&proxy);
                 let slot = Arc::clone(&slot);
+                let peer = peer.clone();
                 async move { Ok::<_, Infallible>(proxy.handle_in(req, peer, Some(slot)).await) }
             });
             let watcher = graceful.watcher();
@@ -310,10 +326,10 @@ impl Proxy {
                 // and rare, and would otherwise size every request's future, which hyper
                 // moves into place per request (and per stream on HTTP/2).
                 Some(protocols) if h1_pool => {
-                    Box::pin(self.upgrade(req, protocols, Arc::clone(&pool), peer, call, slot))
+                    Box::pin(self.upgrade(req, protocols, Arc::clone(&pool), &peer, call, slot))
                         .await
                 }
-                _ => self.forward(req, Arc::clone(&pool), peer, call).await,
+                _ => self.forward(req, Arc::clone(&pool), &peer, call).await,
             };
             abandoned.disarm();
             if let Some(cookie) = set_cookie {
@@ -329,7 +345,7 @@ impl Proxy {
         &self,
         req: Request<Incoming>,
         pool: Arc<Pool>,
-        peer: Peer,
+        peer: &Peer,
         call: Call,
     ) -> impl Future<Output = Response<ProxyBody>> {
         // Not an `async fn`: its arguments would be kept twice in the future (as
@@ -471,7 +487,7 @@ impl Proxy {
         mut req: Request<Incoming>,
         protocols: HeaderValue,
         pool: Arc<Pool>,
-        peer: Peer,
+        peer: &Peer,
         call: Call,
         slot: Option<ConnSlot>,
     ) -> Response<ProxyBody> {
@@ -1116,7 +1132,7 @@ impl RateLimitedWarn {
 fn upstream_request(
     req: Request<Incoming>,
     guard: &InflightGuard,
-    peer: Peer,
+    peer: &Peer,
 ) -> Result<Request<Incoming>, Response<ProxyBody>> {
     let (mut parts, body) = req.into_parts();
     // `check_request` left exactly one Host (the value routing used), or none on an
@@ -1148,7 +1164,7 @@ fn upstream_request(
             }
         }
     }
-    append_forwarded_for(headers, peer.addr);
+    append_forwarded_for(headers, &peer.forwarded_for);
     headers.insert(
         &X_FORWARDED_PROTO,
         HeaderValue::from_static(if peer.secure { "https" } else { "http" }),
@@ -1164,34 +1180,32 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Append the client address to X-Forwarded-For, folding repeated headers into one.
-fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
-    let ip = peer.ip().to_string();
+fn append_forwarded_for(headers: &mut HeaderMap, ip: &HeaderValue) {
     let mut existing = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
-    let value = if existing.peek().is_none() {
-        ip
-    } else {
-        let mut v = String::with_capacity(64);
-        for h in existing {
-            if let Ok(s) = h.to_str() {
-                let s = s.trim();
-                if !s.is_empty() {
-                    v.push_str(s);
-                    v.push_str(", ");
-                }
+    if existing.peek().is_none() {
+        headers.insert(&X_FORWARDED_FOR, ip.clone());
+        return;
+    }
+    let mut v = String::with_capacity(64);
+    for h in existing {
+        if let Ok(s) = h.to_str() {
+            let s = s.trim();
+            if !s.is_empty() {
+                v.push_str(s);
+                v.push_str(", ");
             }
         }
-        v.push_str(&ip);
-        v
-    };
+    }
+    v.push_str(ip.to_str().unwrap_or_default());
     // The String's buffer becomes the value's: no second copy.
-    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(v)) {
         headers.insert(&X_FORWARDED_FOR, v);
     }
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
 /// legacy ones proxies have always dropped.
-const HOP_BY_HOP: [HeaderName; 9] = [
+static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -1205,25 +1219,36 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 
 /// Remove hop-by-hop headers, including every header the Connection header names.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none of these. One pass over the names (standard names compare
-    // as integers) finds that out without hashing nine lookups per message.
-    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+    // Most messages carry one of these at most (`connection`). One pass over the names
+    // (standard names compare as integers) says which, so only those are removed: a
+    // remove hashes, nine of them per message add up.
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return;
     }
-    if headers.contains_key(header::CONNECTION) {
+    if present & 1 != 0 {
+        // HOP_BY_HOP[0] is `connection`: the headers it names go too.
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .filter(|n| !HOP_BY_HOP.contains(n))
             .collect();
         for name in named {
             headers.remove(name);
         }
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
 }
 
@@ -1343,7 +1368,8 @@ mod tests {
 
     #[test]
     fn forwarded_for_appends_and_folds() {
-        let peer: SocketAddr = "10.1.2.3:5555".parse().unwrap();
+        let peer = Peer::new("10.1.2.3:5555".parse().unwrap(), false);
+        let peer = &peer.forwarded_for;
         let mut h = HeaderMap::new();
         append_forwarded_for(&mut h, peer);
         assert_eq!(h[&X_FORWARDED_FOR], "10.1.2.3");
