@@ -219,17 +219,23 @@ impl Proxy {
                         let conn = http.serve_connection_with_upgrades(io, service);
                         watcher.watch(conn.into_owned()).await
                     }
+                    // Boxed: the TLS handshake and connection states are several KB,
+                    // and inline they would size every plain connection's task too.
                     Some(acceptor) => {
-                        match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
-                        {
-                            Ok(Ok(tls)) => {
-                                let io = TokioIo::new(GatedIo::new(tls, io_gate));
-                                let conn = http.serve_connection_with_upgrades(io, service);
-                                watcher.watch(conn.into_owned()).await
+                        Box::pin(async move {
+                            match tokio::time::timeout(handshake_timeout, acceptor.accept(stream))
+                                .await
+                            {
+                                Ok(Ok(tls)) => {
+                                    let io = TokioIo::new(GatedIo::new(tls, io_gate));
+                                    let conn = http.serve_connection_with_upgrades(io, service);
+                                    watcher.watch(conn.into_owned()).await
+                                }
+                                Ok(Err(e)) => Err(format!("TLS handshake: {e}").into()),
+                                Err(_) => Err("TLS handshake timed out".into()),
                             }
-                            Ok(Err(e)) => Err(format!("TLS handshake: {e}").into()),
-                            Err(_) => Err("TLS handshake timed out".into()),
-                        }
+                        })
+                        .await
                     }
                 };
                 if let Err(e) = result {
