@@ -106,6 +106,9 @@ async def idle(args, pids):
         while established_to(args.port) > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         left = established_to(args.port)
+        # An allocator that purges on a timer (jemalloc's decay: ~10 s) starts slowly,
+        # so "stopped moving" alone would read it too early.
+        await asyncio.sleep(args.close_wait)
         closed_rss = settled_rss(pids, args.settle)
         print(f"cycle {cycle} {open_rss} {closed_rss} {left}", flush=True)
         log(f"cycle {cycle}: open {open_rss} KiB, after close {closed_rss} KiB (start {start})")
@@ -160,6 +163,7 @@ def main():
     p.add_argument("--cycles", type=int, default=1)
     p.add_argument("--concurrency", type=int, default=256)
     p.add_argument("--settle", type=float, default=5.0)
+    p.add_argument("--close-wait", type=float, default=0.0)
     p.add_argument("--path", default="/big")
     p.add_argument("--rcvbuf", type=int, default=4096)
     p.add_argument("--hold", type=float, default=15.0)

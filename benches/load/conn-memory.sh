@@ -28,6 +28,8 @@
 #   SLOW_HOLD     seconds the slow readers are held after all connected (default 15)
 #   SLOW_READ     bytes each slow reader reads per second; 0 = none (default 0)
 #   SETTLE        max seconds to wait for the RSS to stop moving (default 15)
+#   CLOSE_WAIT    seconds to wait after the last connection closed before that,
+#                 for allocators that purge on a timer (jemalloc: ~10 s) (default 12)
 #   WEIR_BIN      weir binary; default: `cargo build --release` and use
 #                 target/release/weir (only if weir is in TARGETS)
 #   WEIR_BASE_BIN a second weir binary measured as target `weir-base`
@@ -57,6 +59,7 @@ RCVBUF=${RCVBUF:-4096}
 SLOW_HOLD=${SLOW_HOLD:-15}
 SLOW_READ=${SLOW_READ:-0}
 SETTLE=${SETTLE:-15}
+CLOSE_WAIT=${CLOSE_WAIT:-12}
 WEIR_BIN=${WEIR_BIN:-}
 WEIR_BASE_BIN=${WEIR_BASE_BIN:-}
 WEIR_LOG=${WEIR_LOG:-warn}
@@ -329,7 +332,7 @@ for t in $TARGETS; do
     # Runs (a) and (b): idle connections, then close/reopen cycles.
     start_target "$t"
     log "$t: $N idle connections, $CYCLES cycles"
-    client idle "$WORKDIR/$t-idle.txt" --n "$N" --cycles "$CYCLES"
+    client idle "$WORKDIR/$t-idle.txt" --n "$N" --cycles "$CYCLES" --close-wait "$CLOSE_WAIT"
     stop_pid "$TARGET_PID"
     start=$(awk '$1 == "start" { print $2 }' "$WORKDIR/$t-idle.txt")
     START_KB[$t]=$start
@@ -367,7 +370,7 @@ weir_desc() {
     has_target weir && echo "weir: $(weir_desc "$WEIR_BIN")."
     has_target weir-base && echo "weir-base: $(weir_desc "$WEIR_BASE_BIN")."
     [[ -n $WEIR_ENV ]] && echo "weir's extra environment: \`$WEIR_ENV\`."
-    echo "Command: \`N=$N CYCLES=$CYCLES SLOW_N=$SLOW_N BIG_MB=$BIG_MB RCVBUF=$RCVBUF SLOW_HOLD=$SLOW_HOLD SLOW_READ=$SLOW_READ benches/load/conn-memory.sh\`"
+    echo "Command: \`N=$N CYCLES=$CYCLES SETTLE=$SETTLE CLOSE_WAIT=$CLOSE_WAIT SLOW_N=$SLOW_N BIG_MB=$BIG_MB RCVBUF=$RCVBUF SLOW_HOLD=$SLOW_HOLD SLOW_READ=$SLOW_READ benches/load/conn-memory.sh\`"
     echo
     echo "| proxy | RSS at start | idle KiB/conn ($N conns) | left after close, cycle 1 | max over $CYCLES cycles | after cycle $CYCLES | slow readers: peak RSS ($SLOW_N × $BIG_MB MiB) |"
     echo "|---|---|---|---|---|---|---|"
@@ -383,7 +386,7 @@ weir_desc() {
     echo
     echo "RSS is VmRSS summed over the proxy's processes (nginx: master and worker);"
     echo "the idle figure is (RSS with $N connections open − RSS at start) ÷ $N, read once"
-    echo "the RSS stopped moving (≤ ${SETTLE} s). The slow readers set SO_RCVBUF=$RCVBUF before"
+    echo "the RSS stopped moving (≤ ${SETTLE} s; after closing, ${CLOSE_WAIT} s first). The slow readers set SO_RCVBUF=$RCVBUF before"
     echo "connecting and read $SLOW_READ bytes/s each; the peak is sampled every 0.1 s. Kernel"
     echo "socket buffers are not in RSS. See benches/load/README.md."
 } >"$OUT_MD"
