@@ -5,6 +5,12 @@ use std::process::ExitCode;
 use clap::Parser;
 use weir_cli::cli::Cli;
 
+/// With the `jemalloc` feature: jemalloc, whose background thread returns freed memory
+/// to the system (glibc's malloc keeps what thousands of closed connections used).
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(

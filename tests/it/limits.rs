@@ -2,7 +2,7 @@
 //! and the connection limit — on real sockets.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::common::*;
@@ -225,4 +225,101 @@ async fn clients_beyond_the_connection_limit_wait_their_turn() {
         .unwrap()
         .unwrap();
     assert_eq!(status, StatusCode::OK);
+}
+
+/// A client that does not read a large response: weir stops reading the upstream (the
+/// upstream's sends block) instead of taking the body into memory, and relays the rest
+/// once the client reads again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_stops_the_upstream_instead_of_buffering_its_body() {
+    // Far more than any socket buffers between the upstream and the client hold.
+    const BODY: u64 = 1 << 30;
+    const CHUNK: usize = 64 * 1024;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_addr = listener.local_addr().unwrap();
+    let written = Arc::new(AtomicU64::new(0));
+    let (stalled_tx, stalled_rx) = tokio::sync::oneshot::channel::<u64>();
+    let up_written = Arc::clone(&written);
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let _ = socket2::SockRef::from(&s).set_send_buffer_size(16 * 1024);
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the proxy closed before sending a request");
+            head.extend_from_slice(&buf[..n]);
+        }
+        let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {BODY}\r\n\r\n");
+        s.write_all(answer.as_bytes()).await.unwrap();
+        let chunk = vec![b'x'; CHUNK];
+        let mut stalled = Some(stalled_tx);
+        let mut sent = 0u64;
+        while sent < BODY {
+            let n = (BODY - sent).min(CHUNK as u64) as usize;
+            let write = s.write_all(&chunk[..n]);
+            tokio::pin!(write);
+            // A send that does not complete for a second: the proxy stopped reading.
+            // (On a loaded machine a pause can come early; the assertion below only
+            // gets easier then, never harder.)
+            if let Some(tx) = stalled.take() {
+                match tokio::time::timeout(Duration::from_secs(1), &mut write).await {
+                    Ok(r) => {
+                        stalled = Some(tx);
+                        if r.is_err() {
+                            return;
+                        }
+                    }
+                    Err(_) => {
+                        let _ = tx.send(sent);
+                        if write.await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            } else if write.await.is_err() {
+                return;
+            }
+            sent += n as u64;
+            up_written.store(sent, Ordering::Relaxed);
+        }
+    });
+    let toml = "[proxy]\nrequest_timeout = \"60s\"\n".to_owned()
+        + &service_toml("shop", None, &[("p", vec![up_addr.to_string()], 1)]);
+    let proxy = start(&toml).await;
+
+    // A small receive buffer, set before connecting so the window stays small.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&proxy.addr.into()).unwrap();
+    sock.set_nonblocking(true).unwrap();
+    let mut client = TcpStream::from_std(sock.into()).unwrap();
+    client
+        .write_all(b"GET /big HTTP/1.1\r\nhost: shop\r\n\r\n")
+        .await
+        .unwrap();
+
+    let at_stall = tokio::time::timeout(Duration::from_secs(60), stalled_rx)
+        .await
+        .expect("the upstream never blocked: weir kept reading for a client that does not")
+        .unwrap();
+    println!("the upstream blocked after sending {at_stall} bytes of {BODY}");
+    assert!(
+        at_stall < 64 << 20,
+        "weir took {at_stall} bytes from the upstream for a client that read none"
+    );
+
+    // Reading again lets the upstream go on.
+    let target = at_stall + (8 << 20);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut buf = vec![0u8; CHUNK];
+    let mut read = 0u64;
+    while written.load(Ordering::Relaxed) <= target {
+        let n = tokio::time::timeout_at(deadline, client.read(&mut buf))
+            .await
+            .expect("the upstream did not resume when the client read again")
+            .unwrap();
+        assert!(n > 0, "the proxy closed the response after {read} bytes");
+        read += n as u64;
+    }
 }

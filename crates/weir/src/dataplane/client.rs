@@ -284,6 +284,13 @@ fn closed_unanswered(e: &hyper::Error) -> bool {
             })
 }
 
+/// What an upstream connection's read (and write) buffer may grow to, and so the
+/// largest response head weir accepts from an upstream.
+const UPSTREAM_BUF_BYTES: usize = 16 * 1024;
+
+/// The window of each HTTP/2 stream to an upstream.
+const UPSTREAM_H2_STREAM_WINDOW: u32 = 256 * 1024;
+
 /// How often a request may find a pooled connection closing under it before weir
 /// stops trying pooled ones and opens a fresh connection.
 const STALE_RETRIES: usize = 4;
@@ -317,6 +324,11 @@ impl UpstreamClient {
                 // One flat buffer and one send() per message: measured cheaper in the
                 // kernel than writev with separate head and body slices.
                 b.writev(false);
+                // hyper's read buffer grows to ~400 KB while a body arrives faster than
+                // the client takes it, and stays that size: per slow reader, with the
+                // body parked in it. Bounded, as HAProxy's 16 KiB buffers are; this also
+                // caps an upstream's response head (a larger one is a 502).
+                b.max_buf_size(UPSTREAM_BUF_BYTES);
                 b
             },
         }
@@ -517,8 +529,12 @@ impl UpstreamClient {
         endpoint: &EndpointState,
     ) -> Result<http2::SendRequest<RequestBody>, Failed> {
         let stream = self.connect_stream(endpoint).await?;
+        // A response stream's window is what the upstream may send ahead of a slow
+        // client: hyper's default of 2 MiB per stream would also let three slow readers
+        // fill the shared 5 MiB connection window.
         let (sender, conn) = http2::Builder::new(hyper_util::rt::TokioExecutor::new())
             .timer(hyper_util::rt::TokioTimer::new())
+            .initial_stream_window_size(UPSTREAM_H2_STREAM_WINDOW)
             .handshake::<_, RequestBody>(TokioIo::new(stream))
             .await
             .map_err(Failed::Http)?;

@@ -4,6 +4,7 @@
 pub(crate) mod body;
 pub(crate) mod client;
 pub(crate) mod outcome;
+pub(crate) mod pace;
 pub(crate) mod pool;
 pub(crate) mod proxy;
 pub(crate) mod routing;

@@ -28,6 +28,9 @@ use crate::dataplane::body::{
 use crate::dataplane::client::{PooledConn, SendError, UpstreamClient};
 use crate::dataplane::outcome::emit;
 use crate::dataplane::outcome::{Outcome, OutcomeSink};
+use crate::dataplane::pace::{
+    GatedIo, H2_CONNECTION_WINDOW, H2_SEND_BUF_BYTES, H2_STREAM_WINDOW, Paced, WriteGate,
+};
 use crate::dataplane::pool::{InflightGuard, Pool};
 use crate::dataplane::routing::Router;
 use crate::model::{ErrorKind, GRPC_DEADLINE_EXCEEDED, GRPC_UNAVAILABLE, parse_grpc_status};
@@ -145,9 +148,15 @@ impl Proxy {
             .header_read_timeout(self.limits.header_read_timeout)
             .max_buf_size(self.limits.max_header_bytes.max(8192));
         // Explicit HTTP/2 limits: bounded streams and headers, and hyper's defences
-        // against rapid-reset floods.
+        // against rapid-reset floods. Buffering is bounded too: what a client may send
+        // ahead of weir reading it (the windows; hyper's default lets one stream take the
+        // whole 1 MiB), and what one stream's response may queue for a client that reads
+        // slowly (hyper's default is 400 KiB per stream).
         http.http2()
             .timer(TokioTimer::new())
+            .initial_stream_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONNECTION_WINDOW)
+            .max_send_buf_size(H2_SEND_BUF_BYTES)
             .max_concurrent_streams(256)
             .max_header_list_size(self.limits.max_header_bytes as u32)
             .max_pending_accept_reset_streams(64)
@@ -204,11 +213,18 @@ impl Proxy {
             // when the connection and its tunnel are both gone.
             let permit: ConnSlot = Arc::new(permit);
             let slot = Arc::clone(&permit);
-            let service = service_fn(move |req| {
+            // HTTP/1.1 responses wait while the client's socket is full (see `pace`).
+            let gate = WriteGate::default();
+            let io_gate = gate.clone();
+            let service = service_fn(move |req: Request<Incoming>| {
                 let proxy = Arc::clone(&proxy);
                 let slot = Arc::clone(&slot);
                 let peer = peer.clone();
-                async move { Ok::<_, Infallible>(proxy.handle_in(req, peer, Some(slot)).await) }
+                let gate = (req.version() < Version::HTTP_2).then(|| gate.clone());
+                async move {
+                    let resp = proxy.handle_in(req, peer, Some(slot)).await;
+                    Ok::<_, Infallible>(resp.map(|body| Paced::new(body, gate)))
+                }
             });
             let watcher = graceful.watcher();
             let http = Arc::clone(&http);
@@ -218,21 +234,27 @@ impl Proxy {
                 // Upgrades (WebSocket) are proxied: connections must let them through.
                 let result = match acceptor {
                     None => {
-                        let conn =
-                            http.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                        let io = TokioIo::new(GatedIo::new(stream, io_gate));
+                        let conn = http.serve_connection_with_upgrades(io, service);
                         watcher.watch(conn.into_owned()).await
                     }
+                    // Boxed: the TLS handshake and connection states are several KB,
+                    // and inline they would size every plain connection's task too.
                     Some(acceptor) => {
-                        match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
-                        {
-                            Ok(Ok(tls)) => {
-                                let conn =
-                                    http.serve_connection_with_upgrades(TokioIo::new(tls), service);
-                                watcher.watch(conn.into_owned()).await
+                        Box::pin(async move {
+                            match tokio::time::timeout(handshake_timeout, acceptor.accept(stream))
+                                .await
+                            {
+                                Ok(Ok(tls)) => {
+                                    let io = TokioIo::new(GatedIo::new(tls, io_gate));
+                                    let conn = http.serve_connection_with_upgrades(io, service);
+                                    watcher.watch(conn.into_owned()).await
+                                }
+                                Ok(Err(e)) => Err(format!("TLS handshake: {e}").into()),
+                                Err(_) => Err("TLS handshake timed out".into()),
                             }
-                            Ok(Err(e)) => Err(format!("TLS handshake: {e}").into()),
-                            Err(_) => Err("TLS handshake timed out".into()),
-                        }
+                        })
+                        .await
                     }
                 };
                 if let Err(e) = result {
