@@ -158,15 +158,18 @@ impl Guard {
         if let Some(fleet) = self.controller.fleet() {
             fleet.rotate(now);
         }
-        for service in table.services() {
-            let snapshot = service.snapshot();
-            for slot in snapshot.slots() {
-                slot.pool.window().rotate(now);
-            }
-            let Some(slo) = self.controller.slo(&service.name) else {
+        // Every window turns, judged or not (the dashboard charts them all); an idle
+        // one only notes the time (see `Window::rotate`). Then only the services with
+        // an SLO are looked at: with thousands of services, a round costs what their
+        // traffic costs, not a walk through every service's settings.
+        for pool in table.pools() {
+            pool.window().rotate(now);
+        }
+        for (name, slo) in self.controller.slos().iter() {
+            let Some(service) = table.service(name) else {
                 continue;
             };
-            let watch = watches.entry(service.name.to_string()).or_default();
+            let watch = watches.entry(name.clone()).or_default();
             if watch
                 .last_eval
                 .is_some_and(|t| now.saturating_duration_since(t) < slo.interval)
@@ -174,7 +177,7 @@ impl Guard {
                 continue;
             }
             watch.last_eval = Some(now);
-            self.evaluate_service(service, &slo, watch, &mut actions);
+            self.evaluate_service(service, slo, watch, &mut actions);
         }
         watches.retain(|name, _| table.service(name).is_some());
         actions

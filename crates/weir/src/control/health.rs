@@ -76,22 +76,21 @@ impl Monitor {
 
     fn round(&self, now: Instant) {
         let table = self.controller.router().table();
-        for service in table.services() {
-            for slot in service.snapshot().slots() {
-                let pool = &slot.pool;
-                pool.retry_budget().refill();
-                for change in pool.sweep(now) {
-                    let _ = self.changes.send((Arc::clone(pool), change));
-                }
-                for index in pool.due_checks(now) {
-                    let (pool, changes) = (Arc::clone(pool), self.changes.clone());
-                    tokio::spawn(async move {
-                        let (ok, what) = check(&pool, index).await;
-                        if let Some(change) = pool.check_result(index, ok, what) {
-                            let _ = changes.send((pool, change));
-                        }
-                    });
-                }
+        // The table's flat list of pools, not each service's snapshot: for an idle pool
+        // without health checks a round is a few loads (see `RetryBudget::refill`).
+        for pool in table.pools() {
+            pool.retry_budget().refill();
+            for change in pool.sweep(now) {
+                let _ = self.changes.send((Arc::clone(pool), change));
+            }
+            for index in pool.due_checks(now) {
+                let (pool, changes) = (Arc::clone(pool), self.changes.clone());
+                tokio::spawn(async move {
+                    let (ok, what) = check(&pool, index).await;
+                    if let Some(change) = pool.check_result(index, ok, what) {
+                        let _ = changes.send((pool, change));
+                    }
+                });
             }
         }
     }
