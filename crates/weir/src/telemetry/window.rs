@@ -703,6 +703,12 @@ impl Window {
         *self.exposure.lock().unwrap_or_else(|p| p.into_inner()) = Exposure::new(from);
     }
 
+    /// Every slice was empty at the last rotation and nothing was recorded since: the
+    /// next rotations would be deferred.
+    pub fn is_quiet(&self) -> bool {
+        self.quiet_total.load(Ordering::Relaxed) == self.total.load(Ordering::Relaxed)
+    }
+
     /// Requests recorded since the pool was created; never reset.
     pub fn total(&self) -> u64 {
         self.total.load(Ordering::Relaxed)
