@@ -182,7 +182,7 @@ impl Guard {
         // placed up to one second early in its history.
         let mut sweep = self.sweep.lock().unwrap_or_else(|p| p.into_inner());
         let address = Arc::as_ptr(&*table) as usize;
-        if sweep.table != address || sweep.rounds % FULL_EVERY == 0 {
+        if sweep.table != address || sweep.rounds.is_multiple_of(FULL_EVERY) {
             sweep.table = address;
             sweep.busy.clear();
             for pool in table.pools() {

@@ -137,7 +137,7 @@ impl Monitor {
         let address = Arc::as_ptr(&*table) as usize;
         let round = self.rounds.load(Ordering::Relaxed);
         let busy = &mut self.busy;
-        if busy.table != address || round % FULL_EVERY == 0 {
+        if busy.table != address || round.is_multiple_of(FULL_EVERY) {
             busy.table = address;
             busy.checked.clear();
             busy.watched.clear();
