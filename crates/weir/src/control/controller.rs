@@ -332,6 +332,35 @@ impl Persistence {
     }
 }
 
+/// The config in force and its services by name: the guard asks for a service's SLO
+/// every round, which must not be a scan of 10,000 services.
+#[derive(Debug)]
+struct InForce {
+    config: Config,
+    by_name: HashMap<String, usize>,
+    /// The services with an SLO, in config order: the ones the guard judges.
+    judged: Arc<[(String, SloConfig)]>,
+}
+
+impl InForce {
+    fn new(config: Config) -> InForce {
+        let mut by_name = HashMap::with_capacity(config.services.len());
+        for (i, s) in config.services.iter().enumerate() {
+            by_name.entry(s.name.clone()).or_insert(i);
+        }
+        let judged = config
+            .services
+            .iter()
+            .filter_map(|s| Some((s.name.clone(), s.slo.clone()?)))
+            .collect();
+        InForce {
+            config,
+            by_name,
+            judged,
+        }
+    }
+}
+
 /// The single writer. Holds its lock across validate → persist → swap so that two
 /// commands never interleave and lose an update.
 pub struct Controller {
@@ -343,7 +372,7 @@ pub struct Controller {
     metrics: Arc<Metrics>,
     write: Mutex<Option<Persistence>>,
     /// The config in force (last loaded or reloaded).
-    config: Mutex<Config>,
+    config: Mutex<InForce>,
     /// See [`Controller::writable`].
     writable: Arc<AtomicBool>,
     /// The journal's read side, for readers that must not wait for the writer.
@@ -387,7 +416,7 @@ impl Controller {
             clock,
             metrics,
             write: Mutex::new(None),
-            config: Mutex::new(config.clone()),
+            config: Mutex::new(InForce::new(config.clone())),
             writable: Arc::new(AtomicBool::new(true)),
             events: RwLock::new(None),
             control: RwLock::new(HashMap::new()),
@@ -563,13 +592,11 @@ impl Controller {
         service: &str,
         get: impl FnOnce(&ServiceConfig) -> Option<T>,
     ) -> Option<T> {
-        self.config
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .services
-            .iter()
-            .find(|s| s.name == service)
-            .and_then(get)
+        let in_force = self.config.lock().unwrap_or_else(|p| p.into_inner());
+        in_force
+            .by_name
+            .get(service)
+            .and_then(|&i| get(&in_force.config.services[i]))
     }
 
     /// The SLO of a service in the config in force, if it has one.
@@ -577,11 +604,17 @@ impl Controller {
         self.service_config(service, |s| s.slo.clone())
     }
 
+    /// Every service with an SLO in the config in force, with it (cheap: shared).
+    pub fn slos(&self) -> Arc<[(String, SloConfig)]> {
+        Arc::clone(&self.config.lock().unwrap_or_else(|p| p.into_inner()).judged)
+    }
+
     /// The config in force.
     pub fn config(&self) -> Config {
         self.config
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .config
             .clone()
     }
 
@@ -1231,8 +1264,10 @@ impl Controller {
             }
             services.push(fresh);
         }
+        let names: std::collections::HashSet<&str> =
+            config.services.iter().map(|s| s.name.as_str()).collect();
         for old in old_table.services() {
-            if config.services.iter().all(|s| s.name != *old.name) {
+            if !names.contains(&*old.name) {
                 report.removed.push(old.name.to_string());
             }
         }
@@ -1260,7 +1295,7 @@ impl Controller {
             let control = next_control.remove(&cfg.name).unwrap_or_default();
             self.publish_control(&cfg.name, control);
         }
-        *self.config.lock().unwrap_or_else(|p| p.into_inner()) = config.clone();
+        *self.config.lock().unwrap_or_else(|p| p.into_inner()) = InForce::new(config.clone());
         Ok((report, event))
     }
 
@@ -1380,6 +1415,20 @@ impl Controller {
             .get(service)
             .cloned()
             .unwrap_or_default()
+    }
+
+    /// Every service with a rollout (running or done), by name, with it: what the
+    /// rollout driver looks at, without copying every service's control state.
+    pub(crate) fn rollouts(&self) -> Vec<(String, Rollout)> {
+        let mut all: Vec<(String, Rollout)> = self
+            .control
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(|(name, c)| Some((name.clone(), c.rollout.clone()?)))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
     }
 
     /// Put a service's control state in force (under the write lock) and publish its
@@ -1598,8 +1647,9 @@ fn build_service(
     for pool in &pools {
         pool.set_judging(cfg.grpc_failure_codes, last_byte);
     }
-    metrics.register_service(&cfg.name);
-    metrics.rollout(&cfg.name, Phase::Idle, 0);
+    // The service's own series (rollbacks, weight changes) are registered with its
+    // pools' first traffic, its rollout gauges with its first rollout (see
+    // `PoolMetrics` and `Metrics::rollout`): an idle service registers none.
     let weights: Vec<u32> = cfg.pools.iter().map(|p| p.weight).collect();
     let snapshot = ServiceSnapshot::new(pools, &weights, 1, Source::Config)
         .and_then(|s| s.with_baseline(&cfg.baseline))

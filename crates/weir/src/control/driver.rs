@@ -26,24 +26,27 @@ pub(crate) async fn drive(controller: Arc<Controller>, guard: Arc<Guard>) {
             continue;
         }
         let due: Vec<(String, Evidence)> = {
+            // Only services with a rollout: with thousands of services and none rolling
+            // out, a round is one look at the controller's map.
+            let rollouts = controller.rollouts();
+            if rollouts.is_empty() {
+                continue;
+            }
             let table = controller.router().table();
             let now = controller.clock().now();
-            table
-                .services()
-                .iter()
-                .filter_map(|service| {
-                    let snapshot = service.snapshot();
-                    let control = controller.service_control(&service.name);
-                    let rollout = control.rollout.as_ref()?;
+            rollouts
+                .into_iter()
+                .filter_map(|(name, rollout)| {
+                    let snapshot = table.service(&name)?.snapshot();
                     let evidence = Evidence::of(
                         &snapshot,
                         &rollout.candidate,
-                        guard.verdict(&service.name, &rollout.candidate),
+                        guard.verdict(&name, &rollout.candidate),
                         None,
                     );
                     // Only bother the controller (and the disk) when a step is due.
                     rollout.tick(now, &evidence)?;
-                    Some((service.name.to_string(), evidence))
+                    Some((name, evidence))
                 })
                 .collect()
         };

@@ -20,6 +20,7 @@ use crate::config::{GuardMode, SloConfig};
 use crate::control::controller::{Command, ControlError, Controller, rfc3339};
 pub(crate) use crate::control::judge::{Evidence, Figures, Judgement, Verdict, judge};
 use crate::control::store::Event;
+use crate::dataplane::pool::Pool;
 use crate::dataplane::routing::{PoolSlot, Service};
 pub(crate) use crate::model::Check;
 use crate::model::{EventKind, Source};
@@ -84,6 +85,7 @@ pub struct Guard {
     controller: Arc<Controller>,
     metrics: Arc<Metrics>,
     watches: Mutex<HashMap<String, ServiceWatch>>,
+    sweep: Mutex<Sweep>,
     webhook: crate::control::webhook::Webhook,
 }
 
@@ -112,6 +114,18 @@ impl std::ops::Deref for Judged<'_> {
 
 /// How often the guard wakes to rotate windows and see which services are due.
 const TICK: Duration = Duration::from_millis(100);
+/// Every this many rounds every window is looked at (see [`Guard::evaluate`]).
+const FULL_EVERY: u64 = 10;
+
+/// Which windows a round turns besides the judged ones.
+#[derive(Debug, Default)]
+struct Sweep {
+    /// The route table `busy` is for (its address).
+    table: usize,
+    rounds: u64,
+    /// Pools whose window had traffic at the last look.
+    busy: Vec<Arc<Pool>>,
+}
 
 impl Guard {
     pub fn new(controller: Arc<Controller>, metrics: Arc<Metrics>) -> Guard {
@@ -119,6 +133,7 @@ impl Guard {
             controller,
             metrics,
             watches: Mutex::new(HashMap::new()),
+            sweep: Mutex::new(Sweep::default()),
             webhook: crate::control::webhook::Webhook::new(),
         }
     }
@@ -158,15 +173,42 @@ impl Guard {
         if let Some(fleet) = self.controller.fleet() {
             fleet.rotate(now);
         }
-        for service in table.services() {
-            let snapshot = service.snapshot();
-            for slot in snapshot.slots() {
-                slot.pool.window().rotate(now);
+        // Every window turns, judged or not (the dashboard charts them all); an idle
+        // one only notes the time (see `Window::rotate`). A judged service's windows
+        // turn every round, below. The others turn every round while they have
+        // traffic, and otherwise only every `FULL_EVERY` rounds (and with a new table):
+        // with thousands of idle pools a round must not touch each of them ten times a
+        // second. The price: a chart-only pool's first request after a quiet spell is
+        // placed up to one second early in its history.
+        let mut sweep = self.sweep.lock().unwrap_or_else(|p| p.into_inner());
+        let address = Arc::as_ptr(&*table) as usize;
+        if sweep.table != address || sweep.rounds.is_multiple_of(FULL_EVERY) {
+            sweep.table = address;
+            sweep.busy.clear();
+            for pool in table.pools() {
+                pool.window().rotate(now);
+                if !pool.window().is_quiet() {
+                    sweep.busy.push(Arc::clone(pool));
+                }
             }
-            let Some(slo) = self.controller.slo(&service.name) else {
+        } else {
+            sweep.busy.retain(|pool| {
+                pool.window().rotate(now);
+                !pool.window().is_quiet()
+            });
+        }
+        sweep.rounds += 1;
+        drop(sweep);
+        // Then only the services with an SLO are looked at: a round costs what their
+        // traffic costs, not a walk through every service's settings.
+        for (name, slo) in self.controller.slos().iter() {
+            let Some(service) = table.service(name) else {
                 continue;
             };
-            let watch = watches.entry(service.name.to_string()).or_default();
+            for slot in service.snapshot().slots() {
+                slot.pool.window().rotate(now);
+            }
+            let watch = watches.entry(name.clone()).or_default();
             if watch
                 .last_eval
                 .is_some_and(|t| now.saturating_duration_since(t) < slo.interval)
@@ -174,7 +216,7 @@ impl Guard {
                 continue;
             }
             watch.last_eval = Some(now);
-            self.evaluate_service(service, &slo, watch, &mut actions);
+            self.evaluate_service(service, slo, watch, &mut actions);
         }
         watches.retain(|name, _| table.service(name).is_some());
         actions

@@ -24,6 +24,9 @@ use crate::model::{EventKind, Source};
 
 /// How often the health task looks for due checks and expired ejections.
 const TICK: Duration = Duration::from_millis(100);
+/// Every this many rounds (3 s), every pool is looked at; in between only the busy
+/// ones (see [`Monitor::round`]).
+const FULL_EVERY: u64 = 30;
 
 /// The health task and the sink that feeds it.
 pub(crate) fn start(controller: Arc<Controller>) -> (OutlierSink, Monitor) {
@@ -35,6 +38,7 @@ pub(crate) fn start(controller: Arc<Controller>) -> (OutlierSink, Monitor) {
             changes: tx,
             rx: Some(rx),
             rounds: Arc::new(AtomicU64::new(0)),
+            busy: Busy::default(),
         },
     )
 }
@@ -47,6 +51,49 @@ pub(crate) struct Monitor {
     rx: Option<EndpointChangesRx>,
     /// Rounds run so far (see [`Monitor::rounds`]).
     rounds: Arc<AtomicU64>,
+    busy: Busy,
+}
+
+/// The pools a round must look at, so that with thousands of idle pools a round does
+/// not touch each of them ten times a second.
+#[derive(Debug, Default)]
+struct Busy {
+    /// The route table these lists are for (its address).
+    table: usize,
+    /// Pools with health checks: looked at every round.
+    checked: Vec<Arc<Pool>>,
+    /// Pools with an endpoint ejected (reported through the change channel, or seen at
+    /// the last full round) or a retry budget to refill: looked at every round until
+    /// neither is true.
+    watched: Vec<Arc<Pool>>,
+}
+
+impl Busy {
+    fn watch(&mut self, pool: &Arc<Pool>) {
+        if !self.watched.iter().any(|p| Arc::ptr_eq(p, pool)) {
+            self.watched.push(Arc::clone(pool));
+        }
+    }
+}
+
+/// What one round does to one pool: refill its retry budget, return ejected endpoints
+/// whose time is up, start its due health checks. Whether the pool still needs looking
+/// at (an endpoint still ejected, a budget still to refill).
+fn upkeep(pool: &Arc<Pool>, now: Instant, changes: &EndpointChanges) -> bool {
+    pool.retry_budget().refill();
+    for change in pool.sweep(now) {
+        let _ = changes.send((Arc::clone(pool), change));
+    }
+    for index in pool.due_checks(now) {
+        let (pool, changes) = (Arc::clone(pool), changes.clone());
+        tokio::spawn(async move {
+            let (ok, what) = check(&pool, index).await;
+            if let Some(change) = pool.check_result(index, ok, what) {
+                let _ = changes.send((pool, change));
+            }
+        });
+    }
+    pool.retry_budget().needs_refill() || pool.endpoints().iter().any(|e| e.is_ejected())
 }
 
 impl Monitor {
@@ -69,31 +116,46 @@ impl Monitor {
                     self.round(self.controller.clock().instant());
                     self.rounds.fetch_add(1, Ordering::Release);
                 }
-                Some((pool, change)) = rx.recv() => self.record(&pool, &change).await,
+                Some((pool, change)) = rx.recv() => {
+                    if matches!(change, EndpointChange::Ejected { .. }) {
+                        self.busy.watch(&pool);
+                    }
+                    self.record(&pool, &change).await
+                }
             }
         }
     }
 
-    fn round(&self, now: Instant) {
+    /// One round. Every [`FULL_EVERY`] rounds (and with a new route table) every pool
+    /// is looked at; in between only the pools with health checks and the ones the last
+    /// look left busy — an ejected endpoint (passive ejections are also reported as
+    /// they happen) or a retry budget off its resting range. An idle pool's budget
+    /// rests there, so at worst a pool whose budget fell below the floor since gets its
+    /// first refill up to a full round's interval (3 s) late.
+    fn round(&mut self, now: Instant) {
         let table = self.controller.router().table();
-        for service in table.services() {
-            for slot in service.snapshot().slots() {
-                let pool = &slot.pool;
-                pool.retry_budget().refill();
-                for change in pool.sweep(now) {
-                    let _ = self.changes.send((Arc::clone(pool), change));
+        let address = Arc::as_ptr(&*table) as usize;
+        let round = self.rounds.load(Ordering::Relaxed);
+        let busy = &mut self.busy;
+        if busy.table != address || round.is_multiple_of(FULL_EVERY) {
+            busy.table = address;
+            busy.checked.clear();
+            busy.watched.clear();
+            for pool in table.pools() {
+                if pool.health.is_some() {
+                    busy.checked.push(Arc::clone(pool));
                 }
-                for index in pool.due_checks(now) {
-                    let (pool, changes) = (Arc::clone(pool), self.changes.clone());
-                    tokio::spawn(async move {
-                        let (ok, what) = check(&pool, index).await;
-                        if let Some(change) = pool.check_result(index, ok, what) {
-                            let _ = changes.send((pool, change));
-                        }
-                    });
+                if upkeep(pool, now, &self.changes) && pool.health.is_none() {
+                    busy.watched.push(Arc::clone(pool));
                 }
             }
+            return;
         }
+        for pool in &busy.checked {
+            upkeep(pool, now, &self.changes);
+        }
+        busy.watched
+            .retain(|pool| pool.health.is_none() && upkeep(pool, now, &self.changes));
     }
 
     async fn record(&self, pool: &Pool, change: &EndpointChange) {

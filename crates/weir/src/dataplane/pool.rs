@@ -209,18 +209,27 @@ impl RetryBudget {
             .is_ok()
     }
 
+    /// Whether [`RetryBudget::refill`] would change anything now.
+    pub fn needs_refill(&self) -> bool {
+        let m = self.milli.load(Ordering::Relaxed);
+        !(Self::FLOOR..=Self::CAP).contains(&m)
+    }
+
     /// Called every 100 ms: below the floor, add one retry (so at least 10 a second
     /// are available however little traffic there is); above the cap, drop savings.
+    /// A budget already between the two is left alone, unwritten: an idle pool's tick
+    /// is one load.
     pub fn refill(&self) {
         let _ = self
             .milli
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |m| {
-                let m = if m < Self::FLOOR {
+                let next = if m < Self::FLOOR {
                     (m + Self::COST).min(Self::FLOOR)
                 } else {
                     m
-                };
-                Some(m.min(Self::CAP))
+                }
+                .min(Self::CAP);
+                (next != m).then_some(next)
             });
     }
 }

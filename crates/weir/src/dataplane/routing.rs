@@ -390,18 +390,34 @@ pub(crate) fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> 
 }
 
 /// Host → service map, replaced whole when the set of services changes (reload).
+/// Both lookups (by host for requests, by name for the control plane) are hash lookups,
+/// so neither a request nor a reload of 10,000 services scans the list.
 #[derive(Debug, Default)]
 pub struct RouteTable {
     services: Vec<Arc<Service>>,
     by_host: HashMap<String, usize>,
+    by_name: HashMap<Arc<str>, usize>,
     default: Option<usize>,
+    /// Every service's pools, flat: what the background loops sweep without loading
+    /// each snapshot. A service's snapshots all share the pools it was built with (only
+    /// weights change), so this stays true until the next table.
+    pools: Vec<Arc<Pool>>,
 }
 
 impl RouteTable {
     pub fn new(services: Vec<Arc<Service>>) -> RouteTable {
-        let mut by_host = HashMap::new();
+        let mut by_host = HashMap::with_capacity(services.len());
+        let mut by_name = HashMap::with_capacity(services.len());
         let mut default = None;
+        let mut pools = Vec::with_capacity(services.len() * 2);
         for (i, s) in services.iter().enumerate() {
+            by_name.entry(Arc::clone(&s.name)).or_insert(i);
+            pools.extend(
+                s.snapshot()
+                    .slots()
+                    .iter()
+                    .map(|slot| Arc::clone(&slot.pool)),
+            );
             if s.hosts.is_empty() {
                 default = Some(i);
             }
@@ -412,8 +428,15 @@ impl RouteTable {
         RouteTable {
             services,
             by_host,
+            by_name,
             default,
+            pools,
         }
+    }
+
+    /// Every pool of every service.
+    pub fn pools(&self) -> &[Arc<Pool>] {
+        &self.pools
     }
 
     pub fn services(&self) -> &[Arc<Service>] {
@@ -421,7 +444,7 @@ impl RouteTable {
     }
 
     pub fn service(&self, name: &str) -> Option<&Arc<Service>> {
-        self.services.iter().find(|s| &*s.name == name)
+        self.by_name.get(name).map(|&i| &self.services[i])
     }
 
     /// The service for a request's host (as received: any case, maybe with a port), or

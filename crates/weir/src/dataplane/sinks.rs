@@ -146,6 +146,11 @@ mod tests {
         let window =
             crate::telemetry::window::Window::new(Duration::from_secs(30), Duration::from_secs(1));
         let pool = Arc::new(Pool::new("shop", &cfg, &m, window));
+        let sink = MetricsSink(Arc::clone(&m));
+        // An unused pool has only its state series; its first request registers the
+        // rest at 0, so that the first error already shows in `increase()`.
+        assert!(!m.render().contains("weir_request_failures_total{"));
+        sink.record(&outcome(&pool, 200, None, None));
         let before = m.render();
         for needle in [
             "weir_request_failures_total{service=\"shop\",pool=\"canary\"} 0",
@@ -157,8 +162,6 @@ mod tests {
         ] {
             assert!(before.contains(needle), "missing {needle} in\n{before}");
         }
-        let sink = MetricsSink(Arc::clone(&m));
-        sink.record(&outcome(&pool, 200, None, None));
         sink.record(&outcome(&pool, 502, None, Some(ErrorKind::Connect)));
         sink.record(&outcome(&pool, 499, None, Some(ErrorKind::ClientAbort)));
         sink.record(&outcome(&pool, 200, Some(14), None));

@@ -4,7 +4,8 @@
 //! Each `Weir` owns its own recorder (no global one), so several instances in one process
 //! — tests, mostly — never mix their series.
 
-use std::sync::{Arc, OnceLock, Weak};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use ::metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder, Unit};
@@ -66,6 +67,8 @@ pub struct Metrics {
     handle: PrometheusHandle,
     unrouted: Counter,
     unsaved: Gauge,
+    /// The services whose rollout gauges exist (see [`Metrics::rollout`]).
+    rollouts: Mutex<HashSet<String>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -97,6 +100,7 @@ impl Metrics {
             handle,
             unrouted,
             unsaved,
+            rollouts: Mutex::new(HashSet::new()),
         };
         m.describe();
         m.gauge(
@@ -322,8 +326,19 @@ impl Metrics {
         }
     }
 
-    /// Publish a service's rollout phase (1 for the current one) and step.
+    /// Publish a service's rollout phase (1 for the current one) and step. A service
+    /// that never had a rollout has no rollout series: idle at step 0 is published
+    /// only once the service has been published otherwise.
     pub fn rollout(&self, service: &str, phase: Phase, step: usize) {
+        {
+            let mut seen = self.rollouts.lock().unwrap_or_else(|p| p.into_inner());
+            if !seen.contains(service) {
+                if phase == Phase::Idle && step == 0 {
+                    return;
+                }
+                seen.insert(service.to_owned());
+            }
+        }
         for p in Phase::ALL {
             self.gauge(
                 ROLLOUT_PHASE,
@@ -393,15 +408,34 @@ pub struct Observed {
     pub failed: bool,
 }
 
-/// Status codes 100..=999 get one lazily registered counter each.
-const CODES: usize = 900;
+/// Status codes 100..=999 get one lazily registered counter each, in tables of a
+/// hundred codes allocated with their first code (most pools only ever see 2xx–5xx).
+const CLASSES: usize = 9;
 
 /// Every handle one pool's requests touch, registered once.
+///
+/// Only the pool's state is registered up front: its weight and share, and whether each
+/// endpoint may take traffic. Everything about requests (counts by status, durations,
+/// errors by kind, in flight, tunnels, retries, ejections) and the service's rollback
+/// and weight-change counters are registered together, at 0, when the pool is first
+/// used — so an idle pool of 10,000 costs a few series, not thirty, while a pool with
+/// traffic still shows every series at 0 before its first error (what `increase()`
+/// needs).
 pub struct PoolMetrics {
     metrics: Arc<Metrics>,
     service: Arc<str>,
     pool: Arc<str>,
-    requests: Box<[OnceLock<Counter>]>,
+    /// The endpoints' addresses, for their ejection counters.
+    endpoints: Box<[Box<str>]>,
+    weight: Gauge,
+    share: Gauge,
+    endpoint_up: Box<[Gauge]>,
+    active: OnceLock<Active>,
+}
+
+/// The series of a pool that has been used.
+struct Active {
+    requests: [OnceLock<Box<[OnceLock<Counter>]>>; CLASSES],
     grpc: Box<[OnceLock<Counter>]>,
     duration: Histogram,
     response_duration: Histogram,
@@ -411,9 +445,6 @@ pub struct PoolMetrics {
     replays: Counter,
     inflight: Gauge,
     tunnels: Gauge,
-    weight: Gauge,
-    share: Gauge,
-    endpoint_up: Box<[Gauge]>,
     ejections: Box<[Counter]>,
     retries: [Counter; 5],
 }
@@ -423,6 +454,7 @@ impl std::fmt::Debug for PoolMetrics {
         f.debug_struct("PoolMetrics")
             .field("service", &self.service)
             .field("pool", &self.pool)
+            .field("active", &self.active.get().is_some())
             .finish_non_exhaustive()
     }
 }
@@ -434,104 +466,106 @@ impl PoolMetrics {
         pool: &Arc<str>,
         endpoints: &[&str],
     ) -> PoolMetrics {
-        // Endpoint labels are fine here: these are per-endpoint state, not per-request
-        // series.
-        let per_endpoint = |name: &'static str| -> Vec<Key> {
-            endpoints
-                .iter()
-                .map(|e| {
-                    Key::from_parts(
-                        name,
-                        vec![
-                            Label::new("service", service.to_string()),
-                            Label::new("pool", pool.to_string()),
-                            Label::new("endpoint", e.to_string()),
-                        ],
-                    )
-                })
-                .collect()
-        };
-        let endpoint_up: Box<[Gauge]> = per_endpoint(ENDPOINT_HEALTHY)
-            .iter()
-            .map(|k| metrics.recorder.register_gauge(k, &METADATA))
-            .collect();
-        for g in endpoint_up.iter() {
-            g.set(1.0);
-        }
-        let ejections = per_endpoint(ENDPOINT_EJECTIONS_TOTAL)
-            .iter()
-            .map(|k| metrics.recorder.register_counter(k, &METADATA))
-            .collect();
         let labels = || {
             vec![
                 Label::new("service", service.to_string()),
                 Label::new("pool", pool.to_string()),
             ]
         };
-        let error = |kind: ErrorKind| {
-            let mut l = labels();
-            l.push(Label::new("kind", kind.as_str()));
-            metrics.counter(UPSTREAM_ERRORS_TOTAL, l)
-        };
-        let retry = |kind: ErrorKind| {
-            let mut l = labels();
-            l.push(Label::new("kind", kind.as_str()));
-            metrics.counter(RETRIES_TOTAL, l)
-        };
-        let client_error = |kind: ErrorKind| {
-            let mut l = labels();
-            l.push(Label::new("kind", kind.as_str()));
-            metrics.counter(CLIENT_ERRORS_TOTAL, l)
-        };
-        PoolMetrics {
+        let m = PoolMetrics {
             metrics: Arc::clone(metrics),
             service: Arc::clone(service),
             pool: Arc::clone(pool),
-            requests: (0..CODES).map(|_| OnceLock::new()).collect(),
-            grpc: (0..GRPC_CODES.len()).map(|_| OnceLock::new()).collect(),
-            duration: metrics.histogram(REQUEST_DURATION, labels()),
-            response_duration: metrics.histogram(RESPONSE_DURATION, labels()),
-            errors: ErrorKind::UPSTREAM.map(error),
-            client_errors: ErrorKind::CLIENT.map(client_error),
-            failures: metrics.counter(REQUEST_FAILURES_TOTAL, labels()),
-            replays: metrics.counter(KEEPALIVE_REPLAYS_TOTAL, labels()),
-            inflight: metrics.gauge(INFLIGHT, labels()),
-            tunnels: metrics.gauge(TUNNELS_OPEN, labels()),
+            endpoints: endpoints.iter().map(|&e| e.into()).collect(),
             weight: metrics.gauge(POOL_WEIGHT, labels()),
             share: metrics.gauge(POOL_SHARE, labels()),
-            endpoint_up,
-            ejections,
-            retries: ErrorKind::UPSTREAM.map(retry),
+            endpoint_up: Box::new([]),
+            active: OnceLock::new(),
+        };
+        let endpoint_up: Box<[Gauge]> = m
+            .per_endpoint(ENDPOINT_HEALTHY)
+            .iter()
+            .map(|k| metrics.recorder.register_gauge(k, &METADATA))
+            .collect();
+        for g in endpoint_up.iter() {
+            g.set(1.0);
+        }
+        PoolMetrics { endpoint_up, ..m }
+    }
+
+    fn labels(&self) -> Vec<Label> {
+        vec![
+            Label::new("service", self.service.to_string()),
+            Label::new("pool", self.pool.to_string()),
+        ]
+    }
+
+    /// Endpoint labels are fine here: these are per-endpoint state, not per-request
+    /// series.
+    fn per_endpoint(&self, name: &'static str) -> Vec<Key> {
+        self.endpoints
+            .iter()
+            .map(|e| {
+                let mut labels = self.labels();
+                labels.push(Label::new("endpoint", e.to_string()));
+                Key::from_parts(name, labels)
+            })
+            .collect()
+    }
+
+    /// The request series, registered (at 0) by the first call. After that, one
+    /// acquire load: the request path stays lock-free.
+    #[inline]
+    fn active(&self) -> &Active {
+        self.active.get_or_init(|| self.register())
+    }
+
+    #[cold]
+    fn register(&self) -> Active {
+        let metrics = &self.metrics;
+        metrics.register_service(&self.service);
+        let by_kind = |name: &'static str, kind: ErrorKind| {
+            let mut l = self.labels();
+            l.push(Label::new("kind", kind.as_str()));
+            metrics.counter(name, l)
+        };
+        Active {
+            requests: std::array::from_fn(|_| OnceLock::new()),
+            grpc: (0..GRPC_CODES.len()).map(|_| OnceLock::new()).collect(),
+            duration: metrics.histogram(REQUEST_DURATION, self.labels()),
+            response_duration: metrics.histogram(RESPONSE_DURATION, self.labels()),
+            errors: ErrorKind::UPSTREAM.map(|k| by_kind(UPSTREAM_ERRORS_TOTAL, k)),
+            client_errors: ErrorKind::CLIENT.map(|k| by_kind(CLIENT_ERRORS_TOTAL, k)),
+            failures: metrics.counter(REQUEST_FAILURES_TOTAL, self.labels()),
+            replays: metrics.counter(KEEPALIVE_REPLAYS_TOTAL, self.labels()),
+            inflight: metrics.gauge(INFLIGHT, self.labels()),
+            tunnels: metrics.gauge(TUNNELS_OPEN, self.labels()),
+            ejections: self
+                .per_endpoint(ENDPOINT_EJECTIONS_TOTAL)
+                .iter()
+                .map(|k| metrics.recorder.register_counter(k, &METADATA))
+                .collect(),
+            retries: ErrorKind::UPSTREAM.map(|k| by_kind(RETRIES_TOTAL, k)),
         }
     }
 
     fn requests(&self, status: u16) -> Option<&Counter> {
-        let i = usize::from(status)
-            .checked_sub(100)
-            .filter(|&i| i < CODES)?;
-        Some(self.requests[i].get_or_init(|| {
-            self.metrics.counter(
-                REQUESTS_TOTAL,
-                vec![
-                    Label::new("service", self.service.to_string()),
-                    Label::new("pool", self.pool.to_string()),
-                    Label::new("code", status.to_string()),
-                ],
-            )
+        let i = usize::from(status).checked_sub(100)?;
+        let class = self.active().requests.get(i / 100)?;
+        let table = class.get_or_init(|| (0..100).map(|_| OnceLock::new()).collect());
+        Some(table[i % 100].get_or_init(|| {
+            let mut labels = self.labels();
+            labels.push(Label::new("code", status.to_string()));
+            self.metrics.counter(REQUESTS_TOTAL, labels)
         }))
     }
 
     fn grpc(&self, code: u8) -> &Counter {
         let code = usize::from(code).min(GRPC_CODES.len() - 1);
-        self.grpc[code].get_or_init(|| {
-            self.metrics.counter(
-                GRPC_RESPONSES_TOTAL,
-                vec![
-                    Label::new("service", self.service.to_string()),
-                    Label::new("pool", self.pool.to_string()),
-                    Label::new("code", crate::model::grpc_code_name(code as u8)),
-                ],
-            )
+        self.active().grpc[code].get_or_init(|| {
+            let mut labels = self.labels();
+            labels.push(Label::new("code", crate::model::grpc_code_name(code as u8)));
+            self.metrics.counter(GRPC_RESPONSES_TOTAL, labels)
         })
     }
 
@@ -543,32 +577,33 @@ impl PoolMetrics {
         if let Some(code) = o.grpc {
             self.grpc(code).increment(1);
         }
-        self.duration.record(o.latency.as_secs_f64());
-        self.response_duration.record(o.duration.as_secs_f64());
+        let a = self.active();
+        a.duration.record(o.latency.as_secs_f64());
+        a.response_duration.record(o.duration.as_secs_f64());
         match o.error {
             Some(kind) if kind.blame() == Blame::Client => {
-                self.client_errors[kind.index()].increment(1);
+                a.client_errors[kind.index()].increment(1);
             }
-            Some(kind) => self.errors[kind.index()].increment(1),
+            Some(kind) => a.errors[kind.index()].increment(1),
             None => {}
         }
         if o.failed {
-            self.failures.increment(1);
+            a.failures.increment(1);
         }
     }
 
     /// A failed attempt that was retried: counted as an upstream error of its kind,
     /// a failure of the pool, and a retry.
     pub fn retried(&self, kind: ErrorKind) {
-        let i = kind.index();
-        self.errors[i].increment(1);
-        self.retries[i].increment(1);
-        self.failures.increment(1);
+        let (a, i) = (self.active(), kind.index());
+        a.errors[i].increment(1);
+        a.retries[i].increment(1);
+        a.failures.increment(1);
     }
 
     /// A request replayed after a keep-alive race.
     pub fn replayed(&self) {
-        self.replays.increment(1);
+        self.active().replays.increment(1);
     }
 
     pub fn set_endpoint_up(&self, index: usize, up: bool) {
@@ -578,18 +613,18 @@ impl PoolMetrics {
     }
 
     pub fn ejected(&self, index: usize) {
-        if let Some(c) = self.ejections.get(index) {
+        if let Some(c) = self.active().ejections.get(index) {
             c.increment(1);
         }
     }
 
     pub fn inflight(&self) -> &Gauge {
-        &self.inflight
+        &self.active().inflight
     }
 
     /// Open upgraded connections (tunnels) through this pool.
     pub fn tunnels(&self) -> &Gauge {
-        &self.tunnels
+        &self.active().tunnels
     }
 
     /// Publish the weight and share in force.
@@ -610,5 +645,66 @@ mod tests {
         assert_eq!(b[0], 0.0005);
         assert_eq!(b[19], 10.0);
         assert!(b.windows(2).all(|w| w[1] > w[0] * 1.6));
+    }
+
+    #[test]
+    fn an_unused_pool_registers_only_its_state_until_its_first_request() {
+        let m = Metrics::new();
+        let pm = PoolMetrics::new(&m, &"shop".into(), &"canary".into(), &["10.0.0.1:80"]);
+        pm.set_weight(10, 0.1);
+        let series = |text: &str| -> Vec<String> {
+            let mut names: Vec<String> = text
+                .lines()
+                .filter(|l| l.contains("service=\"shop\""))
+                .map(|l| l.split('{').next().unwrap_or("").to_owned())
+                .collect();
+            names.sort();
+            names.dedup();
+            names
+        };
+        assert_eq!(
+            series(&m.render()),
+            [ENDPOINT_HEALTHY, POOL_SHARE, POOL_WEIGHT],
+            "{}",
+            m.render()
+        );
+        pm.record(&Observed {
+            status: 200,
+            grpc: None,
+            error: None,
+            latency: Duration::from_millis(1),
+            duration: Duration::from_millis(1),
+            failed: false,
+        });
+        let text = m.render();
+        for needle in [
+            "weir_requests_total{service=\"shop\",pool=\"canary\",code=\"200\"} 1",
+            "weir_request_failures_total{service=\"shop\",pool=\"canary\"} 0",
+            "weir_upstream_errors_total{service=\"shop\",pool=\"canary\",kind=\"connect\"} 0",
+            "weir_endpoint_ejections_total{service=\"shop\",pool=\"canary\",endpoint=\"10.0.0.1:80\"} 0",
+            "weir_rollbacks_total{service=\"shop\",reason=\"error_rate\"} 0",
+            "weir_weight_changes_total{service=\"shop\",source=\"guard\"} 0",
+            "weir_inflight_requests{service=\"shop\",pool=\"canary\"} 0",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn rollout_gauges_appear_with_the_first_rollout() {
+        let m = Metrics::new();
+        m.rollout("shop", Phase::Idle, 0);
+        assert!(!m.render().contains(ROLLOUT_PHASE));
+        m.rollout("shop", Phase::Progressing, 1);
+        m.rollout("shop", Phase::Idle, 0);
+        let text = m.render();
+        assert!(
+            text.contains("weir_rollout_phase{service=\"shop\",phase=\"idle\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("weir_rollout_step{service=\"shop\"} 0"),
+            "{text}"
+        );
     }
 }

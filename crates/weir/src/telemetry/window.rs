@@ -22,10 +22,20 @@
 //! after a rollback). The guard's sequential tests judge the exposure — evidence that
 //! keeps accumulating for as long as the candidate serves unchanged — while the sliding
 //! window keeps loud failures fast.
+//!
+//! Thousands of idle pools must cost little (issue 17), so nothing is allocated before
+//! it is needed: a slice's latency histogram (~3 KB) is created by its first sample and
+//! kept from then on, the exposure's with its first latency, and the history holds runs
+//! of equal points (an idle stretch of any length is one entry), growing as it fills.
+//! And an idle window is not rotated slice by slice: while every slice is empty and
+//! nothing new was recorded, [`Window::rotate`] only notes the time, and the rotations
+//! that were due are made in one step (empty slices closed, history and exposure
+//! extended, slices renumbered) before the next change or read — with exactly the
+//! figures slice-by-slice rotation would have left.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use histogram::{AtomicHistogram32, Histogram, Histogram32, SparseHistogram};
@@ -44,7 +54,9 @@ const MAX_POINTS: usize = 6000;
 struct Slice {
     requests: AtomicU64,
     errors: AtomicU64,
-    latency_us: AtomicHistogram32,
+    /// Allocated by the slice's first latency sample, then kept (and drained on reuse):
+    /// an idle pool's slices hold none.
+    latency_us: OnceLock<AtomicHistogram32>,
     /// The rotation number at which this slice became current.
     opened: AtomicU64,
 }
@@ -54,26 +66,37 @@ impl Slice {
         Slice {
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
-            latency_us: AtomicHistogram32::new(GROUPING_POWER, MAX_VALUE_POWER)
-                .expect("valid histogram parameters"),
+            latency_us: OnceLock::new(),
             opened: AtomicU64::new(0),
         }
+    }
+
+    /// The slice's histogram, created by the first sample. `get_or_init` is one
+    /// acquire load once it exists, so the request path stays lock-free.
+    #[inline]
+    fn histogram(&self) -> &AtomicHistogram32 {
+        self.latency_us.get_or_init(|| {
+            AtomicHistogram32::new(GROUPING_POWER, MAX_VALUE_POWER)
+                .expect("valid histogram parameters")
+        })
     }
 
     fn clear(&self) {
         self.requests.store(0, Ordering::Relaxed);
         self.errors.store(0, Ordering::Relaxed);
-        let _ = self.latency_us.drain();
+        if let Some(h) = self.latency_us.get() {
+            let _ = h.drain();
+        }
     }
 
-    /// The slice summed up, as the history keeps it, and its latency histogram.
-    fn point(&self) -> (Point, Histogram32) {
+    /// The slice summed up, as the history keeps it, and its latency histogram (None
+    /// while it has never had a sample).
+    fn point(&self) -> (Point, Option<Histogram32>) {
         let requests = self.requests.load(Ordering::Relaxed);
-        let latency = self.latency_us.load();
-        let p99_us = if requests == 0 {
-            None
-        } else {
-            quantile_us(&latency, 0.99)
+        let latency = self.latency_us.get().map(AtomicHistogram32::load);
+        let p99_us = match &latency {
+            Some(h) if requests > 0 => quantile_us(h, 0.99),
+            _ => None,
         };
         let point = Point {
             requests,
@@ -109,17 +132,55 @@ pub struct Series {
     pub step: Duration,
 }
 
+/// The last `capacity` points, as runs of equal points (oldest first): an idle pool's
+/// ten minutes are one entry, not 600. Grows as runs are added, never preallocated.
+#[derive(Default)]
 struct History {
-    points: VecDeque<Point>,
+    runs: VecDeque<(Point, u64)>,
+    /// Points held: the sum of the runs' lengths, at most `capacity`.
+    len: usize,
     capacity: usize,
 }
 
 impl History {
     fn push(&mut self, p: Point) {
-        if self.points.len() == self.capacity {
-            self.points.pop_front();
+        self.push_run(p, 1);
+    }
+
+    /// `count` copies of `p`, as the newest points.
+    fn push_run(&mut self, p: Point, count: u64) {
+        let count = count.min(self.capacity as u64);
+        if count == 0 {
+            return;
         }
-        self.points.push_back(p);
+        match self.runs.back_mut() {
+            Some((last, n)) if *last == p => *n += count,
+            _ => self.runs.push_back((p, count)),
+        }
+        self.len += count as usize;
+        while self.len > self.capacity {
+            let over = (self.len - self.capacity) as u64;
+            let front = self.runs.front_mut().expect("len > 0 means a run");
+            if front.1 <= over {
+                self.len -= front.1 as usize;
+                self.runs.pop_front();
+            } else {
+                front.1 -= over;
+                self.len -= over as usize;
+            }
+        }
+    }
+
+    /// The newest `n` points (n ≤ len), oldest first.
+    fn newest(&self, n: usize) -> Vec<Point> {
+        let mut out = Vec::with_capacity(n);
+        let mut skip = (self.len - n) as u64;
+        for &(p, count) in &self.runs {
+            let take = count.saturating_sub(skip);
+            skip = skip.saturating_sub(count);
+            out.extend(std::iter::repeat_n(p, take as usize));
+        }
+        out
     }
 }
 
@@ -130,8 +191,18 @@ pub struct Window {
     current: AtomicUsize,
     /// Every request ever recorded (rollout gates count from it).
     total: AtomicU64,
-    /// Start of the current slice; only the rotating writer touches it.
-    current_start: Mutex<Option<Instant>>,
+    /// The rotating writer's clock: the start of the current slice. Locked first by
+    /// every method that takes more than one lock.
+    current_start: Mutex<Rotation>,
+    /// The first rotation's time: what `deferred_ns` counts from.
+    epoch: OnceLock<Instant>,
+    /// `total` as the last rotation left it, if every slice was empty then
+    /// ([`NOT_QUIET`] otherwise): while `total` still equals it, rotating would only
+    /// close empty slices, and is deferred.
+    quiet_total: AtomicU64,
+    /// The last time a deferring `rotate` was called (ns since `epoch`, plus one; 0:
+    /// none): the rotations due by then are still to be made ([`Window::catch_up`]).
+    deferred_ns: AtomicU64,
     /// Rotations so far: the number of the current slice.
     rotations: AtomicU64,
     /// Slices opened before this rotation number are hidden from `stats` (a reset).
@@ -143,6 +214,16 @@ pub struct Window {
     cumulative: Mutex<Option<Cumulative>>,
 }
 
+/// Where the ring stands in time (see [`Window::rotate`]).
+#[derive(Debug, Default)]
+struct Rotation {
+    /// Start of the current slice; None before the first rotation.
+    start: Option<Instant>,
+}
+
+/// `quiet_total` when the window is not quiet: `total` never gets there.
+const NOT_QUIET: u64 = u64::MAX;
+
 /// Running sums of every closed slice. The histogram is allocated with the first
 /// latency, so an idle pool pays nothing for it.
 #[derive(Default)]
@@ -153,12 +234,13 @@ struct Cumulative {
 }
 
 impl Cumulative {
-    fn add(&mut self, requests: u64, errors: u64, latency: &Histogram32) {
+    fn add(&mut self, requests: u64, errors: u64, latency: Option<&Histogram32>) {
         if requests == 0 {
             return; // an idle slice: nothing to add, and no latency without a request
         }
         self.requests += requests;
         self.errors += errors;
+        let Some(latency) = latency else { return };
         let wide = Histogram::from(latency);
         match &mut self.latency_us {
             Some(h) => {
@@ -184,7 +266,8 @@ pub struct Totals {
 struct Exposure {
     requests: u64,
     errors: u64,
-    latency_us: Histogram32,
+    /// Created with the first closed slice that has latency samples.
+    latency_us: Option<Histogram32>,
     slices: u32,
     /// Slices opened before this rotation number are not part of it: the slice open at
     /// a restart holds traffic from before and after, and stays out.
@@ -196,7 +279,7 @@ impl Exposure {
         Exposure {
             requests: 0,
             errors: 0,
-            latency_us: empty_histogram(),
+            latency_us: None,
             slices: 0,
             from,
         }
@@ -267,12 +350,15 @@ impl Window {
             slices: (0..n).map(|_| Slice::new()).collect(),
             current: AtomicUsize::new(0),
             total: AtomicU64::new(0),
-            current_start: Mutex::new(None),
+            current_start: Mutex::new(Rotation::default()),
+            epoch: OnceLock::new(),
+            quiet_total: AtomicU64::new(NOT_QUIET),
+            deferred_ns: AtomicU64::new(0),
             rotations: AtomicU64::new(0),
             visible_from: AtomicU64::new(0),
             history: Mutex::new(History {
-                points: VecDeque::with_capacity(capacity),
                 capacity,
+                ..History::default()
             }),
             exposure: Mutex::new(Exposure::new(0)),
             cumulative: Mutex::new(None),
@@ -284,11 +370,15 @@ impl Window {
         histogram::Config::new(GROUPING_POWER, MAX_VALUE_POWER).expect("valid histogram parameters")
     }
 
+    fn clock(&self) -> std::sync::MutexGuard<'_, Rotation> {
+        self.current_start.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Everything recorded since the first call (which starts the sums with the slice
     /// still open), as sums that never go down (a reset does not touch them): the
     /// closed slices plus the current one, read while no rotation runs.
     pub fn totals(&self) -> Totals {
-        let _start = self.current_start.lock().unwrap_or_else(|p| p.into_inner());
+        let _clock = self.clock();
         let mut kept = self.cumulative.lock().unwrap_or_else(|p| p.into_inner());
         let cumulative = kept.get_or_insert_with(Cumulative::default);
         let current = &self.slices[self.current.load(Ordering::Acquire)];
@@ -296,7 +386,9 @@ impl Window {
             .latency_us
             .clone()
             .unwrap_or_else(|| Histogram::with_config(&Window::latency_config()));
-        let _ = latency.checked_add_assign(&Histogram::from(&current.latency_us.load()));
+        if let Some(h) = current.latency_us.get() {
+            let _ = latency.checked_add_assign(&Histogram::from(&h.load()));
+        }
         Totals {
             requests: cumulative.requests + current.requests.load(Ordering::Relaxed),
             errors: cumulative.errors + current.errors.load(Ordering::Relaxed),
@@ -308,15 +400,16 @@ impl Window {
     /// to the current slice, as if it had been recorded here.
     pub fn add(&self, requests: u64, errors: u64, latency_us: &SparseHistogram) {
         let slice = &self.slices[self.current.load(Ordering::Acquire)];
-        self.total.fetch_add(requests, Ordering::Relaxed);
+        // Slice before `total`, as in `record`.
         slice.requests.fetch_add(requests, Ordering::Relaxed);
+        self.total.fetch_add(requests, Ordering::Release);
         slice.errors.fetch_add(errors, Ordering::Relaxed);
         for bucket in latency_us.iter() {
             let mut count = bucket.count();
             // Bucket counts are 32-bit here; a peer's half-second never comes near that.
             while count > 0 {
                 let step = count.min(u64::from(u32::MAX));
-                let _ = slice.latency_us.add(bucket.start(), step as u32);
+                let _ = slice.histogram().add(bucket.start(), step as u32);
                 count -= step;
             }
         }
@@ -335,33 +428,129 @@ impl Window {
     #[inline]
     pub fn record(&self, error: bool, latency: Duration) {
         let slice = &self.slices[self.current.load(Ordering::Acquire)];
-        self.total.fetch_add(1, Ordering::Relaxed);
+        // The slice before `total`: a rotation that reads `total` and then finds every
+        // slice empty knows that any request it missed moves `total` on afterwards, so
+        // the next rotation is not deferred with that request left unclosed.
         slice.requests.fetch_add(1, Ordering::Relaxed);
+        self.total.fetch_add(1, Ordering::Release);
         if error {
             slice.errors.fetch_add(1, Ordering::Relaxed);
         }
         let us = (latency.as_micros() as u64).min(MAX_MICROS);
-        let _ = slice.latency_us.increment(us);
+        let _ = slice.histogram().increment(us);
     }
 
     /// Count a failed attempt that was retried: a request and an error, with no latency
     /// sample (the attempt's answer never reached the client).
     pub fn record_failed_attempt(&self) {
         let slice = &self.slices[self.current.load(Ordering::Acquire)];
-        self.total.fetch_add(1, Ordering::Relaxed);
+        // Slice before `total`, as in `record`.
         slice.requests.fetch_add(1, Ordering::Relaxed);
+        self.total.fetch_add(1, Ordering::Release);
         slice.errors.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Advance the ring to `now`: every slice that ended is closed (and kept in the
     /// history) and the oldest is cleared to become current. The first call only starts
     /// the clock.
+    ///
+    /// While every slice is empty and nothing was recorded since the last call, the
+    /// rotations due would only close empty slices: they are deferred, and `now` noted
+    /// as a time the window was still empty. The next call that finds traffic, or the
+    /// next read, makes them first (see [`Window::catch_up`]). An idle pool's rotation
+    /// is three loads and a store, with no lock.
     pub fn rotate(&self, now: Instant) {
-        let mut start = self.current_start.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(mut s) = *start else {
-            *start = Some(now);
+        // The idle case: nothing recorded since the last rotation left every slice
+        // empty. Only the rotating writer stores `quiet_total`, so it reads its own last
+        // word here; and its `now` only grows, so a plain store keeps the latest.
+        if let Some(epoch) = self.epoch.get()
+            && self.quiet_total.load(Ordering::Relaxed) == self.total.load(Ordering::Relaxed)
+        {
+            let ns = now.saturating_duration_since(*epoch).as_nanos() as u64;
+            self.deferred_ns
+                .store(ns.saturating_add(1), Ordering::Relaxed);
+            return;
+        }
+        let mut clock = self.clock();
+        if clock.start.is_none() {
+            clock.start = Some(now);
+            let _ = self.epoch.set(now);
+            self.note_quiet(self.total.load(Ordering::Relaxed));
+            return;
+        }
+        // Acquire: every slice increment made before the `total` read here is seen by
+        // `note_quiet` (recorders add to `total` with Release, after their slice).
+        let total = self.total.load(Ordering::Acquire);
+        self.catch_up(&mut clock);
+        self.rotate_locked(&mut clock, now);
+        self.note_quiet(total);
+    }
+
+    /// After a rotation that started with `total` requests recorded: whether the next
+    /// ones may be deferred. A request recorded meanwhile moved `total` past it.
+    fn note_quiet(&self, total: u64) {
+        let quiet = if self.ring_empty() { total } else { NOT_QUIET };
+        self.quiet_total.store(quiet, Ordering::Relaxed);
+    }
+
+    /// No slice holds a request (and so no latency sample either: every recording path
+    /// counts the request first).
+    fn ring_empty(&self) -> bool {
+        self.slices
+            .iter()
+            .all(|s| s.requests.load(Ordering::Relaxed) == 0)
+    }
+
+    /// Make the rotations deferred while the window was quiet, as of the last time it
+    /// was seen quiet: every slice closed in between was empty (so the history and the
+    /// exposure's span grow by that many empty slices, as they would have one by one),
+    /// and the slice open then is the current one now — it holds whatever came since.
+    /// Its contents stay where recorders put them; the ring is renumbered around it.
+    fn catch_up(&self, clock: &mut Rotation) {
+        let deferred = self.deferred_ns.swap(0, Ordering::Relaxed);
+        let (Some(epoch), Some(start)) = (self.epoch.get(), clock.start) else {
             return;
         };
+        if deferred == 0 {
+            return;
+        }
+        let until = *epoch + Duration::from_nanos(deferred - 1);
+        let steps =
+            (until.saturating_duration_since(start).as_nanos() / self.slice_len.as_nanos()) as u64;
+        if steps == 0 {
+            return;
+        }
+        let first = self.rotations.load(Ordering::Relaxed);
+        let number = first + steps;
+        let current = self.current.load(Ordering::Relaxed);
+        let n = self.slices.len();
+        // The slice `k` behind the current one was opened `k` rotations earlier, as if
+        // the ring had turned one slice at a time. All but the current one are empty.
+        for k in 0..n {
+            self.slices[(current + n - k) % n]
+                .opened
+                .store(number.saturating_sub(k as u64), Ordering::Relaxed);
+        }
+        self.rotations.store(number, Ordering::Relaxed);
+        let skipped = self.slice_len.as_nanos() * u128::from(steps);
+        clock.start = Some(start + Duration::from_nanos(skipped as u64));
+        let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        history.push_run(Point::default(), steps);
+        drop(history);
+        // The closed slices are numbered first..number-1; the exposure counts those
+        // opened since both its start and the last reset.
+        let mut exposure = self.exposure.lock().unwrap_or_else(|p| p.into_inner());
+        let from = exposure
+            .from
+            .max(self.visible_from.load(Ordering::Relaxed))
+            .max(first);
+        exposure.slices = exposure
+            .slices
+            .saturating_add(number.saturating_sub(from).min(u64::from(u32::MAX)) as u32);
+    }
+
+    fn rotate_locked(&self, clock: &mut Rotation, now: Instant) {
+        let Some(mut s) = clock.start else { return };
         if now.saturating_duration_since(s) < self.slice_len {
             return;
         }
@@ -382,7 +571,7 @@ impl Window {
                     .as_mut()
                 {
                     let (point, latency) = open.point();
-                    c.add(point.requests, point.errors, &latency);
+                    c.add(point.requests, point.errors, latency.as_ref());
                 }
                 for slice in self.slices.iter() {
                     slice.clear();
@@ -390,9 +579,7 @@ impl Window {
                 let elapsed = now.saturating_duration_since(s);
                 let whole = (elapsed.as_nanos() / self.slice_len.as_nanos()) as u32;
                 s += self.slice_len * whole;
-                for _ in 0..(whole as usize + 1).min(history.capacity) {
-                    history.push(Point::default());
-                }
+                history.push_run(Point::default(), u64::from(whole) + 1);
                 let number = self
                     .rotations
                     .fetch_add(u64::from(whole) + 1, Ordering::Relaxed)
@@ -421,7 +608,7 @@ impl Window {
                 .unwrap_or_else(|p| p.into_inner())
                 .as_mut()
             {
-                c.add(point.requests, point.errors, &latency);
+                c.add(point.requests, point.errors, latency.as_ref());
             }
             let mut exposure = self.exposure.lock().unwrap_or_else(|p| p.into_inner());
             if closed.opened.load(Ordering::Relaxed) >= exposure.from
@@ -433,31 +620,30 @@ impl Window {
                 exposure.slices += 1;
                 // Past ~4 billion samples in one bucket the latency evidence stops
                 // growing (the counts above keep going); a restart clears it.
-                let _ = exposure.latency_us.checked_add_assign(&latency);
+                if let Some(latency) = latency {
+                    match &mut exposure.latency_us {
+                        Some(h) => {
+                            let _ = h.checked_add_assign(&latency);
+                        }
+                        None => exposure.latency_us = Some(latency),
+                    }
+                }
             }
         }
-        *start = Some(s);
+        clock.start = Some(s);
     }
 
     /// The newest history points covering at most `span`, oldest first.
     pub fn series(&self, span: Duration) -> Series {
         // The newest point ends where the current slice starts. Locked in `rotate`'s
         // order: start, then history.
-        let start = self.current_start.lock().unwrap_or_else(|p| p.into_inner());
+        let mut clock = self.clock();
+        self.catch_up(&mut clock);
         let history = self.history.lock().unwrap_or_else(|p| p.into_inner());
-        let n = (span.as_nanos().div_ceil(self.slice_len.as_nanos()) as usize)
-            .min(history.points.len());
+        let n = (span.as_nanos().div_ceil(self.slice_len.as_nanos()) as usize).min(history.len);
         Series {
-            points: history
-                .points
-                .range(history.points.len() - n..)
-                .copied()
-                .collect(),
-            end: if history.points.is_empty() {
-                None
-            } else {
-                *start
-            },
+            points: history.newest(n),
+            end: if history.len == 0 { None } else { clock.start },
             step: self.slice_len,
         }
     }
@@ -476,6 +662,8 @@ impl Window {
             latency_us: empty_histogram(),
             span: self.slice_len * wanted as u32,
         };
+        // Deferred rotations need no catching up here: they only stand for empty
+        // slices, and the sums over empty slices are the same wherever they sit.
         for k in 0..wanted {
             let slice = &self.slices[(current + self.slices.len() - k) % self.slices.len()];
             if slice.opened.load(Ordering::Relaxed) < visible_from {
@@ -484,8 +672,9 @@ impl Window {
             }
             stats.requests += slice.requests.load(Ordering::Relaxed);
             stats.errors += slice.errors.load(Ordering::Relaxed);
-            let h = slice.latency_us.load();
-            let _ = stats.latency_us.checked_add_assign(&h);
+            if let Some(h) = slice.latency_us.get() {
+                let _ = stats.latency_us.checked_add_assign(&h.load());
+            }
         }
         stats
     }
@@ -493,11 +682,13 @@ impl Window {
     /// Figures over the exposure: every closed slice since [`Window::restart_exposure`]
     /// (or a reset). `span` is the time they cover.
     pub fn exposure(&self) -> Stats {
+        let mut clock = self.clock();
+        self.catch_up(&mut clock);
         let e = self.exposure.lock().unwrap_or_else(|p| p.into_inner());
         Stats {
             requests: e.requests,
             errors: e.errors,
-            latency_us: e.latency_us.clone(),
+            latency_us: e.latency_us.clone().unwrap_or_else(empty_histogram),
             span: self.slice_len * e.slices,
         }
     }
@@ -506,8 +697,16 @@ impl Window {
     /// is judged on its own (the slice open now mixes before and after, so it is left
     /// out).
     pub fn restart_exposure(&self) {
+        let mut clock = self.clock();
+        self.catch_up(&mut clock);
         let from = self.rotations.load(Ordering::Relaxed) + 1;
         *self.exposure.lock().unwrap_or_else(|p| p.into_inner()) = Exposure::new(from);
+    }
+
+    /// Every slice was empty at the last rotation and nothing was recorded since: the
+    /// next rotations would be deferred.
+    pub fn is_quiet(&self) -> bool {
+        self.quiet_total.load(Ordering::Relaxed) == self.total.load(Ordering::Relaxed)
     }
 
     /// Requests recorded since the pool was created; never reset.
@@ -521,11 +720,11 @@ impl Window {
     /// too — at most one slice of them — because the slice cannot be split; the history
     /// keeps them.
     pub fn reset(&self) {
-        self.visible_from.store(
-            self.rotations.load(Ordering::Relaxed) + 1,
-            Ordering::Relaxed,
-        );
-        self.restart_exposure();
+        let mut clock = self.clock();
+        self.catch_up(&mut clock);
+        let from = self.rotations.load(Ordering::Relaxed) + 1;
+        self.visible_from.store(from, Ordering::Relaxed);
+        *self.exposure.lock().unwrap_or_else(|p| p.into_inner()) = Exposure::new(from);
     }
 }
 
@@ -758,5 +957,117 @@ mod tests {
         assert_eq!(s.points.len(), HISTORY.as_secs() as usize);
         assert!(s.points.iter().all(|p| p.requests == 0));
         assert_eq!(s.end, Some(t0 + Duration::from_secs(3600)));
+    }
+
+    /// Everything a reader can see of a window, to compare two of them.
+    fn seen(w: &Window) -> String {
+        let fig = |s: &Stats| (s.requests, s.errors, s.span, s.p50(), s.p99());
+        let t = w.totals();
+        format!(
+            "stats {:?} {:?} {:?}\nexposure {:?}\nseries {:?}\ntotals {} {} {}",
+            fig(&w.stats(S)),
+            fig(&w.stats(S * 3)),
+            fig(&w.stats(S * 30)),
+            fig(&w.exposure()),
+            w.series(HISTORY),
+            t.requests,
+            t.errors,
+            t.latency_us.iter().map(|b| b.count()).sum::<u64>(),
+        )
+    }
+
+    #[test]
+    fn deferred_idle_rotation_leaves_the_same_figures_as_turning_every_slice() {
+        // Two windows fed the same traffic and the same rotation calls (every 100 ms,
+        // as the guard makes them); one is kept from deferring. Long idle stretches,
+        // bursts at odd offsets, resets and exposure restarts, and reads in between.
+        let lazy = Window::new(Duration::from_secs(3), S);
+        let eager = Window::new(Duration::from_secs(3), S);
+        let t0 = Instant::now();
+        let tick = Duration::from_millis(100);
+        let mut deferred = 0;
+        for k in 0..1200u32 {
+            let now = t0 + tick * k;
+            // Traffic in a few bursts, with gaps longer than the ring and shorter.
+            let busy = matches!(k, 3..=14 | 95..=97 | 131 | 402..=460 | 461 | 1000..=1003);
+            if busy {
+                for w in [&lazy, &eager] {
+                    w.record(k % 3 == 0, Duration::from_millis(u64::from(k % 17) + 1));
+                    if k % 5 == 0 {
+                        w.record_failed_attempt();
+                    }
+                }
+            }
+            if matches!(k, 200 | 700) {
+                lazy.reset();
+                eager.reset();
+            }
+            if matches!(k, 300 | 455 | 900) {
+                lazy.restart_exposure();
+                eager.restart_exposure();
+            }
+            eager.quiet_total.store(NOT_QUIET, Ordering::Relaxed);
+            eager.rotate(now);
+            lazy.rotate(now);
+            if lazy.deferred_ns.load(Ordering::Relaxed) != 0 {
+                deferred += 1;
+            }
+            // Reads at a few moments only: a read catches up, and the point is to
+            // compare after long deferred stretches too.
+            if k % 97 == 0 || busy || k == 1199 {
+                assert_eq!(seen(&lazy), seen(&eager), "at tick {k}");
+            }
+        }
+        assert!(deferred > 500, "idle rotations were deferred: {deferred}");
+    }
+
+    #[test]
+    fn an_idle_window_allocates_no_latency_histogram() {
+        let w = Window::new(Duration::from_secs(30), S);
+        let t0 = Instant::now();
+        for k in 0..100 {
+            w.rotate(t0 + S * k);
+        }
+        assert!(w.slices.iter().all(|s| s.latency_us.get().is_none()));
+        assert!(w.exposure.lock().unwrap().latency_us.is_none());
+        // A hundred idle seconds are one run of empty points in the history.
+        assert_eq!(w.series(HISTORY).points.len(), 99);
+        assert_eq!(w.history.lock().unwrap().runs.len(), 1);
+        // The first request allocates its slice's histogram, and only that one.
+        w.record(false, Duration::from_millis(5));
+        let allocated = || {
+            w.slices
+                .iter()
+                .filter(|s| s.latency_us.get().is_some())
+                .count()
+        };
+        assert_eq!(allocated(), 1);
+        w.rotate(t0 + S * 100);
+        assert!(w.exposure().p99().is_some());
+        assert_eq!(allocated(), 1);
+    }
+
+    #[test]
+    fn history_runs_hold_the_newest_points_up_to_capacity() {
+        let mut h = History {
+            capacity: 5,
+            ..History::default()
+        };
+        let p = |requests| Point {
+            requests,
+            ..Point::default()
+        };
+        h.push(p(1));
+        h.push_run(p(0), 3);
+        h.push(p(2));
+        h.push(p(2));
+        assert_eq!(h.len, 5);
+        let n = |v: Vec<Point>| v.iter().map(|p| p.requests).collect::<Vec<_>>();
+        assert_eq!(n(h.newest(5)), [0, 0, 0, 2, 2]);
+        assert_eq!(n(h.newest(2)), [2, 2]);
+        assert_eq!(n(h.newest(0)), Vec::<u64>::new());
+        h.push_run(p(0), 1_000_000);
+        assert_eq!((h.len, h.runs.len()), (5, 1));
+        assert_eq!(n(h.newest(5)), [0; 5]);
     }
 }
