@@ -146,38 +146,98 @@ impl PooledConn {
 
 /// Idle connections of one endpoint, most recently used on top (warm caches, and the
 /// ones at the bottom age out first).
+///
+/// One stack per worker thread, made on first use: a request takes and returns
+/// connections on its own thread's stack, so no lock or cache line is shared by every
+/// core's requests. A thread whose stack is empty takes from another's before opening
+/// a connection, so a connection idle anywhere is still reused. An endpoint nobody has
+/// sent to holds no stacks at all (10,000 idle services stay small).
 #[derive(Debug, Default)]
 pub struct IdleConns {
+    shards: std::sync::OnceLock<Box<[Shard]>>,
+}
+
+/// One thread's stack, on its own cache lines.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Shard {
     // Boxed on purpose: connections move between this stack and response bodies, and a
     // box moves as one pointer instead of several hundred bytes.
     #[allow(clippy::vec_box)]
     stack: Mutex<Vec<Box<PooledConn>>>,
 }
 
+impl Shard {
+    #[allow(clippy::vec_box)] // see `stack`
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Box<PooledConn>>> {
+        self.stack.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// How many stacks an endpoint keeps: one per CPU the process may use.
+fn shard_count() -> usize {
+    static COUNT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *COUNT.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(64)))
+}
+
+/// This thread's stack number, given out round-robin as threads first ask.
+fn shard_index() -> usize {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static INDEX: usize = NEXT.fetch_add(1, Ordering::Relaxed) % shard_count();
+    }
+    INDEX.with(|i| *i)
+}
+
 impl IdleConns {
-    fn pop(&self) -> Option<Box<PooledConn>> {
-        self.stack.lock().unwrap_or_else(|p| p.into_inner()).pop()
+    fn shards(&self) -> &[Shard] {
+        self.shards
+            .get_or_init(|| (0..shard_count()).map(|_| Shard::default()).collect())
     }
 
+    /// The most recently idled connection: this thread's own first, then another's.
+    fn pop(&self) -> Option<Box<PooledConn>> {
+        let shards = self.shards.get()?;
+        let own = shard_index();
+        if let Some(c) = shards[own].lock().pop() {
+            return Some(c);
+        }
+        (1..shards.len()).find_map(|k| shards[(own + k) % shards.len()].lock().pop())
+    }
+
+    /// Keep `conn` on this thread's stack, within an equal part of the endpoint's
+    /// `max` idle connections.
     fn push(&self, conn: Box<PooledConn>, max: usize) {
-        let mut stack = self.stack.lock().unwrap_or_else(|p| p.into_inner());
-        if stack.len() < max {
+        let shards = self.shards();
+        let per_shard = max.div_ceil(shards.len());
+        let mut stack = shards[shard_index()].lock();
+        if stack.len() < per_shard {
             stack.push(conn);
         }
     }
 
     /// Close connections idle for longer than `timeout`.
     pub fn evict(&self, timeout: Duration) {
+        let Some(shards) = self.shards.get() else {
+            return;
+        };
         let now = Instant::now();
-        let mut stack = self.stack.lock().unwrap_or_else(|p| p.into_inner());
-        stack.retain(|c| {
-            c.idle_since
-                .is_some_and(|t| now.duration_since(t) < timeout)
-        });
+        for shard in shards.iter() {
+            let mut stack = shard.lock();
+            if !stack.is_empty() {
+                stack.retain(|c| {
+                    c.idle_since
+                        .is_some_and(|t| now.duration_since(t) < timeout)
+                });
+            }
+        }
     }
 
     pub fn len(&self) -> usize {
-        self.stack.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.shards
+            .get()
+            .map_or(0, |shards| shards.iter().map(|s| s.lock().len()).sum())
     }
 
     pub fn is_empty(&self) -> bool {

@@ -806,12 +806,12 @@ async fn sweep_idle(router: Arc<Router>, timeout: Duration) {
     let mut tick = tokio::time::interval((timeout / 2).max(Duration::from_millis(100)));
     loop {
         tick.tick().await;
+        // The table's flat pool list: no snapshot loads, and endpoints nobody has sent
+        // to hold no idle stacks to look at.
         let table = router.table();
-        for service in table.services() {
-            for slot in service.snapshot().slots() {
-                for endpoint in slot.pool.endpoints() {
-                    endpoint.idle().evict(timeout);
-                }
+        for pool in table.pools() {
+            for endpoint in pool.endpoints() {
+                endpoint.idle().evict(timeout);
             }
         }
     }
