@@ -14,7 +14,9 @@ FROM rust:1-bookworm AS builder
 WORKDIR /build
 
 # Fleet mode (`--features fleet`): the etcd client crate compiles etcd's .proto files at
-# build time, with protoc and the well-known types from libprotobuf-dev.
+# build time, with protoc and the well-known types from libprotobuf-dev. The `jemalloc`
+# feature (memory of closed connections goes back to the system) builds jemalloc with
+# make, which this image has.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends protobuf-compiler libprotobuf-dev \
     && rm -rf /var/lib/apt/lists/*
@@ -28,8 +30,8 @@ COPY crates/weir-testkit/Cargo.toml crates/weir-testkit/
 RUN mkdir -p src crates/weir/src crates/weir/benches crates/weir-testkit/src \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs crates/weir/src/lib.rs crates/weir-testkit/src/lib.rs \
-    && echo 'fn main() {}' > crates/weir/benches/routing.rs \
-    && cargo build --release --locked --features fleet --bin weir \
+    && for b in routing contention; do echo 'fn main() {}' > crates/weir/benches/$b.rs; done \
+    && cargo build --release --locked --features fleet,jemalloc --bin weir \
     && rm -rf src crates/weir/src crates/weir/benches crates/weir-testkit/src
 
 COPY src ./src
@@ -37,7 +39,7 @@ COPY crates ./crates
 # COPY keeps the files' own modification times, which may be older than the stub build:
 # touch the crate roots so cargo rebuilds weir from the real sources.
 RUN touch src/main.rs src/lib.rs crates/weir/src/lib.rs crates/weir-testkit/src/lib.rs \
-    && cargo build --release --locked --features fleet --bin weir \
+    && cargo build --release --locked --features fleet,jemalloc --bin weir \
     && install -D -m 0755 target/release/weir /out/weir
 
 # ---- runtime ----------------------------------------------------------------------

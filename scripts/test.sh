@@ -23,6 +23,8 @@ command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 [ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
+# The `jemalloc` feature builds jemalloc from source with make.
+command -v make >/dev/null 2>&1 || need+=(make)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -40,13 +42,15 @@ if cargo tree -p weir -e normal --prefix none | grep -Eq '^(clap|anyhow) '; then
   echo "the weir library must not depend on clap or anyhow (they belong to weir-cli)" >&2
   exit 1
 fi
-# Both builds stay clean: the default one (no etcd client, only the Rust toolchain
-# needed) and the one with fleet mode, which the tests run.
+# Both builds stay clean: the default one (no etcd client, glibc's allocator: only the
+# Rust toolchain needed) and the release one (fleet mode and jemalloc), which the tests
+# run.
+FEATURES=weir-cli/fleet,weir-cli/jemalloc
 cargo clippy --workspace --all-targets -- -D warnings
-cargo clippy --workspace --all-targets --features weir-cli/fleet -- -D warnings
+cargo clippy --workspace --all-targets --features "$FEATURES" -- -D warnings
 # --all-targets builds and runs lib, binary, integration tests and benches (criterion
 # runs each bench once in test mode, so they never rot); doc tests separately.
-cargo test --workspace --all-targets --features weir-cli/fleet
-cargo test --workspace --doc --features weir-cli/fleet
+cargo test --workspace --all-targets --features "$FEATURES"
+cargo test --workspace --doc --features "$FEATURES"
 # The docker-compose stack: validated, not started (no Docker engine on CI machines).
 scripts/check-compose.sh target/debug/weir
