@@ -21,39 +21,15 @@ fn config() -> Config {
     Config::parse(toml, "bench").unwrap()
 }
 
-fn per_request_path(c: &mut Criterion) {
-    let metrics = Metrics::new();
-    let controller = Controller::in_memory(&config(), Arc::clone(&metrics));
-    let router = controller.router().clone();
-    let metrics_sink = MetricsSink(Arc::clone(&metrics));
-    let window_sink = WindowSink;
-    let one_request = || {
-        let table = router.table();
-        let service = table.route(Some(black_box("shop.example.com"))).unwrap();
-        let snapshot = service.snapshot();
-        let pool = Arc::clone(&snapshot.pick().pool);
-        let guard = pool.pick().unwrap();
-        let outcome = Outcome {
-            pool: &pool,
-            endpoint: Some(guard.index()),
-            status: 200,
-            grpc: None,
-            error: None,
-            latency: Duration::from_micros(850),
-            duration: Duration::from_micros(900),
-            retried: None,
-        };
-        metrics_sink.record(&outcome);
-        window_sink.record(&outcome);
-        drop(guard);
-    };
+/// Time per call of `one` on each of 1, 2, 4 … N threads running it at once.
+fn scaling(c: &mut Criterion, name: &str, one: &(dyn Fn() + Sync)) {
     let max = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8));
-    let mut group = c.benchmark_group("per-request path, time per request on each thread");
+    let mut group = c.benchmark_group(name);
     let mut threads = 1;
     while threads <= max {
         group.bench_with_input(BenchmarkId::from_parameter(threads), &threads, |b, &n| {
             b.iter_custom(|iters| {
-                // Every thread does `iters` requests; the slowest one's time is the
+                // Every thread makes `iters` calls; the slowest one's time is the
                 // figure, so sharing shows up as a rise with the thread count.
                 let start = Barrier::new(n);
                 std::thread::scope(|s| {
@@ -63,7 +39,7 @@ fn per_request_path(c: &mut Criterion) {
                                 start.wait();
                                 let t = Instant::now();
                                 for _ in 0..iters {
-                                    one_request();
+                                    one();
                                 }
                                 t.elapsed()
                             })
@@ -80,6 +56,56 @@ fn per_request_path(c: &mut Criterion) {
         threads *= 2;
     }
     group.finish();
+}
+
+fn per_request_path(c: &mut Criterion) {
+    let metrics = Metrics::new();
+    let controller = Controller::in_memory(&config(), Arc::clone(&metrics));
+    let router = controller.router().clone();
+    let metrics_sink = MetricsSink(Arc::clone(&metrics));
+    let window_sink = WindowSink;
+    let record = |pool: &Arc<weir::Pool>, endpoint: usize, sinks: &[&dyn OutcomeSink]| {
+        let outcome = Outcome {
+            pool,
+            endpoint: Some(endpoint),
+            status: 200,
+            grpc: None,
+            error: None,
+            latency: Duration::from_micros(850),
+            duration: Duration::from_micros(900),
+            retried: None,
+        };
+        for sink in sinks {
+            sink.record(&outcome);
+        }
+    };
+    let route_and_pick = || {
+        let table = router.table();
+        let service = table.route(Some(black_box("shop.example.com"))).unwrap();
+        let snapshot = service.snapshot();
+        let pool = Arc::clone(&snapshot.pick().pool);
+        let guard = pool.pick().unwrap();
+        (pool, guard)
+    };
+    scaling(
+        c,
+        "per-request path, time per request on each thread",
+        &|| {
+            let (pool, guard) = route_and_pick();
+            record(&pool, guard.index(), &[&metrics_sink, &window_sink]);
+        },
+    );
+    // The same path in parts, to see which one's shared writes cost the most.
+    scaling(c, "part: route, draw and endpoint pick", &|| {
+        black_box(route_and_pick());
+    });
+    let shop = Arc::clone(&controller.snapshot("shop").unwrap().slots()[0].pool);
+    scaling(c, "part: metrics recording", &|| {
+        record(&shop, 0, &[&metrics_sink]);
+    });
+    scaling(c, "part: window recording", &|| {
+        record(&shop, 0, &[&window_sink]);
+    });
     // The exporter keeps histogram samples until rendered: drain them.
     metrics.render();
 }
