@@ -34,6 +34,12 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends $(printf '%s\n' "${need[@]}" | sort -u)
 fi
 
+# The tests' temporary files (state dirs, configs, etcd data) go to one directory for
+# this run, removed at the end: they would otherwise pile up in /tmp run after run.
+TMPDIR=$(mktemp -d /tmp/weir-tests.XXXXXX)
+export TMPDIR
+trap 'rm -rf "$TMPDIR"' EXIT
+
 cargo fmt --all -- --check
 # The library's layers: a lower layer never names a higher one (scripts/layers.py), and
 # the product library does not depend on the CLI's crates.
