@@ -26,6 +26,8 @@
 #                 build before a change), for before/after ratios from one run
 #   WEIR_BIN      weir binary; default: `cargo build --release` and
 #                 use target/release/weir (only if weir is in TARGETS)
+#   WEIR_FEATURES cargo features of that build (default jemalloc, as release
+#                 builds; empty for glibc's malloc); make is installed if missing
 #   WEIR_LOG      RUST_LOG for weir                             (default warn)
 #   PROXY_CPU     core the proxy under test is pinned to        (default 0)
 #   LOADGEN_CPU   core wrk/h2load and the upstream nginx are pinned to (default 1)
@@ -59,6 +61,7 @@ WRK_THREADS=${WRK_THREADS:-1}
 WARMUP=${WARMUP:-2s}
 TARGETS=${TARGETS:-"direct weir haproxy nginx"}
 WEIR_BIN=${WEIR_BIN:-}
+WEIR_FEATURES=${WEIR_FEATURES-jemalloc}
 WEIR_BASE_BIN=${WEIR_BASE_BIN:-}
 WEIR_LOG=${WEIR_LOG:-warn}
 PROXY_CPU=${PROXY_CPU:-0}
@@ -134,6 +137,7 @@ if has_proto h2; then
     if ! command -v h2load >/dev/null || ! command -v nghttp >/dev/null; then missing+=(nghttp2-client); fi
 fi
 command -v curl >/dev/null || missing+=(curl)
+if [[ -z $WEIR_BIN && -n $WEIR_FEATURES ]] && has_target weir; then command -v make >/dev/null || missing+=(make); fi
 command -v taskset >/dev/null || missing+=(util-linux)
 if has_target haproxy; then command -v haproxy >/dev/null || missing+=(haproxy); fi
 ((${#missing[@]} == 0)) || install_pkgs "${missing[@]}"
@@ -155,8 +159,8 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 # --------------------------------------------------------------------------
 if has_target weir; then
     if [[ -z $WEIR_BIN ]]; then
-        log "building weir (cargo build --release)"
-        (cd "$REPO_ROOT" && cargo build --release >&2) || die "cargo build --release failed"
+        log "building weir (cargo build --release --features '$WEIR_FEATURES')"
+        (cd "$REPO_ROOT" && cargo build --release --features "$WEIR_FEATURES" >&2) || die "cargo build --release failed"
         WEIR_BIN=${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/weir
     fi
     [[ -x $WEIR_BIN ]] || die "weir binary not found or not executable: $WEIR_BIN"

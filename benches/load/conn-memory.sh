@@ -32,6 +32,8 @@
 #                 for allocators that purge on a timer (jemalloc: ~10 s) (default 12)
 #   WEIR_BIN      weir binary; default: `cargo build --release` and use
 #                 target/release/weir (only if weir is in TARGETS)
+#   WEIR_FEATURES cargo features of that build (default jemalloc, as release
+#                 builds; empty for glibc's malloc); make is installed if missing
 #   WEIR_BASE_BIN a second weir binary measured as target `weir-base`
 #   WEIR_LOG      RUST_LOG for weir             (default warn)
 #   WEIR_ENV      extra environment for weir only, e.g.
@@ -61,6 +63,7 @@ SLOW_READ=${SLOW_READ:-0}
 SETTLE=${SETTLE:-15}
 CLOSE_WAIT=${CLOSE_WAIT:-12}
 WEIR_BIN=${WEIR_BIN:-}
+WEIR_FEATURES=${WEIR_FEATURES-jemalloc}
 WEIR_BASE_BIN=${WEIR_BASE_BIN:-}
 WEIR_LOG=${WEIR_LOG:-warn}
 WEIR_ENV=${WEIR_ENV:-}
@@ -118,6 +121,7 @@ install_pkgs() {
 missing=()
 command -v nginx >/dev/null || missing+=(nginx)
 command -v curl >/dev/null || missing+=(curl)
+if [[ -z $WEIR_BIN && -n $WEIR_FEATURES ]] && has_target weir; then command -v make >/dev/null || missing+=(make); fi
 command -v taskset >/dev/null || missing+=(util-linux)
 if has_target haproxy; then command -v haproxy >/dev/null || missing+=(haproxy); fi
 ((${#missing[@]} == 0)) || install_pkgs "${missing[@]}"
@@ -138,8 +142,8 @@ NOFILE=$(ulimit -n)
 # --------------------------------------------------------------------------
 if has_target weir; then
     if [[ -z $WEIR_BIN ]]; then
-        log "building weir (cargo build --release)"
-        (cd "$REPO_ROOT" && cargo build --release -p weir-cli >&2) || die "cargo build --release failed"
+        log "building weir (cargo build --release --features '$WEIR_FEATURES')"
+        (cd "$REPO_ROOT" && cargo build --release -p weir-cli --features "$WEIR_FEATURES" >&2) || die "cargo build --release failed"
         WEIR_BIN=${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/weir
     fi
     [[ -x $WEIR_BIN ]] || die "weir binary not found or not executable: $WEIR_BIN"

@@ -16,6 +16,8 @@
 #   TARGETS       which proxies, in order          (default "weir haproxy nginx")
 #   WEIR_BIN      weir binary; default: `cargo build --release` and
 #                 use target/release/weir
+#   WEIR_FEATURES cargo features of that build (default jemalloc, as release
+#                 builds; empty for glibc's malloc); make is installed if missing
 #   WEIR_LOG      RUST_LOG for weir                          (default warn)
 #   READY_TIMEOUT seconds to wait for a process to answer    (default 120)
 #   KEEP_WORKDIR  1 = keep the temp dir (configs, logs)
@@ -36,6 +38,7 @@ IDLE_SECS=${IDLE_SECS:-20}
 SETTLE_SECS=${SETTLE_SECS:-5}
 TARGETS=${TARGETS:-"weir haproxy nginx"}
 WEIR_BIN=${WEIR_BIN:-}
+WEIR_FEATURES=${WEIR_FEATURES-jemalloc}
 WEIR_LOG=${WEIR_LOG:-warn}
 READY_TIMEOUT=${READY_TIMEOUT:-120}
 KEEP_WORKDIR=${KEEP_WORKDIR:-0}
@@ -85,6 +88,7 @@ install_pkgs() {
 
 missing=()
 command -v curl >/dev/null || missing+=(curl)
+if [[ -z $WEIR_BIN && -n $WEIR_FEATURES ]] && has_target weir; then command -v make >/dev/null || missing+=(make); fi
 if has_target haproxy; then command -v haproxy >/dev/null || missing+=(haproxy); fi
 if has_target nginx; then command -v nginx >/dev/null || missing+=(nginx); fi
 ((${#missing[@]} == 0)) || install_pkgs "${missing[@]}"
@@ -94,8 +98,8 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 if has_target weir; then
     if [[ -z $WEIR_BIN ]]; then
-        log "building weir (cargo build --release)"
-        (cd "$REPO_ROOT" && cargo build --release --bin weir >&2) || die "cargo build --release failed"
+        log "building weir (cargo build --release --features '$WEIR_FEATURES')"
+        (cd "$REPO_ROOT" && cargo build --release --bin weir --features "$WEIR_FEATURES" >&2) || die "cargo build --release failed"
         WEIR_BIN=${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/weir
     fi
     [[ -x $WEIR_BIN ]] || die "weir binary not found or not executable: $WEIR_BIN"
