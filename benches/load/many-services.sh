@@ -47,6 +47,9 @@ OUT_MD=${OUT_MD:-$SCRIPT_DIR/many-services.md}
 log() { printf '[many-services] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 has_target() { [[ " $TARGETS " == *" $1 "* ]]; }
+# install_pkgs, alive, stop_pid: shared by the load scripts.
+# shellcheck source=lib.sh
+. "$SCRIPT_DIR/lib.sh"
 
 for t in $TARGETS; do
     case $t in
@@ -64,27 +67,6 @@ done
 # --------------------------------------------------------------------------
 # Dependencies (Debian packages), installed only if missing.
 # --------------------------------------------------------------------------
-install_pkgs() {
-    local sudo=() rc=0 made_policy=0
-    if ((EUID != 0)); then
-        command -v sudo >/dev/null || die "need root (or sudo) to install: $*"
-        sudo=(sudo)
-    fi
-    # Keep the packages' own system services from being started by the install.
-    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
-        printf '#!/bin/sh\nexit 101\n' | "${sudo[@]}" tee /usr/sbin/policy-rc.d >/dev/null
-        "${sudo[@]}" chmod 755 /usr/sbin/policy-rc.d
-        made_policy=1
-    fi
-    log "installing: $*"
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq || rc=$?
-    if ((rc == 0)); then
-        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
-            apt-get install -y -qq --no-install-recommends "$@" >&2 || rc=$?
-    fi
-    if ((made_policy)); then "${sudo[@]}" rm -f /usr/sbin/policy-rc.d; fi
-    ((rc == 0)) || die "apt-get failed (rc=$rc)"
-}
 
 missing=()
 command -v curl >/dev/null || missing+=(curl)
@@ -114,27 +96,7 @@ RESULTS=$WORKDIR/results.tsv
 : >"$RESULTS"
 PIDS=()
 
-alive() {
-    local st
-    [[ -r /proc/$1/stat ]] || return 1
-    st=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-    st=${st##*) }
-    [[ ${st%% *} != Z ]]
-}
 
-stop_pid() {
-    local pid=$1 i
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 200; i++)); do
-        alive "$pid" || break
-        sleep 0.05
-    done
-    if alive "$pid"; then kill -KILL "$pid" 2>/dev/null || true; fi
-    wait "$pid" 2>/dev/null || true
-    local keep=() p
-    for p in "${PIDS[@]}"; do [[ $p == "$pid" ]] || keep+=("$p"); done
-    PIDS=("${keep[@]}")
-}
 
 cleanup() {
     local rc=$?
