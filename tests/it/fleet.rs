@@ -539,6 +539,35 @@ async fn run_instance(f: &Fleet, i: usize, dir: &std::path::Path) -> Process {
     run_instance_with(f, i, dir, &f.etcd.endpoints(), "", &[]).await
 }
 
+/// Three weir processes on the fleet, each with its own state dir: the dirs (to restart
+/// one on), the processes (`None` once killed) and their admin addresses.
+async fn run_three(
+    f: &Fleet,
+    tag: &str,
+) -> (
+    Vec<std::path::PathBuf>,
+    Vec<Option<Process>>,
+    Vec<std::net::SocketAddr>,
+) {
+    let dirs: Vec<_> = (0..3).map(|_| temp_dir(tag)).collect();
+    let mut procs = Vec::new();
+    for (i, dir) in dirs.iter().enumerate() {
+        procs.push(Some(run_instance(f, i, dir).await));
+    }
+    let admins = procs.iter().map(|p| p.as_ref().unwrap().admin).collect();
+    (dirs, procs, admins)
+}
+
+/// Which of `admins` says it leads the fleet, if one does.
+async fn leading(admins: &[std::net::SocketAddr]) -> Option<usize> {
+    for (i, a) in admins.iter().enumerate() {
+        if fleet_doc(*a).await["leads"] == true {
+            return Some(i);
+        }
+    }
+    None
+}
+
 /// [`run_instance`] on given endpoints, with more `[fleet]` settings and environment.
 async fn run_instance_with(
     f: &Fleet,
@@ -592,29 +621,16 @@ async fn run_instance_with(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_after_a_200_loses_nothing_and_a_killed_leader_is_replaced() {
     let f = Fleet::start(0, "").await;
-    let dirs: Vec<_> = (0..3).map(|_| temp_dir("fleet-bin")).collect();
-    let mut procs = Vec::new();
-    for (i, dir) in dirs.iter().enumerate() {
-        procs.push(Some(run_instance(&f, i, dir).await));
-    }
-    let admins: Vec<_> = procs.iter().map(|p| p.as_ref().unwrap().admin).collect();
-    let leader = async |admins: &[std::net::SocketAddr]| -> Option<usize> {
-        for (i, a) in admins.iter().enumerate() {
-            if fleet_doc(*a).await["leads"] == true {
-                return Some(i);
-            }
-        }
-        None
-    };
+    let (dirs, mut procs, admins) = run_three(&f, "fleet-bin").await;
     assert!(
         wait_until(Duration::from_secs(10), || async {
-            leader(&admins).await.is_some()
+            leading(&admins).await.is_some()
         })
         .await,
         "{:#}",
         fleet_doc(admins[0]).await
     );
-    let first = leader(&admins).await.unwrap();
+    let first = leading(&admins).await.unwrap();
     // A change acknowledged by the leader, which is killed at once: on every instance.
     let a = put_weights(
         admins[first],
@@ -634,7 +650,7 @@ async fn kill_9_after_a_200_loses_nothing_and_a_killed_leader_is_replaced() {
     let rest: Vec<_> = others.iter().map(|i| admins[*i]).collect();
     assert!(
         wait_until(Duration::from_secs(10), || async {
-            leader(&rest).await.is_some()
+            leading(&rest).await.is_some()
         })
         .await,
         "no new leader"
@@ -644,7 +660,7 @@ async fn kill_9_after_a_200_loses_nothing_and_a_killed_leader_is_replaced() {
         killed.elapsed()
     );
     // The same for an instance that does not lead: its acknowledged change survives it.
-    let new_leader = others[leader(&rest).await.unwrap()];
+    let new_leader = others[leading(&rest).await.unwrap()];
     let follower = others.iter().copied().find(|i| *i != new_leader).unwrap();
     let a = put_weights(
         admins[follower],
@@ -791,27 +807,14 @@ async fn an_instance_restarted_without_etcd_serves_its_cached_state() {
 async fn a_rollout_continues_under_a_new_leader_without_doubling_or_skipping_a_step() {
     let plan = "[service.rollout]\ncandidate = \"canary\"\nsteps = [{ percent = 10 }, { pause = \"3s\" }, { percent = 30 }, { pause = \"3s\" }, { percent = 60 }, { pause = \"1s\" }, { percent = 100 }]\n";
     let f = Fleet::start(0, plan).await;
-    let dirs: Vec<_> = (0..3).map(|_| temp_dir("fleet-plan")).collect();
-    let mut procs = Vec::new();
-    for (i, dir) in dirs.iter().enumerate() {
-        procs.push(Some(run_instance(&f, i, dir).await));
-    }
-    let admins: Vec<_> = procs.iter().map(|p| p.as_ref().unwrap().admin).collect();
-    let leader = async |admins: &[std::net::SocketAddr]| -> Option<usize> {
-        for (i, a) in admins.iter().enumerate() {
-            if fleet_doc(*a).await["leads"] == true {
-                return Some(i);
-            }
-        }
-        None
-    };
+    let (_dirs, mut procs, admins) = run_three(&f, "fleet-plan").await;
     assert!(
         wait_until(Duration::from_secs(10), || async {
-            leader(&admins).await.is_some()
+            leading(&admins).await.is_some()
         })
         .await
     );
-    let first = leader(&admins).await.unwrap();
+    let first = leading(&admins).await.unwrap();
     // Started on a follower; the leader drives it.
     let starter = (first + 1) % 3;
     let req = Request::post(format!(
