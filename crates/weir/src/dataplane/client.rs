@@ -224,24 +224,11 @@ impl IdleConns {
         };
         let now = Instant::now();
         for shard in shards.iter() {
-            let mut stack = shard.lock();
-            if !stack.is_empty() {
-                stack.retain(|c| {
-                    c.idle_since
-                        .is_some_and(|t| now.duration_since(t) < timeout)
-                });
-            }
+            shard.lock().retain(|c| {
+                c.idle_since
+                    .is_some_and(|t| now.duration_since(t) < timeout)
+            });
         }
-    }
-
-    pub fn len(&self) -> usize {
-        self.shards
-            .get()
-            .map_or(0, |shards| shards.iter().map(|s| s.lock().len()).sum())
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
