@@ -495,10 +495,14 @@ impl Config {
     }
 
     /// The one-line summary `weir check` prints for a valid file.
+    /// The line `weir check` prints on success. It names the first few services only:
+    /// a config of thousands of services would otherwise print one line of megabytes,
+    /// which buries the "ok" that a person or a deploy script is looking for.
     pub fn summary(&self) -> String {
         let services: Vec<String> = self
             .services
             .iter()
+            .take(SUMMARY_SERVICES)
             .map(|s| {
                 let pools: Vec<String> = s
                     .pools
@@ -514,14 +518,21 @@ impl Config {
             })
             .collect();
         let pools: usize = self.services.iter().map(|s| s.pools.len()).sum();
+        let more = match self.services.len().saturating_sub(SUMMARY_SERVICES) {
+            0 => String::new(),
+            n => format!("; and {n} more (`weir ctl status` lists them all)"),
+        };
         format!(
-            "ok: {} service(s), {} pool(s): {}",
+            "ok: {} service(s), {} pool(s): {}{more}",
             self.services.len(),
             pools,
             services.join("; ")
         )
     }
 }
+
+/// How many services `weir check`'s summary names before it only counts the rest.
+const SUMMARY_SERVICES: usize = 10;
 
 /// The key path of whatever sits at byte `pos` of `src`, in the validator's notation
 /// (`service[shop].pools.canary.weight`), for the errors serde reports with a span only
@@ -2221,6 +2232,24 @@ baseline = "only"
 endpoints = ["10.0.0.1:80"]
 weight = 1
 "#;
+
+    #[test]
+    fn summary_of_a_large_config_names_a_few_services_and_counts_the_rest() {
+        let mut text = String::new();
+        for i in 0..500 {
+            text.push_str(&format!(
+                "[[service]]\nname = \"svc{i}\"\nhosts = [\"svc{i}.example\"]\n\
+                 baseline = \"a\"\n[service.pools.a]\nendpoints = [\"10.0.0.1:80\"]\n\
+                 weight = 1\n"
+            ));
+        }
+        let summary = Config::parse(&text, "big.toml").unwrap().summary();
+        assert!(summary.starts_with("ok: 500 service(s), 500 pool(s): svc0 "));
+        assert!(summary.contains("svc9 ["));
+        assert!(!summary.contains("svc10 ["));
+        assert!(summary.ends_with("; and 490 more (`weir ctl status` lists them all)"));
+        assert!(summary.len() < 1000, "{} bytes", summary.len());
+    }
 
     #[test]
     fn valid_config_keeps_order_and_normalizes() {
