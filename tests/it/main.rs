@@ -26,6 +26,7 @@ mod metrics;
 mod outcomes;
 mod pooling;
 mod protocols;
+mod readme;
 mod rollout;
 mod routing;
 mod state;
