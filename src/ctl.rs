@@ -42,6 +42,8 @@ use serde::de::{Deserialize, DeserializeOwned};
 use serde_json::Value;
 
 use weir::api::{self, Event, Phase, RolloutDoc, ServiceDoc};
+
+pub mod releases;
 use weir::model::MAX_WEIGHT;
 
 /// Where `weir run` puts the admin API unless `[admin] listen` says otherwise.
@@ -87,6 +89,10 @@ pub struct CtlArgs {
     /// Print the API's JSON instead of tables (`events --follow`: one event per line).
     #[arg(long, global = true)]
     pub json: bool,
+    /// Who is acting, for the journal and the release history (sent as
+    /// `X-Weir-Actor`; default `$USER@hostname`).
+    #[arg(long, global = true, env = "WEIR_ACTOR", value_name = "NAME")]
+    pub actor: Option<String>,
     #[command(subcommand)]
     pub command: CtlCommand,
 }
@@ -116,6 +122,14 @@ pub enum CtlCommand {
             value_parser = clap::value_parser!(u64).range(1..)
         )]
         count: Option<u64>,
+        /// Wait for the service's rollout to end, printing each change: exit 0 when it
+        /// is promoted (or none runs and the last one was), 1 when it ended degraded or
+        /// aborted, 2 on --timeout.
+        #[arg(long, requires = "service", conflicts_with = "watch")]
+        wait: bool,
+        /// With --wait: give up after this long (e.g. 90s, 10m).
+        #[arg(long, requires = "wait", value_name = "DURATION", value_parser = humantime::parse_duration)]
+        timeout: Option<Duration>,
     },
     /// Set the weight of every pool of a service, as one change.
     #[command(after_help = "Example: weir ctl set-weight shop stable=90 canary=10 \
@@ -149,9 +163,50 @@ pub enum CtlCommand {
         /// At most this many (the API's default is 100).
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=MAX_PAGE))]
         limit: Option<u64>,
-        /// Then keep printing new events as they happen, until Ctrl-C.
+        /// Only the newest N events.
+        #[arg(
+            long,
+            value_name = "N",
+            conflicts_with_all = ["since", "limit"],
+            value_parser = clap::value_parser!(u64).range(1..=MAX_PAGE)
+        )]
+        tail: Option<u64>,
+        /// Then keep printing new events as they happen, until Ctrl-C. Without --since it
+        /// starts from the newest event (after --tail's, if given).
         #[arg(long, short)]
         follow: bool,
+    },
+    /// Release a new build: record VERSION (and, on a VM fleet, the hosts running it)
+    /// on the candidate pool and start the service's rollout plan.
+    #[command(after_help = "Example: weir ctl release shop --version v1.4.2 \
+                            --endpoints 10.0.2.1:8080,10.0.2.2:8080")]
+    Release {
+        /// The service, as `status` names it.
+        service: String,
+        /// The build's version label.
+        #[arg(long = "version", value_name = "VERSION")]
+        release_version: String,
+        /// The pool to release to (default: the plan's candidate, or after a
+        /// promotion the pool that is not the baseline).
+        #[arg(long, value_name = "POOL")]
+        pool: Option<String>,
+        /// The pool's new endpoints, comma-separated host:port (default: unchanged).
+        #[arg(long, value_name = "HOST:PORT,...", value_delimiter = ',')]
+        endpoints: Option<Vec<String>>,
+    },
+    /// The service's releases: revision, version, pool, endpoints, times, outcome, who.
+    History {
+        /// The service, as `status` names it.
+        service: String,
+    },
+    /// Go back to an earlier release's endpoints, version and weights in one step
+    /// (aborting a running rollout).
+    Undo {
+        /// The service, as `status` names it.
+        service: String,
+        /// The revision to go back to (see `history`; default: the previous one).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        to_revision: Option<u64>,
     },
     /// Make weir re-read its config file and apply it.
     Reload,
@@ -365,6 +420,8 @@ pub struct AdminClient {
     base: String,
     /// Marked sensitive, so `Debug` shows no secret.
     auth: Option<HeaderValue>,
+    /// `X-Weir-Actor`: who the journal says made a change.
+    actor: Option<HeaderValue>,
     client: Client<HttpConnector, Full<Bytes>>,
 }
 
@@ -415,7 +472,19 @@ impl AdminClient {
         connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new()).build(connector);
-        Ok(AdminClient { base, auth, client })
+        Ok(AdminClient {
+            base,
+            auth,
+            actor: None,
+            client,
+        })
+    }
+
+    /// Send `actor` as `X-Weir-Actor` with every request (dropped if it cannot be a
+    /// header value; the server bounds and sanitises it anyway).
+    pub fn with_actor(mut self, actor: &str) -> AdminClient {
+        self.actor = HeaderValue::from_str(actor).ok();
+        self
     }
 
     /// The base URL requests go to.
@@ -474,6 +543,40 @@ impl AdminClient {
     ) -> Result<Reply<ServiceDoc>, CtlError> {
         let path = format!("/api/v1/services/{}/{}", segment(service), action.verb());
         self.call(Method::POST, &path, Some(action.body()), None)
+            .await
+    }
+
+    /// `POST /api/v1/services/{name}/release`; answers the new service document.
+    pub async fn release(
+        &self,
+        service: &str,
+        request: &api::ReleaseRequest,
+    ) -> Result<Reply<ServiceDoc>, CtlError> {
+        let path = format!("/api/v1/services/{}/release", segment(service));
+        self.call(Method::POST, &path, Some(request_json(request)), None)
+            .await
+    }
+
+    /// `POST /api/v1/services/{name}/undo`; answers the new service document.
+    pub async fn undo(
+        &self,
+        service: &str,
+        to_revision: Option<u64>,
+    ) -> Result<Reply<ServiceDoc>, CtlError> {
+        let path = format!("/api/v1/services/{}/undo", segment(service));
+        let body = request_json(&api::UndoRequest { to_revision });
+        self.call(Method::POST, &path, Some(body), None).await
+    }
+
+    /// `GET /api/v1/services/{name}/history`.
+    pub async fn history(&self, service: &str) -> Result<Reply<api::HistoryDoc>, CtlError> {
+        let path = format!("/api/v1/services/{}/history", segment(service));
+        self.call(Method::GET, &path, None, None).await
+    }
+
+    /// `GET /api/v1/events?tail=N`: the newest `n` events, oldest first.
+    pub async fn tail(&self, n: u64) -> Result<Reply<api::EventList>, CtlError> {
+        self.call(Method::GET, &format!("/api/v1/events?tail={n}"), None, None)
             .await
     }
 
@@ -590,6 +693,9 @@ impl AdminClient {
             );
         if let Some(auth) = &self.auth {
             req = req.header(header::AUTHORIZATION, auth.clone());
+        }
+        if let Some(actor) = &self.actor {
+            req = req.header("x-weir-actor", actor.clone());
         }
         if let Some(v) = if_version {
             req = req.header(header::IF_MATCH, format!("\"{v}\""));
@@ -825,9 +931,21 @@ pub async fn execute_on(
         Err(e) => return fail(&e, None, args.json, out, err),
     };
     let client = match AdminClient::new(&args.admin, token.as_ref().map(|t| t.value.as_str())) {
-        Ok(c) => c,
+        Ok(c) => c.with_actor(&args.actor.clone().unwrap_or_else(releases::default_actor)),
         Err(e) => return fail(&e, None, args.json, out, err),
     };
+    if let CtlCommand::Status {
+        service: Some(service),
+        wait: true,
+        timeout,
+        ..
+    } = &args.command
+    {
+        return match releases::wait(&client, service, *timeout, args.json, out, stop).await {
+            Ok(code) => code,
+            Err(e) => fail(&e, token.as_ref(), args.json, out, err),
+        };
+    }
     match dispatch(&client, args, screen, out, stop).await {
         Ok(()) => ExitCode::SUCCESS,
         // `weir ctl events | head`: the reader has what it wanted.
@@ -910,6 +1028,7 @@ async fn dispatch(
             service,
             watch: true,
             count,
+            ..
         } => {
             if let Some(name) = service {
                 check_service(name)?;
@@ -984,9 +1103,13 @@ async fn dispatch(
         CtlCommand::Events {
             since,
             limit,
+            tail,
             follow: false,
         } => {
-            let reply = client.events(*since, *limit).await?;
+            let reply = match tail {
+                Some(n) => client.tail(*n).await?,
+                None => client.events(*since, *limit).await?,
+            };
             if json {
                 return Ok(write_json(out, &reply.json)?);
             }
@@ -998,8 +1121,57 @@ async fn dispatch(
         CtlCommand::Events {
             since,
             limit,
+            tail,
             follow: true,
-        } => follow_events(client, *since, *limit, json, out, stop).await,
+        } => {
+            // Without --since, following starts at the newest event: what happens from
+            // now on (and the --tail newest before it), not the whole journal.
+            let since = match since {
+                Some(s) => Some(*s),
+                None => {
+                    let reply = client.tail(tail.unwrap_or(1)).await?;
+                    let events = reply.doc()?.events;
+                    let newest = events.last().map_or(0, |e| e.id);
+                    if tail.is_some() {
+                        Some(events.first().map_or(0, |e| e.id.saturating_sub(1)))
+                    } else {
+                        Some(newest)
+                    }
+                }
+            };
+            follow_events(client, since, *limit, json, out, stop).await
+        }
+        CtlCommand::Release {
+            service,
+            release_version,
+            pool,
+            endpoints,
+        } => {
+            check_service(service)?;
+            let request = api::ReleaseRequest {
+                version: release_version.clone(),
+                pool: pool.clone(),
+                endpoints: endpoints.clone(),
+            };
+            let reply = client.release(service, &request).await?;
+            show_service(out, &reply, json)
+        }
+        CtlCommand::Undo {
+            service,
+            to_revision,
+        } => {
+            check_service(service)?;
+            let reply = client.undo(service, *to_revision).await?;
+            show_service(out, &reply, json)
+        }
+        CtlCommand::History { service } => {
+            check_service(service)?;
+            let reply = client.history(service).await?;
+            if json {
+                return Ok(write_json(out, &reply.json)?);
+            }
+            Ok(releases::write_history(out, &reply.doc()?)?)
+        }
         CtlCommand::Health { ready } => {
             let text = client.health(*ready).await?;
             Ok(writeln!(out, "{text}")?)
@@ -1291,6 +1463,7 @@ fn write_view(out: &mut impl Write, services: &[ServiceDoc], traffic: Traffic) -
         // The guard's live window per pool, matched by name.
         let live = |pool: &str| s.guard.pools.iter().find(|p| p.pool == pool);
         notes.extend(rollout_line(s));
+        notes.extend(releases::versions_line(s));
         notes.extend(guard_notes(s));
         let window_secs = Some(s.guard.window_secs).filter(|w| *w > 0.0);
         for p in &s.pools {

@@ -303,6 +303,31 @@ pub struct PoolConfig {
     pub protocol: UpstreamProtocol,
     /// TLS to the endpoints (`tls = true`).
     pub tls: Option<UpstreamTlsConfig>,
+    /// The version label the pool starts with (`version`); a release replaces it.
+    pub version: Option<String>,
+}
+
+/// Longest version label: it is a metric label value and a column of `weir ctl history`.
+pub const MAX_VERSION_LEN: usize = 64;
+
+/// Check a version label: 1..=64 visible ASCII characters (no spaces or controls), so
+/// that it reads the same in a terminal, a log line and a Prometheus label.
+pub fn check_version(v: &str) -> Result<(), String> {
+    if v.is_empty() {
+        return Err("a version must not be empty".into());
+    }
+    if v.len() > MAX_VERSION_LEN {
+        return Err(format!(
+            "a version is at most {MAX_VERSION_LEN} characters, got {}",
+            v.len()
+        ));
+    }
+    if let Some(c) = v.chars().find(|c| !c.is_ascii_graphic()) {
+        return Err(format!(
+            "a version is printable ASCII without spaces; {c:?} is not allowed"
+        ));
+    }
+    Ok(())
 }
 
 /// TLS to a pool's endpoints.
@@ -849,6 +874,7 @@ struct RawPool {
     tls: Option<Spanned<bool>>,
     ca_file: Option<Spanned<String>>,
     server_name: Option<Spanned<String>>,
+    version: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1450,6 +1476,12 @@ impl Validator<'_> {
                 ca_file: rp.ca_file.as_ref().map(|c| PathBuf::from(c.get_ref())),
                 server_name: rp.server_name.as_ref().map(|s| s.get_ref().clone()),
             });
+            let version = rp.version.as_ref().and_then(|v| {
+                check_version(v.get_ref())
+                    .map_err(|msg| self.problem(format!("{pkey}.version"), v, msg))
+                    .ok()
+                    .map(|()| v.get_ref().clone())
+            });
             out.push(PoolConfig {
                 name: pname.clone(),
                 endpoints,
@@ -1458,6 +1490,7 @@ impl Validator<'_> {
                 outlier,
                 protocol,
                 tls,
+                version,
             });
         }
         if total == 0

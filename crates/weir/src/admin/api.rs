@@ -20,7 +20,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
 
 pub use crate::config::GuardMode;
-pub use crate::control::store::{Event, Weights};
+pub use crate::control::store::{Event, Release, ReleaseOutcome, Weights};
 use crate::model::MAX_WEIGHT;
 pub use crate::model::{Check, Phase, Source};
 
@@ -92,6 +92,10 @@ pub struct PoolDoc {
     pub endpoints: Vec<String>,
     /// The same endpoints' run-time state, in the same order.
     pub endpoint_states: Vec<EndpointDoc>,
+    /// The build the pool runs: its last release's version, else the config's
+    /// `version`; `null` when neither says. Absent from a weir that predates releases.
+    #[serde(default)]
+    pub version: Option<String>,
 }
 
 /// One endpoint's run-time state.
@@ -521,6 +525,91 @@ impl StartRolloutRequest {
     }
 }
 
+/// `POST /api/v1/services/{name}/release`: a new build on a pool, and the rollout plan
+/// started for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReleaseRequest {
+    /// The build's version label (1..=64 visible ASCII characters).
+    pub version: String,
+    /// The pool to release to; the plan's candidate (or, after a promotion, the pool
+    /// that is not the baseline) when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// `host:port` of the hosts running the build; the pool's current endpoints when
+    /// absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoints: Option<Vec<String>>,
+}
+
+impl ReleaseRequest {
+    pub fn from_json(body: &Value) -> Result<ReleaseRequest, String> {
+        let obj = fields(body, &["version", "pool", "endpoints"])?;
+        let version = match obj.get("version") {
+            Some(Value::String(s)) => s.clone(),
+            None | Some(Value::Null) => {
+                return Err("missing `version`: send {\"version\": \"v2\"}".into());
+            }
+            Some(_) => return Err("version must be a string".into()),
+        };
+        crate::config::check_version(&version).map_err(|e| format!("version: {e}"))?;
+        let pool = match obj.get("pool") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(_) => return Err("pool must be a pool name".into()),
+        };
+        let endpoints = match obj.get("endpoints") {
+            None | Some(Value::Null) => None,
+            Some(Value::Array(items)) => {
+                let endpoints = items
+                    .iter()
+                    .map(|v| v.as_str().map(str::to_owned))
+                    .collect::<Option<Vec<String>>>()
+                    .ok_or("endpoints must be a list of \"host:port\" strings")?;
+                crate::control::release::parse_endpoints(&endpoints)
+                    .map_err(|e| format!("endpoints: {e}"))?;
+                Some(endpoints)
+            }
+            Some(_) => return Err("endpoints must be a list of \"host:port\" strings".into()),
+        };
+        Ok(ReleaseRequest {
+            version,
+            pool,
+            endpoints,
+        })
+    }
+}
+
+/// `POST /api/v1/services/{name}/undo`: back to an earlier release. Optional body.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct UndoRequest {
+    /// The history revision to go back to; the one before the newest when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to_revision: Option<u64>,
+}
+
+impl UndoRequest {
+    pub fn from_json(body: &Value) -> Result<UndoRequest, String> {
+        let obj = fields(body, &["to_revision"])?;
+        let to_revision =
+            match obj.get("to_revision") {
+                None | Some(Value::Null) => None,
+                Some(Value::Number(n)) => Some(n.as_u64().filter(|n| *n > 0).ok_or_else(|| {
+                    format!("to_revision must be a revision number ≥ 1, got {n}")
+                })?),
+                Some(other) => return Err(format!("to_revision must be a number, got {other}")),
+            };
+        Ok(UndoRequest { to_revision })
+    }
+}
+
+/// `GET /api/v1/services/{name}/history`: the service's releases, oldest first (the
+/// newest 50 are kept).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryDoc {
+    pub service: String,
+    pub releases: Vec<Release>,
+}
+
 /// `POST /api/v1/services/{name}/promote`: pass the current pause or gate, or with
 /// `full` finish the rollout at once. Optional body.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -593,6 +682,18 @@ fn read_with<'de, D: Deserializer<'de>, T>(
 impl<'de> Deserialize<'de> for WeightsRequest {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         read_with(d, WeightsRequest::from_json)
+    }
+}
+
+impl<'de> Deserialize<'de> for ReleaseRequest {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        read_with(d, ReleaseRequest::from_json)
+    }
+}
+
+impl<'de> Deserialize<'de> for UndoRequest {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        read_with(d, UndoRequest::from_json)
     }
 }
 

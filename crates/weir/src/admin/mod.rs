@@ -286,6 +286,9 @@ impl Admin {
             ["v1", "services", name, "weights"] => Route::Weights(name),
             ["v1", "services", name, "series"] => Route::Series(name),
             ["v1", "services", name, "rollback"] => Route::Rollback(name),
+            ["v1", "services", name, "release"] => Route::Release(name),
+            ["v1", "services", name, "undo"] => Route::Undo(name),
+            ["v1", "services", name, "history"] => Route::History(name),
             [
                 "v1",
                 "services",
@@ -326,7 +329,7 @@ impl Admin {
         } else if let Some(refusal) = refuse_unless_read(&req, &path) {
             return refusal;
         }
-        let actor = Some(peer.to_string());
+        let actor = Some(actor_of(&req, peer));
         match route {
             Route::Services => {
                 let table = self.controller.router().table();
@@ -397,6 +400,43 @@ impl Admin {
                 })
                 .await
             }
+            Route::Release(name) => {
+                let name = name.to_owned();
+                let request = match self.read_request(req, api::ReleaseRequest::from_json).await {
+                    Ok(r) => r,
+                    Err(resp) => return resp,
+                };
+                self.command(Command::Release {
+                    service: name,
+                    version: request.version,
+                    pool: request.pool,
+                    endpoints: request.endpoints,
+                    source: Source::Admin,
+                    actor,
+                })
+                .await
+            }
+            Route::Undo(name) => {
+                let name = name.to_owned();
+                let request = match self.read_request(req, api::UndoRequest::from_json).await {
+                    Ok(r) => r,
+                    Err(resp) => return resp,
+                };
+                self.command(Command::Undo {
+                    service: name,
+                    to_revision: request.to_revision,
+                    source: Source::Admin,
+                    actor,
+                })
+                .await
+            }
+            Route::History(name) => match self.controller.router().table().service(name) {
+                Some(_) => ok(&api::HistoryDoc {
+                    service: name.to_owned(),
+                    releases: self.controller.service_control(name).releases,
+                }),
+                None => error(StatusCode::NOT_FOUND, format!("unknown service `{name}`")),
+            },
             Route::Series(name) => {
                 let span = match series_query(req.uri().query()) {
                     Ok(s) => s,
@@ -676,6 +716,9 @@ enum Route<'a> {
     Series(&'a str),
     Rollback(&'a str),
     Rollout(&'a str, &'a str),
+    Release(&'a str),
+    Undo(&'a str),
+    History(&'a str),
     Events,
     Reload,
     Fleet,
@@ -689,6 +732,8 @@ impl Route<'_> {
             Route::Weights(_)
                 | Route::Rollback(_)
                 | Route::Rollout(..)
+                | Route::Release(_)
+                | Route::Undo(_)
                 | Route::Reload
                 | Route::Reseed
         )
@@ -699,14 +744,23 @@ impl Route<'_> {
     fn body_optional(&self) -> bool {
         matches!(
             self,
-            Route::Rollback(_) | Route::Rollout(..) | Route::Reload | Route::Reseed
+            Route::Rollback(_)
+                | Route::Rollout(..)
+                | Route::Undo(_)
+                | Route::Reload
+                | Route::Reseed
         )
     }
 
     fn method(&self) -> &'static str {
         match self {
             Route::Weights(_) => "PUT",
-            Route::Rollback(_) | Route::Rollout(..) | Route::Reload | Route::Reseed => "POST",
+            Route::Rollback(_)
+            | Route::Rollout(..)
+            | Route::Release(_)
+            | Route::Undo(_)
+            | Route::Reload
+            | Route::Reseed => "POST",
             _ => "GET",
         }
     }
@@ -714,7 +768,7 @@ impl Route<'_> {
 
 fn control_status(e: &ControlError) -> StatusCode {
     match e {
-        ControlError::UnknownService(_) => StatusCode::NOT_FOUND,
+        ControlError::UnknownService(_) | ControlError::UnknownRevision(_) => StatusCode::NOT_FOUND,
         ControlError::VersionConflict { .. } | ControlError::Conflict(_) => StatusCode::CONFLICT,
         ControlError::Unchanged => StatusCode::CONFLICT,
         // The disk refuses writes: weir still serves; try again once it takes them.
@@ -724,7 +778,32 @@ fn control_status(e: &ControlError) -> StatusCode {
         ControlError::UnknownPool { .. }
         | ControlError::DuplicatePool { .. }
         | ControlError::MissingPools { .. }
+        | ControlError::Invalid(_)
         | ControlError::Weights(_) => StatusCode::BAD_REQUEST,
+    }
+}
+
+/// Longest actor name recorded, in characters.
+const MAX_ACTOR: usize = 64;
+
+/// Who made a request, for the journal and the release history: the `X-Weir-Actor`
+/// header (`weir ctl` sends `$USER@host`), kept to printable characters and bounded,
+/// with the peer address it came from; the peer address alone without one. The header
+/// is the client's word, not an identity: the token is what authorises.
+fn actor_of<B>(req: &Request<B>, peer: SocketAddr) -> String {
+    let named: String = req
+        .headers()
+        .get("x-weir-actor")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .chars()
+        .filter(|c| c.is_ascii_graphic())
+        .take(MAX_ACTOR)
+        .collect();
+    if named.is_empty() {
+        peer.to_string()
+    } else {
+        format!("{named} ({peer})")
     }
 }
 
@@ -1228,6 +1307,7 @@ pub(crate) fn service_doc(s: &Service, controller: &Controller, guard: &Guard) -
                 .iter()
                 .map(|e| endpoint_doc(e.status()))
                 .collect(),
+            version: controller.version_of(&s.name, slot.name(), &control.deployed),
         })
         .collect();
     api::ServiceDoc {

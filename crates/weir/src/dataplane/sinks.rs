@@ -142,6 +142,7 @@ mod tests {
             outlier: Default::default(),
             protocol: Default::default(),
             tls: None,
+            version: None,
         };
         let window =
             crate::telemetry::window::Window::new(Duration::from_secs(30), Duration::from_secs(1));

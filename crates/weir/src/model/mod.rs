@@ -429,13 +429,17 @@ pub enum EventKind {
     StoreMismatch,
     /// Fleet mode: the store was re-seeded from an instance's state by an operator.
     StoreReseeded,
+    /// A new release of a pool (version, endpoints) started the rollout plan.
+    Released,
+    /// An earlier release's endpoints, version and weights were put back.
+    Undone,
     /// A kind this weir does not know (a journal written by a newer one).
     #[serde(other)]
     Unknown,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 22] = [
+    pub const ALL: [EventKind; 24] = [
         EventKind::WeightsChanged,
         EventKind::RolledBack,
         EventKind::RollbackDryRun,
@@ -458,6 +462,8 @@ impl EventKind {
         EventKind::RevertSuperseded,
         EventKind::StoreMismatch,
         EventKind::StoreReseeded,
+        EventKind::Released,
+        EventKind::Undone,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -484,6 +490,8 @@ impl EventKind {
             EventKind::RevertSuperseded => "revert_superseded",
             EventKind::StoreMismatch => "store_mismatch",
             EventKind::StoreReseeded => "store_reseeded",
+            EventKind::Released => "released",
+            EventKind::Undone => "undone",
             EventKind::Unknown => "unknown",
         }
     }

@@ -41,6 +41,7 @@ pub(crate) const UNROUTED_TOTAL: &str = "weir_unrouted_requests_total";
 pub(crate) const KEEPALIVE_REPLAYS_TOTAL: &str = "weir_keepalive_replays_total";
 pub(crate) const STATE_UNSAVED: &str = "weir_state_unsaved_changes";
 pub(crate) const STATE_WRITABLE: &str = "weir_state_writable";
+pub(crate) const POOL_INFO: &str = "weir_pool_info";
 
 /// How often the exporter's upkeep drains histogram samples into buckets, so memory
 /// stays bounded however fast requests come.
@@ -354,6 +355,40 @@ impl Metrics {
             vec![Label::new("service", service.to_owned())],
         )
         .set(step as f64);
+    }
+
+    /// A pool's version label changed (a release, an undo, a reload): its
+    /// `weir_pool_info{service,pool,version}` series reads 1, the previous label's 0, so
+    /// that a join on it labels any pool series with the version without the request
+    /// path carrying one more label.
+    pub fn pool_version(
+        &self,
+        service: &str,
+        pool: &str,
+        version: Option<&str>,
+        previous: Option<&str>,
+    ) {
+        self.recorder.describe_gauge(
+            POOL_INFO.into(),
+            None,
+            "A pool's version label (1 for the current one, 0 for one it had before).".into(),
+        );
+        let series = |v: &str| {
+            self.gauge(
+                POOL_INFO,
+                vec![
+                    Label::new("service", service.to_owned()),
+                    Label::new("pool", pool.to_owned()),
+                    Label::new("version", v.to_owned()),
+                ],
+            )
+        };
+        if let Some(old) = previous {
+            series(old).set(0.0);
+        }
+        if let Some(v) = version {
+            series(v).set(1.0);
+        }
     }
 
     /// Count a rollback by the guard, by the check that failed.
