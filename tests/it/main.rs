@@ -27,6 +27,7 @@ mod outcomes;
 mod pooling;
 mod protocols;
 mod readme;
+mod releases;
 mod rollout;
 mod routing;
 mod state;

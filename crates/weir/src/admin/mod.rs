@@ -768,7 +768,7 @@ impl Route<'_> {
 
 fn control_status(e: &ControlError) -> StatusCode {
     match e {
-        ControlError::UnknownService(_) | ControlError::UnknownRevision(_) => StatusCode::NOT_FOUND,
+        ControlError::UnknownService(_) | ControlError::NotFound(_) => StatusCode::NOT_FOUND,
         ControlError::VersionConflict { .. } | ControlError::Conflict(_) => StatusCode::CONFLICT,
         ControlError::Unchanged => StatusCode::CONFLICT,
         // The disk refuses writes: weir still serves; try again once it takes them.

@@ -146,9 +146,10 @@ pub enum ControlError {
     /// A value in the request is not acceptable (a release's version or endpoints).
     #[error("{0}")]
     Invalid(String),
-    /// A history revision that the service's history does not hold.
+    /// Something a release or undo names that the service does not have (a pool, a
+    /// history revision).
     #[error("{0}")]
-    UnknownRevision(String),
+    NotFound(String),
     /// The change could not be made durable, so it was not applied.
     #[error(
         "state not saved, nothing changed: the state directory does not take writes \

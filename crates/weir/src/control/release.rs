@@ -163,10 +163,11 @@ pub(crate) fn plan_release(
         }
     };
     if current.slot(&pool).is_none() {
-        return Err(ControlError::UnknownPool {
-            service: name.to_owned(),
-            pool,
-        });
+        let pools: Vec<&str> = current.slots().iter().map(|s| s.name()).collect();
+        return Err(ControlError::NotFound(format!(
+            "service `{name}` has no pool `{pool}` (pools: {})",
+            pools.join(", ")
+        )));
     }
     if pool == stable {
         return Err(conflict(format!(
@@ -327,7 +328,7 @@ pub(crate) fn plan_undo(
                     (Some(a), Some(b)) => format!("{}..={}", a.revision, b.revision),
                     _ => "none".into(),
                 };
-                ControlError::UnknownRevision(format!(
+                ControlError::NotFound(format!(
                     "service `{name}` has no revision {n} in its history (kept: {kept})"
                 ))
             })?,
