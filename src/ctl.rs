@@ -172,7 +172,7 @@ pub enum CtlCommand {
         )]
         tail: Option<u64>,
         /// Then keep printing new events as they happen, until Ctrl-C. Without --since it
-        /// starts from the newest event (after --tail's, if given).
+        /// starts at the newest event (or the --tail newest), not the oldest.
         #[arg(long, short)]
         follow: bool,
     },
@@ -1124,19 +1124,14 @@ async fn dispatch(
             tail,
             follow: true,
         } => {
-            // Without --since, following starts at the newest event: what happens from
-            // now on (and the --tail newest before it), not the whole journal.
+            // Without --since, following starts at the newest event (or the --tail
+            // newest), as `tail -f` starts at the end of a file, not the whole journal.
             let since = match since {
                 Some(s) => Some(*s),
                 None => {
                     let reply = client.tail(tail.unwrap_or(1)).await?;
                     let events = reply.doc()?.events;
-                    let newest = events.last().map_or(0, |e| e.id);
-                    if tail.is_some() {
-                        Some(events.first().map_or(0, |e| e.id.saturating_sub(1)))
-                    } else {
-                        Some(newest)
-                    }
+                    Some(events.first().map_or(0, |e| e.id.saturating_sub(1)))
                 }
             };
             follow_events(client, since, *limit, json, out, stop).await

@@ -520,7 +520,13 @@ async fn events_are_listed_one_line_each() {
         "{}",
         lines[0]
     );
-    assert!(first[5].starts_with("127.0.0.1:"), "actor: {}", lines[0]);
+    // `$USER@host` as `weir ctl` sends it, then the address it came from.
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    assert!(
+        first[5].starts_with(&format!("{user}@")) && first[5].contains("/127.0.0.1:"),
+        "actor: {}",
+        lines[0]
+    );
     // The API sends weights as a JSON object; accept either key order.
     assert!(
         first[6] == "canary=10,stable=90→canary=50,stable=50"
@@ -629,6 +635,115 @@ async fn events_follow_prints_new_events_until_stopped() {
     let (code, err, seen) = follow.stop().await;
     assert_eq!(seen.lines().count(), 2, "{seen}");
     assert_eq!(code, ExitCode::SUCCESS, "{err}");
+}
+
+#[tokio::test]
+async fn events_tail_shows_the_newest_and_follow_starts_there() {
+    let h = start(false).await;
+    for (reason, w) in [
+        ("one", "stable=80"),
+        ("two", "stable=70"),
+        ("three", "stable=60"),
+    ] {
+        ctl(
+            &h.admin,
+            &[
+                "--actor",
+                "ops",
+                "set-weight",
+                "shop",
+                w,
+                "canary=20",
+                "--reason",
+                reason,
+            ],
+        )
+        .await
+        .ok();
+    }
+    let run = ctl(&h.admin, &["events", "--tail", "2"]).await;
+    let lines: Vec<&str> = run.ok().lines().collect();
+    assert_eq!(lines.len(), 2, "{}", run.out);
+    assert!(lines[0].ends_with("\"two\""), "{}", run.out);
+    assert!(lines[1].ends_with("\"three\""), "{}", run.out);
+    assert!(lines[1].contains(" ops/127.0.0.1:"), "{}", run.out);
+    assert!(parse(&h.admin, &["events", "--tail", "2", "--since", "1"]).is_err());
+    assert!(parse(&h.admin, &["events", "--tail", "0"]).is_err());
+
+    // --follow alone starts at the newest event, not the oldest; --tail N --follow at
+    // the newest N. Each then prints what happens next.
+    let mut follow = Streaming::start(parse(&h.admin, &["events", "--follow"]).unwrap());
+    let mut tail =
+        Streaming::start(parse(&h.admin, &["events", "--tail", "2", "--follow"]).unwrap());
+    follow.wait_for("\"three\"").await;
+    tail.wait_for("\"three\"").await;
+    ctl(&h.admin, &["rollback", "shop", "--reason", "four"])
+        .await
+        .ok();
+    follow.wait_for("\"four\"").await;
+    tail.wait_for("\"four\"").await;
+    let (code, err, seen) = follow.stop().await;
+    assert_eq!(code, ExitCode::SUCCESS, "{err}");
+    assert_eq!(seen.lines().count(), 2, "{seen}");
+    assert!(!seen.contains("\"two\""), "{seen}");
+    let (code, err, seen) = tail.stop().await;
+    assert_eq!(code, ExitCode::SUCCESS, "{err}");
+    assert_eq!(seen.lines().count(), 3, "{seen}");
+    assert!(!seen.contains("\"one\""), "{seen}");
+}
+
+#[tokio::test]
+async fn release_history_and_undo_from_the_command_line() {
+    let h = start_with_plan().await;
+    let run = ctl(&h.admin, &["history", "shop"]).await;
+    assert_eq!(run.ok(), "shop: no releases yet\n");
+    let endpoint = h.upstream.to_string();
+    let run = ctl(
+        &h.admin,
+        &[
+            "--actor",
+            "bob",
+            "release",
+            "shop",
+            "--version",
+            "2.0.1",
+            "--endpoints",
+            &endpoint,
+        ],
+    )
+    .await;
+    assert!(
+        run.ok().contains("shop: running stable=- canary=2.0.1"),
+        "{}",
+        run.out
+    );
+    let run = ctl(&h.admin, &["history", "shop"]).await;
+    let lines: Vec<&str> = run.ok().lines().collect();
+    assert_eq!(lines.len(), 3, "{}", run.out);
+    assert!(lines[0].starts_with("REV  VERSION  POOL"), "{}", run.out);
+    assert!(lines[1].trim_start().starts_with("1  -"), "{}", run.out);
+    assert!(lines[1].contains("promoted"), "{}", run.out);
+    assert!(!lines[1].contains("1970-"), "{}", run.out);
+    assert!(lines[2].contains(" running "), "{}", run.out);
+    assert!(lines[2].contains(" bob/127.0.0.1:"), "{}", run.out);
+    // Server refusals are one line and exit 1; bad flags never reach the server.
+    let run = ctl(&h.admin, &["undo", "shop", "--to-revision", "7"]).await;
+    assert!(run.failed().contains("no revision 7"), "{}", run.err);
+    assert!(
+        parse(&h.admin, &["release", "shop"]).is_err(),
+        "--version is required"
+    );
+    assert!(parse(&h.admin, &["undo", "shop", "--to-revision", "0"]).is_err());
+    assert!(
+        parse(&h.admin, &["status", "--wait"]).is_err(),
+        "--wait needs a service"
+    );
+    assert!(parse(&h.admin, &["status", "shop", "--timeout", "1s"]).is_err());
+    assert!(parse(&h.admin, &["status", "shop", "--wait", "--timeout", "soon"]).is_err());
+    let run = ctl(&h.admin, &["--json", "undo", "shop"]).await;
+    let doc: Value = serde_json::from_str(run.ok()).unwrap();
+    assert_eq!(doc["rollout"]["phase"], "aborted");
+    assert_eq!(doc["pools"][0]["weight"], 10000);
 }
 
 #[tokio::test]

@@ -242,7 +242,7 @@ async fn release_promote_undo_and_restart() {
         h[1]["actor"]
             .as_str()
             .unwrap()
-            .starts_with("alice (127.0.0.1:"),
+            .starts_with("alice/127.0.0.1:"),
         "{}",
         h[1]["actor"]
     );
@@ -578,7 +578,7 @@ async fn hostile_release_and_undo_requests_are_refused_and_change_nothing() {
         h[1]["actor"]
             .as_str()
             .unwrap()
-            .starts_with("ci-bot (127.0.0.1:"),
+            .starts_with("ci-bot/127.0.0.1:"),
         "{}",
         h[1]
     );

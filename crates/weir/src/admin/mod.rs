@@ -787,9 +787,10 @@ fn control_status(e: &ControlError) -> StatusCode {
 const MAX_ACTOR: usize = 64;
 
 /// Who made a request, for the journal and the release history: the `X-Weir-Actor`
-/// header (`weir ctl` sends `$USER@host`), kept to printable characters and bounded,
-/// with the peer address it came from; the peer address alone without one. The header
-/// is the client's word, not an identity: the token is what authorises.
+/// header (`weir ctl` sends `$USER@host`), kept to visible ASCII (no spaces, so an
+/// event stays one line of words) and bounded, then `/` and the peer address it came
+/// from; the peer address alone without one. The header is the client's word, not an
+/// identity: the token is what authorises.
 fn actor_of<B>(req: &Request<B>, peer: SocketAddr) -> String {
     let named: String = req
         .headers()
@@ -803,7 +804,7 @@ fn actor_of<B>(req: &Request<B>, peer: SocketAddr) -> String {
     if named.is_empty() {
         peer.to_string()
     } else {
-        format!("{named} ({peer})")
+        format!("{named}/{peer}")
     }
 }
 

@@ -201,7 +201,12 @@ pub(crate) fn plan_release(
                 pool: stable.clone(),
                 endpoints: endpoints_of(current, &stable),
                 weights: named(current, &weights),
-                started_at: timestamp(current.updated_at),
+                // A service never changed since start-up has no time of its own.
+                started_at: timestamp(if current.updated_at > SystemTime::UNIX_EPOCH {
+                    current.updated_at
+                } else {
+                    now
+                }),
                 ended_at: None,
                 outcome: Some(ReleaseOutcome::Promoted),
                 reason: Some("in force before the first release".into()),
