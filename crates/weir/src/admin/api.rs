@@ -93,8 +93,8 @@ pub struct PoolDoc {
     /// The same endpoints' run-time state, in the same order.
     pub endpoint_states: Vec<EndpointDoc>,
     /// The build the pool runs: its last release's version, else the config's
-    /// `version`; `null` when neither says. Absent from a weir that predates releases.
-    #[serde(default)]
+    /// `version`; left out when neither says (and by a weir that predates releases).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
 }
 
@@ -822,6 +822,7 @@ mod tests {
                     last_check: Some("status 503".into()),
                 },
             ],
+            version: None,
         }
     }
 

@@ -1680,6 +1680,9 @@ impl Controller {
     }
 }
 
+/// Builds a service's pool by name, on a release's endpoints or (`None`) the config's.
+type BuildPool<'a> = dyn Fn(&str, Option<&[String]>) -> Result<Arc<Pool>, String> + 'a;
+
 /// A restored snapshot for a service, and its control state.
 type Restored = (Arc<Service>, ServiceSnapshot, ServiceControl);
 
@@ -1768,7 +1771,7 @@ fn restore(
     current_control: &ServiceControl,
     state: &ServiceState,
     names: &[&str],
-    build: &dyn Fn(&str, Option<&[String]>) -> Result<Arc<Pool>, String>,
+    build: &BuildPool<'_>,
 ) -> Result<(ServiceSnapshot, ServiceControl), String> {
     let weights: Vec<u32> = names.iter().map(|n| state.weights[*n]).collect();
     let saved = state.control()?;

@@ -1272,6 +1272,57 @@ pub(crate) mod tests {
         pairs.iter().map(|&(p, w)| (p.to_owned(), w)).collect()
     }
 
+    #[test]
+    fn releases_round_trip_and_older_extension_data_reads_without_them() {
+        let mut state = ServiceState {
+            version: 3,
+            weights: weights(&[("stable", 100), ("canary", 0)]),
+            updated_at: "2025-01-02T03:04:05.678Z".into(),
+            updated_by: Source::Admin,
+            extra: serde_json::json!({"baseline": "stable"}),
+        };
+        // A file from before releases: no released pools, no history.
+        let old = state.control().unwrap();
+        assert!(old.deployed.is_empty() && old.releases.is_empty());
+
+        let mut control = old;
+        control.deployed.insert(
+            "canary".into(),
+            Deployed {
+                version: Some("v2".into()),
+                endpoints: vec!["10.0.0.7:80".into()],
+            },
+        );
+        control.releases.push(Release {
+            revision: 1,
+            version: Some("v2".into()),
+            pool: "canary".into(),
+            endpoints: vec!["10.0.0.7:80".into()],
+            weights: weights(&[("stable", 90), ("canary", 10)]),
+            started_at: "2025-01-02T03:04:05.678Z".into(),
+            ended_at: None,
+            outcome: None,
+            reason: None,
+            actor: Some("alice".into()),
+            undo_to: None,
+        });
+        state.set_control(&control);
+        let text = serde_json::to_string(&state).unwrap();
+        let back: ServiceState = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.control().unwrap(), control);
+        // An outcome a newer weir wrote reads as unknown rather than failing the file.
+        let newer = text.replace("\"actor\":\"alice\"", "\"outcome\":\"paused_forever\"");
+        let back: ServiceState = serde_json::from_str(&newer).unwrap();
+        assert_eq!(
+            back.control().unwrap().releases[0].outcome,
+            Some(ReleaseOutcome::Unknown)
+        );
+        // A history that is not one is named.
+        state.extra["releases"] = serde_json::json!("yesterday");
+        let err = state.control().unwrap_err();
+        assert!(err.contains("release history"), "{err}");
+    }
+
     fn sample_state() -> State {
         let mut services = BTreeMap::new();
         services.insert(
