@@ -582,7 +582,15 @@ async fn hostile_release_and_undo_requests_are_refused_and_change_nothing() {
         "{}",
         h[1]
     );
-    // A pool without a version label reads as null, and a config label is checked.
+    // A newer release replaces the running one, which ends `superseded`.
+    let a = post(proxy.admin, "shop/release", r#"{"version": "v3"}"#).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    let h = history(proxy.admin).await;
+    assert_eq!(h.len(), 3);
+    assert_eq!(h[1]["outcome"], "superseded");
+    assert_eq!(h[1]["reason"], "replaced by revision 3 (version v3)");
+    assert!(h[2]["outcome"].is_null(), "{}", h[2]);
+    // The config's label is checked like a release's.
     let svc = proxy.service("shop").await;
     assert_eq!(pool(&svc, "stable")["version"], "v1");
     let bad = text.replace("version = \"v1\"", "version = \"v 1\"");

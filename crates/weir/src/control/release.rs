@@ -481,3 +481,65 @@ pub(crate) fn follow_rollout(before: Option<Phase>, now: SystemTime, planned: &m
         planned.details = Some(details);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(version: &str) -> Release {
+        Release {
+            revision: 0,
+            version: Some(version.into()),
+            pool: "canary".into(),
+            endpoints: vec!["10.0.0.1:80".into()],
+            weights: Weights::new(),
+            started_at: "2025-01-02T03:04:05.678Z".into(),
+            ended_at: None,
+            outcome: None,
+            reason: None,
+            actor: None,
+            undo_to: None,
+        }
+    }
+
+    #[test]
+    fn history_is_bounded_and_revisions_keep_counting() {
+        let mut releases = Vec::new();
+        for n in 1..=(MAX_RELEASES as u64 + 5) {
+            assert_eq!(push(&mut releases, entry(&format!("v{n}"))), n);
+        }
+        assert_eq!(releases.len(), MAX_RELEASES);
+        assert_eq!(releases[0].revision, 6);
+        assert_eq!(releases.last().unwrap().revision, MAX_RELEASES as u64 + 5);
+        // Closing touches only an open newest entry.
+        let now = SystemTime::UNIX_EPOCH;
+        assert!(close(&mut releases, ReleaseOutcome::Promoted, None, now).is_some());
+        assert!(close(&mut releases, ReleaseOutcome::Aborted, None, now).is_none());
+        assert_eq!(
+            releases.last().unwrap().outcome,
+            Some(ReleaseOutcome::Promoted)
+        );
+    }
+
+    #[test]
+    fn endpoints_follow_the_config_rules() {
+        let list = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(
+            parse_endpoints(&list(&["10.0.0.1:80", "[::1]:8080", "app.internal:9000"])).is_ok()
+        );
+        for (bad, says) in [
+            (list(&[]), "at least one"),
+            (list(&["10.0.0.1"]), "needs a port"),
+            (list(&["a:1", "a:1"]), "listed twice"),
+            (list(&["u@a:1"]), "user info"),
+            (list(&["a:99999"]), "out of range"),
+        ] {
+            let err = parse_endpoints(&bad).unwrap_err();
+            assert!(err.contains(says), "{bad:?}: {err}");
+        }
+        let many: Vec<String> = (0..=MAX_ENDPOINTS)
+            .map(|i| format!("10.0.{}.{}:80", i / 250, i % 250))
+            .collect();
+        assert!(parse_endpoints(&many).unwrap_err().contains("at most"));
+    }
+}
