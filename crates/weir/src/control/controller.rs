@@ -463,7 +463,7 @@ impl Controller {
             versions: Mutex::new(HashMap::new()),
         };
         for s in &config.services {
-            controller.publish_versions(&s.name);
+            controller.publish_versions(&s.name, &BTreeMap::new());
         }
         controller
     }
@@ -1502,7 +1502,8 @@ impl Controller {
         *self.config.lock().unwrap_or_else(|p| p.into_inner()) = InForce::new(config.clone());
         // Version labels may have changed with the config.
         for cfg in &config.services {
-            self.publish_versions(&cfg.name);
+            let deployed = self.service_control(&cfg.name).deployed;
+            self.publish_versions(&cfg.name, &deployed);
         }
         Ok((report, event))
     }
@@ -1647,25 +1648,24 @@ impl Controller {
             .as_ref()
             .map_or((Phase::Idle, 0), |r| (r.phase, r.step));
         self.metrics.rollout(service, phase, step);
+        self.publish_versions(service, &control.deployed);
         self.control
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(service.to_owned(), control);
-        self.publish_versions(service);
     }
 
     /// Put each pool's version label of `service` into `weir_pool_info`, zeroing the
     /// series of a label that changed.
-    fn publish_versions(&self, service: &str) {
+    fn publish_versions(&self, service: &str, deployed: &BTreeMap<String, Deployed>) {
         let Some(pools) = self.service_config(service, |s| {
             Some(s.pools.iter().map(|p| p.name.clone()).collect::<Vec<_>>())
         }) else {
             return;
         };
-        let deployed = self.service_control(service).deployed;
         let mut shown = self.versions.lock().unwrap_or_else(|p| p.into_inner());
         for pool in pools {
-            let version = self.version_of(service, &pool, &deployed);
+            let version = self.version_of(service, &pool, deployed);
             let key = (service.to_owned(), pool);
             if shown.get(&key) == version.as_ref() {
                 continue;
