@@ -597,3 +597,32 @@ async fn hostile_release_and_undo_requests_are_refused_and_change_nothing() {
     let err = Config::parse(&bad, "weir.toml").unwrap_err().to_string();
     assert!(err.contains("service[shop].pools.stable.version"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_each_pools_version() {
+    let f = fleet().await;
+    let text = config_text(&f.dir.join("state"), f.stable.addr(), f.canary.addr(), "");
+    let proxy = start(&text).await;
+    let a = post(proxy.admin, "shop/release", r#"{"version": "v2.0.0-rc.1"}"#).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+
+    let driver = crate::dashboard::chromedriver().await;
+    let b = crate::dashboard::browser(&driver, &f.dir.join("chromium-profile")).await;
+    let shown = async {
+        b.goto(&format!("http://{}/", proxy.admin))
+            .await
+            .expect("open the dashboard");
+        crate::dashboard::page_until(
+            &b,
+            "each pool's version",
+            "const c = document.querySelector('section.service[data-service=\"shop\"]'); \
+             const v = c && [...c.querySelectorAll('tr[data-pool]')] \
+               .map(r => r.dataset.pool + '=' + ((r.querySelector('.version') || {}).textContent || '').trim()); \
+             return v && v.length === 2 && v",
+        )
+        .await
+    }
+    .await;
+    let _ = b.close().await;
+    assert_eq!(shown, json!(["stable=v1", "canary=v2.0.0-rc.1"]));
+}
