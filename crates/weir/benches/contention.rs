@@ -74,6 +74,7 @@ fn per_request_path(c: &mut Criterion) {
             latency: Duration::from_micros(850),
             duration: Duration::from_micros(900),
             retried: None,
+            request: None,
         };
         for sink in sinks {
             sink.record(&outcome);

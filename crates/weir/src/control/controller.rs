@@ -384,7 +384,13 @@ pub struct Controller {
     unsaved: Mutex<Vec<String>>,
     /// Fleet mode's hooks; unset for a single weir.
     fleet: OnceLock<Arc<dyn FleetHooks>>,
+    /// Applies what a reload changes outside routing (the access log); see
+    /// [`Controller::on_reload`].
+    on_reload: OnceLock<ReloadHook>,
 }
+
+/// Called with every config a reload puts in force.
+type ReloadHook = Box<dyn Fn(&Config) + Send + Sync>;
 
 impl std::fmt::Debug for Controller {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -422,7 +428,14 @@ impl Controller {
             control: RwLock::new(HashMap::new()),
             unsaved: Mutex::new(Vec::new()),
             fleet: OnceLock::new(),
+            on_reload: OnceLock::new(),
         }
+    }
+
+    /// Have `hook` called with each config a reload puts in force, after routing has
+    /// changed (once per controller; later calls are ignored).
+    pub fn on_reload(&self, hook: impl Fn(&Config) + Send + Sync + 'static) {
+        let _ = self.on_reload.set(Box::new(hook));
     }
 
     /// Build from a config with durable state in `[state] dir`: weights saved by an
@@ -1198,6 +1211,9 @@ impl Controller {
         if old_config.state != config.state {
             report.needs_restart.push("state".into());
         }
+        if old_config.log.format != config.log.format {
+            report.needs_restart.push("log.format".into());
+        }
         let mut services = Vec::new();
         let mut next_control = HashMap::new();
         for cfg in &config.services {
@@ -1296,6 +1312,9 @@ impl Controller {
             self.publish_control(&cfg.name, control);
         }
         *self.config.lock().unwrap_or_else(|p| p.into_inner()) = InForce::new(config.clone());
+        if let Some(hook) = self.on_reload.get() {
+            hook(config);
+        }
         Ok((report, event))
     }
 

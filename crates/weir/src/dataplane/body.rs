@@ -19,6 +19,7 @@ use hyper::body::Incoming;
 use crate::dataplane::client::{self, PooledConn};
 use crate::dataplane::outcome::{Outcome, OutcomeSink, emit};
 use crate::dataplane::pool::InflightGuard;
+use crate::telemetry::access::RequestMeta;
 use crate::model::{
     Blame, ErrorKind, GRPC_UNAVAILABLE, GRPC_UNKNOWN, grpc_from_http, parse_grpc_status,
 };
@@ -194,6 +195,8 @@ pub(crate) struct Exchange {
     pub(crate) grpc: Option<GrpcState>,
     pub(crate) retried: Option<(usize, ErrorKind)>,
     pub(crate) client_body: Option<BodyWatch>,
+    /// The request's head, for the access log (only while it is on).
+    pub(crate) request: Option<Arc<RequestMeta>>,
     pub(crate) done: bool,
 }
 
@@ -235,6 +238,7 @@ impl Exchange {
                 latency: self.latency,
                 duration: self.start.elapsed(),
                 retried: self.retried,
+                request: self.request.as_ref(),
             },
         );
     }
