@@ -131,7 +131,9 @@ impl Cli {
             (Some(LogFormatArg::Json), _) => LogFormat::Json,
             (Some(LogFormatArg::Text), _) => LogFormat::Text,
             // An unreadable config is reported by `run` itself, in the default format.
-            (None, Command::Run { config }) => Config::load(config).map_or(LogFormat::Text, |c| c.log.format),
+            (None, Command::Run { config }) => {
+                Config::load(config).map_or(LogFormat::Text, |c| c.log.format)
+            }
             (None, _) => LogFormat::Text,
         }
     }

@@ -58,7 +58,9 @@ impl FromStr for LogFormat {
         match s {
             "text" => Ok(LogFormat::Text),
             "json" => Ok(LogFormat::Json),
-            _ => Err(format!("`{s}` is not a log format; use \"text\" or \"json\"")),
+            _ => Err(format!(
+                "`{s}` is not a log format; use \"text\" or \"json\""
+            )),
         }
     }
 }

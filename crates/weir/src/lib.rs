@@ -75,8 +75,8 @@ use crate::control::store::StateLock;
 use crate::control::{driver, health};
 use crate::dataplane::proxy::Proxy;
 use crate::dataplane::sinks::AccessSink;
-use crate::telemetry::access::AccessLog;
 use crate::dataplane::tls;
+use crate::telemetry::access::AccessLog;
 
 /// Why weir cannot start.
 ///

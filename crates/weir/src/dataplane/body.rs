@@ -19,10 +19,10 @@ use hyper::body::Incoming;
 use crate::dataplane::client::{self, PooledConn};
 use crate::dataplane::outcome::{Outcome, OutcomeSink, emit};
 use crate::dataplane::pool::InflightGuard;
-use crate::telemetry::access::RequestMeta;
 use crate::model::{
     Blame, ErrorKind, GRPC_UNAVAILABLE, GRPC_UNKNOWN, grpc_from_http, parse_grpc_status,
 };
+use crate::telemetry::access::RequestMeta;
 
 /// The gRPC status header (in trailers, or a trailers-only head).
 pub(crate) static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");

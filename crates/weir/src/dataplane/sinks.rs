@@ -72,7 +72,10 @@ pub(crate) struct AccessSink(pub(crate) Arc<AccessLog>);
 impl OutcomeSink for AccessSink {
     fn record(&self, o: &Outcome<'_>) {
         let Some(request) = o.request else { return };
-        if !self.0.wants(o.error.is_some() || o.status >= 500 || o.is_error()) {
+        if !self
+            .0
+            .wants(o.error.is_some() || o.status >= 500 || o.is_error())
+        {
             return;
         }
         self.0.write(Entry {

@@ -202,8 +202,7 @@ impl AccessLog {
             (config.sample * u64::MAX as f64) as u64
         };
         self.threshold.store(threshold, Ordering::Relaxed);
-        self.all_errors
-            .store(config.all_errors, Ordering::Relaxed);
+        self.all_errors.store(config.all_errors, Ordering::Relaxed);
         self.enabled.store(true, Ordering::Relaxed);
         Ok(())
     }
@@ -221,9 +220,7 @@ impl AccessLog {
         let Some(tx) = self.tx.get() else { return };
         match tx.try_send(Msg::Entry(Box::new(entry))) {
             Ok(()) => {}
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.dropped.increment(1)
-            }
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => self.dropped.increment(1),
         }
     }
 
@@ -250,8 +247,7 @@ fn write_loop(rx: Receiver<Msg>) {
             match msg {
                 Msg::Entry(entry) => {
                     line.clear();
-                    if serde_json::to_writer(&mut line, &Line::new(&entry, include_query)).is_ok()
-                    {
+                    if serde_json::to_writer(&mut line, &Line::new(&entry, include_query)).is_ok() {
                         line.push(b'\n');
                         if let Some(out) = out.as_mut()
                             && let Err(e) = out.write_all(&line)
@@ -437,7 +433,12 @@ mod tests {
         assert_eq!(text.lines().count(), 1);
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["status"], 502);
-        assert!(v["user_agent"].as_str().unwrap().starts_with("evil\t\u{fffd}"));
+        assert!(
+            v["user_agent"]
+                .as_str()
+                .unwrap()
+                .starts_with("evil\t\u{fffd}")
+        );
     }
 
     #[test]
