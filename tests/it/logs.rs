@@ -99,7 +99,10 @@ async fn every_request_gets_one_line_naming_its_service_pool_and_status() {
             .unwrap();
         let a = send(&c, req).await;
         assert_eq!(a.status, StatusCode::OK);
-        answered.insert(format!("/item/{i}"), a.upstream().to_owned());
+        answered.insert(
+            format!("/item/{i}"),
+            (a.upstream().to_owned(), a.body.len()),
+        );
     }
     let got = wait_lines(&path, 40).await;
     assert_eq!(got.len(), 40);
@@ -107,7 +110,8 @@ async fn every_request_gets_one_line_naming_its_service_pool_and_status() {
     let canary = shop.canary.addr().to_string();
     for line in &got {
         let path = line["path"].as_str().unwrap();
-        let pool = &answered[path];
+        let (pool, body) = &answered[path];
+        assert_eq!(line["bytes_sent"], *body, "{line}");
         assert_eq!(line["service"], "shop");
         assert_eq!(line["pool"], pool.as_str(), "{line}");
         let endpoint = if pool == "stable" { &stable } else { &canary };
@@ -269,6 +273,8 @@ async fn failures_are_logged_whatever_the_sample() {
     let broken: Vec<&Value> = got.iter().filter(|l| l["service"] == "broken").collect();
     assert_eq!(broken.len(), 30);
     for l in &broken {
+        // weir answered itself: no upstream body relayed.
+        assert_eq!(l["bytes_sent"], Value::Null);
         assert_eq!(l["pool"], "dead");
         assert_eq!(l["status"], 502);
         assert_eq!(l["error"], "connect");

@@ -75,6 +75,7 @@ fn per_request_path(c: &mut Criterion) {
             duration: Duration::from_micros(900),
             retried: None,
             request: None,
+            bytes_sent: None,
         };
         for sink in sinks {
             sink.record(&outcome);

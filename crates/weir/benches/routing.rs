@@ -106,6 +106,7 @@ fn metrics_recording(c: &mut Criterion) {
         duration: Duration::from_micros(900),
         retried: None,
         request: None,
+        bytes_sent: None,
     };
     c.bench_function(
         "metrics: record one request (counters + 2 histograms + inflight)",

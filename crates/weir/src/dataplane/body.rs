@@ -197,6 +197,8 @@ pub(crate) struct Exchange {
     pub(crate) client_body: Option<BodyWatch>,
     /// The request's head, for the access log (only while it is on).
     pub(crate) request: Option<Arc<RequestMeta>>,
+    /// Body bytes passed on so far.
+    pub(crate) sent: u64,
     pub(crate) done: bool,
 }
 
@@ -239,6 +241,7 @@ impl Exchange {
                 duration: self.start.elapsed(),
                 retried: self.retried,
                 request: self.request.as_ref(),
+                bytes_sent: Some(self.sent),
             },
         );
     }
@@ -322,6 +325,9 @@ impl Body for ProxyBody {
                         up.exchange.finish(&up.guard, None);
                     }
                     Poll::Ready(Some(Ok(f))) => {
+                        if let Some(data) = f.data_ref() {
+                            up.exchange.sent += data.len() as u64;
+                        }
                         if let (Some(trailers), Some(g)) = (f.trailers_ref(), &mut up.exchange.grpc)
                             && let Some(v) = trailers.get(&GRPC_STATUS)
                         {

@@ -42,6 +42,9 @@ pub struct Outcome<'a> {
     pub retried: Option<(usize, ErrorKind)>,
     /// The request's head, kept only while the access log is on.
     pub request: Option<&'a Arc<RequestMeta>>,
+    /// Response body bytes relayed from the upstream to the client; `None` when weir
+    /// answered itself.
+    pub bytes_sent: Option<u64>,
 }
 
 impl Outcome<'_> {

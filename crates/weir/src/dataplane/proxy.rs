@@ -588,6 +588,7 @@ impl Proxy {
             duration: latency,
             retried: None,
             request: call.request.as_ref(),
+            bytes_sent: None,
         });
         let upstream_side = hyper::upgrade::on(&mut resp);
         let idle = self.upstream_body_timeout;
@@ -655,6 +656,7 @@ impl Proxy {
             retried,
             client_body,
             request: call.request,
+            sent: 0,
             done: false,
         };
         let max_idle = self.client.max_idle();
@@ -716,6 +718,7 @@ impl Proxy {
             duration: latency,
             retried,
             request: call.request.as_ref(),
+            bytes_sent: None,
         });
         match grpc {
             Some(code) => grpc_response(code, error_body(kind, status)),
@@ -747,6 +750,7 @@ impl Proxy {
             retried: None,
             headers: elapsed,
             duration: elapsed,
+            bytes_sent: None,
         });
     }
 }
@@ -784,6 +788,7 @@ impl Drop for Abandoned<'_> {
                 duration: latency,
                 retried: None,
                 request: self.call.request.as_ref(),
+                bytes_sent: None,
             },
         );
     }

@@ -93,6 +93,7 @@ impl OutcomeSink for AccessSink {
             retried: o.retried.map(|(_, kind)| kind),
             headers: o.latency,
             duration: o.duration,
+            bytes_sent: o.bytes_sent,
         });
     }
 }
@@ -162,6 +163,7 @@ mod tests {
             duration: Duration::from_millis(5),
             retried: None,
             request: None,
+            bytes_sent: None,
         }
     }
 

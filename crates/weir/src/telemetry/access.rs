@@ -97,6 +97,8 @@ pub(crate) struct Entry {
     pub headers: Duration,
     /// To the response's last byte (or its failure).
     pub duration: Duration,
+    /// Response body bytes relayed from the upstream; `None` when weir answered.
+    pub bytes_sent: Option<u64>,
 }
 
 /// What the writer thread is asked to do.
@@ -306,6 +308,7 @@ struct Line<'a> {
     retried: Option<&'static str>,
     headers_ms: f64,
     duration_ms: f64,
+    bytes_sent: Option<u64>,
     client: SocketAddr,
     user_agent: Option<Cow<'a, str>>,
     request_id: Option<Cow<'a, str>>,
@@ -332,6 +335,7 @@ impl<'a> Line<'a> {
             retried: e.retried.map(ErrorKind::as_str),
             headers_ms: millis(e.headers),
             duration_ms: millis(e.duration),
+            bytes_sent: e.bytes_sent,
             client: r.client,
             user_agent: r.user_agent.as_ref().map(|v| text(v, MAX_USER_AGENT)),
             request_id: r.request_id.as_ref().map(|v| text(v, MAX_REQUEST_ID)),
@@ -398,6 +402,7 @@ mod tests {
             retried: None,
             headers: Duration::from_micros(1_250),
             duration: Duration::from_micros(1_250),
+            bytes_sent: None,
         }
     }
 
