@@ -165,6 +165,14 @@ impl AccessLog {
         let _one = self.configuring.lock().unwrap_or_else(|p| p.into_inner());
         if !config.enabled {
             self.enabled.store(false, Ordering::Relaxed);
+            // Let go of the file (lines already handed over are written first), so that
+            // a log turned off can be moved or deleted and its space freed.
+            if let Some(tx) = self.tx.get() {
+                let _ = tx.send(Msg::Configure {
+                    out: Box::new(io::sink()),
+                    include_query: false,
+                });
+            }
             return Ok(());
         }
         let out: Box<dyn Write + Send> = match &config.path {
@@ -492,8 +500,17 @@ mod tests {
         let new = std::fs::read_to_string(&path).unwrap();
         assert!(old.contains("\"/one\"") && !old.contains("/two"), "{old}");
         assert!(new.contains("\"/two\"") && !new.contains("/one"), "{new}");
+        let open = || {
+            std::fs::read_dir("/proc/self/fd")
+                .unwrap()
+                .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+                .any(|target| target == path)
+        };
+        assert!(open());
         log.configure(&AccessLogConfig::default()).unwrap();
         assert!(!log.enabled());
+        log.flush();
+        assert!(!open(), "a disabled log keeps its file open");
         // An unopenable path changes nothing.
         let bad = AccessLogConfig {
             path: Some(dir.join("missing/dir/access.log")),
