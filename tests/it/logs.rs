@@ -370,13 +370,34 @@ async fn reload_reopens_the_file_and_applies_new_settings() {
     // Whatever is written is written in order: once a line sent after them shows up
     // (in another file, to tell them apart), the /off requests would have been too.
     let other = dir.join("other.log");
-    std::fs::write(&config_path, base + &access_toml(&other, "")).unwrap();
+    std::fs::write(&config_path, base.clone() + &access_toml(&other, "")).unwrap();
     weir::reload(&proxy.controller, &config_path, None).unwrap();
     get(&c, proxy.addr, "x", "/on-again").await;
     let again = wait_lines(&other, 1).await;
     assert_eq!(again.len(), 1);
     assert_eq!(again[0]["path"], "/on-again");
     assert_eq!(lines(&log).len(), 2, "lines written while off");
+    // A file that cannot be opened: the reload is refused and nothing changes.
+    let nowhere = dir.join("missing").join("access.log");
+    std::fs::write(
+        &config_path,
+        base.replace("service.pools.p]", "service.pools.q]")
+            .replace("baseline = \"p\"", "baseline = \"q\"")
+            + &access_toml(&nowhere, ""),
+    )
+    .unwrap();
+    let (status, body) = weir::reload(&proxy.controller, &config_path, None).unwrap_err();
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body.error.contains("log.access: cannot open access log"),
+        "{}",
+        body.error
+    );
+    assert_eq!(proxy.service("svc").await["pools"][0]["name"], "p");
+    get(&c, proxy.addr, "x", "/still-here").await;
+    let again = wait_lines(&other, 2).await;
+    assert_eq!(again[1]["path"], "/still-here");
+    assert!(!nowhere.exists());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -681,6 +702,33 @@ async fn colour_on_a_terminal_unless_no_color() {
     // NO_COLOR set but empty counts as unset.
     let empty = on_a_terminal(&temp_dir("log-tty-empty"), Some("")).await;
     assert!(empty.contains("\x1b["), "{empty:?}");
+}
+
+#[test]
+fn check_reports_an_access_log_that_cannot_be_opened() {
+    let dir = temp_dir("log-check-path");
+    let path = dir.join("weir.toml");
+    let log = dir.join("no-such-dir").join("access.log");
+    std::fs::write(
+        &path,
+        service_toml("svc", None, &[("p", vec!["127.0.0.1:1".into()], 1)]) + &access_toml(&log, ""),
+    )
+    .unwrap();
+    let out = Command::new(WEIR)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "log.access: cannot open access log {}",
+            log.display()
+        )),
+        "{err}"
+    );
+    assert!(!log.exists());
 }
 
 #[test]

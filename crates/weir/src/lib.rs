@@ -156,6 +156,9 @@ pub fn preflight(config: &Config) -> Vec<String> {
             }
         }
     }
+    if let Err(e) = telemetry::access::check(&config.log.access) {
+        problems.push(format!("log.access: {e}"));
+    }
     let mut seen = std::collections::HashSet::new();
     problems.retain(|p| seen.insert(p.clone()));
     problems

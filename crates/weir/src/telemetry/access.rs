@@ -244,6 +244,40 @@ impl AccessLog {
     }
 }
 
+/// Whether `[log.access]` could be applied, without creating or changing anything: an
+/// existing file must open for appending, a new one needs an existing directory. For
+/// `weir check` and for reloads, which refuse a config before changing anything.
+pub(crate) fn check(config: &AccessLogConfig) -> io::Result<()> {
+    let Some(path) = config.path.as_ref().filter(|_| config.enabled) else {
+        return Ok(());
+    };
+    let problem = |e: io::Error| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot open access log {}: {e}", path.display()),
+        )
+    };
+    if path.exists() {
+        return OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map(drop)
+            .map_err(problem);
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    if dir.is_dir() {
+        Ok(())
+    } else {
+        Err(problem(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no directory {}", dir.display()),
+        )))
+    }
+}
+
 /// The writer thread: until every sender is gone.
 fn write_loop(rx: Receiver<Msg>) {
     let mut out: Option<BufWriter<Box<dyn Write + Send>>> = None;
