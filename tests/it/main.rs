@@ -22,6 +22,7 @@ mod health;
 mod hostile;
 mod judgement;
 mod limits;
+mod logs;
 mod metrics;
 mod outcomes;
 mod pooling;

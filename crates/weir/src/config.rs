@@ -29,6 +29,67 @@ pub struct Config {
     /// on etcd. `None`: a single weir with its state in `[state] dir`.
     pub fleet: Option<FleetConfig>,
     pub services: Vec<ServiceConfig>,
+    /// `[log]`: the log format and the access log.
+    pub log: LogConfig,
+}
+
+/// `[log]`: how weir's own log reads, and the per-request access log.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct LogConfig {
+    /// `format`: the log's format when neither `--log-format` nor `WEIR_LOG_FORMAT`
+    /// says; read at start only.
+    pub format: LogFormat,
+    /// `[log.access]`: applied again on every reload.
+    pub access: AccessLogConfig,
+}
+
+/// weir's own log: human-readable lines, or one JSON object per line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<LogFormat, String> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(format!(
+                "`{s}` is not a log format; use \"text\" or \"json\""
+            )),
+        }
+    }
+}
+
+/// `[log.access]`: one JSON line per request, off unless enabled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccessLogConfig {
+    pub enabled: bool,
+    /// Fraction of requests logged, in (0, 1].
+    pub sample: f64,
+    /// Failed requests (5xx, upstream and client failures) are logged whatever the
+    /// sample (`errors = "all"`, the default), or sampled like the rest (`"sampled"`).
+    pub all_errors: bool,
+    /// Append to this file; `None`: standard output.
+    pub path: Option<PathBuf>,
+    /// Log the query string too (it often carries tokens and personal data).
+    pub include_query: bool,
+}
+
+impl Default for AccessLogConfig {
+    fn default() -> Self {
+        AccessLogConfig {
+            enabled: false,
+            sample: 1.0,
+            all_errors: true,
+            path: None,
+            include_query: false,
+        }
+    }
 }
 
 /// `[fleet]`: where the shared state lives and who this instance is.
@@ -718,6 +779,33 @@ struct RawConfig {
     fleet: Option<Spanned<RawFleet>>,
     #[serde(default, rename = "service")]
     services: Vec<RawService>,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<Spanned<String>>,
+    access: Option<RawAccessLog>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccessLog {
+    enabled: Option<bool>,
+    sample: Option<Spanned<RawNumber>>,
+    errors: Option<Spanned<String>>,
+    path: Option<Spanned<String>>,
+    include_query: Option<bool>,
+}
+
+/// A number written either way (`sample = 1` or `sample = 0.5`).
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(untagged)]
+enum RawNumber {
+    Integer(i64),
+    Float(f64),
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -978,13 +1066,75 @@ impl Validator<'_> {
         }
         let fleet = raw.fleet.as_ref().map(|f| self.fleet(f));
         let services = self.services(raw.services);
+        let log = self.log(raw.log);
         Config {
             proxy,
             admin,
             state,
             fleet,
             services,
+            log,
         }
+    }
+
+    fn log(&mut self, raw: RawLog) -> LogConfig {
+        let format = match &raw.format {
+            Some(f) => f.get_ref().parse().unwrap_or_else(|msg| {
+                self.problem("log.format", f, msg);
+                LogFormat::Text
+            }),
+            None => LogFormat::Text,
+        };
+        let mut access = AccessLogConfig::default();
+        if let Some(a) = raw.access {
+            access.enabled = a.enabled.unwrap_or(false);
+            access.include_query = a.include_query.unwrap_or(false);
+            if let Some(sample) = &a.sample {
+                let value = match *sample.get_ref() {
+                    RawNumber::Integer(i) => i as f64,
+                    RawNumber::Float(f) => f,
+                };
+                // `!(> 0)` also catches NaN.
+                if !(value > 0.0 && value <= 1.0) {
+                    self.problem(
+                        "log.access.sample",
+                        sample,
+                        format!(
+                            "`{value}` is not a fraction of requests: use a number above 0 \
+                             and at most 1 (0.1 logs one request in ten)"
+                        ),
+                    );
+                } else {
+                    access.sample = value;
+                }
+            }
+            if let Some(errors) = &a.errors {
+                match errors.get_ref().as_str() {
+                    "all" => access.all_errors = true,
+                    "sampled" => access.all_errors = false,
+                    other => self.problem(
+                        "log.access.errors",
+                        errors,
+                        format!(
+                            "`{other}`: use \"all\" (every failed request is logged) or \
+                             \"sampled\" (failed requests are sampled like the rest)"
+                        ),
+                    ),
+                }
+            }
+            if let Some(path) = &a.path {
+                if path.get_ref().trim().is_empty() {
+                    self.problem(
+                        "log.access.path",
+                        path,
+                        "must not be empty; omit it to log to standard output",
+                    );
+                } else {
+                    access.path = Some(PathBuf::from(path.get_ref()));
+                }
+            }
+        }
+        LogConfig { format, access }
     }
 
     fn fleet(&mut self, raw: &Spanned<RawFleet>) -> FleetConfig {
@@ -2304,6 +2454,42 @@ weight = 1
             .lines()
             .map(String::from)
             .collect()
+    }
+
+    #[test]
+    fn log_section_defaults_parses_and_locates_mistakes() {
+        let c = Config::parse(GOOD, "t.toml").unwrap();
+        assert_eq!(c.log, LogConfig::default());
+        assert!(!c.log.access.enabled);
+        let src = format!(
+            "{GOOD}\n[log]\nformat = \"json\"\n[log.access]\nenabled = true\nsample = 1\n\
+             errors = \"sampled\"\npath = \"/tmp/a.log\"\ninclude_query = true\n"
+        );
+        let c = Config::parse(&src, "t.toml").unwrap();
+        assert_eq!(c.log.format, LogFormat::Json);
+        let a = &c.log.access;
+        assert!(a.enabled && a.include_query && !a.all_errors);
+        assert_eq!(a.sample, 1.0);
+        assert_eq!(a.path.as_deref(), Some(Path::new("/tmp/a.log")));
+        // GOOD, a blank line, `[log.access]`, `enabled`, then the bad key.
+        let base = GOOD.lines().count();
+        for (bad, key) in [
+            ("sample = 0", "log.access.sample"),
+            ("sample = 1.5", "log.access.sample"),
+            ("sample = -0.1", "log.access.sample"),
+            ("errors = \"some\"", "log.access.errors"),
+            ("path = \" \"", "log.access.path"),
+        ] {
+            let src = format!("{GOOD}\n[log.access]\nenabled = true\n{bad}\n");
+            let errs = errors(&src);
+            assert_eq!(errs.len(), 1, "{errs:?}");
+            let want = format!("t.toml:{}: {key}: ", base + 4);
+            assert!(errs[0].starts_with(&want), "{bad}: {errs:?}, want {want}");
+        }
+        let errs = errors(&format!("{GOOD}\n[log]\nformat = \"xml\"\n"));
+        assert!(errs[0].contains(": log.format: `xml`"), "{errs:?}");
+        let errs = errors(&format!("{GOOD}\n[log.access]\nsampel = 0.5\n"));
+        assert!(errs[0].contains("log.access"), "{errs:?}");
     }
 
     #[test]

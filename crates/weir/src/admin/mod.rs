@@ -699,6 +699,23 @@ pub fn reload(
                 },
             ))
         }
+        Ok(config) if let Err(e) = crate::telemetry::access::check(&config.log.access) => {
+            let problems = vec![format!("log.access: {e}")];
+            let mut event = Event::new("", EventKind::ConfigRejected, Source::Config);
+            event.actor = actor;
+            event.reason = Some(format!("access log unusable in {}", path.display()));
+            event.details = json!({ "problems": problems });
+            if let Err(e) = controller.record(event) {
+                tracing::error!("cannot record config_rejected: {e}");
+            }
+            Err((
+                StatusCode::BAD_REQUEST,
+                api::ErrorBody {
+                    error: format!("config rejected, nothing changed: {}", problems[0]),
+                    problems: Some(problems),
+                },
+            ))
+        }
         Ok(config) => match controller.reload(&config, actor) {
             Ok((report, event)) => {
                 tracing::info!("config reloaded: {report:?}");

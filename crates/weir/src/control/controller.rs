@@ -422,7 +422,13 @@ pub struct Controller {
     fleet: OnceLock<Arc<dyn FleetHooks>>,
     /// The version label each pool's `weir_pool_info` series shows, by (service, pool).
     versions: Mutex<HashMap<(String, String), String>>,
+    /// Applies what a reload changes outside routing (the access log); see
+    /// [`Controller::on_reload`].
+    on_reload: OnceLock<ReloadHook>,
 }
+
+/// Called with every config a reload puts in force.
+type ReloadHook = Box<dyn Fn(&Config) + Send + Sync>;
 
 impl std::fmt::Debug for Controller {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -461,11 +467,18 @@ impl Controller {
             unsaved: Mutex::new(Vec::new()),
             fleet: OnceLock::new(),
             versions: Mutex::new(HashMap::new()),
+            on_reload: OnceLock::new(),
         };
         for s in &config.services {
             controller.publish_versions(&s.name, &BTreeMap::new());
         }
         controller
+    }
+
+    /// Have `hook` called with each config a reload puts in force, after routing has
+    /// changed (once per controller; later calls are ignored).
+    pub fn on_reload(&self, hook: impl Fn(&Config) + Send + Sync + 'static) {
+        let _ = self.on_reload.set(Box::new(hook));
     }
 
     /// Build from a config with durable state in `[state] dir`: weights saved by an
@@ -1374,6 +1387,9 @@ impl Controller {
         if old_config.state != config.state {
             report.needs_restart.push("state".into());
         }
+        if old_config.log.format != config.log.format {
+            report.needs_restart.push("log.format".into());
+        }
         let mut services = Vec::new();
         let mut next_control = HashMap::new();
         for cfg in &config.services {
@@ -1504,6 +1520,9 @@ impl Controller {
         for cfg in &config.services {
             let deployed = self.service_control(&cfg.name).deployed;
             self.publish_versions(&cfg.name, &deployed);
+        }
+        if let Some(hook) = self.on_reload.get() {
+            hook(config);
         }
         Ok((report, event))
     }
