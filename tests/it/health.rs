@@ -170,6 +170,13 @@ async fn a_dead_host_is_routed_around_and_comes_back_without_a_rollback() {
         .await,
         "no endpoint_down event"
     );
+    // Seen by the active checks: the event says so, not the SLO guard.
+    let down: Vec<Value> = events(&proxy)
+        .await
+        .into_iter()
+        .filter(|e| e["kind"] == "endpoint_down")
+        .collect();
+    assert!(down.iter().all(|e| e["source"] == "health"), "{down:?}");
     let metrics = get(&client(), proxy.admin, "localhost", "/metrics")
         .await
         .text();
@@ -213,6 +220,12 @@ async fn a_dead_host_is_routed_around_and_comes_back_without_a_rollback() {
         .await,
         "no endpoint_up event"
     );
+    let up: Vec<Value> = events(&proxy)
+        .await
+        .into_iter()
+        .filter(|e| e["kind"] == "endpoint_up")
+        .collect();
+    assert!(up.iter().all(|e| e["source"] == "health"), "{up:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -284,6 +297,11 @@ async fn consecutive_failures_eject_but_never_more_than_half_the_pool() {
     .await;
     let ejections = ejected_events().await;
     assert_eq!(ejections.len(), 2);
+    // Passive ejections come from live traffic: source `outlier`.
+    assert!(
+        ejections.iter().all(|e| e["source"] == "outlier"),
+        "{ejections:?}"
+    );
     assert!(
         ejections[0]["reason"]
             .as_str()
