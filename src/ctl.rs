@@ -1306,8 +1306,14 @@ fn write_view(out: &mut impl Write, services: &[ServiceDoc], traffic: Traffic) -
             let endpoints = if down.is_empty() {
                 endpoints
             } else {
+                // A pool with none up fails every request it is given: said first.
+                let none = if down.len() == states.len() {
+                    "NO ENDPOINT UP; "
+                } else {
+                    ""
+                };
                 notes.push(format!(
-                    "{}/{}: not taking traffic: {}",
+                    "{}/{}: {none}not taking traffic: {}",
                     s.name,
                     p.name,
                     down.join(", ")
@@ -1423,19 +1429,22 @@ fn whole_seconds(secs: f64) -> String {
 fn guard_notes(s: &ServiceDoc) -> Vec<String> {
     let name = &s.name;
     let guard = &s.guard;
-    let degraded = s.health == api::Health::Degraded;
-    if !guard.enabled && !degraded {
+    if !guard.enabled && s.health == api::Health::Healthy {
         return Vec::new();
     }
     let mut lines = Vec::new();
     let mode = guard.mode.map_or("off", api::GuardMode::as_str);
-    if degraded {
-        let why = guard.degraded_reason.as_deref().unwrap_or("SLO breached");
-        lines.push(format!(
-            "{name}: DEGRADED (guard {mode}) — on the baseline since: {why}"
-        ));
-    } else {
-        lines.push(format!("{name}: healthy (guard {mode})"));
+    match s.health {
+        api::Health::Degraded => {
+            let why = guard.degraded_reason.as_deref().unwrap_or("SLO breached");
+            lines.push(format!(
+                "{name}: DEGRADED (guard {mode}) — on the baseline since: {why}"
+            ));
+        }
+        api::Health::Unavailable => lines.push(format!(
+            "{name}: UNAVAILABLE (guard {mode}) — a pool with traffic has no endpoint up"
+        )),
+        api::Health::Healthy => lines.push(format!("{name}: healthy (guard {mode})")),
     }
     if guard.baseline_unhealthy {
         lines.push(format!("  {name}: the baseline is failing too"));

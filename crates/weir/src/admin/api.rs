@@ -63,13 +63,16 @@ pub struct ServiceDoc {
     pub plan: Option<PlanDoc>,
 }
 
-/// Whether the guard moved a service's traffic back to its baseline (`degraded`, until a
-/// rollout or an operator's weights move it on).
+/// A service's health: whether the guard moved its traffic back to its baseline
+/// (`degraded`, until a rollout or an operator's weights move it on), else whether a
+/// pool that carries traffic has no endpoint up (`unavailable`: its share of requests
+/// fails now), else `healthy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Health {
     Healthy,
     Degraded,
+    Unavailable,
 }
 
 impl Health {
@@ -77,6 +80,7 @@ impl Health {
         match self {
             Health::Healthy => "healthy",
             Health::Degraded => "degraded",
+            Health::Unavailable => "unavailable",
         }
     }
 }

@@ -1205,6 +1205,8 @@ pub(crate) fn service_doc(s: &Service, controller: &Controller, guard: &Guard) -
     // One reading of the degraded state, for both places that show it.
     let health = if control.degraded.is_some() {
         api::Health::Degraded
+    } else if no_endpoint_up_where_served(&snap) {
+        api::Health::Unavailable
     } else {
         api::Health::Healthy
     };
@@ -1250,6 +1252,19 @@ pub(crate) fn service_doc(s: &Service, controller: &Controller, guard: &Guard) -
         ),
         plan: controller.plan_of(&s.name).map(|p| plan_doc(&p)),
     }
+}
+
+/// Whether a pool that carries traffic (weight above 0) has no endpoint up: every
+/// endpoint failing its health checks or ejected. Such a service is never `healthy`.
+fn no_endpoint_up_where_served(snap: &ServiceSnapshot) -> bool {
+    snap.slots().iter().any(|slot| {
+        slot.weight > 0
+            && !slot
+                .pool
+                .endpoints()
+                .iter()
+                .any(|e| endpoint_doc(e.status()).state == api::EndpointCondition::Up)
+    })
 }
 
 fn endpoint_doc(e: EndpointStatus) -> api::EndpointDoc {
