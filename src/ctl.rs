@@ -1292,7 +1292,6 @@ fn write_view(out: &mut impl Write, services: &[ServiceDoc], traffic: Traffic) -
         let live = |pool: &str| s.guard.pools.iter().find(|p| p.pool == pool);
         notes.extend(rollout_line(s));
         notes.extend(guard_notes(s));
-        let window_secs = Some(s.guard.window_secs).filter(|w| *w > 0.0);
         for p in &s.pools {
             let share = format!("{:.1}", p.share * 100.0);
             let endpoints = p.endpoints.len().to_string();
@@ -1323,9 +1322,11 @@ fn write_view(out: &mut impl Write, services: &[ServiceDoc], traffic: Traffic) -
             let w = live(&p.name);
             let requests = match traffic {
                 Traffic::Totals => w.map_or_else(|| "-".into(), |w| w.requests.to_string()),
+                // Over the time the window really covers (a new pool's, or one a
+                // rollback just reset, is shorter than `window_secs`), and no rate
+                // before it covers one slice.
                 Traffic::Rates => w
-                    .map(|w| w.requests)
-                    .zip(window_secs)
+                    .and_then(|w| Some((w.requests, w.span_secs.filter(|s| *s > 0.0)?)))
                     .map_or_else(|| "-".into(), |(n, secs)| format!("{:.1}", n as f64 / secs)),
             };
             let errors = w.map_or_else(|| "-".into(), |w| format!("{:.1}", w.error_rate * 100.0));
@@ -1456,8 +1457,35 @@ fn guard_notes(s: &ServiceDoc) -> Vec<String> {
             d.verdict.as_str(),
             d.summary
         ));
+        lines.push(format!("    {}", judged_basis(d)));
     }
     lines
+}
+
+/// What a decision compared with the SLO, in one line: the candidate's figures over
+/// the span it judged and the exposure's confidence bounds (a breach when a lower bound
+/// is past the limit, a pass once the upper bounds are within it).
+fn judged_basis(d: &api::DecisionDoc) -> String {
+    let basis = match d.basis {
+        api::Basis::Exposure => "exposure",
+        api::Basis::FastWindow => "fast window",
+    };
+    let [lo, hi] = d.candidate_bounds.error_rate;
+    let mut line = format!(
+        "judged on the {basis} ({}): error rate {:.2}% (bounds {:.2}–{:.2}%)",
+        whole_seconds(d.window_secs),
+        d.candidate.error_rate * 100.0,
+        lo * 100.0,
+        hi * 100.0
+    );
+    if let Some(p99) = d.candidate.p99_ms {
+        let _ = write!(line, ", p99 {p99:.1} ms");
+        if let [lo, Some(hi)] = d.candidate_bounds.p99_ms {
+            let lo = lo.map_or("-".to_owned(), |v| format!("{v:.1}"));
+            let _ = write!(line, " (bounds {lo}–{hi:.1} ms)");
+        }
+    }
+    line
 }
 
 #[derive(Clone, Copy)]

@@ -403,7 +403,12 @@ impl Admin {
                     Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
                 };
                 match self.controller.router().table().service(name) {
-                    Some(s) => ok(&series_doc(s, span, self.controller.clock().as_ref())),
+                    Some(s) => ok(&series_doc(
+                        s,
+                        span,
+                        self.controller.clock().as_ref(),
+                        &self.guard,
+                    )),
                     None => error(StatusCode::NOT_FOUND, format!("unknown service `{name}`")),
                 }
             }
@@ -1105,8 +1110,8 @@ fn series_query(query: Option<&str>) -> Result<Duration, String> {
 }
 
 /// Per-pool time series for charts (see [`api::PoolSeries`]), ending at each pool's
-/// newest closed step.
-fn series_doc(s: &Service, span: Duration, clock: &dyn Clock) -> api::SeriesDoc {
+/// newest closed step, with the guard's judgements of each candidate over the span.
+fn series_doc(s: &Service, span: Duration, clock: &dyn Clock, guard: &Guard) -> api::SeriesDoc {
     let snap = s.snapshot();
     // One clock reading pair turns the windows' Instants into wall-clock times.
     let (now, wall) = (clock.instant(), clock.now());
@@ -1134,6 +1139,7 @@ fn series_doc(s: &Service, span: Duration, clock: &dyn Clock) -> api::SeriesDoc 
                     .iter()
                     .map(|p| p.p99_us.map(|us| (us as f64 / 100.0).round() / 10.0))
                     .collect(),
+                judged: judged_series(guard, s, slot.name(), snap.baseline_name(), wall - span),
             }
         })
         .collect();
@@ -1141,6 +1147,36 @@ fn series_doc(s: &Service, span: Duration, clock: &dyn Clock) -> api::SeriesDoc 
         service: s.name.to_string(),
         pools,
     }
+}
+
+/// The guard's judgements of `pool` since `since`, or `None` if it made none.
+fn judged_series(
+    guard: &Guard,
+    s: &Service,
+    pool: &str,
+    baseline: &str,
+    since: std::time::SystemTime,
+) -> Option<api::JudgedSeries> {
+    let marks = guard.marks(&s.name, pool, since);
+    if marks.is_empty() {
+        return None;
+    }
+    let at_ms = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64
+    };
+    Some(api::JudgedSeries {
+        baseline: baseline.to_owned(),
+        at_ms: marks.iter().map(|m| at_ms(m.at)).collect(),
+        verdict: marks.iter().map(|m| verdict_doc(m.verdict)).collect(),
+        error_rate: marks.iter().map(|m| m.error_rate).collect(),
+        error_rate_bounds: marks.iter().map(|m| m.error_bounds).collect(),
+        baseline_error_rate: marks.iter().map(|m| m.baseline_error_rate).collect(),
+        p99_ms: marks.iter().map(|m| m.p99_ms).collect(),
+        p99_ms_bounds: marks.iter().map(|m| m.p99_bounds_ms).collect(),
+        baseline_p99_ms: marks.iter().map(|m| m.baseline_p99_ms).collect(),
+    })
 }
 
 /// Nothing but the page's own script and style (by hash: an injected `<script>` or
@@ -1309,7 +1345,15 @@ fn guard_doc(
         health,
         degraded_reason,
         baseline_unhealthy: status.baseline_unhealthy,
-        pools: status.pools.iter().map(figures_doc).collect(),
+        pools: status
+            .pools
+            .iter()
+            .zip(&status.spans)
+            .map(|(f, span)| api::WindowFigures {
+                span_secs: span.map(|d| d.as_secs_f64()),
+                ..figures_doc(f)
+            })
+            .collect(),
         decisions: status.decisions.iter().map(decision_doc).collect(),
     }
 }
@@ -1386,6 +1430,7 @@ fn figures_doc(f: &Figures) -> api::WindowFigures {
         error_rate: *error_rate,
         p50_ms: *p50_ms,
         p99_ms: *p99_ms,
+        span_secs: None,
     }
 }
 
