@@ -264,6 +264,7 @@ impl Admin {
                     return refusal;
                 }
                 self.metrics.set_state_writable(self.controller.writable());
+                self.publish_windows();
                 let mut r = Response::new(Full::new(Bytes::from(self.metrics.render())));
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,
@@ -479,6 +480,28 @@ impl Admin {
     /// listener's own) and any port, because NAT and port mapping (`docker run -p
     /// 127.0.0.1:19901:9901`, `kubectl port-forward`) change what the client sees.
     /// `localhost` is always loopback in browsers, so it cannot be rebound either.
+    /// Set the gauges read from the guard's windows and the SLOs, just before a scrape:
+    /// each pool's p99 over the window the API shows it for (pools that never served a
+    /// request are left out, so idle ones cost nothing), and each SLO's limits.
+    fn publish_windows(&self) {
+        let table = self.controller.router().table();
+        for service in table.services() {
+            let slo = self.controller.slo(&service.name);
+            if let Some(slo) = &slo {
+                self.metrics
+                    .set_slo(&service.name, slo.max_error_rate, slo.max_p99_latency);
+            }
+            let window = slo.map_or(Duration::from_secs(30), |s| s.window);
+            for slot in service.snapshot().slots() {
+                let w = slot.pool.window();
+                if w.total() > 0 {
+                    self.metrics
+                        .set_pool_window(&service.name, slot.name(), w.stats(window).p99());
+                }
+            }
+        }
+    }
+
     fn refuse_foreign_host<B>(&self, req: &Request<B>) -> Option<AdminResponse> {
         let mut hosts = req.headers().get_all(header::HOST).iter();
         let (Some(host), None) = (hosts.next(), hosts.next()) else {

@@ -361,9 +361,11 @@ impl Guard {
                 }
             }
             w.marks.push_back(Mark::of(wall, &decision.judgement));
-            while w.marks.front().is_some_and(|m| {
-                wall.duration_since(m.at).unwrap_or_default() > MARKS_KEPT
-            }) {
+            while w
+                .marks
+                .front()
+                .is_some_and(|m| wall.duration_since(m.at).unwrap_or_default() > MARKS_KEPT)
+            {
                 w.marks.pop_front();
             }
             w.last = Some(decision.clone());
