@@ -1214,7 +1214,7 @@ impl Watch<'_> {
         }
         writeln!(
             out,
-            "{}  {}  every {}s; REQ/S is the average over the guard window",
+            "{}  {}  every {}s; REQ/S is the average over the time the guard window covers",
             humantime::format_rfc3339_seconds(frame.at),
             frame.admin,
             WATCH_INTERVAL.as_secs()
@@ -1641,9 +1641,10 @@ mod tests {
                 "baseline_unhealthy": false,
                 "pools": [
                     {"pool": "stable", "requests": 90, "errors": 0, "error_rate": 0.0,
-                     "p50_ms": 1.0, "p99_ms": 2.0},
+                     "p50_ms": 1.0, "p99_ms": 2.0, "span_secs": 30.0},
+                    // A pool whose window was reset 15 s ago: its rate is over those.
                     {"pool": "canary", "requests": 30, "errors": 3, "error_rate": 0.1,
-                     "p50_ms": 1.0, "p99_ms": 4.5},
+                     "p50_ms": 1.0, "p99_ms": 4.5, "span_secs": 15.0},
                 ],
                 "decisions": [],
             },
@@ -1826,10 +1827,10 @@ mod tests {
             Value::Null
         )]});
         let expected = "\
-2023-11-14T22:13:20Z  http://127.0.0.1:9901  every 1s; REQ/S is the average over the guard window
+2023-11-14T22:13:20Z  http://127.0.0.1:9901  every 1s; REQ/S is the average over the time the guard window covers
 SERVICE  POOL    WEIGHT  SHARE %  VERSION  ENDPOINTS  REQ/S  ERR %  P99 MS
 shop     stable      75     75.0        4          1    3.0    0.0     2.0
-shop     canary      25     25.0        4          1    1.0   10.0     4.5
+shop     canary      25     25.0        4          1    2.0   10.0     4.5
 shop: rollout progressing, step 3/7 (25% to the candidate), 1m 12s in step; waiting for: promote (manual pause)
 ";
         let first = render(Screen::Plain, false, &frame(1, Ok(body.clone())));
@@ -1843,6 +1844,25 @@ shop: rollout progressing, step 3/7 (25% to the candidate), 1m 12s in step; wait
         // `--json`: the API's document, compact, one per line, never an escape.
         let json = render(Screen::Terminal, true, &frame(2, Ok(body.clone())));
         assert_eq!(json, format!("{body}\n"));
+    }
+
+    #[test]
+    fn a_pool_with_no_endpoint_up_is_never_shown_healthy() {
+        let mut doc = service_json(json!({"phase": "idle"}), Value::Null);
+        doc["health"] = json!("unavailable");
+        doc["guard"]["health"] = json!("unavailable");
+        doc["pools"][1]["endpoint_states"][0]["state"] = json!("down");
+        doc["pools"][1]["endpoint_states"][0]["healthy"] = json!(false);
+        let doc: ServiceDoc = serde_json::from_value(doc).unwrap();
+        let mut out = Vec::new();
+        write_services(&mut out, &[doc]).unwrap();
+        let out = String::from_utf8(out).unwrap();
+        assert!(
+            out.contains("shop/canary: NO ENDPOINT UP; not taking traffic: b (down)"),
+            "{out}"
+        );
+        assert!(out.contains("shop: UNAVAILABLE (guard off)"), "{out}");
+        assert!(!out.contains("healthy"), "{out}");
     }
 
     #[test]
