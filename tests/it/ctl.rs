@@ -1067,8 +1067,10 @@ async fn status_watch_redraws_the_rollout_until_stopped_or_counted() {
     let h = start_with_plan().await;
     // Traffic while every request goes to stable, counted by the guard window.
     send_traffic(&h, 30).await;
-    let s = wait_shop(&h, "counted 30 requests", |s| {
-        s["guard"]["pools"][0]["requests"] == 30
+    // Counted, and covered by at least one closed slice: before that there is no rate
+    // (the table shows "-").
+    let s = wait_shop(&h, "counted 30 requests over a closed slice", |s| {
+        s["guard"]["pools"][0]["requests"] == 30 && s["guard"]["pools"][0]["span_secs"].is_number()
     })
     .await;
     // The rate is over the time the window covers so far, which is at most its length
