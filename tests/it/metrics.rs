@@ -411,8 +411,7 @@ fn metric_names(promql: &str) -> BTreeSet<String> {
 fn exported_names(text: &str) -> BTreeSet<String> {
     text.lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|l| metric_names(l.split(['{', ' ']).next().unwrap()))
-        .flatten()
+        .flat_map(|l| metric_names(l.split(['{', ' ']).next().unwrap()))
         .collect()
 }
 
