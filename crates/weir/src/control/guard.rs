@@ -573,3 +573,36 @@ fn covered(w: &Window, window: Duration, since_reset: Option<Duration>) -> Optio
     let span = since_reset.map_or(span, |r| span.min(r));
     (span >= w.slice_len()).then_some(span)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+
+    /// The span a rate is taken over: the closed slices there are, at most the window,
+    /// at most the time since a reset; none before one slice.
+    #[test]
+    fn a_window_covers_its_closed_slices_and_the_time_since_a_reset() {
+        let window = Duration::from_secs(10);
+        let w = Window::new(window, S);
+        let t0 = Instant::now();
+        w.rotate(t0);
+        w.record(false, Duration::from_millis(1));
+        assert_eq!(covered(&w, window, None), None, "no closed slice yet");
+        w.rotate(t0 + S);
+        assert_eq!(covered(&w, window, None), Some(S));
+        for i in 2..=25 {
+            w.record(false, Duration::from_millis(1));
+            w.rotate(t0 + S * i);
+        }
+        assert_eq!(covered(&w, window, None), Some(window));
+        let reset = Duration::from_millis(3500);
+        assert_eq!(covered(&w, window, Some(reset)), Some(reset));
+        assert_eq!(
+            covered(&w, window, Some(Duration::from_millis(200))),
+            None,
+            "less than a slice since the reset"
+        );
+    }
+}
