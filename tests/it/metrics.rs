@@ -392,6 +392,62 @@ fn dashboard_annotations() -> Vec<Expr> {
     out
 }
 
+/// Grafana is not packaged for Debian, and its dashboard schema is published as CUE
+/// (`kinds/dashboard`), not something a test can check offline: the board's structure
+/// is checked here, its queries against a real Prometheus below. Every panel has a
+/// unique id, a type, a title and a place on the 24-column grid that no other panel
+/// takes; every query panel reads the datasource variable with uniquely named queries;
+/// every annotation query reads it too.
+#[test]
+fn dashboard_panels_are_well_formed() {
+    let d: Value =
+        serde_json::from_str(include_str!("../../config/grafana/weir-dashboard.json")).unwrap();
+    let ds = serde_json::json!({"type": "prometheus", "uid": "${datasource}"});
+    let mut ids = BTreeSet::new();
+    let mut cells: BTreeMap<(u64, u64), String> = BTreeMap::new();
+    for p in d["panels"].as_array().unwrap() {
+        let title = p["title"].as_str().expect("a panel without a title");
+        assert!(p["type"].is_string(), "{title}: no type");
+        assert!(
+            ids.insert(p["id"].as_u64().unwrap()),
+            "{title}: id used twice"
+        );
+        let g = &p["gridPos"];
+        let [x, y, w, h] = ["x", "y", "w", "h"].map(|k| g[k].as_u64().unwrap());
+        assert!(x + w <= 24 && w > 0 && h > 0, "{title}: gridPos {g}");
+        for cx in x..x + w {
+            for cy in y..y + h {
+                if let Some(other) = cells.insert((cx, cy), title.to_owned()) {
+                    panic!("{title} overlaps {other}");
+                }
+            }
+        }
+        if p["type"] == "row" {
+            continue;
+        }
+        assert_eq!(p["datasource"], ds, "{title}");
+        let targets = p["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "{title}: no query");
+        let refs: BTreeSet<&str> = targets
+            .iter()
+            .map(|t| t["refId"].as_str().unwrap())
+            .collect();
+        assert_eq!(refs.len(), targets.len(), "{title}: refIds repeat");
+        for t in targets {
+            assert_eq!(t["datasource"], ds, "{title}");
+        }
+    }
+    for a in d["annotations"]["list"].as_array().unwrap() {
+        if a["expr"].is_string() {
+            assert_eq!(a["datasource"], ds, "{a}");
+            assert!(
+                a["titleFormat"].is_string() && a["iconColor"].is_string(),
+                "{a}"
+            );
+        }
+    }
+}
+
 /// The `weir_*` metric names an expression reads (a histogram's series by its name).
 fn metric_names(promql: &str) -> BTreeSet<String> {
     promql
