@@ -90,6 +90,9 @@ impl Mark {
 
 /// How far back each candidate's marks reach: the dashboard's longest chart span.
 const MARKS_KEPT: Duration = crate::telemetry::window::HISTORY;
+/// At most this many marks per candidate, whatever the SLO's `interval` (ten minutes
+/// of 100 ms): a bound on the memory a judged pool costs.
+const MAX_MARKS: usize = 6000;
 
 #[derive(Debug, Default)]
 struct PoolWatch {
@@ -361,10 +364,10 @@ impl Guard {
                 }
             }
             w.marks.push_back(Mark::of(wall, &decision.judgement));
-            while w
-                .marks
-                .front()
-                .is_some_and(|m| wall.duration_since(m.at).unwrap_or_default() > MARKS_KEPT)
+            while w.marks.len() > MAX_MARKS
+                || w.marks
+                    .front()
+                    .is_some_and(|m| wall.duration_since(m.at).unwrap_or_default() > MARKS_KEPT)
             {
                 w.marks.pop_front();
             }
