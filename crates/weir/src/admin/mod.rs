@@ -1162,7 +1162,13 @@ fn series_doc(s: &Service, span: Duration, clock: &dyn Clock, guard: &Guard) -> 
                     .iter()
                     .map(|p| p.p99_us.map(|us| (us as f64 / 100.0).round() / 10.0))
                     .collect(),
-                judged: judged_series(guard, s, slot.name(), snap.baseline_name(), wall - span),
+                judged: judged_series(
+                    guard,
+                    s,
+                    slot.name(),
+                    snap.baseline_name(),
+                    wall.checked_sub(span).unwrap_or(std::time::UNIX_EPOCH),
+                ),
             }
         })
         .collect();
