@@ -1381,7 +1381,7 @@ impl Watch<'_> {
         }
         writeln!(
             out,
-            "{}  {}  every {}s; REQ/S is the average over the guard window",
+            "{}  {}  every {}s; REQ/S is the average over the time the guard window covers",
             humantime::format_rfc3339_seconds(frame.at),
             frame.admin,
             WATCH_INTERVAL.as_secs()
@@ -1460,7 +1460,6 @@ fn write_view(out: &mut impl Write, services: &[ServiceDoc], traffic: Traffic) -
         notes.extend(rollout_line(s));
         notes.extend(releases::versions_line(s));
         notes.extend(guard_notes(s));
-        let window_secs = Some(s.guard.window_secs).filter(|w| *w > 0.0);
         for p in &s.pools {
             let share = format!("{:.1}", p.share * 100.0);
             let endpoints = p.endpoints.len().to_string();
@@ -1474,8 +1473,14 @@ fn write_view(out: &mut impl Write, services: &[ServiceDoc], traffic: Traffic) -
             let endpoints = if down.is_empty() {
                 endpoints
             } else {
+                // A pool with none up fails every request it is given: said first.
+                let none = if down.len() == states.len() {
+                    "NO ENDPOINT UP; "
+                } else {
+                    ""
+                };
                 notes.push(format!(
-                    "{}/{}: not taking traffic: {}",
+                    "{}/{}: {none}not taking traffic: {}",
                     s.name,
                     p.name,
                     down.join(", ")
@@ -1485,9 +1490,11 @@ fn write_view(out: &mut impl Write, services: &[ServiceDoc], traffic: Traffic) -
             let w = live(&p.name);
             let requests = match traffic {
                 Traffic::Totals => w.map_or_else(|| "-".into(), |w| w.requests.to_string()),
+                // Over the time the window really covers (a new pool's, or one a
+                // rollback just reset, is shorter than `window_secs`), and no rate
+                // before it covers one slice.
                 Traffic::Rates => w
-                    .map(|w| w.requests)
-                    .zip(window_secs)
+                    .and_then(|w| Some((w.requests, w.span_secs.filter(|s| *s > 0.0)?)))
                     .map_or_else(|| "-".into(), |(n, secs)| format!("{:.1}", n as f64 / secs)),
             };
             let errors = w.map_or_else(|| "-".into(), |w| format!("{:.1}", w.error_rate * 100.0));
@@ -1591,19 +1598,22 @@ fn whole_seconds(secs: f64) -> String {
 fn guard_notes(s: &ServiceDoc) -> Vec<String> {
     let name = &s.name;
     let guard = &s.guard;
-    let degraded = s.health == api::Health::Degraded;
-    if !guard.enabled && !degraded {
+    if !guard.enabled && s.health == api::Health::Healthy {
         return Vec::new();
     }
     let mut lines = Vec::new();
     let mode = guard.mode.map_or("off", api::GuardMode::as_str);
-    if degraded {
-        let why = guard.degraded_reason.as_deref().unwrap_or("SLO breached");
-        lines.push(format!(
-            "{name}: DEGRADED (guard {mode}) — on the baseline since: {why}"
-        ));
-    } else {
-        lines.push(format!("{name}: healthy (guard {mode})"));
+    match s.health {
+        api::Health::Degraded => {
+            let why = guard.degraded_reason.as_deref().unwrap_or("SLO breached");
+            lines.push(format!(
+                "{name}: DEGRADED (guard {mode}) — on the baseline since: {why}"
+            ));
+        }
+        api::Health::Unavailable => lines.push(format!(
+            "{name}: UNAVAILABLE (guard {mode}) — a pool with traffic has no endpoint up"
+        )),
+        api::Health::Healthy => lines.push(format!("{name}: healthy (guard {mode})")),
     }
     if guard.baseline_unhealthy {
         lines.push(format!("  {name}: the baseline is failing too"));
@@ -1615,8 +1625,35 @@ fn guard_notes(s: &ServiceDoc) -> Vec<String> {
             d.verdict.as_str(),
             d.summary
         ));
+        lines.push(format!("    {}", judged_basis(d)));
     }
     lines
+}
+
+/// What a decision compared with the SLO, in one line: the candidate's figures over
+/// the span it judged and the exposure's confidence bounds (a breach when a lower bound
+/// is past the limit, a pass once the upper bounds are within it).
+fn judged_basis(d: &api::DecisionDoc) -> String {
+    let basis = match d.basis {
+        api::Basis::Exposure => "exposure",
+        api::Basis::FastWindow => "fast window",
+    };
+    let [lo, hi] = d.candidate_bounds.error_rate;
+    let mut line = format!(
+        "judged on the {basis} ({}): error rate {:.2}% (bounds {:.2}–{:.2}%)",
+        whole_seconds(d.window_secs),
+        d.candidate.error_rate * 100.0,
+        lo * 100.0,
+        hi * 100.0
+    );
+    if let Some(p99) = d.candidate.p99_ms {
+        let _ = write!(line, ", p99 {p99:.1} ms");
+        if let [lo, Some(hi)] = d.candidate_bounds.p99_ms {
+            let lo = lo.map_or("-".to_owned(), |v| format!("{v:.1}"));
+            let _ = write!(line, " (bounds {lo}–{hi:.1} ms)");
+        }
+    }
+    line
 }
 
 #[derive(Clone, Copy)]
@@ -1772,9 +1809,10 @@ mod tests {
                 "baseline_unhealthy": false,
                 "pools": [
                     {"pool": "stable", "requests": 90, "errors": 0, "error_rate": 0.0,
-                     "p50_ms": 1.0, "p99_ms": 2.0},
+                     "p50_ms": 1.0, "p99_ms": 2.0, "span_secs": 30.0},
+                    // A pool whose window was reset 15 s ago: its rate is over those.
                     {"pool": "canary", "requests": 30, "errors": 3, "error_rate": 0.1,
-                     "p50_ms": 1.0, "p99_ms": 4.5},
+                     "p50_ms": 1.0, "p99_ms": 4.5, "span_secs": 15.0},
                 ],
                 "decisions": [],
             },
@@ -1957,10 +1995,10 @@ mod tests {
             Value::Null
         )]});
         let expected = "\
-2023-11-14T22:13:20Z  http://127.0.0.1:9901  every 1s; REQ/S is the average over the guard window
+2023-11-14T22:13:20Z  http://127.0.0.1:9901  every 1s; REQ/S is the average over the time the guard window covers
 SERVICE  POOL    WEIGHT  SHARE %  VERSION  ENDPOINTS  REQ/S  ERR %  P99 MS
 shop     stable      75     75.0        4          1    3.0    0.0     2.0
-shop     canary      25     25.0        4          1    1.0   10.0     4.5
+shop     canary      25     25.0        4          1    2.0   10.0     4.5
 shop: rollout progressing, step 3/7 (25% to the candidate), 1m 12s in step; waiting for: promote (manual pause)
 ";
         let first = render(Screen::Plain, false, &frame(1, Ok(body.clone())));
@@ -1974,6 +2012,25 @@ shop: rollout progressing, step 3/7 (25% to the candidate), 1m 12s in step; wait
         // `--json`: the API's document, compact, one per line, never an escape.
         let json = render(Screen::Terminal, true, &frame(2, Ok(body.clone())));
         assert_eq!(json, format!("{body}\n"));
+    }
+
+    #[test]
+    fn a_pool_with_no_endpoint_up_is_never_shown_healthy() {
+        let mut doc = service_json(json!({"phase": "idle"}), Value::Null);
+        doc["health"] = json!("unavailable");
+        doc["guard"]["health"] = json!("unavailable");
+        doc["pools"][1]["endpoint_states"][0]["state"] = json!("down");
+        doc["pools"][1]["endpoint_states"][0]["healthy"] = json!(false);
+        let doc: ServiceDoc = serde_json::from_value(doc).unwrap();
+        let mut out = Vec::new();
+        write_services(&mut out, &[doc]).unwrap();
+        let out = String::from_utf8(out).unwrap();
+        assert!(
+            out.contains("shop/canary: NO ENDPOINT UP; not taking traffic: b (down)"),
+            "{out}"
+        );
+        assert!(out.contains("shop: UNAVAILABLE (guard off)"), "{out}");
+        assert!(!out.contains("healthy"), "{out}");
     }
 
     #[test]

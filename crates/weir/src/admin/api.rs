@@ -63,13 +63,16 @@ pub struct ServiceDoc {
     pub plan: Option<PlanDoc>,
 }
 
-/// Whether the guard moved a service's traffic back to its baseline (`degraded`, until a
-/// rollout or an operator's weights move it on).
+/// A service's health: whether the guard moved its traffic back to its baseline
+/// (`degraded`, until a rollout or an operator's weights move it on), else whether a
+/// pool that carries traffic has no endpoint up (`unavailable`: its share of requests
+/// fails now), else `healthy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Health {
     Healthy,
     Degraded,
+    Unavailable,
 }
 
 impl Health {
@@ -77,6 +80,7 @@ impl Health {
         match self {
             Health::Healthy => "healthy",
             Health::Degraded => "degraded",
+            Health::Unavailable => "unavailable",
         }
     }
 }
@@ -179,6 +183,12 @@ pub struct WindowFigures {
     /// `null` without latency samples.
     pub p50_ms: Option<f64>,
     pub p99_ms: Option<f64>,
+    /// In the `guard` document's `pools`: the time these figures really cover, at most
+    /// `window_secs` (less for a new pool, or after a rollback reset the window); a rate
+    /// is `requests / span_secs`. Left out before one slice of data (no rate can be had
+    /// yet) and in decisions (their `window_secs` says it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub span_secs: Option<f64>,
 }
 
 /// The guard's judgement of one candidate at one evaluation. The same figures are the
@@ -389,6 +399,30 @@ pub struct PoolSeries {
     pub errors: Vec<u64>,
     /// `null` for a step without latency samples.
     pub p99_ms: Vec<Option<f64>>,
+    /// For a pool the guard judged in the span: each judgement, oldest first — the
+    /// figures it compared with the SLO and its verdict. Left out for other pools.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judged: Option<JudgedSeries>,
+}
+
+/// The guard's judgements of one candidate, as parallel arrays, one entry per
+/// evaluation. The error-rate and p99 figures are over the judged span (the exposure
+/// since the weights last changed, or the fast window for a loud failure); the bounds
+/// are the exposure's confidence bounds, the ones compared with the SLO: a breach when
+/// the lower bound is above the limit, a pass once the upper bound is below it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JudgedSeries {
+    /// The pool it was judged against.
+    pub baseline: String,
+    /// When each judgement was made, Unix milliseconds.
+    pub at_ms: Vec<u64>,
+    pub verdict: Vec<Verdict>,
+    pub error_rate: Vec<f64>,
+    pub error_rate_bounds: Vec<[f64; 2]>,
+    pub baseline_error_rate: Vec<f64>,
+    pub p99_ms: Vec<Option<f64>>,
+    pub p99_ms_bounds: Vec<[Option<f64>; 2]>,
+    pub baseline_p99_ms: Vec<Option<f64>>,
 }
 
 /// `GET /api/v1/events`: journal entries, oldest first.
@@ -748,6 +782,7 @@ mod tests {
             error_rate: errors as f64 / requests as f64,
             p50_ms: Some(1.25),
             p99_ms: None,
+            span_secs: None,
         }
     }
 
@@ -946,14 +981,36 @@ mod tests {
         });
         round_trip(&SeriesDoc {
             service: "shop".into(),
-            pools: vec![PoolSeries {
-                name: "stable".into(),
-                step_secs: 1.0,
-                end_ms: Some(1_767_322_445_678),
-                requests: vec![10, 0],
-                errors: vec![1, 0],
-                p99_ms: vec![Some(4.5), None],
-            }],
+            pools: vec![
+                PoolSeries {
+                    name: "stable".into(),
+                    step_secs: 1.0,
+                    end_ms: Some(1_767_322_445_678),
+                    requests: vec![10, 0],
+                    errors: vec![1, 0],
+                    p99_ms: vec![Some(4.5), None],
+                    judged: None,
+                },
+                PoolSeries {
+                    name: "canary".into(),
+                    step_secs: 1.0,
+                    end_ms: Some(1_767_322_445_678),
+                    requests: vec![3, 1],
+                    errors: vec![1, 1],
+                    p99_ms: vec![Some(9.5), Some(8.0)],
+                    judged: Some(JudgedSeries {
+                        baseline: "stable".into(),
+                        at_ms: vec![1_767_322_445_000],
+                        verdict: vec![Verdict::Inconclusive],
+                        error_rate: vec![0.5],
+                        error_rate_bounds: vec![[0.01, 0.99]],
+                        baseline_error_rate: vec![0.1],
+                        p99_ms: vec![Some(9.5)],
+                        p99_ms_bounds: vec![[Some(1.0), None]],
+                        baseline_p99_ms: vec![None],
+                    }),
+                },
+            ],
         });
         let mut event = Event::new("shop", crate::model::EventKind::RolledBack, Source::Guard);
         event.id = 9;

@@ -264,6 +264,7 @@ impl Admin {
                     return refusal;
                 }
                 self.metrics.set_state_writable(self.controller.writable());
+                self.publish_windows();
                 let mut r = Response::new(Full::new(Bytes::from(self.metrics.render())));
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,
@@ -443,7 +444,12 @@ impl Admin {
                     Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
                 };
                 match self.controller.router().table().service(name) {
-                    Some(s) => ok(&series_doc(s, span, self.controller.clock().as_ref())),
+                    Some(s) => ok(&series_doc(
+                        s,
+                        span,
+                        self.controller.clock().as_ref(),
+                        &self.guard,
+                    )),
                     None => error(StatusCode::NOT_FOUND, format!("unknown service `{name}`")),
                 }
             }
@@ -514,6 +520,28 @@ impl Admin {
     /// listener's own) and any port, because NAT and port mapping (`docker run -p
     /// 127.0.0.1:19901:9901`, `kubectl port-forward`) change what the client sees.
     /// `localhost` is always loopback in browsers, so it cannot be rebound either.
+    /// Set the gauges read from the guard's windows and the SLOs, just before a scrape:
+    /// each pool's p99 over the window the API shows it for (pools that never served a
+    /// request are left out, so idle ones cost nothing), and each SLO's limits.
+    fn publish_windows(&self) {
+        let table = self.controller.router().table();
+        for service in table.services() {
+            let slo = self.controller.slo(&service.name);
+            if let Some(slo) = &slo {
+                self.metrics
+                    .set_slo(&service.name, slo.max_error_rate, slo.max_p99_latency);
+            }
+            let window = slo.map_or(Duration::from_secs(30), |s| s.window);
+            for slot in service.snapshot().slots() {
+                let w = slot.pool.window();
+                if w.total() > 0 {
+                    self.metrics
+                        .set_pool_window(&service.name, slot.name(), w.stats(window).p99());
+                }
+            }
+        }
+    }
+
     fn refuse_foreign_host<B>(&self, req: &Request<B>) -> Option<AdminResponse> {
         let mut hosts = req.headers().get_all(header::HOST).iter();
         let (Some(host), None) = (hosts.next(), hosts.next()) else {
@@ -1202,8 +1230,8 @@ fn series_query(query: Option<&str>) -> Result<Duration, String> {
 }
 
 /// Per-pool time series for charts (see [`api::PoolSeries`]), ending at each pool's
-/// newest closed step.
-fn series_doc(s: &Service, span: Duration, clock: &dyn Clock) -> api::SeriesDoc {
+/// newest closed step, with the guard's judgements of each candidate over the span.
+fn series_doc(s: &Service, span: Duration, clock: &dyn Clock, guard: &Guard) -> api::SeriesDoc {
     let snap = s.snapshot();
     // One clock reading pair turns the windows' Instants into wall-clock times.
     let (now, wall) = (clock.instant(), clock.now());
@@ -1231,6 +1259,13 @@ fn series_doc(s: &Service, span: Duration, clock: &dyn Clock) -> api::SeriesDoc 
                     .iter()
                     .map(|p| p.p99_us.map(|us| (us as f64 / 100.0).round() / 10.0))
                     .collect(),
+                judged: judged_series(
+                    guard,
+                    s,
+                    slot.name(),
+                    snap.baseline_name(),
+                    wall.checked_sub(span).unwrap_or(std::time::UNIX_EPOCH),
+                ),
             }
         })
         .collect();
@@ -1238,6 +1273,36 @@ fn series_doc(s: &Service, span: Duration, clock: &dyn Clock) -> api::SeriesDoc 
         service: s.name.to_string(),
         pools,
     }
+}
+
+/// The guard's judgements of `pool` since `since`, or `None` if it made none.
+fn judged_series(
+    guard: &Guard,
+    s: &Service,
+    pool: &str,
+    baseline: &str,
+    since: std::time::SystemTime,
+) -> Option<api::JudgedSeries> {
+    let marks = guard.marks(&s.name, pool, since);
+    if marks.is_empty() {
+        return None;
+    }
+    let at_ms = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64
+    };
+    Some(api::JudgedSeries {
+        baseline: baseline.to_owned(),
+        at_ms: marks.iter().map(|m| at_ms(m.at)).collect(),
+        verdict: marks.iter().map(|m| verdict_doc(m.verdict)).collect(),
+        error_rate: marks.iter().map(|m| m.error_rate).collect(),
+        error_rate_bounds: marks.iter().map(|m| m.error_bounds).collect(),
+        baseline_error_rate: marks.iter().map(|m| m.baseline_error_rate).collect(),
+        p99_ms: marks.iter().map(|m| m.p99_ms).collect(),
+        p99_ms_bounds: marks.iter().map(|m| m.p99_bounds_ms).collect(),
+        baseline_p99_ms: marks.iter().map(|m| m.baseline_p99_ms).collect(),
+    })
 }
 
 /// Nothing but the page's own script and style (by hash: an injected `<script>` or
@@ -1302,6 +1367,8 @@ pub(crate) fn service_doc(s: &Service, controller: &Controller, guard: &Guard) -
     // One reading of the degraded state, for both places that show it.
     let health = if control.degraded.is_some() {
         api::Health::Degraded
+    } else if no_endpoint_up_where_served(&snap) {
+        api::Health::Unavailable
     } else {
         api::Health::Healthy
     };
@@ -1350,6 +1417,19 @@ pub(crate) fn service_doc(s: &Service, controller: &Controller, guard: &Guard) -
     }
 }
 
+/// Whether a pool that carries traffic (weight above 0) has no endpoint up: every
+/// endpoint failing its health checks or ejected. Such a service is never `healthy`.
+fn no_endpoint_up_where_served(snap: &ServiceSnapshot) -> bool {
+    snap.slots().iter().any(|slot| {
+        slot.weight > 0
+            && !slot
+                .pool
+                .endpoints()
+                .iter()
+                .any(|e| endpoint_doc(e.status()).state == api::EndpointCondition::Up)
+    })
+}
+
 fn endpoint_doc(e: EndpointStatus) -> api::EndpointDoc {
     let state = if !e.healthy {
         api::EndpointCondition::Down
@@ -1392,7 +1472,15 @@ fn guard_doc(
         health,
         degraded_reason,
         baseline_unhealthy: status.baseline_unhealthy,
-        pools: status.pools.iter().map(figures_doc).collect(),
+        pools: status
+            .pools
+            .iter()
+            .zip(&status.spans)
+            .map(|(f, span)| api::WindowFigures {
+                span_secs: span.map(|d| d.as_secs_f64()),
+                ..figures_doc(f)
+            })
+            .collect(),
         decisions: status.decisions.iter().map(decision_doc).collect(),
     }
 }
@@ -1469,6 +1557,7 @@ fn figures_doc(f: &Figures) -> api::WindowFigures {
         error_rate: *error_rate,
         p50_ms: *p50_ms,
         p99_ms: *p99_ms,
+        span_secs: None,
     }
 }
 

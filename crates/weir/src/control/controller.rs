@@ -1302,8 +1302,10 @@ impl Controller {
                 );
                 let blue_green = matches!(plan, RolloutConfig::BlueGreen { .. });
                 Ok(Transition {
+                    // Named as the steps a change enters are, so that applying a first
+                    // percent step at once does not name it a second time.
                     reason: format!(
-                        "{} rollout started: candidate {candidate}, {} step(s), first: {}",
+                        "{} rollout started: candidate {candidate}, {} step(s); step 1: {}",
                         if blue_green { "blue/green" } else { "canary" },
                         rollout.steps.len(),
                         rollout.current_step().map_or("-".into(), |s| s.describe())

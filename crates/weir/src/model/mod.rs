@@ -45,6 +45,11 @@ pub enum Source {
     Rollout,
     Config,
     Startup,
+    /// Active health checks: an endpoint failed them (down) or passes them again (up).
+    Health,
+    /// Passive outlier detection: an endpoint ejected after consecutive failures on
+    /// live traffic, or returned when its ejection ended.
+    Outlier,
 }
 
 impl Source {
@@ -55,6 +60,8 @@ impl Source {
             Source::Rollout => "rollout",
             Source::Config => "config",
             Source::Startup => "startup",
+            Source::Health => "health",
+            Source::Outlier => "outlier",
         }
     }
 }
