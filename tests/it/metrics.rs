@@ -640,6 +640,13 @@ async fn readme_and_dashboard_promql_answer_per_pool_through_a_real_prometheus()
             Some(&["api"]),
             &[("main", vec![main.addr().to_string()], 1)],
         );
+    // Every pool carries a build label, so the versions panel answers for each.
+    let toml = [("stable", "v1"), ("canary", "v2"), ("main", "v7")]
+        .iter()
+        .fold(toml, |t, (pool, version)| {
+            let table = format!("[service.pools.{pool}]\n");
+            t.replace(&table, &format!("{table}version = \"{version}\"\n"))
+        });
     let proxy = start(&toml).await;
     let pools = ["api/main", "shop/canary", "shop/stable"];
     let started = send(
