@@ -2,4 +2,5 @@
 //! Prometheus metrics. Depends on `model` and `config` only.
 
 pub(crate) mod metrics;
+pub(crate) mod shard;
 pub(crate) mod window;
