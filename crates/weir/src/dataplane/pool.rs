@@ -504,7 +504,7 @@ impl Pool {
         self.endpoints[index]
             .inflight
             .fetch_add(1, Ordering::Relaxed);
-        self.metrics.inflight().increment(1.0);
+        self.metrics.inflight_add(1);
         InflightGuard {
             pool: Arc::clone(self),
             index,
@@ -566,7 +566,7 @@ impl Drop for InflightGuard {
         self.pool.endpoints[self.index]
             .inflight
             .fetch_sub(1, Ordering::Relaxed);
-        self.pool.metrics.inflight().decrement(1.0);
+        self.pool.metrics.inflight_add(-1);
     }
 }
 
