@@ -105,8 +105,11 @@ pub struct Metrics {
     rollouts: Mutex<HashSet<String>>,
     /// Every pool's per-request series, by (service, pool): a pool rebuilt by a reload
     /// carries on with the same series, as the exporter's handles would.
-    series: Mutex<HashMap<(Arc<str>, Arc<str>), Arc<PoolSeries>>>,
+    series: Mutex<HashMap<SeriesKey, Arc<PoolSeries>>>,
 }
+
+/// A pool's series are known by its service's and its own name.
+type SeriesKey = (Arc<str>, Arc<str>);
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -533,10 +536,13 @@ struct PoolSeries {
     pool: Arc<str>,
     /// One part per thread ([`shard`]): the table is made when the pool is first used,
     /// each part by its thread's first request.
-    shards: OnceLock<Box<[OnceLock<Box<Padded<Counts>>>]>>,
+    shards: OnceLock<Box<[CountsShard]>>,
     /// The exporter's handles the sums go to, made by the first publication.
     published: Mutex<Option<Box<Published>>>,
 }
+
+/// One thread's counts, made by its first request to the pool.
+type CountsShard = OnceLock<Box<Padded<Counts>>>;
 
 /// One thread's counts for one pool.
 #[derive(Default)]
@@ -663,7 +669,7 @@ impl PoolSeries {
         ]
     }
 
-    fn shards(&self) -> &[OnceLock<Box<Padded<Counts>>>] {
+    fn shards(&self) -> &[CountsShard] {
         self.shards
             .get_or_init(|| (0..shard::count()).map(|_| OnceLock::new()).collect())
     }
