@@ -1112,11 +1112,22 @@ mod tests {
             // Traffic in a few bursts, with gaps longer than the ring and shorter.
             let busy = matches!(k, 3..=14 | 95..=97 | 131 | 402..=460 | 461 | 1000..=1003);
             if busy {
-                for w in [&lazy, &eager] {
-                    w.record(k % 3 == 0, Duration::from_millis(u64::from(k % 17) + 1));
-                    if k % 5 == 0 {
-                        w.record_failed_attempt();
+                let feed = || {
+                    for w in [&lazy, &eager] {
+                        w.record(k % 3 == 0, Duration::from_millis(u64::from(k % 17) + 1));
+                        if k % 5 == 0 {
+                            w.record_failed_attempt();
+                        }
                     }
+                };
+                // Every other busy tick from a thread of its own: traffic spread over
+                // several per-thread parts must defer and catch up the same way.
+                if k % 2 == 1 {
+                    std::thread::scope(|s| {
+                        s.spawn(feed);
+                    });
+                } else {
+                    feed();
                 }
             }
             if matches!(k, 200 | 700) {
@@ -1140,6 +1151,14 @@ mod tests {
             }
         }
         assert!(deferred > 500, "idle rotations were deferred: {deferred}");
+        let parts = lazy
+            .live_shards()
+            .iter()
+            .filter(|l| l.total.load(Ordering::Relaxed) > 0);
+        assert!(
+            parts.count() >= shard::count().min(2),
+            "traffic came from several parts"
+        );
     }
 
     #[test]
