@@ -1,6 +1,7 @@
 //! Criterion bench of what the per-request path costs when several cores run it at once:
 //! the route lookup, the weighted pool draw, the endpoint pick with its in-flight count,
-//! and the outcome recorded into the pool's metrics and guard window — all on one hot
+//! the retry budget's deposit, and the outcome recorded into the pool's metrics and
+//! guard window — all on one hot
 //! service, the worst case for sharing. The figure is the time per request on each
 //! thread: flat from 1 to N threads means no cache line is fought over; a rise is the
 //! cost of the writes every core shares.
@@ -87,6 +88,7 @@ fn per_request_path(c: &mut Criterion) {
         let snapshot = service.snapshot();
         let pool = Arc::clone(&snapshot.pick().pool);
         let guard = pool.pick().unwrap();
+        pool.retry_budget().deposit();
         (pool, guard)
     };
     scaling(
@@ -98,7 +100,7 @@ fn per_request_path(c: &mut Criterion) {
         },
     );
     // The same path in parts, to see which one's shared writes cost the most.
-    scaling(c, "part: route, draw and endpoint pick", &|| {
+    scaling(c, "part: route, draw, pick, deposit", &|| {
         black_box(route_and_pick());
     });
     let shop = Arc::clone(&controller.snapshot("shop").unwrap().slots()[0].pool);
@@ -107,6 +109,9 @@ fn per_request_path(c: &mut Criterion) {
     });
     scaling(c, "part: window recording", &|| {
         record(&shop, 0, &[&window_sink]);
+    });
+    scaling(c, "part: retry budget deposit", &|| {
+        shop.retry_budget().deposit();
     });
     // The exporter keeps histogram samples until rendered: drain them.
     metrics.render();

@@ -112,9 +112,9 @@ fn metrics_recording(c: &mut Criterion) {
         "metrics: record one request (counters + 2 histograms + inflight)",
         |b| {
             b.iter(|| {
-                pool.metrics().inflight().increment(1.0);
+                pool.metrics().inflight_add(1);
                 sink.record(black_box(&outcome));
-                pool.metrics().inflight().decrement(1.0);
+                pool.metrics().inflight_add(-1);
             })
         },
     );

@@ -14,15 +14,20 @@ use crate::config::{Endpoint, HealthConfig, OutlierConfig, PoolConfig};
 use crate::dataplane::client::IdleConns;
 use crate::model::fast_rand;
 use crate::telemetry::metrics::{Metrics, PoolMetrics};
+use crate::telemetry::shard::{self, Padded};
 use crate::telemetry::window::Window;
 
-/// Run-time state of one endpoint. Padded to its own cache line so that two cores
-/// updating neighbouring endpoints' counters do not fight over one line.
+/// Run-time state of one endpoint. Padded to its own cache lines so that two cores
+/// updating neighbouring endpoints' counters do not fight over one line (128 bytes: see
+/// [`Padded`]).
 #[derive(Debug)]
-#[repr(align(64))]
+#[repr(align(128))]
 pub struct EndpointState {
     pub endpoint: Endpoint,
-    inflight: AtomicU32,
+    /// Written by every request to this endpoint (the least-loaded choice needs one
+    /// count that all cores see), so it has lines of its own: the rest of this struct
+    /// is read by every request and written rarely, and stays in every core's cache.
+    inflight: Padded<AtomicU32>,
     /// Set by active health checks (true until checks say otherwise).
     healthy: AtomicBool,
     /// Set by passive outlier ejection.
@@ -74,7 +79,7 @@ impl EndpointState {
         EndpointState {
             endpoint,
             tls,
-            inflight: AtomicU32::new(0),
+            inflight: Padded(AtomicU32::new(0)),
             healthy: AtomicBool::new(true),
             ejected: AtomicBool::new(false),
             failures: AtomicU32::new(0),
@@ -151,7 +156,12 @@ impl EndpointState {
 }
 
 /// A pool of interchangeable endpoints serving one version of a service.
+///
+/// Aligned to 128 bytes so that, in an `Arc<Pool>`, the reference counts (which every
+/// request's clone writes) sit on lines of their own, apart from the fields every
+/// request reads.
 #[derive(Debug)]
+#[repr(align(128))]
 pub struct Pool {
     pub service: Arc<str>,
     pub name: Arc<str>,
@@ -174,10 +184,15 @@ pub struct Pool {
 /// one, and a floor of 10 a second is refilled by the health task — so retries stay
 /// under 20% of traffic plus a small minimum, and a failing pool cannot start a retry
 /// storm.
+///
+/// Deposits, one per request, go to the depositing thread's shard (no line that every
+/// core writes); a withdrawal or a refill first moves them into the balance.
 #[derive(Debug)]
 pub struct RetryBudget {
     /// In thousandths of a retry.
     milli: std::sync::atomic::AtomicU64,
+    /// Deposits not yet in `milli`, per thread; made by the first deposit.
+    deposits: std::sync::OnceLock<Box<[Padded<std::sync::atomic::AtomicU64>]>>,
 }
 
 impl RetryBudget {
@@ -191,17 +206,43 @@ impl RetryBudget {
     fn new() -> RetryBudget {
         RetryBudget {
             milli: std::sync::atomic::AtomicU64::new(Self::FLOOR),
+            deposits: std::sync::OnceLock::new(),
         }
     }
 
     /// One request's share.
     #[inline]
     pub fn deposit(&self) {
-        self.milli.fetch_add(Self::DEPOSIT, Ordering::Relaxed);
+        let deposits = self.deposits.get_or_init(|| {
+            (0..shard::count())
+                .map(|_| Padded(std::sync::atomic::AtomicU64::new(0)))
+                .collect()
+        });
+        deposits[shard::index()].fetch_add(Self::DEPOSIT, Ordering::Relaxed);
+    }
+
+    /// Move the threads' deposits into the balance (each taken by one swap: none is
+    /// lost or counted twice).
+    fn collect(&self) {
+        let Some(deposits) = self.deposits.get() else {
+            return;
+        };
+        let pending: u64 = deposits.iter().map(|d| d.swap(0, Ordering::Relaxed)).sum();
+        if pending > 0 {
+            self.milli.fetch_add(pending, Ordering::Relaxed);
+        }
+    }
+
+    /// Deposits not yet in the balance.
+    fn pending(&self) -> u64 {
+        self.deposits
+            .get()
+            .map_or(0, |d| d.iter().map(|d| d.load(Ordering::Relaxed)).sum())
     }
 
     /// Take one retry, if the budget has it.
     pub fn withdraw(&self) -> bool {
+        self.collect();
         self.milli
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |m| {
                 m.checked_sub(Self::COST)
@@ -211,7 +252,7 @@ impl RetryBudget {
 
     /// Whether [`RetryBudget::refill`] would change anything now.
     pub fn needs_refill(&self) -> bool {
-        let m = self.milli.load(Ordering::Relaxed);
+        let m = self.milli.load(Ordering::Relaxed) + self.pending();
         !(Self::FLOOR..=Self::CAP).contains(&m)
     }
 
@@ -220,6 +261,7 @@ impl RetryBudget {
     /// A budget already between the two is left alone, unwritten: an idle pool's tick
     /// is one load.
     pub fn refill(&self) {
+        self.collect();
         let _ = self
             .milli
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |m| {
@@ -504,7 +546,7 @@ impl Pool {
         self.endpoints[index]
             .inflight
             .fetch_add(1, Ordering::Relaxed);
-        self.metrics.inflight().increment(1.0);
+        self.metrics.inflight_add(1);
         InflightGuard {
             pool: Arc::clone(self),
             index,
@@ -566,7 +608,7 @@ impl Drop for InflightGuard {
         self.pool.endpoints[self.index]
             .inflight
             .fetch_sub(1, Ordering::Relaxed);
-        self.pool.metrics.inflight().decrement(1.0);
+        self.pool.metrics.inflight_add(-1);
     }
 }
 
@@ -628,6 +670,27 @@ mod tests {
         let single = pool(1);
         single.set_endpoint_up(0, false);
         assert!(single.pick().is_none());
+    }
+
+    #[test]
+    fn retry_budget_counts_every_threads_deposits_once() {
+        let b = RetryBudget::new();
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| (0..50).for_each(|_| b.deposit()));
+            }
+        });
+        // The floor's 10 retries, and 200 requests' 0.2 each.
+        assert!(!b.needs_refill());
+        let taken = (0..100).take_while(|_| b.withdraw()).count();
+        assert_eq!(taken, 50);
+        assert!(b.needs_refill());
+        // Savings beyond the cap are dropped by the next refill, pending or not.
+        (0..1000).for_each(|_| b.deposit());
+        assert!(b.needs_refill());
+        b.refill();
+        assert_eq!(b.milli.load(Ordering::Relaxed), RetryBudget::CAP);
+        assert!(!b.needs_refill());
     }
 
     #[test]

@@ -3,15 +3,29 @@
 //!
 //! Each `Weir` owns its own recorder (no global one), so several instances in one process
 //! — tests, mostly — never mix their series.
+//!
+//! What every request records (counts by status, errors, failures, retries, in flight and
+//! the two latency histograms) is not written to the exporter's handles, which every
+//! core would share: each thread adds to its own [`shard`] of the pool's
+//! [`PoolSeries`], and a scrape adds the shards up. Counters and the in-flight gauge are
+//! then handed to the exporter (which renders them with the rest); the histograms, whose
+//! buckets the exporter cannot take as counts, are rendered here in the same format.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use ::metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder, Unit};
+use metrics_exporter_prometheus::formatting::{
+    sanitize_label_value, write_help_line, write_type_line,
+};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
+
+use crate::telemetry::shard::{self, Padded};
 
 use crate::model::Source;
 use crate::model::{Blame, ErrorKind, GRPC_CODES, Phase};
@@ -56,7 +70,27 @@ const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 /// Latency buckets: 0.5 ms to 10 s in 20 exponential steps (×1.68 each), fine enough
 /// for p50/p99 of both a 1 ms cache hit and a 5 s slow path.
 pub(crate) fn duration_buckets() -> Vec<f64> {
-    let (lo, hi, n) = (0.0005f64, 10.0f64, 20);
+    duration_bounds().to_vec()
+}
+
+/// [`duration_buckets`], worked out once.
+fn duration_bounds() -> &'static [f64; BUCKETS] {
+    static BOUNDS: OnceLock<[f64; BUCKETS]> = OnceLock::new();
+    BOUNDS.get_or_init(|| {
+        let v = bucket_bounds();
+        std::array::from_fn(|i| v[i])
+    })
+}
+
+/// Latency buckets per histogram (the `+Inf` one aside).
+const BUCKETS: usize = 20;
+
+const REQUEST_DURATION_HELP: &str = "Time from request received to response headers sent.";
+const RESPONSE_DURATION_HELP: &str =
+    "Time from request received to the response's last byte (streams: their whole life).";
+
+fn bucket_bounds() -> Vec<f64> {
+    let (lo, hi, n) = (0.0005f64, 10.0f64, BUCKETS as i32);
     let factor = (hi / lo).powf(1.0 / (n - 1) as f64);
     (0..n)
         .map(|i| {
@@ -76,7 +110,13 @@ pub struct Metrics {
     unsaved: Gauge,
     /// The services whose rollout gauges exist (see [`Metrics::rollout`]).
     rollouts: Mutex<HashSet<String>>,
+    /// Every pool's per-request series, by (service, pool): a pool rebuilt by a reload
+    /// carries on with the same series, as the exporter's handles would.
+    series: Mutex<HashMap<SeriesKey, Arc<PoolSeries>>>,
 }
+
+/// A pool's series are known by its service's and its own name.
+type SeriesKey = (Arc<str>, Arc<str>);
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -108,6 +148,7 @@ impl Metrics {
             unrouted,
             unsaved,
             rollouts: Mutex::new(HashSet::new()),
+            series: Mutex::new(HashMap::new()),
         };
         m.describe();
         m.gauge(
@@ -128,13 +169,12 @@ impl Metrics {
         r.describe_histogram(
             REQUEST_DURATION.into(),
             Some(Unit::Seconds),
-            "Time from request received to response headers sent.".into(),
+            REQUEST_DURATION_HELP.into(),
         );
         r.describe_histogram(
             RESPONSE_DURATION.into(),
             Some(Unit::Seconds),
-            "Time from request received to the response's last byte (streams: their whole life)."
-                .into(),
+            RESPONSE_DURATION_HELP.into(),
         );
         r.describe_counter(
             UPSTREAM_ERRORS_TOTAL.into(),
@@ -281,9 +321,55 @@ impl Metrics {
             .register_histogram(&Key::from_parts(name, labels), &METADATA)
     }
 
-    /// The Prometheus text exposition.
+    /// The Prometheus text exposition: the pools' shards added up and handed to the
+    /// exporter, its rendering, and the latency histograms.
     pub fn render(&self) -> String {
-        self.handle.render()
+        let mut series: Vec<Arc<PoolSeries>> = self
+            .series
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|s| s.shards.get().is_some())
+            .cloned()
+            .collect();
+        series.sort_by(|a, b| (&a.service, &a.pool).cmp(&(&b.service, &b.pool)));
+        let sums: Vec<Sums> = series.iter().map(|s| s.publish(self)).collect();
+        let mut text = self.handle.render();
+        for (name, help, of) in [
+            (
+                REQUEST_DURATION,
+                REQUEST_DURATION_HELP,
+                (|s: &Sums| &s.duration) as fn(&Sums) -> &BucketSums,
+            ),
+            (RESPONSE_DURATION, RESPONSE_DURATION_HELP, |s: &Sums| {
+                &s.response_duration
+            }),
+        ] {
+            if series.is_empty() {
+                break;
+            }
+            write_help_line(&mut text, name, None, None, help);
+            write_type_line(&mut text, name, None, None, "histogram");
+            for (s, sums) in series.iter().zip(&sums) {
+                of(sums).render(&mut text, name, &s.labels());
+            }
+            text.push('\n');
+        }
+        text
+    }
+
+    /// The per-request series of `service`'s `pool`, made by the first asking.
+    fn pool_series(&self, service: &Arc<str>, pool: &Arc<str>) -> Arc<PoolSeries> {
+        let mut all = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (Arc::clone(service), Arc::clone(pool));
+        Arc::clone(all.entry(key).or_insert_with(|| {
+            Arc::new(PoolSeries {
+                service: Arc::clone(service),
+                pool: Arc::clone(pool),
+                shards: OnceLock::new(),
+                published: Mutex::new(None),
+            })
+        }))
     }
 
     /// Run the exporter's upkeep every few seconds for as long as this instance lives.
@@ -489,8 +575,8 @@ pub struct Observed {
     pub failed: bool,
 }
 
-/// Status codes 100..=999 get one lazily registered counter each, in tables of a
-/// hundred codes allocated with their first code (most pools only ever see 2xx–5xx).
+/// Status codes 100..=999 get one lazily made counter each, in tables of a hundred
+/// codes allocated with their first code (most pools only ever see 2xx–5xx).
 const CLASSES: usize = 9;
 
 /// Every handle one pool's requests touch, registered once.
@@ -511,23 +597,261 @@ pub struct PoolMetrics {
     weight: Gauge,
     share: Gauge,
     endpoint_up: Box<[Gauge]>,
+    /// What requests record, per thread; shared with the exporter's side in `metrics`.
+    series: Arc<PoolSeries>,
     active: OnceLock<Active>,
 }
 
-/// The series of a pool that has been used.
+/// The exporter's handles of a pool that has been used and that requests write to
+/// directly: events rarer than requests.
 struct Active {
-    requests: [OnceLock<Box<[OnceLock<Counter>]>>; CLASSES],
-    grpc: Box<[OnceLock<Counter>]>,
-    duration: Histogram,
-    response_duration: Histogram,
+    replays: Counter,
+    tunnels: Gauge,
+    ejections: Box<[Counter]>,
+}
+
+/// The per-request series of one (service, pool): counted per thread, added up and
+/// published when `/metrics` is rendered.
+struct PoolSeries {
+    service: Arc<str>,
+    pool: Arc<str>,
+    /// One part per thread ([`shard`]): the table is made when the pool is first used,
+    /// each part by its thread's first request.
+    shards: OnceLock<Box<[CountsShard]>>,
+    /// The exporter's handles the sums go to, made by the first publication.
+    published: Mutex<Option<Box<Published>>>,
+}
+
+/// One thread's counts, made by its first request to the pool.
+type CountsShard = OnceLock<Box<Padded<Counts>>>;
+
+/// One thread's counts for one pool.
+#[derive(Default)]
+struct Counts {
+    requests: [OnceLock<Box<[AtomicU64]>>; CLASSES],
+    grpc: OnceLock<Box<[AtomicU64]>>,
+    errors: [AtomicU64; 5],
+    client_errors: [AtomicU64; 3],
+    failures: AtomicU64,
+    retries: [AtomicU64; 5],
+    /// Requests this thread started minus those it ended (a request may end on
+    /// another thread, so one shard can go below zero; the sum cannot).
+    inflight: AtomicI64,
+    duration: Buckets,
+    response_duration: Buckets,
+}
+
+fn counters(n: usize) -> Box<[AtomicU64]> {
+    (0..n).map(|_| AtomicU64::new(0)).collect()
+}
+
+impl Counts {
+    #[inline]
+    fn request(&self, status: u16) -> Option<&AtomicU64> {
+        let i = usize::from(status).checked_sub(100)?;
+        let class = self.requests.get(i / 100)?;
+        Some(&class.get_or_init(|| counters(100))[i % 100])
+    }
+
+    #[inline]
+    fn grpc(&self, code: u8) -> &AtomicU64 {
+        let code = usize::from(code).min(GRPC_CODES.len() - 1);
+        &self.grpc.get_or_init(|| counters(GRPC_CODES.len()))[code]
+    }
+}
+
+/// One thread's part of a latency histogram, in the `le` buckets of
+/// [`duration_buckets`] (not cumulative here: one add per sample) and `+Inf`.
+#[derive(Default)]
+struct Buckets {
+    counts: [AtomicU64; BUCKETS + 1],
+    /// The sum of the samples in seconds, as `f64` bits.
+    sum: AtomicU64,
+}
+
+impl Buckets {
+    #[inline]
+    fn record(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        // Prometheus's `le`: a sample counts in the first bucket whose bound it does
+        // not exceed.
+        let i = duration_bounds().partition_point(|&b| b < secs);
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        // Only this thread writes this shard, so the exchange succeeds the first time.
+        let _ = self
+            .sum
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+                Some((f64::from_bits(bits) + secs).to_bits())
+            });
+    }
+}
+
+/// A histogram's shards added up.
+#[derive(Default)]
+struct BucketSums {
+    counts: [u64; BUCKETS + 1],
+    sum: f64,
+}
+
+impl BucketSums {
+    fn add(&mut self, b: &Buckets) {
+        for (sum, c) in self.counts.iter_mut().zip(&b.counts) {
+            *sum += c.load(Ordering::Relaxed);
+        }
+        self.sum += f64::from_bits(b.sum.load(Ordering::Relaxed));
+    }
+
+    /// The series' lines, as the exporter writes a histogram: cumulative buckets,
+    /// `+Inf`, sum and count.
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut seen = 0;
+        for (le, count) in duration_bounds().iter().zip(&self.counts) {
+            seen += count;
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {seen}");
+        }
+        let count = seen + self.counts[BUCKETS];
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum);
+        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+    }
+}
+
+/// One pool's shards added up.
+#[derive(Default)]
+struct Sums {
+    duration: BucketSums,
+    response_duration: BucketSums,
+}
+
+/// The exporter's handles for a pool's per-request series.
+struct Published {
+    requests: HashMap<u16, Counter>,
+    grpc: HashMap<u8, Counter>,
     errors: [Counter; 5],
     client_errors: [Counter; 3],
     failures: Counter,
-    replays: Counter,
-    inflight: Gauge,
-    tunnels: Gauge,
-    ejections: Box<[Counter]>,
     retries: [Counter; 5],
+    inflight: Gauge,
+}
+
+impl PoolSeries {
+    fn labels(&self) -> String {
+        format!(
+            "service=\"{}\",pool=\"{}\"",
+            sanitize_label_value(&self.service),
+            sanitize_label_value(&self.pool)
+        )
+    }
+
+    fn label_vec(&self) -> Vec<Label> {
+        vec![
+            Label::new("service", self.service.to_string()),
+            Label::new("pool", self.pool.to_string()),
+        ]
+    }
+
+    fn shards(&self) -> &[CountsShard] {
+        self.shards
+            .get_or_init(|| (0..shard::count()).map(|_| OnceLock::new()).collect())
+    }
+
+    /// This thread's counts.
+    #[inline]
+    fn counts(&self) -> &Counts {
+        self.shards()[shard::index()].get_or_init(Box::default)
+    }
+
+    /// Add the shards up, hand the counters and the in-flight gauge to the exporter,
+    /// and return the histograms' sums for rendering.
+    fn publish(&self, metrics: &Metrics) -> Sums {
+        let mut sums = Sums::default();
+        let mut requests: HashMap<u16, u64> = HashMap::new();
+        let mut grpc: HashMap<u8, u64> = HashMap::new();
+        let (mut errors, mut client_errors, mut retries) = ([0u64; 5], [0u64; 3], [0u64; 5]);
+        let (mut failures, mut inflight) = (0u64, 0i64);
+        let add = |to: &mut [u64], from: &[AtomicU64]| {
+            for (t, f) in to.iter_mut().zip(from) {
+                *t += f.load(Ordering::Relaxed);
+            }
+        };
+        for c in self.shards().iter().filter_map(OnceLock::get) {
+            for (class, table) in c.requests.iter().enumerate() {
+                for (k, n) in table.get().into_iter().flat_map(|t| t.iter().enumerate()) {
+                    let n = n.load(Ordering::Relaxed);
+                    if n > 0 {
+                        *requests.entry((100 + class * 100 + k) as u16).or_default() += n;
+                    }
+                }
+            }
+            for (code, n) in c.grpc.get().into_iter().flat_map(|t| t.iter().enumerate()) {
+                let n = n.load(Ordering::Relaxed);
+                if n > 0 {
+                    *grpc.entry(code as u8).or_default() += n;
+                }
+            }
+            add(&mut errors, &c.errors);
+            add(&mut client_errors, &c.client_errors);
+            add(&mut retries, &c.retries);
+            failures += c.failures.load(Ordering::Relaxed);
+            inflight += c.inflight.load(Ordering::Relaxed);
+            sums.duration.add(&c.duration);
+            sums.response_duration.add(&c.response_duration);
+        }
+        let mut published = self.published.lock().unwrap_or_else(|p| p.into_inner());
+        let p = published.get_or_insert_with(|| Box::new(self.handles(metrics)));
+        // The sums only grow, and this series is the counters' only writer: `absolute`
+        // sets them.
+        for (status, n) in requests {
+            p.requests
+                .entry(status)
+                .or_insert_with(|| {
+                    let mut labels = self.label_vec();
+                    labels.push(Label::new("code", status.to_string()));
+                    metrics.counter(REQUESTS_TOTAL, labels)
+                })
+                .absolute(n);
+        }
+        for (code, n) in grpc {
+            p.grpc
+                .entry(code)
+                .or_insert_with(|| {
+                    let mut labels = self.label_vec();
+                    labels.push(Label::new("code", crate::model::grpc_code_name(code)));
+                    metrics.counter(GRPC_RESPONSES_TOTAL, labels)
+                })
+                .absolute(n);
+        }
+        for (counter, n) in p.errors.iter().zip(errors) {
+            counter.absolute(n);
+        }
+        for (counter, n) in p.client_errors.iter().zip(client_errors) {
+            counter.absolute(n);
+        }
+        for (counter, n) in p.retries.iter().zip(retries) {
+            counter.absolute(n);
+        }
+        p.failures.absolute(failures);
+        p.inflight.set(inflight as f64);
+        sums
+    }
+
+    #[cold]
+    fn handles(&self, metrics: &Metrics) -> Published {
+        let by_kind = |name: &'static str, kind: ErrorKind| {
+            let mut l = self.label_vec();
+            l.push(Label::new("kind", kind.as_str()));
+            metrics.counter(name, l)
+        };
+        Published {
+            requests: HashMap::new(),
+            grpc: HashMap::new(),
+            errors: ErrorKind::UPSTREAM.map(|k| by_kind(UPSTREAM_ERRORS_TOTAL, k)),
+            client_errors: ErrorKind::CLIENT.map(|k| by_kind(CLIENT_ERRORS_TOTAL, k)),
+            failures: metrics.counter(REQUEST_FAILURES_TOTAL, self.label_vec()),
+            retries: ErrorKind::UPSTREAM.map(|k| by_kind(RETRIES_TOTAL, k)),
+            inflight: metrics.gauge(INFLIGHT, self.label_vec()),
+        }
+    }
 }
 
 impl std::fmt::Debug for PoolMetrics {
@@ -561,6 +885,7 @@ impl PoolMetrics {
             weight: metrics.gauge(POOL_WEIGHT, labels()),
             share: metrics.gauge(POOL_SHARE, labels()),
             endpoint_up: Box::new([]),
+            series: metrics.pool_series(service, pool),
             active: OnceLock::new(),
         };
         let endpoint_up: Box<[Gauge]> = m
@@ -594,8 +919,8 @@ impl PoolMetrics {
             .collect()
     }
 
-    /// The request series, registered (at 0) by the first call. After that, one
-    /// acquire load: the request path stays lock-free.
+    /// The series, registered (at 0) by the first call. After that, one acquire load:
+    /// the request path stays lock-free.
     #[inline]
     fn active(&self) -> &Active {
         self.active.get_or_init(|| self.register())
@@ -605,81 +930,69 @@ impl PoolMetrics {
     fn register(&self) -> Active {
         let metrics = &self.metrics;
         metrics.register_service(&self.service);
-        let by_kind = |name: &'static str, kind: ErrorKind| {
-            let mut l = self.labels();
-            l.push(Label::new("kind", kind.as_str()));
-            metrics.counter(name, l)
-        };
+        // The per-request counters and the in-flight gauge at 0, and the histograms
+        // from the next scrape on (they are rendered for every series with shards).
+        let mut published = self
+            .series
+            .published
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if published.is_none() {
+            *published = Some(Box::new(self.series.handles(metrics)));
+        }
+        drop(published);
+        let _ = self.series.shards();
         Active {
-            requests: std::array::from_fn(|_| OnceLock::new()),
-            grpc: (0..GRPC_CODES.len()).map(|_| OnceLock::new()).collect(),
-            duration: metrics.histogram(REQUEST_DURATION, self.labels()),
-            response_duration: metrics.histogram(RESPONSE_DURATION, self.labels()),
-            errors: ErrorKind::UPSTREAM.map(|k| by_kind(UPSTREAM_ERRORS_TOTAL, k)),
-            client_errors: ErrorKind::CLIENT.map(|k| by_kind(CLIENT_ERRORS_TOTAL, k)),
-            failures: metrics.counter(REQUEST_FAILURES_TOTAL, self.labels()),
             replays: metrics.counter(KEEPALIVE_REPLAYS_TOTAL, self.labels()),
-            inflight: metrics.gauge(INFLIGHT, self.labels()),
             tunnels: metrics.gauge(TUNNELS_OPEN, self.labels()),
             ejections: self
                 .per_endpoint(ENDPOINT_EJECTIONS_TOTAL)
                 .iter()
                 .map(|k| metrics.recorder.register_counter(k, &METADATA))
                 .collect(),
-            retries: ErrorKind::UPSTREAM.map(|k| by_kind(RETRIES_TOTAL, k)),
         }
     }
 
-    fn requests(&self, status: u16) -> Option<&Counter> {
-        let i = usize::from(status).checked_sub(100)?;
-        let class = self.active().requests.get(i / 100)?;
-        let table = class.get_or_init(|| (0..100).map(|_| OnceLock::new()).collect());
-        Some(table[i % 100].get_or_init(|| {
-            let mut labels = self.labels();
-            labels.push(Label::new("code", status.to_string()));
-            self.metrics.counter(REQUESTS_TOTAL, labels)
-        }))
+    /// This thread's counts, the series registered first if this is the pool's first
+    /// use.
+    #[inline]
+    fn counts(&self) -> &Counts {
+        let _ = self.active();
+        self.series.counts()
     }
 
-    fn grpc(&self, code: u8) -> &Counter {
-        let code = usize::from(code).min(GRPC_CODES.len() - 1);
-        self.active().grpc[code].get_or_init(|| {
-            let mut labels = self.labels();
-            labels.push(Label::new("code", crate::model::grpc_code_name(code as u8)));
-            self.metrics.counter(GRPC_RESPONSES_TOTAL, labels)
-        })
-    }
-
-    /// Record one finished exchange.
+    /// Record one finished exchange. Writes only this thread's shard.
     pub fn record(&self, o: &Observed) {
-        if let Some(c) = self.requests(o.status) {
-            c.increment(1);
+        let c = self.counts();
+        if let Some(n) = c.request(o.status) {
+            n.fetch_add(1, Ordering::Relaxed);
         }
         if let Some(code) = o.grpc {
-            self.grpc(code).increment(1);
+            c.grpc(code).fetch_add(1, Ordering::Relaxed);
         }
-        let a = self.active();
-        a.duration.record(o.latency.as_secs_f64());
-        a.response_duration.record(o.duration.as_secs_f64());
+        c.duration.record(o.latency);
+        c.response_duration.record(o.duration);
         match o.error {
             Some(kind) if kind.blame() == Blame::Client => {
-                a.client_errors[kind.index()].increment(1);
+                c.client_errors[kind.index()].fetch_add(1, Ordering::Relaxed);
             }
-            Some(kind) => a.errors[kind.index()].increment(1),
+            Some(kind) => {
+                c.errors[kind.index()].fetch_add(1, Ordering::Relaxed);
+            }
             None => {}
         }
         if o.failed {
-            a.failures.increment(1);
+            c.failures.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// A failed attempt that was retried: counted as an upstream error of its kind,
     /// a failure of the pool, and a retry.
     pub fn retried(&self, kind: ErrorKind) {
-        let (a, i) = (self.active(), kind.index());
-        a.errors[i].increment(1);
-        a.retries[i].increment(1);
-        a.failures.increment(1);
+        let (c, i) = (self.counts(), kind.index());
+        c.errors[i].fetch_add(1, Ordering::Relaxed);
+        c.retries[i].fetch_add(1, Ordering::Relaxed);
+        c.failures.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A request replayed after a keep-alive race.
@@ -699,8 +1012,11 @@ impl PoolMetrics {
         }
     }
 
-    pub fn inflight(&self) -> &Gauge {
-        &self.active().inflight
+    /// A request started (`1`) or ended (`-1`) on this pool: the in-flight gauge,
+    /// counted on this thread's shard.
+    #[inline]
+    pub fn inflight_add(&self, delta: i64) {
+        self.counts().inflight.fetch_add(delta, Ordering::Relaxed);
     }
 
     /// Open upgraded connections (tunnels) through this pool.
@@ -766,6 +1082,118 @@ mod tests {
             "weir_rollbacks_total{service=\"shop\",reason=\"error_rate\"} 0",
             "weir_weight_changes_total{service=\"shop\",source=\"guard\"} 0",
             "weir_inflight_requests{service=\"shop\",pool=\"canary\"} 0",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn per_thread_counts_render_as_the_exporter_renders_the_same_samples() {
+        let m = Metrics::new();
+        let pm = PoolMetrics::new(&m, &"shop".into(), &"canary".into(), &["10.0.0.1:80"]);
+        // The exporter itself, given every sample, is what `/metrics` showed before.
+        let reference = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(REQUEST_DURATION.into()), &duration_buckets())
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full(RESPONSE_DURATION.into()),
+                    &duration_buckets(),
+                )
+            })
+            .unwrap()
+            .build_recorder();
+        let key = |name| Key::from_parts(name, pm.labels());
+        let (ref_latency, ref_duration) = (
+            reference.register_histogram(&key(REQUEST_DURATION), &METADATA),
+            reference.register_histogram(&key(RESPONSE_DURATION), &METADATA),
+        );
+        reference.describe_histogram(
+            REQUEST_DURATION.into(),
+            Some(Unit::Seconds),
+            REQUEST_DURATION_HELP.into(),
+        );
+        reference.describe_histogram(
+            RESPONSE_DURATION.into(),
+            Some(Unit::Seconds),
+            RESPONSE_DURATION_HELP.into(),
+        );
+        // k/512 s: exact in binary, so the sums cannot differ by the order of adding.
+        // 0 to 11.7 s: every bucket, +Inf included.
+        let sample = |k: u64| Duration::from_nanos(k * 1_953_125);
+        let used: HashSet<usize> = std::thread::scope(|s| {
+            let threads: Vec<_> = (0..4u64)
+                .map(|t| {
+                    let pm = &pm;
+                    s.spawn(move || {
+                        for k in (t..6000).step_by(4) {
+                            pm.inflight_add(1);
+                            pm.record(&Observed {
+                                status: if k % 10 == 0 { 503 } else { 200 },
+                                grpc: None,
+                                error: (k % 20 == 0).then_some(ErrorKind::Timeout),
+                                latency: sample(k),
+                                duration: sample(k + 1),
+                                failed: k % 10 == 0,
+                            });
+                            if t != 0 {
+                                pm.inflight_add(-1);
+                            }
+                        }
+                        shard::index()
+                    })
+                })
+                .collect();
+            threads.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        for k in 0..6000 {
+            ref_latency.record(sample(k).as_secs_f64());
+            ref_duration.record(sample(k + 1).as_secs_f64());
+        }
+        // Each thread wrote its own shard only.
+        let shards = pm.series.shards.get().unwrap();
+        let written: HashSet<usize> = (0..shards.len())
+            .filter(|&i| shards[i].get().is_some())
+            .collect();
+        assert_eq!(written, used);
+        let text = m.render();
+        let family = |text: &str, name: &str| -> Vec<String> {
+            let mut lines: Vec<String> = text
+                .lines()
+                .filter(|l| l.contains(name))
+                .map(str::to_owned)
+                .collect();
+            lines.sort();
+            lines
+        };
+        let expected = reference.handle().render();
+        for name in [REQUEST_DURATION, RESPONSE_DURATION] {
+            let ours = family(&text, name);
+            assert_eq!(ours.len(), 2 + BUCKETS + 3, "{text}");
+            assert_eq!(ours, family(&expected, name));
+        }
+        for needle in [
+            "weir_requests_total{service=\"shop\",pool=\"canary\",code=\"200\"} 5400",
+            "weir_requests_total{service=\"shop\",pool=\"canary\",code=\"503\"} 600",
+            "weir_request_failures_total{service=\"shop\",pool=\"canary\"} 600",
+            "weir_upstream_errors_total{service=\"shop\",pool=\"canary\",kind=\"timeout\"} 300",
+            // Thread 0's requests are still in flight, counted on its shard.
+            "weir_inflight_requests{service=\"shop\",pool=\"canary\"} 1500",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+        // A second scrape shows the same, and a pool built again under the same names
+        // (a reload) carries on counting where the first left off.
+        assert_eq!(
+            family(&m.render(), REQUEST_DURATION),
+            family(&text, REQUEST_DURATION)
+        );
+        let again = PoolMetrics::new(&m, &"shop".into(), &"canary".into(), &["10.0.0.2:80"]);
+        again.retried(ErrorKind::Timeout);
+        let text = m.render();
+        for needle in [
+            "weir_request_failures_total{service=\"shop\",pool=\"canary\"} 601",
+            "weir_retries_total{service=\"shop\",pool=\"canary\",kind=\"timeout\"} 1",
+            "weir_request_duration_seconds_count{service=\"shop\",pool=\"canary\"} 6000",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

@@ -3,4 +3,5 @@
 
 pub(crate) mod access;
 pub(crate) mod metrics;
+pub(crate) mod shard;
 pub(crate) mod window;

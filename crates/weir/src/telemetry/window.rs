@@ -1,11 +1,13 @@
 //! Per-pool sliding window of live traffic: a ring of time slices, each holding request
 //! and error counts and a latency histogram. Pure: no I/O, time is passed in.
 //!
-//! Recording is lock-free — two relaxed atomic adds and one atomic histogram bucket add
-//! into the current slice — so every request can be recorded. One writer (the guard's
-//! evaluation loop) rotates the ring: it clears the oldest slice and makes it current.
-//! A recorder that read the old index just before a rotation adds to the slice that just
-//! closed, which is where its request belongs anyway.
+//! Recording is lock-free and touches only the recording thread's own cache lines
+//! (issue 17): the open slice's counts and latencies are kept per thread, in
+//! [`shard`]s, and one writer (the guard's evaluation loop) rotates the ring: it moves
+//! every shard's part into the slice that closes (an atomic swap each, so nothing is
+//! lost or counted twice), clears the oldest slice and makes it current. Readers of the
+//! open slice add the shards up. A request being recorded just as its shard is moved
+//! may have its count in one slice and its latency in the next; it is never lost.
 //!
 //! Latency is kept by the `histogram` crate's log-linear atomic histogram in
 //! microseconds with grouping power 5: every bucket is at most 1/32 (3.1%) wide
@@ -39,6 +41,8 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use histogram::{AtomicHistogram32, Histogram, Histogram32, SparseHistogram};
+
+use crate::telemetry::shard::{self, Padded};
 
 /// Relative precision of latency buckets: 2^-5.
 const GROUPING_POWER: u8 = 5;
@@ -104,6 +108,39 @@ impl Slice {
             p99_us,
         };
         (point, latency)
+    }
+}
+
+/// One thread's part of the open slice, not yet moved into it (see [`Window::record`]).
+#[derive(Default)]
+struct Live {
+    /// Requests (low 32 bits) and errors (high 32 bits): one add counts a request and
+    /// its error together, and one swap moves both, so no slice ever holds an error
+    /// without its request. A shard cannot reach 2^32 requests in one slice (at most a
+    /// minute: 71 million a second from one thread).
+    counts: AtomicU64,
+    /// Every request this thread ever recorded; [`Window::total`] adds these up.
+    total: AtomicU64,
+    /// Allocated by the shard's first latency sample.
+    latency_us: OnceLock<AtomicHistogram32>,
+}
+
+const ONE_REQUEST: u64 = 1;
+const ONE_ERROR: u64 = 1 << 32;
+
+impl Live {
+    #[inline]
+    fn histogram(&self) -> &AtomicHistogram32 {
+        self.latency_us.get_or_init(|| {
+            AtomicHistogram32::new(GROUPING_POWER, MAX_VALUE_POWER)
+                .expect("valid histogram parameters")
+        })
+    }
+
+    /// Requests and errors not yet moved into the slice.
+    fn counts(&self) -> (u64, u64) {
+        let c = self.counts.load(Ordering::Acquire);
+        (c & 0xffff_ffff, c >> 32)
     }
 }
 
@@ -189,14 +226,15 @@ pub struct Window {
     slice_len: Duration,
     slices: Box<[Slice]>,
     current: AtomicUsize,
-    /// Every request ever recorded (rollout gates count from it).
-    total: AtomicU64,
+    /// The open slice's traffic, one part per thread ([`shard`]), and every request
+    /// each thread recorded: allocated by the first request, so an idle pool holds none.
+    live: OnceLock<Box<[Padded<Live>]>>,
     /// The rotating writer's clock: the start of the current slice. Locked first by
     /// every method that takes more than one lock.
     current_start: Mutex<Rotation>,
     /// The first rotation's time: what `deferred_ns` counts from.
     epoch: OnceLock<Instant>,
-    /// `total` as the last rotation left it, if every slice was empty then
+    /// [`Window::total`] as the last rotation left it, if every slice was empty then
     /// ([`NOT_QUIET`] otherwise): while `total` still equals it, rotating would only
     /// close empty slices, and is deferred.
     quiet_total: AtomicU64,
@@ -349,7 +387,7 @@ impl Window {
             slice_len,
             slices: (0..n).map(|_| Slice::new()).collect(),
             current: AtomicUsize::new(0),
-            total: AtomicU64::new(0),
+            live: OnceLock::new(),
             current_start: Mutex::new(Rotation::default()),
             epoch: OnceLock::new(),
             quiet_total: AtomicU64::new(NOT_QUIET),
@@ -389,9 +427,21 @@ impl Window {
         if let Some(h) = current.latency_us.get() {
             let _ = latency.checked_add_assign(&Histogram::from(&h.load()));
         }
+        let (mut requests, mut errors) = (
+            current.requests.load(Ordering::Relaxed),
+            current.errors.load(Ordering::Relaxed),
+        );
+        for live in self.live_shards() {
+            let (r, e) = live.counts();
+            requests += r;
+            errors += e;
+            if let Some(h) = live.latency_us.get() {
+                let _ = latency.checked_add_assign(&Histogram::from(&h.load()));
+            }
+        }
         Totals {
-            requests: cumulative.requests + current.requests.load(Ordering::Relaxed),
-            errors: cumulative.errors + current.errors.load(Ordering::Relaxed),
+            requests: cumulative.requests + requests,
+            errors: cumulative.errors + errors,
             latency_us: SparseHistogram::from(&latency),
         }
     }
@@ -399,11 +449,10 @@ impl Window {
     /// Add traffic recorded elsewhere (a fleet peer's requests since its last reading)
     /// to the current slice, as if it had been recorded here.
     pub fn add(&self, requests: u64, errors: u64, latency_us: &SparseHistogram) {
+        // Straight into the open slice (this is a background task's once-a-tick call,
+        // not the request path), latency and errors first, then the requests and last
+        // the total, as in `record`.
         let slice = &self.slices[self.current.load(Ordering::Acquire)];
-        // Slice before `total`, as in `record`.
-        slice.requests.fetch_add(requests, Ordering::Relaxed);
-        self.total.fetch_add(requests, Ordering::Release);
-        slice.errors.fetch_add(errors, Ordering::Relaxed);
         for bucket in latency_us.iter() {
             let mut count = bucket.count();
             // Bucket counts are 32-bit here; a peer's half-second never comes near that.
@@ -411,6 +460,57 @@ impl Window {
                 let step = count.min(u64::from(u32::MAX));
                 let _ = slice.histogram().add(bucket.start(), step as u32);
                 count -= step;
+            }
+        }
+        slice.errors.fetch_add(errors, Ordering::Relaxed);
+        slice.requests.fetch_add(requests, Ordering::Release);
+        self.live()[shard::index()]
+            .total
+            .fetch_add(requests, Ordering::Release);
+    }
+
+    /// The per-thread parts, made by the first request.
+    #[inline]
+    fn live(&self) -> &[Padded<Live>] {
+        self.live
+            .get_or_init(|| (0..shard::count()).map(|_| Padded::default()).collect())
+    }
+
+    /// The per-thread parts if any request made them (none for an idle pool).
+    fn live_shards(&self) -> &[Padded<Live>] {
+        self.live.get().map_or(&[], |l| l)
+    }
+
+    /// Move every thread's part of the open slice into `slice`: one swap of each
+    /// shard's counts, and its latencies when it had requests (a shard without
+    /// requests since the last move has no latency of this slice; one whose count
+    /// comes just after the swap keeps its latency until the next).
+    fn drain_live(&self, slice: &Slice) {
+        let mut scratch: Option<Histogram32> = None;
+        for live in self.live_shards() {
+            let counts = live.counts.swap(0, Ordering::AcqRel);
+            if counts == 0 {
+                continue;
+            }
+            slice
+                .requests
+                .fetch_add(counts & 0xffff_ffff, Ordering::Relaxed);
+            slice.errors.fetch_add(counts >> 32, Ordering::Relaxed);
+            let Some(h) = live.latency_us.get() else {
+                continue;
+            };
+            // Read every bucket, then take from each non-empty one exactly what was read
+            // (a wrapping add of its negation): a sample added in between stays. A swap
+            // of every bucket would write ~700 of them, most of them empty.
+            let moved = scratch.get_or_insert_with(empty_histogram);
+            if h.load_into(moved).is_err() {
+                continue;
+            }
+            for bucket in moved.iter().filter(|b| b.count() > 0) {
+                // Read from 32-bit buckets: the count fits.
+                let count = u32::try_from(bucket.count()).unwrap_or(u32::MAX);
+                let _ = h.add(bucket.start(), count.wrapping_neg());
+                let _ = slice.histogram().add(bucket.start(), count);
             }
         }
     }
@@ -427,27 +527,27 @@ impl Window {
     /// Record one request. Lock-free; called on the request path.
     #[inline]
     pub fn record(&self, error: bool, latency: Duration) {
-        let slice = &self.slices[self.current.load(Ordering::Acquire)];
-        // The slice before `total`: a rotation that reads `total` and then finds every
-        // slice empty knows that any request it missed moves `total` on afterwards, so
-        // the next rotation is not deferred with that request left unclosed.
-        slice.requests.fetch_add(1, Ordering::Relaxed);
-        self.total.fetch_add(1, Ordering::Release);
-        if error {
-            slice.errors.fetch_add(1, Ordering::Relaxed);
-        }
+        let live = &self.live()[shard::index()];
         let us = (latency.as_micros() as u64).min(MAX_MICROS);
-        let _ = slice.histogram().increment(us);
+        // The latency before the count (Release: a rotation that moves the count sees
+        // the latency, and moves it with it), and the count before `total`: a rotation
+        // that reads the total and then finds every slice and shard empty knows that
+        // any request it missed moves the total on afterwards, so the next rotation is
+        // not deferred with that request left unclosed.
+        let _ = live.histogram().increment(us);
+        let counts = ONE_REQUEST + if error { ONE_ERROR } else { 0 };
+        live.counts.fetch_add(counts, Ordering::Release);
+        live.total.fetch_add(1, Ordering::Release);
     }
 
     /// Count a failed attempt that was retried: a request and an error, with no latency
     /// sample (the attempt's answer never reached the client).
     pub fn record_failed_attempt(&self) {
-        let slice = &self.slices[self.current.load(Ordering::Acquire)];
-        // Slice before `total`, as in `record`.
-        slice.requests.fetch_add(1, Ordering::Relaxed);
-        self.total.fetch_add(1, Ordering::Release);
-        slice.errors.fetch_add(1, Ordering::Relaxed);
+        let live = &self.live()[shard::index()];
+        // Count before total, as in `record`.
+        live.counts
+            .fetch_add(ONE_REQUEST + ONE_ERROR, Ordering::Release);
+        live.total.fetch_add(1, Ordering::Release);
     }
 
     /// Advance the ring to `now`: every slice that ended is closed (and kept in the
@@ -464,7 +564,7 @@ impl Window {
         // empty. Only the rotating writer stores `quiet_total`, so it reads its own last
         // word here; and its `now` only grows, so a plain store keeps the latest.
         if let Some(epoch) = self.epoch.get()
-            && self.quiet_total.load(Ordering::Relaxed) == self.total.load(Ordering::Relaxed)
+            && self.quiet_total.load(Ordering::Relaxed) == self.total()
         {
             let ns = now.saturating_duration_since(*epoch).as_nanos() as u64;
             self.deferred_ns
@@ -475,12 +575,14 @@ impl Window {
         if clock.start.is_none() {
             clock.start = Some(now);
             let _ = self.epoch.set(now);
-            self.note_quiet(self.total.load(Ordering::Relaxed));
+            self.note_quiet(self.total());
             return;
         }
-        // Acquire: every slice increment made before the `total` read here is seen by
-        // `note_quiet` (recorders add to `total` with Release, after their slice).
-        let total = self.total.load(Ordering::Acquire);
+        // Every count made before a shard's total was read here is seen by
+        // `note_quiet` (recorders add to the total with Release, after their count,
+        // and `total` reads with Acquire). A shard read before a request's add misses
+        // it, and then the sum moves past this one later: totals only grow.
+        let total = self.total();
         self.catch_up(&mut clock);
         self.rotate_locked(&mut clock, now);
         self.note_quiet(total);
@@ -493,12 +595,13 @@ impl Window {
         self.quiet_total.store(quiet, Ordering::Relaxed);
     }
 
-    /// No slice holds a request (and so no latency sample either: every recording path
-    /// counts the request first).
+    /// No slice or shard holds a request. A shard may hold a latency sample whose
+    /// count is still to come, and then the total moves on with that count.
     fn ring_empty(&self) -> bool {
         self.slices
             .iter()
             .all(|s| s.requests.load(Ordering::Relaxed) == 0)
+            && self.live_shards().iter().all(|l| l.counts().0 == 0)
     }
 
     /// Make the rotations deferred while the window was quiet, as of the last time it
@@ -554,6 +657,9 @@ impl Window {
         if now.saturating_duration_since(s) < self.slice_len {
             return;
         }
+        // The open slice closes now: it takes every thread's part first. What threads
+        // record from here on belongs to the slice current when this call ends.
+        self.drain_live(&self.slices[self.current.load(Ordering::Relaxed)]);
         let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
         let mut steps = 0;
         while now.saturating_duration_since(s) >= self.slice_len {
@@ -675,6 +781,17 @@ impl Window {
             if let Some(h) = slice.latency_us.get() {
                 let _ = stats.latency_us.checked_add_assign(&h.load());
             }
+            if k == 0 {
+                // The open slice's parts still with the threads.
+                for live in self.live_shards() {
+                    let (r, e) = live.counts();
+                    stats.requests += r;
+                    stats.errors += e;
+                    if let Some(h) = live.latency_us.get() {
+                        let _ = stats.latency_us.checked_add_assign(&h.load());
+                    }
+                }
+            }
         }
         stats
     }
@@ -706,12 +823,16 @@ impl Window {
     /// Every slice was empty at the last rotation and nothing was recorded since: the
     /// next rotations would be deferred.
     pub fn is_quiet(&self) -> bool {
-        self.quiet_total.load(Ordering::Relaxed) == self.total.load(Ordering::Relaxed)
+        self.quiet_total.load(Ordering::Relaxed) == self.total()
     }
 
-    /// Requests recorded since the pool was created; never reset.
+    /// Requests recorded since the pool was created; never reset. The sum of every
+    /// thread's count (Acquire: see [`Window::rotate`]).
     pub fn total(&self) -> u64 {
-        self.total.load(Ordering::Relaxed)
+        self.live_shards()
+            .iter()
+            .map(|l| l.total.load(Ordering::Acquire))
+            .sum()
     }
 
     /// Forget everything recorded so far (e.g. after a rollback, so the next judgement
@@ -991,11 +1112,22 @@ mod tests {
             // Traffic in a few bursts, with gaps longer than the ring and shorter.
             let busy = matches!(k, 3..=14 | 95..=97 | 131 | 402..=460 | 461 | 1000..=1003);
             if busy {
-                for w in [&lazy, &eager] {
-                    w.record(k % 3 == 0, Duration::from_millis(u64::from(k % 17) + 1));
-                    if k % 5 == 0 {
-                        w.record_failed_attempt();
+                let feed = || {
+                    for w in [&lazy, &eager] {
+                        w.record(k % 3 == 0, Duration::from_millis(u64::from(k % 17) + 1));
+                        if k % 5 == 0 {
+                            w.record_failed_attempt();
+                        }
                     }
+                };
+                // Every other busy tick from a thread of its own: traffic spread over
+                // several per-thread parts must defer and catch up the same way.
+                if k % 2 == 1 {
+                    std::thread::scope(|s| {
+                        s.spawn(feed);
+                    });
+                } else {
+                    feed();
                 }
             }
             if matches!(k, 200 | 700) {
@@ -1019,6 +1151,14 @@ mod tests {
             }
         }
         assert!(deferred > 500, "idle rotations were deferred: {deferred}");
+        let parts = lazy
+            .live_shards()
+            .iter()
+            .filter(|l| l.total.load(Ordering::Relaxed) > 0);
+        assert!(
+            parts.count() >= shard::count().min(2),
+            "traffic came from several parts"
+        );
     }
 
     #[test]
@@ -1029,22 +1169,129 @@ mod tests {
             w.rotate(t0 + S * k);
         }
         assert!(w.slices.iter().all(|s| s.latency_us.get().is_none()));
+        assert!(
+            w.live.get().is_none(),
+            "no per-thread parts before a request"
+        );
         assert!(w.exposure.lock().unwrap().latency_us.is_none());
         // A hundred idle seconds are one run of empty points in the history.
         assert_eq!(w.series(HISTORY).points.len(), 99);
         assert_eq!(w.history.lock().unwrap().runs.len(), 1);
-        // The first request allocates its slice's histogram, and only that one.
+        // The first request allocates its thread's histogram, and only that one; the
+        // rotation that closes its slice, that slice's.
         w.record(false, Duration::from_millis(5));
         let allocated = || {
-            w.slices
+            let slices = w.slices.iter().filter(|s| s.latency_us.get().is_some());
+            let live = w
+                .live_shards()
                 .iter()
-                .filter(|s| s.latency_us.get().is_some())
-                .count()
+                .filter(|l| l.latency_us.get().is_some());
+            (slices.count(), live.count())
         };
-        assert_eq!(allocated(), 1);
+        assert_eq!(allocated(), (0, 1));
         w.rotate(t0 + S * 100);
         assert!(w.exposure().p99().is_some());
-        assert_eq!(allocated(), 1);
+        assert_eq!(allocated(), (1, 1));
+    }
+
+    #[test]
+    fn threads_record_into_their_own_shards_and_readers_see_the_sum() {
+        let w = Window::new(Duration::from_secs(3), S);
+        let t0 = Instant::now();
+        w.rotate(t0);
+        let _ = w.totals(); // starts the running sums
+        let mut used: Vec<usize> = std::thread::scope(|s| {
+            let threads: Vec<_> = (0..4u64)
+                .map(|k| {
+                    let w = &w;
+                    s.spawn(move || {
+                        for i in 0..1000u64 {
+                            w.record(i % 10 == 0, Duration::from_millis(k + 1));
+                        }
+                        shard::index()
+                    })
+                })
+                .collect();
+            threads.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        // Every thread wrote its own shard only.
+        used.sort_unstable();
+        used.dedup();
+        let busy: Vec<usize> = (0..shard::count())
+            .filter(|&i| w.live_shards()[i].total.load(Ordering::Relaxed) > 0)
+            .collect();
+        assert_eq!(busy, used);
+        assert_eq!(w.total(), 4000);
+        let open = w.stats(S);
+        assert_eq!((open.requests, open.errors), (4000, 400));
+        assert_eq!(
+            open.latency().into_iter().map(|b| b.count()).sum::<u64>(),
+            4000
+        );
+        // The rotation moves them into the slice that closes: the same figures,
+        // nothing left with the threads.
+        w.rotate(t0 + S);
+        assert!(w.live_shards().iter().all(|l| l.counts() == (0, 0)));
+        let closed = w.stats(S);
+        assert_eq!((closed.requests, closed.errors), (4000, 400));
+        assert_eq!(closed.p50(), open.p50());
+        assert_eq!(w.series(S).points[0].requests, 4000);
+        assert_eq!(w.totals().requests, 4000);
+    }
+
+    #[test]
+    fn requests_recorded_while_the_ring_turns_are_each_counted_once() {
+        // Recorders on several threads race a rotator that turns the ring (and defers
+        // idle turns) as fast as it can: at the end every request is in exactly one
+        // closed slice or the open one, and the deferral never skipped one.
+        let w = Window::new(Duration::from_secs(3), S);
+        let t0 = Instant::now();
+        w.rotate(t0);
+        let _ = w.totals(); // starts the running sums
+        let done = AtomicUsize::new(0);
+        let mut turns = 0u32;
+        std::thread::scope(|s| {
+            for k in 0..3u64 {
+                let (w, done) = (&w, &done);
+                s.spawn(move || {
+                    for i in 0..20_000u64 {
+                        if i % 7 == 0 {
+                            w.record_failed_attempt();
+                        } else {
+                            w.record(i % 5 == 0, Duration::from_micros(100 * (k + 1)));
+                        }
+                        if i % 4096 == 0 {
+                            std::thread::yield_now();
+                        }
+                    }
+                    done.fetch_add(1, Ordering::Relaxed);
+                });
+            }
+            while done.load(Ordering::Relaxed) < 3 {
+                turns += 1;
+                w.rotate(t0 + S * turns);
+            }
+        });
+        let sent = 3 * 20_000u64;
+        let errors_sent = 3 * (0..20_000u64).filter(|i| i % 7 == 0 || i % 5 == 0).count() as u64;
+        assert_eq!(w.total(), sent);
+        let t = w.totals();
+        assert_eq!((t.requests, t.errors), (sent, errors_sent));
+        // Once the open slice closes too, the closed slices hold them all, once.
+        turns += 1;
+        w.rotate(t0 + S * turns);
+        let e = w.exposure();
+        assert_eq!(
+            (e.requests, e.errors),
+            (sent, errors_sent),
+            "after {turns} turns"
+        );
+        assert_eq!(w.totals().requests, sent);
+        // Once those slices have left the ring, the window is quiet again.
+        for k in 1..=4 {
+            w.rotate(t0 + S * (turns + k));
+        }
+        assert!(w.is_quiet());
     }
 
     #[test]
