@@ -31,9 +31,11 @@ fn main() {
 /// `abc1234` or `abc1234-dirty`; `None` without git or outside weir's repository.
 fn from_git() -> Option<String> {
     let here = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR")?);
+    // Watched before anything can fail, so that the answer is looked for again once
+    // it may have changed (this file committed, a repository made).
+    watch_git(&here);
     // Tracked here means the repository found is weir's own.
     git(&here, &["ls-files", "--error-unmatch", "build.rs"])?;
-    watch_git(&here);
     let head = git(&here, &["rev-parse", "--short", "HEAD"])?;
     let changes = git(
         &here,
