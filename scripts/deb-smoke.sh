@@ -44,12 +44,16 @@ cargo build --release --locked --features fleet,jemalloc --bin weir
 rm -rf "$release/man" "$release/completions"
 mkdir -p "$release/completions"
 "$release/weir" man --dir "$release/man" >/dev/null
+# Debian ships man pages gzipped; cargo-deb leaves files from the target dir as they are.
+gzip -9n "$release/man"/*.1
 "$release/weir" completions bash >"$release/completions/weir.bash"
 "$release/weir" completions zsh >"$release/completions/_weir"
 "$release/weir" completions fish >"$release/completions/weir.fish"
 
 say "packaging"
-deb=$(cargo deb --no-build -p weir-cli --output "$target/debian/" | tail -n 1)
+# Stripped, as Debian ships binaries: the release profile's line tables are for
+# profiling a build, not for every installed copy (cargo deb --dbgsym keeps them apart).
+deb=$(cargo deb --no-build --strip -p weir-cli --output "$target/debian/" | tail -n 1)
 [ -f "$deb" ] || die "cargo deb did not say where the package is (got: $deb)"
 say "built $deb"
 
