@@ -1,7 +1,7 @@
 # weir in a container: docker-compose.yml runs the whole demo stack from this image
 # (weir, its two demo upstreams and the load generator are all this one binary).
 #
-#   docker build -t weir .
+#   docker build --build-arg WEIR_BUILD_REVISION=$(git rev-parse --short HEAD) -t weir .
 #   docker run --rm -v /path/to/dir-with-weir.toml:/etc/weir:ro -e WEIR_ADMIN_TOKEN=... \
 #     -p 8080:8080 -p 9901:9901 weir
 #
@@ -34,6 +34,10 @@ RUN mkdir -p src crates/weir/src crates/weir/benches crates/weir-testkit/src \
     && cargo build --release --locked --features fleet,jemalloc --bin weir \
     && rm -rf src crates/weir/src crates/weir/benches crates/weir-testkit/src
 
+# The context has no .git: the revision `weir --version` and the admin API report comes
+# in as a build argument (after the dependency layer, which it must not invalidate):
+#   docker build --build-arg WEIR_BUILD_REVISION=$(git rev-parse --short HEAD) -t weir .
+ARG WEIR_BUILD_REVISION=unknown
 COPY src ./src
 COPY crates ./crates
 # COPY keeps the files' own modification times, which may be older than the stub build:

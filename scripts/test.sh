@@ -25,6 +25,12 @@ command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 [ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 # The `jemalloc` feature builds jemalloc from source with make.
 command -v make >/dev/null 2>&1 || need+=(make)
+# Completions, man pages and the systemd unit checked by real tools (tests/it/identity.rs).
+command -v zsh >/dev/null 2>&1 || need+=(zsh)
+command -v fish >/dev/null 2>&1 || need+=(fish)
+command -v groff >/dev/null 2>&1 || need+=(groff-base)
+command -v man >/dev/null 2>&1 || need+=(man-db)
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -60,3 +66,5 @@ cargo test --workspace --all-targets --features "$FEATURES"
 cargo test --workspace --doc --features "$FEATURES"
 # The docker-compose stack: validated, not started (no Docker engine on CI machines).
 scripts/check-compose.sh target/debug/weir
+# The .deb: built with cargo-deb, installed, started, stopped and purged.
+scripts/deb-smoke.sh

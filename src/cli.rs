@@ -20,7 +20,7 @@ use weir_testkit::{self as upstream, UpstreamConfig};
 #[derive(Debug, Parser)]
 #[command(
     name = "weir",
-    version,
+    version = weir::model::build::DESCRIBE,
     about = "Traffic-splitting reverse proxy with progressive delivery"
 )]
 pub struct Cli {
@@ -86,6 +86,19 @@ pub enum Command {
     Demo(crate::demo::DemoOptions),
     /// Steady synthetic load through a proxy, counted by answering pool each second.
     Traffic(crate::traffic::TrafficOptions),
+    /// Print the shell completion script for weir and all its subcommands.
+    #[command(after_help = "Example: weir completions bash > /etc/bash_completion.d/weir")]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page weir(1) as roff (`weir man | man -l -`), or write it and a page
+    /// for every subcommand (weir-ctl-status.1, ...) into a directory.
+    Man {
+        /// Write every page as DIR/<name>.1 instead, and print the files written.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -223,6 +236,20 @@ pub async fn main(cli: Cli) -> Result<ExitCode> {
         }
         Command::Traffic(opts) => {
             crate::traffic::run(opts, &mut std::io::stdout()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Completions { shell } => {
+            crate::manual::completions(shell, &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { dir: None } => {
+            crate::manual::man(&mut std::io::stdout())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { dir: Some(dir) } => {
+            for page in crate::manual::man_pages(&dir)? {
+                println!("{}", page.display());
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

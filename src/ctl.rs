@@ -619,6 +619,11 @@ impl AdminClient {
         }
     }
 
+    /// `GET /api/v1/version`: which weir answers.
+    pub async fn version(&self) -> Result<Reply<api::VersionDoc>, CtlError> {
+        self.call(Method::GET, "/api/v1/version", None, None).await
+    }
+
     /// `GET /healthz` (or `/readyz`): the plain-text probe answer, an error unless 200.
     pub async fn health(&self, ready: bool) -> Result<String, CtlError> {
         let path = if ready { "/readyz" } else { "/healthz" };
@@ -819,6 +824,18 @@ fn write_fleet(out: &mut dyn Write, f: &weir::FleetStatus, members: bool) -> io:
         }
     }
     Ok(())
+}
+
+/// `weir 0.1.0 (abc1234) at http://127.0.0.1:9901`: the head of `status`, so that
+/// what is shown can be told apart from another weir's answer (a fleet member, a stale
+/// port-forward) and a revision mismatch after an upgrade is plain to see. A weir that
+/// predates the version route still gets its status shown, the version as unknown.
+pub async fn server_line(client: &AdminClient) -> String {
+    let version = match client.version().await.and_then(|r| r.doc()) {
+        Ok(v) => format!("{} ({})", v.version, v.revision),
+        Err(_) => "(version unknown)".to_owned(),
+    };
+    format!("weir {version} at {}", client.url())
 }
 
 /// Percent-encode one path segment. Service names are `[A-Za-z0-9._-]` on the server, so
@@ -1051,6 +1068,7 @@ async fn dispatch(
                 return Ok(write_json(out, &reply.json)?);
             }
             let services = reply.doc()?.services;
+            writeln!(out, "{}", server_line(client).await)?;
             if services.is_empty() {
                 writeln!(out, "no services")?;
             } else {
@@ -1071,6 +1089,9 @@ async fn dispatch(
         } => {
             check_service(name)?;
             let reply = client.service(name).await?;
+            if !json {
+                writeln!(out, "{}", server_line(client).await)?;
+            }
             show_service(out, &reply, json)
         }
         CtlCommand::SetWeight {

@@ -4,5 +4,6 @@
 pub mod cli;
 pub mod ctl;
 pub mod demo;
+pub mod manual;
 pub mod signal;
 pub mod traffic;

@@ -277,11 +277,17 @@ shop     stable      90     90.0        1          1    0    0.0       -
 shop     canary      10     10.0        1          1    0    0.0       -
 ";
 
+/// `status` as the server at `admin` prints `table`: under the line naming that server.
+fn from_server(admin: &str, table: &str) -> String {
+    format!("weir {} at {admin}\n{table}", weir::model::build::DESCRIBE)
+}
+
 #[tokio::test]
 async fn status_prints_one_aligned_row_per_pool() {
     let h = start(false).await;
-    assert_eq!(ctl(&h.admin, &["status"]).await.ok(), STATUS_90_10);
-    assert_eq!(ctl(&h.admin, &["status", "shop"]).await.ok(), STATUS_90_10);
+    let status = from_server(&h.admin, STATUS_90_10);
+    assert_eq!(ctl(&h.admin, &["status"]).await.ok(), status);
+    assert_eq!(ctl(&h.admin, &["status", "shop"]).await.ok(), status);
     assert_eq!(
         ctl(&h.admin, &["status", "nope"]).await.failed(),
         "weir ctl: unknown service `nope` (HTTP 404)\n"
@@ -790,7 +796,7 @@ async fn the_admin_token_is_required_when_configured() {
     let good = good.display().to_string();
     assert_eq!(
         ctl(&h.admin, &["--token-file", &good, "status"]).await.ok(),
-        STATUS_90_10
+        from_server(&h.admin, STATUS_90_10)
     );
     ctl(
         &h.admin,
@@ -988,12 +994,15 @@ async fn rollout_verbs_drive_the_plan_and_show_where_it_stands() {
     let h = start_with_plan().await;
     assert_eq!(
         ctl(&h.admin, &["status"]).await.ok(),
-        "\
+        from_server(
+            &h.admin,
+            "\
 SERVICE  POOL    WEIGHT  SHARE %  VERSION  ENDPOINTS  REQ  ERR %  P99 MS
 shop     stable     100    100.0        1          1    0    0.0       -
 shop     canary       0      0.0        1          1    0    0.0       -
 shop: no rollout (plan: canary, 5 steps)
 "
+        )
     );
 
     // Start. The driver applies the 10% step on its own tick, so the answer may already

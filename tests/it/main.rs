@@ -20,6 +20,7 @@ mod grpc;
 mod guard;
 mod health;
 mod hostile;
+mod identity;
 mod judgement;
 mod limits;
 mod logs;

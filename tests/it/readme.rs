@@ -23,6 +23,25 @@ const ELSEWHERE: &[(&str, &str)] = &[
         "the test command itself; .ci/run runs it",
     ),
     (
+        "scripts/deb-smoke.sh",
+        "scripts/test.sh runs it (as root: build, install, start, stop, purge the .deb)",
+    ),
+    (
+        "dpkg -i target/debian/",
+        "scripts/deb-smoke.sh installs the package it builds the same way",
+    ),
+    (
+        "weir check --config /etc/weir/weir.toml",
+        "tests/it/identity.rs checks the packaged config (deploy/deb/weir.toml); \
+         scripts/deb-smoke.sh starts weir on it once installed",
+    ),
+    (
+        "systemctl ",
+        "no systemd as PID 1 on CI: tests/it/identity.rs verifies the unit with \
+         systemd-analyze and scripts/deb-smoke.sh runs its ExecStart as the weir user",
+    ),
+    ("journalctl ", "as systemctl: needs a running systemd"),
+    (
         "cargo run --release -- demo",
         "tests/it/binary.rs (demo_tour_promotes_the_canary and the --fail-canary tour)",
     ),
@@ -162,6 +181,11 @@ struct Stack {
 
 impl Stack {
     fn command(&mut self, words: &[String]) -> (Command, PathBuf, PathBuf) {
+        // `> FILE` sends stdout to FILE (relative: in the test's dir), as a shell would.
+        let (words, redirect) = match words.iter().position(|w| w == ">") {
+            Some(i) => (&words[..i], words.get(i + 1).map(|f| self.dir.join(f))),
+            None => (words, None),
+        };
         let args: Vec<String> = words[1..]
             .iter()
             .map(|w| {
@@ -173,7 +197,7 @@ impl Stack {
             })
             .collect();
         self.n += 1;
-        let out = self.dir.join(format!("{}.out", self.n));
+        let out = redirect.unwrap_or_else(|| self.dir.join(format!("{}.out", self.n)));
         let err = self.dir.join(format!("{}.err", self.n));
         let mut cmd = Command::new(WEIR);
         cmd.args(&args)

@@ -453,6 +453,16 @@ pub struct ReloadReport {
     pub needs_restart: Vec<String>,
 }
 
+/// `GET /api/v1/version`: which weir answers, as `weir --version` prints it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionDoc {
+    /// The release, e.g. `0.1.0`.
+    pub version: String,
+    /// The git revision it was built from, `-dirty` if the tree had changes; `unknown`
+    /// for a build that could not tell.
+    pub revision: String,
+}
+
 /// Every error answer (4xx, 5xx) of the API.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {

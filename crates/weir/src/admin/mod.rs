@@ -46,7 +46,7 @@ use crate::control::rollout::Rollout;
 use crate::control::store::Event;
 use crate::dataplane::pool::EndpointStatus;
 use crate::dataplane::routing::{Service, ServiceSnapshot};
-use crate::model::{Clock, EventKind, Source, Step};
+use crate::model::{Clock, EventKind, Source, Step, build};
 use crate::telemetry::metrics::Metrics;
 
 /// Largest admin request body accepted; a weights document is a few hundred bytes.
@@ -300,6 +300,7 @@ impl Admin {
             ["v1", "reload"] => Route::Reload,
             ["v1", "fleet"] => Route::Fleet,
             ["v1", "fleet", "reseed"] => Route::Reseed,
+            ["v1", "version"] => Route::Version,
             _ => return error(StatusCode::NOT_FOUND, format!("no such route: {path}")),
         };
         let method = req.method().clone();
@@ -482,6 +483,10 @@ impl Admin {
                 }
                 self.reload(actor).await
             }
+            Route::Version => ok(&api::VersionDoc {
+                version: build::VERSION.to_owned(),
+                revision: build::REVISION.to_owned(),
+            }),
             Route::Fleet => match self.controller.fleet() {
                 Some(fleet) => ok(&fleet.status()),
                 None => error(
@@ -768,6 +773,7 @@ enum Route<'a> {
     Reload,
     Fleet,
     Reseed,
+    Version,
 }
 
 impl Route<'_> {

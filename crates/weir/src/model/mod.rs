@@ -11,6 +11,7 @@ use rand::rngs::SmallRng;
 use rand::{RngCore, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+pub mod build;
 pub mod clock;
 
 pub use clock::{Clock, SystemClock, TokioClock};
