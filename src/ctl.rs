@@ -169,6 +169,9 @@ pub enum CtlCommand {
         /// Roll out this pool instead of the plan's candidate.
         #[arg(long, value_name = "POOL")]
         candidate: Option<String>,
+        /// Go ahead during a freeze window, for this reason (recorded in the journal).
+        #[arg(long, value_name = "REASON")]
+        override_freeze: Option<String>,
     },
     /// Pass the rollout's current pause or gate, or with --full finish it at once.
     Promote {
@@ -178,6 +181,9 @@ pub enum CtlCommand {
         /// baseline.
         #[arg(long)]
         full: bool,
+        /// Go ahead during a freeze window, for this reason (recorded in the journal).
+        #[arg(long, value_name = "REASON")]
+        override_freeze: Option<String>,
     },
     /// Hold a progressing rollout at its current step.
     Pause {
@@ -198,6 +204,9 @@ pub enum CtlCommand {
     Retry {
         /// The service, as `status` names it.
         service: String,
+        /// Go ahead during a freeze window, for this reason (recorded in the journal).
+        #[arg(long, value_name = "REASON")]
+        override_freeze: Option<String>,
     },
     /// Whether weir is alive (`/healthz`, or `/readyz` with --ready): exit 0 if so.
     /// Needs no token, so container health checks can use it.
@@ -211,12 +220,20 @@ pub enum CtlCommand {
 /// A rollout verb of the admin API, with its body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RolloutAction {
-    Start { candidate: Option<String> },
-    Promote { full: bool },
+    Start {
+        candidate: Option<String>,
+        override_freeze: Option<String>,
+    },
+    Promote {
+        full: bool,
+        override_freeze: Option<String>,
+    },
     Pause,
     Resume,
     Abort,
-    Retry,
+    Retry {
+        override_freeze: Option<String>,
+    },
 }
 
 impl RolloutAction {
@@ -228,7 +245,7 @@ impl RolloutAction {
             RolloutAction::Pause => "pause",
             RolloutAction::Resume => "resume",
             RolloutAction::Abort => "abort",
-            RolloutAction::Retry => "retry",
+            RolloutAction::Retry { .. } => "retry",
         }
     }
 
@@ -236,10 +253,23 @@ impl RolloutAction {
     /// `{}` means the plain verb.
     fn body(&self) -> Value {
         match self {
-            RolloutAction::Start { candidate } => request_json(&api::StartRolloutRequest {
+            RolloutAction::Start {
+                candidate,
+                override_freeze,
+            } => request_json(&api::StartRolloutRequest {
                 candidate: candidate.clone(),
+                override_freeze: override_freeze.clone(),
             }),
-            RolloutAction::Promote { full } => request_json(&api::PromoteRequest { full: *full }),
+            RolloutAction::Promote {
+                full,
+                override_freeze,
+            } => request_json(&api::PromoteRequest {
+                full: *full,
+                override_freeze: override_freeze.clone(),
+            }),
+            RolloutAction::Retry { override_freeze } => request_json(&api::RetryRequest {
+                override_freeze: override_freeze.clone(),
+            }),
             _ => request_json(&api::EmptyRequest {}),
         }
     }
@@ -1018,14 +1048,26 @@ async fn dispatch(
             }
             Ok(write_fleet(out, &reply.doc()?, true)?)
         }
-        CtlCommand::Rollout { service, candidate } => {
+        CtlCommand::Rollout {
+            service,
+            candidate,
+            override_freeze,
+        } => {
             let action = RolloutAction::Start {
                 candidate: candidate.clone(),
+                override_freeze: override_freeze.clone(),
             };
             rollout(client, service, &action, json, out).await
         }
-        CtlCommand::Promote { service, full } => {
-            let action = RolloutAction::Promote { full: *full };
+        CtlCommand::Promote {
+            service,
+            full,
+            override_freeze,
+        } => {
+            let action = RolloutAction::Promote {
+                full: *full,
+                override_freeze: override_freeze.clone(),
+            };
             rollout(client, service, &action, json, out).await
         }
         CtlCommand::Pause { service } => {
@@ -1037,8 +1079,14 @@ async fn dispatch(
         CtlCommand::Abort { service } => {
             rollout(client, service, &RolloutAction::Abort, json, out).await
         }
-        CtlCommand::Retry { service } => {
-            rollout(client, service, &RolloutAction::Retry, json, out).await
+        CtlCommand::Retry {
+            service,
+            override_freeze,
+        } => {
+            let action = RolloutAction::Retry {
+                override_freeze: override_freeze.clone(),
+            };
+            rollout(client, service, &action, json, out).await
         }
     }
 }
@@ -1733,22 +1781,44 @@ mod tests {
     #[test]
     fn rollout_actions_send_only_what_differs_from_the_default() {
         // The bodies are the API's request types.
-        let start = RolloutAction::Start { candidate: None };
+        let start = RolloutAction::Start {
+            candidate: None,
+            override_freeze: None,
+        };
         assert_eq!((start.verb(), start.body()), ("rollout", json!({})));
         let named = RolloutAction::Start {
             candidate: Some("green".into()),
+            override_freeze: None,
         };
         assert_eq!(named.body(), json!({"candidate": "green"}));
-        assert_eq!(RolloutAction::Promote { full: false }.body(), json!({}));
+        let frozen = RolloutAction::Start {
+            candidate: None,
+            override_freeze: Some("hotfix".into()),
+        };
+        assert_eq!(frozen.body(), json!({"override_freeze": "hotfix"}));
+        let promote = |full| RolloutAction::Promote {
+            full,
+            override_freeze: None,
+        };
+        assert_eq!(promote(false).body(), json!({}));
+        assert_eq!(promote(true).body(), json!({"full": true}));
+        let retry = RolloutAction::Retry {
+            override_freeze: Some("hotfix".into()),
+        };
         assert_eq!(
-            RolloutAction::Promote { full: true }.body(),
-            json!({"full": true})
+            (retry.verb(), retry.body()),
+            ("retry", json!({"override_freeze": "hotfix"}))
         );
         for (action, verb) in [
             (RolloutAction::Pause, "pause"),
             (RolloutAction::Resume, "resume"),
             (RolloutAction::Abort, "abort"),
-            (RolloutAction::Retry, "retry"),
+            (
+                RolloutAction::Retry {
+                    override_freeze: None,
+                },
+                "retry",
+            ),
         ] {
             assert_eq!((action.verb(), action.body()), (verb, json!({})));
         }

@@ -507,17 +507,54 @@ pub struct StartRolloutRequest {
     /// Roll out this pool instead of the plan's candidate.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub candidate: Option<String>,
+    /// Start during a freeze window anyway, for this reason (recorded in the journal).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub override_freeze: Option<String>,
 }
 
 impl StartRolloutRequest {
     pub fn from_json(body: &Value) -> Result<StartRolloutRequest, String> {
-        let obj = fields(body, &["candidate"])?;
+        let obj = fields(body, &["candidate", "override_freeze"])?;
         let candidate = match obj.get("candidate") {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) => Some(s.clone()),
             Some(_) => return Err("candidate must be a pool name".into()),
         };
-        Ok(StartRolloutRequest { candidate })
+        Ok(StartRolloutRequest {
+            candidate,
+            override_freeze: override_freeze(obj)?,
+        })
+    }
+}
+
+/// `POST /api/v1/services/{name}/retry`: start an aborted or degraded rollout again.
+/// Optional body.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RetryRequest {
+    /// Retry during a freeze window anyway, for this reason.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub override_freeze: Option<String>,
+}
+
+impl RetryRequest {
+    pub fn from_json(body: &Value) -> Result<RetryRequest, String> {
+        let obj = fields(body, &["override_freeze"])?;
+        Ok(RetryRequest {
+            override_freeze: override_freeze(obj)?,
+        })
+    }
+}
+
+/// The optional `override_freeze`: a non-empty reason of at most [`MAX_REASON`] bytes.
+fn override_freeze(obj: &Map<String, Value>) -> Result<Option<String>, String> {
+    match obj.get("override_freeze") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.trim().is_empty() => {
+            Err("override_freeze must give a reason".into())
+        }
+        Some(Value::String(s)) if s.len() <= MAX_REASON => Ok(Some(s.clone())),
+        Some(Value::String(_)) => Err(format!("override_freeze is longer than {MAX_REASON} bytes")),
+        Some(_) => Err("override_freeze must be a string (the reason)".into()),
     }
 }
 
@@ -527,17 +564,24 @@ impl StartRolloutRequest {
 pub struct PromoteRequest {
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub full: bool,
+    /// Promote during a freeze window anyway, for this reason; the rollout then goes
+    /// on through the freeze.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub override_freeze: Option<String>,
 }
 
 impl PromoteRequest {
     pub fn from_json(body: &Value) -> Result<PromoteRequest, String> {
-        let obj = fields(body, &["full"])?;
+        let obj = fields(body, &["full", "override_freeze"])?;
         let full = match obj.get("full") {
             None | Some(Value::Null) => false,
             Some(Value::Bool(b)) => *b,
             Some(_) => return Err("full must be true or false".into()),
         };
-        Ok(PromoteRequest { full })
+        Ok(PromoteRequest {
+            full,
+            override_freeze: override_freeze(obj)?,
+        })
     }
 }
 
@@ -605,6 +649,12 @@ impl<'de> Deserialize<'de> for RollbackRequest {
 impl<'de> Deserialize<'de> for StartRolloutRequest {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         read_with(d, StartRolloutRequest::from_json)
+    }
+}
+
+impl<'de> Deserialize<'de> for RetryRequest {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        read_with(d, RetryRequest::from_json)
     }
 }
 
@@ -918,11 +968,24 @@ mod tests {
         assert_eq!(round_trip(&StartRolloutRequest::default()), json!({}));
         let green = StartRolloutRequest {
             candidate: Some("green".into()),
+            ..Default::default()
         };
         assert_eq!(round_trip(&green), json!({"candidate": "green"}));
+        let frozen = StartRolloutRequest {
+            override_freeze: Some("hotfix INC-42".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            round_trip(&frozen),
+            json!({"override_freeze": "hotfix INC-42"})
+        );
+        assert_eq!(round_trip(&RetryRequest::default()), json!({}));
         assert_eq!(round_trip(&PromoteRequest::default()), json!({}));
         assert_eq!(
-            round_trip(&PromoteRequest { full: true }),
+            round_trip(&PromoteRequest {
+                full: true,
+                ..Default::default()
+            }),
             json!({"full": true})
         );
         assert_eq!(round_trip(&EmptyRequest {}), json!({}));
@@ -1062,7 +1125,7 @@ mod tests {
             ),
             (
                 PromoteRequest::from_json(&json!({"candidate": "x"})).map(drop),
-                "unknown field `candidate` (allowed: full)",
+                "unknown field `candidate` (allowed: full, override_freeze)",
             ),
             (
                 EmptyRequest::from_json(&json!({"full": true}), "pause").map(drop),

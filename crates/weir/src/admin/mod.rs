@@ -1018,19 +1018,29 @@ fn normal_name(name: &str) -> String {
 /// [`api::PromoteRequest`], the others nothing.
 fn rollout_verb(verb: &str, body: &Value) -> Result<RolloutVerb, String> {
     Ok(match verb {
-        "rollout" => RolloutVerb::Start {
-            candidate: api::StartRolloutRequest::from_json(body)?.candidate,
-        },
-        "promote" => RolloutVerb::Promote {
-            full: api::PromoteRequest::from_json(body)?.full,
+        "rollout" => {
+            let r = api::StartRolloutRequest::from_json(body)?;
+            RolloutVerb::Start {
+                candidate: r.candidate,
+                override_freeze: r.override_freeze,
+            }
+        }
+        "promote" => {
+            let r = api::PromoteRequest::from_json(body)?;
+            RolloutVerb::Promote {
+                full: r.full,
+                override_freeze: r.override_freeze,
+            }
+        }
+        "retry" => RolloutVerb::Retry {
+            override_freeze: api::RetryRequest::from_json(body)?.override_freeze,
         },
         _ => {
             api::EmptyRequest::from_json(body, verb)?;
             match verb {
                 "pause" => RolloutVerb::Pause,
                 "resume" => RolloutVerb::Resume,
-                "abort" => RolloutVerb::Abort,
-                _ => RolloutVerb::Retry,
+                _ => RolloutVerb::Abort,
             }
         }
     })

@@ -277,6 +277,10 @@ pub enum Step {
     /// Blue/green after the switch: the guard keeps judging the new active pool, and
     /// a breach switches back, until this much time has passed.
     Watch(#[serde(with = "humantime_serde_compat")] Duration),
+    /// Measure the candidate with a named `[[service.analysis]]` template (a Prometheus
+    /// query) until it has `count` measurements, or fail the rollout past its
+    /// `failure_limit`.
+    Analysis { template: String },
 }
 
 impl Step {
@@ -303,6 +307,7 @@ impl Step {
                 s
             }
             Step::Watch(d) => format!("rollback window {}", humantime::format_duration(*d)),
+            Step::Analysis { template } => format!("analysis `{template}`"),
         }
     }
 }
@@ -429,13 +434,20 @@ pub enum EventKind {
     StoreMismatch,
     /// Fleet mode: the store was re-seeded from an instance's state by an operator.
     StoreReseeded,
+    /// One measurement of an analysis template (value, threshold, status, duration).
+    AnalysisMeasured,
+    /// An analysis template failed: the rollout ends degraded, traffic back to stable.
+    AnalysisFailed,
+    /// A rollout webhook (pre-rollout, rollout, confirm-promotion, post-rollout) was
+    /// called: status, duration, and whether it counted as a pass.
+    WebhookCalled,
     /// A kind this weir does not know (a journal written by a newer one).
     #[serde(other)]
     Unknown,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 22] = [
+    pub const ALL: [EventKind; 25] = [
         EventKind::WeightsChanged,
         EventKind::RolledBack,
         EventKind::RollbackDryRun,
@@ -458,6 +470,9 @@ impl EventKind {
         EventKind::RevertSuperseded,
         EventKind::StoreMismatch,
         EventKind::StoreReseeded,
+        EventKind::AnalysisMeasured,
+        EventKind::AnalysisFailed,
+        EventKind::WebhookCalled,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -484,6 +499,9 @@ impl EventKind {
             EventKind::RevertSuperseded => "revert_superseded",
             EventKind::StoreMismatch => "store_mismatch",
             EventKind::StoreReseeded => "store_reseeded",
+            EventKind::AnalysisMeasured => "analysis_measured",
+            EventKind::AnalysisFailed => "analysis_failed",
+            EventKind::WebhookCalled => "webhook_called",
             EventKind::Unknown => "unknown",
         }
     }
