@@ -1339,6 +1339,7 @@ fn write_view(out: &mut impl Write, services: &[ServiceDoc], traffic: Traffic) -
         // The guard's live window per pool, matched by name.
         let live = |pool: &str| s.guard.pools.iter().find(|p| p.pool == pool);
         notes.extend(rollout_line(s));
+        notes.extend(freeze_line(s));
         notes.extend(guard_notes(s));
         let window_secs = Some(s.guard.window_secs).filter(|w| *w > 0.0);
         for p in &s.pools {
@@ -1458,6 +1459,15 @@ pub fn rollout_line(s: &ServiceDoc) -> Option<String> {
         // Told apart above: an idle rollout shows the plan instead.
         Phase::Idle => format!("{name}: rollout idle, {step}"),
     })
+}
+
+/// A freeze window in force: no rollout starts or advances until it ends.
+fn freeze_line(s: &ServiceDoc) -> Option<String> {
+    let f = s.freeze.as_ref()?;
+    Some(format!(
+        "{}: FROZEN until {} ({}); rollout verbs need --override-freeze \"reason\"",
+        s.name, f.until, f.reason
+    ))
 }
 
 /// `72.4` → `1m 12s`: a person reads a step's age, nobody needs the fraction.

@@ -61,6 +61,52 @@ pub struct ServiceDoc {
     pub rollout: RolloutDoc,
     /// The configured plan; `null` without `[service.rollout]`.
     pub plan: Option<PlanDoc>,
+    /// A freeze window in force: no rollout starts or advances until it ends. Absent
+    /// when there is none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze: Option<FreezeDoc>,
+}
+
+/// A freeze window in force for a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FreezeDoc {
+    pub reason: String,
+    /// When it ends (RFC 3339), following back-to-back windows.
+    pub until: String,
+}
+
+/// An analysis template's measurements in the current rollout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AnalysisDoc {
+    pub template: String,
+    /// Runs for the whole rollout (`[service.rollout] analysis`) rather than a step.
+    pub background: bool,
+    pub passed: u32,
+    /// Passes a step needs.
+    pub count: u32,
+    /// Failures and errors so far, and how many are tolerated.
+    pub failed: u32,
+    pub failure_limit: u32,
+    pub inconclusive: u32,
+    /// The latest measurement: when, its value, outcome (`pass`, `fail`,
+    /// `inconclusive`, `error`) and why.
+    pub last_at: Option<String>,
+    pub last_value: Option<f64>,
+    pub last_outcome: Option<String>,
+    pub last_detail: Option<String>,
+}
+
+/// A rollout webhook's latest answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhookDoc {
+    pub name: String,
+    /// `pre-rollout`, `rollout`, `confirm-promotion` or `post-rollout`.
+    pub kind: String,
+    /// `null` when it did not answer (refused, timed out).
+    pub status: Option<u16>,
+    pub ok: bool,
+    pub detail: String,
+    pub duration_ms: u64,
 }
 
 /// Whether the guard moved a service's traffic back to its baseline (`degraded`, until a
@@ -330,6 +376,15 @@ pub struct RolloutProgress {
     pub started_at: String,
     /// The guard's latest decision on the candidate.
     pub last_decision: Option<LastDecision>,
+    /// Analysis measurements of the current step and the background ones.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub analysis: Vec<AnalysisDoc>,
+    /// The latest answer of each webhook called during this rollout.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub webhooks: Vec<WebhookDoc>,
+    /// The reason an operator gave to run this rollout through a freeze.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze_override: Option<String>,
 }
 
 /// The gist of the guard's latest decision on a rollout's candidate.
@@ -822,11 +877,37 @@ mod tests {
                     summary: "canary error rate 25.0% > 5.0%".into(),
                     at: "2026-01-02T03:04:05.678Z".into(),
                 }),
+                analysis: vec![AnalysisDoc {
+                    template: "ok-rate".into(),
+                    background: true,
+                    passed: 2,
+                    count: 3,
+                    failed: 1,
+                    failure_limit: 1,
+                    inconclusive: 0,
+                    last_at: Some("2026-01-02T03:04:00.000Z".into()),
+                    last_value: Some(0.995),
+                    last_outcome: Some("pass".into()),
+                    last_detail: Some("0.995 >= 0.99".into()),
+                }],
+                webhooks: vec![WebhookDoc {
+                    name: "smoke".into(),
+                    kind: "pre-rollout".into(),
+                    status: None,
+                    ok: false,
+                    detail: "no answer within 1s".into(),
+                    duration_ms: 1000,
+                }],
+                freeze_override: Some("hotfix INC-42".into()),
             })),
             plan: Some(PlanDoc {
                 strategy: Strategy::Canary,
                 candidate: "canary".into(),
                 steps,
+            }),
+            freeze: Some(FreezeDoc {
+                reason: "holidays".into(),
+                until: "2026-12-27T00:00:00.000Z".into(),
             }),
         }
     }
@@ -852,6 +933,7 @@ mod tests {
             },
             rollout: RolloutDoc::Idle,
             plan: None,
+            freeze: None,
             ..rolling()
         }
     }

@@ -87,6 +87,10 @@ pub struct Tally {
     /// Runs for the whole rollout rather than one step.
     #[serde(default)]
     pub background: bool,
+    /// The step it measures (none for a background analysis). Kept after the step, so
+    /// status shows the latest results until the next rollout.
+    #[serde(default)]
+    pub step: Option<usize>,
     /// Passes needed (steps only) and failures tolerated, fixed at the first
     /// measurement.
     pub count: u32,
@@ -101,6 +105,13 @@ pub struct Tally {
     /// When the last measurement was made, RFC 3339 (schedules the next one).
     #[serde(default)]
     pub last: Option<String>,
+    /// The last measurement's value, outcome and reason, for status and the dashboard.
+    #[serde(default)]
+    pub last_value: Option<f64>,
+    #[serde(default)]
+    pub last_outcome: Option<Outcome>,
+    #[serde(default)]
+    pub last_detail: Option<String>,
 }
 
 /// Where a tally stands after a measurement.
@@ -118,12 +129,16 @@ impl Tally {
         Tally {
             template: t.name.clone(),
             background,
+            step: None,
             count: t.count,
             failure_limit: t.failure_limit,
             passed: 0,
             failed: 0,
             inconclusive: 0,
             last: None,
+            last_value: None,
+            last_outcome: None,
+            last_detail: None,
         }
     }
 
@@ -135,6 +150,7 @@ impl Tally {
             Outcome::Inconclusive => self.inconclusive += 1,
         }
         self.last = Some(crate::model::timestamp(at));
+        self.last_outcome = Some(outcome);
         self.standing()
     }
 

@@ -70,6 +70,19 @@ pub struct Hooks {
     /// Post-rollout webhooks are called once the rollout has ended.
     #[serde(default)]
     pub post_rollout_pending: bool,
+    /// The latest answer of each webhook called, for status and the dashboard.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub last_calls: Vec<HookCall>,
+}
+
+impl Hooks {
+    /// Keep `calls` as the latest answers of their webhooks.
+    fn note(&mut self, calls: &[HookCall]) {
+        for c in calls {
+            self.last_calls.retain(|old| old.name != c.name);
+            self.last_calls.push(c.clone());
+        }
+    }
 }
 
 impl Hooks {
@@ -225,6 +238,7 @@ impl Rollout {
             confirm_required: hook_kinds.contains(&HookKind::ConfirmPromotion),
             confirmed: false,
             post_rollout_pending: hook_kinds.contains(&HookKind::PostRollout),
+            last_calls: Vec::new(),
         };
         self.analysis = background.iter().map(|t| Tally::new(t, true)).collect();
         self.freeze_override = freeze_override;
@@ -273,7 +287,7 @@ impl Rollout {
     fn step_tally(&self, template: &str) -> Option<&Tally> {
         self.analysis
             .iter()
-            .find(|t| !t.background && t.template == template)
+            .find(|t| t.step == Some(self.step) && t.template == template)
     }
 
     /// Count one measurement of `template`, made for step `step`. A failure past the
@@ -305,11 +319,16 @@ impl Rollout {
             match next
                 .analysis
                 .iter()
-                .position(|t| !t.background && t.template == m.template)
+                .position(|t| t.step == Some(step) && t.template == m.template)
             {
                 Some(i) => &mut next.analysis[i],
                 None => {
-                    next.analysis.push(Tally::new(template, false));
+                    // An earlier step's results for this template give way.
+                    next.analysis
+                        .retain(|t| t.background || t.template != m.template);
+                    let mut tally = Tally::new(template, false);
+                    tally.step = Some(step);
+                    next.analysis.push(tally);
                     next.analysis.last_mut().expect("just pushed")
                 }
             }
@@ -317,8 +336,10 @@ impl Rollout {
             return Err(format!("analysis `{}` is not running now", m.template));
         };
         let standing = tally.record(m.outcome, now);
+        tally.last_value = m.value;
+        tally.last_detail = Some(m.detail.clone());
         let summary = tally.describe();
-        let value = m.value.map_or("no value".to_owned(), |v| v.to_string());
+        next.hooks.note(&m.webhooks);
         if standing == Standing::Failed {
             next.phase = Phase::Degraded;
             next.step_started = now;
@@ -343,7 +364,7 @@ impl Rollout {
             promote_baseline: false,
             kind: EventKind::AnalysisMeasured,
             reason: format!(
-                "analysis `{}`: {} ({value}; {}); {summary}",
+                "analysis `{}`: {} ({}); {summary}",
                 m.template,
                 m.outcome.as_str(),
                 m.detail
@@ -367,6 +388,7 @@ impl Rollout {
             .map(|c| format!("`{}` {}", c.name, c.detail))
             .collect();
         let mut next = self.clone();
+        next.hooks.note(calls);
         let mut t = Transition {
             percent: None,
             promote_baseline: false,
@@ -621,8 +643,6 @@ impl Rollout {
         self.step_started = now;
         self.gate_base = None;
         self.deadline = None;
-        // A step's analysis is the step's; background analyses run on.
-        self.analysis.retain(|t| t.background);
         match self.steps.get(index) {
             Some(Step::Pause(d)) | Some(Step::Watch(d)) => self.deadline = Some(now + *d),
             Some(Step::Gate { .. }) => self.gate_base = Some(evidence.candidate_requests),
