@@ -7,7 +7,8 @@
 //!  lib.rs     Weir::new / serve (this file): builds the parts and starts the tasks
 //!  admin      admin API server, auth, typed API documents, dashboard
 //!  control    Controller ── the only holder of the RoutingWriter; persists through Store
-//!             rollout · judge · stats (pure)   guard · driver · health · webhook (tasks)
+//!             rollout · judge · stats · freeze (pure)   analysis (pure + calls)
+//!             guard · driver · health · webhook (tasks)
 //!  dataplane  proxy ─► routing (Router: ArcSwap snapshots, read only) ─► pool ─► client
 //!             outcome ─► sinks (metrics, guard window, passive ejection)
 //!  telemetry  window · metrics
