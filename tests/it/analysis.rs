@@ -674,3 +674,69 @@ async fn the_guards_revert_is_never_held_by_a_freeze() {
     let retried = verb(&proxy, "retry", json!({"override_freeze": "fix verified"})).await;
     assert_eq!(retried.status, StatusCode::OK, "{}", retried.error());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_guard_reverts_a_candidate_whose_analysis_fails_outside_a_rollout() {
+    let (stable, canary) = (upstream("stable").await, upstream("canary").await);
+    // 50:50 by config, no rollout: the guard judges the canary anyway. Its own checks
+    // cannot trip here (p99 under an hour), so only the query can revert.
+    // Weir starts guarded by its own checks only; the analysis comes in by reload, once
+    // Prometheus (which needs weir's address) runs.
+    let service = |prometheus: Option<SocketAddr>| {
+        let analysis = match prometheus {
+            None => String::new(),
+            Some(p) => format!(
+                r#"[[service.analysis]]
+name = "business-kpi"
+prometheus = "http://{p}"
+query = "vector(0)"
+success = ">= 1"
+interval = "200ms"
+failure_limit = 1
+"#
+            ),
+        };
+        let guarded = if prometheus.is_some() {
+            "analysis = [\"business-kpi\"]\n"
+        } else {
+            ""
+        };
+        proxy_toml("")
+            + &service_toml(
+                "shop",
+                None,
+                &[
+                    ("stable", vec![stable.addr().to_string()], 50),
+                    ("canary", vec![canary.addr().to_string()], 50),
+                ],
+            )
+            + &analysis
+            + "[service.slo]\nmax_p99_latency = \"1h\"\n"
+            + guarded
+    };
+    let proxy = start(&service(None)).await;
+    let prom = start_prometheus(proxy.admin).await;
+    let config = weir::config::Config::parse(&service(Some(prom.addr)), "t.toml").unwrap();
+    proxy.controller.reload(&config, None).unwrap();
+
+    let reverted = wait_shop(&proxy, "reverted", |s| s["health"] == "degraded").await;
+    assert_eq!(canary_percent(&reverted), 0);
+    let events = proxy.events().await;
+    let measured: Vec<&Value> = events_of(&events, "analysis_measured")
+        .into_iter()
+        .filter(|e| e["source"] == "guard")
+        .collect();
+    // Two failures: the first within the limit, the second past it.
+    assert_eq!(measured.len(), 2, "{:?}", event_kinds(&events));
+    assert_eq!(measured[0]["details"]["pool"], "canary");
+    assert_eq!(measured[0]["details"]["analysis"]["value"], 0.0);
+    let revert = events_of(&events, "rolled_back");
+    assert_eq!(revert.len(), 1, "{:?}", event_kinds(&events));
+    assert_eq!(revert[0]["source"], "guard");
+    let reason = revert[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("guard analysis `business-kpi` failed on canary")
+            && reason.contains("0 does not satisfy >= 1"),
+        "{reason}"
+    );
+}

@@ -160,6 +160,9 @@ pub struct ServiceConfig {
     pub background_analysis: Vec<String>,
     /// `[[service.rollout.webhooks]]`, in file order.
     pub webhooks: Vec<HookConfig>,
+    /// `[service.slo] analysis = [...]`: templates the guard measures on any candidate
+    /// pool that has traffic, rollout or not; a failure past the limit is a revert.
+    pub guard_analysis: Vec<String>,
     /// `[[service.freeze]]`: this service's own freeze windows (besides the global ones).
     pub freeze: Vec<FreezeWindow>,
 }
@@ -1053,6 +1056,7 @@ struct RawSlo {
     webhook: Option<Spanned<String>>,
     latency: Option<LatencyMeasure>,
     alpha: Option<Spanned<f64>>,
+    analysis: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1548,7 +1552,9 @@ impl Validator<'_> {
             let (background_analysis, webhooks) =
                 self.rollout_extras(&key, &rs, rollout.as_ref(), &analysis);
             let freeze = self.freeze_windows(&format!("{key}.freeze"), &rs.freeze);
+            let guard_analysis = self.guard_analysis(&key, &rs, &analysis);
             out.push(ServiceConfig {
+                guard_analysis,
                 analysis,
                 background_analysis,
                 webhooks,
@@ -2301,6 +2307,31 @@ impl Validator<'_> {
             });
         }
         (background, hooks)
+    }
+
+    /// `[service.slo] analysis`: names of this service's templates.
+    fn guard_analysis(
+        &mut self,
+        key: &str,
+        rs: &RawService,
+        templates: &[AnalysisTemplate],
+    ) -> Vec<String> {
+        let Some(list) = rs.slo.as_ref().and_then(|s| s.get_ref().analysis.as_ref()) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for name in list.get_ref() {
+            if templates.iter().any(|t| &t.name == name) {
+                out.push(name.clone());
+            } else {
+                self.problem(
+                    format!("{key}.slo.analysis"),
+                    list,
+                    format!("`{name}` is not a [[service.analysis]] name of this service"),
+                );
+            }
+        }
+        out
     }
 
     /// `[[freeze]]` or `[[service.freeze]]` windows.

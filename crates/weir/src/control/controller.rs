@@ -360,6 +360,8 @@ struct InForce {
     by_name: HashMap<String, usize>,
     /// The services with an SLO, in config order: the ones the guard judges.
     judged: Arc<[(String, SloConfig)]>,
+    /// The services whose guard also runs analysis templates, with them.
+    analysed: Arc<[(String, Vec<AnalysisTemplate>)]>,
 }
 
 impl InForce {
@@ -373,10 +375,24 @@ impl InForce {
             .iter()
             .filter_map(|s| Some((s.name.clone(), s.slo.clone()?)))
             .collect();
+        let analysed = config
+            .services
+            .iter()
+            .filter(|s| s.slo.is_some() && !s.guard_analysis.is_empty())
+            .map(|s| {
+                let templates = s
+                    .guard_analysis
+                    .iter()
+                    .filter_map(|n| s.analysis_template(n).cloned())
+                    .collect();
+                (s.name.clone(), templates)
+            })
+            .collect();
         InForce {
             config,
             by_name,
             judged,
+            analysed,
         }
     }
 }
@@ -1278,6 +1294,18 @@ impl Controller {
     /// A service's analysis template, from the config in force.
     pub fn analysis_template(&self, service: &str, name: &str) -> Option<AnalysisTemplate> {
         self.service_config(service, |s| s.analysis_template(name).cloned())
+    }
+
+    /// The services whose guard runs analysis templates (`[service.slo] analysis`),
+    /// with them (cheap: shared).
+    pub(crate) fn guard_analyses(&self) -> Arc<[(String, Vec<AnalysisTemplate>)]> {
+        Arc::clone(
+            &self
+                .config
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .analysed,
+        )
     }
 
     /// A service's rollout webhooks, from the config in force.

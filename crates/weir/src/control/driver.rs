@@ -13,12 +13,13 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::config::HookKind;
-use crate::control::analysis::{self, Caller, Outcome};
+use crate::config::{AnalysisTemplate, GuardMode, HookKind};
+use crate::control::analysis::{self, Caller, Outcome, Standing, Tally};
 use crate::control::controller::{Command, ControlError, Controller, RolloutVerb};
 use crate::control::guard::Guard;
 use crate::control::rollout::{Evidence, Rollout};
-use crate::model::{Source, Step};
+use crate::control::store::Event;
+use crate::model::{EventKind, Source, Step};
 
 /// How often the driver looks for rollouts with something due.
 const TICK: Duration = Duration::from_millis(100);
@@ -37,6 +38,7 @@ pub(crate) async fn drive(controller: Arc<Controller>, guard: Arc<Guard>) {
         if !controller.drives_rollouts() {
             continue;
         }
+        external.guard(&controller);
         let due: Vec<(String, Evidence)> = {
             // Only services with a rollout: with thousands of services and none rolling
             // out, a round is one look at the controller's map.
@@ -117,7 +119,14 @@ struct External {
     /// the refusal was journaled (a held promotion asks every second; the journal
     /// records the first refusal, not each).
     confirm: Arc<Mutex<HashMap<String, (Instant, bool)>>>,
+    /// The guard's analyses, per (service, template, candidate pool): the tally since
+    /// the pool got traffic, and when it was last measured. In memory, as the guard's
+    /// own judgement is: a restart starts the count again.
+    guarded: Arc<Mutex<HashMap<GuardKey, (Tally, Instant)>>>,
 }
+
+/// A guard analysis: (service, template, candidate pool).
+type GuardKey = (String, String, String);
 
 /// Takes a check off the running set when its task ends, however it ends.
 struct Running {
@@ -220,6 +229,133 @@ impl External {
                 apply(&controller, service, verb).await;
             });
         }
+    }
+
+    /// The guard's analyses (`[service.slo] analysis`): measure each template on every
+    /// candidate pool with traffic, rollout or not; past its failure limit the guard
+    /// reverts the service (or, in dry-run, records that it would have).
+    fn guard(&self, controller: &Arc<Controller>) {
+        let analysed = controller.guard_analyses();
+        if analysed.is_empty() {
+            return;
+        }
+        let table = controller.router().table();
+        let now = controller.clock().instant();
+        let mut live = HashSet::new();
+        for (service, templates) in analysed.iter() {
+            let Some(s) = table.service(service) else {
+                continue;
+            };
+            let snapshot = s.snapshot();
+            let baseline = snapshot.baseline_name().to_owned();
+            for slot in snapshot.slots() {
+                if slot.name() == baseline || slot.weight == 0 {
+                    continue;
+                }
+                for t in templates {
+                    let key = (service.clone(), t.name.clone(), slot.name().to_owned());
+                    live.insert(key.clone());
+                    let due = {
+                        let mut guarded = self.guarded.lock().unwrap_or_else(|p| p.into_inner());
+                        // The first measurement is one interval after the pool got
+                        // traffic, as for a step.
+                        let (_, last) = guarded
+                            .entry(key.clone())
+                            .or_insert_with(|| (Tally::new(t, true), now));
+                        now.duration_since(*last) >= t.interval
+                    };
+                    if due {
+                        self.guard_measure(controller, key, t.clone(), baseline.clone());
+                    }
+                }
+            }
+        }
+        // A pool that lost its traffic starts its count again when it gets some.
+        self.guarded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|k, _| live.contains(k));
+    }
+
+    fn guard_measure(
+        &self,
+        controller: &Arc<Controller>,
+        key: GuardKey,
+        t: AnalysisTemplate,
+        baseline: String,
+    ) {
+        let Some(running) = self.claim(&key.0, &format!("guard:{}:{}", key.1, key.2)) else {
+            return;
+        };
+        let (caller, controller) = (self.caller.clone(), Arc::clone(controller));
+        let guarded = Arc::clone(&self.guarded);
+        tokio::spawn(async move {
+            let _running = running;
+            let (service, _, pool) = &key;
+            let m = caller.measure(&t, service, pool, &baseline).await;
+            let now = controller.clock().instant();
+            let (standing, summary) = {
+                let mut guarded = guarded.lock().unwrap_or_else(|p| p.into_inner());
+                let Some((tally, last)) = guarded.get_mut(&key) else {
+                    // The pool lost its traffic meanwhile.
+                    return;
+                };
+                *last = now;
+                let standing = tally.record(m.outcome, controller.clock().now());
+                let summary = tally.describe();
+                if standing == Standing::Failed {
+                    *tally = Tally::new(&t, true);
+                }
+                (standing, summary)
+            };
+            let details = serde_json::json!({ "pool": pool, "analysis": m });
+            let mut e = Event::new(service, EventKind::AnalysisMeasured, Source::Guard);
+            e.reason = Some(format!(
+                "guard analysis `{}` on {pool}: {} ({}); {summary}",
+                m.template,
+                m.outcome.as_str(),
+                m.detail
+            ));
+            e.details = details.clone();
+            let reason = format!(
+                "guard analysis `{}` failed on {pool}: {}",
+                m.template, m.detail
+            );
+            let service = service.clone();
+            let c = Arc::clone(&controller);
+            let done = tokio::task::spawn_blocking(move || {
+                if let Err(err) = c.record(e) {
+                    tracing::warn!("guard analysis of {service}: not journaled: {err}");
+                }
+                if standing != Standing::Failed {
+                    return None;
+                }
+                if c.slo(&service).is_some_and(|s| s.mode == GuardMode::DryRun) {
+                    let mut e = Event::new(&service, EventKind::RollbackDryRun, Source::Guard);
+                    e.reason = Some(reason);
+                    e.details = details;
+                    return Some(c.record(e).map(|_| ()));
+                }
+                Some(
+                    c.apply(Command::Rollback {
+                        service,
+                        source: Source::Guard,
+                        actor: None,
+                        reason: Some(reason),
+                        details: Some(details),
+                    })
+                    .map(|_| ()),
+                )
+            })
+            .await;
+            match done {
+                Ok(Some(Err(e))) if e != ControlError::Unchanged => {
+                    tracing::error!("guard analysis revert failed: {e}")
+                }
+                Err(e) => tracing::error!("guard analysis task failed: {e}"),
+                _ => {}
+            }
+        });
     }
 
     /// Call every webhook of `kind` once and hand the answers to the rollout.
