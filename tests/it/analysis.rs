@@ -740,3 +740,39 @@ failure_limit = 1
         "{reason}"
     );
 }
+
+#[tokio::test]
+async fn a_restart_mid_step_keeps_the_analysis_counts() {
+    let (stable, canary) = (upstream("stable").await, upstream("canary").await);
+    // Nothing listens there: every measurement is an error, counted, never a pass.
+    let down = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let plan =
+        analysis_plan(down, "vector(1)", "").replace("failure_limit = 0", "failure_limit = 1000");
+    let mut cfg =
+        weir::config::Config::parse(&shop_toml(&stable, &canary, &plan), "t.toml").unwrap();
+    cfg.state.dir = temp_dir("analysis-restart");
+    let first = start_config(cfg.clone(), None, Vec::new()).await;
+    assert_eq!(
+        verb(&first, "rollout", json!({})).await.status,
+        StatusCode::OK
+    );
+    let before = wait_shop(&first, "measured twice", |s| {
+        s["rollout"]["analysis"][0]["failed"].as_u64() >= Some(2)
+    })
+    .await;
+    drop(first);
+    let second = start_config(cfg, None, Vec::new()).await;
+    let after = second.service("shop").await;
+    let (was, is) = (
+        before["rollout"]["analysis"][0]["failed"].as_u64().unwrap(),
+        after["rollout"]["analysis"][0]["failed"].as_u64().unwrap(),
+    );
+    assert!(is >= was, "the count went back from {was} to {is}");
+    assert_eq!(after["rollout"]["step_index"], 1);
+    assert_eq!(after["rollout"]["analysis"][0]["passed"], 0);
+    // And it goes on counting where it was.
+    wait_shop(&second, "measured again", |s| {
+        s["rollout"]["analysis"][0]["failed"].as_u64() > Some(is)
+    })
+    .await;
+}
