@@ -1106,7 +1106,12 @@ impl Controller {
         verb: RolloutVerb,
         now: SystemTime,
     ) -> Result<Transition, ControlError> {
-        let settle = !matches!(verb, RolloutVerb::Tick(_));
+        // The driver's own changes leave the next step to its next tick, which honours
+        // freeze windows; an operator's verb shows its outcome at once.
+        let settle = !matches!(
+            verb,
+            RolloutVerb::Tick(_) | RolloutVerb::Measured { .. } | RolloutVerb::HooksCalled { .. }
+        );
         let t = self.rollout_verb(name, current, control, verb, now)?;
         Ok(if settle {
             let evidence = Evidence::of(current, &t.rollout.candidate, None, None);
