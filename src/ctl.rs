@@ -1695,6 +1695,23 @@ mod tests {
     }
 
     #[test]
+    fn a_frozen_service_says_until_when_and_how_to_override() {
+        let mut doc = service_json(json!({"phase": "idle"}), Value::Null);
+        assert_eq!(
+            freeze_line(&serde_json::from_value(doc.clone()).unwrap()),
+            None
+        );
+        doc["freeze"] = json!({"reason": "holidays", "until": "2026-12-27T00:00:00.000Z"});
+        assert_eq!(
+            freeze_line(&serde_json::from_value(doc).unwrap()).as_deref(),
+            Some(
+                "shop: FROZEN until 2026-12-27T00:00:00.000Z (holidays); rollout verbs need \
+                 --override-freeze \"reason\""
+            )
+        );
+    }
+
+    #[test]
     fn rollout_line_words_every_phase() {
         let plan = json!({"strategy": "canary", "candidate": "canary", "steps": ["a", "b"]});
         let line = |rollout: Value| rollout_line(&service(rollout, plan.clone()));
