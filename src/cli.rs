@@ -1,6 +1,7 @@
 //! The `weir` command line: `run`, `check`, `state`, `upstream`, `demo`, ... Parsing and wiring only;
 //! everything it does is a library call.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,7 +13,7 @@ use tokio::net::TcpListener;
 
 use crate::signal::shutdown_signal;
 use weir::Weir;
-use weir::config::{Config, parse_duration};
+use weir::config::{Config, LogFormat, parse_duration};
 use weir::state::{self, StateLock};
 use weir_testkit::{self as upstream, UpstreamConfig};
 
@@ -23,8 +24,25 @@ use weir_testkit::{self as upstream, UpstreamConfig};
     about = "Traffic-splitting reverse proxy with progressive delivery"
 )]
 pub struct Cli {
+    /// weir's own log on stderr: `text` (coloured only on a terminal, never with
+    /// NO_COLOR set) or `json` (one object per line). Wins over `[log] format`.
+    #[arg(
+        long,
+        global = true,
+        env = "WEIR_LOG_FORMAT",
+        value_enum,
+        value_name = "FORMAT"
+    )]
+    pub log_format: Option<LogFormatArg>,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// `--log-format`'s values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormatArg {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -103,6 +121,49 @@ impl Cli {
             _ => 0,
         }
     }
+}
+
+impl Cli {
+    /// The log format: `--log-format`, else `WEIR_LOG_FORMAT` (clap reads both), else
+    /// `[log] format` of the config `weir run` is given, else text.
+    pub fn log_format(&self) -> LogFormat {
+        match (self.log_format, &self.command) {
+            (Some(LogFormatArg::Json), _) => LogFormat::Json,
+            (Some(LogFormatArg::Text), _) => LogFormat::Text,
+            // An unreadable config is reported by `run` itself, in the default format.
+            (None, Command::Run { config }) => {
+                Config::load(config).map_or(LogFormat::Text, |c| c.log.format)
+            }
+            (None, _) => LogFormat::Text,
+        }
+    }
+}
+
+/// Set up weir's own log, on stderr, in `format`. `RUST_LOG` filters it as usual
+/// (default `weir=info`).
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "weir=info".into());
+    let log = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        // Fields at the top level (`message`, `service`, …) next to `timestamp`,
+        // `level` and `target`: what log shippers index without a nested path.
+        LogFormat::Json => log.json().flatten_event(true).with_ansi(false).init(),
+        LogFormat::Text => log
+            .with_ansi(colour(
+                std::io::stderr().is_terminal(),
+                std::env::var_os("NO_COLOR"),
+            ))
+            .init(),
+    }
+}
+
+/// Colour only for a person at a terminal, and never when `NO_COLOR` is set to
+/// anything but the empty string (https://no-color.org).
+pub fn colour(terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 /// Run a parsed command to completion.
@@ -249,4 +310,45 @@ fn reload_on_sighup(weir: &Weir, path: PathBuf) {
     }
     #[cfg(not(unix))]
     let _ = (weir, path);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(colour(true, None));
+        // NO_COLOR set to the empty string counts as unset (no-color.org).
+        assert!(colour(true, Some("".into())));
+        assert!(!colour(true, Some("1".into())));
+        assert!(!colour(true, Some("0".into())));
+        assert!(!colour(false, None));
+    }
+
+    #[test]
+    fn log_format_flag_wins_over_the_config() {
+        let dir = std::env::temp_dir().join(format!("weir-cli-logfmt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("weir.toml");
+        std::fs::write(
+            &path,
+            "[log]\nformat = \"json\"\n[[service]]\nname = \"a\"\nbaseline = \"b\"\n\
+             [service.pools.b]\nendpoints = [\"127.0.0.1:1\"]\nweight = 1\n",
+        )
+        .unwrap();
+        let config = path.to_str().unwrap();
+        let parse = |args: &[&str]| Cli::try_parse_from(args).unwrap().log_format();
+        assert_eq!(parse(&["weir", "run", "-c", config]), LogFormat::Json);
+        assert_eq!(
+            parse(&["weir", "run", "-c", config, "--log-format", "text"]),
+            LogFormat::Text
+        );
+        assert_eq!(
+            parse(&["weir", "--log-format", "json", "check", "-c", config]),
+            LogFormat::Json
+        );
+        assert_eq!(parse(&["weir", "check", "-c", config]), LogFormat::Text);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -42,6 +42,8 @@ use serde::de::{Deserialize, DeserializeOwned};
 use serde_json::Value;
 
 use weir::api::{self, Event, Phase, RolloutDoc, ServiceDoc};
+
+pub mod releases;
 use weir::model::MAX_WEIGHT;
 
 /// Where `weir run` puts the admin API unless `[admin] listen` says otherwise.
@@ -87,6 +89,10 @@ pub struct CtlArgs {
     /// Print the API's JSON instead of tables (`events --follow`: one event per line).
     #[arg(long, global = true)]
     pub json: bool,
+    /// Who is acting, for the journal and the release history (sent as
+    /// `X-Weir-Actor`; default `$USER@hostname`).
+    #[arg(long, global = true, env = "WEIR_ACTOR", value_name = "NAME")]
+    pub actor: Option<String>,
     #[command(subcommand)]
     pub command: CtlCommand,
 }
@@ -116,6 +122,14 @@ pub enum CtlCommand {
             value_parser = clap::value_parser!(u64).range(1..)
         )]
         count: Option<u64>,
+        /// Wait for the service's rollout to end, printing each change: exit 0 when it
+        /// is promoted (or none runs and the last one was), 1 when it ended degraded or
+        /// aborted, 2 on --timeout.
+        #[arg(long, requires = "service", conflicts_with = "watch")]
+        wait: bool,
+        /// With --wait: give up after this long (e.g. 90s, 10m).
+        #[arg(long, requires = "wait", value_name = "DURATION", value_parser = humantime::parse_duration)]
+        timeout: Option<Duration>,
     },
     /// Set the weight of every pool of a service, as one change.
     #[command(after_help = "Example: weir ctl set-weight shop stable=90 canary=10 \
@@ -149,9 +163,50 @@ pub enum CtlCommand {
         /// At most this many (the API's default is 100).
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=MAX_PAGE))]
         limit: Option<u64>,
-        /// Then keep printing new events as they happen, until Ctrl-C.
+        /// Only the newest N events.
+        #[arg(
+            long,
+            value_name = "N",
+            conflicts_with_all = ["since", "limit"],
+            value_parser = clap::value_parser!(u64).range(1..=MAX_PAGE)
+        )]
+        tail: Option<u64>,
+        /// Then keep printing new events as they happen, until Ctrl-C. Without --since it
+        /// starts at the newest event (or the --tail newest), not the oldest.
         #[arg(long, short)]
         follow: bool,
+    },
+    /// Release a new build: record VERSION (and, on a VM fleet, the hosts running it)
+    /// on the candidate pool and start the service's rollout plan.
+    #[command(after_help = "Example: weir ctl release shop --version v1.4.2 \
+                            --endpoints 10.0.2.1:8080,10.0.2.2:8080")]
+    Release {
+        /// The service, as `status` names it.
+        service: String,
+        /// The build's version label.
+        #[arg(long = "version", value_name = "VERSION")]
+        release_version: String,
+        /// The pool to release to (default: the plan's candidate, or after a
+        /// promotion the pool that is not the baseline).
+        #[arg(long, value_name = "POOL")]
+        pool: Option<String>,
+        /// The pool's new endpoints, comma-separated host:port (default: unchanged).
+        #[arg(long, value_name = "HOST:PORT,...", value_delimiter = ',')]
+        endpoints: Option<Vec<String>>,
+    },
+    /// The service's releases: revision, version, pool, endpoints, times, outcome, who.
+    History {
+        /// The service, as `status` names it.
+        service: String,
+    },
+    /// Go back to an earlier release's endpoints, version and weights in one step
+    /// (aborting a running rollout).
+    Undo {
+        /// The service, as `status` names it.
+        service: String,
+        /// The revision to go back to (see `history`; default: the previous one).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        to_revision: Option<u64>,
     },
     /// Make weir re-read its config file and apply it.
     Reload,
@@ -395,6 +450,8 @@ pub struct AdminClient {
     base: String,
     /// Marked sensitive, so `Debug` shows no secret.
     auth: Option<HeaderValue>,
+    /// `X-Weir-Actor`: who the journal says made a change.
+    actor: Option<HeaderValue>,
     client: Client<HttpConnector, Full<Bytes>>,
 }
 
@@ -445,7 +502,19 @@ impl AdminClient {
         connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new()).build(connector);
-        Ok(AdminClient { base, auth, client })
+        Ok(AdminClient {
+            base,
+            auth,
+            actor: None,
+            client,
+        })
+    }
+
+    /// Send `actor` as `X-Weir-Actor` with every request (dropped if it cannot be a
+    /// header value; the server bounds and sanitises it anyway).
+    pub fn with_actor(mut self, actor: &str) -> AdminClient {
+        self.actor = HeaderValue::from_str(actor).ok();
+        self
     }
 
     /// The base URL requests go to.
@@ -504,6 +573,40 @@ impl AdminClient {
     ) -> Result<Reply<ServiceDoc>, CtlError> {
         let path = format!("/api/v1/services/{}/{}", segment(service), action.verb());
         self.call(Method::POST, &path, Some(action.body()), None)
+            .await
+    }
+
+    /// `POST /api/v1/services/{name}/release`; answers the new service document.
+    pub async fn release(
+        &self,
+        service: &str,
+        request: &api::ReleaseRequest,
+    ) -> Result<Reply<ServiceDoc>, CtlError> {
+        let path = format!("/api/v1/services/{}/release", segment(service));
+        self.call(Method::POST, &path, Some(request_json(request)), None)
+            .await
+    }
+
+    /// `POST /api/v1/services/{name}/undo`; answers the new service document.
+    pub async fn undo(
+        &self,
+        service: &str,
+        to_revision: Option<u64>,
+    ) -> Result<Reply<ServiceDoc>, CtlError> {
+        let path = format!("/api/v1/services/{}/undo", segment(service));
+        let body = request_json(&api::UndoRequest { to_revision });
+        self.call(Method::POST, &path, Some(body), None).await
+    }
+
+    /// `GET /api/v1/services/{name}/history`.
+    pub async fn history(&self, service: &str) -> Result<Reply<api::HistoryDoc>, CtlError> {
+        let path = format!("/api/v1/services/{}/history", segment(service));
+        self.call(Method::GET, &path, None, None).await
+    }
+
+    /// `GET /api/v1/events?tail=N`: the newest `n` events, oldest first.
+    pub async fn tail(&self, n: u64) -> Result<Reply<api::EventList>, CtlError> {
+        self.call(Method::GET, &format!("/api/v1/events?tail={n}"), None, None)
             .await
     }
 
@@ -620,6 +723,9 @@ impl AdminClient {
             );
         if let Some(auth) = &self.auth {
             req = req.header(header::AUTHORIZATION, auth.clone());
+        }
+        if let Some(actor) = &self.actor {
+            req = req.header("x-weir-actor", actor.clone());
         }
         if let Some(v) = if_version {
             req = req.header(header::IF_MATCH, format!("\"{v}\""));
@@ -855,9 +961,21 @@ pub async fn execute_on(
         Err(e) => return fail(&e, None, args.json, out, err),
     };
     let client = match AdminClient::new(&args.admin, token.as_ref().map(|t| t.value.as_str())) {
-        Ok(c) => c,
+        Ok(c) => c.with_actor(&args.actor.clone().unwrap_or_else(releases::default_actor)),
         Err(e) => return fail(&e, None, args.json, out, err),
     };
+    if let CtlCommand::Status {
+        service: Some(service),
+        wait: true,
+        timeout,
+        ..
+    } = &args.command
+    {
+        return match releases::wait(&client, service, *timeout, args.json, out, stop).await {
+            Ok(code) => code,
+            Err(e) => fail(&e, token.as_ref(), args.json, out, err),
+        };
+    }
     match dispatch(&client, args, screen, out, stop).await {
         Ok(()) => ExitCode::SUCCESS,
         // `weir ctl events | head`: the reader has what it wanted.
@@ -940,6 +1058,7 @@ async fn dispatch(
             service,
             watch: true,
             count,
+            ..
         } => {
             if let Some(name) = service {
                 check_service(name)?;
@@ -1014,9 +1133,13 @@ async fn dispatch(
         CtlCommand::Events {
             since,
             limit,
+            tail,
             follow: false,
         } => {
-            let reply = client.events(*since, *limit).await?;
+            let reply = match tail {
+                Some(n) => client.tail(*n).await?,
+                None => client.events(*since, *limit).await?,
+            };
             if json {
                 return Ok(write_json(out, &reply.json)?);
             }
@@ -1028,8 +1151,52 @@ async fn dispatch(
         CtlCommand::Events {
             since,
             limit,
+            tail,
             follow: true,
-        } => follow_events(client, *since, *limit, json, out, stop).await,
+        } => {
+            // Without --since, following starts at the newest event (or the --tail
+            // newest), as `tail -f` starts at the end of a file, not the whole journal.
+            let since = match since {
+                Some(s) => Some(*s),
+                None => {
+                    let reply = client.tail(tail.unwrap_or(1)).await?;
+                    let events = reply.doc()?.events;
+                    Some(events.first().map_or(0, |e| e.id.saturating_sub(1)))
+                }
+            };
+            follow_events(client, since, *limit, json, out, stop).await
+        }
+        CtlCommand::Release {
+            service,
+            release_version,
+            pool,
+            endpoints,
+        } => {
+            check_service(service)?;
+            let request = api::ReleaseRequest {
+                version: release_version.clone(),
+                pool: pool.clone(),
+                endpoints: endpoints.clone(),
+            };
+            let reply = client.release(service, &request).await?;
+            show_service(out, &reply, json)
+        }
+        CtlCommand::Undo {
+            service,
+            to_revision,
+        } => {
+            check_service(service)?;
+            let reply = client.undo(service, *to_revision).await?;
+            show_service(out, &reply, json)
+        }
+        CtlCommand::History { service } => {
+            check_service(service)?;
+            let reply = client.history(service).await?;
+            if json {
+                return Ok(write_json(out, &reply.json)?);
+            }
+            Ok(releases::write_history(out, &reply.doc()?)?)
+        }
         CtlCommand::Health { ready } => {
             let text = client.health(*ready).await?;
             Ok(writeln!(out, "{text}")?)
@@ -1262,7 +1429,7 @@ impl Watch<'_> {
         }
         writeln!(
             out,
-            "{}  {}  every {}s; REQ/S is the average over the guard window",
+            "{}  {}  every {}s; REQ/S is the average over the time the guard window covers",
             humantime::format_rfc3339_seconds(frame.at),
             frame.admin,
             WATCH_INTERVAL.as_secs()
@@ -1340,8 +1507,8 @@ fn write_view(out: &mut impl Write, services: &[ServiceDoc], traffic: Traffic) -
         let live = |pool: &str| s.guard.pools.iter().find(|p| p.pool == pool);
         notes.extend(rollout_line(s));
         notes.extend(freeze_line(s));
+        notes.extend(releases::versions_line(s));
         notes.extend(guard_notes(s));
-        let window_secs = Some(s.guard.window_secs).filter(|w| *w > 0.0);
         for p in &s.pools {
             let share = format!("{:.1}", p.share * 100.0);
             let endpoints = p.endpoints.len().to_string();
@@ -1355,8 +1522,14 @@ fn write_view(out: &mut impl Write, services: &[ServiceDoc], traffic: Traffic) -
             let endpoints = if down.is_empty() {
                 endpoints
             } else {
+                // A pool with none up fails every request it is given: said first.
+                let none = if down.len() == states.len() {
+                    "NO ENDPOINT UP; "
+                } else {
+                    ""
+                };
                 notes.push(format!(
-                    "{}/{}: not taking traffic: {}",
+                    "{}/{}: {none}not taking traffic: {}",
                     s.name,
                     p.name,
                     down.join(", ")
@@ -1366,9 +1539,11 @@ fn write_view(out: &mut impl Write, services: &[ServiceDoc], traffic: Traffic) -
             let w = live(&p.name);
             let requests = match traffic {
                 Traffic::Totals => w.map_or_else(|| "-".into(), |w| w.requests.to_string()),
+                // Over the time the window really covers (a new pool's, or one a
+                // rollback just reset, is shorter than `window_secs`), and no rate
+                // before it covers one slice.
                 Traffic::Rates => w
-                    .map(|w| w.requests)
-                    .zip(window_secs)
+                    .and_then(|w| Some((w.requests, w.span_secs.filter(|s| *s > 0.0)?)))
                     .map_or_else(|| "-".into(), |(n, secs)| format!("{:.1}", n as f64 / secs)),
             };
             let errors = w.map_or_else(|| "-".into(), |w| format!("{:.1}", w.error_rate * 100.0));
@@ -1481,19 +1656,22 @@ fn whole_seconds(secs: f64) -> String {
 fn guard_notes(s: &ServiceDoc) -> Vec<String> {
     let name = &s.name;
     let guard = &s.guard;
-    let degraded = s.health == api::Health::Degraded;
-    if !guard.enabled && !degraded {
+    if !guard.enabled && s.health == api::Health::Healthy {
         return Vec::new();
     }
     let mut lines = Vec::new();
     let mode = guard.mode.map_or("off", api::GuardMode::as_str);
-    if degraded {
-        let why = guard.degraded_reason.as_deref().unwrap_or("SLO breached");
-        lines.push(format!(
-            "{name}: DEGRADED (guard {mode}) — on the baseline since: {why}"
-        ));
-    } else {
-        lines.push(format!("{name}: healthy (guard {mode})"));
+    match s.health {
+        api::Health::Degraded => {
+            let why = guard.degraded_reason.as_deref().unwrap_or("SLO breached");
+            lines.push(format!(
+                "{name}: DEGRADED (guard {mode}) — on the baseline since: {why}"
+            ));
+        }
+        api::Health::Unavailable => lines.push(format!(
+            "{name}: UNAVAILABLE (guard {mode}) — a pool with traffic has no endpoint up"
+        )),
+        api::Health::Healthy => lines.push(format!("{name}: healthy (guard {mode})")),
     }
     if guard.baseline_unhealthy {
         lines.push(format!("  {name}: the baseline is failing too"));
@@ -1505,8 +1683,35 @@ fn guard_notes(s: &ServiceDoc) -> Vec<String> {
             d.verdict.as_str(),
             d.summary
         ));
+        lines.push(format!("    {}", judged_basis(d)));
     }
     lines
+}
+
+/// What a decision compared with the SLO, in one line: the candidate's figures over
+/// the span it judged and the exposure's confidence bounds (a breach when a lower bound
+/// is past the limit, a pass once the upper bounds are within it).
+fn judged_basis(d: &api::DecisionDoc) -> String {
+    let basis = match d.basis {
+        api::Basis::Exposure => "exposure",
+        api::Basis::FastWindow => "fast window",
+    };
+    let [lo, hi] = d.candidate_bounds.error_rate;
+    let mut line = format!(
+        "judged on the {basis} ({}): error rate {:.2}% (bounds {:.2}–{:.2}%)",
+        whole_seconds(d.window_secs),
+        d.candidate.error_rate * 100.0,
+        lo * 100.0,
+        hi * 100.0
+    );
+    if let Some(p99) = d.candidate.p99_ms {
+        let _ = write!(line, ", p99 {p99:.1} ms");
+        if let [lo, Some(hi)] = d.candidate_bounds.p99_ms {
+            let lo = lo.map_or("-".to_owned(), |v| format!("{v:.1}"));
+            let _ = write!(line, " (bounds {lo}–{hi:.1} ms)");
+        }
+    }
+    line
 }
 
 #[derive(Clone, Copy)]
@@ -1662,9 +1867,10 @@ mod tests {
                 "baseline_unhealthy": false,
                 "pools": [
                     {"pool": "stable", "requests": 90, "errors": 0, "error_rate": 0.0,
-                     "p50_ms": 1.0, "p99_ms": 2.0},
+                     "p50_ms": 1.0, "p99_ms": 2.0, "span_secs": 30.0},
+                    // A pool whose window was reset 15 s ago: its rate is over those.
                     {"pool": "canary", "requests": 30, "errors": 3, "error_rate": 0.1,
-                     "p50_ms": 1.0, "p99_ms": 4.5},
+                     "p50_ms": 1.0, "p99_ms": 4.5, "span_secs": 15.0},
                 ],
                 "decisions": [],
             },
@@ -1886,10 +2092,10 @@ mod tests {
             Value::Null
         )]});
         let expected = "\
-2023-11-14T22:13:20Z  http://127.0.0.1:9901  every 1s; REQ/S is the average over the guard window
+2023-11-14T22:13:20Z  http://127.0.0.1:9901  every 1s; REQ/S is the average over the time the guard window covers
 SERVICE  POOL    WEIGHT  SHARE %  VERSION  ENDPOINTS  REQ/S  ERR %  P99 MS
 shop     stable      75     75.0        4          1    3.0    0.0     2.0
-shop     canary      25     25.0        4          1    1.0   10.0     4.5
+shop     canary      25     25.0        4          1    2.0   10.0     4.5
 shop: rollout progressing, step 3/7 (25% to the candidate), 1m 12s in step; waiting for: promote (manual pause)
 ";
         let first = render(Screen::Plain, false, &frame(1, Ok(body.clone())));
@@ -1903,6 +2109,25 @@ shop: rollout progressing, step 3/7 (25% to the candidate), 1m 12s in step; wait
         // `--json`: the API's document, compact, one per line, never an escape.
         let json = render(Screen::Terminal, true, &frame(2, Ok(body.clone())));
         assert_eq!(json, format!("{body}\n"));
+    }
+
+    #[test]
+    fn a_pool_with_no_endpoint_up_is_never_shown_healthy() {
+        let mut doc = service_json(json!({"phase": "idle"}), Value::Null);
+        doc["health"] = json!("unavailable");
+        doc["guard"]["health"] = json!("unavailable");
+        doc["pools"][1]["endpoint_states"][0]["state"] = json!("down");
+        doc["pools"][1]["endpoint_states"][0]["healthy"] = json!(false);
+        let doc: ServiceDoc = serde_json::from_value(doc).unwrap();
+        let mut out = Vec::new();
+        write_services(&mut out, &[doc]).unwrap();
+        let out = String::from_utf8(out).unwrap();
+        assert!(
+            out.contains("shop/canary: NO ENDPOINT UP; not taking traffic: b (down)"),
+            "{out}"
+        );
+        assert!(out.contains("shop: UNAVAILABLE (guard off)"), "{out}");
+        assert!(!out.contains("healthy"), "{out}");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use weir::config::LogFormat;
 use weir_cli::cli::Cli;
 
 /// With the `jemalloc` feature: jemalloc, whose background thread returns freed memory
@@ -12,14 +13,14 @@ use weir_cli::cli::Cli;
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "weir=info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let log_format = cli.log_format();
+    weir_cli::cli::init_logging(log_format);
+    // A JSON log stays JSON to its last line, the one saying why weir stopped.
+    let fatal = |message: std::fmt::Arguments<'_>| match log_format {
+        LogFormat::Json => tracing::error!("{message}"),
+        LogFormat::Text => eprintln!("weir: {message}"),
+    };
     // One worker means one thread: the current-thread scheduler then saves the work
     // stealing and cross-thread wake-ups of the multi-thread one.
     let mut runtime = match cli.workers() {
@@ -35,14 +36,14 @@ fn main() -> ExitCode {
     let runtime = match runtime.build() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("weir: cannot start the async runtime: {e}");
+            fatal(format_args!("cannot start the async runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(weir_cli::cli::main(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("weir: {e:#}");
+            fatal(format_args!("{e:#}"));
             ExitCode::FAILURE
         }
     }

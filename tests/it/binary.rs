@@ -329,6 +329,29 @@ fn demo_tour_promotes_the_canary() {
         "{out}"
     );
     assert!(out.contains("rollout_promoted (rollout)"), "{out}");
+    // The journal names each step once: a step entered and applied is one event
+    // ("timed pause over; step 3: …"), never followed by a second "step 3".
+    let journal: Vec<&str> = out
+        .lines()
+        .filter(|l| l.trim_start().starts_with('#'))
+        .collect();
+    for step in 1..=7 {
+        let named = journal
+            .iter()
+            .map(|l| l.matches(&format!("step {step}: ")).count())
+            .sum::<usize>();
+        assert!(
+            named <= 1,
+            "step {step} named {named} times:\n{}",
+            journal.join("\n")
+        );
+    }
+    assert!(
+        journal
+            .iter()
+            .any(|l| l.contains("timed pause over; step 3: 25% to the candidate")),
+        "{out}"
+    );
 }
 
 #[test]

@@ -520,7 +520,13 @@ async fn events_are_listed_one_line_each() {
         "{}",
         lines[0]
     );
-    assert!(first[5].starts_with("127.0.0.1:"), "actor: {}", lines[0]);
+    // `$USER@host` as `weir ctl` sends it, then the address it came from.
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    assert!(
+        first[5].starts_with(&format!("{user}@")) && first[5].contains("/127.0.0.1:"),
+        "actor: {}",
+        lines[0]
+    );
     // The API sends weights as a JSON object; accept either key order.
     assert!(
         first[6] == "canary=10,stable=90→canary=50,stable=50"
@@ -629,6 +635,115 @@ async fn events_follow_prints_new_events_until_stopped() {
     let (code, err, seen) = follow.stop().await;
     assert_eq!(seen.lines().count(), 2, "{seen}");
     assert_eq!(code, ExitCode::SUCCESS, "{err}");
+}
+
+#[tokio::test]
+async fn events_tail_shows_the_newest_and_follow_starts_there() {
+    let h = start(false).await;
+    for (reason, w) in [
+        ("one", "stable=80"),
+        ("two", "stable=70"),
+        ("three", "stable=60"),
+    ] {
+        ctl(
+            &h.admin,
+            &[
+                "--actor",
+                "ops",
+                "set-weight",
+                "shop",
+                w,
+                "canary=20",
+                "--reason",
+                reason,
+            ],
+        )
+        .await
+        .ok();
+    }
+    let run = ctl(&h.admin, &["events", "--tail", "2"]).await;
+    let lines: Vec<&str> = run.ok().lines().collect();
+    assert_eq!(lines.len(), 2, "{}", run.out);
+    assert!(lines[0].ends_with("\"two\""), "{}", run.out);
+    assert!(lines[1].ends_with("\"three\""), "{}", run.out);
+    assert!(lines[1].contains(" ops/127.0.0.1:"), "{}", run.out);
+    assert!(parse(&h.admin, &["events", "--tail", "2", "--since", "1"]).is_err());
+    assert!(parse(&h.admin, &["events", "--tail", "0"]).is_err());
+
+    // --follow alone starts at the newest event, not the oldest; --tail N --follow at
+    // the newest N. Each then prints what happens next.
+    let mut follow = Streaming::start(parse(&h.admin, &["events", "--follow"]).unwrap());
+    let mut tail =
+        Streaming::start(parse(&h.admin, &["events", "--tail", "2", "--follow"]).unwrap());
+    follow.wait_for("\"three\"").await;
+    tail.wait_for("\"three\"").await;
+    ctl(&h.admin, &["rollback", "shop", "--reason", "four"])
+        .await
+        .ok();
+    follow.wait_for("\"four\"").await;
+    tail.wait_for("\"four\"").await;
+    let (code, err, seen) = follow.stop().await;
+    assert_eq!(code, ExitCode::SUCCESS, "{err}");
+    assert_eq!(seen.lines().count(), 2, "{seen}");
+    assert!(!seen.contains("\"two\""), "{seen}");
+    let (code, err, seen) = tail.stop().await;
+    assert_eq!(code, ExitCode::SUCCESS, "{err}");
+    assert_eq!(seen.lines().count(), 3, "{seen}");
+    assert!(!seen.contains("\"one\""), "{seen}");
+}
+
+#[tokio::test]
+async fn release_history_and_undo_from_the_command_line() {
+    let h = start_with_plan().await;
+    let run = ctl(&h.admin, &["history", "shop"]).await;
+    assert_eq!(run.ok(), "shop: no releases yet\n");
+    let endpoint = h.upstream.to_string();
+    let run = ctl(
+        &h.admin,
+        &[
+            "--actor",
+            "bob",
+            "release",
+            "shop",
+            "--version",
+            "2.0.1",
+            "--endpoints",
+            &endpoint,
+        ],
+    )
+    .await;
+    assert!(
+        run.ok().contains("shop: running stable=- canary=2.0.1"),
+        "{}",
+        run.out
+    );
+    let run = ctl(&h.admin, &["history", "shop"]).await;
+    let lines: Vec<&str> = run.ok().lines().collect();
+    assert_eq!(lines.len(), 3, "{}", run.out);
+    assert!(lines[0].starts_with("REV  VERSION  POOL"), "{}", run.out);
+    assert!(lines[1].trim_start().starts_with("1  -"), "{}", run.out);
+    assert!(lines[1].contains("promoted"), "{}", run.out);
+    assert!(!lines[1].contains("1970-"), "{}", run.out);
+    assert!(lines[2].contains(" running "), "{}", run.out);
+    assert!(lines[2].contains(" bob/127.0.0.1:"), "{}", run.out);
+    // Server refusals are one line and exit 1; bad flags never reach the server.
+    let run = ctl(&h.admin, &["undo", "shop", "--to-revision", "7"]).await;
+    assert!(run.failed().contains("no revision 7"), "{}", run.err);
+    assert!(
+        parse(&h.admin, &["release", "shop"]).is_err(),
+        "--version is required"
+    );
+    assert!(parse(&h.admin, &["undo", "shop", "--to-revision", "0"]).is_err());
+    assert!(
+        parse(&h.admin, &["status", "--wait"]).is_err(),
+        "--wait needs a service"
+    );
+    assert!(parse(&h.admin, &["status", "shop", "--timeout", "1s"]).is_err());
+    assert!(parse(&h.admin, &["status", "shop", "--wait", "--timeout", "soon"]).is_err());
+    let run = ctl(&h.admin, &["--json", "undo", "shop"]).await;
+    let doc: Value = serde_json::from_str(run.ok()).unwrap();
+    assert_eq!(doc["rollout"]["phase"], "aborted");
+    assert_eq!(doc["pools"][0]["weight"], 10000);
 }
 
 #[tokio::test]
@@ -1067,11 +1182,15 @@ async fn status_watch_redraws_the_rollout_until_stopped_or_counted() {
     let h = start_with_plan().await;
     // Traffic while every request goes to stable, counted by the guard window.
     send_traffic(&h, 30).await;
-    let s = wait_shop(&h, "counted 30 requests", |s| {
-        s["guard"]["pools"][0]["requests"] == 30
+    // Counted, and covered by at least one closed slice: before that there is no rate
+    // (the table shows "-").
+    let s = wait_shop(&h, "counted 30 requests over a closed slice", |s| {
+        s["guard"]["pools"][0]["requests"] == 30 && s["guard"]["pools"][0]["span_secs"].is_number()
     })
     .await;
-    let per_second = format!("{:.1}", 30.0 / s["guard"]["window_secs"].as_f64().unwrap());
+    // The rate is over the time the window covers so far, which is at most its length
+    // and at least one slice: a young window's 30 requests are not spread over 30 s.
+    let window_secs = s["guard"]["window_secs"].as_f64().unwrap();
     ctl(&h.admin, &["rollout", "shop"]).await.ok();
     wait_step(&h, "progressing", 1).await;
 
@@ -1092,7 +1211,11 @@ async fn status_watch_redraws_the_rollout_until_stopped_or_counted() {
         );
         let stable: Vec<&str> = lines[2].split_whitespace().collect();
         assert_eq!(&stable[..3], ["shop", "stable", "9000"], "{frame}");
-        assert_eq!(stable[6], per_second, "{frame}");
+        let rate: f64 = stable[6].parse().unwrap_or_else(|_| panic!("{frame}"));
+        assert!(
+            (30.0 / window_secs - 0.05..=30.0).contains(&rate),
+            "{rate} req/s for 30 requests in a {window_secs}s window: {frame}"
+        );
         assert_running_line(
             rollout_line(frame),
             "shop: rollout progressing, step 2/5 (pause until promoted), ",

@@ -262,6 +262,37 @@ async fn dashboard_shows_live_numbers_and_abort_sends_traffic_to_the_baseline() 
         )
         .await;
         assert!(decision.as_str().unwrap().contains("canary"), "{decision}");
+        // The error-rate chart draws what the guard judges, not one-slice ratios: the
+        // canary's estimate at each evaluation with its confidence band, the SLO line,
+        // and the verdict beside the newest value.
+        let judged = page_until(
+            &b,
+            "the error-rate chart on the guard's basis",
+            &format!(
+                "const c = {card}.querySelector('.chart[data-metric=\"errors\"]'); \
+                 return c.dataset.basis === 'guard' && \
+                 !!c.querySelector('polygon.band[data-pool=\"canary\"]') && \
+                 !!c.querySelector('path[data-pool=\"stable\"]') && \
+                 c.querySelector('.basis').textContent + ' | ' + \
+                 c.querySelector('.latest [data-pool=\"canary\"]').textContent"
+            ),
+        )
+        .await;
+        let judged = judged.as_str().unwrap();
+        assert!(judged.starts_with("as the guard judges it"), "{judged}");
+        assert!(
+            ["pass", "inconclusive", "breach"].iter().any(|v| judged.ends_with(v)),
+            "{judged}"
+        );
+        // The table's figures are the guard window's (the same as the API's), and
+        // each weight is shown with the share of traffic it gives.
+        let note = eval(&b, &format!("return {card}.querySelector('.window-note').textContent")).await;
+        assert!(note.as_str().unwrap().contains("guard's 10s window"), "{note}");
+        assert_eq!(
+            eval(&b, &format!("return {card}.querySelector('.form-share[data-pool=\"canary\"]').textContent")).await,
+            " = 25.0%"
+        );
+        assert_eq!(eval(&b, &format!("return {card}.querySelector('.health').textContent")).await, "healthy");
         let kv = eval(&b, &format!("return {card}.querySelector('.rollout-kv').textContent")).await;
         assert!(kv.as_str().unwrap().contains("2/3: pause until promoted"), "{kv}");
         // Verbs that do not apply now are disabled, and say why.

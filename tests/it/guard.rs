@@ -151,6 +151,45 @@ async fn broken_canary_is_rolled_back_within_three_seconds() {
     let svc = service(&s.proxy).await;
     assert_eq!(svc["health"], "degraded");
     assert_eq!(svc["guard"]["health"], "degraded");
+    // The rollback reset the windows: their figures cover only the time since (a rate
+    // over the whole window would be understated), or nothing yet.
+    let since_switch = switched.elapsed().as_secs_f64();
+    for p in svc["guard"]["pools"].as_array().unwrap() {
+        let span = p["span_secs"].as_f64();
+        assert!(
+            span.is_none_or(|s| s <= since_switch + 0.5),
+            "{p} vs {since_switch}s"
+        );
+    }
+    // The charts get the guard's judgements of the canary: what it compared with the
+    // SLO at each evaluation, ending with the breach it acted on.
+    let series = get(
+        &client(),
+        s.proxy.admin,
+        "localhost",
+        "/api/v1/services/shop/series",
+    )
+    .await
+    .json();
+    let canary = &series["pools"][1];
+    assert_eq!(canary["name"], "canary");
+    let judged = &canary["judged"];
+    assert_eq!(judged["baseline"], "stable", "{judged}");
+    let n = judged["at_ms"].as_array().unwrap().len();
+    for key in [
+        "verdict",
+        "error_rate",
+        "error_rate_bounds",
+        "baseline_error_rate",
+        "p99_ms",
+    ] {
+        assert_eq!(judged[key].as_array().unwrap().len(), n, "{key}: {judged}");
+    }
+    assert_eq!(judged["verdict"][n - 1], "breach", "{judged}");
+    assert!(
+        series["pools"][0].get("judged").is_none(),
+        "the baseline is not judged"
+    );
     // `weir ctl status` says so in words.
     let mut table = Vec::new();
     let doc: weir::api::ServiceDoc = serde_json::from_value(svc.clone()).unwrap();

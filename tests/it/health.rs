@@ -170,6 +170,13 @@ async fn a_dead_host_is_routed_around_and_comes_back_without_a_rollback() {
         .await,
         "no endpoint_down event"
     );
+    // Seen by the active checks: the event says so, not the SLO guard.
+    let down: Vec<Value> = events(&proxy)
+        .await
+        .into_iter()
+        .filter(|e| e["kind"] == "endpoint_down")
+        .collect();
+    assert!(down.iter().all(|e| e["source"] == "health"), "{down:?}");
     let metrics = get(&client(), proxy.admin, "localhost", "/metrics")
         .await
         .text();
@@ -213,6 +220,12 @@ async fn a_dead_host_is_routed_around_and_comes_back_without_a_rollback() {
         .await,
         "no endpoint_up event"
     );
+    let up: Vec<Value> = events(&proxy)
+        .await
+        .into_iter()
+        .filter(|e| e["kind"] == "endpoint_up")
+        .collect();
+    assert!(up.iter().all(|e| e["source"] == "health"), "{up:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -284,6 +297,11 @@ async fn consecutive_failures_eject_but_never_more_than_half_the_pool() {
     .await;
     let ejections = ejected_events().await;
     assert_eq!(ejections.len(), 2);
+    // Passive ejections come from live traffic: source `outlier`.
+    assert!(
+        ejections.iter().all(|e| e["source"] == "outlier"),
+        "{ejections:?}"
+    );
     assert!(
         ejections[0]["reason"]
             .as_str()
@@ -471,4 +489,54 @@ async fn the_keep_alive_race_never_reaches_the_client() {
         // connection: this wait is the scenario, not a synchronisation.
         tokio::time::sleep(idle + Duration::from_millis((i % 3) * 5)).await;
     }
+}
+
+/// A pool carrying traffic whose only endpoint fails its health checks makes the
+/// service `unavailable` (never `healthy`) in the API, the guard document and `status`;
+/// the endpoint passing again makes it healthy again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_served_pool_with_no_endpoint_up_is_never_reported_healthy() {
+    let stable = upstream("s1").await;
+    let canary = upstream("canary").await;
+    let checks = CHECKS.replace("pools.stable", "pools.canary");
+    let toml = proxy_toml("")
+        + "[[service]]\nname = \"shop\"\nbaseline = \"stable\"\n"
+        + &pool_toml("stable", &[&stable], 90, "")
+        + &pool_toml("canary", &[&canary], 10, &checks);
+    let proxy = start(&toml).await;
+    assert_eq!(service(&proxy).await["health"], "healthy");
+    canary.set_faults(Faults::errors(1.0));
+    let down = wait_until(Duration::from_secs(10), || async {
+        endpoint_state(&service(&proxy).await, 1, 0) == "down"
+    })
+    .await;
+    assert!(down, "the failing endpoint was never marked down");
+    let s = service(&proxy).await;
+    assert_eq!(s["health"], "unavailable", "{s}");
+    assert_eq!(s["guard"]["health"], "unavailable", "{s}");
+    let doc: weir::api::ServiceDoc = serde_json::from_value(s).unwrap();
+    let mut table = Vec::new();
+    weir_cli::ctl::write_services(&mut table, &[doc]).unwrap();
+    let table = String::from_utf8(table).unwrap();
+    assert!(
+        table.contains(&format!(
+            "shop/canary: NO ENDPOINT UP; not taking traffic: {} (down)",
+            canary.addr()
+        )),
+        "{table}"
+    );
+    assert!(table.contains("shop: UNAVAILABLE"), "{table}");
+    // Weight 0: the pool carries no traffic, so the service is healthy again even with
+    // the endpoint still down.
+    let put = http::Request::put(format!(
+        "http://{}/api/v1/services/shop/weights",
+        proxy.admin
+    ))
+    .header("content-type", "application/json")
+    .body(full(r#"{"weights": {"stable": 100, "canary": 0}}"#))
+    .unwrap();
+    let answer = send(&client(), put).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    assert_eq!(answer.json()["health"], "healthy");
+    assert_eq!(endpoint_state(&answer.json(), 1, 0), "down");
 }

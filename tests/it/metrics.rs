@@ -290,6 +290,117 @@ fn dashboard_exprs() -> Vec<Expr> {
     out
 }
 
+/// The dashboard's Prometheus annotations (rollbacks, promotions), variables as in
+/// [`dashboard_exprs`]. They answer only around such an event, so they are checked for
+/// parsing and for the metrics they name, not for an answer.
+fn dashboard_annotations() -> Vec<Expr> {
+    let d: Value =
+        serde_json::from_str(include_str!("../../config/grafana/weir-dashboard.json")).unwrap();
+    let list = d["annotations"]["list"].as_array().unwrap();
+    let out: Vec<Expr> = list
+        .iter()
+        .filter_map(|a| {
+            let promql = a["expr"]
+                .as_str()?
+                .replace("$__rate_interval", "1m")
+                .replace("$service", ".*");
+            let name = format!("annotation: {}", a["name"].as_str().unwrap_or("?"));
+            assert!(
+                !promql.contains('$'),
+                "{name}: unknown variable in {promql}"
+            );
+            Some(Expr { name, promql })
+        })
+        .collect();
+    let names: Vec<&str> = out.iter().map(|e| e.name.as_str()).collect();
+    for want in ["Rollbacks", "Dry-run rollbacks", "Promotions"] {
+        assert!(
+            names.contains(&format!("annotation: {want}").as_str()),
+            "{names:?}"
+        );
+    }
+    out
+}
+
+/// Grafana is not packaged for Debian, and its dashboard schema is published as CUE
+/// (`kinds/dashboard`), not something a test can check offline: the board's structure
+/// is checked here, its queries against a real Prometheus below. Every panel has a
+/// unique id, a type, a title and a place on the 24-column grid that no other panel
+/// takes; every query panel reads the datasource variable with uniquely named queries;
+/// every annotation query reads it too.
+#[test]
+fn dashboard_panels_are_well_formed() {
+    let d: Value =
+        serde_json::from_str(include_str!("../../config/grafana/weir-dashboard.json")).unwrap();
+    let ds = serde_json::json!({"type": "prometheus", "uid": "${datasource}"});
+    let mut ids = BTreeSet::new();
+    let mut cells: BTreeMap<(u64, u64), String> = BTreeMap::new();
+    for p in d["panels"].as_array().unwrap() {
+        let title = p["title"].as_str().expect("a panel without a title");
+        assert!(p["type"].is_string(), "{title}: no type");
+        assert!(
+            ids.insert(p["id"].as_u64().unwrap()),
+            "{title}: id used twice"
+        );
+        let g = &p["gridPos"];
+        let [x, y, w, h] = ["x", "y", "w", "h"].map(|k| g[k].as_u64().unwrap());
+        assert!(x + w <= 24 && w > 0 && h > 0, "{title}: gridPos {g}");
+        for cx in x..x + w {
+            for cy in y..y + h {
+                if let Some(other) = cells.insert((cx, cy), title.to_owned()) {
+                    panic!("{title} overlaps {other}");
+                }
+            }
+        }
+        if p["type"] == "row" {
+            continue;
+        }
+        assert_eq!(p["datasource"], ds, "{title}");
+        let targets = p["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "{title}: no query");
+        let refs: BTreeSet<&str> = targets
+            .iter()
+            .map(|t| t["refId"].as_str().unwrap())
+            .collect();
+        assert_eq!(refs.len(), targets.len(), "{title}: refIds repeat");
+        for t in targets {
+            assert_eq!(t["datasource"], ds, "{title}");
+        }
+    }
+    for a in d["annotations"]["list"].as_array().unwrap() {
+        if a["expr"].is_string() {
+            assert_eq!(a["datasource"], ds, "{a}");
+            assert!(
+                a["titleFormat"].is_string() && a["iconColor"].is_string(),
+                "{a}"
+            );
+        }
+    }
+}
+
+/// The `weir_*` metric names an expression reads (a histogram's series by its name).
+fn metric_names(promql: &str) -> BTreeSet<String> {
+    promql
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("weir_"))
+        .map(|w| {
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| w.strip_suffix(s))
+                .unwrap_or(w)
+                .to_owned()
+        })
+        .collect()
+}
+
+/// The metric names a `/metrics` exposition holds series of.
+fn exported_names(text: &str) -> BTreeSet<String> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .flat_map(|l| metric_names(l.split(['{', ' ']).next().unwrap()))
+        .collect()
+}
+
 /// Metrics with no service: an expression on these alone may answer without one.
 const GLOBAL_METRICS: [&str; 2] = ["weir_unrouted_requests_total", "weir_build_info"];
 
@@ -385,9 +496,15 @@ const ERROR_RATIOS: [&str; 3] = [
     "dashboard: Error ratio by pool (failures / requests) [A]",
 ];
 const CANARY_MINUS_BASELINE: &str = "canary minus baseline error ratio per service";
-const P99S: [&str; 2] = [
+const P99S: [&str; 3] = [
     "p99 latency per pool, to response headers",
     "p99 latency per pool, to last byte",
+    "dashboard: p99 latency by pool [A]",
+];
+/// Dashboard queries of the SLO limits of `shop` (error rate 0.5, p99 5 s).
+const SLO_LINES: [&str; 2] = [
+    "dashboard: Error ratio by pool (failures / requests) [B]",
+    "dashboard: p99 latency by pool [B]",
 ];
 const SERVED_SHARE: &str = "share of requests served per pool";
 const CONFIGURED_SHARE: &str = "configured share per pool";
@@ -409,6 +526,7 @@ async fn readme_and_dashboard_promql_answer_per_pool_through_a_real_prometheus()
         .into_iter()
         .chain(dashboard_exprs())
         .collect();
+    let annotations = dashboard_annotations();
     let names: BTreeSet<&str> = exprs.iter().map(|e| e.name.as_str()).collect();
     assert_eq!(names.len(), exprs.len(), "two expressions share a name");
     for name in [REQUEST_RATE, CANARY_MINUS_BASELINE, SERVED_SHARE]
@@ -417,6 +535,7 @@ async fn readme_and_dashboard_promql_answer_per_pool_through_a_real_prometheus()
         .chain(ERROR_RATIOS)
         .chain(P99S)
         .chain(ROLLBACKS)
+        .chain(SLO_LINES)
     {
         assert!(
             names.contains(name),
@@ -432,6 +551,8 @@ async fn readme_and_dashboard_promql_answer_per_pool_through_a_real_prometheus()
         ..Faults::default()
     });
     let main = upstream("main").await;
+    // `shop` is guarded (limits its canary stays within: no rollback) and runs a
+    // rollout held at a manual pause, so the SLO and rollout panels have series.
     let toml = proxy_toml("")
         + &service_toml(
             "shop",
@@ -441,6 +562,9 @@ async fn readme_and_dashboard_promql_answer_per_pool_through_a_real_prometheus()
                 ("canary", vec![canary.addr().to_string()], 50),
             ],
         )
+        + "[service.slo]\nmax_error_rate = 0.5\nmax_p99_latency = \"5s\"\n\
+           [service.rollout]\ncandidate = \"canary\"\n\
+           steps = [{ percent = 50 }, { pause = \"manual\" }]\n"
         + &service_toml(
             "api",
             Some(&["api"]),
@@ -448,7 +572,23 @@ async fn readme_and_dashboard_promql_answer_per_pool_through_a_real_prometheus()
         );
     let proxy = start(&toml).await;
     let pools = ["api/main", "shop/canary", "shop/stable"];
+    let started = send(
+        &client(),
+        Request::post(format!(
+            "http://{}/api/v1/services/shop/rollout",
+            proxy.admin
+        ))
+        .header("content-type", "application/json")
+        .body(full("{}"))
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(started.status, StatusCode::OK, "{}", started.text());
     let prom = start_prometheus(proxy.admin).await;
+    // Every metric the dashboard and the README name is one weir exports (with the
+    // rollout and the SLO of `shop`, every one has series from the start, except the
+    // request metrics, registered with a pool's first request: checked after the load).
+    let exported = || async { exported_names(&scrape(proxy.admin).await) };
     // Load only once Prometheus has the counters at 0, so rates see every request.
     let scraped = wait_until(Duration::from_secs(30), || async {
         query(&prom, "up").await.iter().any(|s| s.value == 1.0)
@@ -494,6 +634,18 @@ async fn readme_and_dashboard_promql_answer_per_pool_through_a_real_prometheus()
         );
     };
     let statuses = load.finish().await;
+    let names = exported().await;
+    for e in exprs.iter().chain(&annotations) {
+        for n in metric_names(&e.promql) {
+            assert!(names.contains(&n), "{}: weir exports no `{n}`", e.name);
+        }
+    }
+    // Annotations parse (`query` fails the test otherwise); none fires: no rollback,
+    // no promotion happened.
+    for e in &annotations {
+        let a = query(&prom, &e.promql).await;
+        assert!(a.is_empty(), "{}: {a:?}", e.name);
+    }
     eprintln!("client saw: {statuses:?}");
     for e in &exprs {
         let shown: Vec<String> =
@@ -559,4 +711,31 @@ async fn readme_and_dashboard_promql_answer_per_pool_through_a_real_prometheus()
         let want = BTreeMap::from([("api/".to_owned(), 0.0), ("shop/".to_owned(), 0.0)]);
         assert_eq!(r, want, "{name}");
     }
+    // The SLO lines are `shop`'s limits; `api` has no SLO and no line.
+    assert_eq!(v(SLO_LINES[0]), BTreeMap::from([("shop/".to_owned(), 0.5)]));
+    assert_eq!(v(SLO_LINES[1]), BTreeMap::from([("shop/".to_owned(), 5.0)]));
+
+    // One p99 per pool: the gauge is the p99 the admin API shows for the guard's window
+    // (read by both at the same moment: retried across a window rotation).
+    let same = wait_until(Duration::from_secs(10), || async {
+        let text = scrape(proxy.admin).await;
+        let svc = get(&client(), proxy.admin, "localhost", "/api/v1/services/shop")
+            .await
+            .json();
+        svc["guard"]["pools"].as_array().unwrap().iter().all(|p| {
+            let pool = p["pool"].as_str().unwrap();
+            let gauge = metric(
+                &text,
+                "weir_pool_latency_p99_seconds",
+                &[("service", "shop"), ("pool", pool)],
+            );
+            let api = p["p99_ms"].as_f64();
+            matches!((gauge, api), (Some(g), Some(a)) if ((g * 1e5).round() / 100.0 - a).abs() < 1e-9)
+        })
+    })
+    .await;
+    assert!(
+        same,
+        "weir_pool_latency_p99_seconds differs from the API's p99_ms"
+    );
 }

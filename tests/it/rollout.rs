@@ -159,9 +159,19 @@ async fn canary_plan_runs_its_steps_and_promotes() {
     assert_eq!(weights(&s), [9950, 50]);
     assert_eq!(s["rollout"]["step"], "pause until promoted");
     assert_eq!(s["rollout"]["waiting_for"], "promote (manual pause)");
-    let kinds: Vec<String> = event_kinds(&admin.events().await);
-    // The start applied the first percent step at once; the rest came from the driver.
-    assert_eq!(kinds, ["rollout_started", "rollout_step", "rollout_step"]);
+    let events = admin.events().await;
+    let kinds: Vec<String> = event_kinds(&events);
+    // The start applied the first percent step at once; the end of the timed pause
+    // entered step 3 and applied its 0.5% in one change: one event per step, never a
+    // second "step 3" a driver tick later.
+    assert_eq!(kinds, ["rollout_started", "rollout_step"]);
+    let step = &events[1];
+    assert_eq!(
+        step["reason"], "timed pause over; step 3: 0.5% to the candidate",
+        "{step}"
+    );
+    assert_eq!(step["source"], "rollout");
+    assert_eq!(step["to"], json!({"stable": 9950, "canary": 50}), "{step}");
     let c = client();
     let canary_hits = {
         let mut n = 0;

@@ -74,6 +74,8 @@ fn per_request_path(c: &mut Criterion) {
             latency: Duration::from_micros(850),
             duration: Duration::from_micros(900),
             retried: None,
+            request: None,
+            bytes_sent: None,
         };
         for sink in sinks {
             sink.record(&outcome);

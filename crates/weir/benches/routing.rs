@@ -105,6 +105,8 @@ fn metrics_recording(c: &mut Criterion) {
         latency: Duration::from_micros(850),
         duration: Duration::from_micros(900),
         retried: None,
+        request: None,
+        bytes_sent: None,
     };
     c.bench_function(
         "metrics: record one request (counters + 2 histograms + inflight)",

@@ -31,6 +31,67 @@ pub struct Config {
     pub services: Vec<ServiceConfig>,
     /// `[[freeze]]`: windows in which no rollout of any service starts or advances.
     pub freeze: Vec<FreezeWindow>,
+    /// `[log]`: the log format and the access log.
+    pub log: LogConfig,
+}
+
+/// `[log]`: how weir's own log reads, and the per-request access log.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct LogConfig {
+    /// `format`: the log's format when neither `--log-format` nor `WEIR_LOG_FORMAT`
+    /// says; read at start only.
+    pub format: LogFormat,
+    /// `[log.access]`: applied again on every reload.
+    pub access: AccessLogConfig,
+}
+
+/// weir's own log: human-readable lines, or one JSON object per line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<LogFormat, String> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(format!(
+                "`{s}` is not a log format; use \"text\" or \"json\""
+            )),
+        }
+    }
+}
+
+/// `[log.access]`: one JSON line per request, off unless enabled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccessLogConfig {
+    pub enabled: bool,
+    /// Fraction of requests logged, in (0, 1].
+    pub sample: f64,
+    /// Failed requests (5xx, upstream and client failures) are logged whatever the
+    /// sample (`errors = "all"`, the default), or sampled like the rest (`"sampled"`).
+    pub all_errors: bool,
+    /// Append to this file; `None`: standard output.
+    pub path: Option<PathBuf>,
+    /// Log the query string too (it often carries tokens and personal data).
+    pub include_query: bool,
+}
+
+impl Default for AccessLogConfig {
+    fn default() -> Self {
+        AccessLogConfig {
+            enabled: false,
+            sample: 1.0,
+            all_errors: true,
+            path: None,
+            include_query: false,
+        }
+    }
 }
 
 /// `[fleet]`: where the shared state lives and who this instance is.
@@ -487,6 +548,31 @@ pub struct PoolConfig {
     pub protocol: UpstreamProtocol,
     /// TLS to the endpoints (`tls = true`).
     pub tls: Option<UpstreamTlsConfig>,
+    /// The version label the pool starts with (`version`); a release replaces it.
+    pub version: Option<String>,
+}
+
+/// Longest version label: it is a metric label value and a column of `weir ctl history`.
+pub const MAX_VERSION_LEN: usize = 64;
+
+/// Check a version label: 1..=64 visible ASCII characters (no spaces or controls), so
+/// that it reads the same in a terminal, a log line and a Prometheus label.
+pub fn check_version(v: &str) -> Result<(), String> {
+    if v.is_empty() {
+        return Err("a version must not be empty".into());
+    }
+    if v.len() > MAX_VERSION_LEN {
+        return Err(format!(
+            "a version is at most {MAX_VERSION_LEN} characters, got {}",
+            v.len()
+        ));
+    }
+    if let Some(c) = v.chars().find(|c| !c.is_ascii_graphic()) {
+        return Err(format!(
+            "a version is printable ASCII without spaces; {c:?} is not allowed"
+        ));
+    }
+    Ok(())
 }
 
 /// TLS to a pool's endpoints.
@@ -679,10 +765,14 @@ impl Config {
     }
 
     /// The one-line summary `weir check` prints for a valid file.
+    /// The line `weir check` prints on success. It names the first few services only:
+    /// a config of thousands of services would otherwise print one line of megabytes,
+    /// which buries the "ok" that a person or a deploy script is looking for.
     pub fn summary(&self) -> String {
         let services: Vec<String> = self
             .services
             .iter()
+            .take(SUMMARY_SERVICES)
             .map(|s| {
                 let pools: Vec<String> = s
                     .pools
@@ -698,14 +788,21 @@ impl Config {
             })
             .collect();
         let pools: usize = self.services.iter().map(|s| s.pools.len()).sum();
+        let more = match self.services.len().saturating_sub(SUMMARY_SERVICES) {
+            0 => String::new(),
+            n => format!("; and {n} more (`weir ctl status` lists them all)"),
+        };
         format!(
-            "ok: {} service(s), {} pool(s): {}",
+            "ok: {} service(s), {} pool(s): {}{more}",
             self.services.len(),
             pools,
             services.join("; ")
         )
     }
 }
+
+/// How many services `weir check`'s summary names before it only counts the rest.
+const SUMMARY_SERVICES: usize = 10;
 
 /// The key path of whatever sits at byte `pos` of `src`, in the validator's notation
 /// (`service[shop].pools.canary.weight`), for the errors serde reports with a span only
@@ -868,6 +965,15 @@ struct RawConfig {
     services: Vec<RawService>,
     #[serde(default)]
     freeze: Vec<Spanned<RawFreeze>>,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<Spanned<String>>,
+    access: Option<RawAccessLog>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -905,6 +1011,24 @@ struct RawHook {
     timeout: Option<Spanned<String>>,
     #[serde(default)]
     metadata: IndexMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccessLog {
+    enabled: Option<bool>,
+    sample: Option<Spanned<RawNumber>>,
+    errors: Option<Spanned<String>>,
+    path: Option<Spanned<String>>,
+    include_query: Option<bool>,
+}
+
+/// A number written either way (`sample = 1` or `sample = 0.5`).
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(untagged)]
+enum RawNumber {
+    Integer(i64),
+    Float(f64),
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1070,6 +1194,7 @@ struct RawPool {
     tls: Option<Spanned<bool>>,
     ca_file: Option<Spanned<String>>,
     server_name: Option<Spanned<String>>,
+    version: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1174,6 +1299,7 @@ impl Validator<'_> {
         let fleet = raw.fleet.as_ref().map(|f| self.fleet(f));
         let services = self.services(raw.services);
         let freeze = self.freeze_windows("freeze", &raw.freeze);
+        let log = self.log(raw.log);
         Config {
             proxy,
             admin,
@@ -1181,7 +1307,68 @@ impl Validator<'_> {
             fleet,
             services,
             freeze,
+            log,
         }
+    }
+
+    fn log(&mut self, raw: RawLog) -> LogConfig {
+        let format = match &raw.format {
+            Some(f) => f.get_ref().parse().unwrap_or_else(|msg| {
+                self.problem("log.format", f, msg);
+                LogFormat::Text
+            }),
+            None => LogFormat::Text,
+        };
+        let mut access = AccessLogConfig::default();
+        if let Some(a) = raw.access {
+            access.enabled = a.enabled.unwrap_or(false);
+            access.include_query = a.include_query.unwrap_or(false);
+            if let Some(sample) = &a.sample {
+                let value = match *sample.get_ref() {
+                    RawNumber::Integer(i) => i as f64,
+                    RawNumber::Float(f) => f,
+                };
+                // `!(> 0)` also catches NaN.
+                if !(value > 0.0 && value <= 1.0) {
+                    self.problem(
+                        "log.access.sample",
+                        sample,
+                        format!(
+                            "`{value}` is not a fraction of requests: use a number above 0 \
+                             and at most 1 (0.1 logs one request in ten)"
+                        ),
+                    );
+                } else {
+                    access.sample = value;
+                }
+            }
+            if let Some(errors) = &a.errors {
+                match errors.get_ref().as_str() {
+                    "all" => access.all_errors = true,
+                    "sampled" => access.all_errors = false,
+                    other => self.problem(
+                        "log.access.errors",
+                        errors,
+                        format!(
+                            "`{other}`: use \"all\" (every failed request is logged) or \
+                             \"sampled\" (failed requests are sampled like the rest)"
+                        ),
+                    ),
+                }
+            }
+            if let Some(path) = &a.path {
+                if path.get_ref().trim().is_empty() {
+                    self.problem(
+                        "log.access.path",
+                        path,
+                        "must not be empty; omit it to log to standard output",
+                    );
+                } else {
+                    access.path = Some(PathBuf::from(path.get_ref()));
+                }
+            }
+        }
+        LogConfig { format, access }
     }
 
     fn fleet(&mut self, raw: &Spanned<RawFleet>) -> FleetConfig {
@@ -1683,6 +1870,12 @@ impl Validator<'_> {
                 ca_file: rp.ca_file.as_ref().map(|c| PathBuf::from(c.get_ref())),
                 server_name: rp.server_name.as_ref().map(|s| s.get_ref().clone()),
             });
+            let version = rp.version.as_ref().and_then(|v| {
+                check_version(v.get_ref())
+                    .map_err(|msg| self.problem(format!("{pkey}.version"), v, msg))
+                    .ok()
+                    .map(|()| v.get_ref().clone())
+            });
             out.push(PoolConfig {
                 name: pname.clone(),
                 endpoints,
@@ -1691,6 +1884,7 @@ impl Validator<'_> {
                 outlier,
                 protocol,
                 tls,
+                version,
             });
         }
         if total == 0
@@ -2822,6 +3016,24 @@ weight = 1
 "#;
 
     #[test]
+    fn summary_of_a_large_config_names_a_few_services_and_counts_the_rest() {
+        let mut text = String::new();
+        for i in 0..500 {
+            text.push_str(&format!(
+                "[[service]]\nname = \"svc{i}\"\nhosts = [\"svc{i}.example\"]\n\
+                 baseline = \"a\"\n[service.pools.a]\nendpoints = [\"10.0.0.1:80\"]\n\
+                 weight = 1\n"
+            ));
+        }
+        let summary = Config::parse(&text, "big.toml").unwrap().summary();
+        assert!(summary.starts_with("ok: 500 service(s), 500 pool(s): svc0 "));
+        assert!(summary.contains("svc9 ["));
+        assert!(!summary.contains("svc10 ["));
+        assert!(summary.ends_with("; and 490 more (`weir ctl status` lists them all)"));
+        assert!(summary.len() < 1000, "{} bytes", summary.len());
+    }
+
+    #[test]
     fn valid_config_keeps_order_and_normalizes() {
         let c = Config::parse(GOOD, "t.toml").unwrap();
         assert_eq!(c.proxy.connect_timeout, Duration::from_millis(500));
@@ -2841,6 +3053,42 @@ weight = 1
             .lines()
             .map(String::from)
             .collect()
+    }
+
+    #[test]
+    fn log_section_defaults_parses_and_locates_mistakes() {
+        let c = Config::parse(GOOD, "t.toml").unwrap();
+        assert_eq!(c.log, LogConfig::default());
+        assert!(!c.log.access.enabled);
+        let src = format!(
+            "{GOOD}\n[log]\nformat = \"json\"\n[log.access]\nenabled = true\nsample = 1\n\
+             errors = \"sampled\"\npath = \"/tmp/a.log\"\ninclude_query = true\n"
+        );
+        let c = Config::parse(&src, "t.toml").unwrap();
+        assert_eq!(c.log.format, LogFormat::Json);
+        let a = &c.log.access;
+        assert!(a.enabled && a.include_query && !a.all_errors);
+        assert_eq!(a.sample, 1.0);
+        assert_eq!(a.path.as_deref(), Some(Path::new("/tmp/a.log")));
+        // GOOD, a blank line, `[log.access]`, `enabled`, then the bad key.
+        let base = GOOD.lines().count();
+        for (bad, key) in [
+            ("sample = 0", "log.access.sample"),
+            ("sample = 1.5", "log.access.sample"),
+            ("sample = -0.1", "log.access.sample"),
+            ("errors = \"some\"", "log.access.errors"),
+            ("path = \" \"", "log.access.path"),
+        ] {
+            let src = format!("{GOOD}\n[log.access]\nenabled = true\n{bad}\n");
+            let errs = errors(&src);
+            assert_eq!(errs.len(), 1, "{errs:?}");
+            let want = format!("t.toml:{}: {key}: ", base + 4);
+            assert!(errs[0].starts_with(&want), "{bad}: {errs:?}, want {want}");
+        }
+        let errs = errors(&format!("{GOOD}\n[log]\nformat = \"xml\"\n"));
+        assert!(errs[0].contains(": log.format: `xml`"), "{errs:?}");
+        let errs = errors(&format!("{GOOD}\n[log.access]\nsampel = 0.5\n"));
+        assert!(errs[0].contains("log.access"), "{errs:?}");
     }
 
     #[test]

@@ -10,8 +10,8 @@
 //!             rollout · judge · stats · freeze (pure)   analysis (pure + calls)
 //!             guard · driver · health · webhook (tasks)
 //!  dataplane  proxy ─► routing (Router: ArcSwap snapshots, read only) ─► pool ─► client
-//!             outcome ─► sinks (metrics, guard window, passive ejection)
-//!  telemetry  window · metrics
+//!             outcome ─► sinks (metrics, guard window, passive ejection, access log)
+//!  telemetry  window · metrics · access (the access log's writer)
 //!  config     TOML → validated Config
 //!  model      shared words (Source, ErrorKind, EventKind, Step, Phase, Check), Clock
 //! ```
@@ -83,7 +83,9 @@ use crate::config::Config;
 use crate::control::store::StateLock;
 use crate::control::{driver, health};
 use crate::dataplane::proxy::Proxy;
+use crate::dataplane::sinks::AccessSink;
 use crate::dataplane::tls;
+use crate::telemetry::access::AccessLog;
 
 /// Why weir cannot start.
 ///
@@ -110,6 +112,9 @@ pub enum StartError {
     /// `[fleet]` cannot be used (built without fleet support, unreadable TLS files…).
     #[error("fleet: {0}")]
     Fleet(String),
+    /// `[log.access]`: the file cannot be opened.
+    #[error("log.access: {0}")]
+    AccessLog(io::Error),
 }
 
 impl From<tls::TlsError> for StartError {
@@ -160,6 +165,9 @@ pub fn preflight(config: &Config) -> Vec<String> {
             }
         }
     }
+    if let Err(e) = telemetry::access::check(&config.log.access) {
+        problems.push(format!("log.access: {e}"));
+    }
     let mut seen = std::collections::HashSet::new();
     problems.retain(|p| seen.insert(p.clone()));
     problems
@@ -181,6 +189,7 @@ pub struct Weir {
     controller: Arc<Controller>,
     proxy: Arc<Proxy>,
     admin: Arc<Admin>,
+    access: Arc<AccessLog>,
     grace: Duration,
 }
 
@@ -263,18 +272,31 @@ impl Weir {
         if let Some(fleet) = &fleet {
             fleet.start(&controller);
         }
+        // Before anything starts: an access log that cannot be opened fails the start.
+        let access = AccessLog::new(&metrics);
+        access
+            .configure(&config.log.access)
+            .map_err(StartError::AccessLog)?;
+        let reopen = Arc::clone(&access);
+        controller.on_reload(move |config| {
+            if let Err(e) = reopen.configure(&config.log.access) {
+                tracing::error!("{e}; the access log keeps its previous settings");
+            }
+        });
         let (outliers, monitor) = health::start(Arc::clone(&controller));
         let mut sinks: Vec<Arc<dyn OutcomeSink>> = vec![
             Arc::new(WindowSink),
             Arc::new(outliers),
             Arc::new(MetricsSink(Arc::clone(&metrics))),
             Arc::new(LogSink),
+            Arc::new(AccessSink(Arc::clone(&access))),
         ];
         sinks.extend(extra);
         let proxy = Arc::new(Proxy::new(
             &config.proxy,
             Arc::clone(controller.router()),
             sinks,
+            Arc::clone(&access),
         ));
         let guard = Arc::new(Guard::new(Arc::clone(&controller), Arc::clone(&metrics)));
         let admin = Arc::new(
@@ -298,6 +320,7 @@ impl Weir {
             controller,
             proxy,
             admin,
+            access,
             grace: config.proxy.shutdown_grace,
         })
     }
@@ -385,6 +408,9 @@ impl Weir {
         if let Some(task) = admin_task {
             let _ = task.await;
         }
+        // The last requests' lines, out of the writer's buffer before the process ends.
+        let access = Arc::clone(&self.access);
+        let _ = tokio::task::spawn_blocking(move || access.flush()).await;
         #[cfg(feature = "fleet")]
         if let Some(fleet) = self.fleet.clone() {
             // Hand the lead over now rather than when the lease expires.

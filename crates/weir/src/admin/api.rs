@@ -20,7 +20,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
 
 pub use crate::config::GuardMode;
-pub use crate::control::store::{Event, Weights};
+pub use crate::control::store::{Event, Release, ReleaseOutcome, Weights};
 use crate::model::MAX_WEIGHT;
 pub use crate::model::{Check, Phase, Source};
 
@@ -109,13 +109,16 @@ pub struct WebhookDoc {
     pub duration_ms: u64,
 }
 
-/// Whether the guard moved a service's traffic back to its baseline (`degraded`, until a
-/// rollout or an operator's weights move it on).
+/// A service's health: whether the guard moved its traffic back to its baseline
+/// (`degraded`, until a rollout or an operator's weights move it on), else whether a
+/// pool that carries traffic has no endpoint up (`unavailable`: its share of requests
+/// fails now), else `healthy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Health {
     Healthy,
     Degraded,
+    Unavailable,
 }
 
 impl Health {
@@ -123,6 +126,7 @@ impl Health {
         match self {
             Health::Healthy => "healthy",
             Health::Degraded => "degraded",
+            Health::Unavailable => "unavailable",
         }
     }
 }
@@ -138,6 +142,10 @@ pub struct PoolDoc {
     pub endpoints: Vec<String>,
     /// The same endpoints' run-time state, in the same order.
     pub endpoint_states: Vec<EndpointDoc>,
+    /// The build the pool runs: its last release's version, else the config's
+    /// `version`; left out when neither says (and by a weir that predates releases).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
 }
 
 /// One endpoint's run-time state.
@@ -221,6 +229,12 @@ pub struct WindowFigures {
     /// `null` without latency samples.
     pub p50_ms: Option<f64>,
     pub p99_ms: Option<f64>,
+    /// In the `guard` document's `pools`: the time these figures really cover, at most
+    /// `window_secs` (less for a new pool, or after a rollback reset the window); a rate
+    /// is `requests / span_secs`. Left out before one slice of data (no rate can be had
+    /// yet) and in decisions (their `window_secs` says it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub span_secs: Option<f64>,
 }
 
 /// The guard's judgement of one candidate at one evaluation. The same figures are the
@@ -440,6 +454,30 @@ pub struct PoolSeries {
     pub errors: Vec<u64>,
     /// `null` for a step without latency samples.
     pub p99_ms: Vec<Option<f64>>,
+    /// For a pool the guard judged in the span: each judgement, oldest first — the
+    /// figures it compared with the SLO and its verdict. Left out for other pools.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judged: Option<JudgedSeries>,
+}
+
+/// The guard's judgements of one candidate, as parallel arrays, one entry per
+/// evaluation. The error-rate and p99 figures are over the judged span (the exposure
+/// since the weights last changed, or the fast window for a loud failure); the bounds
+/// are the exposure's confidence bounds, the ones compared with the SLO: a breach when
+/// the lower bound is above the limit, a pass once the upper bound is below it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JudgedSeries {
+    /// The pool it was judged against.
+    pub baseline: String,
+    /// When each judgement was made, Unix milliseconds.
+    pub at_ms: Vec<u64>,
+    pub verdict: Vec<Verdict>,
+    pub error_rate: Vec<f64>,
+    pub error_rate_bounds: Vec<[f64; 2]>,
+    pub baseline_error_rate: Vec<f64>,
+    pub p99_ms: Vec<Option<f64>>,
+    pub p99_ms_bounds: Vec<[Option<f64>; 2]>,
+    pub baseline_p99_ms: Vec<Option<f64>>,
 }
 
 /// `GET /api/v1/events`: journal entries, oldest first.
@@ -613,6 +651,91 @@ fn override_freeze(obj: &Map<String, Value>) -> Result<Option<String>, String> {
     }
 }
 
+/// `POST /api/v1/services/{name}/release`: a new build on a pool, and the rollout plan
+/// started for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReleaseRequest {
+    /// The build's version label (1..=64 visible ASCII characters).
+    pub version: String,
+    /// The pool to release to; the plan's candidate (or, after a promotion, the pool
+    /// that is not the baseline) when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// `host:port` of the hosts running the build; the pool's current endpoints when
+    /// absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoints: Option<Vec<String>>,
+}
+
+impl ReleaseRequest {
+    pub fn from_json(body: &Value) -> Result<ReleaseRequest, String> {
+        let obj = fields(body, &["version", "pool", "endpoints"])?;
+        let version = match obj.get("version") {
+            Some(Value::String(s)) => s.clone(),
+            None | Some(Value::Null) => {
+                return Err("missing `version`: send {\"version\": \"v2\"}".into());
+            }
+            Some(_) => return Err("version must be a string".into()),
+        };
+        crate::config::check_version(&version).map_err(|e| format!("version: {e}"))?;
+        let pool = match obj.get("pool") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(_) => return Err("pool must be a pool name".into()),
+        };
+        let endpoints = match obj.get("endpoints") {
+            None | Some(Value::Null) => None,
+            Some(Value::Array(items)) => {
+                let endpoints = items
+                    .iter()
+                    .map(|v| v.as_str().map(str::to_owned))
+                    .collect::<Option<Vec<String>>>()
+                    .ok_or("endpoints must be a list of \"host:port\" strings")?;
+                crate::control::release::parse_endpoints(&endpoints)
+                    .map_err(|e| format!("endpoints: {e}"))?;
+                Some(endpoints)
+            }
+            Some(_) => return Err("endpoints must be a list of \"host:port\" strings".into()),
+        };
+        Ok(ReleaseRequest {
+            version,
+            pool,
+            endpoints,
+        })
+    }
+}
+
+/// `POST /api/v1/services/{name}/undo`: back to an earlier release. Optional body.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct UndoRequest {
+    /// The history revision to go back to; the one before the newest when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to_revision: Option<u64>,
+}
+
+impl UndoRequest {
+    pub fn from_json(body: &Value) -> Result<UndoRequest, String> {
+        let obj = fields(body, &["to_revision"])?;
+        let to_revision =
+            match obj.get("to_revision") {
+                None | Some(Value::Null) => None,
+                Some(Value::Number(n)) => Some(n.as_u64().filter(|n| *n > 0).ok_or_else(|| {
+                    format!("to_revision must be a revision number ≥ 1, got {n}")
+                })?),
+                Some(other) => return Err(format!("to_revision must be a number, got {other}")),
+            };
+        Ok(UndoRequest { to_revision })
+    }
+}
+
+/// `GET /api/v1/services/{name}/history`: the service's releases, oldest first (the
+/// newest 50 are kept).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryDoc {
+    pub service: String,
+    pub releases: Vec<Release>,
+}
+
 /// `POST /api/v1/services/{name}/promote`: pass the current pause or gate, or with
 /// `full` finish the rollout at once. Optional body.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -695,6 +818,18 @@ impl<'de> Deserialize<'de> for WeightsRequest {
     }
 }
 
+impl<'de> Deserialize<'de> for ReleaseRequest {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        read_with(d, ReleaseRequest::from_json)
+    }
+}
+
+impl<'de> Deserialize<'de> for UndoRequest {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        read_with(d, UndoRequest::from_json)
+    }
+}
+
 impl<'de> Deserialize<'de> for RollbackRequest {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         read_with(d, RollbackRequest::from_json)
@@ -752,6 +887,7 @@ mod tests {
             error_rate: errors as f64 / requests as f64,
             p50_ms: Some(1.25),
             p99_ms: None,
+            span_secs: None,
         }
     }
 
@@ -826,6 +962,7 @@ mod tests {
                     last_check: Some("status 503".into()),
                 },
             ],
+            version: None,
         }
     }
 
@@ -976,14 +1113,36 @@ mod tests {
         });
         round_trip(&SeriesDoc {
             service: "shop".into(),
-            pools: vec![PoolSeries {
-                name: "stable".into(),
-                step_secs: 1.0,
-                end_ms: Some(1_767_322_445_678),
-                requests: vec![10, 0],
-                errors: vec![1, 0],
-                p99_ms: vec![Some(4.5), None],
-            }],
+            pools: vec![
+                PoolSeries {
+                    name: "stable".into(),
+                    step_secs: 1.0,
+                    end_ms: Some(1_767_322_445_678),
+                    requests: vec![10, 0],
+                    errors: vec![1, 0],
+                    p99_ms: vec![Some(4.5), None],
+                    judged: None,
+                },
+                PoolSeries {
+                    name: "canary".into(),
+                    step_secs: 1.0,
+                    end_ms: Some(1_767_322_445_678),
+                    requests: vec![3, 1],
+                    errors: vec![1, 1],
+                    p99_ms: vec![Some(9.5), Some(8.0)],
+                    judged: Some(JudgedSeries {
+                        baseline: "stable".into(),
+                        at_ms: vec![1_767_322_445_000],
+                        verdict: vec![Verdict::Inconclusive],
+                        error_rate: vec![0.5],
+                        error_rate_bounds: vec![[0.01, 0.99]],
+                        baseline_error_rate: vec![0.1],
+                        p99_ms: vec![Some(9.5)],
+                        p99_ms_bounds: vec![[Some(1.0), None]],
+                        baseline_p99_ms: vec![None],
+                    }),
+                },
+            ],
         });
         let mut event = Event::new("shop", crate::model::EventKind::RolledBack, Source::Guard);
         event.id = 9;

@@ -264,6 +264,7 @@ impl Admin {
                     return refusal;
                 }
                 self.metrics.set_state_writable(self.controller.writable());
+                self.publish_windows();
                 let mut r = Response::new(Full::new(Bytes::from(self.metrics.render())));
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,
@@ -286,6 +287,9 @@ impl Admin {
             ["v1", "services", name, "weights"] => Route::Weights(name),
             ["v1", "services", name, "series"] => Route::Series(name),
             ["v1", "services", name, "rollback"] => Route::Rollback(name),
+            ["v1", "services", name, "release"] => Route::Release(name),
+            ["v1", "services", name, "undo"] => Route::Undo(name),
+            ["v1", "services", name, "history"] => Route::History(name),
             [
                 "v1",
                 "services",
@@ -326,7 +330,7 @@ impl Admin {
         } else if let Some(refusal) = refuse_unless_read(&req, &path) {
             return refusal;
         }
-        let actor = Some(peer.to_string());
+        let actor = Some(actor_of(&req, peer));
         match route {
             Route::Services => {
                 let table = self.controller.router().table();
@@ -397,13 +401,55 @@ impl Admin {
                 })
                 .await
             }
+            Route::Release(name) => {
+                let name = name.to_owned();
+                let request = match self.read_request(req, api::ReleaseRequest::from_json).await {
+                    Ok(r) => r,
+                    Err(resp) => return resp,
+                };
+                self.command(Command::Release {
+                    service: name,
+                    version: request.version,
+                    pool: request.pool,
+                    endpoints: request.endpoints,
+                    source: Source::Admin,
+                    actor,
+                })
+                .await
+            }
+            Route::Undo(name) => {
+                let name = name.to_owned();
+                let request = match self.read_request(req, api::UndoRequest::from_json).await {
+                    Ok(r) => r,
+                    Err(resp) => return resp,
+                };
+                self.command(Command::Undo {
+                    service: name,
+                    to_revision: request.to_revision,
+                    source: Source::Admin,
+                    actor,
+                })
+                .await
+            }
+            Route::History(name) => match self.controller.router().table().service(name) {
+                Some(_) => ok(&api::HistoryDoc {
+                    service: name.to_owned(),
+                    releases: self.controller.service_control(name).releases,
+                }),
+                None => error(StatusCode::NOT_FOUND, format!("unknown service `{name}`")),
+            },
             Route::Series(name) => {
                 let span = match series_query(req.uri().query()) {
                     Ok(s) => s,
                     Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
                 };
                 match self.controller.router().table().service(name) {
-                    Some(s) => ok(&series_doc(s, span, self.controller.clock().as_ref())),
+                    Some(s) => ok(&series_doc(
+                        s,
+                        span,
+                        self.controller.clock().as_ref(),
+                        &self.guard,
+                    )),
                     None => error(StatusCode::NOT_FOUND, format!("unknown service `{name}`")),
                 }
             }
@@ -474,6 +520,28 @@ impl Admin {
     /// listener's own) and any port, because NAT and port mapping (`docker run -p
     /// 127.0.0.1:19901:9901`, `kubectl port-forward`) change what the client sees.
     /// `localhost` is always loopback in browsers, so it cannot be rebound either.
+    /// Set the gauges read from the guard's windows and the SLOs, just before a scrape:
+    /// each pool's p99 over the window the API shows it for (pools that never served a
+    /// request are left out, so idle ones cost nothing), and each SLO's limits.
+    fn publish_windows(&self) {
+        let table = self.controller.router().table();
+        for service in table.services() {
+            let slo = self.controller.slo(&service.name);
+            if let Some(slo) = &slo {
+                self.metrics
+                    .set_slo(&service.name, slo.max_error_rate, slo.max_p99_latency);
+            }
+            let window = slo.map_or(Duration::from_secs(30), |s| s.window);
+            for slot in service.snapshot().slots() {
+                let w = slot.pool.window();
+                if w.total() > 0 {
+                    self.metrics
+                        .set_pool_window(&service.name, slot.name(), w.stats(window).p99());
+                }
+            }
+        }
+    }
+
     fn refuse_foreign_host<B>(&self, req: &Request<B>) -> Option<AdminResponse> {
         let mut hosts = req.headers().get_all(header::HOST).iter();
         let (Some(host), None) = (hosts.next(), hosts.next()) else {
@@ -659,6 +727,23 @@ pub fn reload(
                 },
             ))
         }
+        Ok(config) if let Err(e) = crate::telemetry::access::check(&config.log.access) => {
+            let problems = vec![format!("log.access: {e}")];
+            let mut event = Event::new("", EventKind::ConfigRejected, Source::Config);
+            event.actor = actor;
+            event.reason = Some(format!("access log unusable in {}", path.display()));
+            event.details = json!({ "problems": problems });
+            if let Err(e) = controller.record(event) {
+                tracing::error!("cannot record config_rejected: {e}");
+            }
+            Err((
+                StatusCode::BAD_REQUEST,
+                api::ErrorBody {
+                    error: format!("config rejected, nothing changed: {}", problems[0]),
+                    problems: Some(problems),
+                },
+            ))
+        }
         Ok(config) => match controller.reload(&config, actor) {
             Ok((report, event)) => {
                 tracing::info!("config reloaded: {report:?}");
@@ -676,6 +761,9 @@ enum Route<'a> {
     Series(&'a str),
     Rollback(&'a str),
     Rollout(&'a str, &'a str),
+    Release(&'a str),
+    Undo(&'a str),
+    History(&'a str),
     Events,
     Reload,
     Fleet,
@@ -689,6 +777,8 @@ impl Route<'_> {
             Route::Weights(_)
                 | Route::Rollback(_)
                 | Route::Rollout(..)
+                | Route::Release(_)
+                | Route::Undo(_)
                 | Route::Reload
                 | Route::Reseed
         )
@@ -699,14 +789,23 @@ impl Route<'_> {
     fn body_optional(&self) -> bool {
         matches!(
             self,
-            Route::Rollback(_) | Route::Rollout(..) | Route::Reload | Route::Reseed
+            Route::Rollback(_)
+                | Route::Rollout(..)
+                | Route::Undo(_)
+                | Route::Reload
+                | Route::Reseed
         )
     }
 
     fn method(&self) -> &'static str {
         match self {
             Route::Weights(_) => "PUT",
-            Route::Rollback(_) | Route::Rollout(..) | Route::Reload | Route::Reseed => "POST",
+            Route::Rollback(_)
+            | Route::Rollout(..)
+            | Route::Release(_)
+            | Route::Undo(_)
+            | Route::Reload
+            | Route::Reseed => "POST",
             _ => "GET",
         }
     }
@@ -714,7 +813,7 @@ impl Route<'_> {
 
 fn control_status(e: &ControlError) -> StatusCode {
     match e {
-        ControlError::UnknownService(_) => StatusCode::NOT_FOUND,
+        ControlError::UnknownService(_) | ControlError::NotFound(_) => StatusCode::NOT_FOUND,
         ControlError::VersionConflict { .. } | ControlError::Conflict(_) => StatusCode::CONFLICT,
         ControlError::Unchanged => StatusCode::CONFLICT,
         // The disk refuses writes: weir still serves; try again once it takes them.
@@ -724,7 +823,33 @@ fn control_status(e: &ControlError) -> StatusCode {
         ControlError::UnknownPool { .. }
         | ControlError::DuplicatePool { .. }
         | ControlError::MissingPools { .. }
+        | ControlError::Invalid(_)
         | ControlError::Weights(_) => StatusCode::BAD_REQUEST,
+    }
+}
+
+/// Longest actor name recorded, in characters.
+const MAX_ACTOR: usize = 64;
+
+/// Who made a request, for the journal and the release history: the `X-Weir-Actor`
+/// header (`weir ctl` sends `$USER@host`), kept to visible ASCII (no spaces, so an
+/// event stays one line of words) and bounded, then `/` and the peer address it came
+/// from; the peer address alone without one. The header is the client's word, not an
+/// identity: the token is what authorises.
+fn actor_of<B>(req: &Request<B>, peer: SocketAddr) -> String {
+    let named: String = req
+        .headers()
+        .get("x-weir-actor")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .chars()
+        .filter(|c| c.is_ascii_graphic())
+        .take(MAX_ACTOR)
+        .collect();
+    if named.is_empty() {
+        peer.to_string()
+    } else {
+        format!("{named}/{peer}")
     }
 }
 
@@ -1115,8 +1240,8 @@ fn series_query(query: Option<&str>) -> Result<Duration, String> {
 }
 
 /// Per-pool time series for charts (see [`api::PoolSeries`]), ending at each pool's
-/// newest closed step.
-fn series_doc(s: &Service, span: Duration, clock: &dyn Clock) -> api::SeriesDoc {
+/// newest closed step, with the guard's judgements of each candidate over the span.
+fn series_doc(s: &Service, span: Duration, clock: &dyn Clock, guard: &Guard) -> api::SeriesDoc {
     let snap = s.snapshot();
     // One clock reading pair turns the windows' Instants into wall-clock times.
     let (now, wall) = (clock.instant(), clock.now());
@@ -1144,6 +1269,13 @@ fn series_doc(s: &Service, span: Duration, clock: &dyn Clock) -> api::SeriesDoc 
                     .iter()
                     .map(|p| p.p99_us.map(|us| (us as f64 / 100.0).round() / 10.0))
                     .collect(),
+                judged: judged_series(
+                    guard,
+                    s,
+                    slot.name(),
+                    snap.baseline_name(),
+                    wall.checked_sub(span).unwrap_or(std::time::UNIX_EPOCH),
+                ),
             }
         })
         .collect();
@@ -1151,6 +1283,36 @@ fn series_doc(s: &Service, span: Duration, clock: &dyn Clock) -> api::SeriesDoc 
         service: s.name.to_string(),
         pools,
     }
+}
+
+/// The guard's judgements of `pool` since `since`, or `None` if it made none.
+fn judged_series(
+    guard: &Guard,
+    s: &Service,
+    pool: &str,
+    baseline: &str,
+    since: std::time::SystemTime,
+) -> Option<api::JudgedSeries> {
+    let marks = guard.marks(&s.name, pool, since);
+    if marks.is_empty() {
+        return None;
+    }
+    let at_ms = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64
+    };
+    Some(api::JudgedSeries {
+        baseline: baseline.to_owned(),
+        at_ms: marks.iter().map(|m| at_ms(m.at)).collect(),
+        verdict: marks.iter().map(|m| verdict_doc(m.verdict)).collect(),
+        error_rate: marks.iter().map(|m| m.error_rate).collect(),
+        error_rate_bounds: marks.iter().map(|m| m.error_bounds).collect(),
+        baseline_error_rate: marks.iter().map(|m| m.baseline_error_rate).collect(),
+        p99_ms: marks.iter().map(|m| m.p99_ms).collect(),
+        p99_ms_bounds: marks.iter().map(|m| m.p99_bounds_ms).collect(),
+        baseline_p99_ms: marks.iter().map(|m| m.baseline_p99_ms).collect(),
+    })
 }
 
 /// Nothing but the page's own script and style (by hash: an injected `<script>` or
@@ -1215,6 +1377,8 @@ pub(crate) fn service_doc(s: &Service, controller: &Controller, guard: &Guard) -
     // One reading of the degraded state, for both places that show it.
     let health = if control.degraded.is_some() {
         api::Health::Degraded
+    } else if no_endpoint_up_where_served(&snap) {
+        api::Health::Unavailable
     } else {
         api::Health::Healthy
     };
@@ -1238,6 +1402,7 @@ pub(crate) fn service_doc(s: &Service, controller: &Controller, guard: &Guard) -
                 .iter()
                 .map(|e| endpoint_doc(e.status()))
                 .collect(),
+            version: controller.version_of(&s.name, slot.name(), &control.deployed),
         })
         .collect();
     api::ServiceDoc {
@@ -1265,6 +1430,19 @@ pub(crate) fn service_doc(s: &Service, controller: &Controller, guard: &Guard) -
             until: rfc3339(f.until),
         }),
     }
+}
+
+/// Whether a pool that carries traffic (weight above 0) has no endpoint up: every
+/// endpoint failing its health checks or ejected. Such a service is never `healthy`.
+fn no_endpoint_up_where_served(snap: &ServiceSnapshot) -> bool {
+    snap.slots().iter().any(|slot| {
+        slot.weight > 0
+            && !slot
+                .pool
+                .endpoints()
+                .iter()
+                .any(|e| endpoint_doc(e.status()).state == api::EndpointCondition::Up)
+    })
 }
 
 fn endpoint_doc(e: EndpointStatus) -> api::EndpointDoc {
@@ -1309,7 +1487,15 @@ fn guard_doc(
         health,
         degraded_reason,
         baseline_unhealthy: status.baseline_unhealthy,
-        pools: status.pools.iter().map(figures_doc).collect(),
+        pools: status
+            .pools
+            .iter()
+            .zip(&status.spans)
+            .map(|(f, span)| api::WindowFigures {
+                span_secs: span.map(|d| d.as_secs_f64()),
+                ..figures_doc(f)
+            })
+            .collect(),
         decisions: status.decisions.iter().map(decision_doc).collect(),
     }
 }
@@ -1386,6 +1572,7 @@ fn figures_doc(f: &Figures) -> api::WindowFigures {
         error_rate: *error_rate,
         p50_ms: *p50_ms,
         p99_ms: *p99_ms,
+        span_secs: None,
     }
 }
 

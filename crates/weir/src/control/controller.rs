@@ -3,7 +3,7 @@
 //! and event journal, both fsynced), and only then swapped in and acknowledged. Nothing
 //! else stores snapshots.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
@@ -17,8 +17,8 @@ use crate::control::fleet::FleetHooks;
 use crate::control::freeze::Frozen;
 use crate::control::rollout::{Evidence, Rollout, Transition, plan_steps};
 use crate::control::store::{
-    Event, EventLog, FileStore, Revision, SavedControl, ServiceState, State, StateError, StateLock,
-    StateStore, Store, Weights,
+    Deployed, Event, EventLog, FileStore, Release, Revision, SavedControl, ServiceState, State,
+    StateError, StateLock, StateStore, Store, Weights,
 };
 use crate::dataplane::pool::Pool;
 use crate::dataplane::routing::{
@@ -60,6 +60,26 @@ pub enum Command {
     Rollout {
         service: String,
         verb: RolloutVerb,
+        source: Source,
+        actor: Option<String>,
+    },
+    /// Record a new release of a pool (its version, and the endpoints running it) and
+    /// start the service's rollout plan for it (see [`crate::control::release`]).
+    Release {
+        service: String,
+        version: String,
+        /// The pool to release to; the plan's candidate by default.
+        pool: Option<String>,
+        /// The hosts running the new build; the pool's current ones when absent.
+        endpoints: Option<Vec<String>>,
+        source: Source,
+        actor: Option<String>,
+    },
+    /// Go back to an earlier release's endpoints, version and weights in one change.
+    Undo {
+        service: String,
+        /// The history revision to go back to; the previous release by default.
+        to_revision: Option<u64>,
         source: Source,
         actor: Option<String>,
     },
@@ -143,6 +163,13 @@ pub enum ControlError {
     /// Nothing to do (a rollout tick with nothing due).
     #[error("nothing to do")]
     Unchanged,
+    /// A value in the request is not acceptable (a release's version or endpoints).
+    #[error("{0}")]
+    Invalid(String),
+    /// Something a release or undo names that the service does not have (a pool, a
+    /// history revision).
+    #[error("{0}")]
+    NotFound(String),
     /// The change could not be made durable, so it was not applied.
     #[error(
         "state not saved, nothing changed: the state directory does not take writes \
@@ -234,22 +261,31 @@ pub struct ServiceControl {
     /// Set (with the reason) when the SLO guard moved traffic back: the service stays
     /// on its baseline until an operator sets weights or retries.
     pub degraded: Option<String>,
+    /// Pools whose endpoints and version a release set (they override the config's).
+    pub deployed: BTreeMap<String, Deployed>,
+    /// Release history, oldest first (bounded, see [`crate::control::store::MAX_RELEASES`]).
+    pub releases: Vec<Release>,
 }
 
 /// What a command will make of a service, before it is applied.
-struct Planned {
-    weights: Vec<u32>,
-    baseline: Option<String>,
-    degraded: Option<String>,
-    rollout: Option<Rollout>,
-    kind: EventKind,
-    reason: Option<String>,
-    details: Option<serde_json::Value>,
+pub(crate) struct Planned {
+    pub(crate) weights: Vec<u32>,
+    pub(crate) baseline: Option<String>,
+    pub(crate) degraded: Option<String>,
+    pub(crate) rollout: Option<Rollout>,
+    pub(crate) kind: EventKind,
+    pub(crate) reason: Option<String>,
+    pub(crate) details: Option<serde_json::Value>,
+    pub(crate) deployed: BTreeMap<String, Deployed>,
+    pub(crate) releases: Vec<Release>,
+    /// Pools that get a new `Pool` (new endpoints or a new build): fresh endpoint
+    /// state and a fresh window for the guard to judge.
+    pub(crate) rebuild: Vec<String>,
 }
 
 /// Weights with everything on `pool`: it takes the whole current total, so 90:10
 /// becomes 100:0 and shares stay readable.
-fn all_to(current: &ServiceSnapshot, pool: &str) -> Vec<u32> {
+pub(crate) fn all_to(current: &ServiceSnapshot, pool: &str) -> Vec<u32> {
     let total = current.total_weight().min(crate::model::MAX_WEIGHT) as u32;
     current
         .slots()
@@ -260,7 +296,7 @@ fn all_to(current: &ServiceSnapshot, pool: &str) -> Vec<u32> {
 
 /// Weights giving the rollout's candidate `percent` and its stable pool the rest, on
 /// the scale of `PERCENT_SCALE` (0.5% is 50:9950); other pools get nothing.
-fn split(current: &ServiceSnapshot, rollout: &Rollout, percent: f64) -> Vec<u32> {
+pub(crate) fn split(current: &ServiceSnapshot, rollout: &Rollout, percent: f64) -> Vec<u32> {
     let full = 100 * PERCENT_SCALE;
     let candidate = ((percent * f64::from(PERCENT_SCALE)).round() as u32).min(full);
     current
@@ -420,7 +456,15 @@ pub struct Controller {
     unsaved: Mutex<Vec<String>>,
     /// Fleet mode's hooks; unset for a single weir.
     fleet: OnceLock<Arc<dyn FleetHooks>>,
+    /// The version label each pool's `weir_pool_info` series shows, by (service, pool).
+    versions: Mutex<HashMap<(String, String), String>>,
+    /// Applies what a reload changes outside routing (the access log); see
+    /// [`Controller::on_reload`].
+    on_reload: OnceLock<ReloadHook>,
 }
+
+/// Called with every config a reload puts in force.
+type ReloadHook = Box<dyn Fn(&Config) + Send + Sync>;
 
 impl std::fmt::Debug for Controller {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -446,7 +490,7 @@ impl Controller {
             .map(|s| build_service(s, &HashMap::new(), &metrics))
             .collect();
         let (router, writer) = Router::new(RouteTable::new(services));
-        Controller {
+        let controller = Controller {
             router,
             writer,
             clock,
@@ -458,7 +502,19 @@ impl Controller {
             control: RwLock::new(HashMap::new()),
             unsaved: Mutex::new(Vec::new()),
             fleet: OnceLock::new(),
+            versions: Mutex::new(HashMap::new()),
+            on_reload: OnceLock::new(),
+        };
+        for s in &config.services {
+            controller.publish_versions(&s.name, &BTreeMap::new());
         }
+        controller
+    }
+
+    /// Have `hook` called with each config a reload puts in force, after routing has
+    /// changed (once per controller; later calls are ignored).
+    pub fn on_reload(&self, hook: impl Fn(&Config) + Send + Sync + 'static) {
+        let _ = self.on_reload.set(Box::new(hook));
     }
 
     /// Build from a config with durable state in `[state] dir`: weights saved by an
@@ -533,6 +589,8 @@ impl Controller {
             controller.publish_control(&service.name, control);
             controller.writer.publish(&service, Arc::new(snap));
         }
+        // Released pools were built anew: the table's pool list must have them.
+        controller.refresh_table();
 
         // Every check passed: from here on, writes. None of them may stop the start.
         store.started();
@@ -595,6 +653,8 @@ impl Controller {
             controller.publish_control(&service.name, control);
             controller.writer.publish(&service, Arc::new(snap));
         }
+        // Released pools were built anew: the table's pool list must have them.
+        controller.refresh_table();
         *controller.events.write().unwrap_or_else(|p| p.into_inner()) = Some(store.events());
         *controller.write.lock().unwrap_or_else(|p| p.into_inner()) = Some(Persistence {
             applied: 0,
@@ -770,6 +830,7 @@ impl Controller {
             // Else another instance made the same revert first: nothing left to write.
         }
         let mut changed = Vec::new();
+        let mut rebuilt = false;
         for service in table.services() {
             if keep_local.iter().any(|s| **s == *service.name) {
                 continue;
@@ -794,9 +855,17 @@ impl Controller {
                 );
                 continue;
             }
-            match restore(&current, state, &names) {
+            let build = |pool: &str, endpoints: Option<&[String]>| {
+                self.build_pool(&service.name, pool, endpoints)
+            };
+            match restore(&current, &control, state, &names, &build) {
                 Ok((snap, control)) => {
                     let moved = snap.weights() != current.weights();
+                    rebuilt |= snap
+                        .slots()
+                        .iter()
+                        .zip(current.slots())
+                        .any(|(a, b)| !Arc::ptr_eq(&a.pool, &b.pool));
                     self.writer.publish(service, Arc::new(snap));
                     self.publish_control(&service.name, control);
                     if moved {
@@ -809,6 +878,9 @@ impl Controller {
                     service.name
                 ),
             }
+        }
+        if rebuilt {
+            self.refresh_table();
         }
         p.applied = revision;
         p.store.adopted(remote, revision);
@@ -879,6 +951,18 @@ impl Controller {
                 source,
                 actor,
                 ..
+            }
+            | Command::Release {
+                service,
+                source,
+                actor,
+                ..
+            }
+            | Command::Undo {
+                service,
+                source,
+                actor,
+                ..
             } => (service.clone(), *source, actor.clone()),
         };
         let service = table
@@ -888,7 +972,17 @@ impl Controller {
         let current_control = self.service_control(&name);
         let is_rollback = matches!(command, Command::Rollback { .. });
         let change = self.plan(&name, &current, &current_control, command)?;
-        let pools = current.slots().iter().map(|s| s.pool.clone()).collect();
+        let mut pools = Vec::with_capacity(current.slots().len());
+        for slot in current.slots() {
+            pools.push(if change.rebuild.iter().any(|p| p == slot.name()) {
+                let endpoints = change.deployed.get(slot.name()).map(|d| &d.endpoints[..]);
+                self.build_pool(&name, slot.name(), endpoints)
+                    .map_err(ControlError::Invalid)?
+            } else {
+                slot.pool.clone()
+            });
+        }
+        let rebuilt = !change.rebuild.is_empty();
         let next = ServiceSnapshot::new(pools, &change.weights, current.version + 1, source)?
             .with_baseline(
                 change
@@ -901,6 +995,8 @@ impl Controller {
         let next_control = ServiceControl {
             rollout: change.rollout,
             degraded: change.degraded,
+            deployed: change.deployed,
+            releases: change.releases,
         };
         let mut event = Event::new(&name, change.kind, source);
         event.actor = actor;
@@ -946,6 +1042,11 @@ impl Controller {
         // Routing first, then the control state that describes it: a reader who sees
         // a rollout's new step also sees its weights.
         self.writer.publish(service, next.clone());
+        if rebuilt {
+            // The table's flat pool list (what health checks sweep) must hold the new
+            // pools: same services, table built again.
+            self.refresh_table();
+        }
         self.publish_control(&name, next_control);
         if next.weights() != current.weights() {
             self.metrics.weight_changed(&name, source);
@@ -977,8 +1078,12 @@ impl Controller {
             kind: EventKind::WeightsChanged,
             reason: None,
             details: None,
+            deployed: control.deployed.clone(),
+            releases: control.releases.clone(),
+            rebuild: Vec::new(),
         };
         let now = self.clock.now();
+        let before = control.rollout.as_ref().map(|r| r.phase);
         match command {
             Command::SetWeights {
                 weights,
@@ -1094,8 +1199,96 @@ impl Controller {
                 }
                 planned.rollout = Some(transition.rollout);
             }
+            Command::Release {
+                version,
+                pool,
+                endpoints,
+                actor,
+                ..
+            } => {
+                let plan = self.plan_of(name).ok_or_else(|| {
+                    ControlError::Conflict(format!(
+                        "service `{name}`: has no rollout plan to release with: add [service.rollout]"
+                    ))
+                })?;
+                // A release starts a rollout: refused during a freeze (starting one
+                // with `override_freeze` is the way through).
+                self.refuse_if_frozen(name, None, "release")?;
+                let request = crate::control::release::ReleaseRequest {
+                    version,
+                    pool,
+                    endpoints,
+                    actor,
+                };
+                crate::control::release::plan_release(
+                    name,
+                    current,
+                    &plan,
+                    |pool| self.service_config(name, |s| s.pool(pool)?.version.clone()),
+                    request,
+                    now,
+                    &mut planned,
+                )?;
+                self.release_extras(name, current, now, &mut planned);
+                return Ok(planned);
+            }
+            Command::Undo {
+                to_revision, actor, ..
+            } => {
+                crate::control::release::plan_undo(
+                    name,
+                    current,
+                    to_revision,
+                    actor,
+                    now,
+                    &mut planned,
+                )?;
+                return Ok(planned);
+            }
         }
+        crate::control::release::follow_rollout(before, now, &mut planned);
         Ok(planned)
+    }
+
+    /// A new pool `pool` of `service` as the config in force describes it, on
+    /// `endpoints` instead of the config's when given (a release's).
+    fn build_pool(
+        &self,
+        service: &str,
+        pool: &str,
+        endpoints: Option<&[String]>,
+    ) -> Result<Arc<Pool>, String> {
+        let cfg = self
+            .service_config(service, |s| Some(s.clone()))
+            .ok_or_else(|| format!("unknown service `{service}`"))?;
+        let mut pool_cfg = cfg
+            .pool(pool)
+            .cloned()
+            .ok_or_else(|| format!("service `{service}` has no pool `{pool}`"))?;
+        if let Some(endpoints) = endpoints {
+            pool_cfg.endpoints = crate::control::release::parse_endpoints(endpoints)?;
+        }
+        Ok(new_pool(&cfg, &pool_cfg, &self.metrics))
+    }
+
+    /// Build the route table again from the same services, so that its flat pool list
+    /// holds pools a release put in (under the write lock).
+    fn refresh_table(&self) {
+        let services = self.router.table().services().to_vec();
+        self.writer.publish_table(RouteTable::new(services));
+    }
+
+    /// The version label of a pool: a release's, else the config's.
+    pub fn version_of(
+        &self,
+        service: &str,
+        pool: &str,
+        deployed: &BTreeMap<String, Deployed>,
+    ) -> Option<String> {
+        deployed
+            .get(pool)
+            .and_then(|d| d.version.clone())
+            .or_else(|| self.service_config(service, |s| s.pool(pool)?.version.clone()))
     }
 
     fn rollout_transition(
@@ -1195,8 +1388,10 @@ impl Controller {
                 );
                 let blue_green = matches!(plan, RolloutConfig::BlueGreen { .. });
                 Ok(Transition {
+                    // Named as the steps a change enters are, so that applying a first
+                    // percent step at once does not name it a second time.
                     reason: format!(
-                        "{} rollout started: candidate {candidate}, {} step(s), first: {}",
+                        "{} rollout started: candidate {candidate}, {} step(s); step 1: {}",
                         if blue_green { "blue/green" } else { "canary" },
                         rollout.steps.len(),
                         rollout.current_step().map_or("-".into(), |s| s.describe())
@@ -1352,6 +1547,32 @@ impl Controller {
         }
     }
 
+    /// A release's rollout gets the service's webhooks and background analyses too; with
+    /// pre-rollout webhooks it starts over at its first step with no traffic on the
+    /// candidate until they pass.
+    fn release_extras(
+        &self,
+        name: &str,
+        current: &ServiceSnapshot,
+        now: SystemTime,
+        planned: &mut Planned,
+    ) {
+        let Some(r) = planned.rollout.take() else {
+            return;
+        };
+        let r = self.with_extras(name, r, None);
+        if !r.hooks.pre_rollout_pending {
+            planned.rollout = Some(r);
+            return;
+        }
+        let fresh = Evidence::of(current, &r.candidate, None, None);
+        let start = Rollout::start(&r.candidate, &r.stable, r.steps.clone(), now, &fresh);
+        let mut start = self.with_extras(name, start, None);
+        start.started_at = r.started_at;
+        planned.weights = all_to(current, &r.stable);
+        planned.rollout = Some(start);
+    }
+
     /// A new rollout with what the service's config adds to it: webhooks, background
     /// analyses, the freeze override (kept only if a freeze is in force).
     fn with_extras(&self, service: &str, r: Rollout, override_freeze: Option<String>) -> Rollout {
@@ -1396,10 +1617,32 @@ impl Controller {
         if old_config.state != config.state {
             report.needs_restart.push("state".into());
         }
+        if old_config.log.format != config.log.format {
+            report.needs_restart.push("log.format".into());
+        }
         let mut services = Vec::new();
         let mut next_control = HashMap::new();
         for cfg in &config.services {
             let old = old_table.service(&cfg.name);
+            // A released pool keeps its release's endpoints over the config's as long
+            // as the service keeps its pools (documented precedence).
+            let same_pools = old.is_some_and(|old| {
+                let snap = old.snapshot();
+                snap.slots().len() == cfg.pools.len()
+                    && snap
+                        .slots()
+                        .iter()
+                        .zip(&cfg.pools)
+                        .all(|(s, p)| s.name() == p.name)
+            });
+            let released = self.service_control(&cfg.name);
+            let effective;
+            let cfg = if same_pools && !released.deployed.is_empty() {
+                effective = crate::control::release::with_deployed(cfg, &released.deployed);
+                &effective
+            } else {
+                cfg
+            };
             let reuse: HashMap<String, Arc<Pool>> = old
                 .map(|s| {
                     s.snapshot()
@@ -1457,6 +1700,15 @@ impl Controller {
                         self.writer.publish(&fresh, Arc::new(snap));
                         self.metrics.weight_changed(&cfg.name, Source::Config);
                         report.reset.push(cfg.name.clone());
+                        // The config's pools and endpoints from now on; the history
+                        // stays readable.
+                        next_control.insert(
+                            cfg.name.clone(),
+                            ServiceControl {
+                                releases: released.releases,
+                                ..ServiceControl::default()
+                            },
+                        );
                     }
                 }
             }
@@ -1494,6 +1746,14 @@ impl Controller {
             self.publish_control(&cfg.name, control);
         }
         *self.config.lock().unwrap_or_else(|p| p.into_inner()) = InForce::new(config.clone());
+        // Version labels may have changed with the config.
+        for cfg in &config.services {
+            let deployed = self.service_control(&cfg.name).deployed;
+            self.publish_versions(&cfg.name, &deployed);
+        }
+        if let Some(hook) = self.on_reload.get() {
+            hook(config);
+        }
         Ok((report, event))
     }
 
@@ -1637,12 +1897,40 @@ impl Controller {
             .as_ref()
             .map_or((Phase::Idle, 0), |r| (r.phase, r.step));
         self.metrics.rollout(service, phase, step);
+        self.publish_versions(service, &control.deployed);
         self.control
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(service.to_owned(), control);
     }
+
+    /// Put each pool's version label of `service` into `weir_pool_info`, zeroing the
+    /// series of a label that changed.
+    fn publish_versions(&self, service: &str, deployed: &BTreeMap<String, Deployed>) {
+        let Some(pools) = self.service_config(service, |s| {
+            Some(s.pools.iter().map(|p| p.name.clone()).collect::<Vec<_>>())
+        }) else {
+            return;
+        };
+        let mut shown = self.versions.lock().unwrap_or_else(|p| p.into_inner());
+        for pool in pools {
+            let version = self.version_of(service, &pool, deployed);
+            let key = (service.to_owned(), pool);
+            if shown.get(&key) == version.as_ref() {
+                continue;
+            }
+            let previous = shown.remove(&key);
+            if let Some(v) = &version {
+                shown.insert(key.clone(), v.clone());
+            }
+            self.metrics
+                .pool_version(service, &key.1, version.as_deref(), previous.as_deref());
+        }
+    }
 }
+
+/// Builds a service's pool by name, on a release's endpoints or (`None`) the config's.
+type BuildPool<'a> = dyn Fn(&str, Option<&[String]>) -> Result<Arc<Pool>, String> + 'a;
 
 /// A restored snapshot for a service, and its control state.
 type Restored = (Arc<Service>, ServiceSnapshot, ServiceControl);
@@ -1676,7 +1964,10 @@ fn restore_all(controller: &Controller, saved: &State) -> (Vec<Event>, Vec<Resto
             events.push(event);
             continue;
         }
-        match restore(&current, state, &names) {
+        let build = |pool: &str, endpoints: Option<&[String]>| {
+            controller.build_pool(&service.name, pool, endpoints)
+        };
+        match restore(&current, &ServiceControl::default(), state, &names, &build) {
             Ok((snap, control)) => {
                 let mut event =
                     Event::new(&*service.name, EventKind::StateRestored, Source::Startup);
@@ -1720,13 +2011,39 @@ pub fn check_state(config: &Config) -> Vec<String> {
 
 /// The snapshot a service's saved state describes, whose pools are the config's (same
 /// set, checked by the caller), or what is wrong with it.
+///
+/// Pools whose release (endpoints, version) differs from `current_control`'s are built
+/// anew by `build` (on the release's endpoints, or the config's when the release is
+/// gone).
 fn restore(
     current: &ServiceSnapshot,
+    current_control: &ServiceControl,
     state: &ServiceState,
     names: &[&str],
+    build: &BuildPool<'_>,
 ) -> Result<(ServiceSnapshot, ServiceControl), String> {
     let weights: Vec<u32> = names.iter().map(|n| state.weights[*n]).collect();
     let saved = state.control()?;
+    if let Some(pool) = saved.deployed.keys().find(|p| !names.contains(&p.as_str())) {
+        return Err(format!(
+            "saved release of pool `{pool}`: it is not one of its pools [{}]",
+            names.join(", ")
+        ));
+    }
+    let mut pools = Vec::with_capacity(names.len());
+    for slot in current.slots() {
+        let saved_release = saved.deployed.get(slot.name());
+        pools.push(
+            if saved_release != current_control.deployed.get(slot.name()) {
+                let endpoints = saved_release.map(|d| &d.endpoints[..]);
+                build(slot.name(), endpoints).map_err(|e| {
+                    format!("saved release of pool `{}` is invalid: {e}", slot.name())
+                })?
+            } else {
+                slot.pool.clone()
+            },
+        );
+    }
     // A promotion may have moved the baseline; else the config's.
     let baseline = match &saved.baseline {
         None => current.baseline_name().to_owned(),
@@ -1756,20 +2073,23 @@ fn restore(
             state.updated_at
         )
     })?;
-    let snap = ServiceSnapshot::new(
-        current.slots().iter().map(|s| s.pool.clone()).collect(),
-        &weights,
-        state.version,
-        state.updated_by,
-    )
-    .and_then(|s| s.with_baseline(&baseline))
-    .map_err(|e| {
-        format!(
-            "saved weights {} are invalid: {e}",
-            weights_text(&state.weights)
-        )
-    })?;
-    Ok((snap.at(updated_at), ServiceControl { rollout, degraded }))
+    let snap = ServiceSnapshot::new(pools, &weights, state.version, state.updated_by)
+        .and_then(|s| s.with_baseline(&baseline))
+        .map_err(|e| {
+            format!(
+                "saved weights {} are invalid: {e}",
+                weights_text(&state.weights)
+            )
+        })?;
+    Ok((
+        snap.at(updated_at),
+        ServiceControl {
+            rollout,
+            degraded,
+            deployed: saved.deployed,
+            releases: saved.releases,
+        },
+    ))
 }
 
 /// `stable=90 canary=10`, for messages.
@@ -1807,6 +2127,8 @@ fn service_state(s: &ServiceSnapshot, c: &ServiceControl) -> ServiceState {
         baseline: Some(s.baseline_name().to_owned()),
         degraded: c.degraded.clone(),
         rollout: c.rollout.clone(),
+        deployed: c.deployed.clone(),
+        releases: c.releases.clone(),
     });
     state
 }
@@ -1840,11 +2162,10 @@ fn build_service(
         .pools
         .iter()
         .map(|p| {
-            reuse.get(&p.name).cloned().unwrap_or_else(|| {
-                let slo = cfg.slo.clone().unwrap_or_default();
-                let window = Window::new(slo.window, slo.interval);
-                Arc::new(Pool::new(&cfg.name, p, metrics, window))
-            })
+            reuse
+                .get(&p.name)
+                .cloned()
+                .unwrap_or_else(|| new_pool(cfg, p, metrics))
         })
         .collect();
     let last_byte = cfg
@@ -1867,6 +2188,23 @@ fn build_service(
         choice(cfg),
         snapshot,
     ))
+}
+
+/// A new pool of service `cfg` from `p`, judged by the service's settings.
+fn new_pool(
+    cfg: &ServiceConfig,
+    p: &crate::config::PoolConfig,
+    metrics: &Arc<Metrics>,
+) -> Arc<Pool> {
+    let slo = cfg.slo.clone().unwrap_or_default();
+    let window = Window::new(slo.window, slo.interval);
+    let pool = Arc::new(Pool::new(&cfg.name, p, metrics, window));
+    let last_byte = cfg
+        .slo
+        .as_ref()
+        .is_some_and(|s| s.latency == crate::config::LatencyMeasure::LastByte);
+    pool.set_judging(cfg.grpc_failure_codes, last_byte);
+    pool
 }
 
 /// The request-level pool choice settings of a service.

@@ -46,14 +46,58 @@ pub struct GuardStatus {
     pub window: Duration,
     /// Every pool's figures over `window`, in pool order.
     pub pools: Vec<Figures>,
+    /// The time each of `pools` really covers, in pool order: shorter than `window`
+    /// while a pool is new or after a rollback reset its window. A rate is its count
+    /// over this span, never over `window`; `None` before one slice of data.
+    pub spans: Vec<Option<Duration>>,
     /// The last decision on each pool that was judged, in pool order.
     pub decisions: Vec<Decision>,
     /// The baseline is failing too: the guard holds its judgement.
     pub baseline_unhealthy: bool,
 }
 
+/// One judgement of a candidate, as the charts plot it: the figures the guard compared
+/// with the SLO, its confidence bounds, and its verdict.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Mark {
+    pub at: SystemTime,
+    pub verdict: Verdict,
+    /// The candidate's error rate over the judged span (the exposure, or the fast
+    /// window for a loud failure), and its confidence bounds over the exposure.
+    pub error_rate: f64,
+    pub error_bounds: [f64; 2],
+    pub baseline_error_rate: f64,
+    /// The same for the p99, in ms; `None` without latency samples or bound.
+    pub p99_ms: Option<f64>,
+    pub p99_bounds_ms: [Option<f64>; 2],
+    pub baseline_p99_ms: Option<f64>,
+}
+
+impl Mark {
+    fn of(at: SystemTime, j: &Judgement) -> Mark {
+        Mark {
+            at,
+            verdict: j.verdict,
+            error_rate: j.candidate.error_rate,
+            error_bounds: j.candidate_bounds.error_rate,
+            baseline_error_rate: j.baseline.error_rate,
+            p99_ms: j.candidate.p99_ms,
+            p99_bounds_ms: j.candidate_bounds.p99_ms,
+            baseline_p99_ms: j.baseline.p99_ms,
+        }
+    }
+}
+
+/// How far back each candidate's marks reach: the dashboard's longest chart span.
+const MARKS_KEPT: Duration = crate::telemetry::window::HISTORY;
+/// At most this many marks per candidate, whatever the SLO's `interval` (ten minutes
+/// of 100 ms): a bound on the memory a judged pool costs.
+const MAX_MARKS: usize = 6000;
+
 #[derive(Debug, Default)]
 struct PoolWatch {
+    /// The judgements of the last [`MARKS_KEPT`], oldest first.
+    marks: std::collections::VecDeque<Mark>,
     streak: u32,
     /// The mode this run of breaches was already acted on in (dry-run: reported). A
     /// switch to enforce by reload acts on a breach that dry-run only reported.
@@ -70,6 +114,8 @@ struct ServiceWatch {
     baseline_unhealthy: bool,
     /// The weights the current exposure runs under; a change restarts it.
     exposure_weights: Option<Vec<u32>>,
+    /// When a rollback last reset the service's windows: their figures start there.
+    reset_at: Option<Instant>,
 }
 
 /// What an evaluation round wants done (I/O happens outside the lock).
@@ -317,6 +363,14 @@ impl Guard {
                     w.fired = None;
                 }
             }
+            w.marks.push_back(Mark::of(wall, &decision.judgement));
+            while w.marks.len() > MAX_MARKS
+                || w.marks
+                    .front()
+                    .is_some_and(|m| wall.duration_since(m.at).unwrap_or_default() > MARKS_KEPT)
+            {
+                w.marks.pop_front();
+            }
             w.last = Some(decision.clone());
             w.last_at = Some(wall);
             if w.streak >= slo.breaches_to_act && w.fired != Some(slo.mode) {
@@ -370,6 +424,13 @@ impl Guard {
                                 window.reset();
                             }
                         }
+                        let now = self.controller.clock().instant();
+                        self.watches
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .entry(service.clone())
+                            .or_default()
+                            .reset_at = Some(now);
                         if let (Some(event), Some(url)) = (
                             change.event,
                             self.controller.slo(&service).and_then(|s| s.webhook),
@@ -470,6 +531,15 @@ impl Guard {
             .collect();
         let watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
         let watch = watches.get(&*service.name);
+        let now = self.controller.clock().instant();
+        let since_reset = watch
+            .and_then(|w| w.reset_at)
+            .map(|t| now.saturating_duration_since(t));
+        let spans = snapshot
+            .slots()
+            .iter()
+            .map(|slot| covered(slot.pool.window(), window, since_reset))
+            .collect();
         let decisions = snapshot
             .slots()
             .iter()
@@ -480,7 +550,62 @@ impl Guard {
             baseline_unhealthy: watch.is_some_and(|w| w.baseline_unhealthy),
             slo,
             pools,
+            spans,
             decisions,
         }
+    }
+
+    /// The judgements of a service's candidate `pool` made at or after `since`,
+    /// oldest first: what the dashboard charts against the SLO.
+    pub fn marks(&self, service: &str, pool: &str, since: SystemTime) -> Vec<Mark> {
+        let watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
+        watches
+            .get(service)
+            .and_then(|w| w.pools.get(pool))
+            .map(|w| w.marks.iter().filter(|m| m.at >= since).copied().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// The time a pool's window figures over `window` really cover: no more than the
+/// closed slices its history holds (a new pool has few) nor than the time since a
+/// rollback reset it. `None` before one closed slice: no rate can be had from that.
+fn covered(w: &Window, window: Duration, since_reset: Option<Duration>) -> Option<Duration> {
+    let closed = w.series(window).points.len() as u32;
+    let span = (w.slice_len() * closed).min(window);
+    let span = since_reset.map_or(span, |r| span.min(r));
+    (span >= w.slice_len()).then_some(span)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+
+    /// The span a rate is taken over: the closed slices there are, at most the window,
+    /// at most the time since a reset; none before one slice.
+    #[test]
+    fn a_window_covers_its_closed_slices_and_the_time_since_a_reset() {
+        let window = Duration::from_secs(10);
+        let w = Window::new(window, S);
+        let t0 = Instant::now();
+        w.rotate(t0);
+        w.record(false, Duration::from_millis(1));
+        assert_eq!(covered(&w, window, None), None, "no closed slice yet");
+        w.rotate(t0 + S);
+        assert_eq!(covered(&w, window, None), Some(S));
+        for i in 2..=25 {
+            w.record(false, Duration::from_millis(1));
+            w.rotate(t0 + S * i);
+        }
+        assert_eq!(covered(&w, window, None), Some(window));
+        let reset = Duration::from_millis(3500);
+        assert_eq!(covered(&w, window, Some(reset)), Some(reset));
+        assert_eq!(
+            covered(&w, window, Some(Duration::from_millis(200))),
+            None,
+            "less than a slice since the reset"
+        );
     }
 }

@@ -160,11 +160,13 @@ impl Monitor {
 
     async fn record(&self, pool: &Pool, change: &EndpointChange) {
         let address = pool.endpoints()[change.endpoint()].endpoint.to_string();
-        let (kind, reason) = match change {
+        // Who saw it: the active checks (`health`) or live traffic (`outlier`).
+        let (kind, source, reason) = match change {
             EndpointChange::Ejected {
                 failures, duration, ..
             } => (
                 EventKind::EndpointEjected,
+                Source::Outlier,
                 format!(
                     "{address} ejected from {} for {} after {failures} consecutive failures",
                     pool.name,
@@ -173,19 +175,22 @@ impl Monitor {
             ),
             EndpointChange::Returned { .. } => (
                 EventKind::EndpointReturned,
+                Source::Outlier,
                 format!("{address} back in {} after its ejection", pool.name),
             ),
             EndpointChange::Down { why, .. } => (
                 EventKind::EndpointDown,
+                Source::Health,
                 format!("{address} in {} failed its health checks: {why}", pool.name),
             ),
             EndpointChange::Up { .. } => (
                 EventKind::EndpointUp,
+                Source::Health,
                 format!("{address} in {} passes its health checks again", pool.name),
             ),
         };
         tracing::warn!("{reason}");
-        let mut event = Event::new(&*pool.service, kind, Source::Guard);
+        let mut event = Event::new(&*pool.service, kind, source);
         event.reason = Some(reason);
         event.details = serde_json::json!({ "pool": &*pool.name, "endpoint": address });
         let controller = Arc::clone(&self.controller);

@@ -10,6 +10,7 @@ pub(crate) mod freeze;
 pub(crate) mod guard;
 pub(crate) mod health;
 pub mod judge;
+pub(crate) mod release;
 pub(crate) mod rollout;
 pub(crate) mod stats;
 pub(crate) mod store;

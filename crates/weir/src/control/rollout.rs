@@ -601,12 +601,18 @@ impl Rollout {
         }
     }
 
-    /// Apply the percent steps an operator's verb lands on at once, so the answer
-    /// already shows the new weights (the driver would otherwise do it a tick later).
+    /// Apply the percent steps a transition lands on at once, so one change (one
+    /// event, one weight change) both enters a step and sets its share: an operator's
+    /// answer already shows the new weights, and the driver's "timed pause over; step
+    /// 3: 50%" is not followed a tick later by a second "step 3: 50%" event.
     pub fn settle(mut t: Transition, now: SystemTime, evidence: &Evidence) -> Transition {
         while t.rollout.phase == Phase::Progressing
             && matches!(t.rollout.current_step(), Some(Step::Percent(_)))
         {
+            let announced = t
+                .rollout
+                .current_step()
+                .map(|s| format!("step {}: {}", t.rollout.step + 1, s.describe()));
             let Some(next) = t.rollout.tick(now, evidence) else {
                 break;
             };
@@ -616,7 +622,15 @@ impl Rollout {
             if next.kind == EventKind::RolloutPromoted {
                 t.kind = next.kind;
             }
-            t.reason = format!("{}; {}", t.reason, next.reason);
+            // The step was named when it was entered ("…; step 3: 50%"): say only what
+            // applying it added (a promotion), not the step again.
+            match announced.filter(|a| t.reason.ends_with(a.as_str())) {
+                Some(a) => {
+                    let rest = next.reason.strip_prefix(a.as_str()).unwrap_or("");
+                    t.reason.push_str(rest);
+                }
+                None => t.reason = format!("{}; {}", t.reason, next.reason),
+            }
         }
         t
     }
@@ -666,13 +680,15 @@ impl Rollout {
             return next.finish(now, why);
         }
         let desc = next.steps[next.step].describe();
-        Transition {
+        let t = Transition {
             rollout: next,
             percent: None,
             promote_baseline: false,
             kind: EventKind::RolloutStep,
             reason: format!("{why}; step {}: {desc}", self.step + 2),
-        }
+        };
+        // A percent step is applied in the same change that enters it.
+        Rollout::settle(t, now, evidence)
     }
 
     fn finish(&self, now: SystemTime, why: &str) -> Transition {
@@ -848,8 +864,9 @@ mod tests {
         let restored: Rollout = serde_json::from_value(serde_json::to_value(&r).unwrap()).unwrap();
         assert_eq!(restored, r);
         assert!(restored.tick(at(129), &no_evidence()).is_none());
+        // The pause ends into the last step, applied in the same change.
         let t = restored.tick(at(130), &no_evidence()).unwrap();
-        assert_eq!(t.rollout.step, 2);
+        assert_eq!((t.rollout.phase, t.percent), (Phase::Promoted, Some(50.0)));
     }
 
     #[test]
@@ -880,7 +897,7 @@ mod tests {
         // Inconclusive extends the gate.
         assert!(r.tick(at(60), &enough(Verdict::Inconclusive, 59)).is_none());
         let t = r.tick(at(60), &enough(Verdict::Pass, 59)).unwrap();
-        assert_eq!(t.rollout.step, 2);
+        assert_eq!((t.rollout.step, t.percent), (3, Some(50.0)));
         assert!(t.reason.contains("evidence gate passed"), "{}", t.reason);
     }
 
@@ -909,8 +926,9 @@ mod tests {
         assert!(paused.tick(at(2), &no_evidence()).is_none());
         assert!(paused.pause().is_err());
         let r = paused.resume().unwrap().rollout;
+        // Passing the manual pause applies the percent steps after it at once.
         let t = r.promote(false, at(3), &no_evidence()).unwrap();
-        assert_eq!(t.rollout.step, 2);
+        assert_eq!((t.rollout.phase, t.percent), (Phase::Promoted, Some(100.0)));
         let full = r.promote(true, at(3), &no_evidence()).unwrap();
         assert_eq!(
             (full.rollout.phase, full.percent),
@@ -949,13 +967,12 @@ mod tests {
             frozen: None,
         };
         assert!(r.tick(at(500), &ev).is_none(), "before auto_promote_after");
+        // Passing the preview switches all traffic in the same change.
         let t = r.tick(at(601), &ev).unwrap();
-        assert_eq!(t.rollout.step, 1);
-        let t = t.rollout.tick(at(602), &ev).unwrap();
         assert_eq!((t.percent, t.rollout.step), (Some(100.0), 2));
-        assert_eq!(t.rollout.deadline, Some(at(602 + 900)));
+        assert_eq!(t.rollout.deadline, Some(at(601 + 900)));
         assert!(t.rollout.tick(at(1000), &ev).is_none());
-        let t = t.rollout.tick(at(1502), &ev).unwrap();
+        let t = t.rollout.tick(at(1501), &ev).unwrap();
         assert_eq!(t.rollout.phase, Phase::Promoted);
         assert!(t.promote_baseline);
     }
@@ -1040,7 +1057,11 @@ mod tests {
             "{}",
             next.reason
         );
-        assert_eq!(next.rollout.step, 2);
+        // The next step (100%) is entered in the same change, which promotes.
+        assert_eq!(
+            (next.rollout.phase, next.percent),
+            (Phase::Promoted, Some(100.0))
+        );
         // A measurement made for a step that is over is not counted.
         assert!(
             r.measured(at(122), 0, &measurement(Outcome::Pass), &t)
@@ -1184,8 +1205,56 @@ mod tests {
         // The pause's time passes, but the freeze holds the next step.
         assert!(r.tick(at(120), &frozen).is_none());
         assert!(r.waiting_for(at(120), Some(&frozen)).contains("holidays"));
-        assert_eq!(r.tick(at(121), &no_evidence()).unwrap().rollout.step, 2);
+        let thawed = r.tick(at(121), &no_evidence()).unwrap();
+        assert_eq!(thawed.rollout.phase, Phase::Promoted);
         let overriding = r.with_extras(&[], &[], Some("hotfix".into()));
-        assert_eq!(overriding.tick(at(120), &frozen).unwrap().rollout.step, 2);
+        assert_eq!(
+            overriding.tick(at(120), &frozen).unwrap().rollout.phase,
+            Phase::Promoted
+        );
+    }
+
+    /// Every change the driver would make from start to end, and the step each one
+    /// names: one change per step entered, never a second one for the same step.
+    #[test]
+    fn every_step_is_entered_by_one_change_naming_it_once() {
+        let pass = |when| Evidence {
+            candidate_requests: 10_000,
+            verdict: Some((Verdict::Pass, at(when))),
+            needs: None,
+            frozen: None,
+        };
+        let start = canary(vec![
+            Step::Percent(10.0),
+            Step::Pause(Duration::from_secs(60)),
+            Step::Percent(50.0),
+            Step::Gate { min_requests: 0 },
+            Step::Percent(75.0),
+            Step::Pause(Duration::from_secs(60)),
+            Step::Percent(100.0),
+        ]);
+        let mut r = start;
+        let mut changes = Vec::new();
+        for second in 0..1000 {
+            if let Some(t) = r.tick(at(second), &pass(second)) {
+                changes.push((t.percent, t.kind, t.reason.clone()));
+                r = t.rollout;
+            }
+        }
+        let reasons: Vec<&str> = changes.iter().map(|c| c.2.as_str()).collect();
+        assert_eq!(
+            reasons,
+            [
+                "step 1: 10% to the candidate",
+                "timed pause over; step 3: 50% to the candidate",
+                "evidence gate passed; step 5: 75% to the candidate",
+                "timed pause over; step 7: 100% to the candidate; canary is the new baseline",
+            ],
+            "{changes:?}"
+        );
+        let percents: Vec<Option<f64>> = changes.iter().map(|c| c.0).collect();
+        assert_eq!(percents, [Some(10.0), Some(50.0), Some(75.0), Some(100.0)]);
+        assert_eq!(changes[3].1, EventKind::RolloutPromoted);
+        assert_eq!(r.phase, Phase::Promoted);
     }
 }

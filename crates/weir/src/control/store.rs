@@ -84,16 +84,23 @@ impl ServiceState {
             serde_json::Value::Null | serde_json::Value::Object(_) => {}
             other => return Err(format!("saved extension data {other} is not an object")),
         }
+        // A structured field: absent or null is its default.
+        fn decode<T: serde::de::DeserializeOwned + Default>(
+            value: Option<serde_json::Value>,
+            what: &str,
+        ) -> Result<T, String> {
+            match value {
+                None | Some(serde_json::Value::Null) => Ok(T::default()),
+                Some(saved) => serde_json::from_value(saved)
+                    .map_err(|e| format!("saved {what} cannot be read by this weir ({e})")),
+            }
+        }
         Ok(SavedControl {
             baseline: text("baseline", "baseline", "a pool name")?,
             degraded: text("degraded", "`degraded`", "a text")?,
-            rollout: match field("rollout") {
-                None | Some(serde_json::Value::Null) => None,
-                Some(saved) => Some(
-                    serde_json::from_value(saved)
-                        .map_err(|e| format!("saved rollout cannot be read by this weir ({e})"))?,
-                ),
-            },
+            rollout: decode(field("rollout"), "rollout")?,
+            deployed: decode(field("deployed"), "released endpoints (`deployed`)")?,
+            releases: decode(field("releases"), "release history (`releases`)")?,
         })
     }
 
@@ -117,6 +124,83 @@ pub struct SavedControl {
     pub degraded: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<Rollout>,
+    /// Pools whose endpoints and version a release set, overriding the config's.
+    /// Absent in files from before releases: every pool as the config has it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub deployed: BTreeMap<String, Deployed>,
+    /// The service's releases, oldest first, at most [`MAX_RELEASES`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub releases: Vec<Release>,
+}
+
+/// How many releases a service's history keeps; the oldest go first. Revision numbers
+/// keep counting, so `--to-revision` never names a different release than it did.
+pub(crate) const MAX_RELEASES: usize = 50;
+
+/// What a release put on a pool, in place of the config's endpoints and version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deployed {
+    /// `None` for a pool put back on endpoints that had no label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    pub endpoints: Vec<String>,
+}
+
+/// How a release ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReleaseOutcome {
+    Promoted,
+    /// The SLO guard reverted it (the reason says which check).
+    Degraded,
+    Aborted,
+    /// A newer release replaced it while its rollout ran.
+    Superseded,
+    /// A release this weir does not know how to describe (written by a newer one).
+    #[serde(other)]
+    Unknown,
+}
+
+impl ReleaseOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReleaseOutcome::Promoted => "promoted",
+            ReleaseOutcome::Degraded => "degraded",
+            ReleaseOutcome::Aborted => "aborted",
+            ReleaseOutcome::Superseded => "superseded",
+            ReleaseOutcome::Unknown => "unknown",
+        }
+    }
+}
+
+/// One entry of a service's release history: a release, or an undo (which names the
+/// revision it went back to).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Release {
+    /// 1, 2, 3, … per service.
+    pub revision: u64,
+    /// `None` for revision 1 when the pool serving before the first release had no
+    /// version label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    pub pool: String,
+    pub endpoints: Vec<String>,
+    /// The weights in force when it started.
+    pub weights: Weights,
+    /// RFC 3339, see [`timestamp`].
+    pub started_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<String>,
+    /// `None` while its rollout runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<ReleaseOutcome>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+    /// For an undo: the revision whose endpoints and version it put back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub undo_to: Option<u64>,
 }
 
 impl SavedControl {
@@ -1186,6 +1270,57 @@ pub(crate) mod tests {
 
     fn weights(pairs: &[(&str, u32)]) -> Weights {
         pairs.iter().map(|&(p, w)| (p.to_owned(), w)).collect()
+    }
+
+    #[test]
+    fn releases_round_trip_and_older_extension_data_reads_without_them() {
+        let mut state = ServiceState {
+            version: 3,
+            weights: weights(&[("stable", 100), ("canary", 0)]),
+            updated_at: "2025-01-02T03:04:05.678Z".into(),
+            updated_by: Source::Admin,
+            extra: serde_json::json!({"baseline": "stable"}),
+        };
+        // A file from before releases: no released pools, no history.
+        let old = state.control().unwrap();
+        assert!(old.deployed.is_empty() && old.releases.is_empty());
+
+        let mut control = old;
+        control.deployed.insert(
+            "canary".into(),
+            Deployed {
+                version: Some("v2".into()),
+                endpoints: vec!["10.0.0.7:80".into()],
+            },
+        );
+        control.releases.push(Release {
+            revision: 1,
+            version: Some("v2".into()),
+            pool: "canary".into(),
+            endpoints: vec!["10.0.0.7:80".into()],
+            weights: weights(&[("stable", 90), ("canary", 10)]),
+            started_at: "2025-01-02T03:04:05.678Z".into(),
+            ended_at: None,
+            outcome: None,
+            reason: None,
+            actor: Some("alice".into()),
+            undo_to: None,
+        });
+        state.set_control(&control);
+        let text = serde_json::to_string(&state).unwrap();
+        let back: ServiceState = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.control().unwrap(), control);
+        // An outcome a newer weir wrote reads as unknown rather than failing the file.
+        let newer = text.replace("\"actor\":\"alice\"", "\"outcome\":\"paused_forever\"");
+        let back: ServiceState = serde_json::from_str(&newer).unwrap();
+        assert_eq!(
+            back.control().unwrap().releases[0].outcome,
+            Some(ReleaseOutcome::Unknown)
+        );
+        // A history that is not one is named.
+        state.extra["releases"] = serde_json::json!("yesterday");
+        let err = state.control().unwrap_err();
+        assert!(err.contains("release history"), "{err}");
     }
 
     fn sample_state() -> State {

@@ -22,6 +22,7 @@ use crate::dataplane::pool::InflightGuard;
 use crate::model::{
     Blame, ErrorKind, GRPC_UNAVAILABLE, GRPC_UNKNOWN, grpc_from_http, parse_grpc_status,
 };
+use crate::telemetry::access::RequestMeta;
 
 /// The gRPC status header (in trailers, or a trailers-only head).
 pub(crate) static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
@@ -194,6 +195,10 @@ pub(crate) struct Exchange {
     pub(crate) grpc: Option<GrpcState>,
     pub(crate) retried: Option<(usize, ErrorKind)>,
     pub(crate) client_body: Option<BodyWatch>,
+    /// The request's head, for the access log (only while it is on).
+    pub(crate) request: Option<Arc<RequestMeta>>,
+    /// Body bytes passed on so far.
+    pub(crate) sent: u64,
     pub(crate) done: bool,
 }
 
@@ -235,6 +240,8 @@ impl Exchange {
                 latency: self.latency,
                 duration: self.start.elapsed(),
                 retried: self.retried,
+                request: self.request.as_ref(),
+                bytes_sent: Some(self.sent),
             },
         );
     }
@@ -318,6 +325,9 @@ impl Body for ProxyBody {
                         up.exchange.finish(&up.guard, None);
                     }
                     Poll::Ready(Some(Ok(f))) => {
+                        if let Some(data) = f.data_ref() {
+                            up.exchange.sent += data.len() as u64;
+                        }
                         if let (Some(trailers), Some(g)) = (f.trailers_ref(), &mut up.exchange.grpc)
                             && let Some(v) = trailers.get(&GRPC_STATUS)
                         {

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::dataplane::pool::Pool;
+use crate::telemetry::access::RequestMeta;
 
 /// What one request came to.
 #[derive(Debug, Clone)]
@@ -39,6 +40,11 @@ pub struct Outcome<'a> {
     /// endpoint and failure. It counts as an error for the guard and metrics, so a
     /// retry never hides a failing version.
     pub retried: Option<(usize, ErrorKind)>,
+    /// The request's head, kept only while the access log is on.
+    pub request: Option<&'a Arc<RequestMeta>>,
+    /// Response body bytes relayed from the upstream to the client; `None` when weir
+    /// answered itself.
+    pub bytes_sent: Option<u64>,
 }
 
 impl Outcome<'_> {

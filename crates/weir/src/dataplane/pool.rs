@@ -588,6 +588,7 @@ mod tests {
             outlier: OutlierConfig::default(),
             protocol: Default::default(),
             tls: None,
+            version: None,
         };
         Arc::new(Pool::new("s", &cfg, &Metrics::new(), Window::new(S30, S1)))
     }

@@ -34,6 +34,7 @@ use crate::dataplane::pace::{
 use crate::dataplane::pool::{InflightGuard, Pool};
 use crate::dataplane::routing::Router;
 use crate::model::{ErrorKind, GRPC_DEADLINE_EXCEEDED, GRPC_UNAVAILABLE, parse_grpc_status};
+use crate::telemetry::access::{AccessLog, Entry, RequestMeta};
 
 /// Who a request came from, and whether over TLS.
 #[derive(Debug, Clone)]
@@ -65,6 +66,8 @@ pub(crate) struct Proxy {
     upstream_body_timeout: Duration,
     // Shared with every response body in flight: outcomes are recorded when bodies end.
     sinks: Arc<[Arc<dyn OutcomeSink>]>,
+    /// Asked once per request whether to keep the request's head for the access log.
+    access: Arc<AccessLog>,
     limits: Limits,
     /// Set to `true` at the end of the shutdown grace: every open tunnel closes. Each
     /// tunnel holds a receiver, so the sender also tells when none is left.
@@ -98,6 +101,7 @@ impl Proxy {
         config: &ProxyConfig,
         router: Arc<Router>,
         sinks: Vec<Arc<dyn OutcomeSink>>,
+        access: Arc<AccessLog>,
     ) -> Proxy {
         let client = UpstreamClient::new(
             config.connect_timeout,
@@ -110,6 +114,7 @@ impl Proxy {
             request_timeout: config.request_timeout,
             upstream_body_timeout: config.upstream_body_timeout,
             sinks: sinks.into(),
+            access,
             close_tunnels: tokio::sync::watch::channel(false).0,
             limits: Limits {
                 header_read_timeout: config.header_read_timeout,
@@ -310,6 +315,11 @@ impl Proxy {
         // arguments and as moved locals), and this future is built per request.
         async move {
             let start = Instant::now();
+            // The one access-log branch a request pays for while the log is off.
+            let request = self
+                .access
+                .enabled()
+                .then(|| Arc::new(RequestMeta::new(&req, peer.addr, peer.secure)));
             // Refused before any pool is chosen: a malformed request is nobody's upstream
             // failure. Counted with the unrouted requests.
             let host = match check_request(&mut req) {
@@ -318,6 +328,7 @@ impl Proxy {
                     for sink in self.sinks.iter() {
                         sink.unrouted();
                     }
+                    self.log_unrouted(request, resp.status(), start);
                     return resp;
                 }
             };
@@ -329,6 +340,7 @@ impl Proxy {
                     for sink in self.sinks.iter() {
                         sink.unrouted();
                     }
+                    self.log_unrouted(request, StatusCode::NOT_FOUND, start);
                     return local_response(StatusCode::NOT_FOUND, "no service for this host\n");
                 };
                 let snapshot = service.snapshot();
@@ -340,13 +352,14 @@ impl Proxy {
             let call = Call {
                 start,
                 grpc: is_grpc(req.headers()),
+                request,
             };
             // A client that gives up before the answer's head (an h2 reset, a gRPC deadline,
             // a closed connection) drops this future: the guard records that as its abort.
             let abandoned = Abandoned {
                 sinks: &self.sinks,
                 pool: &pool,
-                call,
+                call: call.clone(),
                 armed: true,
             };
             let h1_pool = pool.protocol == UpstreamProtocol::Http1;
@@ -574,6 +587,8 @@ impl Proxy {
             latency,
             duration: latency,
             retried: None,
+            request: call.request.as_ref(),
+            bytes_sent: None,
         });
         let upstream_side = hyper::upgrade::on(&mut resp);
         let idle = self.upstream_body_timeout;
@@ -640,6 +655,8 @@ impl Proxy {
             grpc,
             retried,
             client_body,
+            request: call.request,
+            sent: 0,
             done: false,
         };
         let max_idle = self.client.max_idle();
@@ -700,6 +717,8 @@ impl Proxy {
             latency,
             duration: latency,
             retried,
+            request: call.request.as_ref(),
+            bytes_sent: None,
         });
         match grpc {
             Some(code) => grpc_response(code, error_body(kind, status)),
@@ -709,6 +728,30 @@ impl Proxy {
 
     fn emit(&self, outcome: &Outcome<'_>) {
         emit(&self.sinks, outcome);
+    }
+
+    /// A request answered before any service was chosen, into the access log (when it
+    /// kept the request's head); always logged, like every failure.
+    fn log_unrouted(&self, request: Option<Arc<RequestMeta>>, status: StatusCode, start: Instant) {
+        let Some(request) = request else { return };
+        if !self.access.wants(true) {
+            return;
+        }
+        let elapsed = start.elapsed();
+        self.access.write(Entry {
+            time: crate::model::Clock::now(&crate::model::SystemClock),
+            request,
+            service: None,
+            pool: None,
+            endpoint: None,
+            status: status.as_u16(),
+            grpc: None,
+            error: None,
+            retried: None,
+            headers: elapsed,
+            duration: elapsed,
+            bytes_sent: None,
+        });
     }
 }
 
@@ -744,17 +787,21 @@ impl Drop for Abandoned<'_> {
                 latency,
                 duration: latency,
                 retried: None,
+                request: self.call.request.as_ref(),
+                bytes_sent: None,
             },
         );
     }
 }
 
 /// What the handler knows about a request from its head.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Call {
     start: Instant,
     /// A gRPC call (`content-type: application/grpc…`): its outcome is its gRPC status.
     grpc: bool,
+    /// The head, for the access log (only while it is on).
+    request: Option<Arc<RequestMeta>>,
 }
 static GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 

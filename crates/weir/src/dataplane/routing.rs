@@ -546,6 +546,7 @@ mod tests {
                         outlier: crate::config::OutlierConfig::default(),
                         protocol: Default::default(),
                         tls: None,
+                        version: None,
                     },
                     &crate::telemetry::metrics::Metrics::new(),
                     crate::telemetry::window::Window::new(

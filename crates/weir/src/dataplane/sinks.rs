@@ -9,6 +9,7 @@ use tokio::sync::mpsc;
 use crate::dataplane::outcome::{Outcome, OutcomeSink};
 use crate::dataplane::pool::{EndpointChange, Pool};
 use crate::model::ErrorKind;
+use crate::telemetry::access::{AccessLog, Entry};
 use crate::telemetry::metrics::{Metrics, Observed};
 
 /// Endpoint changes passive ejection makes (and the health task's own), in order.
@@ -60,6 +61,40 @@ impl OutcomeSink for WindowSink {
             o.latency
         };
         o.pool.window().record(o.is_error(), latency);
+    }
+}
+
+/// Feeds the access log: the requests it keeps the head of (only while it is on), as
+/// sampled; failed ones whatever the sample unless told otherwise.
+#[derive(Debug)]
+pub(crate) struct AccessSink(pub(crate) Arc<AccessLog>);
+
+impl OutcomeSink for AccessSink {
+    fn record(&self, o: &Outcome<'_>) {
+        let Some(request) = o.request else { return };
+        if !self
+            .0
+            .wants(o.error.is_some() || o.status >= 500 || o.is_error())
+        {
+            return;
+        }
+        self.0.write(Entry {
+            time: crate::model::Clock::now(&crate::model::SystemClock),
+            request: Arc::clone(request),
+            service: Some(Arc::clone(&o.pool.service)),
+            pool: Some(Arc::clone(&o.pool.name)),
+            endpoint: o
+                .endpoint
+                .and_then(|i| o.pool.endpoints().get(i))
+                .map(|e| e.endpoint.authority.clone()),
+            status: o.status,
+            grpc: o.grpc,
+            error: o.error,
+            retried: o.retried.map(|(_, kind)| kind),
+            headers: o.latency,
+            duration: o.duration,
+            bytes_sent: o.bytes_sent,
+        });
     }
 }
 
@@ -127,6 +162,8 @@ mod tests {
             latency: Duration::from_millis(3),
             duration: Duration::from_millis(5),
             retried: None,
+            request: None,
+            bytes_sent: None,
         }
     }
 
@@ -142,6 +179,7 @@ mod tests {
             outlier: Default::default(),
             protocol: Default::default(),
             tls: None,
+            version: None,
         };
         let window =
             crate::telemetry::window::Window::new(Duration::from_secs(30), Duration::from_secs(1));

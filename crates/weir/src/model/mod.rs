@@ -45,6 +45,11 @@ pub enum Source {
     Rollout,
     Config,
     Startup,
+    /// Active health checks: an endpoint failed them (down) or passes them again (up).
+    Health,
+    /// Passive outlier detection: an endpoint ejected after consecutive failures on
+    /// live traffic, or returned when its ejection ended.
+    Outlier,
 }
 
 impl Source {
@@ -55,6 +60,8 @@ impl Source {
             Source::Rollout => "rollout",
             Source::Config => "config",
             Source::Startup => "startup",
+            Source::Health => "health",
+            Source::Outlier => "outlier",
         }
     }
 }
@@ -441,13 +448,17 @@ pub enum EventKind {
     /// A rollout webhook (pre-rollout, rollout, confirm-promotion, post-rollout) was
     /// called: status, duration, and whether it counted as a pass.
     WebhookCalled,
+    /// A new release of a pool (version, endpoints) started the rollout plan.
+    Released,
+    /// An earlier release's endpoints, version and weights were put back.
+    Undone,
     /// A kind this weir does not know (a journal written by a newer one).
     #[serde(other)]
     Unknown,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 25] = [
+    pub const ALL: [EventKind; 27] = [
         EventKind::WeightsChanged,
         EventKind::RolledBack,
         EventKind::RollbackDryRun,
@@ -473,6 +484,8 @@ impl EventKind {
         EventKind::AnalysisMeasured,
         EventKind::AnalysisFailed,
         EventKind::WebhookCalled,
+        EventKind::Released,
+        EventKind::Undone,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -502,6 +515,8 @@ impl EventKind {
             EventKind::AnalysisMeasured => "analysis_measured",
             EventKind::AnalysisFailed => "analysis_failed",
             EventKind::WebhookCalled => "webhook_called",
+            EventKind::Released => "released",
+            EventKind::Undone => "undone",
             EventKind::Unknown => "unknown",
         }
     }

@@ -41,6 +41,13 @@ pub(crate) const UNROUTED_TOTAL: &str = "weir_unrouted_requests_total";
 pub(crate) const KEEPALIVE_REPLAYS_TOTAL: &str = "weir_keepalive_replays_total";
 pub(crate) const STATE_UNSAVED: &str = "weir_state_unsaved_changes";
 pub(crate) const STATE_WRITABLE: &str = "weir_state_writable";
+pub(crate) const POOL_INFO: &str = "weir_pool_info";
+/// A pool's p99 over the guard's window: the one p99 the API, the dashboard and
+/// `weir ctl` show, set when `/metrics` is rendered.
+pub(crate) const POOL_LATENCY_P99: &str = "weir_pool_latency_p99_seconds";
+/// A service's SLO limits, for the lines Grafana draws beside the figures.
+pub(crate) const SLO_MAX_ERROR_RATE: &str = "weir_slo_max_error_rate";
+pub(crate) const SLO_MAX_P99: &str = "weir_slo_max_p99_seconds";
 
 /// How often the exporter's upkeep drains histogram samples into buckets, so memory
 /// stays bounded however fast requests come.
@@ -231,6 +238,21 @@ impl Metrics {
             None,
             "Rollbacks the SLO guard would have made in dry-run mode, by check.".into(),
         );
+        r.describe_gauge(
+            POOL_LATENCY_P99.into(),
+            Some(Unit::Seconds),
+            "p99 latency over the guard's window (the SLO window, 30 s without one), as the admin API, dashboard and weir ctl show it; NaN without samples.".into(),
+        );
+        r.describe_gauge(
+            SLO_MAX_ERROR_RATE.into(),
+            None,
+            "The service's SLO max_error_rate (0..1), when it sets one.".into(),
+        );
+        r.describe_gauge(
+            SLO_MAX_P99.into(),
+            Some(Unit::Seconds),
+            "The service's SLO max_p99_latency, when it sets one.".into(),
+        );
     }
 
     pub fn counter(&self, name: &'static str, labels: Vec<Label>) -> Counter {
@@ -356,6 +378,40 @@ impl Metrics {
         .set(step as f64);
     }
 
+    /// A pool's version label changed (a release, an undo, a reload): its
+    /// `weir_pool_info{service,pool,version}` series reads 1, the previous label's 0, so
+    /// that a join on it labels any pool series with the version without the request
+    /// path carrying one more label.
+    pub fn pool_version(
+        &self,
+        service: &str,
+        pool: &str,
+        version: Option<&str>,
+        previous: Option<&str>,
+    ) {
+        self.recorder.describe_gauge(
+            POOL_INFO.into(),
+            None,
+            "A pool's version label (1 for the current one, 0 for one it had before).".into(),
+        );
+        let series = |v: &str| {
+            self.gauge(
+                POOL_INFO,
+                vec![
+                    Label::new("service", service.to_owned()),
+                    Label::new("pool", pool.to_owned()),
+                    Label::new("version", v.to_owned()),
+                ],
+            )
+        };
+        if let Some(old) = previous {
+            series(old).set(0.0);
+        }
+        if let Some(v) = version {
+            series(v).set(1.0);
+        }
+    }
+
     /// Count a rollback by the guard, by the check that failed.
     pub fn rollback(&self, service: &str, reason: &'static str) {
         self.counter(
@@ -378,6 +434,31 @@ impl Metrics {
             ],
         )
         .increment(1);
+    }
+
+    /// Publish the figures read from a pool's guard window when `/metrics` is rendered
+    /// (read side only: nothing on the request path): its p99, NaN while the window
+    /// holds no latency.
+    pub fn set_pool_window(&self, service: &str, pool: &str, p99: Option<Duration>) {
+        self.gauge(
+            POOL_LATENCY_P99,
+            vec![
+                Label::new("service", service.to_owned()),
+                Label::new("pool", pool.to_owned()),
+            ],
+        )
+        .set(p99.map_or(f64::NAN, |d| d.as_secs_f64()));
+    }
+
+    /// Publish a service's SLO limits (the ones it sets), for dashboards' lines.
+    pub fn set_slo(&self, service: &str, max_error_rate: Option<f64>, max_p99: Option<Duration>) {
+        let label = || vec![Label::new("service", service.to_owned())];
+        if let Some(rate) = max_error_rate {
+            self.gauge(SLO_MAX_ERROR_RATE, label()).set(rate);
+        }
+        if let Some(p99) = max_p99 {
+            self.gauge(SLO_MAX_P99, label()).set(p99.as_secs_f64());
+        }
     }
 
     /// Count a weight change (cold path: labels built here are fine).

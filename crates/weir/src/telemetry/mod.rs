@@ -1,5 +1,6 @@
 //! Telemetry: what live traffic looked like — per-pool sliding windows and the
-//! Prometheus metrics. Depends on `model` and `config` only.
+//! Prometheus metrics, and the access log. Depends on `model` and `config` only.
 
+pub(crate) mod access;
 pub(crate) mod metrics;
 pub(crate) mod window;
