@@ -176,8 +176,9 @@ async fn a_passing_prometheus_query_promotes() {
         assert_eq!(m["threshold"], ">= 0.99");
         assert!(m["duration_ms"].is_u64(), "{m}");
     }
+    // Passing enters the last step (100%) in the same change: the promotion says why.
     assert!(
-        events.iter().any(|e| e["kind"] == "rollout_step"
+        events.iter().any(|e| e["kind"] == "rollout_promoted"
             && e["reason"]
                 .as_str()
                 .unwrap()
