@@ -224,6 +224,9 @@ pub enum CtlCommand {
         /// Roll out this pool instead of the plan's candidate.
         #[arg(long, value_name = "POOL")]
         candidate: Option<String>,
+        /// Go ahead during a freeze window, for this reason (recorded in the journal).
+        #[arg(long, value_name = "REASON")]
+        override_freeze: Option<String>,
     },
     /// Pass the rollout's current pause or gate, or with --full finish it at once.
     Promote {
@@ -233,6 +236,9 @@ pub enum CtlCommand {
         /// baseline.
         #[arg(long)]
         full: bool,
+        /// Go ahead during a freeze window, for this reason (recorded in the journal).
+        #[arg(long, value_name = "REASON")]
+        override_freeze: Option<String>,
     },
     /// Hold a progressing rollout at its current step.
     Pause {
@@ -253,6 +259,9 @@ pub enum CtlCommand {
     Retry {
         /// The service, as `status` names it.
         service: String,
+        /// Go ahead during a freeze window, for this reason (recorded in the journal).
+        #[arg(long, value_name = "REASON")]
+        override_freeze: Option<String>,
     },
     /// Whether weir is alive (`/healthz`, or `/readyz` with --ready): exit 0 if so.
     /// Needs no token, so container health checks can use it.
@@ -266,12 +275,20 @@ pub enum CtlCommand {
 /// A rollout verb of the admin API, with its body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RolloutAction {
-    Start { candidate: Option<String> },
-    Promote { full: bool },
+    Start {
+        candidate: Option<String>,
+        override_freeze: Option<String>,
+    },
+    Promote {
+        full: bool,
+        override_freeze: Option<String>,
+    },
     Pause,
     Resume,
     Abort,
-    Retry,
+    Retry {
+        override_freeze: Option<String>,
+    },
 }
 
 impl RolloutAction {
@@ -283,7 +300,7 @@ impl RolloutAction {
             RolloutAction::Pause => "pause",
             RolloutAction::Resume => "resume",
             RolloutAction::Abort => "abort",
-            RolloutAction::Retry => "retry",
+            RolloutAction::Retry { .. } => "retry",
         }
     }
 
@@ -291,10 +308,23 @@ impl RolloutAction {
     /// `{}` means the plain verb.
     fn body(&self) -> Value {
         match self {
-            RolloutAction::Start { candidate } => request_json(&api::StartRolloutRequest {
+            RolloutAction::Start {
+                candidate,
+                override_freeze,
+            } => request_json(&api::StartRolloutRequest {
                 candidate: candidate.clone(),
+                override_freeze: override_freeze.clone(),
             }),
-            RolloutAction::Promote { full } => request_json(&api::PromoteRequest { full: *full }),
+            RolloutAction::Promote {
+                full,
+                override_freeze,
+            } => request_json(&api::PromoteRequest {
+                full: *full,
+                override_freeze: override_freeze.clone(),
+            }),
+            RolloutAction::Retry { override_freeze } => request_json(&api::RetryRequest {
+                override_freeze: override_freeze.clone(),
+            }),
             _ => request_json(&api::EmptyRequest {}),
         }
     }
@@ -1206,14 +1236,26 @@ async fn dispatch(
             }
             Ok(write_fleet(out, &reply.doc()?, true)?)
         }
-        CtlCommand::Rollout { service, candidate } => {
+        CtlCommand::Rollout {
+            service,
+            candidate,
+            override_freeze,
+        } => {
             let action = RolloutAction::Start {
                 candidate: candidate.clone(),
+                override_freeze: override_freeze.clone(),
             };
             rollout(client, service, &action, json, out).await
         }
-        CtlCommand::Promote { service, full } => {
-            let action = RolloutAction::Promote { full: *full };
+        CtlCommand::Promote {
+            service,
+            full,
+            override_freeze,
+        } => {
+            let action = RolloutAction::Promote {
+                full: *full,
+                override_freeze: override_freeze.clone(),
+            };
             rollout(client, service, &action, json, out).await
         }
         CtlCommand::Pause { service } => {
@@ -1225,8 +1267,14 @@ async fn dispatch(
         CtlCommand::Abort { service } => {
             rollout(client, service, &RolloutAction::Abort, json, out).await
         }
-        CtlCommand::Retry { service } => {
-            rollout(client, service, &RolloutAction::Retry, json, out).await
+        CtlCommand::Retry {
+            service,
+            override_freeze,
+        } => {
+            let action = RolloutAction::Retry {
+                override_freeze: override_freeze.clone(),
+            };
+            rollout(client, service, &action, json, out).await
         }
     }
 }
@@ -1479,6 +1527,7 @@ fn write_view(out: &mut impl Write, services: &[ServiceDoc], traffic: Traffic) -
         // The guard's live window per pool, matched by name.
         let live = |pool: &str| s.guard.pools.iter().find(|p| p.pool == pool);
         notes.extend(rollout_line(s));
+        notes.extend(freeze_line(s));
         notes.extend(releases::versions_line(s));
         notes.extend(guard_notes(s));
         for p in &s.pools {
@@ -1606,6 +1655,15 @@ pub fn rollout_line(s: &ServiceDoc) -> Option<String> {
         // Told apart above: an idle rollout shows the plan instead.
         Phase::Idle => format!("{name}: rollout idle, {step}"),
     })
+}
+
+/// A freeze window in force: no rollout starts or advances until it ends.
+fn freeze_line(s: &ServiceDoc) -> Option<String> {
+    let f = s.freeze.as_ref()?;
+    Some(format!(
+        "{}: FROZEN until {} ({}); rollout verbs need --override-freeze \"reason\"",
+        s.name, f.until, f.reason
+    ))
 }
 
 /// `72.4` → `1m 12s`: a person reads a step's age, nobody needs the fraction.
@@ -1864,6 +1922,23 @@ mod tests {
     }
 
     #[test]
+    fn a_frozen_service_says_until_when_and_how_to_override() {
+        let mut doc = service_json(json!({"phase": "idle"}), Value::Null);
+        assert_eq!(
+            freeze_line(&serde_json::from_value(doc.clone()).unwrap()),
+            None
+        );
+        doc["freeze"] = json!({"reason": "holidays", "until": "2026-12-27T00:00:00.000Z"});
+        assert_eq!(
+            freeze_line(&serde_json::from_value(doc).unwrap()).as_deref(),
+            Some(
+                "shop: FROZEN until 2026-12-27T00:00:00.000Z (holidays); rollout verbs need \
+                 --override-freeze \"reason\""
+            )
+        );
+    }
+
+    #[test]
     fn rollout_line_words_every_phase() {
         let plan = json!({"strategy": "canary", "candidate": "canary", "steps": ["a", "b"]});
         let line = |rollout: Value| rollout_line(&service(rollout, plan.clone()));
@@ -1960,22 +2035,44 @@ mod tests {
     #[test]
     fn rollout_actions_send_only_what_differs_from_the_default() {
         // The bodies are the API's request types.
-        let start = RolloutAction::Start { candidate: None };
+        let start = RolloutAction::Start {
+            candidate: None,
+            override_freeze: None,
+        };
         assert_eq!((start.verb(), start.body()), ("rollout", json!({})));
         let named = RolloutAction::Start {
             candidate: Some("green".into()),
+            override_freeze: None,
         };
         assert_eq!(named.body(), json!({"candidate": "green"}));
-        assert_eq!(RolloutAction::Promote { full: false }.body(), json!({}));
+        let frozen = RolloutAction::Start {
+            candidate: None,
+            override_freeze: Some("hotfix".into()),
+        };
+        assert_eq!(frozen.body(), json!({"override_freeze": "hotfix"}));
+        let promote = |full| RolloutAction::Promote {
+            full,
+            override_freeze: None,
+        };
+        assert_eq!(promote(false).body(), json!({}));
+        assert_eq!(promote(true).body(), json!({"full": true}));
+        let retry = RolloutAction::Retry {
+            override_freeze: Some("hotfix".into()),
+        };
         assert_eq!(
-            RolloutAction::Promote { full: true }.body(),
-            json!({"full": true})
+            (retry.verb(), retry.body()),
+            ("retry", json!({"override_freeze": "hotfix"}))
         );
         for (action, verb) in [
             (RolloutAction::Pause, "pause"),
             (RolloutAction::Resume, "resume"),
             (RolloutAction::Abort, "abort"),
-            (RolloutAction::Retry, "retry"),
+            (
+                RolloutAction::Retry {
+                    override_freeze: None,
+                },
+                "retry",
+            ),
         ] {
             assert_eq!((action.verb(), action.body()), (verb, json!({})));
         }

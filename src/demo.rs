@@ -140,7 +140,10 @@ pub async fn run(opts: DemoOptions, out: &mut (impl Write + Send)) -> Result<()>
     weir.controller()
         .apply(Command::Rollout {
             service: "demo".into(),
-            verb: RolloutVerb::Start { candidate: None },
+            verb: RolloutVerb::Start {
+                candidate: None,
+                override_freeze: None,
+            },
             source: Source::Admin,
             actor: Some("demo".into()),
         })

@@ -665,3 +665,77 @@ pub fn refused_addr() -> (SocketAddr, socket2::Socket) {
     let addr = socket.local_addr().unwrap().as_socket().unwrap();
     (addr, socket)
 }
+
+/// A program on the PATH, or a failed test that says how to install it.
+pub fn tool(name: &str) -> String {
+    let found = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|d| d.join(name))
+        .find(|p| p.is_file());
+    match found {
+        Some(p) => p.display().to_string(),
+        None => panic!(
+            "`{name}` is not installed: run scripts/test.sh, which installs Debian's prometheus package"
+        ),
+    }
+}
+
+/// A real Prometheus server scraping a weir; killed when dropped.
+pub struct Prometheus {
+    child: std::process::Child,
+    pub addr: SocketAddr,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Start Prometheus (Debian's package) scraping `target` every second; returns once
+/// it is ready.
+pub async fn start_prometheus(target: SocketAddr) -> Prometheus {
+    let dir = temp_dir("prometheus");
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: weir\n    static_configs:\n      - targets: ['{target}']\n"
+        ),
+    )
+    .unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let child = std::process::Command::new(tool("prometheus"))
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address={addr}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("prometheus.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let p = Prometheus { child, addr };
+    let c = client();
+    let ready = wait_until(Duration::from_secs(30), || {
+        let c = c.clone();
+        async move {
+            let req = Request::get(format!("http://{addr}/-/ready"))
+                .body(empty())
+                .unwrap();
+            matches!(c.request(req).await, Ok(r) if r.status() == StatusCode::OK)
+        }
+    })
+    .await;
+    assert!(
+        ready,
+        "prometheus did not become ready (log in {})",
+        dir.display()
+    );
+    p
+}

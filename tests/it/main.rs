@@ -10,6 +10,7 @@
 mod common;
 
 mod admin;
+mod analysis;
 mod binary;
 mod ctl;
 mod dashboard;

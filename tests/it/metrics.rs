@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -12,18 +12,6 @@ use crate::common::*;
 use http::{Request, StatusCode};
 use serde_json::Value;
 use weir_testkit::Faults;
-
-fn tool(name: &str) -> String {
-    let found = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-        .map(|d| d.join(name))
-        .find(|p| p.is_file());
-    match found {
-        Some(p) => p.display().to_string(),
-        None => panic!(
-            "`{name}` is not installed: run scripts/test.sh, which installs Debian's prometheus package"
-        ),
-    }
-}
 
 async fn scrape(admin: SocketAddr) -> String {
     let a = get(&client(), admin, "localhost", "/metrics").await;
@@ -156,64 +144,6 @@ async fn metrics_can_require_the_token() {
         .body(empty())
         .unwrap();
     assert_eq!(send(&c, req).await.status, StatusCode::OK);
-}
-
-struct Prometheus {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn start_prometheus(target: SocketAddr) -> Prometheus {
-    let dir = temp_dir("prometheus");
-    let config = dir.join("prometheus.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: weir\n    static_configs:\n      - targets: ['{target}']\n"
-        ),
-    )
-    .unwrap();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let child = Command::new(tool("prometheus"))
-        .arg(format!("--config.file={}", config.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.join("data").display()
-        ))
-        .arg(format!("--web.listen-address={addr}"))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("prometheus.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let p = Prometheus { child, addr };
-    let c = client();
-    let ready = wait_until(Duration::from_secs(30), || {
-        let c = c.clone();
-        async move {
-            let req = Request::get(format!("http://{addr}/-/ready"))
-                .body(empty())
-                .unwrap();
-            matches!(c.request(req).await, Ok(r) if r.status() == StatusCode::OK)
-        }
-    })
-    .await;
-    assert!(
-        ready,
-        "prometheus did not become ready (log in {})",
-        dir.display()
-    );
-    p
 }
 
 /// One series of an instant query's answer: its labels and value.

@@ -29,6 +29,8 @@ pub struct Config {
     /// on etcd. `None`: a single weir with its state in `[state] dir`.
     pub fleet: Option<FleetConfig>,
     pub services: Vec<ServiceConfig>,
+    /// `[[freeze]]`: windows in which no rollout of any service starts or advances.
+    pub freeze: Vec<FreezeWindow>,
     /// `[log]`: the log format and the access log.
     pub log: LogConfig,
 }
@@ -211,6 +213,188 @@ pub struct ServiceConfig {
     /// gRPC status codes that count as a failure of the pool, one bit per code
     /// (`grpc_failure_codes`; default [`crate::model::GRPC_DEFAULT_FAILURES`]).
     pub grpc_failure_codes: u32,
+    /// `[[service.analysis]]`: named Prometheus checks that steps and the whole
+    /// rollout can run.
+    pub analysis: Vec<AnalysisTemplate>,
+    /// `[service.rollout] analysis = [...]`: templates measured all through a rollout
+    /// (Argo's background analysis); a failure ends it degraded.
+    pub background_analysis: Vec<String>,
+    /// `[[service.rollout.webhooks]]`, in file order.
+    pub webhooks: Vec<HookConfig>,
+    /// `[service.slo] analysis = [...]`: templates the guard measures on any candidate
+    /// pool that has traffic, rollout or not; a failure past the limit is a revert.
+    pub guard_analysis: Vec<String>,
+    /// `[[service.freeze]]`: this service's own freeze windows (besides the global ones).
+    pub freeze: Vec<FreezeWindow>,
+}
+
+impl ServiceConfig {
+    /// The analysis template called `name`.
+    pub fn analysis_template(&self, name: &str) -> Option<&AnalysisTemplate> {
+        self.analysis.iter().find(|t| t.name == name)
+    }
+
+    /// The webhooks of one kind, in file order.
+    pub fn hooks(&self, kind: HookKind) -> impl Iterator<Item = &HookConfig> {
+        self.webhooks.iter().filter(move |h| h.kind == kind)
+    }
+}
+
+/// `[[service.analysis]]`: a Prometheus instant query and what its value must be
+/// (Argo's AnalysisTemplate, Flagger's metric template).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnalysisTemplate {
+    pub name: String,
+    /// Prometheus base URL (`http://host:9090`); the query goes to `/api/v1/query`.
+    pub prometheus: String,
+    /// PromQL; `{{service}}`, `{{candidate}}` and `{{stable}}` are replaced first.
+    pub query: String,
+    pub success: Threshold,
+    /// Time between measurements (the first is one interval after the step begins, so
+    /// the candidate has served traffic by then).
+    pub interval: Duration,
+    /// Measurements a step needs; a background analysis measures until the rollout ends.
+    pub count: u32,
+    /// Failed measurements (or errors) tolerated; one more fails the analysis.
+    pub failure_limit: u32,
+    pub no_data: NoData,
+    /// Longest wait for Prometheus' answer; past it the measurement is an error.
+    pub timeout: Duration,
+}
+
+/// What a measurement's value must satisfy: `">= 0.99"`, `"< 0.5"`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Threshold {
+    pub op: Comparison,
+    pub value: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Comparison {
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+impl Threshold {
+    pub fn parse(s: &str) -> Result<Threshold, String> {
+        let s = s.trim();
+        let (op, rest) = if let Some(r) = s.strip_prefix(">=") {
+            (Comparison::Ge, r)
+        } else if let Some(r) = s.strip_prefix("<=") {
+            (Comparison::Le, r)
+        } else if let Some(r) = s.strip_prefix('>') {
+            (Comparison::Gt, r)
+        } else if let Some(r) = s.strip_prefix('<') {
+            (Comparison::Lt, r)
+        } else {
+            return Err(format!(
+                "`{s}`: write a comparison and a number, e.g. \">= 0.99\" or \"< 0.5\""
+            ));
+        };
+        let value: f64 = rest
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{s}`: `{}` is not a number", rest.trim()))?;
+        if !value.is_finite() {
+            return Err(format!("`{s}`: the number must be finite"));
+        }
+        Ok(Threshold { op, value })
+    }
+
+    pub fn holds(&self, v: f64) -> bool {
+        match self.op {
+            Comparison::Lt => v < self.value,
+            Comparison::Le => v <= self.value,
+            Comparison::Gt => v > self.value,
+            Comparison::Ge => v >= self.value,
+        }
+    }
+}
+
+impl fmt::Display for Threshold {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let op = match self.op {
+            Comparison::Lt => "<",
+            Comparison::Le => "<=",
+            Comparison::Gt => ">",
+            Comparison::Ge => ">=",
+        };
+        write!(f, "{op} {}", self.value)
+    }
+}
+
+/// What a query that returns no sample counts as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoData {
+    Fail,
+    Pass,
+    /// Neither: measured again at the next interval, not counted.
+    Inconclusive,
+}
+
+/// When a rollout webhook is called (Flagger's webhook types).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HookKind {
+    /// Before the candidate gets any traffic: a failure aborts the rollout.
+    PreRollout,
+    /// With every analysis measurement (a load test): a failure counts as a failed
+    /// measurement.
+    Rollout,
+    /// Before promotion: anything but 2xx holds the rollout until it answers 2xx.
+    ConfirmPromotion,
+    /// After the rollout ended (promoted, aborted, degraded): recorded only.
+    PostRollout,
+}
+
+impl HookKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HookKind::PreRollout => "pre-rollout",
+            HookKind::Rollout => "rollout",
+            HookKind::ConfirmPromotion => "confirm-promotion",
+            HookKind::PostRollout => "post-rollout",
+        }
+    }
+}
+
+/// `[[service.rollout.webhooks]]`: an HTTP endpoint weir POSTs JSON to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HookConfig {
+    /// Names it in events (default: the kind and its position).
+    pub name: String,
+    pub kind: HookKind,
+    pub url: String,
+    pub timeout: Duration,
+    /// Sent as `metadata` in the body.
+    pub metadata: IndexMap<String, String>,
+}
+
+/// A period in which rollouts neither start nor advance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FreezeWindow {
+    /// Shown in refusals and status.
+    pub reason: String,
+    pub when: FreezeTime,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum FreezeTime {
+    /// From `start` (inclusive) to `end` (exclusive).
+    Absolute {
+        start: std::time::SystemTime,
+        end: std::time::SystemTime,
+    },
+    /// Every week on `days` (0 = Monday), from `from` to `to` minutes after midnight in
+    /// a fixed UTC offset (`to` may be 1440, the end of the day).
+    Weekly {
+        days: [bool; 7],
+        from: u32,
+        to: u32,
+        offset_secs: i32,
+    },
 }
 
 /// A service's rollout plan.
@@ -780,6 +964,8 @@ struct RawConfig {
     #[serde(default, rename = "service")]
     services: Vec<RawService>,
     #[serde(default)]
+    freeze: Vec<Spanned<RawFreeze>>,
+    #[serde(default)]
     log: RawLog,
 }
 
@@ -788,6 +974,43 @@ struct RawConfig {
 struct RawLog {
     format: Option<Spanned<String>>,
     access: Option<RawAccessLog>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFreeze {
+    reason: Option<String>,
+    start: Option<String>,
+    end: Option<String>,
+    days: Option<Vec<String>>,
+    from: Option<String>,
+    to: Option<String>,
+    timezone: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAnalysis {
+    name: Spanned<String>,
+    prometheus: Spanned<String>,
+    query: Spanned<String>,
+    success: Spanned<String>,
+    interval: Option<Spanned<String>>,
+    count: Option<Spanned<i64>>,
+    failure_limit: Option<Spanned<i64>>,
+    no_data: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHook {
+    name: Option<String>,
+    kind: Spanned<String>,
+    url: Spanned<String>,
+    timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    metadata: IndexMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -882,6 +1105,10 @@ struct RawService {
     strategy: Option<Spanned<String>>,
     rollout: Option<Spanned<RawRollout>>,
     grpc_failure_codes: Option<Spanned<Vec<Spanned<RawGrpcCode>>>>,
+    #[serde(default)]
+    analysis: Vec<Spanned<RawAnalysis>>,
+    #[serde(default)]
+    freeze: Vec<Spanned<RawFreeze>>,
 }
 
 /// A gRPC status code in config: its name (`"UNAVAILABLE"`, any case) or number.
@@ -900,6 +1127,9 @@ struct RawRollout {
     auto_promote_after: Option<Spanned<String>>,
     gate: Option<Spanned<RawGate>>,
     rollback_window: Option<Spanned<String>>,
+    analysis: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    webhooks: Vec<Spanned<RawHook>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -908,6 +1138,7 @@ struct RawStep {
     percent: Option<f64>,
     pause: Option<String>,
     gate: Option<RawGate>,
+    analysis: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -949,6 +1180,7 @@ struct RawSlo {
     webhook: Option<Spanned<String>>,
     latency: Option<LatencyMeasure>,
     alpha: Option<Spanned<f64>>,
+    analysis: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1066,6 +1298,7 @@ impl Validator<'_> {
         }
         let fleet = raw.fleet.as_ref().map(|f| self.fleet(f));
         let services = self.services(raw.services);
+        let freeze = self.freeze_windows("freeze", &raw.freeze);
         let log = self.log(raw.log);
         Config {
             proxy,
@@ -1073,6 +1306,7 @@ impl Validator<'_> {
             state,
             fleet,
             services,
+            freeze,
             log,
         }
     }
@@ -1501,7 +1735,17 @@ impl Validator<'_> {
             let sticky = rs.sticky.as_ref().and_then(|raw| self.sticky(&key, raw));
             let rollout = self.rollout(&key, &rs, slo.is_some());
             let grpc_failure_codes = self.grpc_codes(&key, rs.grpc_failure_codes.as_ref());
+            let analysis = self.analysis_templates(&key, &rs.analysis);
+            let (background_analysis, webhooks) =
+                self.rollout_extras(&key, &rs, rollout.as_ref(), &analysis);
+            let freeze = self.freeze_windows(&format!("{key}.freeze"), &rs.freeze);
+            let guard_analysis = self.guard_analysis(&key, &rs, &analysis);
             out.push(ServiceConfig {
+                guard_analysis,
+                analysis,
+                background_analysis,
+                webhooks,
+                freeze,
                 rollout,
                 grpc_failure_codes,
                 name,
@@ -1983,15 +2227,35 @@ impl Validator<'_> {
         for (i, st) in raw_steps.get_ref().iter().enumerate() {
             let skey = format!("{rkey}.steps[{i}]");
             let s = st.get_ref();
-            let set = [s.percent.is_some(), s.pause.is_some(), s.gate.is_some()]
-                .iter()
-                .filter(|b| **b)
-                .count();
+            let set = [
+                s.percent.is_some(),
+                s.pause.is_some(),
+                s.gate.is_some(),
+                s.analysis.is_some(),
+            ]
+            .iter()
+            .filter(|b| **b)
+            .count();
             if set != 1 {
-                self.problem(skey, st, "a step is exactly one of { percent = N }, { pause = \"2m\" | \"manual\" }, { gate = { min_requests = N } }");
+                self.problem(skey, st, "a step is exactly one of { percent = N }, { pause = \"2m\" | \"manual\" }, { gate = { min_requests = N } }, { analysis = \"template\" }");
                 continue;
             }
-            if let Some(p) = s.percent {
+            if let Some(template) = &s.analysis {
+                let known = rs
+                    .analysis
+                    .iter()
+                    .any(|t| t.get_ref().name.get_ref() == template);
+                if !known {
+                    self.problem(
+                        format!("{skey}.analysis"),
+                        st,
+                        format!("`{template}` is not a [[service.analysis]] name of this service"),
+                    );
+                }
+                steps.push(Step::Analysis {
+                    template: template.clone(),
+                });
+            } else if let Some(p) = s.percent {
                 if !(p > 0.0 && p <= 100.0) {
                     self.problem(
                         format!("{skey}.percent"),
@@ -2036,6 +2300,245 @@ impl Validator<'_> {
             }
         }
         Some(RolloutConfig::Canary { candidate, steps })
+    }
+
+    /// `[[service.analysis]]` templates, checked whole.
+    fn analysis_templates(
+        &mut self,
+        key: &str,
+        raw: &[Spanned<RawAnalysis>],
+    ) -> Vec<AnalysisTemplate> {
+        let mut out: Vec<AnalysisTemplate> = Vec::new();
+        for (i, at) in raw.iter().enumerate() {
+            let a = at.get_ref();
+            let name = a.name.get_ref().clone();
+            let akey = format!("{key}.analysis[{i}]");
+            if let Err(msg) = check_name(&name) {
+                self.problem(format!("{akey}.name"), &a.name, msg);
+            }
+            if out.iter().any(|t| t.name == name) {
+                self.problem(
+                    format!("{akey}.name"),
+                    &a.name,
+                    format!("`{name}` names two analysis templates"),
+                );
+            }
+            let prometheus = a
+                .prometheus
+                .get_ref()
+                .trim()
+                .trim_end_matches('/')
+                .to_owned();
+            if !prometheus.starts_with("http://") || prometheus.parse::<http::Uri>().is_err() {
+                self.problem(
+                    format!("{akey}.prometheus"),
+                    &a.prometheus,
+                    format!("`{prometheus}` is not an http:// URL of a Prometheus server"),
+                );
+            }
+            if a.query.get_ref().trim().is_empty() {
+                self.problem(format!("{akey}.query"), &a.query, "must not be empty");
+            }
+            let success = match Threshold::parse(a.success.get_ref()) {
+                Ok(t) => t,
+                Err(msg) => {
+                    self.problem(format!("{akey}.success"), &a.success, msg);
+                    Threshold {
+                        op: Comparison::Ge,
+                        value: 0.0,
+                    }
+                }
+            };
+            let interval = self.duration(
+                &format!("{akey}.interval"),
+                a.interval.as_ref(),
+                Duration::from_secs(30),
+            );
+            if let (Some(at), true) = (&a.interval, interval.is_zero()) {
+                self.problem(format!("{akey}.interval"), at, "must be above zero");
+            }
+            let timeout = self.duration(
+                &format!("{akey}.timeout"),
+                a.timeout.as_ref(),
+                Duration::from_secs(5),
+            );
+            if let (Some(at), true) = (&a.timeout, timeout.is_zero()) {
+                self.problem(format!("{akey}.timeout"), at, "must be above zero");
+            }
+            let count = match &a.count {
+                None => 3,
+                Some(c) if (1..=10_000).contains(c.get_ref()) => *c.get_ref() as u32,
+                Some(c) => {
+                    self.problem(
+                        format!("{akey}.count"),
+                        c,
+                        "must be between 1 and 10000 measurements",
+                    );
+                    1
+                }
+            };
+            let failure_limit = match &a.failure_limit {
+                None => 0,
+                Some(c) if (0..=10_000).contains(c.get_ref()) => *c.get_ref() as u32,
+                Some(c) => {
+                    self.problem(
+                        format!("{akey}.failure_limit"),
+                        c,
+                        "must be between 0 and 10000",
+                    );
+                    0
+                }
+            };
+            let no_data = match a.no_data.as_ref().map(|n| (n, n.get_ref().as_str())) {
+                None | Some((_, "fail")) => NoData::Fail,
+                Some((_, "pass")) => NoData::Pass,
+                Some((_, "inconclusive")) => NoData::Inconclusive,
+                Some((n, other)) => {
+                    self.problem(
+                        format!("{akey}.no_data"),
+                        n,
+                        format!("`{other}`: use \"fail\", \"pass\" or \"inconclusive\""),
+                    );
+                    NoData::Fail
+                }
+            };
+            out.push(AnalysisTemplate {
+                name,
+                prometheus,
+                query: a.query.get_ref().clone(),
+                success,
+                interval,
+                count,
+                failure_limit,
+                no_data,
+                timeout,
+            });
+        }
+        out
+    }
+
+    /// `[service.rollout] analysis` and `[[service.rollout.webhooks]]`, for either
+    /// strategy.
+    fn rollout_extras(
+        &mut self,
+        key: &str,
+        rs: &RawService,
+        plan: Option<&RolloutConfig>,
+        templates: &[AnalysisTemplate],
+    ) -> (Vec<String>, Vec<HookConfig>) {
+        let (Some(raw), Some(_)) = (&rs.rollout, plan) else {
+            return (Vec::new(), Vec::new());
+        };
+        let rkey = format!("{key}.rollout");
+        let r = raw.get_ref();
+        let mut background = Vec::new();
+        if let Some(list) = &r.analysis {
+            for name in list.get_ref() {
+                if templates.iter().any(|t| &t.name == name) {
+                    background.push(name.clone());
+                } else {
+                    self.problem(
+                        format!("{rkey}.analysis"),
+                        list,
+                        format!("`{name}` is not a [[service.analysis]] name of this service"),
+                    );
+                }
+            }
+        }
+        let mut hooks: Vec<HookConfig> = Vec::new();
+        for (i, h) in r.webhooks.iter().enumerate() {
+            let hkey = format!("{rkey}.webhooks[{i}]");
+            let w = h.get_ref();
+            let kind = match w.kind.get_ref().as_str() {
+                "pre-rollout" => HookKind::PreRollout,
+                "rollout" => HookKind::Rollout,
+                "confirm-promotion" => HookKind::ConfirmPromotion,
+                "post-rollout" => HookKind::PostRollout,
+                other => {
+                    self.problem(
+                        format!("{hkey}.kind"),
+                        &w.kind,
+                        format!(
+                            "`{other}`: use \"pre-rollout\", \"rollout\", \"confirm-promotion\" or \"post-rollout\""
+                        ),
+                    );
+                    continue;
+                }
+            };
+            let url = w.url.get_ref().trim().to_owned();
+            if !url.starts_with("http://") || url.parse::<http::Uri>().is_err() {
+                self.problem(
+                    format!("{hkey}.url"),
+                    &w.url,
+                    format!("`{url}` is not an http:// URL"),
+                );
+            }
+            let timeout = self.duration(
+                &format!("{hkey}.timeout"),
+                w.timeout.as_ref(),
+                Duration::from_secs(10),
+            );
+            if let (Some(at), true) = (&w.timeout, timeout.is_zero()) {
+                self.problem(format!("{hkey}.timeout"), at, "must be above zero");
+            }
+            let name = w
+                .name
+                .clone()
+                .unwrap_or_else(|| format!("{}#{}", kind.as_str(), i + 1));
+            if hooks.iter().any(|o| o.name == name) {
+                self.problem(
+                    format!("{hkey}.name"),
+                    h,
+                    format!("`{name}` names two webhooks"),
+                );
+            }
+            hooks.push(HookConfig {
+                name,
+                kind,
+                url,
+                timeout,
+                metadata: w.metadata.clone(),
+            });
+        }
+        (background, hooks)
+    }
+
+    /// `[service.slo] analysis`: names of this service's templates.
+    fn guard_analysis(
+        &mut self,
+        key: &str,
+        rs: &RawService,
+        templates: &[AnalysisTemplate],
+    ) -> Vec<String> {
+        let Some(list) = rs.slo.as_ref().and_then(|s| s.get_ref().analysis.as_ref()) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for name in list.get_ref() {
+            if templates.iter().any(|t| &t.name == name) {
+                out.push(name.clone());
+            } else {
+                self.problem(
+                    format!("{key}.slo.analysis"),
+                    list,
+                    format!("`{name}` is not a [[service.analysis]] name of this service"),
+                );
+            }
+        }
+        out
+    }
+
+    /// `[[freeze]]` or `[[service.freeze]]` windows.
+    fn freeze_windows(&mut self, key: &str, raw: &[Spanned<RawFreeze>]) -> Vec<FreezeWindow> {
+        let mut out = Vec::new();
+        for (i, at) in raw.iter().enumerate() {
+            let fkey = format!("{key}[{i}]");
+            match freeze_window(at.get_ref()) {
+                Ok(w) => out.push(w),
+                Err(msg) => self.problem(fkey, at, msg),
+            }
+        }
+        out
     }
 
     fn header_name(&mut self, key: String, raw: &Spanned<String>) -> String {
@@ -2375,6 +2878,102 @@ fn normalize_host(raw: &str) -> Result<String, String> {
 }
 
 /// Durations are written like "500ms", "2s", "1m" or "1h 30m".
+/// One freeze window from its raw table: absolute (`start`, `end`) or weekly (`days`,
+/// `from`, `to`, `timezone`).
+fn freeze_window(f: &RawFreeze) -> Result<FreezeWindow, String> {
+    let reason = f.reason.clone().unwrap_or_else(|| "freeze window".into());
+    let absolute = f.start.is_some() || f.end.is_some();
+    let weekly = f.days.is_some() || f.from.is_some() || f.to.is_some() || f.timezone.is_some();
+    let when = match (absolute, weekly) {
+        (true, true) => {
+            return Err(
+                "a window is either absolute (start, end) or weekly (days, from, to, timezone), not both"
+                    .into(),
+            );
+        }
+        (false, false) => {
+            return Err(
+                "give start and end (RFC 3339 UTC), or days with from and to (weekly)".into(),
+            );
+        }
+        (true, false) => {
+            let time = |name: &str, v: &Option<String>| -> Result<std::time::SystemTime, String> {
+                let v = v.as_deref().ok_or(format!("{name} is missing"))?;
+                humantime::parse_rfc3339(v.trim()).map_err(|e| {
+                    format!("{name} `{v}`: {e} (write UTC, e.g. 2026-12-24T00:00:00Z)")
+                })
+            };
+            let (start, end) = (time("start", &f.start)?, time("end", &f.end)?);
+            if end <= start {
+                return Err("end must be after start".into());
+            }
+            FreezeTime::Absolute { start, end }
+        }
+        (false, true) => {
+            let mut days = [false; 7];
+            let list = f
+                .days
+                .as_ref()
+                .ok_or("days is missing, e.g. [\"sat\", \"sun\"]")?;
+            if list.is_empty() {
+                return Err("days must name at least one day".into());
+            }
+            for d in list {
+                let lower = d.trim().to_ascii_lowercase();
+                let i = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+                    .iter()
+                    .position(|n| lower.starts_with(n) && lower.len() >= 3)
+                    .ok_or(format!("`{d}` is not a day: use mon, tue, … sun"))?;
+                days[i] = true;
+            }
+            let minutes = |name: &str, v: Option<&str>, default: u32| -> Result<u32, String> {
+                let Some(v) = v else { return Ok(default) };
+                let bad = || format!("{name} `{v}`: write HH:MM, 00:00 to 24:00");
+                let (h, m) = v.trim().split_once(':').ok_or_else(bad)?;
+                let (h, m): (u32, u32) =
+                    (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+                if m >= 60 || h * 60 + m > 24 * 60 {
+                    return Err(bad());
+                }
+                Ok(h * 60 + m)
+            };
+            let from = minutes("from", f.from.as_deref(), 0)?;
+            let to = minutes("to", f.to.as_deref(), 24 * 60)?;
+            if to <= from {
+                return Err(
+                    "to must be after from (for a window past midnight, give two windows)".into(),
+                );
+            }
+            let offset_secs = match f.timezone.as_deref().map(str::trim) {
+                None | Some("UTC") | Some("utc") | Some("Z") => 0,
+                Some(tz) => parse_offset(tz).ok_or(format!(
+                    "timezone `{tz}`: use \"UTC\" or a fixed offset such as \"+02:00\""
+                ))?,
+            };
+            FreezeTime::Weekly {
+                days,
+                from,
+                to,
+                offset_secs,
+            }
+        }
+    };
+    Ok(FreezeWindow { reason, when })
+}
+
+/// `+HH:MM` / `-HH:MM` (or `UTC+HH:MM`) in seconds east of UTC.
+fn parse_offset(tz: &str) -> Option<i32> {
+    let tz = tz.strip_prefix("UTC").unwrap_or(tz);
+    let (sign, rest) = match tz.as_bytes().first()? {
+        b'+' => (1, &tz[1..]),
+        b'-' => (-1, &tz[1..]),
+        _ => return None,
+    };
+    let (h, m) = rest.split_once(':').unwrap_or((rest, "0"));
+    let (h, m): (i32, i32) = (h.parse().ok()?, m.parse().ok()?);
+    (h <= 14 && (0..60).contains(&m)).then_some(sign * (h * 3600 + m * 60))
+}
+
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s.trim()).map_err(|e| {
         format!("`{s}` is not a duration ({e}); write e.g. \"500ms\", \"2s\", \"1m\"")
@@ -2528,6 +3127,136 @@ weight = 1
         let e = errors("[proxy]\nlisen = \"x\"\n");
         assert!(e[0].starts_with("t.toml:2:1:"), "{e:?}");
         assert!(e[0].contains("lisen"), "{e:?}");
+    }
+
+    #[test]
+    fn analysis_webhooks_and_freeze_parse() {
+        let src = r#"
+[[freeze]]
+start = "2026-12-24T00:00:00Z"
+end = "2026-12-27T00:00:00Z"
+reason = "holidays"
+
+[[service]]
+name = "shop"
+baseline = "stable"
+[service.pools.stable]
+endpoints = ["127.0.0.1:1"]
+weight = 100
+[service.pools.canary]
+endpoints = ["127.0.0.1:2"]
+weight = 0
+[[service.analysis]]
+name = "ok-rate"
+prometheus = "http://127.0.0.1:9090/"
+query = 'sum(rate(x{pool="{{candidate}}"}[1m]))'
+success = ">= 0.99"
+interval = "200ms"
+count = 2
+no_data = "inconclusive"
+[service.rollout]
+candidate = "canary"
+steps = [{ percent = 10 }, { analysis = "ok-rate" }, { percent = 100 }]
+analysis = ["ok-rate"]
+[[service.rollout.webhooks]]
+kind = "pre-rollout"
+url = "http://127.0.0.1:8080/check"
+metadata = { suite = "smoke" }
+[[service.freeze]]
+days = ["sat", "sun"]
+timezone = "+01:00"
+"#;
+        let c = Config::parse(src, "t.toml").unwrap();
+        assert_eq!(c.freeze.len(), 1);
+        let s = &c.services[0];
+        let t = s.analysis_template("ok-rate").unwrap();
+        assert_eq!(t.prometheus, "http://127.0.0.1:9090");
+        assert_eq!(
+            (t.count, t.failure_limit, t.no_data),
+            (2, 0, NoData::Inconclusive)
+        );
+        assert_eq!(t.success.to_string(), ">= 0.99");
+        assert_eq!(t.interval, Duration::from_millis(200));
+        assert_eq!(s.background_analysis, ["ok-rate"]);
+        assert_eq!(s.webhooks[0].kind, HookKind::PreRollout);
+        assert_eq!(s.webhooks[0].name, "pre-rollout#1");
+        assert_eq!(s.webhooks[0].metadata["suite"], "smoke");
+        assert!(matches!(
+            s.freeze[0].when,
+            FreezeTime::Weekly {
+                offset_secs: 3600,
+                from: 0,
+                to: 1440,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn analysis_webhook_and_freeze_problems_name_their_key() {
+        let src = r#"
+[[freeze]]
+start = "2026-12-27T00:00:00Z"
+end = "2026-12-24T00:00:00Z"
+
+[[service]]
+name = "shop"
+baseline = "stable"
+[service.pools.stable]
+endpoints = ["127.0.0.1:1"]
+weight = 100
+[service.pools.canary]
+endpoints = ["127.0.0.1:2"]
+weight = 0
+[[service.analysis]]
+name = "ok-rate"
+prometheus = "localhost:9090"
+query = "up"
+success = "about 1"
+no_data = "maybe"
+[service.rollout]
+candidate = "canary"
+steps = [{ analysis = "nope" }]
+[[service.rollout.webhooks]]
+kind = "pre-flight"
+url = "http://127.0.0.1:1/"
+[[service.freeze]]
+days = ["someday"]
+"#;
+        let e = errors(src);
+        let want = [
+            ("t.toml:2: freeze[0]:", "end must be after start"),
+            (
+                "t.toml:17: service[shop].analysis[0].prometheus:",
+                "http://",
+            ),
+            (
+                "t.toml:19: service[shop].analysis[0].success:",
+                "comparison",
+            ),
+            (
+                "t.toml:20: service[shop].analysis[0].no_data:",
+                "inconclusive",
+            ),
+            (
+                "t.toml:23: service[shop].rollout.steps[0].analysis:",
+                "`nope`",
+            ),
+            (
+                "t.toml:25: service[shop].rollout.webhooks[0].kind:",
+                "pre-rollout",
+            ),
+            ("t.toml:27: service[shop].freeze[0]:", "not a day"),
+        ];
+        for (prefix, needle) in want {
+            assert!(
+                e.iter()
+                    .any(|l| l.starts_with(prefix) && l.contains(needle)),
+                "missing {prefix} … {needle} in:\n{}",
+                e.join("\n")
+            );
+        }
+        assert_eq!(e.len(), want.len(), "{}", e.join("\n"));
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //!  lib.rs     Weir::new / serve (this file): builds the parts and starts the tasks
 //!  admin      admin API server, auth, typed API documents, dashboard
 //!  control    Controller ── the only holder of the RoutingWriter; persists through Store
-//!             rollout · judge · stats (pure)   guard · driver · health · webhook (tasks)
+//!             rollout · judge · stats · freeze (pure)   analysis (pure + calls)
+//!             guard · driver · health · webhook (tasks)
 //!  dataplane  proxy ─► routing (Router: ArcSwap snapshots, read only) ─► pool ─► client
 //!             outcome ─► sinks (metrics, guard window, passive ejection, access log)
 //!  telemetry  window · metrics · access (the access log's writer)
@@ -43,7 +44,15 @@ pub use control::guard::Guard;
 /// The judgement as pure functions: evaluate a candidate against a baseline offline
 /// (the simulation tests do, on streams with known truth).
 pub use control::judge;
-pub use control::rollout::Rollout;
+pub use control::rollout::{Hooks, Rollout};
+/// External analysis as rollouts, the journal and the API carry it: measurements of
+/// Prometheus queries, webhook answers, per-template tallies, and the pure judgement.
+pub mod analysis {
+    pub use crate::control::analysis::{
+        HookCall, Measurement, Outcome, Standing, Tally, judge, parse_answer, render,
+    };
+    pub use crate::control::freeze::{Frozen, active as active_freeze};
+}
 pub use dataplane::outcome::{LogSink, Outcome, OutcomeSink};
 pub use dataplane::pool::Pool;
 pub use dataplane::routing::{

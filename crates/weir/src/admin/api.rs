@@ -61,6 +61,52 @@ pub struct ServiceDoc {
     pub rollout: RolloutDoc,
     /// The configured plan; `null` without `[service.rollout]`.
     pub plan: Option<PlanDoc>,
+    /// A freeze window in force: no rollout starts or advances until it ends. Absent
+    /// when there is none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze: Option<FreezeDoc>,
+}
+
+/// A freeze window in force for a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FreezeDoc {
+    pub reason: String,
+    /// When it ends (RFC 3339), following back-to-back windows.
+    pub until: String,
+}
+
+/// An analysis template's measurements in the current rollout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AnalysisDoc {
+    pub template: String,
+    /// Runs for the whole rollout (`[service.rollout] analysis`) rather than a step.
+    pub background: bool,
+    pub passed: u32,
+    /// Passes a step needs.
+    pub count: u32,
+    /// Failures and errors so far, and how many are tolerated.
+    pub failed: u32,
+    pub failure_limit: u32,
+    pub inconclusive: u32,
+    /// The latest measurement: when, its value, outcome (`pass`, `fail`,
+    /// `inconclusive`, `error`) and why.
+    pub last_at: Option<String>,
+    pub last_value: Option<f64>,
+    pub last_outcome: Option<String>,
+    pub last_detail: Option<String>,
+}
+
+/// A rollout webhook's latest answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhookDoc {
+    pub name: String,
+    /// `pre-rollout`, `rollout`, `confirm-promotion` or `post-rollout`.
+    pub kind: String,
+    /// `null` when it did not answer (refused, timed out).
+    pub status: Option<u16>,
+    pub ok: bool,
+    pub detail: String,
+    pub duration_ms: u64,
 }
 
 /// A service's health: whether the guard moved its traffic back to its baseline
@@ -344,6 +390,15 @@ pub struct RolloutProgress {
     pub started_at: String,
     /// The guard's latest decision on the candidate.
     pub last_decision: Option<LastDecision>,
+    /// Analysis measurements of the current step and the background ones.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub analysis: Vec<AnalysisDoc>,
+    /// The latest answer of each webhook called during this rollout.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub webhooks: Vec<WebhookDoc>,
+    /// The reason an operator gave to run this rollout through a freeze.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze_override: Option<String>,
 }
 
 /// The gist of the guard's latest decision on a rollout's candidate.
@@ -555,17 +610,54 @@ pub struct StartRolloutRequest {
     /// Roll out this pool instead of the plan's candidate.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub candidate: Option<String>,
+    /// Start during a freeze window anyway, for this reason (recorded in the journal).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub override_freeze: Option<String>,
 }
 
 impl StartRolloutRequest {
     pub fn from_json(body: &Value) -> Result<StartRolloutRequest, String> {
-        let obj = fields(body, &["candidate"])?;
+        let obj = fields(body, &["candidate", "override_freeze"])?;
         let candidate = match obj.get("candidate") {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) => Some(s.clone()),
             Some(_) => return Err("candidate must be a pool name".into()),
         };
-        Ok(StartRolloutRequest { candidate })
+        Ok(StartRolloutRequest {
+            candidate,
+            override_freeze: override_freeze(obj)?,
+        })
+    }
+}
+
+/// `POST /api/v1/services/{name}/retry`: start an aborted or degraded rollout again.
+/// Optional body.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RetryRequest {
+    /// Retry during a freeze window anyway, for this reason.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub override_freeze: Option<String>,
+}
+
+impl RetryRequest {
+    pub fn from_json(body: &Value) -> Result<RetryRequest, String> {
+        let obj = fields(body, &["override_freeze"])?;
+        Ok(RetryRequest {
+            override_freeze: override_freeze(obj)?,
+        })
+    }
+}
+
+/// The optional `override_freeze`: a non-empty reason of at most [`MAX_REASON`] bytes.
+fn override_freeze(obj: &Map<String, Value>) -> Result<Option<String>, String> {
+    match obj.get("override_freeze") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.trim().is_empty() => {
+            Err("override_freeze must give a reason".into())
+        }
+        Some(Value::String(s)) if s.len() <= MAX_REASON => Ok(Some(s.clone())),
+        Some(Value::String(_)) => Err(format!("override_freeze is longer than {MAX_REASON} bytes")),
+        Some(_) => Err("override_freeze must be a string (the reason)".into()),
     }
 }
 
@@ -660,17 +752,24 @@ pub struct HistoryDoc {
 pub struct PromoteRequest {
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub full: bool,
+    /// Promote during a freeze window anyway, for this reason; the rollout then goes
+    /// on through the freeze.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub override_freeze: Option<String>,
 }
 
 impl PromoteRequest {
     pub fn from_json(body: &Value) -> Result<PromoteRequest, String> {
-        let obj = fields(body, &["full"])?;
+        let obj = fields(body, &["full", "override_freeze"])?;
         let full = match obj.get("full") {
             None | Some(Value::Null) => false,
             Some(Value::Bool(b)) => *b,
             Some(_) => return Err("full must be true or false".into()),
         };
-        Ok(PromoteRequest { full })
+        Ok(PromoteRequest {
+            full,
+            override_freeze: override_freeze(obj)?,
+        })
     }
 }
 
@@ -750,6 +849,12 @@ impl<'de> Deserialize<'de> for RollbackRequest {
 impl<'de> Deserialize<'de> for StartRolloutRequest {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         read_with(d, StartRolloutRequest::from_json)
+    }
+}
+
+impl<'de> Deserialize<'de> for RetryRequest {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        read_with(d, RetryRequest::from_json)
     }
 }
 
@@ -919,11 +1024,37 @@ mod tests {
                     summary: "canary error rate 25.0% > 5.0%".into(),
                     at: "2026-01-02T03:04:05.678Z".into(),
                 }),
+                analysis: vec![AnalysisDoc {
+                    template: "ok-rate".into(),
+                    background: true,
+                    passed: 2,
+                    count: 3,
+                    failed: 1,
+                    failure_limit: 1,
+                    inconclusive: 0,
+                    last_at: Some("2026-01-02T03:04:00.000Z".into()),
+                    last_value: Some(0.995),
+                    last_outcome: Some("pass".into()),
+                    last_detail: Some("0.995 >= 0.99".into()),
+                }],
+                webhooks: vec![WebhookDoc {
+                    name: "smoke".into(),
+                    kind: "pre-rollout".into(),
+                    status: None,
+                    ok: false,
+                    detail: "no answer within 1s".into(),
+                    duration_ms: 1000,
+                }],
+                freeze_override: Some("hotfix INC-42".into()),
             })),
             plan: Some(PlanDoc {
                 strategy: Strategy::Canary,
                 candidate: "canary".into(),
                 steps,
+            }),
+            freeze: Some(FreezeDoc {
+                reason: "holidays".into(),
+                until: "2026-12-27T00:00:00.000Z".into(),
             }),
         }
     }
@@ -949,6 +1080,7 @@ mod tests {
             },
             rollout: RolloutDoc::Idle,
             plan: None,
+            freeze: None,
             ..rolling()
         }
     }
@@ -1087,11 +1219,24 @@ mod tests {
         assert_eq!(round_trip(&StartRolloutRequest::default()), json!({}));
         let green = StartRolloutRequest {
             candidate: Some("green".into()),
+            ..Default::default()
         };
         assert_eq!(round_trip(&green), json!({"candidate": "green"}));
+        let frozen = StartRolloutRequest {
+            override_freeze: Some("hotfix INC-42".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            round_trip(&frozen),
+            json!({"override_freeze": "hotfix INC-42"})
+        );
+        assert_eq!(round_trip(&RetryRequest::default()), json!({}));
         assert_eq!(round_trip(&PromoteRequest::default()), json!({}));
         assert_eq!(
-            round_trip(&PromoteRequest { full: true }),
+            round_trip(&PromoteRequest {
+                full: true,
+                ..Default::default()
+            }),
             json!({"full": true})
         );
         assert_eq!(round_trip(&EmptyRequest {}), json!({}));
@@ -1231,7 +1376,7 @@ mod tests {
             ),
             (
                 PromoteRequest::from_json(&json!({"candidate": "x"})).map(drop),
-                "unknown field `candidate` (allowed: full)",
+                "unknown field `candidate` (allowed: full, override_freeze)",
             ),
             (
                 EmptyRequest::from_json(&json!({"full": true}), "pause").map(drop),

@@ -1149,19 +1149,29 @@ fn normal_name(name: &str) -> String {
 /// [`api::PromoteRequest`], the others nothing.
 fn rollout_verb(verb: &str, body: &Value) -> Result<RolloutVerb, String> {
     Ok(match verb {
-        "rollout" => RolloutVerb::Start {
-            candidate: api::StartRolloutRequest::from_json(body)?.candidate,
-        },
-        "promote" => RolloutVerb::Promote {
-            full: api::PromoteRequest::from_json(body)?.full,
+        "rollout" => {
+            let r = api::StartRolloutRequest::from_json(body)?;
+            RolloutVerb::Start {
+                candidate: r.candidate,
+                override_freeze: r.override_freeze,
+            }
+        }
+        "promote" => {
+            let r = api::PromoteRequest::from_json(body)?;
+            RolloutVerb::Promote {
+                full: r.full,
+                override_freeze: r.override_freeze,
+            }
+        }
+        "retry" => RolloutVerb::Retry {
+            override_freeze: api::RetryRequest::from_json(body)?.override_freeze,
         },
         _ => {
             api::EmptyRequest::from_json(body, verb)?;
             match verb {
                 "pause" => RolloutVerb::Pause,
                 "resume" => RolloutVerb::Resume,
-                "abort" => RolloutVerb::Abort,
-                _ => RolloutVerb::Retry,
+                _ => RolloutVerb::Abort,
             }
         }
     })
@@ -1418,8 +1428,13 @@ pub(crate) fn service_doc(s: &Service, controller: &Controller, guard: &Guard) -
             control.rollout.as_ref(),
             controller.clock().now(),
             guard,
+            controller.freeze(&s.name).map(|f| f.describe()),
         ),
         plan: controller.plan_of(&s.name).map(|p| plan_doc(&p)),
+        freeze: controller.freeze(&s.name).map(|f| api::FreezeDoc {
+            reason: f.reason,
+            until: rfc3339(f.until),
+        }),
     }
 }
 
@@ -1582,17 +1597,19 @@ fn rollout_doc(
     rollout: Option<&Rollout>,
     now: std::time::SystemTime,
     guard: &Guard,
+    frozen: Option<String>,
 ) -> api::RolloutDoc {
     let Some(r) = rollout else {
         return api::RolloutDoc::Idle;
     };
     let decision = guard.decision(&s.name, &r.candidate);
-    let evidence = crate::control::rollout::Evidence::of(
+    let mut evidence = crate::control::rollout::Evidence::of(
         snap,
         &r.candidate,
         guard.verdict(&s.name, &r.candidate),
         decision.as_ref().and_then(|d| d.judgement.needs.clone()),
     );
+    evidence.frozen = frozen;
     api::RolloutDoc::Started(Box::new(api::RolloutProgress {
         phase: r.phase,
         candidate: r.candidate.clone(),
@@ -1613,6 +1630,37 @@ fn rollout_doc(
             summary: d.judgement.summary,
             at: d.at,
         }),
+        analysis: r
+            .analysis
+            .iter()
+            .map(|t| api::AnalysisDoc {
+                template: t.template.clone(),
+                background: t.background,
+                passed: t.passed,
+                count: t.count,
+                failed: t.failed,
+                failure_limit: t.failure_limit,
+                inconclusive: t.inconclusive,
+                last_at: t.last.clone(),
+                last_value: t.last_value,
+                last_outcome: t.last_outcome.map(|o| o.as_str().to_owned()),
+                last_detail: t.last_detail.clone(),
+            })
+            .collect(),
+        webhooks: r
+            .hooks
+            .last_calls
+            .iter()
+            .map(|c| api::WebhookDoc {
+                name: c.name.clone(),
+                kind: c.kind.clone(),
+                status: c.status,
+                ok: c.ok,
+                detail: c.detail.clone(),
+                duration_ms: c.duration_ms,
+            })
+            .collect(),
+        freeze_override: r.freeze_override.clone(),
     }))
 }
 

@@ -9,9 +9,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::SystemTime;
 
+use crate::config::{AnalysisTemplate, HookConfig, HookKind};
 use crate::config::{Config, ServiceConfig};
 use crate::config::{RolloutConfig, SloConfig, StickyConfig};
+use crate::control::analysis::{HookCall, Measurement};
 use crate::control::fleet::FleetHooks;
+use crate::control::freeze::Frozen;
 use crate::control::rollout::{Evidence, Rollout, Transition, plan_steps};
 use crate::control::store::{
     Deployed, Event, EventLog, FileStore, Release, Revision, SavedControl, ServiceState, State,
@@ -87,21 +90,38 @@ pub enum Command {
 pub enum RolloutVerb {
     /// Start the plan; the candidate defaults to the plan's, or to the other pool when
     /// the plan's candidate is now the baseline (after a promotion).
+    ///
+    /// During a freeze window only with `override_freeze` (the operator's reason).
     Start {
         candidate: Option<String>,
+        override_freeze: Option<String>,
     },
-    /// Pass the current pause or gate; `full` jumps to the end.
+    /// Pass the current pause or gate; `full` jumps to the end. During a freeze only
+    /// with `override_freeze`, which also lets the rollout go on through the freeze.
     Promote {
         full: bool,
+        override_freeze: Option<String>,
     },
     Pause,
     Resume,
     /// All traffic back to the stable pool.
     Abort,
-    /// Start again from step 0 after `aborted` or `degraded`.
-    Retry,
+    /// Start again from step 0 after `aborted` or `degraded` (freeze as for `Start`).
+    Retry {
+        override_freeze: Option<String>,
+    },
     /// Advance by time and evidence (the rollout driver).
     Tick(Evidence),
+    /// An analysis measurement the driver made for step `step`.
+    Measured {
+        step: usize,
+        measurement: Box<Measurement>,
+    },
+    /// The answers of the rollout's webhooks of one kind.
+    HooksCalled {
+        kind: HookKind,
+        calls: Vec<HookCall>,
+    },
 }
 
 /// What a command changed, and the event that records it.
@@ -376,6 +396,8 @@ struct InForce {
     by_name: HashMap<String, usize>,
     /// The services with an SLO, in config order: the ones the guard judges.
     judged: Arc<[(String, SloConfig)]>,
+    /// The services whose guard also runs analysis templates, with them.
+    analysed: Arc<[(String, Vec<AnalysisTemplate>)]>,
 }
 
 impl InForce {
@@ -389,10 +411,24 @@ impl InForce {
             .iter()
             .filter_map(|s| Some((s.name.clone(), s.slo.clone()?)))
             .collect();
+        let analysed = config
+            .services
+            .iter()
+            .filter(|s| s.slo.is_some() && !s.guard_analysis.is_empty())
+            .map(|s| {
+                let templates = s
+                    .guard_analysis
+                    .iter()
+                    .filter_map(|n| s.analysis_template(n).cloned())
+                    .collect();
+                (s.name.clone(), templates)
+            })
+            .collect();
         InForce {
             config,
             by_name,
             judged,
+            analysed,
         }
     }
 }
@@ -1110,6 +1146,29 @@ impl Controller {
                 planned.details = details;
             }
             Command::Rollout { verb, .. } => {
+                // What the journal keeps of external evidence, besides the rollout.
+                let evidence_details = match &verb {
+                    RolloutVerb::Measured { measurement, .. } => {
+                        Some(("analysis", serde_json::to_value(measurement).ok()))
+                    }
+                    RolloutVerb::HooksCalled { calls, .. } => {
+                        Some(("webhooks", serde_json::to_value(calls).ok()))
+                    }
+                    RolloutVerb::Start {
+                        override_freeze: Some(why),
+                        ..
+                    }
+                    | RolloutVerb::Retry {
+                        override_freeze: Some(why),
+                    }
+                    | RolloutVerb::Promote {
+                        override_freeze: Some(why),
+                        ..
+                    } => self
+                        .freeze(name)
+                        .map(|f| ("freeze_override", Some(freeze_override_doc(&f, why)))),
+                    _ => None,
+                };
                 let transition = self.rollout_transition(name, current, control, verb, now)?;
                 if let Some(percent) = transition.percent {
                     planned.weights = split(current, &transition.rollout, percent);
@@ -1120,6 +1179,11 @@ impl Controller {
                 if transition.kind == EventKind::RolloutStarted {
                     planned.degraded = None;
                 }
+                if transition.kind == EventKind::AnalysisFailed {
+                    // Like the guard's revert: the service stays on its baseline until
+                    // an operator moves it on.
+                    planned.degraded = Some(transition.reason.clone());
+                }
                 planned.kind = transition.kind;
                 planned.reason = Some(transition.reason);
                 planned.details = Some(serde_json::json!({
@@ -1128,6 +1192,11 @@ impl Controller {
                     "candidate": transition.rollout.candidate,
                     "stable": transition.rollout.stable,
                 }));
+                if let (Some((key, Some(value))), Some(serde_json::Value::Object(d))) =
+                    (evidence_details, planned.details.as_mut())
+                {
+                    d.insert(key.into(), value);
+                }
                 planned.rollout = Some(transition.rollout);
             }
             Command::Release {
@@ -1142,6 +1211,9 @@ impl Controller {
                         "service `{name}`: has no rollout plan to release with: add [service.rollout]"
                     ))
                 })?;
+                // A release starts a rollout: refused during a freeze (starting one
+                // with `override_freeze` is the way through).
+                self.refuse_if_frozen(name, None, "release")?;
                 let request = crate::control::release::ReleaseRequest {
                     version,
                     pool,
@@ -1157,6 +1229,7 @@ impl Controller {
                     now,
                     &mut planned,
                 )?;
+                self.release_extras(name, current, now, &mut planned);
                 return Ok(planned);
             }
             Command::Undo {
@@ -1226,7 +1299,12 @@ impl Controller {
         verb: RolloutVerb,
         now: SystemTime,
     ) -> Result<Transition, ControlError> {
-        let settle = !matches!(verb, RolloutVerb::Tick(_));
+        // The driver's own changes leave the next step to its next tick, which honours
+        // freeze windows; an operator's verb shows its outcome at once.
+        let settle = !matches!(
+            verb,
+            RolloutVerb::Tick(_) | RolloutVerb::Measured { .. } | RolloutVerb::HooksCalled { .. }
+        );
         let t = self.rollout_verb(name, current, control, verb, now)?;
         Ok(if settle {
             let evidence = Evidence::of(current, &t.rollout.candidate, None, None);
@@ -1248,7 +1326,11 @@ impl Controller {
         let existing = control.rollout.as_ref();
         let evidence_now = |candidate: &str| Evidence::of(current, candidate, None, None);
         match verb {
-            RolloutVerb::Start { candidate } => {
+            RolloutVerb::Start {
+                candidate,
+                override_freeze,
+            } => {
+                self.refuse_if_frozen(name, override_freeze.as_deref(), "start a rollout")?;
                 if let Some(r) = existing
                     && r.phase.is_running()
                 {
@@ -1293,12 +1375,16 @@ impl Controller {
                 if candidate == stable {
                     return Err(conflict(format!("`{candidate}` is already the baseline")));
                 }
-                let rollout = Rollout::start(
-                    &candidate,
-                    &stable,
-                    plan_steps(&plan),
-                    now,
-                    &evidence_now(&candidate),
+                let rollout = self.with_extras(
+                    name,
+                    Rollout::start(
+                        &candidate,
+                        &stable,
+                        plan_steps(&plan),
+                        now,
+                        &evidence_now(&candidate),
+                    ),
+                    override_freeze,
                 );
                 let blue_green = matches!(plan, RolloutConfig::BlueGreen { .. });
                 Ok(Transition {
@@ -1310,14 +1396,16 @@ impl Controller {
                         rollout.steps.len(),
                         rollout.current_step().map_or("-".into(), |s| s.describe())
                     ),
-                    // A blue/green preview starts with no live traffic on the candidate.
-                    percent: blue_green.then_some(0.0),
+                    // A blue/green preview starts with no live traffic on the candidate,
+                    // and neither does a canary until its pre-rollout webhooks pass.
+                    percent: (blue_green || rollout.hooks.pre_rollout_pending).then_some(0.0),
                     rollout,
                     promote_baseline: false,
                     kind: EventKind::RolloutStarted,
                 })
             }
-            RolloutVerb::Retry => {
+            RolloutVerb::Retry { override_freeze } => {
+                self.refuse_if_frozen(name, override_freeze.as_deref(), "retry a rollout")?;
                 let r = existing.ok_or_else(|| conflict("no rollout to retry".into()))?;
                 if !matches!(r.phase, Phase::Aborted | Phase::Degraded) {
                     return Err(conflict(format!(
@@ -1325,14 +1413,19 @@ impl Controller {
                         r.phase.as_str()
                     )));
                 }
-                let rollout = Rollout::start(
-                    &r.candidate,
-                    &r.stable,
-                    r.steps.clone(),
-                    now,
-                    &evidence_now(&r.candidate),
+                let rollout = self.with_extras(
+                    name,
+                    Rollout::start(
+                        &r.candidate,
+                        &r.stable,
+                        r.steps.clone(),
+                        now,
+                        &evidence_now(&r.candidate),
+                    ),
+                    override_freeze,
                 );
-                let preview = matches!(rollout.current_step(), Some(Step::Preview { .. }));
+                let preview = matches!(rollout.current_step(), Some(Step::Preview { .. }))
+                    || rollout.hooks.pre_rollout_pending;
                 Ok(Transition {
                     reason: format!("rollout of {} retried from step 1", r.candidate),
                     percent: preview.then_some(0.0),
@@ -1344,8 +1437,24 @@ impl Controller {
             verb => {
                 let r = existing.ok_or_else(|| conflict("no rollout has been started".into()))?;
                 let result = match verb {
-                    RolloutVerb::Promote { full } => {
+                    RolloutVerb::Promote {
+                        full,
+                        override_freeze,
+                    } => {
+                        if r.phase.is_running() && r.freeze_override.is_none() {
+                            self.refuse_if_frozen(
+                                name,
+                                override_freeze.as_deref(),
+                                "promote a rollout",
+                            )?;
+                        }
                         r.promote(full, now, &evidence_now(&r.candidate))
+                            .map(|mut t| {
+                                if override_freeze.is_some() && self.freeze(name).is_some() {
+                                    t.rollout.freeze_override = override_freeze;
+                                }
+                                t
+                            })
                     }
                     RolloutVerb::Pause => r.pause(),
                     RolloutVerb::Resume => r.resume(),
@@ -1353,7 +1462,22 @@ impl Controller {
                     RolloutVerb::Tick(evidence) => {
                         return r.tick(now, &evidence).ok_or(ControlError::Unchanged);
                     }
-                    RolloutVerb::Start { .. } | RolloutVerb::Retry => {
+                    RolloutVerb::Measured { step, measurement } => {
+                        let template = self
+                            .analysis_template(name, &measurement.template)
+                            .ok_or(ControlError::Unchanged)?;
+                        // A measurement that no longer fits (the step moved on, the
+                        // rollout ended) is dropped, not an error.
+                        return r
+                            .measured(now, step, &measurement, &template)
+                            .map_err(|_| ControlError::Unchanged);
+                    }
+                    RolloutVerb::HooksCalled { kind, calls } => {
+                        return r
+                            .hooks_called(now, kind, &calls)
+                            .map_err(|_| ControlError::Unchanged);
+                    }
+                    RolloutVerb::Start { .. } | RolloutVerb::Retry { .. } => {
                         unreachable!("handled above")
                     }
                 };
@@ -1365,6 +1489,110 @@ impl Controller {
     /// The rollout plan of a service in the config in force.
     pub fn plan_of(&self, service: &str) -> Option<RolloutConfig> {
         self.service_config(service, |s| s.rollout.clone())
+    }
+
+    /// A service's analysis template, from the config in force.
+    pub fn analysis_template(&self, service: &str, name: &str) -> Option<AnalysisTemplate> {
+        self.service_config(service, |s| s.analysis_template(name).cloned())
+    }
+
+    /// The services whose guard runs analysis templates (`[service.slo] analysis`),
+    /// with them (cheap: shared).
+    pub(crate) fn guard_analyses(&self) -> Arc<[(String, Vec<AnalysisTemplate>)]> {
+        Arc::clone(
+            &self
+                .config
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .analysed,
+        )
+    }
+
+    /// A service's rollout webhooks, from the config in force.
+    pub fn webhooks(&self, service: &str) -> Vec<HookConfig> {
+        self.service_config(service, |s| Some(s.webhooks.clone()))
+            .unwrap_or_default()
+    }
+
+    /// The freeze in force for a service now (global `[[freeze]]` windows and its
+    /// own), if any.
+    pub fn freeze(&self, service: &str) -> Option<Frozen> {
+        let now = self.clock.now();
+        let in_force = self.config.lock().unwrap_or_else(|p| p.into_inner());
+        let own = in_force
+            .by_name
+            .get(service)
+            .map(|&i| in_force.config.services[i].freeze.as_slice())
+            .unwrap_or_default();
+        crate::control::freeze::active(in_force.config.freeze.iter().chain(own), now)
+    }
+
+    /// Refuse `what` during a freeze, unless the operator overrides it with a reason.
+    fn refuse_if_frozen(
+        &self,
+        service: &str,
+        override_freeze: Option<&str>,
+        what: &str,
+    ) -> Result<(), ControlError> {
+        let Some(frozen) = self.freeze(service) else {
+            return Ok(());
+        };
+        match override_freeze {
+            Some(why) if !why.trim().is_empty() => Ok(()),
+            _ => Err(ControlError::Conflict(format!(
+                "service `{service}`: cannot {what}: {}; to go ahead anyway, override the \
+                 freeze with a reason (override_freeze, or --override-freeze \"why\")",
+                frozen.describe()
+            ))),
+        }
+    }
+
+    /// A release's rollout gets the service's webhooks and background analyses too; with
+    /// pre-rollout webhooks it starts over at its first step with no traffic on the
+    /// candidate until they pass.
+    fn release_extras(
+        &self,
+        name: &str,
+        current: &ServiceSnapshot,
+        now: SystemTime,
+        planned: &mut Planned,
+    ) {
+        let Some(r) = planned.rollout.take() else {
+            return;
+        };
+        let r = self.with_extras(name, r, None);
+        if !r.hooks.pre_rollout_pending {
+            planned.rollout = Some(r);
+            return;
+        }
+        let fresh = Evidence::of(current, &r.candidate, None, None);
+        let start = Rollout::start(&r.candidate, &r.stable, r.steps.clone(), now, &fresh);
+        let mut start = self.with_extras(name, start, None);
+        start.started_at = r.started_at;
+        planned.weights = all_to(current, &r.stable);
+        planned.rollout = Some(start);
+    }
+
+    /// A new rollout with what the service's config adds to it: webhooks, background
+    /// analyses, the freeze override (kept only if a freeze is in force).
+    fn with_extras(&self, service: &str, r: Rollout, override_freeze: Option<String>) -> Rollout {
+        let (kinds, background): (Vec<HookKind>, Vec<AnalysisTemplate>) = self
+            .service_config(service, |s| {
+                Some((
+                    s.webhooks.iter().map(|h| h.kind).collect(),
+                    s.background_analysis
+                        .iter()
+                        .filter_map(|n| s.analysis_template(n).cloned())
+                        .collect(),
+                ))
+            })
+            .unwrap_or_default();
+        let frozen = self.freeze(service).is_some();
+        r.with_extras(
+            &kinds,
+            &background.iter().collect::<Vec<_>>(),
+            override_freeze.filter(|_| frozen),
+        )
     }
 
     /// Apply a new config: services, pools and endpoints change atomically (one route
@@ -1903,6 +2131,15 @@ fn service_state(s: &ServiceSnapshot, c: &ServiceControl) -> ServiceState {
         releases: c.releases.clone(),
     });
     state
+}
+
+/// What a start, retry or promote during a freeze records of the override.
+fn freeze_override_doc(frozen: &Frozen, why: &str) -> serde_json::Value {
+    serde_json::json!({
+        "reason": why,
+        "window": frozen.reason,
+        "until": rfc3339(frozen.until),
+    })
 }
 
 pub(crate) fn rfc3339(t: SystemTime) -> String {

@@ -168,7 +168,10 @@ async fn the_rollout_driver_takes_a_timed_pause_on_the_clock_not_before() {
     controller
         .apply(Command::Rollout {
             service: "shop".into(),
-            verb: RolloutVerb::Start { candidate: None },
+            verb: RolloutVerb::Start {
+                candidate: None,
+                override_freeze: None,
+            },
             source: Source::Admin,
             actor: None,
         })

@@ -2,9 +2,11 @@
 //! persists through, rollouts and judgement as pure logic, and the tasks that drive them
 //! (guard, health, webhook).
 
+pub(crate) mod analysis;
 pub(crate) mod controller;
 pub(crate) mod driver;
 pub(crate) mod fleet;
+pub(crate) mod freeze;
 pub(crate) mod guard;
 pub(crate) mod health;
 pub mod judge;

@@ -239,6 +239,7 @@ pub(crate) fn plan_release(
         candidate_requests: 0,
         verdict: None,
         needs: None,
+        frozen: None,
     };
     let blue_green = matches!(plan, RolloutConfig::BlueGreen { .. });
     let rollout = Rollout::start(&pool, &stable, plan_steps(plan), now, &fresh);

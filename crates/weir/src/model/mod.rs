@@ -285,6 +285,10 @@ pub enum Step {
     /// Blue/green after the switch: the guard keeps judging the new active pool, and
     /// a breach switches back, until this much time has passed.
     Watch(#[serde(with = "humantime_serde_compat")] Duration),
+    /// Measure the candidate with a named `[[service.analysis]]` template (a Prometheus
+    /// query) until it has `count` measurements, or fail the rollout past its
+    /// `failure_limit`.
+    Analysis { template: String },
 }
 
 impl Step {
@@ -311,6 +315,7 @@ impl Step {
                 s
             }
             Step::Watch(d) => format!("rollback window {}", humantime::format_duration(*d)),
+            Step::Analysis { template } => format!("analysis `{template}`"),
         }
     }
 }
@@ -437,6 +442,13 @@ pub enum EventKind {
     StoreMismatch,
     /// Fleet mode: the store was re-seeded from an instance's state by an operator.
     StoreReseeded,
+    /// One measurement of an analysis template (value, threshold, status, duration).
+    AnalysisMeasured,
+    /// An analysis template failed: the rollout ends degraded, traffic back to stable.
+    AnalysisFailed,
+    /// A rollout webhook (pre-rollout, rollout, confirm-promotion, post-rollout) was
+    /// called: status, duration, and whether it counted as a pass.
+    WebhookCalled,
     /// A new release of a pool (version, endpoints) started the rollout plan.
     Released,
     /// An earlier release's endpoints, version and weights were put back.
@@ -447,7 +459,7 @@ pub enum EventKind {
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 24] = [
+    pub const ALL: [EventKind; 27] = [
         EventKind::WeightsChanged,
         EventKind::RolledBack,
         EventKind::RollbackDryRun,
@@ -470,6 +482,9 @@ impl EventKind {
         EventKind::RevertSuperseded,
         EventKind::StoreMismatch,
         EventKind::StoreReseeded,
+        EventKind::AnalysisMeasured,
+        EventKind::AnalysisFailed,
+        EventKind::WebhookCalled,
         EventKind::Released,
         EventKind::Undone,
     ];
@@ -498,6 +513,9 @@ impl EventKind {
             EventKind::RevertSuperseded => "revert_superseded",
             EventKind::StoreMismatch => "store_mismatch",
             EventKind::StoreReseeded => "store_reseeded",
+            EventKind::AnalysisMeasured => "analysis_measured",
+            EventKind::AnalysisFailed => "analysis_failed",
+            EventKind::WebhookCalled => "webhook_called",
             EventKind::Released => "released",
             EventKind::Undone => "undone",
             EventKind::Unknown => "unknown",
