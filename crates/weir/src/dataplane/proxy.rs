@@ -333,7 +333,7 @@ impl Proxy {
                 }
             };
             let upgrade = requested_upgrade(&mut req);
-            let (pool, set_cookie) = {
+            let (guard, set_cookie) = {
                 let table = self.router.table();
                 // Routing reads the very value the upstream will get as Host.
                 let Some(service) = table.route(host.as_ref().and_then(|h| h.to_str().ok())) else {
@@ -347,22 +347,32 @@ impl Proxy {
                 let chosen = service
                     .choice
                     .choose(&snapshot, req.headers(), peer.addr.ip());
-                (Arc::clone(&chosen.slot.pool), chosen.set_cookie)
+                // The endpoint is claimed while the snapshot still lends the pool: the
+                // guard's clone of `Arc<Pool>` is the only one this request makes (see
+                // `Abandoned`).
+                match chosen.slot.pool.pick() {
+                    Some(guard) => (guard, chosen.set_cookie),
+                    None => {
+                        let call = Call::new(start, &req, request);
+                        let pool = &chosen.slot.pool;
+                        let mut resp = self.fail(pool, None, ErrorKind::NoEndpoint, call, None);
+                        if let Some(cookie) = chosen.set_cookie {
+                            resp.headers_mut().append(header::SET_COOKIE, cookie);
+                        }
+                        return resp;
+                    }
+                }
             };
-            let call = Call {
-                start,
-                grpc: is_grpc(req.headers()),
-                request,
-            };
+            let call = Call::new(start, &req, request);
             // A client that gives up before the answer's head (an h2 reset, a gRPC deadline,
             // a closed connection) drops this future: the guard records that as its abort.
-            let abandoned = Abandoned {
+            let mut abandoned = Abandoned {
                 sinks: &self.sinks,
-                pool: &pool,
+                guard: Some(guard),
                 call: call.clone(),
                 armed: true,
             };
-            let h1_pool = pool.protocol == UpstreamProtocol::Http1;
+            let h1_pool = abandoned.pool().protocol == UpstreamProtocol::Http1;
             let mut resp = match upgrade {
                 // Upgrades are HTTP/1.1; an HTTP/2 pool gets the request without them (the
                 // Upgrade headers are hop-by-hop) and answers it as an ordinary request.
@@ -370,10 +380,9 @@ impl Proxy {
                 // and rare, and would otherwise size every request's future, which hyper
                 // moves into place per request (and per stream on HTTP/2).
                 Some(protocols) if h1_pool => {
-                    Box::pin(self.upgrade(req, protocols, Arc::clone(&pool), &peer, call, slot))
-                        .await
+                    Box::pin(self.upgrade(req, protocols, &mut abandoned, &peer, call, slot)).await
                 }
-                _ => self.forward(req, Arc::clone(&pool), &peer, call).await,
+                _ => self.forward(req, &mut abandoned, &peer, call).await,
             };
             abandoned.disarm();
             if let Some(cookie) = set_cookie {
@@ -383,21 +392,21 @@ impl Proxy {
         }
     }
 
-    /// Send a request to an endpoint of `pool`; every failure becomes a response.
+    /// Send a request to the endpoint `attempt` holds; every failure becomes a response.
+    /// The guard and its pool are borrowed from `attempt`, never cloned (see
+    /// [`Abandoned`]); a response body takes the guard.
     #[allow(clippy::manual_async_fn)] // see the comment in the body
     fn forward(
         &self,
         req: Request<Incoming>,
-        pool: Arc<Pool>,
+        attempt: &mut Abandoned<'_>,
         peer: &Peer,
         call: Call,
     ) -> impl Future<Output = Response<ProxyBody>> {
         // Not an `async fn`: its arguments would be kept twice in the future (as
         // arguments and as moved locals), and this future is built per request.
         async move {
-            let Some(mut guard) = pool.pick() else {
-                return self.fail(&pool, None, ErrorKind::NoEndpoint, call, None);
-            };
+            let pool = attempt.pool();
             pool.retry_budget().deposit();
             let body_timeout = self.limits.body_read_timeout;
             let h2 = matches!(pool.protocol, UpstreamProtocol::H2c | UpstreamProtocol::H2);
@@ -405,7 +414,7 @@ impl Proxy {
             let wants_trailers = h2 && te_trailers(req.headers());
             // Only a request with a body can fail on the client's side.
             let watch = (!req.body().is_end_stream()).then(BodyWatch::default);
-            let mut upstream_req = match upstream_request(req, &guard, peer) {
+            let mut upstream_req = match upstream_request(req, attempt.guard(), peer) {
                 Ok(r) => {
                     r.map(|b| Either::Left(TimedBody::new(b, body_timeout).watched(watch.clone())))
                 }
@@ -434,6 +443,9 @@ impl Proxy {
             // The first attempt's failure, when it was retried.
             let mut retried = None;
             loop {
+                // Borrowed afresh each time round: a retry replaces the guard.
+                let guard = attempt.guard();
+                let pool = guard.pool();
                 let send = async {
                     if h2 {
                         self.client
@@ -462,18 +474,18 @@ impl Proxy {
                             // tunnel nobody asked for. The upstream connection is dropped
                             // with the response.
                             return self.fail(
-                                &pool,
+                                pool,
                                 Some(guard.index()),
                                 ErrorKind::Protocol,
                                 call,
                                 retried,
                             );
                         }
-                        return self.relay(resp, conn, guard, call, retried, watch);
+                        return self.relay(resp, conn, attempt.answered(), call, retried, watch);
                     }
                     Ok(Err(_)) | Err(_) if client_fault().is_some() => {
                         let kind = client_fault().unwrap_or(ErrorKind::ClientAbort);
-                        return self.fail(&pool, Some(guard.index()), kind, call, retried);
+                        return self.fail(pool, Some(guard.index()), kind, call, retried);
                     }
                     Ok(Err(e)) => {
                         let (kind, status) = classify(&e);
@@ -492,12 +504,12 @@ impl Proxy {
                             && let Some(req) = e.into_request()
                         {
                             retried = Some((guard.index(), kind));
-                            guard = next;
+                            attempt.guard = Some(next);
                             upstream_req = req;
                             continue;
                         }
                         return self.fail_with(
-                            &pool,
+                            pool,
                             Some(guard.index()),
                             kind,
                             status,
@@ -507,7 +519,7 @@ impl Proxy {
                     }
                     Err(_elapsed) => {
                         return self.fail(
-                            &pool,
+                            pool,
                             Some(guard.index()),
                             ErrorKind::Timeout,
                             call,
@@ -530,17 +542,16 @@ impl Proxy {
         &self,
         mut req: Request<Incoming>,
         protocols: HeaderValue,
-        pool: Arc<Pool>,
+        attempt: &mut Abandoned<'_>,
         peer: &Peer,
         call: Call,
         slot: Option<ConnSlot>,
     ) -> Response<ProxyBody> {
-        let Some(guard) = pool.pick() else {
-            return self.fail(&pool, None, ErrorKind::NoEndpoint, call, None);
-        };
+        let guard = attempt.guard();
+        let pool = guard.pool();
         let client_side = hyper::upgrade::on(&mut req);
         let body_timeout = self.limits.body_read_timeout;
-        let mut upstream_req = match upstream_request(req, &guard, peer) {
+        let mut upstream_req = match upstream_request(req, guard, peer) {
             Ok(r) => r.map(|b| Either::Left(TimedBody::new(b, body_timeout))),
             Err(resp) => return resp,
         };
@@ -556,15 +567,15 @@ impl Proxy {
             Ok(Ok(resp)) => resp,
             Ok(Err(e)) => {
                 let (kind, status) = classify(&e);
-                return self.fail_with(&pool, Some(guard.index()), kind, status, call, None);
+                return self.fail_with(pool, Some(guard.index()), kind, status, call, None);
             }
             Err(_) => {
-                return self.fail(&pool, Some(guard.index()), ErrorKind::Timeout, call, None);
+                return self.fail(pool, Some(guard.index()), ErrorKind::Timeout, call, None);
             }
         };
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             // The upstream declined: an ordinary response.
-            return self.relay(resp, None, guard, call, None, None);
+            return self.relay(resp, None, attempt.answered(), call, None, None);
         }
         if !switched_to_requested(resp.headers(), &protocols) {
             // A switch to something the client never asked for (or to nothing named):
@@ -575,11 +586,11 @@ impl Proxy {
                 pool.name,
                 guard.endpoint().endpoint
             );
-            return self.fail(&pool, Some(guard.index()), ErrorKind::Protocol, call, None);
+            return self.fail(pool, Some(guard.index()), ErrorKind::Protocol, call, None);
         }
         let latency = call.start.elapsed();
         self.emit(&Outcome {
-            pool: &pool,
+            pool,
             endpoint: Some(guard.index()),
             status: 101,
             grpc: None,
@@ -594,6 +605,7 @@ impl Proxy {
         let idle = self.upstream_body_timeout;
         let close = self.close_tunnels.subscribe();
         let open = OpenTunnel::new(pool.metrics().tunnels().clone());
+        let guard = attempt.answered();
         tokio::spawn(async move {
             match (client_side.await, upstream_side.await) {
                 (Ok(client), Ok(upstream)) => {
@@ -757,14 +769,37 @@ impl Proxy {
 
 /// Records a request whose client went away before its answer's head as that client's
 /// abort (499), unless disarmed once an answer exists (which records its own outcome).
+///
+/// It holds the request's in-flight guard until an answer (a response body, a tunnel)
+/// takes it, and with the guard the request's one reference to its pool: the handler
+/// borrows both from here rather than cloning the `Arc<Pool>`, because every clone and
+/// drop writes the count in one cache line that all cores' requests share.
 struct Abandoned<'a> {
     sinks: &'a Arc<[Arc<dyn OutcomeSink>]>,
-    pool: &'a Arc<Pool>,
+    /// `None` only once an answer has taken it.
+    guard: Option<InflightGuard>,
     call: Call,
     armed: bool,
 }
 
 impl Abandoned<'_> {
+    /// The endpoint the request is counted on now.
+    fn guard(&self) -> &InflightGuard {
+        self.guard
+            .as_ref()
+            .expect("the guard is taken only by the answer")
+    }
+
+    fn pool(&self) -> &Arc<Pool> {
+        self.guard().pool()
+    }
+
+    /// Hand the guard to the answer, which keeps the request in flight until it ends.
+    /// Nothing may await between this and [`Abandoned::disarm`].
+    fn answered(&mut self) -> InflightGuard {
+        self.guard.take().expect("a request is answered only once")
+    }
+
     fn disarm(mut self) {
         self.armed = false;
     }
@@ -775,11 +810,12 @@ impl Drop for Abandoned<'_> {
         if !self.armed {
             return;
         }
+        let Some(guard) = &self.guard else { return };
         let latency = self.call.start.elapsed();
         emit(
             self.sinks,
             &Outcome {
-                pool: self.pool,
+                pool: guard.pool(),
                 endpoint: None,
                 status: 499,
                 grpc: self.call.grpc.then_some(1), // CANCELLED
@@ -803,6 +839,17 @@ struct Call {
     /// The head, for the access log (only while it is on).
     request: Option<Arc<RequestMeta>>,
 }
+
+impl Call {
+    fn new<B>(start: Instant, req: &Request<B>, request: Option<Arc<RequestMeta>>) -> Call {
+        Call {
+            start,
+            grpc: is_grpc(req.headers()),
+            request,
+        }
+    }
+}
+
 static GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 
 /// `application/grpc`, `application/grpc+proto`, `application/grpc;…` — not grpc-web,
