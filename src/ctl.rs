@@ -193,6 +193,10 @@ pub enum CtlCommand {
         /// The pool's new endpoints, comma-separated host:port (default: unchanged).
         #[arg(long, value_name = "HOST:PORT,...", value_delimiter = ',')]
         endpoints: Option<Vec<String>>,
+        /// Release during a freeze window anyway, for this reason (recorded in the
+        /// journal; the rollout then goes on through the freeze).
+        #[arg(long, value_name = "REASON")]
+        override_freeze: Option<String>,
     },
     /// The service's releases: revision, version, pool, endpoints, times, outcome, who.
     History {
@@ -1192,12 +1196,14 @@ async fn dispatch(
             release_version,
             pool,
             endpoints,
+            override_freeze,
         } => {
             check_service(service)?;
             let request = api::ReleaseRequest {
                 version: release_version.clone(),
                 pool: pool.clone(),
                 endpoints: endpoints.clone(),
+                override_freeze: override_freeze.clone(),
             };
             let reply = client.release(service, &request).await?;
             show_service(out, &reply, json)
@@ -1648,10 +1654,26 @@ pub fn rollout_line(s: &ServiceDoc) -> Option<String> {
         Phase::Aborted => format!(
             "{name}: rollout aborted at {step}: all traffic back to {stable}; retry starts it again"
         ),
-        Phase::Degraded => format!(
-            "{name}: rollout degraded at {step}: the guard sent all traffic back to {stable}; \
-             retry starts it again"
-        ),
+        Phase::Degraded => {
+            // Who ended it: an analysis template past its failure limit, or the guard.
+            let by = match r.analysis.iter().find(|a| a.failed > a.failure_limit) {
+                Some(a) => format!(
+                    "analysis `{}` failed {} time(s), over its limit of {}{}",
+                    a.template,
+                    a.failed,
+                    a.failure_limit,
+                    a.last_detail
+                        .as_deref()
+                        .map(|d| format!(" (last: {d})"))
+                        .unwrap_or_default()
+                ),
+                None => "the guard".to_owned(),
+            };
+            format!(
+                "{name}: rollout degraded at {step}: {by} sent all traffic back to {stable}; \
+                 retry starts it again"
+            )
+        }
         // Told apart above: an idle rollout shows the plan instead.
         Phase::Idle => format!("{name}: rollout idle, {step}"),
     })
@@ -1972,6 +1994,22 @@ mod tests {
             Some(
                 "shop: rollout degraded at step 3/7 (25% to the candidate): the guard sent all \
                  traffic back to stable; retry starts it again"
+            )
+        );
+        // Ended by an analysis template past its failure limit: it says which.
+        let mut by_analysis = running("degraded", "nothing (degraded)");
+        by_analysis["analysis"] = json!([{
+            "template": "http-success", "background": false, "passed": 1, "count": 5,
+            "failed": 2, "failure_limit": 1, "inconclusive": 0,
+            "last_at": "2023-11-14T22:01:00.000Z", "last_value": 0.93,
+            "last_outcome": "fail", "last_detail": "0.93 is not >= 0.99"
+        }]);
+        assert_eq!(
+            line(by_analysis).as_deref(),
+            Some(
+                "shop: rollout degraded at step 3/7 (25% to the candidate): analysis \
+                 `http-success` failed 2 time(s), over its limit of 1 (last: 0.93 is not >= \
+                 0.99) sent all traffic back to stable; retry starts it again"
             )
         );
         let mut done = running("promoted", "nothing (promoted)");

@@ -594,6 +594,51 @@ async fn a_freeze_refuses_a_start_with_409_until_overridden_with_a_reason() {
     );
 }
 
+#[tokio::test]
+async fn a_release_in_a_freeze_is_refused_until_overridden_and_its_rollout_goes_through() {
+    let (stable, canary) = (upstream("stable").await, upstream("canary").await);
+    let toml = FREEZE.to_owned() + &shop_toml(&stable, &canary, SIMPLE_PLAN);
+    let proxy = start(&toml).await;
+    let before = proxy.service("shop").await;
+
+    let refused = verb(&proxy, "release", json!({"version": "v2"})).await;
+    assert_eq!(refused.status, StatusCode::CONFLICT);
+    let e = refused.error();
+    for needle in [
+        "cannot release",
+        "year-end change freeze",
+        "override_freeze",
+    ] {
+        assert!(e.contains(needle), "{e}");
+    }
+    // Refused means nothing changed: same change counter, no release in the history.
+    assert_eq!(proxy.service("shop").await["version"], before["version"]);
+    let blank = verb(
+        &proxy,
+        "release",
+        json!({"version": "v2", "override_freeze": ""}),
+    )
+    .await;
+    assert_eq!(blank.status, StatusCode::BAD_REQUEST, "{}", blank.error());
+
+    let released = verb(
+        &proxy,
+        "release",
+        json!({"version": "v2", "override_freeze": "security fix CVE-1"}),
+    )
+    .await;
+    assert_eq!(released.status, StatusCode::OK, "{}", released.error());
+    // The rollout it started carries the override, so the freeze does not hold it.
+    let done = wait_phase(&proxy, "promoted").await;
+    assert_eq!(done["rollout"]["freeze_override"], "security fix CVE-1");
+    let events = proxy.events().await;
+    let release = &events_of(&events, "released")[0];
+    assert_eq!(
+        release["details"]["freeze_override"]["reason"],
+        "security fix CVE-1"
+    );
+}
+
 /// The shop with a plan whose second step is a timed pause, a rollout started, then a
 /// freeze brought in by a reload while it runs.
 async fn frozen_mid_rollout(pause: &str) -> (Proxy, String, UpstreamHandle, UpstreamHandle) {

@@ -675,11 +675,15 @@ pub struct ReleaseRequest {
     /// absent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub endpoints: Option<Vec<String>>,
+    /// Release during a freeze window anyway, for this reason (recorded in the journal;
+    /// the rollout it starts then goes on through the freeze).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub override_freeze: Option<String>,
 }
 
 impl ReleaseRequest {
     pub fn from_json(body: &Value) -> Result<ReleaseRequest, String> {
-        let obj = fields(body, &["version", "pool", "endpoints"])?;
+        let obj = fields(body, &["version", "pool", "endpoints", "override_freeze"])?;
         let version = match obj.get("version") {
             Some(Value::String(s)) => s.clone(),
             None | Some(Value::Null) => {
@@ -711,6 +715,7 @@ impl ReleaseRequest {
             version,
             pool,
             endpoints,
+            override_freeze: override_freeze(obj)?,
         })
     }
 }

@@ -413,6 +413,7 @@ impl Admin {
                     version: request.version,
                     pool: request.pool,
                     endpoints: request.endpoints,
+                    override_freeze: request.override_freeze,
                     source: Source::Admin,
                     actor,
                 })

@@ -72,6 +72,9 @@ pub enum Command {
         pool: Option<String>,
         /// The hosts running the new build; the pool's current ones when absent.
         endpoints: Option<Vec<String>>,
+        /// During a freeze window only with this (the operator's reason), which also
+        /// lets the release's rollout go on through the freeze.
+        override_freeze: Option<String>,
         source: Source,
         actor: Option<String>,
     },
@@ -1203,6 +1206,7 @@ impl Controller {
                 version,
                 pool,
                 endpoints,
+                override_freeze,
                 actor,
                 ..
             } => {
@@ -1213,7 +1217,7 @@ impl Controller {
                 })?;
                 // A release starts a rollout: refused during a freeze (starting one
                 // with `override_freeze` is the way through).
-                self.refuse_if_frozen(name, None, "release")?;
+                self.refuse_if_frozen(name, override_freeze.as_deref(), "release")?;
                 let request = crate::control::release::ReleaseRequest {
                     version,
                     pool,
@@ -1229,7 +1233,12 @@ impl Controller {
                     now,
                     &mut planned,
                 )?;
-                self.release_extras(name, current, now, &mut planned);
+                if let (Some(why), Some(f)) = (&override_freeze, self.freeze(name))
+                    && let Some(serde_json::Value::Object(d)) = planned.details.as_mut()
+                {
+                    d.insert("freeze_override".into(), freeze_override_doc(&f, why));
+                }
+                self.release_extras(name, current, now, override_freeze, &mut planned);
                 return Ok(planned);
             }
             Command::Undo {
@@ -1555,19 +1564,20 @@ impl Controller {
         name: &str,
         current: &ServiceSnapshot,
         now: SystemTime,
+        override_freeze: Option<String>,
         planned: &mut Planned,
     ) {
         let Some(r) = planned.rollout.take() else {
             return;
         };
-        let r = self.with_extras(name, r, None);
+        let r = self.with_extras(name, r, override_freeze.clone());
         if !r.hooks.pre_rollout_pending {
             planned.rollout = Some(r);
             return;
         }
         let fresh = Evidence::of(current, &r.candidate, None, None);
         let start = Rollout::start(&r.candidate, &r.stable, r.steps.clone(), now, &fresh);
-        let mut start = self.with_extras(name, start, None);
+        let mut start = self.with_extras(name, start, override_freeze);
         start.started_at = r.started_at;
         planned.weights = all_to(current, &r.stable);
         planned.rollout = Some(start);
