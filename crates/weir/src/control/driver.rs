@@ -123,6 +123,10 @@ struct External {
     /// the pool got traffic, and when it was last measured. In memory, as the guard's
     /// own judgement is: a restart starts the count again.
     guarded: Arc<Mutex<HashMap<GuardKey, (Tally, Instant)>>>,
+    /// (service, template) pairs a running rollout names but the config no longer has
+    /// (a reload took the template away): warned about once, not at every tick, while
+    /// the step waits for the template to come back or an operator to move it on.
+    missing: Mutex<HashSet<(String, String)>>,
 }
 
 /// A guard analysis: (service, template, candidate pool).
@@ -176,12 +180,21 @@ impl External {
             return;
         }
         for (template, last) in rollout.running_analyses() {
+            let key = (service.to_owned(), template.clone());
             let Some(t) = controller.analysis_template(service, &template) else {
-                tracing::warn!(
-                    "rollout {service}: analysis `{template}` is no longer in the config"
-                );
+                let mut missing = self.missing.lock().unwrap_or_else(|p| p.into_inner());
+                if missing.insert(key) {
+                    tracing::warn!(
+                        "rollout {service}: analysis `{template}` is no longer in the config; \
+                         its measurements wait until it is back (or promote, abort the rollout)"
+                    );
+                }
                 continue;
             };
+            self.missing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
             let since = last.unwrap_or(rollout.started_at);
             if now < since + t.interval {
                 continue;
