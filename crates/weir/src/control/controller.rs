@@ -1356,24 +1356,13 @@ impl Controller {
                 let stable = current.baseline_name().to_owned();
                 let candidate = match candidate {
                     Some(c) => c,
-                    None if plan.candidate() != stable => plan.candidate().to_owned(),
-                    None => {
-                        let others: Vec<&str> = current
-                            .slots()
-                            .iter()
-                            .map(|s| s.name())
-                            .filter(|n| *n != stable)
-                            .collect();
-                        match others.as_slice() {
-                            [only] => only.to_string(),
-                            _ => {
-                                return Err(conflict(format!(
-                                    "the plan's candidate `{}` is now the baseline; name the pool to roll out",
-                                    plan.candidate()
-                                )));
-                            }
-                        }
-                    }
+                    None => crate::control::release::default_candidate(&plan, current)
+                        .ok_or_else(|| {
+                            conflict(format!(
+                                "the plan's candidate `{}` is now the baseline; name the pool to roll out",
+                                plan.candidate()
+                            ))
+                        })?,
                 };
                 if current.slot(&candidate).is_none() {
                     return Err(ControlError::UnknownPool {

@@ -125,6 +125,25 @@ fn close(
     Some(open)
 }
 
+/// The pool a rollout or a release goes to when none is named: the plan's candidate,
+/// or, once a promotion made that the baseline, the one other pool (the next release
+/// goes the other way). `None` when there are several others to choose from.
+pub(crate) fn default_candidate(plan: &RolloutConfig, current: &ServiceSnapshot) -> Option<String> {
+    let stable = current.baseline_name();
+    if plan.candidate() != stable {
+        return Some(plan.candidate().to_owned());
+    }
+    let mut others = current
+        .slots()
+        .iter()
+        .map(|s| s.name())
+        .filter(|n| *n != stable);
+    match (others.next(), others.next()) {
+        (Some(only), None) => Some(only.to_owned()),
+        _ => None,
+    }
+}
+
 /// Plan a release of `request.version` for `name` into `planned` (which starts as the
 /// service's current state).
 pub(crate) fn plan_release(
@@ -141,26 +160,12 @@ pub(crate) fn plan_release(
     let stable = current.baseline_name().to_owned();
     let pool = match request.pool {
         Some(p) => p,
-        None if plan.candidate() != stable => plan.candidate().to_owned(),
-        None => {
-            // After a promotion the plan's candidate is the baseline: the release goes
-            // to the other pool, as `rollout` does.
-            let others: Vec<&str> = current
-                .slots()
-                .iter()
-                .map(|s| s.name())
-                .filter(|n| *n != stable)
-                .collect();
-            match others.as_slice() {
-                [only] => (*only).to_owned(),
-                _ => {
-                    return Err(conflict(format!(
-                        "the plan's candidate `{}` is now the baseline; name the pool to release to (--pool)",
-                        plan.candidate()
-                    )));
-                }
-            }
-        }
+        None => default_candidate(plan, current).ok_or_else(|| {
+            conflict(format!(
+                "the plan's candidate `{}` is now the baseline; name the pool to release to (--pool)",
+                plan.candidate()
+            ))
+        })?,
     };
     if current.slot(&pool).is_none() {
         let pools: Vec<&str> = current.slots().iter().map(|s| s.name()).collect();
