@@ -505,6 +505,57 @@ async fn a_failing_pre_rollout_webhook_stops_the_rollout_before_any_traffic() {
 }
 
 #[tokio::test]
+async fn a_webhook_answer_for_a_replaced_rollout_is_not_taken_for_the_new_ones() {
+    let (stable, canary) = (upstream("stable").await, upstream("canary").await);
+    let (hooks, at) = Hooks::start().await;
+    // The first rollout's acceptance test hangs until its timeout: a failure that comes
+    // back after the rollout was aborted and retried.
+    hooks.answer("/pre", None);
+    let plan = format!(
+        "[service.rollout]\ncandidate = \"canary\"\nsteps = [{{ percent = 100 }}]\n{}",
+        webhooks(at, "3s")
+    );
+    let proxy = start(&shop_toml(&stable, &canary, &plan)).await;
+    assert_eq!(
+        verb(&proxy, "rollout", json!({})).await.status,
+        StatusCode::OK
+    );
+    let asked = wait_until(Duration::from_secs(20), || {
+        let calls = hooks.calls("/pre");
+        async move { calls.len() == 1 }
+    })
+    .await;
+    assert!(asked, "the pre-rollout webhook was never called");
+    // The new rollout's own acceptance test passes.
+    hooks.answer("/pre", Some(200));
+    assert_eq!(
+        verb(&proxy, "abort", json!({})).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        verb(&proxy, "retry", json!({})).await.status,
+        StatusCode::OK
+    );
+    // The old call's timeout must not abort the new rollout; its own call lets it go on.
+    let done = wait_shop(&proxy, "promoted or aborted", |s| {
+        matches!(s["rollout"]["phase"].as_str(), Some("promoted" | "aborted"))
+    })
+    .await;
+    let events = proxy.events().await;
+    assert_eq!(
+        done["rollout"]["phase"],
+        "promoted",
+        "{:?}",
+        event_kinds(&events)
+    );
+    assert_eq!(
+        hooks.calls("/pre").len(),
+        2,
+        "the new rollout asked its own"
+    );
+}
+
+#[tokio::test]
 async fn a_webhook_that_does_not_answer_in_time_fails() {
     let (stable, canary) = (upstream("stable").await, upstream("canary").await);
     let (hooks, at) = Hooks::start().await;

@@ -24,7 +24,7 @@ use crate::dataplane::pool::Pool;
 use crate::dataplane::routing::{
     Choice, RouteTable, Router, RoutingWriter, Service, ServiceSnapshot, StickyKey, WeightError,
 };
-use crate::model::{Clock, EventKind, PERCENT_SCALE, Phase, Source, Step, SystemClock};
+use crate::model::{Clock, EventKind, PERCENT_SCALE, Phase, Source, Step, SystemClock, timestamp};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::window::Window;
 
@@ -117,11 +117,16 @@ pub enum RolloutVerb {
     Tick(Evidence),
     /// An analysis measurement the driver made for step `step`.
     Measured {
+        /// Which rollout asked (its `started_at`): a measurement made for a rollout
+        /// that has since been superseded, undone or retried is not the new one's.
+        rollout: SystemTime,
         step: usize,
         measurement: Box<Measurement>,
     },
     /// The answers of the rollout's webhooks of one kind.
     HooksCalled {
+        /// Which rollout asked (its `started_at`), as for `Measured`.
+        rollout: SystemTime,
         kind: HookKind,
         calls: Vec<HookCall>,
     },
@@ -1460,7 +1465,21 @@ impl Controller {
                     RolloutVerb::Tick(evidence) => {
                         return r.tick(now, &evidence).ok_or(ControlError::Unchanged);
                     }
-                    RolloutVerb::Measured { step, measurement } => {
+                    // Results of checks made for an earlier rollout of this service
+                    // (a release superseded it, an undo or a retry replaced it)
+                    // say nothing about this one: a smoke test of v2 that passes
+                    // must not let v3 skip its own.
+                    // Compared to the millisecond: the state file and the fleet's store
+                    // keep start times at that precision.
+                    RolloutVerb::Measured { rollout, .. }
+                    | RolloutVerb::HooksCalled { rollout, .. }
+                        if timestamp(rollout) != timestamp(r.started_at) =>
+                    {
+                        return Err(ControlError::Unchanged);
+                    }
+                    RolloutVerb::Measured {
+                        step, measurement, ..
+                    } => {
                         let template = self
                             .analysis_template(name, &measurement.template)
                             .ok_or(ControlError::Unchanged)?;
@@ -1470,7 +1489,7 @@ impl Controller {
                             .measured(now, step, &measurement, &template)
                             .map_err(|_| ControlError::Unchanged);
                     }
-                    RolloutVerb::HooksCalled { kind, calls } => {
+                    RolloutVerb::HooksCalled { kind, calls, .. } => {
                         return r
                             .hooks_called(now, kind, &calls)
                             .map_err(|_| ControlError::Unchanged);
@@ -2142,7 +2161,7 @@ fn freeze_override_doc(frozen: &Frozen, why: &str) -> serde_json::Value {
 }
 
 pub(crate) fn rfc3339(t: SystemTime) -> String {
-    crate::model::timestamp(t)
+    timestamp(t)
 }
 
 fn sorted<'a>(names: &[&'a str]) -> Vec<&'a str> {

@@ -218,8 +218,12 @@ impl External {
                     .collect()
             };
             let (caller, controller) = (self.caller.clone(), Arc::clone(controller));
-            let (service, payload, step) =
-                (service.to_owned(), payload(service, rollout), rollout.step);
+            let (service, payload, step, started) = (
+                service.to_owned(),
+                payload(service, rollout),
+                rollout.step,
+                rollout.started_at,
+            );
             let (candidate, stable) = (rollout.candidate.clone(), rollout.stable.clone());
             tokio::spawn(async move {
                 let _running = running;
@@ -236,6 +240,7 @@ impl External {
                 }
                 m.webhooks = calls;
                 let verb = RolloutVerb::Measured {
+                    rollout: started,
                     step,
                     measurement: Box::new(m),
                 };
@@ -385,17 +390,18 @@ impl External {
         let hooks = controller.webhooks(service);
         let (caller, controller) = (self.caller.clone(), Arc::clone(controller));
         let (service, payload) = (service.to_owned(), payload(service, rollout));
+        let started = rollout.started_at;
         tokio::spawn(async move {
             let _running = running;
             let calls = caller
                 .call_all(analysis::of_kind(&hooks, kind), &payload)
                 .await;
-            apply(
-                &controller,
-                service,
-                RolloutVerb::HooksCalled { kind, calls },
-            )
-            .await;
+            let verb = RolloutVerb::HooksCalled {
+                rollout: started,
+                kind,
+                calls,
+            };
+            apply(&controller, service, verb).await;
         });
     }
 
@@ -417,6 +423,7 @@ impl External {
         let (caller, controller) = (self.caller.clone(), Arc::clone(controller));
         let confirm = Arc::clone(&self.confirm);
         let (service, payload) = (service.to_owned(), payload(service, rollout));
+        let started = rollout.started_at;
         tokio::spawn(async move {
             let _running = running;
             let calls = caller
@@ -437,13 +444,12 @@ impl External {
                 before
             };
             if ok || !journaled {
-                let kind = HookKind::ConfirmPromotion;
-                apply(
-                    &controller,
-                    service,
-                    RolloutVerb::HooksCalled { kind, calls },
-                )
-                .await;
+                let verb = RolloutVerb::HooksCalled {
+                    rollout: started,
+                    kind: HookKind::ConfirmPromotion,
+                    calls,
+                };
+                apply(&controller, service, verb).await;
             }
         });
     }
