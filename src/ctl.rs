@@ -208,7 +208,8 @@ pub enum CtlCommand {
     Undo {
         /// The service, as `status` names it.
         service: String,
-        /// The revision to go back to (see `history`; default: the previous one).
+        /// The revision to go back to (see `history`; default: the newest earlier one
+        /// that held all the traffic, never a degraded or aborted build).
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
         to_revision: Option<u64>,
     },

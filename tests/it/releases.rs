@@ -423,6 +423,28 @@ async fn a_broken_release_is_degraded_and_wait_exits_1_with_the_reason() {
         .find(|e| e["kind"] == "rolled_back")
         .expect("the guard's revert");
     assert_eq!(degraded_event["details"]["release"]["version"], "v2-bad");
+
+    // A newer release is under way when someone asks to undo it: the default target is
+    // the last build that held all the traffic (revision 1), never the degraded v2.
+    let v3 = ctl(
+        proxy.admin,
+        &[
+            "release",
+            "shop",
+            "--version",
+            "v3",
+            "--endpoints",
+            &f.canary.addr().to_string(),
+        ],
+    )
+    .await;
+    assert_eq!(v3.code, ExitCode::SUCCESS, "{}", v3.out);
+    let undone = ctl(proxy.admin, &["undo", "shop"]).await;
+    assert_eq!(undone.code, ExitCode::SUCCESS, "{}", undone.out);
+    let h = history(proxy.admin).await;
+    let last = h.last().unwrap();
+    assert_eq!(last["undo_to"], 1, "{last}");
+    assert_eq!(answering(proxy.addr, 20).await, ["v1"]);
 }
 
 #[tokio::test]

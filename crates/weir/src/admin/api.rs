@@ -723,7 +723,9 @@ impl ReleaseRequest {
 /// `POST /api/v1/services/{name}/undo`: back to an earlier release. Optional body.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct UndoRequest {
-    /// The history revision to go back to; the one before the newest when absent.
+    /// The history revision to go back to; when absent, the newest earlier one that held
+    /// all the traffic (promoted, an undo's target, or what served before the first
+    /// release).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub to_revision: Option<u64>,
 }

@@ -343,12 +343,24 @@ pub(crate) fn plan_undo(
                     "service `{name}` has no revision {n} in its history (kept: {kept})"
                 ))
             })?,
-        None => planned.releases.iter().rev().nth(1).ok_or_else(|| {
-            conflict(format!(
-                "revision {} is its only release; nothing earlier to go back to",
-                newest.revision
-            ))
-        })?,
+        // By default, back to the newest earlier release that held all the traffic
+        // (promoted, an undo target, or what served before the first release): never to
+        // a build the guard degraded, an aborted or superseded one, or one still open,
+        // which "undo" would otherwise put all traffic on. An operator who wants one of
+        // those names it with `to_revision`.
+        None => planned
+            .releases
+            .iter()
+            .rev()
+            .skip(1)
+            .find(|r| r.outcome == Some(ReleaseOutcome::Promoted))
+            .ok_or_else(|| {
+                conflict(format!(
+                    "no release before revision {} was promoted; nothing known good to go \
+                     back to (name one with to_revision)",
+                    newest.revision
+                ))
+            })?,
     }
     .clone();
     if current.slot(&target.pool).is_none() {
