@@ -976,7 +976,7 @@ struct RawLog {
     access: Option<RawAccessLog>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFreeze {
     reason: Option<String>,
@@ -2919,11 +2919,23 @@ fn freeze_window(f: &RawFreeze) -> Result<FreezeWindow, String> {
                 return Err("days must name at least one day".into());
             }
             for d in list {
+                // The name exactly, short or full (any case): a prefix match would read
+                // "monkey" or "sunset" as a day and freeze on a typo's guess.
                 let lower = d.trim().to_ascii_lowercase();
-                let i = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
-                    .iter()
-                    .position(|n| lower.starts_with(n) && lower.len() >= 3)
-                    .ok_or(format!("`{d}` is not a day: use mon, tue, … sun"))?;
+                let i = [
+                    ("mon", "monday"),
+                    ("tue", "tuesday"),
+                    ("wed", "wednesday"),
+                    ("thu", "thursday"),
+                    ("fri", "friday"),
+                    ("sat", "saturday"),
+                    ("sun", "sunday"),
+                ]
+                .iter()
+                .position(|(short, full)| lower == *short || lower == *full)
+                .ok_or(format!(
+                    "days: `{d}` is not a day: use mon, tue, … sun (or monday, … sunday)"
+                ))?;
                 days[i] = true;
             }
             let minutes = |name: &str, v: Option<&str>, default: u32| -> Result<u32, String> {
@@ -2970,6 +2982,12 @@ fn parse_offset(tz: &str) -> Option<i32> {
         _ => return None,
     };
     let (h, m) = rest.split_once(':').unwrap_or((rest, "0"));
+    // Digits only: `parse` takes a sign, so "+-100:00" would read as -100 hours and
+    // pass the `h <= 14` bound.
+    let digits = |s: &str| !s.is_empty() && s.len() <= 2 && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(h) || !digits(m) {
+        return None;
+    }
     let (h, m): (i32, i32) = (h.parse().ok()?, m.parse().ok()?);
     (h <= 14 && (0..60).contains(&m)).then_some(sign * (h * 3600 + m * 60))
 }
@@ -3257,6 +3275,57 @@ days = ["someday"]
             );
         }
         assert_eq!(e.len(), want.len(), "{}", e.join("\n"));
+    }
+
+    #[test]
+    fn freeze_days_and_offsets_are_read_strictly() {
+        let window = |days: &str, tz: &str| {
+            freeze_window(&RawFreeze {
+                days: Some(vec![days.into()]),
+                timezone: Some(tz.into()),
+                ..Default::default()
+            })
+        };
+        let day_of = |d: &str| match window(d, "UTC").map(|w| w.when) {
+            Ok(FreezeTime::Weekly { days, .. }) => days.iter().position(|&on| on),
+            other => panic!("{d}: {other:?}"),
+        };
+        assert_eq!(day_of("mon"), Some(0));
+        assert_eq!(day_of(" Monday "), Some(0));
+        assert_eq!(day_of("SUN"), Some(6));
+        assert_eq!(day_of("thursday"), Some(3));
+        for typo in ["monkey", "sunset", "m", "mo", "frid"] {
+            let e = window(typo, "UTC").unwrap_err();
+            assert!(
+                e.starts_with("days:") && e.contains("not a day"),
+                "{typo}: {e}"
+            );
+        }
+        // Sign-bearing or non-digit parts are not an offset.
+        for tz in [
+            "+-100:00", "-+1:00", "+1:-30", "++01:00", "+ 1:00", "+:30", "+01:",
+        ] {
+            assert_eq!(parse_offset(tz), None, "{tz}");
+            assert!(window("sat", tz).unwrap_err().contains("timezone"), "{tz}");
+        }
+        assert_eq!(parse_offset("+02:00"), Some(7200));
+        assert_eq!(parse_offset("UTC-05:30"), Some(-(5 * 3600 + 30 * 60)));
+        assert_eq!(parse_offset("+5"), Some(5 * 3600));
+    }
+
+    #[test]
+    fn a_mistyped_freeze_day_names_its_key() {
+        let src = r#"
+[[freeze]]
+days = ["sat", "monkey"]
+"#;
+        let e = errors(src);
+        assert!(
+            e.iter()
+                .any(|l| l.starts_with("t.toml:2: freeze[0]:") && l.contains("`monkey`")),
+            "{}",
+            e.join("\n")
+        );
     }
 
     #[test]

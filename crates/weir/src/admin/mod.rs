@@ -840,9 +840,11 @@ const MAX_ACTOR: usize = 64;
 
 /// Who made a request, for the journal and the release history: the `X-Weir-Actor`
 /// header (`weir ctl` sends `$USER@host`), kept to visible ASCII (no spaces, so an
-/// event stays one line of words) and bounded, then `/` and the peer address it came
-/// from; the peer address alone without one. The header is the client's word, not an
-/// identity: the token is what authorises.
+/// event stays one line of words) other than `/` and bounded, then `/` and the peer
+/// address it came from; the peer address alone without one. `/` is dropped because it
+/// separates the name from the peer: `root/127.0.0.1:9901` would otherwise be recorded
+/// as `root/127.0.0.1:9901/<peer>`, passing for a call from that address. The header is
+/// the client's word, not an identity: the token is what authorises.
 fn actor_of<B>(req: &Request<B>, peer: SocketAddr) -> String {
     let named: String = req
         .headers()
@@ -850,7 +852,7 @@ fn actor_of<B>(req: &Request<B>, peer: SocketAddr) -> String {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .chars()
-        .filter(|c| c.is_ascii_graphic())
+        .filter(|c| c.is_ascii_graphic() && *c != '/')
         .take(MAX_ACTOR)
         .collect();
     if named.is_empty() {
@@ -1724,6 +1726,23 @@ fn text(status: StatusCode, body: &'static str) -> AdminResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn actor_names_cannot_carry_the_peer_separator() {
+        let peer: SocketAddr = "10.0.0.7:5000".parse().unwrap();
+        let req = |actor: &str| {
+            Request::get("/")
+                .header("x-weir-actor", actor)
+                .body(())
+                .unwrap()
+        };
+        assert_eq!(
+            actor_of(&req("root/127.0.0.1:9901"), peer),
+            "root127.0.0.1:9901/10.0.0.7:5000"
+        );
+        assert_eq!(actor_of(&req("ann@host"), peer), "ann@host/10.0.0.7:5000");
+        assert_eq!(actor_of(&req("//"), peer), "10.0.0.7:5000");
+    }
 
     #[test]
     fn events_query_defaults_and_bounds() {

@@ -26,6 +26,29 @@ const MAX_BODY: usize = 1024 * 1024;
 /// Bytes of a webhook's or Prometheus' error body kept in an event.
 const DETAIL_BYTES: usize = 200;
 
+/// Text from a Prometheus or webhook answer made fit for an event or a log line: at most
+/// [`DETAIL_BYTES`] bytes (cut at a char boundary, `…` marking the cut), with control
+/// characters escaped. The answer is up to [`MAX_BODY`] bytes chosen by whoever runs
+/// that server: kept whole it would bloat every event, and a raw newline or ESC in it
+/// could forge a log line or drive the reader's terminal.
+fn clip(text: &str) -> String {
+    let mut out = String::new();
+    for c in text.chars() {
+        let piece: String = if c.is_control() {
+            c.escape_debug().collect()
+        } else {
+            c.into()
+        };
+        // Bound the escaped text, not the raw one: escaping can grow a byte tenfold.
+        if out.len() + piece.len() > DETAIL_BYTES {
+            out.push('…');
+            break;
+        }
+        out.push_str(&piece);
+    }
+    out
+}
+
 /// What one measurement (or webhook call) says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -231,17 +254,28 @@ pub fn parse_answer(body: &[u8]) -> Result<Option<f64>, String> {
     if a.status != "success" {
         return Err(format!(
             "Prometheus refused the query: {}",
-            a.error.unwrap_or(a.status)
+            clip(&a.error.unwrap_or(a.status))
         ));
     }
     let data = a.data.ok_or("Prometheus' answer has no data")?;
     let sample = match data.result_type.as_str() {
         "scalar" => Some(data.result),
         "vector" => {
-            let list = data.result.as_array().cloned().unwrap_or_default();
+            // A `result` that is not a list, or a series without `value` (a native
+            // histogram's sample is `histogram`), is an answer this check cannot read:
+            // an error, never "no data", which `no_data = "pass"` would count as a pass.
+            let list = data
+                .result
+                .as_array()
+                .ok_or("Prometheus' vector `result` is not a list")?;
             match list.len() {
                 0 => None,
-                1 => list[0].get("value").cloned(),
+                1 => Some(
+                    list[0]
+                        .get("value")
+                        .cloned()
+                        .ok_or("the series has no `value` (a histogram?); query one number")?,
+                ),
                 n => {
                     return Err(format!(
                         "the query returned {n} series; aggregate it to one (e.g. sum(...))"
@@ -251,7 +285,8 @@ pub fn parse_answer(body: &[u8]) -> Result<Option<f64>, String> {
         }
         other => {
             return Err(format!(
-                "the query returned a {other}; use an instant vector or scalar"
+                "the query returned a {}; use an instant vector or scalar",
+                clip(other)
             ));
         }
     };
@@ -264,9 +299,30 @@ pub fn parse_answer(body: &[u8]) -> Result<Option<f64>, String> {
         .ok_or("a sample without a value")?;
     let v: f64 = text
         .parse()
-        .map_err(|_| format!("`{text}` is not a number"))?;
-    // A ratio over no traffic is NaN: that is an absence of data, not a value.
-    Ok((!v.is_nan()).then_some(v))
+        .map_err(|_| format!("`{}` is not a number", clip(text)))?;
+    // A ratio over no traffic is NaN: that is an absence of data, not a value (as the
+    // README documents, it follows `no_data`).
+    if v.is_nan() {
+        return Ok(None);
+    }
+    // An infinity (a ratio over a zero denominator) would be judged as a number, and
+    // +Inf passes any `>=` threshold: an error instead, never a pass.
+    if v.is_infinite() {
+        return Err(format!("`{}` is not a finite number", clip(text)));
+    }
+    Ok(Some(v))
+}
+
+/// What a webhook's answer says in its event: the status and the start of its body,
+/// clipped and escaped (see [`clip`]).
+fn hook_detail(status: u16, body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&body[..body.len().min(DETAIL_BYTES)]);
+    let text = text.trim();
+    if text.is_empty() {
+        format!("answered {status}")
+    } else {
+        format!("answered {status}: {}", clip(text))
+    }
 }
 
 /// The HTTP client analysis and webhooks share; cheap to clone.
@@ -388,15 +444,7 @@ impl Caller {
         let (status, ok, detail) = match result {
             Ok((status, body)) => {
                 let ok = (200..300).contains(&status);
-                let text = String::from_utf8_lossy(&body[..body.len().min(DETAIL_BYTES)])
-                    .trim()
-                    .to_owned();
-                let detail = if text.is_empty() {
-                    format!("answered {status}")
-                } else {
-                    format!("answered {status}: {text}")
-                };
-                (Some(status), ok, detail)
+                (Some(status), ok, hook_detail(status, &body))
             }
             Err(e) => (None, false, e),
         };
@@ -500,6 +548,56 @@ mod tests {
         let bad = br#"{"status":"error","errorType":"bad_data","error":"parse error"}"#;
         assert!(parse_answer(bad).unwrap_err().contains("parse error"));
         assert!(parse_answer(b"<html>").is_err());
+    }
+
+    #[test]
+    fn unreadable_answers_are_errors_not_data() {
+        let answer = |v: &str| {
+            format!(
+                r#"{{"status":"success","data":{{"resultType":"vector","result":[{{"metric":{{}},"value":[1,"{v}"]}}]}}}}"#
+            )
+        };
+        for inf in ["+Inf", "-Inf", "Inf", "inf"] {
+            let got = parse_answer(answer(inf).as_bytes());
+            assert!(got.is_err(), "{inf}: {got:?}");
+            // And so it is judged an error, even where no data would pass.
+            assert_eq!(judge(&template(NoData::Pass), &got).0, Outcome::Error);
+        }
+        // A native histogram's series has `histogram`, not `value`.
+        let hist = br#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"histogram":[1,{"count":"3"}]}]}}"#;
+        assert!(parse_answer(hist).unwrap_err().contains("no `value`"));
+        let not_list = br#"{"status":"success","data":{"resultType":"vector","result":{"a":1}}}"#;
+        assert!(parse_answer(not_list).unwrap_err().contains("not a list"));
+        let null = br#"{"status":"success","data":{"resultType":"vector","result":null}}"#;
+        assert!(parse_answer(null).is_err());
+    }
+
+    #[test]
+    fn answer_text_in_details_is_clipped_and_escaped() {
+        let long = "x".repeat(100_000);
+        let forged = "bad\\n2026-01-01 INFO forged line\\u001b[2J";
+        for text in [long.as_str(), forged] {
+            let refused = format!(r#"{{"status":"error","error":"{text}"}}"#);
+            let nan = format!(
+                r#"{{"status":"success","data":{{"resultType":"scalar","result":[1,"{text}"]}}}}"#
+            );
+            for body in [refused, nan] {
+                let e = parse_answer(body.as_bytes()).unwrap_err();
+                assert!(e.len() < DETAIL_BYTES + 100, "{} bytes", e.len());
+                assert!(!e.chars().any(char::is_control), "{e:?}");
+            }
+        }
+        let e = parse_answer(format!(r#"{{"status":"error","error":"{forged}"}}"#).as_bytes())
+            .unwrap_err();
+        assert!(e.contains(r"bad\n2026") && e.contains(r"\u{1b}[2J"), "{e}");
+
+        let hook = hook_detail(500, format!("oops\n{long}").as_bytes());
+        assert!(hook.starts_with(r"answered 500: oops\nxx") && hook.ends_with('…'));
+        assert!(hook.len() < DETAIL_BYTES + 100);
+        assert_eq!(hook_detail(204, b" \n"), "answered 204");
+        // The cut falls at a char boundary: é is two bytes.
+        let wide = clip(&"é".repeat(DETAIL_BYTES));
+        assert_eq!(wide, format!("{}…", "é".repeat(DETAIL_BYTES / 2)));
     }
 
     #[test]
