@@ -446,6 +446,42 @@ async fn a_stuck_writer_drops_and_counts_instead_of_blocking_requests() {
         .parse()
         .unwrap();
     assert!(dropped > 0.0, "{metrics}");
+    // With the writer stuck and its queue full, a reload (which reopens the access log)
+    // and the admin changes after it still answer: the controller never waits for the
+    // writer. On threads of their own (not spawn_blocking, which the runtime would wait
+    // for at the end), so that a hang fails the test; the timeouts only bound a hang.
+    let config = Config::parse(&toml, "t").unwrap();
+    let controller = Arc::clone(&proxy.controller);
+    let (done, reloaded) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(controller.reload(&config, None).map(drop));
+    });
+    tokio::time::timeout(Duration::from_secs(20), reloaded)
+        .await
+        .expect("a reload hangs on a stuck access log writer")
+        .unwrap()
+        .unwrap();
+    let controller = Arc::clone(&proxy.controller);
+    let (done, set) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(
+            controller
+                .apply(weir::Command::SetWeights {
+                    service: "svc".into(),
+                    weights: vec![("p".into(), 1)],
+                    if_version: None,
+                    source: weir::model::Source::Admin,
+                    actor: None,
+                    reason: None,
+                })
+                .map(drop),
+        );
+    });
+    tokio::time::timeout(Duration::from_secs(20), set)
+        .await
+        .expect("an admin change hangs after a reload")
+        .unwrap()
+        .unwrap();
 }
 
 /// A `weir run` process logging to files, and the upstream it proxies to.

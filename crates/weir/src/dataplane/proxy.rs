@@ -752,7 +752,7 @@ impl Proxy {
         let elapsed = start.elapsed();
         self.access.write(Entry {
             time: crate::model::Clock::now(&crate::model::SystemClock),
-            request,
+            request: request.record(),
             service: None,
             pool: None,
             endpoint: None,

@@ -80,7 +80,7 @@ impl OutcomeSink for AccessSink {
         }
         self.0.write(Entry {
             time: crate::model::Clock::now(&crate::model::SystemClock),
-            request: Arc::clone(request),
+            request: request.record(),
             service: Some(Arc::clone(&o.pool.service)),
             pool: Some(Arc::clone(&o.pool.name)),
             endpoint: o

@@ -3,15 +3,18 @@
 //! Off by default, and then it costs the request path one relaxed atomic load: the proxy
 //! keeps a request's details (method, URI, a few header values: reference-counted
 //! handles, no copies) only while [`AccessLog::enabled`] says so. When on, the request
-//! path only decides whether a request is sampled and hands its record to a bounded
-//! channel without waiting; a dedicated thread formats the line (serde_json, so a
-//! hostile path or user agent is escaped and cannot forge a line) and writes it through
-//! a buffer, flushed whenever the channel runs dry: batched under load, prompt when
-//! idle. When the writer falls behind, records are dropped and counted
-//! (`weir_access_log_dropped_total`) rather than slowing requests down.
+//! path only decides whether a request is sampled and hands its record (a bounded,
+//! owned copy of those details) to a bounded channel without waiting; a dedicated
+//! thread formats the line (serde_json, so a hostile path or user agent is escaped and
+//! cannot forge a line) and writes it through a buffer, flushed whenever the channel
+//! runs dry: batched under load, prompt when idle. When the writer falls behind, records
+//! are dropped and counted (`weir_access_log_dropped_total`) rather than slowing
+//! requests down.
 //!
 //! Every reload applies `[log.access]` again and reopens the file, so that after log
-//! rotation (rename, then SIGHUP) weir writes to the new file.
+//! rotation (rename, then SIGHUP) weir writes to the new file. Neither a reload nor
+//! shutdown waits on the writer: new settings and flush requests reach it outside the
+//! channel when that is full, since a stuck writer never empties it.
 
 use std::borrow::Cow;
 use std::fs::OpenOptions;
@@ -76,6 +79,45 @@ impl RequestMeta {
             tls,
         }
     }
+
+    /// The bounded copy a queued record keeps: the URI and header values share hyper's
+    /// buffer for the whole request head, which a record waiting in the writer's queue
+    /// would otherwise keep alive (kilobytes each, times [`CAPACITY`]).
+    pub(crate) fn record(&self) -> Recorded {
+        Recorded {
+            method: self.method.clone(),
+            path: bounded(self.uri.path(), MAX_PATH).into(),
+            query: self.uri.query().map(|q| bounded(q, MAX_QUERY).into()),
+            version: self.version,
+            user_agent: self
+                .user_agent
+                .as_ref()
+                .map(|v| text(v, MAX_USER_AGENT).into()),
+            request_id: self
+                .request_id
+                .as_ref()
+                .map(|v| text(v, MAX_REQUEST_ID).into()),
+            client: self.client,
+            tls: self.tls,
+        }
+    }
+}
+
+/// A request as its access log record keeps it: owned, already bounded, a few hundred
+/// bytes.
+#[derive(Debug)]
+pub(crate) struct Recorded {
+    /// Standard methods are constants; others own their bytes (not hyper's buffer).
+    method: Method,
+    path: Box<str>,
+    /// Kept whatever `include_query` says: the writer decides, with the settings in
+    /// force when it writes the line.
+    query: Option<Box<str>>,
+    version: Version,
+    user_agent: Option<Box<str>>,
+    request_id: Option<Box<str>>,
+    client: SocketAddr,
+    tls: bool,
 }
 
 /// One request's record, as the outcome sinks know it.
@@ -83,7 +125,7 @@ impl RequestMeta {
 pub(crate) struct Entry {
     /// When the exchange ended.
     pub time: SystemTime,
-    pub request: Arc<RequestMeta>,
+    pub request: Recorded,
     /// `None` for a request no service was found for.
     pub service: Option<Arc<str>>,
     pub pool: Option<Arc<str>>,
@@ -104,13 +146,47 @@ pub(crate) struct Entry {
 /// What the writer thread is asked to do.
 enum Msg {
     Entry(Box<Entry>),
-    /// Write to this destination from now on (after flushing the old one).
-    Configure {
-        out: Box<dyn Write + Send>,
-        include_query: bool,
-    },
+    /// New settings wait in [`Handoff::settings`]: take them here, so that the records
+    /// handed over before them still go to the old destination.
+    Configure,
     /// Flush, then say so.
     Flush(mpsc::Sender<()>),
+}
+
+/// Where the writer should write from now on (after flushing the old destination).
+struct Settings {
+    out: Box<dyn Write + Send>,
+    include_query: bool,
+}
+
+/// What reaches the writer without going through the channel: neither a reload nor
+/// shutdown may wait for room in a channel that a stuck writer (a pipe nobody reads, a
+/// hung NFS mount) never empties. The reload hook runs under the controller's lock, so
+/// such a wait would hang every admin change and guard rollback.
+#[derive(Default)]
+struct Handoff {
+    /// The newest settings the writer has not taken yet; a newer configuration
+    /// replaces them.
+    settings: Mutex<Option<Settings>>,
+    /// Set when settings wait in the slot without a [`Msg::Configure`] in the channel
+    /// (it was full): the writer then takes them before its next record.
+    settings_urgent: AtomicBool,
+    /// Flushes asked for when the channel was full: answered when the channel next runs
+    /// dry, i.e. once everything handed over before them is written.
+    flush_waiters: Mutex<Vec<mpsc::Sender<()>>>,
+}
+
+impl Handoff {
+    /// The settings waiting in the slot, if any.
+    fn take_settings(&self) -> Option<Settings> {
+        // Cleared before taking: a configuration racing with this leaves the flag set
+        // and, at worst, costs one more look at an empty slot.
+        self.settings_urgent.store(false, Ordering::Release);
+        self.settings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
 }
 
 /// The access log's request-path side and its writer thread.
@@ -122,6 +198,8 @@ pub(crate) struct AccessLog {
     /// Started by the first configuration that enables the log: a weir that never
     /// logs requests has no writer thread.
     tx: OnceLock<SyncSender<Msg>>,
+    /// Settings and flush requests for the writer that must not wait for the channel.
+    handoff: Arc<Handoff>,
     /// One configuration at a time (start-up, reloads).
     configuring: Mutex<()>,
     dropped: Counter,
@@ -147,6 +225,7 @@ impl AccessLog {
             all_errors: AtomicBool::new(true),
             threshold: AtomicU64::new(u64::MAX),
             tx: OnceLock::new(),
+            handoff: Arc::default(),
             configuring: Mutex::new(()),
             dropped: metrics.counter(DROPPED_TOTAL, Vec::new()),
         })
@@ -165,13 +244,17 @@ impl AccessLog {
         let _one = self.configuring.lock().unwrap_or_else(|p| p.into_inner());
         if !config.enabled {
             self.enabled.store(false, Ordering::Relaxed);
-            // Let go of the file (lines already handed over are written first), so that
-            // a log turned off can be moved or deleted and its space freed.
+            // Let go of the file (lines already handed over are written first, unless the
+            // writer is a full queue behind), so that a log turned off can be moved or
+            // deleted and its space freed.
             if let Some(tx) = self.tx.get() {
-                let _ = tx.send(Msg::Configure {
-                    out: Box::new(io::sink()),
-                    include_query: false,
-                });
+                let _ = self.hand_over(
+                    tx,
+                    Settings {
+                        out: Box::new(io::sink()),
+                        include_query: false,
+                    },
+                );
             }
             return Ok(());
         }
@@ -194,18 +277,20 @@ impl AccessLog {
             Some(tx) => tx,
             None => {
                 let (tx, rx) = mpsc::sync_channel(CAPACITY);
+                let handoff = Arc::clone(&self.handoff);
                 std::thread::Builder::new()
                     .name("weir-access-log".into())
-                    .spawn(move || write_loop(rx))?;
+                    .spawn(move || write_loop(rx, &handoff))?;
                 self.tx.get_or_init(|| tx)
             }
         };
-        // Waits for room if the channel is full: a reload is not the request path.
-        tx.send(Msg::Configure {
-            out,
-            include_query: config.include_query,
-        })
-        .map_err(|_| io::Error::other("the access log writer has stopped"))?;
+        self.hand_over(
+            tx,
+            Settings {
+                out,
+                include_query: config.include_query,
+            },
+        )?;
         let threshold = if config.sample >= 1.0 {
             u64::MAX
         } else {
@@ -215,6 +300,30 @@ impl AccessLog {
         self.all_errors.store(config.all_errors, Ordering::Relaxed);
         self.enabled.store(true, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Give the writer new settings without waiting for it: they go into the slot, and
+    /// a [`Msg::Configure`] follows the records already queued if there is room for it;
+    /// if not, the writer takes them before its next record.
+    fn hand_over(&self, tx: &SyncSender<Msg>, settings: Settings) -> io::Result<()> {
+        // Settings the writer never took are dropped (their file closed) outside the lock
+        // the writer takes.
+        let _replaced = self
+            .handoff
+            .settings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(settings);
+        match tx.try_send(Msg::Configure) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => {
+                self.handoff.settings_urgent.store(true, Ordering::Release);
+                Ok(())
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                Err(io::Error::other("the access log writer has stopped"))
+            }
+        }
     }
 
     /// Whether a request that ended this way goes into the log: failed ones always
@@ -235,12 +344,28 @@ impl AccessLog {
     }
 
     /// Wait (a little) until everything handed over so far is written out: at shutdown.
+    /// Never longer than [`FLUSH_WAIT`], even when the writer is stuck with the channel
+    /// full.
     pub(crate) fn flush(&self) {
         let Some(tx) = self.tx.get() else { return };
         let (ack, done) = mpsc::channel();
-        if tx.send(Msg::Flush(ack)).is_ok() {
-            let _ = done.recv_timeout(FLUSH_WAIT);
+        match tx.try_send(Msg::Flush(ack)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(Msg::Flush(ack))) => {
+                // No waiting for room: the writer answers when the channel runs dry.
+                self.handoff
+                    .flush_waiters
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(ack);
+                // The writer may have run dry between the two: wake it (an empty slot
+                // makes `Msg::Configure` a no-op). Still full: it has not run dry yet
+                // and will see the request when it does.
+                let _ = tx.try_send(Msg::Configure);
+            }
+            Err(_) => return,
         }
+        let _ = done.recv_timeout(FLUSH_WAIT);
     }
 }
 
@@ -279,15 +404,43 @@ pub(crate) fn check(config: &AccessLogConfig) -> io::Result<()> {
 }
 
 /// The writer thread: until every sender is gone.
-fn write_loop(rx: Receiver<Msg>) {
+fn write_loop(rx: Receiver<Msg>, handoff: &Handoff) {
     let mut out: Option<BufWriter<Box<dyn Write + Send>>> = None;
     let mut include_query = false;
     // One warning per destination, not one per line, when writes fail.
     let mut warned = false;
     let mut line = Vec::with_capacity(512);
+    let apply = |settings: Option<Settings>,
+                 out: &mut Option<BufWriter<Box<dyn Write + Send>>>,
+                 include_query: &mut bool,
+                 warned: &mut bool| {
+        let Some(Settings {
+            out: next_out,
+            include_query: q,
+        }) = settings
+        else {
+            return;
+        };
+        if let Some(mut old) = out.take() {
+            let _ = old.flush();
+        }
+        *out = Some(BufWriter::with_capacity(BUFFER, next_out));
+        *include_query = q;
+        *warned = false;
+    };
     while let Ok(first) = rx.recv() {
         let mut next = Some(first);
         while let Some(msg) = next {
+            // Settings that could not be queued (the channel was full) apply from the
+            // next record on rather than after the whole backlog.
+            if handoff.settings_urgent.load(Ordering::Acquire) {
+                apply(
+                    handoff.take_settings(),
+                    &mut out,
+                    &mut include_query,
+                    &mut warned,
+                );
+            }
             match msg {
                 Msg::Entry(entry) => {
                     line.clear();
@@ -301,17 +454,12 @@ fn write_loop(rx: Receiver<Msg>) {
                         }
                     }
                 }
-                Msg::Configure {
-                    out: next_out,
-                    include_query: q,
-                } => {
-                    if let Some(mut old) = out.take() {
-                        let _ = old.flush();
-                    }
-                    out = Some(BufWriter::with_capacity(BUFFER, next_out));
-                    include_query = q;
-                    warned = false;
-                }
+                Msg::Configure => apply(
+                    handoff.take_settings(),
+                    &mut out,
+                    &mut include_query,
+                    &mut warned,
+                ),
                 Msg::Flush(ack) => {
                     if let Some(out) = out.as_mut() {
                         let _ = out.flush();
@@ -321,12 +469,34 @@ fn write_loop(rx: Receiver<Msg>) {
             }
             next = rx.try_recv().ok();
         }
+        // The channel ran dry. Flushes asked for until now had everything handed over
+        // before them in the channel, all taken by now; one asked for later may have
+        // records still queued and waits for the next time.
+        let waiters = std::mem::take(
+            &mut *handoff
+                .flush_waiters
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        // Settings handed over while the last records were written (their
+        // `Msg::Configure` did not fit) must not wait for a next record: a log turned
+        // off would keep its file open until then.
+        apply(
+            handoff.take_settings(),
+            &mut out,
+            &mut include_query,
+            &mut warned,
+        );
         // The channel ran dry: what was batched goes out now.
         if let Some(out) = out.as_mut()
             && let Err(e) = out.flush()
             && !std::mem::replace(&mut warned, true)
         {
             tracing::warn!("cannot write the access log: {e}");
+        }
+        // Everything handed over before these flushes is written.
+        for ack in waiters {
+            let _ = ack.send(());
         }
     }
 }
@@ -352,23 +522,21 @@ struct Line<'a> {
     duration_ms: f64,
     bytes_sent: Option<u64>,
     client: SocketAddr,
-    user_agent: Option<Cow<'a, str>>,
-    request_id: Option<Cow<'a, str>>,
+    user_agent: Option<&'a str>,
+    request_id: Option<&'a str>,
 }
 
 impl<'a> Line<'a> {
     fn new(e: &'a Entry, include_query: bool) -> Line<'a> {
-        let r = &*e.request;
+        let r = &e.request;
         Line {
             timestamp: timestamp(e.time),
             service: e.service.as_deref(),
             pool: e.pool.as_deref(),
             endpoint: e.endpoint.as_ref().map(Authority::as_str),
             method: bounded(r.method.as_str(), MAX_METHOD),
-            path: bounded(r.uri.path(), MAX_PATH),
-            query: include_query
-                .then(|| r.uri.query().map(|q| bounded(q, MAX_QUERY)))
-                .flatten(),
+            path: &r.path,
+            query: r.query.as_deref().filter(|_| include_query),
             http_version: version(r.version),
             tls: r.tls,
             status: e.status,
@@ -379,8 +547,8 @@ impl<'a> Line<'a> {
             duration_ms: millis(e.duration),
             bytes_sent: e.bytes_sent,
             client: r.client,
-            user_agent: r.user_agent.as_ref().map(|v| text(v, MAX_USER_AGENT)),
-            request_id: r.request_id.as_ref().map(|v| text(v, MAX_REQUEST_ID)),
+            user_agent: r.user_agent.as_deref(),
+            request_id: r.request_id.as_deref(),
         }
     }
 }
@@ -430,11 +598,7 @@ mod tests {
             .unwrap();
         Entry {
             time: SystemTime::UNIX_EPOCH + Duration::from_millis(1_500),
-            request: Arc::new(RequestMeta::new(
-                &req,
-                "10.0.0.7:4321".parse().unwrap(),
-                true,
-            )),
+            request: RequestMeta::new(&req, "10.0.0.7:4321".parse().unwrap(), true).record(),
             service: Some("shop".into()),
             pool: Some("canary".into()),
             endpoint: Some(Authority::from_static("10.0.0.1:80")),
@@ -506,6 +670,104 @@ mod tests {
         assert!(!(0..1000).any(|_| log.wants(true)));
         log.threshold.store(u64::MAX, Ordering::Relaxed);
         assert!((0..1000).all(|_| log.wants(false)));
+    }
+
+    /// A destination whose first write(2) says it has started, then blocks until told
+    /// to go on: a pipe nobody reads, a hung disk.
+    struct Stuck {
+        entered: Option<mpsc::Sender<()>>,
+        release: Receiver<()>,
+    }
+
+    impl Write for Stuck {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if let Some(entered) = self.entered.take() {
+                let _ = entered.send(());
+                // Returns when the test drops its sender.
+                let _ = self.release.recv();
+            }
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stuck_writer_holds_up_neither_configure_nor_flush() {
+        let dir = std::env::temp_dir().join(format!("weir-access-stuck-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("access.log");
+        let _ = std::fs::remove_file(&path);
+        let config = AccessLogConfig {
+            enabled: true,
+            path: Some(path.clone()),
+            ..Default::default()
+        };
+        let log = AccessLog::new(&Metrics::new());
+        log.configure(&config).unwrap();
+        let (entered, started) = mpsc::channel();
+        let (go_on, release) = mpsc::channel();
+        let tx = log.tx.get().unwrap();
+        log.hand_over(
+            tx,
+            Settings {
+                out: Box::new(Stuck {
+                    entered: Some(entered),
+                    release,
+                }),
+                include_query: false,
+            },
+        )
+        .unwrap();
+        // The writer flushes this record when the channel runs dry, and blocks there.
+        log.write(entry("/first", b"ua"));
+        started.recv().unwrap();
+        for _ in 0..CAPACITY {
+            log.write(entry("/queued", b"ua"));
+        }
+        assert!(matches!(
+            tx.try_send(Msg::Configure),
+            Err(TrySendError::Full(_))
+        ));
+        // Both on threads of their own, so that a hang fails the test instead of
+        // hanging it; the timeouts bound the wait, they are not waited out.
+        let log = Arc::new(log);
+        let (done, finished) = mpsc::channel();
+        let reload = {
+            let (log, done, config) = (Arc::clone(&log), done.clone(), config.clone());
+            std::thread::spawn(move || {
+                log.configure(&config).unwrap();
+                let _ = done.send("configure");
+            })
+        };
+        assert_eq!(
+            finished.recv_timeout(Duration::from_secs(20)),
+            Ok("configure"),
+            "a reload waits for a stuck writer"
+        );
+        reload.join().unwrap();
+        let shutdown = {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                log.flush();
+                let _ = done.send("flush");
+            })
+        };
+        assert_eq!(
+            finished.recv_timeout(FLUSH_WAIT + Duration::from_secs(20)),
+            Ok("flush"),
+            "shutdown waits for a stuck writer"
+        );
+        shutdown.join().unwrap();
+        // Unstuck, the writer catches up: the queued records go to the file the reload
+        // opened.
+        drop(go_on);
+        log.flush();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("\"/queued\""), "{text}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
