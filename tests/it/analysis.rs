@@ -129,25 +129,29 @@ fn events_of<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
     events.iter().filter(|e| e["kind"] == kind).collect()
 }
 
+/// weir and a Prometheus scraping it, with the config `toml` makes for that Prometheus.
+/// Prometheus needs weir's admin address, which needs weir: weir starts on the config
+/// for no Prometheus (`None`) and is then reloaded onto the real one.
+async fn start_with_prometheus(toml: impl Fn(Option<SocketAddr>) -> String) -> (Proxy, Prometheus) {
+    let proxy = start(&toml(None)).await;
+    let prom = start_prometheus(proxy.admin).await;
+    let config = weir::config::Config::parse(&toml(Some(prom.addr)), "t.toml")
+        .unwrap_or_else(|e| panic!("{e}"));
+    proxy.controller.reload(&config, None).unwrap();
+    (proxy, prom)
+}
+
+/// The success-rate plan against `prometheus`, or a placeholder address before it runs.
+fn success_rate_plan(prometheus: Option<SocketAddr>) -> String {
+    let at = prometheus.unwrap_or_else(|| "127.0.0.1:9".parse().unwrap());
+    analysis_plan(at, SUCCESS_RATE, "")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_passing_prometheus_query_promotes() {
     let (stable, canary) = (upstream("stable").await, upstream("canary").await);
-    // Prometheus needs weir's admin address, which needs weir: start weir with a
-    // placeholder and point the template at Prometheus by reload.
-    let placeholder = shop_toml(
-        &stable,
-        &canary,
-        &analysis_plan("127.0.0.1:9".parse().unwrap(), SUCCESS_RATE, ""),
-    );
-    let proxy = start(&placeholder).await;
-    let prom = start_prometheus(proxy.admin).await;
-    let toml = shop_toml(
-        &stable,
-        &canary,
-        &analysis_plan(prom.addr, SUCCESS_RATE, ""),
-    );
-    let config = weir::config::Config::parse(&toml, "test.toml").unwrap();
-    proxy.controller.reload(&config, None).unwrap();
+    let (proxy, _prom) =
+        start_with_prometheus(|p| shop_toml(&stable, &canary, &success_rate_plan(p))).await;
     let _traffic = Traffic::start(proxy.addr);
 
     assert_eq!(
@@ -192,20 +196,8 @@ async fn a_passing_prometheus_query_promotes() {
 async fn a_failing_prometheus_query_ends_the_rollout_with_the_reason() {
     let (stable, canary) = (upstream("stable").await, upstream("canary").await);
     canary.set_faults(Faults::errors(1.0));
-    let placeholder = shop_toml(
-        &stable,
-        &canary,
-        &analysis_plan("127.0.0.1:9".parse().unwrap(), SUCCESS_RATE, ""),
-    );
-    let proxy = start(&placeholder).await;
-    let prom = start_prometheus(proxy.admin).await;
-    let toml = shop_toml(
-        &stable,
-        &canary,
-        &analysis_plan(prom.addr, SUCCESS_RATE, ""),
-    );
-    let config = weir::config::Config::parse(&toml, "test.toml").unwrap();
-    proxy.controller.reload(&config, None).unwrap();
+    let (proxy, _prom) =
+        start_with_prometheus(|p| shop_toml(&stable, &canary, &success_rate_plan(p))).await;
     let _traffic = Traffic::start(proxy.addr);
 
     assert_eq!(
@@ -361,14 +353,16 @@ async fn every_webhook_kind_is_called_and_confirm_promotion_holds_until_2xx() {
     let (stable, canary) = (upstream("stable").await, upstream("canary").await);
     let (hooks, at) = Hooks::start().await;
     hooks.answer("/confirm", Some(503));
-    let placeholder = shop_toml(&stable, &canary, "");
-    let proxy = start(&placeholder).await;
-    let prom = start_prometheus(proxy.admin).await;
     // `vector(1)`: a real query that needs no scraped data.
-    let plan = analysis_plan(prom.addr, "vector(1)", &webhooks(at, "5s"));
-    let config = weir::config::Config::parse(&shop_toml(&stable, &canary, &plan), "t.toml")
-        .unwrap_or_else(|e| panic!("{e}"));
-    proxy.controller.reload(&config, None).unwrap();
+    let (proxy, _prom) = start_with_prometheus(|p| match p {
+        None => shop_toml(&stable, &canary, ""),
+        Some(at_prom) => shop_toml(
+            &stable,
+            &canary,
+            &analysis_plan(at_prom, "vector(1)", &webhooks(at, "5s")),
+        ),
+    })
+    .await;
 
     assert_eq!(
         verb(&proxy, "rollout", json!({})).await.status,
@@ -811,10 +805,7 @@ failure_limit = 1
             + "[service.slo]\nmax_p99_latency = \"1h\"\n"
             + guarded
     };
-    let proxy = start(&service(None)).await;
-    let prom = start_prometheus(proxy.admin).await;
-    let config = weir::config::Config::parse(&service(Some(prom.addr)), "t.toml").unwrap();
-    proxy.controller.reload(&config, None).unwrap();
+    let (proxy, _prom) = start_with_prometheus(service).await;
 
     let reverted = wait_shop(&proxy, "reverted", |s| s["health"] == "degraded").await;
     assert_eq!(canary_percent(&reverted), 0);
