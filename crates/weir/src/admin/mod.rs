@@ -355,65 +355,54 @@ impl Admin {
                     Ok(v) => v,
                     Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
                 };
-                let request = match self.read_request(req, api::WeightsRequest::from_json).await {
-                    Ok(r) => r,
-                    Err(resp) => return resp,
-                };
-                self.command(Command::SetWeights {
-                    service: name,
-                    weights: request.weights.into_iter().collect(),
-                    if_version,
-                    source: Source::Admin,
-                    actor,
-                    reason: request.reason,
+                self.command_from(req, api::WeightsRequest::from_json, |r| {
+                    Command::SetWeights {
+                        service: name,
+                        weights: r.weights.into_iter().collect(),
+                        if_version,
+                        source: Source::Admin,
+                        actor,
+                        reason: r.reason,
+                    }
                 })
                 .await
             }
             Route::Rollback(name) => {
                 let name = name.to_owned();
-                let request = match self
-                    .read_request(req, api::RollbackRequest::from_json)
-                    .await
-                {
-                    Ok(r) => r,
-                    Err(resp) => return resp,
-                };
-                self.command(Command::Rollback {
-                    service: name,
-                    source: Source::Admin,
-                    actor,
-                    reason: request.reason,
-                    details: None,
+                self.command_from(req, api::RollbackRequest::from_json, |r| {
+                    Command::Rollback {
+                        service: name,
+                        source: Source::Admin,
+                        actor,
+                        reason: r.reason,
+                        details: None,
+                    }
                 })
                 .await
             }
             Route::Rollout(name, verb) => {
                 let name = name.to_owned();
                 let verb = verb.to_owned();
-                let verb = match self.read_request(req, |b| rollout_verb(&verb, b)).await {
-                    Ok(v) => v,
-                    Err(resp) => return resp,
-                };
-                self.command(Command::Rollout {
-                    service: name,
-                    verb,
-                    source: Source::Admin,
-                    actor,
-                })
+                self.command_from(
+                    req,
+                    |b| rollout_verb(&verb, b),
+                    |verb| Command::Rollout {
+                        service: name,
+                        verb,
+                        source: Source::Admin,
+                        actor,
+                    },
+                )
                 .await
             }
             Route::Release(name) => {
                 let name = name.to_owned();
-                let request = match self.read_request(req, api::ReleaseRequest::from_json).await {
-                    Ok(r) => r,
-                    Err(resp) => return resp,
-                };
-                self.command(Command::Release {
+                self.command_from(req, api::ReleaseRequest::from_json, |r| Command::Release {
                     service: name,
-                    version: request.version,
-                    pool: request.pool,
-                    endpoints: request.endpoints,
-                    override_freeze: request.override_freeze,
+                    version: r.version,
+                    pool: r.pool,
+                    endpoints: r.endpoints,
+                    override_freeze: r.override_freeze,
                     source: Source::Admin,
                     actor,
                 })
@@ -421,13 +410,9 @@ impl Admin {
             }
             Route::Undo(name) => {
                 let name = name.to_owned();
-                let request = match self.read_request(req, api::UndoRequest::from_json).await {
-                    Ok(r) => r,
-                    Err(resp) => return resp,
-                };
-                self.command(Command::Undo {
+                self.command_from(req, api::UndoRequest::from_json, |r| Command::Undo {
                     service: name,
-                    to_revision: request.to_revision,
+                    to_revision: r.to_revision,
                     source: Source::Admin,
                     actor,
                 })
@@ -912,6 +897,20 @@ impl Admin {
     /// checked before); objects may not repeat a key.
     /// Read a request body as JSON and make a request of it with `parse`: a body that
     /// does not read, or does not parse, is the answer (4xx) instead.
+    /// Read a request's body with `parse` (400 naming what is wrong), then apply the
+    /// command `make` builds from it: what every route that changes state does.
+    async fn command_from<T>(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        parse: impl FnOnce(&Value) -> Result<T, String>,
+        make: impl FnOnce(T) -> Command,
+    ) -> AdminResponse {
+        match self.read_request(req, parse).await {
+            Ok(request) => self.command(make(request)).await,
+            Err(resp) => resp,
+        }
+    }
+
     async fn read_request<T>(
         &self,
         req: Request<Incoming>,
