@@ -34,19 +34,7 @@ async fn verb(proxy: &Proxy, verb: &str, body: Value) -> Answer {
 
 /// Poll the shop service until `ok` holds, or fail after a deadline; returns it.
 async fn wait_shop(proxy: &Proxy, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let s = proxy.service("shop").await;
-        if ok(&s) {
-            return s;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never {what}: {}",
-            s["rollout"]
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_service(proxy.admin, "shop", what, Duration::from_secs(30), ok).await
 }
 
 async fn wait_phase(proxy: &Proxy, phase: &str) -> Value {

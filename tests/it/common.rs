@@ -371,6 +371,28 @@ where
     }
 }
 
+/// Poll service `name` at the admin API `admin` until `ok` holds for its document (a
+/// rollout driver or guard acts on its own tick), or fail after `limit` naming what
+/// never happened; returns the document.
+pub async fn wait_service(
+    admin: SocketAddr,
+    name: &str,
+    what: &str,
+    limit: Duration,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + limit;
+    let path = format!("/api/v1/services/{name}");
+    loop {
+        let s = get(&client(), admin, "localhost", &path).await.json();
+        if ok(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "never {what}: {}", s["rollout"]);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// `[(pool, weight)]` of a service document from the admin API, in config order.
 pub fn pool_weights(service: &serde_json::Value) -> Vec<(String, u64)> {
     service["pools"]

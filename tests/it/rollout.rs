@@ -85,31 +85,19 @@ fn config(stable: &UpstreamHandle, canary: &UpstreamHandle, extra: &str) -> Stri
 }
 
 /// Poll the service until `ok` holds (or fail after a deadline); returns it.
-async fn wait_service(admin: &Admin, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let s = admin.service("shop").await;
-        if ok(&s) {
-            return s;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never {what}: {}",
-            s["rollout"]
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+async fn wait_shop(admin: &Admin, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    wait_service(admin.addr, "shop", what, Duration::from_secs(20), ok).await
 }
 
 async fn wait_phase(admin: &Admin, phase: &str) -> Value {
-    wait_service(admin, &format!("reached {phase}"), |s| {
+    wait_shop(admin, &format!("reached {phase}"), |s| {
         s["rollout"]["phase"] == phase
     })
     .await
 }
 
 async fn wait_step(admin: &Admin, index: u64) -> Value {
-    wait_service(admin, &format!("reached step {index}"), |s| {
+    wait_shop(admin, &format!("reached step {index}"), |s| {
         s["rollout"]["step_index"] == index
     })
     .await
